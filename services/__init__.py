@@ -1,0 +1,1 @@
+"""The pipeline's services, in data-flow order: ingest -> transcriber -> persister."""

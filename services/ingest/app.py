@@ -1,0 +1,157 @@
+"""The gateway's asyncio shell: request/reply with bots, publishing into the AUDIO stream."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from services.ingest.core import IngestBook, Rejected, SessionLedger, check_subject_matches
+from shared import subjects, telemetry
+from shared.config import IngestConfig, StreamSettings
+from shared.streams import connect, ensure_streams
+from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class IngestGateway:
+    """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*`."""
+
+    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.book = IngestBook(config)
+        self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
+        # One lock per session keeps a session's requests in order while other sessions proceed.
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def start(self) -> None:
+        await ensure_streams(self.js, self.settings)
+        await self.nc.subscribe(subjects.INGEST_AUDIO_ALL, cb=self._on_audio)
+        await self.nc.subscribe(subjects.INGEST_SESSION_ALL, cb=self._on_session)
+
+    async def _on_audio(self, msg: Msg) -> None:
+        tenant, session_id = _ids_from_subject(msg.subject)
+        with self.tracer.start_as_current_span("ingest.audio"):
+            try:
+                chunk = decode(msg.data, AudioChunk)
+                check_subject_matches(chunk.tenant, chunk.session_id, tenant, session_id)
+                async with self._lock(tenant, session_id):
+                    reply = await self._accept_chunk(chunk)
+            except (WireError, Rejected) as exc:
+                reply = await self._refuse(tenant, session_id, exc, seq=_seq_of(msg.data))
+        await self._answer(msg, reply)
+
+    async def _on_session(self, msg: Msg) -> None:
+        tenant, session_id = _ids_from_subject(msg.subject)
+        try:
+            control = decode(msg.data, SessionControl)
+            check_subject_matches(control.tenant, control.session_id, tenant, session_id)
+            async with self._lock(tenant, session_id):
+                reply = await self._control(control)
+        except (WireError, Rejected) as exc:
+            reply = await self._refuse(tenant, session_id, exc)
+        await self._answer(msg, reply)
+
+    async def _accept_chunk(self, chunk: AudioChunk) -> Reply:
+        await self._recall(chunk.tenant, chunk.session_id)
+        verdict = self.book.check_chunk(chunk)
+        if verdict.store is not None:
+            await self._store(verdict.store, verdict.store.seq)
+            self.book.accepted(verdict.ledger, chunk.seq)
+        return Reply(ok=True, last_seq=verdict.ledger.last_seq)
+
+    async def _control(self, control: SessionControl) -> Reply:
+        await self._recall(control.tenant, control.session_id)
+        if control.action == "start":
+            ledger = self.book.start(control)
+            await self._store(control, "start")
+        else:
+            ledger = self.book.end(control)
+            await self._store(control, "end")
+        return Reply(ok=True, last_seq=ledger.last_seq)
+
+    async def _store(self, message: AudioMessage, seq: int | str) -> None:
+        """Publish into AUDIO and wait for the stream's ack; a repeat inside the duplicate window is dropped."""
+        ack = await self.js.publish(
+            subjects.audio(message.tenant, message.session_id),
+            encode(message),
+            headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
+        )
+        if ack.duplicate:
+            log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
+
+    async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
+        """After a gateway restart, learn a session's last stored seq from the stream itself."""
+        ledger = self.book.ledger(tenant, session_id)
+        if ledger is not None or not subjects.is_valid_token(tenant) or not subjects.is_valid_token(session_id):
+            return ledger
+        try:
+            last = await self.js.get_last_msg(subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id))
+        except NotFoundError:
+            return None
+        stored = decode(last.data, AudioMessage)
+        if isinstance(stored, AudioChunk):
+            return self.book.remember(tenant, session_id, last_seq=stored.seq, ended=False)
+        if stored.action == "end":
+            return self.book.remember(tenant, session_id, last_seq=-1, ended=True)
+        return self.book.remember(tenant, session_id, last_seq=-1, ended=False)
+
+    async def _refuse(self, tenant: str, session_id: str, exc: WireError | Rejected, seq: int | None = None) -> Reply:
+        last_seq = getattr(exc, "last_seq", -1)
+        event = ErrorEvent(tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq,
+                           at=time.time())
+        log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
+        try:
+            await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
+        except Exception:  # the bot still gets its reply when the error subject is unreachable
+            log.exception("could not publish error event")
+        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc))
+
+    async def _answer(self, msg: Msg, reply: Reply) -> None:
+        if msg.reply:
+            await msg.respond(encode(reply))
+
+    def _lock(self, tenant: str, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault((tenant, session_id), asyncio.Lock())
+
+
+def _ids_from_subject(subject: str) -> tuple[str, str]:
+    parts = subject.split(".")
+    return parts[2], parts[3]
+
+
+def _seq_of(data: bytes) -> int | None:
+    try:
+        return decode(data, AudioChunk).seq
+    except WireError:
+        return None
+
+
+async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:
+    tracer = telemetry.trace.get_tracer("jetscribe.ingest")
+    nc = await connect(settings, "jetscribe-ingest")
+    gateway = IngestGateway(nc, settings, config, tracer)
+    await gateway.start()
+    log.info("ingest gateway serving on %s", settings.nats_url)
+    stop = stop or asyncio.Event()
+    await stop.wait()
+    await nc.drain()
+
+
+def main() -> None:
+    telemetry.setup("ingest")
+    stop = asyncio.Event()
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(StreamSettings.from_env(), IngestConfig.from_env(), stop)
+
+    asyncio.run(serve())

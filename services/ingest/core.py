@@ -1,0 +1,166 @@
+"""The gateway's decisions, with no I/O: is a chunk acceptable, and what exactly gets stored.
+
+Audio is stored as 16 kHz mono pcm_s16le whatever the bot sends; one soxr stream per session
+keeps resampling continuous across chunk joins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import soxr
+
+from shared import subjects
+from shared.config import IngestConfig
+from shared.wire import AudioChunk, SessionControl
+
+TARGET_RATE = 16000
+_SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
+
+
+class Rejected(Exception):
+    """A request the gateway refuses; `code` is stable for machines, the message is for people."""
+
+    def __init__(self, code: str, message: str, last_seq: int = -1):
+        super().__init__(message)
+        self.code = code
+        self.last_seq = last_seq
+
+
+@dataclass
+class SessionLedger:
+    """What the gateway knows of one session: the last seq it stored and the resampler state."""
+
+    tenant: str
+    session_id: str
+    last_seq: int = -1
+    ended: bool = False
+    input_format: tuple[int, int] | None = None  # (sample_rate, channels) the resampler was built for
+    resampler: soxr.ResampleStream | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ChunkVerdict:
+    """`store` is the normalised chunk to publish, or None when it repeats one already stored."""
+
+    store: AudioChunk | None
+    ledger: SessionLedger
+
+
+def check_ids(tenant: str, session_id: str) -> None:
+    for name, value in (("tenant", tenant), ("session_id", session_id)):
+        if not subjects.is_valid_token(value):
+            raise Rejected("bad_id", f"{name} {value!r} must be 1-64 letters, digits, '_' or '-'")
+
+
+def check_subject_matches(message_tenant: str, message_session: str, tenant: str, session_id: str) -> None:
+    if (message_tenant, message_session) != (tenant, session_id):
+        raise Rejected(
+            "subject_mismatch",
+            f"message is for {message_tenant}/{message_session} but was sent on the subject of {tenant}/{session_id}",
+        )
+
+
+def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
+    """Decode the payload, mix down to mono and resample to 16 kHz; returns int16 samples."""
+    width = _SAMPLE_WIDTH[chunk.encoding]
+    frame = width * chunk.channels
+    if len(chunk.payload) % frame:
+        raise Rejected(
+            "bad_payload",
+            f"payload of {len(chunk.payload)} bytes is not a whole number of {chunk.channels}-channel "
+            f"{chunk.encoding} frames ({frame} bytes each)",
+        )
+    if chunk.encoding == "pcm_s16le":
+        samples = np.frombuffer(chunk.payload, dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        samples = np.frombuffer(chunk.payload, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(samples)):
+            raise Rejected("bad_payload", "pcm_f32le payload holds NaN or infinite samples")
+    if chunk.channels > 1:
+        samples = samples.reshape(-1, chunk.channels).mean(axis=1)
+    if chunk.sample_rate != TARGET_RATE:
+        fmt = (chunk.sample_rate, chunk.channels)
+        if ledger.resampler is None or ledger.input_format != fmt:
+            ledger.resampler = soxr.ResampleStream(chunk.sample_rate, TARGET_RATE, 1, dtype="float32")
+            ledger.input_format = fmt
+        samples = ledger.resampler.resample_chunk(samples)
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+
+
+class IngestBook:
+    """All sessions this gateway has seen, and the rules for accepting their audio."""
+
+    def __init__(self, config: IngestConfig):
+        self.config = config
+        self.sessions: dict[tuple[str, str], SessionLedger] = {}
+
+    def ledger(self, tenant: str, session_id: str) -> SessionLedger | None:
+        return self.sessions.get((tenant, session_id))
+
+    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool) -> SessionLedger:
+        """Adopt a session found in the stream (after a gateway restart)."""
+        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended)
+        self.sessions[(tenant, session_id)] = ledger
+        return ledger
+
+    def start(self, control: SessionControl) -> SessionLedger:
+        """A start opens a session, or answers a reconnecting bot with where it left off."""
+        check_ids(control.tenant, control.session_id)
+        ledger = self.ledger(control.tenant, control.session_id)
+        if ledger is None:
+            ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
+        elif ledger.ended:
+            raise Rejected("session_ended", f"session {control.session_id} has ended; start a new session id",
+                           ledger.last_seq)
+        return ledger
+
+    def end(self, control: SessionControl) -> SessionLedger:
+        ledger = self._open_ledger(control.tenant, control.session_id)
+        ledger.ended = True
+        return ledger
+
+    def check_chunk(self, chunk: AudioChunk) -> ChunkVerdict:
+        """Validate a chunk against its session; returns what to store. Raises Rejected."""
+        cfg = self.config
+        ledger = self._open_ledger(chunk.tenant, chunk.session_id)
+        if len(chunk.payload) > cfg.max_chunk_bytes:
+            raise Rejected("too_large", f"payload of {len(chunk.payload)} bytes exceeds the limit of "
+                           f"{cfg.max_chunk_bytes} bytes per chunk; send shorter chunks", ledger.last_seq)
+        if not cfg.min_sample_rate <= chunk.sample_rate <= cfg.max_sample_rate:
+            raise Rejected("bad_sample_rate", f"sample_rate {chunk.sample_rate} is outside "
+                           f"{cfg.min_sample_rate}..{cfg.max_sample_rate} Hz", ledger.last_seq)
+        if not 1 <= chunk.channels <= cfg.max_channels:
+            raise Rejected("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}",
+                           ledger.last_seq)
+        if chunk.seq < 0:
+            raise Rejected("bad_seq", f"seq {chunk.seq} is negative; seq counts from 0", ledger.last_seq)
+        if chunk.seq <= ledger.last_seq:
+            return ChunkVerdict(store=None, ledger=ledger)
+        if chunk.seq != ledger.last_seq + 1:
+            raise Rejected("seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; "
+                           f"resend from there", ledger.last_seq)
+        try:
+            samples = to_mono_int16(chunk, ledger)
+        except Rejected as exc:
+            exc.last_seq = ledger.last_seq
+            raise
+        stored = AudioChunk(
+            tenant=chunk.tenant, session_id=chunk.session_id, seq=chunk.seq, sent_at=chunk.sent_at,
+            sample_rate=TARGET_RATE, channels=1, encoding="pcm_s16le", payload=samples.tobytes(),
+        )
+        return ChunkVerdict(store=stored, ledger=ledger)
+
+    def accepted(self, ledger: SessionLedger, seq: int) -> None:
+        """Call once the stored chunk is acknowledged by JetStream."""
+        ledger.last_seq = max(ledger.last_seq, seq)
+
+    def _open_ledger(self, tenant: str, session_id: str) -> SessionLedger:
+        check_ids(tenant, session_id)
+        ledger = self.ledger(tenant, session_id)
+        if ledger is None:
+            raise Rejected("unknown_session", f"session {tenant}/{session_id} was never started; "
+                           f"send a start on {subjects.ingest_session(tenant, session_id)} first")
+        if ledger.ended:
+            raise Rejected("session_ended", f"session {session_id} has ended", ledger.last_seq)
+        return ledger

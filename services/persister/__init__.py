@@ -1,0 +1,1 @@
+"""Persister: writes transcript segments and session lifecycle events from JetStream to Postgres."""

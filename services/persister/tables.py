@@ -1,0 +1,61 @@
+"""The Postgres schema as SQLAlchemy models. The database is created from migrations, never from these."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, Double, Index, Integer, Text
+from sqlalchemy import text as sql
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SessionRow(Base):
+    """One transcription session: its lifecycle and totals."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (CheckConstraint("status IN ('active', 'ended')", name="sessions_status"),)
+
+    tenant: Mapped[str] = mapped_column(Text, primary_key=True)
+    session_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    chunks_received: Mapped[int] = mapped_column(BigInteger, server_default=sql("0"))
+    audio_seconds: Mapped[float] = mapped_column(Double, server_default=sql("0"))
+    segment_count: Mapped[int] = mapped_column(Integer, server_default=sql("0"))  # final segments
+    last_activity: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(Text)
+
+
+class SegmentRow(Base):
+    """The current best version of one segment: its final if one arrived, else its latest interim."""
+
+    __tablename__ = "segments"
+    __table_args__ = (
+        CheckConstraint("status IN ('interim', 'final')", name="segments_status"),
+        Index("segments_by_start", "tenant", "session_id", "start_s"),
+    )
+
+    tenant: Mapped[str] = mapped_column(Text, primary_key=True)
+    session_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    segment_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(Text)
+    start_s: Mapped[float] = mapped_column(Double)
+    end_s: Mapped[float] = mapped_column(Double)
+    text: Mapped[str] = mapped_column(Text)
+    words: Mapped[list] = mapped_column(JSONB, server_default=sql("'[]'::jsonb"))  # [[word, start, end, probability]]
+    speaker: Mapped[str | None] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    seq_first: Mapped[int] = mapped_column(BigInteger)
+    seq_last: Mapped[int] = mapped_column(BigInteger)
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=sql("now()"))

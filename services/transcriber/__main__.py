@@ -1,0 +1,3 @@
+from services.transcriber.app import main
+
+main()

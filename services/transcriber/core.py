@@ -1,0 +1,325 @@
+"""One session's live transcription, with no I/O: audio in, decode jobs out, segments back.
+
+The flow per session: audio is appended and classified in 30 ms VAD frames; speech opens an
+utterance; trailing silence (or the maximum length) closes it. A closed utterance becomes a
+"final" decode job, an open one an occasional "interim" job. Utterances never overlap, so a
+word can't be emitted twice, and audio is acknowledged only once the segment covering it is out.
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from shared.wire import Segment, Word
+
+SAMPLE_RATE = 16000
+FRAME_SAMPLES = 480  # 30 ms, a frame size webrtcvad accepts
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    endpoint_silence_s: float = 0.5
+    max_utterance_s: float = 15.0
+    interim_every_s: float = 1.0
+    min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
+    preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
+    tail_pad_s: float = 0.2  # silence kept after the last speech frame
+    beam_size: int = 5
+    interim_beam_size: int = 1
+    prompt_words: int = 40
+
+
+@dataclass
+class DecodedSegment:
+    """One Whisper segment: words with times relative to the decoded audio, plus its quality signals."""
+
+    words: list[Word]
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 1.0
+
+
+@dataclass
+class Decoded:
+    segments: list[DecodedSegment]
+    language: str | None = None
+    language_probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    kind: Literal["final", "interim"]
+    audio: np.ndarray  # float32, 16 kHz mono
+    start_sample: int  # session sample index of audio[0]
+    end_sample: int
+    language: str | None
+    prompt: str
+    beam_size: int
+
+
+@dataclass
+class Utterance:
+    start: int
+    end: int | None = None  # set when closed
+    speech_frames: int = 0
+    segment_id: int | None = None  # given when its first text is published
+    revision: int = 0
+    closed_at: float = 0.0
+
+
+def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
+    """Drop what Whisper makes up: text for silence/noise, and looping output."""
+    words: list[Word] = []
+    for seg in segments:
+        if seg.no_speech_prob > 0.6 and seg.avg_logprob < -1.0:
+            continue
+        if seg.compression_ratio > 2.4 or has_loop(seg.words):
+            continue
+        words.extend(seg.words)
+    return words
+
+
+def has_loop(words: list[Word], max_repeats: int = 3) -> bool:
+    """True if some 1-4 word phrase repeats back to back more than `max_repeats` times."""
+    tokens = [_norm(w.word) for w in words]
+    for n in range(1, 5):
+        run = 1
+        for i in range(n, len(tokens) - n + 1, n):
+            if tokens[i:i + n] == tokens[i - n:i]:
+                run += 1
+                if run > max_repeats:
+                    return True
+            else:
+                run = 1
+    return False
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+class SessionStream:
+    """The live state of one session on the worker that owns it."""
+
+    def __init__(self, tenant: str, session_id: str, *, language: str | None, model: str, worker_id: str,
+                 options: CommitOptions, is_speech: Callable[[bytes], bool]):
+        self.tenant = tenant
+        self.session_id = session_id
+        self.language = language
+        self.model = model
+        self.worker_id = worker_id
+        self.options = options
+        self._is_speech = is_speech
+
+        self.buffer = np.zeros(0, dtype=np.int16)
+        self.buffer_start = 0  # session sample index of buffer[0]
+        self.received = 0  # samples received so far
+        self.vad_pos = 0  # samples classified by VAD so far
+        self.chunks: deque[tuple[int, int, int]] = deque()  # (seq, first sample, end sample), not yet acked
+        self.last_seq = -1
+        self.chunks_received = 0
+        self.acked_through = -1
+
+        self.open: Utterance | None = None
+        self.closed: deque[Utterance] = deque()
+        self._silence_frames = 0
+        self._last_speech_end = 0
+        self._last_cut = 0
+        self._interim_at = 0  # vad_pos at the last interim job
+        self.next_segment_id = 0
+        self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
+        self.finals_published = 0
+        self.ending = False
+        self.busy = False  # a decode job of this session is in flight
+
+    # --- audio in -------------------------------------------------------------------------
+    def add_audio(self, seq: int, samples: np.ndarray, now: float) -> bool:
+        """Append a chunk; False if this seq was already seen (a redelivery)."""
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        self.chunks_received += 1
+        self.chunks.append((seq, self.received, self.received + len(samples)))
+        self.buffer = np.concatenate([self.buffer, samples.astype(np.int16, copy=False)])
+        self.received += len(samples)
+        self._classify(now)
+        return True
+
+    def end(self, now: float) -> None:
+        """The bot ended the session: close what is open, so everything left gets a final."""
+        self.ending = True
+        if self.open is not None:
+            self._close(self.received, now)
+
+    def _classify(self, now: float) -> None:
+        opts = self.options
+        endpoint_frames = max(1, round(opts.endpoint_silence_s * SAMPLE_RATE / FRAME_SAMPLES))
+        max_len = int(opts.max_utterance_s * SAMPLE_RATE)
+        while self.received - self.vad_pos >= FRAME_SAMPLES:
+            frame_start = self.vad_pos
+            frame = self._samples(frame_start, frame_start + FRAME_SAMPLES)
+            self.vad_pos += FRAME_SAMPLES
+            speech = self._is_speech(frame.tobytes())
+            if speech:
+                self._silence_frames = 0
+                self._last_speech_end = self.vad_pos
+                if self.open is None:
+                    start = max(self.buffer_start, frame_start - int(opts.preroll_s * SAMPLE_RATE))
+                    start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
+                    self.open = Utterance(start=start)
+                    self._interim_at = self.vad_pos
+                self.open.speech_frames += 1
+            elif self.open is not None:
+                self._silence_frames += 1
+                if self._silence_frames >= endpoint_frames:
+                    cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
+                    self._close(cut, now)
+            if self.open is not None and self.vad_pos - self.open.start >= max_len:
+                self._force_cut(now)
+
+    def _force_cut(self, now: float) -> None:
+        """A long run of speech with no pause: cut at the quietest frame of its last few seconds."""
+        utt = self.open
+        search_from = max(utt.start + FRAME_SAMPLES, self.vad_pos - 4 * SAMPLE_RATE)
+        best, best_energy = self.vad_pos, None
+        for pos in range(search_from, self.vad_pos - FRAME_SAMPLES + 1, FRAME_SAMPLES // 2):
+            energy = float(np.mean(self._samples(pos, pos + FRAME_SAMPLES).astype(np.float32) ** 2))
+            if best_energy is None or energy < best_energy:
+                best, best_energy = pos + FRAME_SAMPLES // 2, energy
+        self._close(best, now)
+        self.open = Utterance(start=best, speech_frames=1)
+        self._interim_at = self.vad_pos
+
+    def _close(self, end: int, now: float) -> None:
+        utt, self.open = self.open, None
+        utt.end = end
+        utt.closed_at = now
+        self._last_cut = end
+        min_frames = self.options.min_speech_s * SAMPLE_RATE / FRAME_SAMPLES
+        if utt.speech_frames < min_frames and utt.segment_id is None:
+            return  # a click or a breath: nothing to say, and its audio gets acked as silence
+        self.closed.append(utt)
+
+    def _samples(self, start: int, end: int) -> np.ndarray:
+        return self.buffer[start - self.buffer_start:end - self.buffer_start]
+
+    # --- scheduling -----------------------------------------------------------------------
+    def final_due_since(self) -> float | None:
+        """When the oldest utterance waiting for its final closed, or None."""
+        if self.busy or not self.closed:
+            return None
+        return self.closed[0].closed_at
+
+    def interim_due(self) -> bool:
+        if self.busy or self.closed or self.open is None or self.ending:
+            return False
+        new_audio = self.vad_pos - self._interim_at
+        return new_audio >= self.options.interim_every_s * SAMPLE_RATE and self.vad_pos - self.open.start >= SAMPLE_RATE // 2
+
+    @property
+    def interim_backlog(self) -> int:
+        """Samples heard since the last interim."""
+        return self.vad_pos - self._interim_at
+
+    def next_job(self) -> DecodeJob | None:
+        """The decode this session needs most: its oldest final, else an interim of the open utterance."""
+        if self.busy:
+            return None
+        if self.closed:
+            utt, kind, beam = self.closed[0], "final", self.options.beam_size
+            end = utt.end
+        elif self.interim_due():
+            utt, kind, beam = self.open, "interim", self.options.interim_beam_size
+            end = self.vad_pos
+            self._interim_at = end
+        else:
+            return None
+        audio = self._samples(utt.start, end).astype(np.float32) / 32768.0
+        self.busy = True
+        return DecodeJob(kind=kind, audio=audio, start_sample=utt.start, end_sample=end,
+                         language=self.language, prompt=" ".join(self.committed_words), beam_size=beam)
+
+    @property
+    def finished(self) -> bool:
+        return self.ending and self.open is None and not self.closed and not self.busy
+
+    # --- decode results -------------------------------------------------------------------
+    def apply(self, job: DecodeJob, decoded: Decoded, now: float) -> list[Segment]:
+        """Turn a decode result into the segments to publish (possibly none)."""
+        self.busy = False
+        if self.language is None and decoded.language and decoded.language_probability >= 0.5:
+            self.language = decoded.language
+        words = self._session_words(job, keep_trustworthy(decoded.segments))
+        if job.kind == "interim":
+            utt = self.open
+            if utt is None or utt.start != job.start_sample or not words:
+                return []  # that utterance closed meanwhile; its final is coming
+            return [self._segment(utt, "interim", words, job, now)]
+        utt = self.closed.popleft()
+        self.finals_published += 1
+        if not words and utt.segment_id is None:
+            return []
+        segment = self._segment(utt, "final", words, job, now)
+        self.committed_words.extend(w.word.strip() for w in words)
+        return [segment]
+
+    def _session_words(self, job: DecodeJob, words: list[Word]) -> list[Word]:
+        offset = job.start_sample / SAMPLE_RATE
+        limit = job.end_sample / SAMPLE_RATE
+        out = []
+        for w in words:
+            start = min(offset + w.start, limit)
+            out.append(Word(w.word, round(start, 3), round(min(max(offset + w.end, start), limit), 3),
+                            round(w.probability, 3)))
+        return out
+
+    def _segment(self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, now: float) -> Segment:
+        if utt.segment_id is None:
+            utt.segment_id = self.next_segment_id
+            self.next_segment_id += 1
+        utt.revision += 1
+        start = words[0].start if words else job.start_sample / SAMPLE_RATE
+        end = words[-1].end if words else job.end_sample / SAMPLE_RATE
+        seqs = [seq for seq, first, last in self.chunks if first < job.end_sample and last > job.start_sample]
+        return Segment(
+            tenant=self.tenant, session_id=self.session_id, segment_id=utt.segment_id, revision=utt.revision,
+            status=status, start=start, end=end, text="".join(w.word for w in words).strip(), words=words,
+            language=self.language, model=self.model, seq_first=seqs[0] if seqs else self.last_seq,
+            seq_last=seqs[-1] if seqs else self.last_seq, worker_id=self.worker_id, published_at=now,
+        )
+
+    # --- acknowledgement ------------------------------------------------------------------
+    def take_ackable(self) -> list[int]:
+        """Seqs whose audio is fully accounted for (published as segments, or silence); trims the buffer."""
+        if self.finished:
+            boundary = self.received
+        else:
+            pending = [u.start for u in self.closed]
+            if self.open is not None:
+                pending.append(self.open.start)
+            boundary = min(pending, default=self.vad_pos - int(self.options.preroll_s * SAMPLE_RATE))
+        seqs = []
+        while self.chunks and self.chunks[0][2] <= boundary:
+            seqs.append(self.chunks.popleft()[0])
+        if seqs:
+            self.acked_through = seqs[-1]
+        keep_from = max(self.buffer_start, min(boundary, self.vad_pos))
+        if keep_from > self.buffer_start:
+            self.buffer = self.buffer[keep_from - self.buffer_start:]
+            self.buffer_start = keep_from
+        return seqs
+
+
+def pick_next(streams: list[SessionStream]) -> SessionStream | None:
+    """Which session decodes next: the oldest pending final first, then the most starved interim."""
+    finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]
+    if finals:
+        return streams[min(finals)[1]]
+    interims = [s for s in streams if s.interim_due()]
+    if interims:
+        return max(interims, key=lambda s: s.interim_backlog)
+    return None

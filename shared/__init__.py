@@ -1,0 +1,1 @@
+"""What crosses a service boundary: wire schema, subject names, configuration, telemetry."""

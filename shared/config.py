@@ -1,0 +1,133 @@
+"""One config object per service, read from environment variables.
+
+Every variable, its default and its meaning is listed in README.md ("Configuration").
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, fields
+
+
+def _env(name: str, default, cast=str):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if cast is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return cast(raw)
+
+
+def _from_env(cls, prefix_map: dict[str, tuple[str, type]]):
+    values = {}
+    for f in fields(cls):
+        if f.name in prefix_map:
+            env_name, cast = prefix_map[f.name]
+            values[f.name] = _env(env_name, f.default, cast)
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Where NATS is and how the streams are shaped; every service reads the same."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    partitions: int = 16
+    audio_max_age_s: float = 3600.0
+    transcripts_max_age_s: float = 7 * 24 * 3600.0
+    duplicate_window_s: float = 120.0
+
+    @classmethod
+    def from_env(cls) -> "StreamSettings":
+        return _from_env(cls, {
+            "nats_url": ("NATS_URL", str),
+            "partitions": ("JETSCRIBE_PARTITIONS", int),
+            "audio_max_age_s": ("JETSCRIBE_AUDIO_MAX_AGE_S", float),
+            "transcripts_max_age_s": ("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", float),
+            "duplicate_window_s": ("JETSCRIBE_DUPLICATE_WINDOW_S", float),
+        })
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_chunk_bytes: int = 1_048_576
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 192_000
+    max_channels: int = 8
+
+    @classmethod
+    def from_env(cls) -> "IngestConfig":
+        return _from_env(cls, {
+            "max_chunk_bytes": ("JETSCRIBE_MAX_CHUNK_BYTES", int),
+            "min_sample_rate": ("JETSCRIBE_MIN_SAMPLE_RATE", int),
+            "max_sample_rate": ("JETSCRIBE_MAX_SAMPLE_RATE", int),
+            "max_channels": ("JETSCRIBE_MAX_CHANNELS", int),
+        })
+
+
+@dataclass(frozen=True)
+class TranscriberConfig:
+    model: str = "base"  # "base", "tiny.en" or a folder holding a CTranslate2 Whisper model
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+    compute_type: str = "int8"  # "int8" on CPU; "float16" on a GPU
+    cpu_threads: int = 0  # 0: CTranslate2 decides
+    beam_size: int = 5
+    interim_beam_size: int = 1
+    endpoint_silence_s: float = 0.5
+    max_utterance_s: float = 15.0
+    interim_every_s: float = 1.0
+    vad_aggressiveness: int = 2
+    partitions: str = "all"  # "all" or a comma list like "0,1,5"
+    ack_wait_s: float = 300.0
+    model_cache_dir: str = ""
+    worker_id: str = ""
+
+    @classmethod
+    def from_env(cls) -> "TranscriberConfig":
+        cfg = _from_env(cls, {
+            "model": ("JETSCRIBE_MODEL", str),
+            "device": ("JETSCRIBE_DEVICE", str),
+            "compute_type": ("JETSCRIBE_COMPUTE_TYPE", str),
+            "cpu_threads": ("JETSCRIBE_CPU_THREADS", int),
+            "beam_size": ("JETSCRIBE_BEAM_SIZE", int),
+            "interim_beam_size": ("JETSCRIBE_INTERIM_BEAM_SIZE", int),
+            "endpoint_silence_s": ("JETSCRIBE_ENDPOINT_SILENCE_S", float),
+            "max_utterance_s": ("JETSCRIBE_MAX_UTTERANCE_S", float),
+            "interim_every_s": ("JETSCRIBE_INTERIM_EVERY_S", float),
+            "vad_aggressiveness": ("JETSCRIBE_VAD_AGGRESSIVENESS", int),
+            "partitions": ("JETSCRIBE_WORKER_PARTITIONS", str),
+            "ack_wait_s": ("JETSCRIBE_ACK_WAIT_S", float),
+            "model_cache_dir": ("JETSCRIBE_MODEL_CACHE", str),
+            "worker_id": ("JETSCRIBE_WORKER_ID", str),
+        })
+        if not cfg.worker_id:
+            cfg = TranscriberConfig(**{**cfg.__dict__, "worker_id": f"{socket.gethostname()}-{os.getpid()}"})
+        return cfg
+
+    def owned_partitions(self, total: int) -> list[int]:
+        if self.partitions.strip() in ("", "all"):
+            return list(range(total))
+        owned = sorted({int(p) for p in self.partitions.split(",")})
+        bad = [p for p in owned if not 0 <= p < total]
+        if bad:
+            raise ValueError(f"JETSCRIBE_WORKER_PARTITIONS has {bad}: partitions are 0..{total - 1}")
+        return owned
+
+
+@dataclass(frozen=True)
+class PersisterConfig:
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/jetscribe"
+    batch_size: int = 200
+    retry_max_s: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> "PersisterConfig":
+        return _from_env(cls, {
+            "database_url": ("DATABASE_URL", str),
+            "batch_size": ("JETSCRIBE_PERSIST_BATCH", int),
+            "retry_max_s": ("JETSCRIBE_PERSIST_RETRY_MAX_S", float),
+        })
+
+
+def database_url_from_env() -> str:
+    return PersisterConfig.from_env().database_url

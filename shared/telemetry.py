@@ -1,0 +1,27 @@
+"""OpenTelemetry tracing for all services.
+
+Spans are always recorded; they are printed to stderr when JETSCRIBE_OTEL_CONSOLE=1, so an
+operator can see where a chunk's time goes without running a collector.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+
+def setup(service: str) -> trace.Tracer:
+    """Configure logging and tracing for one service process and return its tracer."""
+    logging.basicConfig(
+        level=os.environ.get("JETSCRIBE_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {service} %(levelname)s %(message)s",
+    )
+    provider = TracerProvider(resource=Resource.create({"service.name": f"jetscribe-{service}"}))
+    if os.environ.get("JETSCRIBE_OTEL_CONSOLE") == "1":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return trace.get_tracer(f"jetscribe.{service}")

@@ -1,0 +1,160 @@
+"""The wire contract: msgpack messages with a schema version, validated on receipt.
+
+msgspec encodes and decodes the msgpack format and checks every field against these
+types, so a malformed message becomes a `WireError` that names the bad field.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Encoding = Literal["pcm_s16le", "pcm_f32le"]
+SegmentStatus = Literal["interim", "final"]
+
+
+class WireError(ValueError):
+    """A message that does not match the wire contract."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class AudioChunk(msgspec.Struct, tag="audio", kw_only=True):
+    """A piece of a session's audio. `seq` counts from 0, +1 per chunk."""
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str
+    seq: int
+    sent_at: float
+    sample_rate: int
+    channels: int
+    encoding: Encoding
+    payload: bytes
+
+
+class SessionControl(msgspec.Struct, tag="control", kw_only=True):
+    """Starts or ends a session. `language` is a code like "en", or "auto"."""
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str
+    action: Literal["start", "end"]
+    language: str = "auto"
+    model: str | None = None
+    options: dict[str, str | int | float | bool] = {}
+    sent_at: float = 0.0
+
+
+class Word(msgspec.Struct, array_like=True):
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+class Segment(msgspec.Struct, tag="segment", kw_only=True):
+    """A stretch of transcript. Interims of one `segment_id` are replaced by its final."""
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str
+    segment_id: int
+    revision: int
+    status: SegmentStatus
+    start: float  # seconds of session audio
+    end: float
+    text: str
+    words: list[Word] = []
+    speaker: str | None = None
+    language: str | None = None
+    model: str = ""
+    seq_first: int = 0  # audio chunks this segment covers
+    seq_last: int = 0
+    worker_id: str = ""
+    published_at: float = 0.0
+
+
+class SessionEvent(msgspec.Struct, tag="session_event", kw_only=True):
+    """A lifecycle event of a session, published by the transcriber that owns it."""
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str
+    event: Literal["started", "ended"]
+    at: float
+    language: str | None = None
+    model: str = ""
+    chunks_received: int = 0
+    audio_seconds: float = 0.0
+    segments: int = 0
+    worker_id: str = ""
+
+
+class ErrorEvent(msgspec.Struct, tag="error", kw_only=True):
+    """Why something was refused; published on `errors.<service>.<tenant>`."""
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str | None
+    code: str
+    message: str
+    seq: int | None = None
+    at: float = 0.0
+
+
+class Reply(msgspec.Struct, tag="reply", kw_only=True):
+    """The gateway's answer to a bot's request: ok with the last accepted seq, or an error."""
+
+    v: int = SCHEMA_VERSION
+    ok: bool
+    last_seq: int = -1  # -1: nothing accepted yet
+    code: str = ""
+    message: str = ""
+
+
+AudioMessage = AudioChunk | SessionControl
+TranscriptMessage = Segment | SessionEvent
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[object, msgspec.msgpack.Decoder] = {}
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind):
+    """Decode `data` as `kind` (a message class or a union of them); raise WireError if it does not fit."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        message = decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        version = _peek_version(data)
+        if version is not None and version != SCHEMA_VERSION:
+            raise WireError(
+                "unsupported_version",
+                f"schema version {version} is not supported (this side speaks {SCHEMA_VERSION})",
+            ) from None
+        code = "malformed" if isinstance(exc, msgspec.ValidationError) else "not_msgpack"
+        raise WireError(code, f"invalid message: {exc}") from None
+    if message.v != SCHEMA_VERSION:
+        raise WireError(
+            "unsupported_version",
+            f"schema version {message.v} is not supported (this side speaks {SCHEMA_VERSION})",
+        )
+    return message
+
+
+def _peek_version(data: bytes) -> object | None:
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return raw.get("v") if isinstance(raw, dict) else None
