@@ -82,10 +82,10 @@ class TranscriberWorker:
         while not self.stopping.is_set():
             try:
                 msgs = await sub.fetch(256, timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # NATS reconnecting: keep pulling once it is back
-                log.warning("fetch failed: %s", exc)
+                log.warning("fetch failed: %r", exc)
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:

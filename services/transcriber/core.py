@@ -272,9 +272,9 @@ class SessionStream:
         limit = job.end_sample / SAMPLE_RATE
         out = []
         for w in words:
-            start = min(offset + w.start, limit)
-            out.append(Word(w.word, round(start, 3), round(min(max(offset + w.end, start), limit), 3),
-                            round(w.probability, 3)))
+            start = min(offset + float(w.start), limit)
+            end = min(max(offset + float(w.end), start), limit)
+            out.append(Word(w.word, round(start, 3), round(end, 3), round(float(w.probability), 3)))
         return out
 
     def _segment(self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, now: float) -> Segment:

@@ -1,0 +1,1 @@
+"""jetscribe: live speech-to-text."""
