@@ -75,7 +75,8 @@ def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
     """Drop what Whisper makes up: text for silence/noise, and looping output."""
     words: list[Word] = []
     for seg in segments:
-        if seg.no_speech_prob > 0.6 and seg.avg_logprob < -1.0:
+        # Whisper's own rule is no_speech > 0.6; a trailing "Thank you." after a prompt scores ~0.55.
+        if seg.avg_logprob < -1.0 and seg.no_speech_prob > 0.3:
             continue
         if seg.compression_ratio > 2.4 or has_loop(seg.words):
             continue

@@ -1,0 +1,137 @@
+"""What a meeting bot does: start a session, send audio chunks in order, end it, hear the transcript.
+
+Used by `jetscribe stream`, `jetscribe demo`, the end-to-end tests and the benchmarks.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+from shared import subjects
+from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
+
+
+class BotError(RuntimeError):
+    """The gateway refused the session or a chunk for a reason resending cannot fix."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(f"{reply.code}: {reply.message}")
+        self.reply = reply
+
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # int16, shape (frames,) or (frames, channels)
+    sample_rate: int
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.samples.ndim == 1 else self.samples.shape[1]
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def read_audio(path: str | Path) -> Audio:
+    """WAV, FLAC, OGG or MP3 at its own rate and channel count: the gateway normalises it."""
+    samples, rate = sf.read(str(path), dtype="int16", always_2d=False)
+    return Audio(samples, rate)
+
+
+@dataclass
+class StreamResult:
+    finals: dict[int, Segment] = field(default_factory=dict)
+    first_interim_at: dict[int, float] = field(default_factory=dict)
+    sent_at: list[float] = field(default_factory=list)  # wall time each chunk was accepted
+    chunk_s: float = 0.1
+    ended: SessionEvent | None = None
+
+    def final_segments(self) -> list[Segment]:
+        return [self.finals[k] for k in sorted(self.finals)]
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.final_segments() if s.text)
+
+
+async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int = 20) -> Reply:
+    """Request/reply with the gateway, retrying while it is unreachable (a restart, a reconnect)."""
+    for attempt in range(attempts):
+        try:
+            response = await nc.request(subject, encode(message), timeout=timeout)
+            return decode(response.data, Reply)
+        except (NatsTimeout, NoRespondersError):
+            await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+    raise TimeoutError(f"no answer from the ingest gateway on {subject} after {attempts} tries")
+
+
+async def stream_audio(
+    nc, audio: Audio, *, tenant: str, session_id: str, speed: float = 1.0, chunk_s: float = 0.1,
+    language: str = "auto", on_segment: Callable[[Segment], None] | None = None, wait_s: float = 300.0,
+) -> StreamResult:
+    """Stream `audio` as a bot would; returns once the session's `ended` event arrives.
+
+    speed 1.0 paces chunks in real time; 0 sends as fast as the gateway answers.
+    """
+    result = StreamResult(chunk_s=chunk_s)
+    ended = asyncio.Event()
+
+    async def on_transcript(msg):
+        segment = decode(msg.data, Segment)
+        if segment.status == "final":
+            result.finals[segment.segment_id] = segment
+        else:
+            result.first_interim_at.setdefault(segment.segment_id, time.time())
+        if on_segment:
+            on_segment(segment)
+
+    async def on_ended(msg):
+        result.ended = decode(msg.data, SessionEvent)
+        ended.set()
+
+    subs = [
+        await nc.subscribe(subjects.transcript(tenant, session_id), cb=on_transcript),
+        await nc.subscribe(subjects.session_event(tenant, session_id, "ended"), cb=on_ended),
+    ]
+    await nc.flush()
+    try:
+        start = SessionControl(tenant=tenant, session_id=session_id, action="start", language=language,
+                               sent_at=time.time())
+        reply = await request(nc, subjects.ingest_session(tenant, session_id), start)
+        if not reply.ok:
+            raise BotError(reply)
+        frames_per_chunk = max(1, int(audio.sample_rate * chunk_s))
+        total = (len(audio.samples) + frames_per_chunk - 1) // frames_per_chunk
+        seq = reply.last_seq + 1  # a reconnecting bot resumes after what the gateway already has
+        t0 = time.monotonic() - seq * chunk_s / speed if speed > 0 else 0.0
+        while seq < total:
+            if speed > 0:
+                await asyncio.sleep(max(0.0, t0 + seq * chunk_s / speed - time.monotonic()))
+            piece = audio.samples[seq * frames_per_chunk:(seq + 1) * frames_per_chunk]
+            chunk = AudioChunk(tenant=tenant, session_id=session_id, seq=seq, sent_at=time.time(),
+                               sample_rate=audio.sample_rate, channels=audio.channels, encoding="pcm_s16le",
+                               payload=np.ascontiguousarray(piece).astype("<i2").tobytes())
+            reply = await request(nc, subjects.ingest_audio(tenant, session_id), chunk)
+            if not reply.ok and reply.code != "seq_gap":
+                raise BotError(reply)
+            if reply.ok:
+                result.sent_at.append(time.time())
+            seq = reply.last_seq + 1
+        end = SessionControl(tenant=tenant, session_id=session_id, action="end", sent_at=time.time())
+        reply = await request(nc, subjects.ingest_session(tenant, session_id), end)
+        if not reply.ok:
+            raise BotError(reply)
+        await asyncio.wait_for(ended.wait(), wait_s)
+        await asyncio.sleep(0.2)  # let the last segments' callbacks run
+        return result
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()

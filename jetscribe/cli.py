@@ -1,0 +1,197 @@
+"""The `jetscribe` command: run the local stack, stream audio as a bot, read transcripts."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from jetscribe import stack
+from jetscribe.transcript_formats import FORMATS, render
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jetscribe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start NATS, PostgreSQL and the three services; Ctrl-C stops all")
+    up.add_argument("--model", help="Whisper model: base, tiny.en or a model folder (default $JETSCRIBE_MODEL or base)")
+
+    stream = sub.add_parser("stream", help="publish an audio file as a bot would and show the live transcript")
+    stream.add_argument("file")
+    stream.add_argument("--session", required=True)
+    stream.add_argument("--tenant", default="default")
+    stream.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
+    stream.add_argument("--language", default="auto")
+
+    transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
+    transcript.add_argument("session")
+    transcript.add_argument("--tenant", default="default")
+    transcript.add_argument("--format", choices=FORMATS, default="text")
+
+    sessions = sub.add_parser("sessions", help="list sessions stored in PostgreSQL")
+    sessions.add_argument("--tenant")
+
+    demo = sub.add_parser("demo", help="up + stream a file fast + print its transcript + stop")
+    demo.add_argument("file", nargs="?", help="audio file (default: a speech sample made on first run)")
+    demo.add_argument("--format", choices=FORMATS, default="text")
+    demo.add_argument("--model", help="Whisper model (default $JETSCRIBE_MODEL or base)")
+    demo.add_argument("--speed", type=float, default=0.0)
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    return {
+        "up": cmd_up, "stream": cmd_stream, "transcript": cmd_transcript, "sessions": cmd_sessions,
+        "demo": cmd_demo, "db": cmd_db,
+    }[args.command](args)
+
+
+def cmd_up(args) -> int:
+    local = stack.LocalStack(stack.home_dir(), model=args.model)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        local.start()
+        print(f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", flush=True)
+        print("stream with: jetscribe stream FILE --session ID    (Ctrl-C stops everything)", flush=True)
+        while not stopping:
+            local.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping...", flush=True)
+        local.stop()
+    return 0
+
+
+def cmd_stream(args) -> int:
+    from jetscribe.bot import read_audio
+    audio = read_audio(args.file)
+    asyncio.run(_stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language))
+    return 0
+
+
+async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto"):
+    import nats
+
+    from jetscribe.bot import stream_audio
+
+    interactive = sys.stdout.isatty()
+
+    def show(segment):
+        if segment.status == "final":
+            if segment.text:
+                line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {segment.text}"
+                print(("\r\033[K" if interactive else "") + line, flush=True)
+        elif interactive:
+            print(f"\r\033[K  … {segment.text[-100:]}", end="", flush=True)
+
+    nc = await nats.connect(url)
+    try:
+        return await stream_audio(nc, audio, tenant=tenant, session_id=session, speed=speed, language=language,
+                                  on_segment=show)
+    finally:
+        await nc.close()
+
+
+def cmd_transcript(args) -> int:
+    segments = asyncio.run(_final_segments(stack.database_url(), args.tenant, args.session))
+    if not segments:
+        print(f"no transcript for session {args.tenant}/{args.session}", file=sys.stderr)
+        return 1
+    print(render(segments, args.format))
+    return 0
+
+
+async def _final_segments(url: str, tenant: str, session: str):
+    from services.persister.store import final_segments, open_engine
+    engine = open_engine(url)
+    try:
+        return await final_segments(engine, tenant, session)
+    finally:
+        await engine.dispose()
+
+
+def cmd_sessions(args) -> int:
+    async def fetch():
+        from services.persister.store import list_sessions, open_engine
+        engine = open_engine(stack.database_url())
+        try:
+            return await list_sessions(engine, args.tenant)
+        finally:
+            await engine.dispose()
+
+    rows = asyncio.run(fetch())
+    print(f"{'tenant':<12} {'session':<28} {'status':<7} {'audio s':>8} {'segments':>8}  started")
+    for row in rows:
+        print(f"{row.tenant:<12} {row.session_id:<28} {row.status:<7} {row.audio_seconds or 0:>8.1f} "
+              f"{row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from services.persister.migrate import upgrade
+    upgrade(stack.database_url())
+    print("database schema is up to date")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from jetscribe.bot import Audio, read_audio
+    if args.file:
+        audio = read_audio(args.file)
+    else:
+        from jetscribe.speech import sample_speech
+        print("making the speech sample (first run only)...", file=sys.stderr, flush=True)
+        speech = sample_speech()
+        audio = Audio(speech.audio, speech.sample_rate)
+    session = f"demo-{uuid.uuid4().hex[:8]}"
+    home = stack.home_dir() / "demo"
+    print(f"starting NATS, PostgreSQL and the services in {home} ...", file=sys.stderr, flush=True)
+    with stack.LocalStack(home, model=args.model) as local:
+        started = time.monotonic()
+        asyncio.run(_wait_ready_and_stream(local, audio, session, args.speed))
+        streamed = time.monotonic()
+        segments = asyncio.run(_wait_persisted(local.database_url, "default", session))
+        print(f"\n--- transcript of {session} from PostgreSQL ({audio.duration_s:.1f} s of audio, "
+              f"{streamed - started:.1f} s to transcribe, {time.monotonic() - streamed:.2f} s more to persist) ---",
+              file=sys.stderr, flush=True)
+        print(render(segments, args.format))
+    return 0
+
+
+async def _wait_ready_and_stream(local, audio, session: str, speed: float):
+    # The transcriber loads its model before it listens; the bot's requests retry until the gateway answers.
+    return await _stream_live(local.nats_url, audio, "default", session, speed)
+
+
+async def _wait_persisted(url: str, tenant: str, session: str, timeout: float = 60.0):
+    """The persister lags the transcript subject slightly: wait for the session's `ended` state to land."""
+    from services.persister.store import list_sessions, open_engine
+    engine = open_engine(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [r for r in await list_sessions(engine, tenant) if r.session_id == session]
+            if rows and rows[0].status == "ended":
+                break
+            await asyncio.sleep(0.1)
+        from services.persister.store import final_segments
+        return await final_segments(engine, tenant, session)
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

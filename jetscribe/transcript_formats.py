@@ -1,0 +1,44 @@
+"""A session's final segments as plain text, JSON, SubRip (srt) or WebVTT."""
+from __future__ import annotations
+
+import json
+
+FORMATS = ("text", "json", "srt", "vtt")
+
+
+def render(segments, fmt: str) -> str:
+    """`segments`: objects with segment_id, start_s, end_s, text, speaker, words (final, in order)."""
+    spoken = [s for s in segments if s.text]
+    if fmt == "text":
+        return "\n".join(_speaker_prefix(s) + s.text for s in spoken)
+    if fmt == "json":
+        return json.dumps([
+            {"segment_id": s.segment_id, "start": s.start_s, "end": s.end_s, "text": s.text,
+             "speaker": s.speaker, "words": s.words}
+            for s in spoken
+        ], indent=2)
+    if fmt == "srt":
+        return "\n".join(
+            f"{i}\n{_clock(s.start_s, ',')} --> {_clock(s.end_s, ',')}\n{_speaker_prefix(s)}{s.text}\n"
+            for i, s in enumerate(spoken, 1)
+        )
+    if fmt == "vtt":
+        cues = [f"{_clock(s.start_s, '.')} --> {_clock(s.end_s, '.')}\n{_voice(s)}{s.text}\n" for s in spoken]
+        return "WEBVTT\n\n" + "\n".join(cues)
+    raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def _clock(seconds: float, separator: str) -> str:
+    millis = int(round(seconds * 1000))
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def _speaker_prefix(segment) -> str:
+    return f"{segment.speaker}: " if segment.speaker else ""
+
+
+def _voice(segment) -> str:
+    return f"<v {segment.speaker}>" if segment.speaker else ""

@@ -1,0 +1,3 @@
+from services.persister.app import main
+
+raise SystemExit(main())

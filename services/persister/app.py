@@ -1,0 +1,225 @@
+"""The persister's asyncio shell: JetStream batches in, one Postgres transaction each, acks only after commit.
+
+Nothing is acked before it is committed, so a crash, a stop or a Postgres outage loses nothing: the
+consumer redelivers, and the upserts make the repeat harmless.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import nats.errors
+import nats.js.errors
+import psycopg
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from opentelemetry import trace
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.persister.core import Delivered, Rejection, check, plan_batch, rejection_event, retry_delay
+from services.persister.store import is_message_fault, open_engine, write_batch
+from shared import subjects, telemetry, wire
+from shared.config import PersisterConfig, StreamSettings
+from shared.streams import connect, ensure_streams
+
+SERVICE = "persister"
+FETCH_WAIT_S = 0.5  # an idle fetch returns this often, so a stop is noticed quickly
+ACK_WAIT_S = 60.0
+
+log = logging.getLogger(__name__)
+_DATABASE_ERRORS = (SQLAlchemyError, psycopg.Error, OSError)
+
+
+def consumer_config(config: PersisterConfig) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.PERSISTER_CONSUMER,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_S,
+        max_ack_pending=max(1000, 2 * config.batch_size),
+        filter_subjects=[subjects.TRANSCRIPTS_ALL, subjects.SESSION_EVENTS_ALL],
+    )
+
+
+class Persister:
+    """Moves one fetched batch into Postgres: reject what can't be stored, write the rest, then ack."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, engine: AsyncEngine, config: PersisterConfig,
+                 stop: asyncio.Event):
+        self.nc, self.js, self.engine, self.config, self.stop = nc, js, engine, config, stop
+        self.tracer = trace.get_tracer(f"jetscribe.{SERVICE}")
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        accepted: list[tuple[Msg, Delivered]] = []
+        for msg in msgs:
+            try:
+                message = wire.decode(msg.data, wire.TranscriptMessage)
+                problem = check(msg.subject, message)
+            except wire.WireError as exc:
+                problem = exc
+            if problem is not None:
+                await self.reject(msg, problem)
+            else:
+                accepted.append((msg, Delivered(message, msg.metadata.timestamp.timestamp())))
+        if accepted:
+            await self.store(accepted)
+
+    async def store(self, items: list[tuple[Msg, Delivered]]) -> bool:
+        """Write and ack `items`; False if stopped before they were written (they stay unacked)."""
+        outcome = await self.write_with_retries(items)
+        if outcome == "stopped":
+            return False
+        if outcome == "written":
+            await self.ack([msg for msg, _ in items])
+            return True
+        if len(items) == 1:  # the database refuses this very message: retrying it would block the stream
+            msg, _ = items[0]
+            await self.reject(msg, Rejection("refused_by_database", outcome))
+            return True
+        # Some message in the batch is refused; write them one by one to find it and keep the rest.
+        for item in items:
+            if not await self.store([item]):
+                return False
+        return True
+
+    async def write_with_retries(self, items: list[tuple[Msg, Delivered]]) -> str:
+        """"written", "stopped", or the database's complaint about the messages themselves."""
+        batch = plan_batch(delivered for _, delivered in items)
+        attempt = 0
+        while True:
+            try:
+                with self.tracer.start_as_current_span("persister.write_batch") as span:
+                    span.set_attribute("jetscribe.messages", len(items))
+                    span.set_attribute("jetscribe.segments", len(batch.segments))
+                    span.set_attribute("jetscribe.session_events", len(batch.session_events))
+                    span.set_attribute("jetscribe.attempt", attempt)
+                    await write_batch(self.engine, batch)
+                return "written"
+            except _DATABASE_ERRORS as exc:
+                if is_message_fault(exc):
+                    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                delay = retry_delay(attempt, self.config.retry_max_s)
+                attempt += 1
+                log.warning("writing %d messages failed (%s); retry %d in %.1f s%s",
+                            len(items), _first_line(exc), attempt, delay, _hint(exc))
+            if await _stopped_within(self.stop, delay):
+                log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
+                return "stopped"
+
+    async def ack(self, msgs: list[Msg]) -> None:
+        try:
+            for msg in msgs:
+                await msg.ack()
+            await self.nc.flush(timeout=5)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            # Committed but maybe not acked: the redelivery is an idempotent repeat.
+            log.warning("acking %d messages failed (%s); they may be redelivered", len(msgs), exc)
+
+    async def reject(self, msg: Msg, problem: Rejection | wire.WireError) -> None:
+        event = rejection_event(msg.subject, problem, time.time())
+        log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
+        try:
+            await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("could not publish the error event (%s)", exc)
+        try:
+            await msg.term()  # never redelivered: it would fail the same way every time
+        except nats.errors.Error as exc:
+            log.warning("could not terminate the message on %s (%s)", msg.subject, exc)
+
+
+async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event | None = None) -> None:
+    """Persist the TRANSCRIPTS stream until `stop` is set; the batch in hand is finished first."""
+    stop = stop or asyncio.Event()
+    engine = open_engine(config.database_url)
+    nc = await connect(settings, SERVICE)
+    try:
+        js = nc.jetstream()
+        sub = await _subscribe(js, settings, config)
+        persister = Persister(nc, js, engine, config, stop)
+        log.info("persisting %s to Postgres in batches of up to %d",
+                 subjects.TRANSCRIPTS_STREAM, config.batch_size)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(config.batch_size, timeout=FETCH_WAIT_S)
+            except asyncio.TimeoutError:
+                continue
+            except nats.js.errors.APIError as exc:
+                # The consumer or stream is gone (deleted by hand, or a fresh NATS store): declare them again.
+                log.warning("fetch refused (%s); subscribing again", exc)
+                sub = await _resubscribe(sub, js, settings, config, stop)
+                continue
+            except nats.errors.Error as exc:
+                # While NATS is away the client reconnects by itself; wait and fetch again.
+                log.warning("fetch failed (%s); retrying", exc)
+                await _stopped_within(stop, FETCH_WAIT_S)
+                continue
+            await persister.handle(msgs)
+    finally:
+        try:
+            await nc.drain()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            await nc.close()
+        await engine.dispose()
+    log.info("stopped")
+
+
+async def _subscribe(js: JetStreamContext, settings: StreamSettings, config: PersisterConfig):
+    await ensure_streams(js, settings)
+    return await js.pull_subscribe(
+        "", durable=subjects.PERSISTER_CONSUMER, stream=subjects.TRANSCRIPTS_STREAM,
+        config=consumer_config(config),
+    )
+
+
+async def _resubscribe(sub, js: JetStreamContext, settings: StreamSettings, config: PersisterConfig,
+                       stop: asyncio.Event):
+    try:
+        await sub.unsubscribe()
+    except nats.errors.Error:
+        pass
+    while True:
+        try:
+            return await _subscribe(js, settings, config)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("subscribing failed (%s); retrying", exc)
+            if await _stopped_within(stop, FETCH_WAIT_S * 2):
+                return sub
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _hint(exc: BaseException) -> str:
+    if isinstance(getattr(exc, "orig", None), psycopg.errors.UndefinedTable):
+        return " (is the schema there? run `jetscribe db upgrade`)"
+    return ""
+
+
+async def _serve() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run(StreamSettings.from_env(), PersisterConfig.from_env(), stop)
+
+
+def main() -> int:
+    """`python -m services.persister`: run until SIGTERM or SIGINT, then exit 0."""
+    telemetry.setup(SERVICE)
+    asyncio.run(_serve())
+    return 0

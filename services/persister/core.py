@@ -1,0 +1,236 @@
+"""The persister's decisions, without I/O: whether a message may be stored, and which rows a batch becomes.
+
+Every rule here is written so that applying a batch twice, or in pieces, ends in the same rows:
+JetStream redelivers anything not acked, so the persister sees repeats after every restart.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from shared import subjects
+from shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage, WireError
+
+_INT64 = range(-(2**63), 2**63)
+_RANK = {"interim": 0, "final": 1}
+
+SessionKey = tuple[str, str]  # (tenant, session_id)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A decoded message and the time the stream stored it (the same on every redelivery)."""
+
+    message: TranscriptMessage
+    stored_at: float
+
+
+@dataclass(frozen=True)
+class BatchWrite:
+    """What one batch changes in the database, in the order the store applies it."""
+
+    session_touches: list[dict] = field(default_factory=list)  # one per session, sorted by key
+    session_events: list[dict] = field(default_factory=list)  # in stream order
+    segments: list[dict] = field(default_factory=list)  # one per segment key: the version that wins
+    recount: list[SessionKey] = field(default_factory=list)  # sessions whose segment_count may change
+
+    def __bool__(self) -> bool:
+        return bool(self.session_touches or self.session_events or self.segments)
+
+
+def timestamp(epoch_s: float) -> datetime | None:
+    """A wire time (epoch seconds, 0 meaning unknown) as an aware datetime."""
+    if not epoch_s:
+        return None
+    return datetime.fromtimestamp(epoch_s, timezone.utc)
+
+
+def _or_none(value: str | None) -> str | None:
+    return value or None  # the wire says "" for unknown; the table says NULL
+
+
+def segment_row(segment: Segment) -> dict:
+    """The `segments` row of one Segment message."""
+    return {
+        "tenant": segment.tenant,
+        "session_id": segment.session_id,
+        "segment_id": segment.segment_id,
+        "revision": segment.revision,
+        "status": segment.status,
+        "start_s": segment.start,
+        "end_s": segment.end,
+        "text": segment.text,
+        "words": [[w.word, w.start, w.end, w.probability] for w in segment.words],
+        "speaker": segment.speaker,
+        "language": _or_none(segment.language),
+        "model": _or_none(segment.model),
+        "seq_first": segment.seq_first,
+        "seq_last": segment.seq_last,
+        "worker_id": _or_none(segment.worker_id),
+        "published_at": timestamp(segment.published_at),
+    }
+
+
+def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> dict:
+    """The `sessions` row a lifecycle event upserts; `ended` also carries the session's totals."""
+    at = timestamp(event.at or stored_at)
+    row = {
+        "tenant": event.tenant,
+        "session_id": event.session_id,
+        "status": "active" if event.event == "started" else "ended",
+        "language": _or_none(event.language),
+        "model": _or_none(event.model),
+        "created_at": at,
+        "last_activity": at,
+        "worker_id": _or_none(event.worker_id),
+    }
+    if event.event == "ended":
+        row |= {
+            "ended_at": at,
+            "chunks_received": event.chunks_received,
+            "audio_seconds": event.audio_seconds,
+        }
+    return row
+
+
+def session_touch(segment: Segment, stored_at: float) -> dict:
+    """The `sessions` row a segment implies: its session exists and was active when it was published."""
+    at = timestamp(segment.published_at or stored_at)
+    return {
+        "tenant": segment.tenant,
+        "session_id": segment.session_id,
+        "status": "active",
+        "created_at": at,
+        "last_activity": at,
+    }
+
+
+def replaces(new: Mapping, old: Mapping) -> bool:
+    """Whether segment version `new` overwrites `old`; the store's ON CONFLICT ... WHERE says the same in SQL.
+
+    A final beats any interim, an interim never beats a final, and within one status the higher
+    revision wins. Equal rank keeps what is there, so a repeat changes nothing.
+    """
+    return (_RANK[new["status"]], new["revision"]) > (_RANK[old["status"]], old["revision"])
+
+
+def winning_segments(rows: Iterable[dict]) -> list[dict]:
+    """One row per segment key, the one `replaces` keeps (Postgres refuses to upsert a row twice in one INSERT)."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["tenant"], row["session_id"], row["segment_id"])
+        if key not in best or replaces(row, best[key]):
+            best[key] = row
+    return list(best.values())
+
+
+def _merge_touches(touches: Iterable[dict]) -> list[dict]:
+    merged: dict[SessionKey, dict] = {}
+    for touch in touches:
+        key = (touch["tenant"], touch["session_id"])
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = dict(touch)
+        else:
+            seen["created_at"] = min(seen["created_at"], touch["created_at"])
+            seen["last_activity"] = max(seen["last_activity"], touch["last_activity"])
+    # A fixed lock order keeps two persisters writing the same sessions from deadlocking.
+    return [merged[key] for key in sorted(merged)]
+
+
+def plan_batch(delivered: Iterable[Delivered]) -> BatchWrite:
+    """The writes one batch of valid messages turns into."""
+    touches, events, segments = [], [], []
+    recount: set[SessionKey] = set()
+    for item in delivered:
+        message = item.message
+        key = (message.tenant, message.session_id)
+        if isinstance(message, Segment):
+            segments.append(segment_row(message))
+            touches.append(session_touch(message, item.stored_at))
+            if message.status == "final":
+                recount.add(key)
+        else:
+            events.append(session_row_from_event(message, item.stored_at))
+            # An event may create the row; a recount makes its segment_count right from the start.
+            recount.add(key)
+    return BatchWrite(
+        session_touches=_merge_touches(touches),
+        session_events=events,
+        segments=winning_segments(segments),
+        recount=sorted(recount),
+    )
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a message will not be stored; it becomes an ErrorEvent and is terminated, not retried."""
+
+    code: str
+    message: str
+
+
+def subject_route(subject: str) -> tuple[str, str | None]:
+    """(tenant, session_id) named by a TRANSCRIPTS subject, as far as it names them."""
+    tokens = subject.split(".")
+    tenant = tokens[1] if len(tokens) > 1 else ""
+    session_id = tokens[2] if len(tokens) > 2 else None
+    return tenant, session_id
+
+
+def check(subject: str, message: TranscriptMessage) -> Rejection | None:
+    """A decoded message that still cannot be stored: it claims another subject, or holds what Postgres refuses."""
+    if isinstance(message, Segment):
+        expected = subjects.transcript(message.tenant, message.session_id)
+    else:
+        expected = subjects.session_event(message.tenant, message.session_id, message.event)
+    # Permissions are subject rules, so the subject is what vouches for the tenant.
+    if subject != expected:
+        return Rejection("subject_mismatch", f"message for {expected!r} arrived on {subject!r}")
+    for name in ("tenant", "session_id"):
+        if not subjects.is_valid_token(getattr(message, name)):
+            return Rejection("malformed", f"{name} must be 1-64 letters, digits, '_' or '-'")
+    problem = _segment_problem(message) if isinstance(message, Segment) else _event_problem(message)
+    return Rejection("malformed", problem) if problem else None
+
+
+def _segment_problem(segment: Segment) -> str | None:
+    for name in ("segment_id", "revision", "seq_first", "seq_last"):
+        if getattr(segment, name) not in _INT64:
+            return f"{name} is out of the 64-bit range"
+    numbers = [segment.start, segment.end, segment.published_at]
+    numbers += [x for w in segment.words for x in (w.start, w.end, w.probability)]
+    if not all(math.isfinite(x) for x in numbers):
+        return "times and probabilities must be finite numbers"
+    texts = [segment.text, segment.speaker, segment.language, segment.model, segment.worker_id]
+    texts += [w.word for w in segment.words]
+    return _nul_problem(texts)
+
+
+def _event_problem(event: SessionEvent) -> str | None:
+    if event.chunks_received not in _INT64:
+        return "chunks_received is out of the 64-bit range"
+    if not (math.isfinite(event.at) and math.isfinite(event.audio_seconds)):
+        return "at and audio_seconds must be finite numbers"
+    return _nul_problem([event.language, event.model, event.worker_id])
+
+
+def _nul_problem(texts: Iterable[str | None]) -> str | None:
+    if any(t and "\x00" in t for t in texts):
+        return "text fields must not contain NUL characters"  # Postgres text cannot hold them
+    return None
+
+
+def rejection_event(subject: str, rejection: Rejection | WireError, at: float) -> ErrorEvent:
+    """The ErrorEvent reporting a message the persister dropped."""
+    tenant, session_id = subject_route(subject)
+    code = rejection.code
+    text = rejection.message if isinstance(rejection, Rejection) else str(rejection)
+    return ErrorEvent(tenant=tenant, session_id=session_id, code=code, message=f"{subject}: {text}", at=at)
+
+
+def retry_delay(attempt: int, max_s: float) -> float:
+    """Seconds to wait before database attempt `attempt` + 1: doubling from 0.2 s, capped at `max_s`."""
+    return min(max_s, 0.2 * 2 ** min(attempt, 30))

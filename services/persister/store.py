@@ -1,0 +1,147 @@
+"""Postgres reads and writes: idempotent upserts of a planned batch, and the queries the CLI shows."""
+from __future__ import annotations
+
+import psycopg
+from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from services.persister.core import BatchWrite, SessionKey
+from services.persister.tables import SegmentRow, SessionRow
+
+_SESSION_KEY = ["tenant", "session_id"]
+_SEGMENT_KEY = ["tenant", "session_id", "segment_id"]
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """`database_url` with the psycopg 3 driver named, so plain postgres:// URLs work too."""
+    url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+def open_engine(database_url: str, connect_timeout_s: int = 5) -> AsyncEngine:
+    """An async engine whose pool survives a Postgres restart (each checkout is pinged first)."""
+    return create_async_engine(
+        sqlalchemy_url(database_url),
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": connect_timeout_s},
+    )
+
+
+def is_message_fault(exc: BaseException) -> bool:
+    """Whether a database error comes from the rows written (retrying cannot help), not from the database."""
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, (psycopg.DataError, psycopg.IntegrityError)):
+        return True
+    return (getattr(cause, "sqlstate", None) or "").startswith("54")  # program limit exceeded, e.g. a huge row
+
+
+async def write_batch(engine: AsyncEngine, batch: BatchWrite) -> None:
+    """Apply one planned batch in one transaction; writing the same batch again changes nothing."""
+    async with engine.begin() as conn:
+        if batch.session_touches:
+            await conn.execute(_touch_sessions(), batch.session_touches)
+        for row in batch.session_events:
+            await conn.execute(_upsert_session(ended=row["status"] == "ended"), row)
+        if batch.segments:
+            await conn.execute(_upsert_segments(), batch.segments)
+        if batch.recount:
+            await conn.execute(_recount_segments(batch.recount))
+
+
+def _session_common(stmt) -> dict:
+    new, old = stmt.excluded, SessionRow
+    return {
+        "created_at": func.least(old.created_at, new.created_at),
+        "last_activity": func.greatest(old.last_activity, new.last_activity),
+    }
+
+
+def _touch_sessions():
+    # A segment may arrive before its session's `started`: create the row as active, else only move times.
+    stmt = insert(SessionRow)
+    new, old = stmt.excluded, SessionRow
+    return stmt.on_conflict_do_update(
+        index_elements=_SESSION_KEY,
+        set_=_session_common(stmt),
+        where=or_(new.last_activity > old.last_activity, new.created_at < old.created_at),
+    )
+
+
+def _upsert_session(ended: bool):
+    stmt = insert(SessionRow)
+    new, old = stmt.excluded, SessionRow
+    changes = _session_common(stmt) | {
+        "language": func.coalesce(new.language, old.language),
+        "model": func.coalesce(new.model, old.model),
+        "worker_id": func.coalesce(new.worker_id, old.worker_id),
+    }
+    if ended:
+        changes |= {
+            "status": new.status,
+            "ended_at": new.ended_at,
+            "chunks_received": new.chunks_received,
+            "audio_seconds": new.audio_seconds,
+        }
+    # `started` leaves status alone: a late or replayed start must not reopen an ended session.
+    return stmt.on_conflict_do_update(index_elements=_SESSION_KEY, set_=changes)
+
+
+def _upsert_segments():
+    stmt = insert(SegmentRow)
+    new, old = stmt.excluded, SegmentRow
+    replaced = [c.name for c in SegmentRow.__table__.columns if c.name not in _SEGMENT_KEY and c.name != "updated_at"]
+    # The SQL twin of core.replaces: final beats interim, then higher revision; a repeat is a no-op.
+    wins = or_(
+        and_(new.status == "final", old.status == "interim"),
+        and_(new.status == old.status, new.revision > old.revision),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=_SEGMENT_KEY,
+        set_={name: new[name] for name in replaced} | {"updated_at": func.now()},
+        where=wins,
+    )
+
+
+def _recount_segments(sessions: list[SessionKey]):
+    finals = (
+        select(func.count())
+        .where(
+            SegmentRow.tenant == SessionRow.tenant,
+            SegmentRow.session_id == SessionRow.session_id,
+            SegmentRow.status == "final",
+        )
+        .scalar_subquery()
+    )
+    return (
+        update(SessionRow)
+        .where(tuple_(SessionRow.tenant, SessionRow.session_id).in_(sessions))
+        .values(segment_count=finals)
+    )
+
+
+async def list_sessions(engine: AsyncEngine, tenant: str | None = None) -> list[SessionRow]:
+    """Sessions, oldest first; only `tenant`'s when given."""
+    query = select(SessionRow).order_by(SessionRow.created_at, SessionRow.tenant, SessionRow.session_id)
+    if tenant is not None:
+        query = query.where(SessionRow.tenant == tenant)
+    async with AsyncSession(engine) as session:
+        return list(await session.scalars(query))
+
+
+async def final_segments(engine: AsyncEngine, tenant: str, session_id: str) -> list[SegmentRow]:
+    """A session's final segments in the order they were spoken: its transcript."""
+    query = (
+        select(SegmentRow)
+        .where(
+            SegmentRow.tenant == tenant,
+            SegmentRow.session_id == session_id,
+            SegmentRow.status == "final",
+        )
+        .order_by(SegmentRow.start_s, SegmentRow.segment_id)
+    )
+    async with AsyncSession(engine) as session:
+        return list(await session.scalars(query))
