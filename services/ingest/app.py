@@ -72,7 +72,9 @@ class IngestGateway:
             ledger = self.book.start(control)
             await self._store(control, "start")
         else:
-            ledger = self.book.end(control)
+            ledger, tail = self.book.end(control)
+            if tail is not None:  # the resampler's last few ms, stored after the bot's final chunk
+                await self._store(tail, tail.seq)
             await self._store(control, "end")
         return Reply(ok=True, last_seq=ledger.last_seq)
 

@@ -85,6 +85,10 @@ def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
             ledger.resampler = soxr.ResampleStream(chunk.sample_rate, TARGET_RATE, 1, dtype="float32")
             ledger.input_format = fmt
         samples = ledger.resampler.resample_chunk(samples)
+    return _to_int16(samples)
+
+
+def _to_int16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
 
 
@@ -115,10 +119,20 @@ class IngestBook:
                            ledger.last_seq)
         return ledger
 
-    def end(self, control: SessionControl) -> SessionLedger:
+    def end(self, control: SessionControl) -> tuple[SessionLedger, AudioChunk | None]:
+        """Close the session; returns the resampler's held-back tail as one last chunk, if any."""
         ledger = self._open_ledger(control.tenant, control.session_id)
         ledger.ended = True
-        return ledger
+        tail = None
+        if ledger.resampler is not None:
+            rest = ledger.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if len(rest):
+                tail = AudioChunk(
+                    tenant=control.tenant, session_id=control.session_id, seq=ledger.last_seq + 1,
+                    sent_at=control.sent_at, sample_rate=TARGET_RATE, channels=1, encoding="pcm_s16le",
+                    payload=_to_int16(rest).tobytes(),
+                )
+        return ledger, tail
 
     def check_chunk(self, chunk: AudioChunk) -> ChunkVerdict:
         """Validate a chunk against its session; returns what to store. Raises Rejected."""

@@ -189,7 +189,7 @@ class SessionStream:
         best, best_energy = self.vad_pos, None
         for pos in range(search_from, self.vad_pos - FRAME_SAMPLES + 1, FRAME_SAMPLES // 2):
             energy = float(np.mean(self._samples(pos, pos + FRAME_SAMPLES).astype(np.float32) ** 2))
-            if best_energy is None or energy < best_energy:
+            if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
                 best, best_energy = pos + FRAME_SAMPLES // 2, energy
         self._close(best, now)
         self.open = Utterance(start=best, speech_frames=1)

@@ -1,0 +1,74 @@
+import msgspec
+import pytest
+
+from shared import subjects
+from shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, WireError, Word, decode,
+                         encode)
+
+
+def chunk(**overrides):
+    fields = dict(tenant="acme", session_id="s1", seq=0, sent_at=1.0, sample_rate=16000, channels=1,
+                  encoding="pcm_s16le", payload=b"\x00\x00" * 160)
+    return AudioChunk(**{**fields, **overrides})
+
+
+def test_audio_chunk_round_trips_and_union_picks_type():
+    data = encode(chunk(seq=7))
+    assert decode(data, AudioChunk).seq == 7
+    assert isinstance(decode(data, AudioMessage), AudioChunk)
+    control = encode(SessionControl(tenant="acme", session_id="s1", action="end"))
+    assert decode(control, AudioMessage).action == "end"
+
+
+def test_segment_round_trips_words():
+    seg = Segment(tenant="a", session_id="b", segment_id=3, revision=2, status="final", start=1.0, end=2.0,
+                  text="hi there", words=[Word(" hi", 1.0, 1.4, 0.9), Word(" there", 1.4, 2.0, 0.8)])
+    assert decode(encode(seg), Segment) == seg
+
+
+def test_garbage_bytes_are_a_clear_error():
+    with pytest.raises(WireError) as err:
+        decode(b"\xc1\xff garbage", AudioChunk)
+    assert err.value.code == "not_msgpack"
+
+
+def test_wrong_field_type_names_the_field():
+    raw = msgspec.structs.asdict(chunk())
+    raw["type"] = "audio"
+    raw["seq"] = "seven"
+    with pytest.raises(WireError) as err:
+        decode(msgspec.msgpack.encode(raw), AudioChunk)
+    assert err.value.code == "malformed"
+    assert "seq" in str(err.value)
+
+
+def test_unknown_schema_version_is_refused_even_with_other_fields():
+    raw = {"type": "audio", "v": 2, "tenant": "a", "stream": "x"}
+    with pytest.raises(WireError) as err:
+        decode(msgspec.msgpack.encode(raw), AudioChunk)
+    assert err.value.code == "unsupported_version"
+    with pytest.raises(WireError) as err:
+        decode(encode(chunk(v=3)), AudioChunk)
+    assert err.value.code == "unsupported_version"
+
+
+def test_unsupported_encoding_is_malformed():
+    raw = msgspec.structs.asdict(chunk())
+    raw.update(type="audio", encoding="mp3")
+    with pytest.raises(WireError, match="encoding"):
+        decode(msgspec.msgpack.encode(raw), AudioChunk)
+
+
+def test_reply_defaults():
+    assert decode(encode(Reply(ok=True)), Reply).last_seq == -1
+
+
+def test_subjects_are_built_in_one_place():
+    assert subjects.ingest_audio("t", "s") == "ingest.audio.t.s"
+    assert subjects.audio("t", "s") == "audio.t.s"
+    src, dest = subjects.audio_partition_transform(16)
+    assert (src, dest) == ("audio.*.*", "audio.{{wildcard(1)}}.{{wildcard(2)}}.{{partition(16,1,2)}}")
+    assert subjects.transcript("t", "s") == "transcript.t.s"
+    assert subjects.session_event("t", "s", "ended") == "session.t.s.ended"
+    assert subjects.is_valid_token("meet_01-a")
+    assert not subjects.is_valid_token("a.b") and not subjects.is_valid_token("*") and not subjects.is_valid_token("")

@@ -1,0 +1,173 @@
+"""The session core on scripted audio and scripted Whisper output: no model, no NATS."""
+import numpy as np
+
+from services.transcriber.core import (SAMPLE_RATE, CommitOptions, Decoded, DecodedSegment, SessionStream,
+                                       has_loop, keep_trustworthy, pick_next)
+from shared.wire import Word
+
+CHUNK = SAMPLE_RATE // 10  # 100 ms
+
+
+def loud_is_speech(frame: bytes) -> bool:
+    """A stand-in VAD for scripted audio: speech is anything not near-silent."""
+    return np.abs(np.frombuffer(frame, dtype=np.int16)).mean() > 500
+
+
+def tone(seconds):
+    t = np.arange(int(seconds * SAMPLE_RATE))
+    return (8000 * np.sin(2 * np.pi * 220 * t / SAMPLE_RATE)).astype(np.int16)
+
+
+def silence(seconds):
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
+
+
+def new_stream(**options):
+    return SessionStream("acme", "s1", language="en", model="tiny.en", worker_id="w1",
+                         options=CommitOptions(**options), is_speech=loud_is_speech)
+
+
+def feed(stream, audio, first_seq=0, now=0.0):
+    seq = first_seq
+    for off in range(0, len(audio), CHUNK):
+        stream.add_audio(seq, audio[off:off + CHUNK], now)
+        seq += 1
+    return seq
+
+
+def said(*words, start=0.0, step=0.3, no_speech=0.01, logprob=-0.2, ratio=1.2):
+    ws = [Word(f" {w}", start + i * step, start + (i + 1) * step, 0.9) for i, w in enumerate(words)]
+    return Decoded([DecodedSegment(ws, no_speech, logprob, ratio)], "en", 0.99)
+
+
+def test_silence_alone_gives_no_job_and_is_acked():
+    s = new_stream()
+    feed(s, silence(3.0))
+    assert s.next_job() is None
+    acked = s.take_ackable()
+    assert acked and acked[0] == 0
+    assert acked[-1] >= 25  # all but the pre-roll kept for a possible onset
+
+
+def test_endpoint_after_trailing_silence_makes_one_final():
+    s = new_stream(endpoint_silence_s=0.5)
+    seq = feed(s, np.concatenate([silence(1.0), tone(2.0), silence(1.0)]))
+    job = s.next_job()
+    assert job.kind == "final"
+    # The utterance starts with 0.3 s of pre-roll and ends 0.2 s after the speech.
+    assert abs(job.start_sample / SAMPLE_RATE - 0.7) < 0.05
+    assert abs(job.end_sample / SAMPLE_RATE - 3.2) < 0.05
+    assert s.take_ackable()[-1] < 7  # nothing of the utterance is acked while its final is pending
+    segments = s.apply(job, said("hello", "world"), now=10.0)
+    assert [(g.status, g.segment_id, g.text) for g in segments] == [("final", 0, "hello world")]
+    assert abs(segments[0].start - 0.7) < 0.05  # word times are session times
+    assert segments[0].seq_first <= 7 and segments[0].seq_last >= 31
+    acked = s.take_ackable()
+    assert acked[-1] >= 31  # the utterance's audio is accounted for now
+    assert seq == 40
+
+
+def test_interims_share_the_final_segment_id_and_revisions_grow():
+    s = new_stream(interim_every_s=1.0)
+    feed(s, tone(1.5))
+    job = s.next_job()
+    assert job.kind == "interim" and job.beam_size == 1
+    interim = s.apply(job, said("hel"), now=1.0)
+    assert interim[0].status == "interim" and interim[0].segment_id == 0 and interim[0].revision == 1
+    feed(s, np.concatenate([tone(0.5), silence(1.0)]), first_seq=15)
+    job = s.next_job()
+    assert job.kind == "final"
+    final = s.apply(job, said("hello", "there"), now=2.0)
+    assert final[0].segment_id == 0 and final[0].revision == 2 and final[0].status == "final"
+
+
+def test_empty_final_after_an_interim_retracts_it():
+    s = new_stream()
+    feed(s, tone(1.5))
+    s.apply(s.next_job(), said("uh"), now=1.0)
+    feed(s, silence(1.0), first_seq=15)
+    final = s.apply(s.next_job(), Decoded([], "en", 0.9), now=2.0)
+    assert final[0].status == "final" and final[0].text == "" and final[0].segment_id == 0
+
+
+def test_word_split_across_two_windows_is_emitted_once():
+    # Two utterances separated by a pause: each window owns its own audio, so the word at the
+    # join appears in exactly one final, and the next utterance's pre-roll never reaches back.
+    s = new_stream(endpoint_silence_s=0.5)
+    seq = feed(s, np.concatenate([tone(1.0), silence(0.6)]))
+    first = s.next_job()
+    s.apply(first, said("one", "two"), now=1.0)
+    feed(s, np.concatenate([tone(1.0), silence(0.7)]), first_seq=seq)
+    second = s.next_job()
+    assert second.start_sample >= first.end_sample
+    assert second.prompt == "one two"  # committed text is the next window's context
+
+
+def test_long_silence_emits_nothing():
+    s = new_stream()
+    feed(s, silence(60.0))
+    assert s.next_job() is None
+    s.take_ackable()
+    assert len(s.buffer) < SAMPLE_RATE  # the buffer is trimmed, not grown
+
+
+def test_very_long_utterance_is_cut_at_max_length():
+    s = new_stream(max_utterance_s=5.0)
+    # Speech with a short dip every 2 s (a breath, shorter than the endpoint).
+    pattern = np.concatenate([tone(1.9), silence(0.1)])
+    feed(s, np.tile(pattern, 6))
+    job = s.next_job()
+    assert job.kind == "final"
+    length = (job.end_sample - job.start_sample) / SAMPLE_RATE
+    assert 1.0 <= length <= 5.0
+    dip = job.end_sample / SAMPLE_RATE % 2.0
+    assert dip >= 1.85 or dip <= 0.05  # cut inside a quiet dip, not mid-word
+    # The rest continues seamlessly: each window starts where the previous one was cut.
+    spans = [(u.start, u.end) for u in s.closed] + [(s.open.start, None)]
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start == end
+
+
+def test_hallucination_loop_is_dropped():
+    looping = said(*(["thank", "you"] * 6))
+    assert has_loop(looping.segments[0].words)
+    s = new_stream()
+    feed(s, np.concatenate([tone(1.0), silence(1.0)]))
+    assert s.apply(s.next_job(), looping, now=1.0) == []
+
+
+def test_silence_and_noise_guards():
+    speechless = DecodedSegment([Word(" Thank", 3.6, 3.9, 0.0), Word(" you.", 3.9, 3.9, 0.9)], 0.58, -1.31, 1.0)
+    squashed = DecodedSegment([Word(" la", 0, 1, 0.9)], 0.0, -0.3, 2.9)
+    good = DecodedSegment([Word(" eggs.", 3.2, 3.6, 0.99)], 0.01, -0.3, 1.1)
+    assert [w.word for w in keep_trustworthy([good, speechless, squashed])] == [" eggs."]
+
+
+def test_redelivered_chunk_is_ignored():
+    s = new_stream()
+    assert s.add_audio(0, tone(0.1), 0.0)
+    assert not s.add_audio(0, tone(0.1), 0.0)
+    assert s.received == CHUNK
+
+
+def test_end_closes_open_speech_and_finishes_after_final():
+    s = new_stream()
+    feed(s, tone(1.0))
+    s.end(now=1.0)
+    job = s.next_job()
+    assert job.kind == "final" and job.end_sample == s.received
+    s.apply(job, said("bye"), now=2.0)
+    assert s.finished
+    assert s.take_ackable()[-1] == 9
+
+
+def test_pick_next_prefers_oldest_final_over_interims():
+    a, b, c = new_stream(), new_stream(), new_stream()
+    feed(a, tone(3.0))  # only an interim due
+    feed(b, np.concatenate([tone(1.0), silence(1.0)]), now=5.0)
+    feed(c, np.concatenate([tone(1.0), silence(1.0)]), now=2.0)
+    assert pick_next([a, b, c]) is c
+    c.next_job()  # c now busy
+    assert pick_next([a, b, c]) is b
+    b.next_job()
+    assert pick_next([a, b, c]) is a
