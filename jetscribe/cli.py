@@ -82,20 +82,23 @@ def cmd_stream(args) -> int:
     return 0
 
 
-async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto"):
+async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto",
+                       out=None):
+    """Stream as a bot and show the transcript live: interims rewrite one line, finals stay."""
     import nats
 
     from jetscribe.bot import stream_audio
 
-    interactive = sys.stdout.isatty()
+    out = out or sys.stdout
+    interactive = out.isatty()
 
     def show(segment):
         if segment.status == "final":
             if segment.text:
                 line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {segment.text}"
-                print(("\r\033[K" if interactive else "") + line, flush=True)
+                print(("\r\033[K" if interactive else "") + line, file=out, flush=True)
         elif interactive:
-            print(f"\r\033[K  … {segment.text[-100:]}", end="", flush=True)
+            print(f"\r\033[K  … {segment.text[-100:]}", end="", file=out, flush=True)
 
     nc = await nats.connect(url)
     try:
@@ -173,7 +176,8 @@ def cmd_demo(args) -> int:
 
 async def _wait_ready_and_stream(local, audio, session: str, speed: float):
     # The transcriber loads its model before it listens; the bot's requests retry until the gateway answers.
-    return await _stream_live(local.nats_url, audio, "default", session, speed)
+    # Live lines go to stderr so that stdout holds only the stored transcript, in the format asked for.
+    return await _stream_live(local.nats_url, audio, "default", session, speed, out=sys.stderr)
 
 
 async def _wait_persisted(url: str, tenant: str, session: str, timeout: float = 60.0):

@@ -1,0 +1,42 @@
+"""The whole pipeline, in this process, against the session's real nats-server and PostgreSQL."""
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from services.ingest.app import run as run_ingest
+from services.persister.app import run as run_persister
+from services.persister.migrate import upgrade
+from services.transcriber.app import run as run_transcriber
+from services.transcriber.model import load_model
+from shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+
+
+@dataclass
+class Pipeline:
+    nats_url: str
+    database_url: str
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return load_model("tiny.en")
+
+
+@pytest.fixture(scope="session")
+async def pipeline(nats_url, postgres_server, tiny_model):
+    postgres_server.create_database("e2e")
+    database_url = postgres_server.url("e2e")
+    upgrade(database_url)
+    settings = StreamSettings(nats_url=nats_url)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
+        asyncio.create_task(run_transcriber(settings, TranscriberConfig(model="tiny.en", worker_id="e2e-w1"), stop,
+                                            model=tiny_model)),
+        asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
+    ]
+    await asyncio.sleep(0.5)
+    yield Pipeline(nats_url, database_url)
+    stop.set()
+    await asyncio.gather(*tasks)

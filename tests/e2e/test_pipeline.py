@@ -1,0 +1,73 @@
+"""Real speech through ingest -> transcriber -> persister, checked in PostgreSQL."""
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import nats
+import pytest
+
+from jetscribe.bot import Audio, stream_audio
+from jetscribe.speech import sample_speech
+from jetscribe.wer import wer
+from services.persister.store import final_segments, list_sessions, open_engine
+
+pytestmark = pytest.mark.e2e
+
+
+async def persisted(database_url, tenant, session, timeout=30.0):
+    engine = open_engine(database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [r for r in await list_sessions(engine, tenant) if r.session_id == session]
+            if rows and rows[0].status == "ended":
+                return rows[0], await final_segments(engine, tenant, session)
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"session {session} never reached 'ended' in Postgres")
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("speed", [0.0, 4.0])
+async def test_speech_is_transcribed_and_persisted(pipeline, speed):
+    speech = sample_speech()
+    tenant, session = "e2e", f"sample-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(pipeline.nats_url)
+    try:
+        live = await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session,
+                                  speed=speed)
+    finally:
+        await nc.close()
+    row, segments = await persisted(pipeline.database_url, tenant, session)
+
+    text = " ".join(s.text for s in segments if s.text)
+    assert wer(speech.text, text) <= 0.15, text
+    assert text == live.text  # what the bot heard live is what was stored
+    ids = [s.segment_id for s in segments]
+    assert len(ids) == len(set(ids))
+    assert all(s.status == "final" for s in segments)
+    duration = len(speech.audio) / speech.sample_rate
+    for before, after in zip(segments, segments[1:]):
+        assert before.end_s <= after.start_s + 1e-6
+    assert segments[0].start_s >= 0 and segments[-1].end_s <= duration + 1e-6
+    words = [w[0].strip().lower() for s in segments for w in s.words]
+    assert all(a != b for a, b in zip(words, words[1:]))  # no word twice in a row
+    assert row.segment_count == len(segments)
+    assert abs(row.audio_seconds - duration) < 0.05
+    assert row.chunks_received == (len(speech.audio) + 1599) // 1600
+
+
+def test_demo_command_prints_the_transcript(tmp_path):
+    """`jetscribe demo` as a user runs it: its own servers and service processes, then the transcript."""
+    env = {**os.environ, "JETSCRIBE_HOME": str(tmp_path / "home")}
+    env.pop("NATS_URL", None)
+    env.pop("DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-m", "jetscribe.cli", "demo", "--model", "tiny.en"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    speech = sample_speech()
+    assert wer(speech.text, done.stdout) <= 0.15, done.stdout
+    assert not (tmp_path / "home" / "demo" / "stack.json").exists()  # stopped cleanly
