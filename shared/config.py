@@ -79,7 +79,6 @@ class TranscriberConfig:
     vad_aggressiveness: int = 2
     partitions: str = "all"  # "all" or a comma list like "0,1,5"
     ack_wait_s: float = 300.0
-    model_cache_dir: str = ""
     worker_id: str = ""
 
     @classmethod
@@ -97,7 +96,6 @@ class TranscriberConfig:
             "vad_aggressiveness": ("JETSCRIBE_VAD_AGGRESSIVENESS", int),
             "partitions": ("JETSCRIBE_WORKER_PARTITIONS", str),
             "ack_wait_s": ("JETSCRIBE_ACK_WAIT_S", float),
-            "model_cache_dir": ("JETSCRIBE_MODEL_CACHE", str),
             "worker_id": ("JETSCRIBE_WORKER_ID", str),
         })
         if not cfg.worker_id:

@@ -212,7 +212,7 @@ async def run(settings: StreamSettings, config: TranscriberConfig, stop: asyncio
     if model is None:
         log.info("loading Whisper %s on %s (%s)", config.model, config.device, config.compute_type)
         model = await asyncio.to_thread(whisper.load_model, config.model, config.device, config.compute_type,
-                                        config.cpu_threads, config.model_cache_dir or None)
+                                        config.cpu_threads)
     nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
     worker = TranscriberWorker(nc, settings, config, model, tracer)
     await worker.start()
