@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from jetscribe.servers import NatsServer
+
 from services.ingest.app import run as run_ingest
 from services.persister.app import run as run_persister
 from services.persister.migrate import upgrade
@@ -24,10 +26,18 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-async def pipeline(nats_url, postgres_server, tiny_model):
+def e2e_nats(tmp_path_factory):
+    """Its own NATS server: no other test's gateway may answer this pipeline's bots."""
+    with NatsServer(tmp_path_factory.mktemp("e2e-nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def pipeline(e2e_nats, postgres_server, tiny_model):
     postgres_server.create_database("e2e")
     database_url = postgres_server.url("e2e")
     upgrade(database_url)
+    nats_url = e2e_nats.url
     settings = StreamSettings(nats_url=nats_url)
     stop = asyncio.Event()
     tasks = [
