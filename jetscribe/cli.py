@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_up(args) -> int:
     local = stack.LocalStack(stack.home_dir(), model=args.model)
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.append(True))
     try:
         local.start()
         print(f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", flush=True)
@@ -67,8 +68,6 @@ def cmd_up(args) -> int:
         while not stopping:
             local.check()
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         print("stopping...", flush=True)
         local.stop()
@@ -163,13 +162,13 @@ def cmd_demo(args) -> int:
     home = stack.home_dir() / "demo"
     print(f"starting NATS, PostgreSQL and the services in {home} ...", file=sys.stderr, flush=True)
     with stack.LocalStack(home, model=args.model) as local:
-        started = time.monotonic()
-        asyncio.run(_wait_ready_and_stream(local, audio, session, args.speed))
-        streamed = time.monotonic()
+        started = time.time()
+        live = asyncio.run(_wait_ready_and_stream(local, audio, session, args.speed))
         segments = asyncio.run(_wait_persisted(local.database_url, "default", session))
-        print(f"\n--- transcript of {session} from PostgreSQL ({audio.duration_s:.1f} s of audio, "
-              f"{streamed - started:.1f} s to transcribe, {time.monotonic() - streamed:.2f} s more to persist) ---",
-              file=sys.stderr, flush=True)
+        stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
+        print(f"\n--- transcript of {session} from PostgreSQL: {audio.duration_s:.1f} s of audio, "
+              f"{stored - started:.1f} s from first chunk to last final stored; last final stored "
+              f"{stored - live.sent_at[-1]:.2f} s after the last audio was sent ---", file=sys.stderr, flush=True)
         print(render(segments, args.format))
     return 0
 

@@ -14,7 +14,8 @@ def render(segments, fmt: str) -> str:
     if fmt == "json":
         return json.dumps([
             {"segment_id": s.segment_id, "start": s.start_s, "end": s.end_s, "text": s.text,
-             "speaker": s.speaker, "words": s.words}
+             "speaker": s.speaker,
+             "words": [dict(zip(("word", "start", "end", "probability"), w)) for w in s.words]}
             for s in spoken
         ], indent=2)
     if fmt == "srt":
