@@ -6,6 +6,7 @@ consumer redelivers, and the upserts make the repeat harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -46,6 +47,10 @@ def consumer_config(config: PersisterConfig) -> ConsumerConfig:
     )
 
 
+class RefusedByDatabase(Exception):
+    """Postgres refuses the rows of a message itself (bad data, a violated constraint): retrying cannot help."""
+
+
 class Persister:
     """Moves one fetched batch into Postgres: reject what can't be stored, write the rest, then ack."""
 
@@ -71,24 +76,23 @@ class Persister:
 
     async def store(self, items: list[tuple[Msg, Delivered]]) -> bool:
         """Write and ack `items`; False if stopped before they were written (they stay unacked)."""
-        outcome = await self.write_with_retries(items)
-        if outcome == "stopped":
-            return False
-        if outcome == "written":
-            await self.ack([msg for msg, _ in items])
-            return True
-        if len(items) == 1:  # the database refuses this very message: retrying it would block the stream
-            msg, _ = items[0]
-            await self.reject(msg, Rejection("refused_by_database", outcome))
-            return True
-        # Some message in the batch is refused; write them one by one to find it and keep the rest.
-        for item in items:
-            if not await self.store([item]):
+        try:
+            if not await self.write(items):
                 return False
+        except RefusedByDatabase as exc:
+            if len(items) == 1:  # retrying this very message would block the stream behind it forever
+                await self.reject(items[0][0], Rejection("refused_by_database", str(exc)))
+                return True
+            # Some message in the batch is refused: write them one by one to find it and keep the rest.
+            for item in items:
+                if not await self.store([item]):
+                    return False
+            return True
+        await self.ack([msg for msg, _ in items])
         return True
 
-    async def write_with_retries(self, items: list[tuple[Msg, Delivered]]) -> str:
-        """"written", "stopped", or the database's complaint about the messages themselves."""
+    async def write(self, items: list[tuple[Msg, Delivered]]) -> bool:
+        """Write `items` in one transaction, retrying while the database is unavailable; False if stopped first."""
         batch = plan_batch(delivered for _, delivered in items)
         attempt = 0
         while True:
@@ -99,17 +103,17 @@ class Persister:
                     span.set_attribute("jetscribe.session_events", len(batch.session_events))
                     span.set_attribute("jetscribe.attempt", attempt)
                     await write_batch(self.engine, batch)
-                return "written"
+                return True
             except _DATABASE_ERRORS as exc:
                 if is_message_fault(exc):
-                    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                    raise RefusedByDatabase(_first_line(getattr(exc, "orig", None) or exc)) from exc
                 delay = retry_delay(attempt, self.config.retry_max_s)
                 attempt += 1
                 log.warning("writing %d messages failed (%s); retry %d in %.1f s%s",
                             len(items), _first_line(exc), attempt, delay, _hint(exc))
             if await _stopped_within(self.stop, delay):
                 log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
-                return "stopped"
+                return False
 
     async def ack(self, msgs: list[Msg]) -> None:
         try:
@@ -161,10 +165,10 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
                 continue
             await persister.handle(msgs)
     finally:
-        try:
-            await nc.drain()
-        except (nats.errors.Error, asyncio.TimeoutError):
-            await nc.close()
+        # Not drain(): the pull subscription's queue is read only by fetch, so drain would wait it out.
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await nc.flush(timeout=2)
+        await nc.close()
         await engine.dispose()
     log.info("stopped")
 

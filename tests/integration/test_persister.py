@@ -1,0 +1,384 @@
+"""The persister against a real nats-server and a real Postgres, run in-process."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import nats
+import nats.js.errors
+import pytest
+from sqlalchemy import select, text
+
+from jetscribe.servers import NatsServer, PostgresServer
+from services.persister.app import run
+from services.persister.migrate import current, downgrade, upgrade
+from services.persister.store import final_segments, list_sessions, open_engine
+from services.persister.tables import SegmentRow, SessionRow
+from shared import subjects, wire
+from shared.config import PersisterConfig, StreamSettings
+from shared.streams import ensure_streams
+from shared.wire import ErrorEvent, Segment, SessionEvent, Word
+
+T0 = 1_700_000_000.0
+
+
+@contextlib.asynccontextmanager
+async def running_persister(nats_url: str, js, database_url: str, batch_size: int = 100):
+    """The persister on its own task, subscribed; on exit it is stopped and must return promptly."""
+    settings = StreamSettings(nats_url=nats_url)
+    config = PersisterConfig(database_url=database_url, batch_size=batch_size, retry_max_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, config, stop))
+    try:
+        await eventually(lambda: consumer_exists(js, task))
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def tenant() -> str:
+    # The NATS server and its TRANSCRIPTS stream are shared by the session: each test writes its own tenant.
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def schema(database_url):
+    await asyncio.to_thread(upgrade, database_url)
+    return database_url
+
+
+@pytest.fixture
+async def engine(schema):
+    engine = open_engine(schema)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def js(nats_url):
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings(nats_url=nats_url))  # so a test may publish before the persister runs
+    yield js
+    await nc.close()
+
+
+def segment(tenant, session, segment_id, revision, status, text_=None, start=None, **kw) -> Segment:
+    start = float(segment_id) if start is None else start
+    return Segment(
+        tenant=tenant, session_id=session, segment_id=segment_id, revision=revision, status=status,
+        start=start, end=start + 0.9, text=text_ if text_ is not None else f"{status} {segment_id}.{revision}",
+        words=[Word("w", start, start + 0.5, 0.75)], model="base", worker_id="w1",
+        published_at=T0 + segment_id + revision / 10 + (0.05 if status == "final" else 0), **kw,
+    )
+
+
+def event(tenant, session, kind, at, **kw) -> SessionEvent:
+    return SessionEvent(tenant=tenant, session_id=session, event=kind, at=at, **kw)
+
+
+async def publish(js, *messages) -> None:
+    for message in messages:
+        if isinstance(message, Segment):
+            subject = subjects.transcript(message.tenant, message.session_id)
+        else:
+            subject = subjects.session_event(message.tenant, message.session_id, message.event)
+        await js.publish(subject, wire.encode(message))
+
+
+async def eventually(probe, timeout: float = 10.0):
+    """Poll the async `probe` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s: {probe.__name__}")
+        await asyncio.sleep(0.05)
+
+
+async def consumer_exists(js, task) -> bool:
+    if task.done():
+        task.result()  # the persister failed to start: show why
+    try:
+        await js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def drained(js) -> bool:
+    """Everything in TRANSCRIPTS was delivered to the persister and acked."""
+    info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def rows(engine, table, tenant, session):
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            select(table).where(table.tenant == tenant, table.session_id == session)
+            .order_by(*table.__table__.primary_key.columns)
+        )
+        return [dict(r) for r in result.mappings()]
+
+
+async def session_row(engine, tenant, session):
+    found = await rows(engine, SessionRow, tenant, session)
+    return found[0] if found else None
+
+
+def lifecycle(tenant, session="s1"):
+    """Interims, finals, revisions and repeats of three segments between a start and an end."""
+    return [
+        event(tenant, session, "started", T0, language="en", model="base", worker_id="w1"),
+        segment(tenant, session, 0, 0, "interim"),
+        segment(tenant, session, 0, 1, "interim"),
+        segment(tenant, session, 0, 1, "interim"),                       # replayed duplicate
+        segment(tenant, session, 0, 0, "final", "hello there"),
+        segment(tenant, session, 0, 2, "interim", "late interim"),       # after its final: ignored
+        segment(tenant, session, 1, 0, "interim"),
+        segment(tenant, session, 1, 0, "final", "general kenobi"),
+        segment(tenant, session, 1, 0, "final", "general kenobi"),       # a final arriving twice
+        segment(tenant, session, 2, 0, "final", "you are a bold one"),
+        segment(tenant, session, 2, 1, "final", "you are a bold one!"),  # revised final
+        segment(tenant, session, 2, 0, "final", "stale"),                # older revision: ignored
+        segment(tenant, session, 3, 4, "interim", "still talking"),
+        segment(tenant, session, 3, 2, "interim", "older"),              # lower revision: ignored
+        event(tenant, session, "ended", T0 + 60, chunks_received=120, audio_seconds=59.5, segments=3),
+    ]
+
+
+@pytest.mark.parametrize("batch_size", [1, 100])  # 1: every rule meets the database; 100: the in-batch plan
+async def test_segments_and_lifecycle_end_in_the_right_rows(nats_url, engine, schema, js, tenant, batch_size):
+    async with running_persister(nats_url, js, schema, batch_size):
+        await publish(js, *lifecycle(tenant))
+
+        async def ended_with_counts():
+            row = await session_row(engine, tenant, "s1")
+            return row if row and row["status"] == "ended" and row["segment_count"] == 3 else None
+
+        session = await eventually(ended_with_counts)
+        await eventually(lambda: drained(js))
+
+    segments = await rows(engine, SegmentRow, tenant, "s1")
+    assert [(s["segment_id"], s["status"], s["revision"], s["text"]) for s in segments] == [
+        (0, "final", 0, "hello there"),
+        (1, "final", 0, "general kenobi"),
+        (2, "final", 1, "you are a bold one!"),
+        (3, "interim", 4, "still talking"),
+    ]
+    assert segments[0]["words"] == [["w", 0.0, 0.5, 0.75]]
+    assert segments[0]["model"] == "base" and segments[0]["speaker"] is None
+    assert session["language"] == "en" and session["model"] == "base" and session["worker_id"] == "w1"
+    assert session["created_at"].timestamp() == T0
+    assert session["ended_at"].timestamp() == T0 + 60
+    assert (session["chunks_received"], session["audio_seconds"]) == (120, 59.5)
+    assert session["last_activity"].timestamp() == T0 + 60
+
+    # What the CLI shows.
+    transcript = await final_segments(engine, tenant, "s1")
+    assert [s.text for s in transcript] == ["hello there", "general kenobi", "you are a bold one!"]
+    assert [(s.tenant, s.session_id, s.status) for s in await list_sessions(engine, tenant)] == [
+        (tenant, "s1", "ended")]
+
+
+async def test_replaying_everything_changes_nothing(nats_url, engine, schema, js, tenant):
+    messages = lifecycle(tenant)
+    async with running_persister(nats_url, js, schema):
+        await publish(js, *messages)
+        await eventually(lambda: drained(js))
+        segments_before = await rows(engine, SegmentRow, tenant, "s1")
+        session_before = await session_row(engine, tenant, "s1")
+        assert session_before["segment_count"] == 3
+
+        await publish(js, *messages, *reversed(messages))
+        await eventually(lambda: drained(js))
+
+    # updated_at included: no row was even rewritten.
+    assert await rows(engine, SegmentRow, tenant, "s1") == segments_before
+    assert await session_row(engine, tenant, "s1") == session_before
+
+
+async def test_segment_before_its_session_start_creates_an_active_session(nats_url, engine, schema, js, tenant):
+    async with running_persister(nats_url, js, schema):
+        await publish(js, segment(tenant, "s2", 0, 0, "final", "first words"))
+        created = await eventually(lambda: session_row(engine, tenant, "s2"))
+        assert (created["status"], created["segment_count"]) == ("active", 1)
+        assert created["created_at"].timestamp() == pytest.approx(T0 + 0.05)
+
+        # The start arrives late: it dates the session back and never reopens or resets it.
+        await publish(js, event(tenant, "s2", "started", T0 - 5, language="de"))
+        await publish(js, event(tenant, "s2", "ended", T0 + 30, chunks_received=7, audio_seconds=6.0))
+        await publish(js, event(tenant, "s2", "started", T0 - 5, language="de"))  # redelivered start
+
+        async def ended():
+            row = await session_row(engine, tenant, "s2")
+            return row if row["status"] == "ended" else None
+
+        await eventually(ended)
+        await eventually(lambda: drained(js))
+
+    row = await session_row(engine, tenant, "s2")
+    assert row["status"] == "ended"
+    assert row["created_at"].timestamp() == T0 - 5
+    assert row["language"] == "de"
+    assert row["segment_count"] == 1
+
+
+async def test_bad_messages_are_reported_and_do_not_block_the_stream(nats_url, engine, schema, js, tenant):
+    errors = await js._nc.subscribe(subjects.errors("persister", tenant))
+    async with running_persister(nats_url, js, schema):
+        await js.publish(subjects.transcript(tenant, "s3"), b"\xc1 garbage")
+        await js.publish(subjects.transcript(tenant, "s3"), msgspec.msgpack.encode({"type": "segment", "v": 1}))
+        await publish(js, segment(tenant, "s3", 0, 0, "final", "nul \x00 byte"))
+        # A message on its own subject must not write into another tenant's rows.
+        await js.publish(subjects.transcript(tenant, "s3"), wire.encode(segment("other", "s3", 9, 0, "final")))
+        await publish(js, segment(tenant, "s3", 1, 0, "final", "good"))
+
+        await eventually(lambda: session_row(engine, tenant, "s3"))
+        reports = [wire.decode((await errors.next_msg(timeout=5)).data, ErrorEvent) for _ in range(4)]
+        await eventually(lambda: drained(js))
+
+    assert [r.code for r in reports] == ["not_msgpack", "malformed", "malformed", "subject_mismatch"]
+    assert {(r.tenant, r.session_id) for r in reports} == {(tenant, "s3")}
+    assert [s["text"] for s in await rows(engine, SegmentRow, tenant, "s3")] == ["good"]
+    assert await session_row(engine, "other", "s3") is None
+
+
+async def test_postgres_outage_loses_nothing(nats_url, js, tenant, tmp_path):
+    # This test stops its Postgres, so it runs its own rather than the session's.
+    with PostgresServer(tmp_path / "pg", fast=True) as server:
+        server.create_database("jetscribe")
+        database_url = server.url("jetscribe")
+        await asyncio.to_thread(upgrade, database_url)
+        engine = open_engine(database_url)
+        messages = lifecycle(tenant)
+        try:
+            async with running_persister(nats_url, js, database_url, batch_size=3):
+                await publish(js, *messages[:5])
+                await eventually(lambda: rows(engine, SegmentRow, tenant, "s1"))
+
+                await asyncio.to_thread(server.stop)
+                await publish(js, *messages[5:])
+                await asyncio.sleep(1.5)  # the persister retries meanwhile and must not ack
+                info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+                assert info.num_ack_pending + info.num_pending > 0
+                await asyncio.to_thread(server.start)
+
+                async def ended():
+                    row = await session_row(engine, tenant, "s1")
+                    return row if row["status"] == "ended" and row["segment_count"] == 3 else None
+
+                await eventually(ended, timeout=20)
+                await eventually(lambda: drained(js))
+
+            texts = [s["text"] for s in await rows(engine, SegmentRow, tenant, "s1")]
+            assert texts == ["hello there", "general kenobi", "you are a bold one!", "still talking"]
+        finally:
+            await engine.dispose()
+
+
+async def test_persister_waits_for_the_schema(nats_url, database_url, js, tenant):
+    """Started before `jetscribe db upgrade`, it retries instead of dropping messages."""
+    async with running_persister(nats_url, js, database_url):
+        await publish(js, segment(tenant, "s4", 0, 0, "final", "early"))
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(upgrade, database_url)
+        engine = open_engine(database_url)
+        try:
+            await eventually(lambda: rows(engine, SegmentRow, tenant, "s4"))
+        finally:
+            await engine.dispose()
+
+
+def test_migrations_go_up_and_down(database_url):
+    assert current(database_url) is None
+    upgrade(database_url)
+    upgrade(database_url)  # again: nothing to do
+    assert current(database_url) == "0001"
+    downgrade(database_url, "base")
+    assert current(database_url) is None
+
+
+async def test_plain_postgres_urls_work(schema):
+    engine = open_engine(schema.replace("postgresql+psycopg://", "postgres://"))
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("select count(*) from sessions")) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_message_the_database_refuses_is_reported_and_the_rest_of_its_batch_stored(
+        nats_url, engine, schema, js, tenant):
+    # A rule the core does not know about stands in for any row Postgres refuses.
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE segments ADD CONSTRAINT refuse_boom CHECK (text <> 'boom')"))
+    errors = await js._nc.subscribe(subjects.errors("persister", tenant))
+    await publish(js, *[segment(tenant, "s5", i, 0, "final", word) for i, word in enumerate(["a", "boom", "c"])])
+    async with running_persister(nats_url, js, schema):
+        report = wire.decode((await errors.next_msg(timeout=5)).data, ErrorEvent)
+        await eventually(lambda: drained(js))
+
+    assert (report.code, report.session_id) == ("refused_by_database", "s5")
+    assert "refuse_boom" in report.message
+    assert [s["text"] for s in await rows(engine, SegmentRow, tenant, "s5")] == ["a", "c"]
+    assert (await session_row(engine, tenant, "s5"))["segment_count"] == 2
+
+
+async def test_the_service_exits_0_on_sigterm(nats_url, engine, schema, js, tenant):
+    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": schema}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.persister", env=env, cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await publish(js, segment(tenant, "s6", 0, 0, "final"))
+        await eventually(lambda: rows(engine, SegmentRow, tenant, "s6"))
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert b"stopped" in stderr
+
+
+async def test_a_nats_restart_only_pauses_the_persister(engine, schema, tenant, tmp_path):
+    # This test restarts its NATS, so it runs its own rather than the session's.
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        try:
+            messages = lifecycle(tenant)
+            async with running_persister(server.url, js, schema):
+                await publish(js, *messages[:5])
+                await eventually(lambda: rows(engine, SegmentRow, tenant, "s1"))
+                await asyncio.to_thread(server.restart)  # same store: stream and consumer survive
+                await eventually(nc_connected(nc))
+                await publish(js, *messages[5:])
+
+                async def ended():
+                    row = await session_row(engine, tenant, "s1")
+                    return row if row["status"] == "ended" and row["segment_count"] == 3 else None
+
+                await eventually(ended, timeout=20)
+        finally:
+            await nc.close()
+
+
+def nc_connected(nc):
+    async def connected():
+        return nc.is_connected
+    return connected
