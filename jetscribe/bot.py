@@ -67,9 +67,12 @@ async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int
     for attempt in range(attempts):
         try:
             response = await nc.request(subject, encode(message), timeout=timeout)
-            return decode(response.data, Reply)
+            reply = decode(response.data, Reply)
+            if reply.code != "unavailable":
+                return reply
         except (NatsTimeout, NoRespondersError):
-            await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+            pass
+        await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
     raise TimeoutError(f"no answer from the ingest gateway on {subject} after {attempts} tries")
 
 

@@ -12,6 +12,13 @@ import msgspec
 SCHEMA_VERSION = 1
 
 Encoding = Literal["pcm_s16le", "pcm_f32le"]
+
+# Language codes Whisper knows; a session's language is one of these or "auto".
+WHISPER_LANGUAGES = frozenset(
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu "
+    "hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt "
+    "ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue".split()
+)
 SegmentStatus = Literal["interim", "final"]
 
 
@@ -135,7 +142,7 @@ def decode(data: bytes, kind):
         decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         message = decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except Exception as exc:  # msgspec's errors, and e.g. UnicodeDecodeError or RecursionError on hostile bytes
         version = _peek_version(data)
         if version is not None and version != SCHEMA_VERSION:
             raise WireError(
@@ -155,6 +162,6 @@ def decode(data: bytes, kind):
 def _peek_version(data: bytes) -> object | None:
     try:
         raw = msgspec.msgpack.decode(data)
-    except msgspec.DecodeError:
+    except Exception:
         return None
     return raw.get("v") if isinstance(raw, dict) else None

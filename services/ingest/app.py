@@ -29,11 +29,21 @@ class IngestGateway:
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._inflight: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
-        await self.nc.subscribe(subjects.INGEST_AUDIO_ALL, cb=self._on_audio)
-        await self.nc.subscribe(subjects.INGEST_SESSION_ALL, cb=self._on_session)
+        await self.nc.subscribe(subjects.INGEST_AUDIO_ALL, cb=self._spawn(self._on_audio))
+        await self.nc.subscribe(subjects.INGEST_SESSION_ALL, cb=self._spawn(self._on_session))
+
+    def _spawn(self, handler):
+        """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions
+        proceed in parallel, while the per-session lock (FIFO) keeps each session's requests in order."""
+        async def callback(msg: Msg) -> None:
+            task = asyncio.create_task(handler(msg))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return callback
 
     async def _on_audio(self, msg: Msg) -> None:
         tenant, session_id = _ids_from_subject(msg.subject)
@@ -62,7 +72,11 @@ class IngestGateway:
         await self._recall(chunk.tenant, chunk.session_id)
         verdict = self.book.check_chunk(chunk)
         if verdict.store is not None:
-            await self._store(verdict.store, verdict.store.seq)
+            try:
+                await self._store(verdict.store, verdict.store.seq)
+            except Rejected:
+                verdict.ledger.resampler = None  # it consumed this chunk; the bot's retry must not feed it twice
+                raise
             self.book.accepted(verdict.ledger, chunk.seq)
         return Reply(ok=True, last_seq=verdict.ledger.last_seq)
 
@@ -71,20 +85,26 @@ class IngestGateway:
         if control.action == "start":
             ledger = self.book.start(control)
             await self._store(control, "start")
-        else:
-            ledger, tail = self.book.end(control)
+            return Reply(ok=True, last_seq=ledger.last_seq)
+        ledger, tail = self.book.end(control)
+        if not ledger.ended:
             if tail is not None:  # the resampler's last few ms, stored after the bot's final chunk
                 await self._store(tail, tail.seq)
             await self._store(control, "end")
+            self.book.closed(ledger)
+            self._locks.pop((control.tenant, control.session_id), None)
         return Reply(ok=True, last_seq=ledger.last_seq)
 
     async def _store(self, message: AudioMessage, seq: int | str) -> None:
         """Publish into AUDIO and wait for the stream's ack; a repeat inside the duplicate window is dropped."""
-        ack = await self.js.publish(
-            subjects.audio(message.tenant, message.session_id),
-            encode(message),
-            headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
-        )
+        try:
+            ack = await self.js.publish(
+                subjects.audio(message.tenant, message.session_id),
+                encode(message),
+                headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
+            )
+        except Exception as exc:  # stream unreachable (NATS restarting): the bot resends the same seq
+            raise Rejected("unavailable", f"could not store audio, send it again: {exc!r}") from None
         if ack.duplicate:
             log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
 

@@ -12,7 +12,7 @@ import soxr
 
 from shared import subjects
 from shared.config import IngestConfig
-from shared.wire import AudioChunk, SessionControl
+from shared.wire import WHISPER_LANGUAGES, AudioChunk, SessionControl
 
 TARGET_RATE = 16000
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
@@ -111,6 +111,9 @@ class IngestBook:
     def start(self, control: SessionControl) -> SessionLedger:
         """A start opens a session, or answers a reconnecting bot with where it left off."""
         check_ids(control.tenant, control.session_id)
+        if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
+            raise Rejected("bad_language", f"language {control.language!r} is not a Whisper language code "
+                           f"(like 'en', 'de', 'fr') or 'auto'")
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
@@ -120,12 +123,18 @@ class IngestBook:
         return ledger
 
     def end(self, control: SessionControl) -> tuple[SessionLedger, AudioChunk | None]:
-        """Close the session; returns the resampler's held-back tail as one last chunk, if any."""
-        ledger = self._open_ledger(control.tenant, control.session_id)
-        ledger.ended = True
+        """What ending a session stores: the resampler's held-back tail as one last chunk, if any.
+
+        A repeated end finds `ledger.ended` already true: answer it ok and store nothing.
+        """
+        check_ids(control.tenant, control.session_id)
+        ledger = self.ledger(control.tenant, control.session_id)
+        if ledger is None:
+            raise Rejected("unknown_session", f"session {control.tenant}/{control.session_id} was never started")
         tail = None
-        if ledger.resampler is not None:
+        if not ledger.ended and ledger.resampler is not None:
             rest = ledger.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            ledger.resampler = None
             if len(rest):
                 tail = AudioChunk(
                     tenant=control.tenant, session_id=control.session_id, seq=ledger.last_seq + 1,
@@ -133,6 +142,11 @@ class IngestBook:
                     payload=_to_int16(rest).tobytes(),
                 )
         return ledger, tail
+
+    def closed(self, ledger: SessionLedger) -> None:
+        """Call once the end is stored."""
+        ledger.ended = True
+        ledger.resampler = None
 
     def check_chunk(self, chunk: AudioChunk) -> ChunkVerdict:
         """Validate a chunk against its session; returns what to store. Raises Rejected."""

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import OrderedDict
 
 import numpy as np
 import webrtcvad
@@ -27,6 +28,8 @@ from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionControl, S
 log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
+MAX_DECODE_ATTEMPTS = 3
+FINISHED_REMEMBERED = 10_000
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
@@ -51,6 +54,8 @@ class TranscriberWorker:
         self.streams: dict[SessionKey, SessionStream] = {}
         self.held: dict[SessionKey, dict[int, Msg]] = {}  # audio not yet accounted for, by seq
         self.end_msgs: dict[SessionKey, Msg] = {}
+        self.failures: dict[SessionKey, int] = {}
+        self.finished: OrderedDict[SessionKey, None] = OrderedDict()  # recently closed, to ignore redeliveries
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -89,18 +94,28 @@ class TranscriberWorker:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self._receive(msg)
+                try:
+                    await self._receive(msg)
+                except Exception:  # one bad message must not stop the partition
+                    log.exception("could not take %s; terminating it", msg.subject)
+                    await msg.term()
             self.wakeup.set()
 
     async def _receive(self, msg: Msg) -> None:
         try:
             message = decode(msg.data, AudioMessage)
+            if isinstance(message, AudioChunk) and (message.sample_rate, message.channels, message.encoding,
+                                                    len(message.payload) % 2) != (16000, 1, "pcm_s16le", 0):
+                raise WireError("malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)")
         except WireError as exc:
             parts = msg.subject.split(".")
             await self._report(parts[1] if len(parts) > 1 else "", None, exc.code, str(exc))
             await msg.term()
             return
         key = (message.tenant, message.session_id)
+        if key in self.finished:
+            await msg.ack()  # a late redelivery of a session this worker already closed
+            return
         now = time.monotonic()
         if isinstance(message, SessionControl):
             if message.action == "start":
@@ -141,42 +156,66 @@ class TranscriberWorker:
             if stream is None:
                 await self.wakeup.wait()
                 continue
-            job = stream.next_job()
-            if job is None:
-                continue
-            with self.tracer.start_as_current_span("transcriber.decode") as span:
-                span.set_attribute("jetscribe.kind", job.kind)
-                span.set_attribute("jetscribe.audio_s", len(job.audio) / 16000)
-                try:
-                    decoded = await asyncio.to_thread(whisper.transcribe, self.model, job)
-                except Exception:
-                    stream.busy = False
-                    log.exception("decode failed for %s/%s; retrying", stream.tenant, stream.session_id)
-                    await asyncio.sleep(1.0)
-                    continue
-            for segment in stream.apply(job, decoded, time.time()):
-                await self._publish(
-                    subjects.transcript(segment.tenant, segment.session_id), encode(segment),
-                    f"{segment.tenant}:{segment.session_id}:seg:{segment.segment_id}:{segment.revision}",
-                )
-            await self._settle((stream.tenant, stream.session_id))
+            try:
+                await self._decode_one(stream)
+            except Exception:  # keep decoding other sessions whatever one of them does
+                log.exception("decode step failed for %s/%s", stream.tenant, stream.session_id)
+                await asyncio.sleep(0.5)
+
+    async def _decode_one(self, stream: SessionStream) -> None:
+        job = stream.next_job()
+        if job is None:
+            return
+        key = (stream.tenant, stream.session_id)
+        with self.tracer.start_as_current_span("transcriber.decode") as span:
+            span.set_attribute("jetscribe.kind", job.kind)
+            span.set_attribute("jetscribe.audio_s", len(job.audio) / 16000)
+            try:
+                decoded = await asyncio.to_thread(whisper.transcribe, self.model, job)
+                self.failures.pop(key, None)
+            except Exception as exc:
+                attempts = self.failures[key] = self.failures.get(key, 0) + 1
+                log.exception("decode of %s/%s failed (attempt %d)", *key, attempts)
+                if attempts < MAX_DECODE_ATTEMPTS:
+                    stream.decode_failed()
+                    return
+                # Give up on this utterance rather than block the session (and every session behind it).
+                del self.failures[key]
+                await self._report(*key, "decode_failed", f"utterance at {job.start_sample / 16000:.2f} s "
+                                   f"could not be decoded: {exc}")
+                segments = stream.abandon(job, time.time())
+            else:
+                segments = stream.apply(job, decoded, time.time())
+        for segment in segments:
+            await self._publish(
+                subjects.transcript(segment.tenant, segment.session_id), encode(segment),
+                f"{segment.tenant}:{segment.session_id}:seg:{segment.segment_id}:{segment.revision}",
+            )
+        stream.published()
+        await self._settle(key)
 
     async def _settle(self, key: SessionKey) -> None:
         """Ack what the core says is accounted for; close the session once everything is."""
-        stream = self.streams[key]
+        stream = self.streams.get(key)
+        if stream is None:
+            return
         held = self.held[key]
         for seq in stream.take_ackable():
             msg = held.pop(seq, None)
             if msg is not None:
                 await msg.ack()
         if stream.finished:
+            # Forget the session first, so nothing settles or revives it while the event goes out.
+            del self.streams[key]
+            self.finished[key] = None
+            while len(self.finished) > FINISHED_REMEMBERED:
+                self.finished.popitem(last=False)
             await self._publish_event(stream, "ended")
-            for msg in held.values():
+            for msg in self.held.pop(key).values():
                 await msg.ack()
             end_msg = self.end_msgs.pop(key, None)
             if end_msg is not None:
                 await end_msg.ack()
-            del self.streams[key], self.held[key]
 
     # --- out ------------------------------------------------------------------------------
     async def _publish_event(self, stream: SessionStream, event: str) -> None:

@@ -71,6 +71,37 @@ class Utterance:
     closed_at: float = 0.0
 
 
+class SampleBuffer:
+    """int16 samples addressed by session sample index; appends are amortised O(chunk), not O(buffer)."""
+
+    def __init__(self):
+        self._data = np.zeros(SAMPLE_RATE * 4, dtype=np.int16)
+        self.start = 0  # session index of the first kept sample
+        self.end = 0  # session index after the last sample
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def append(self, samples: np.ndarray) -> None:
+        used = self.end - self.start
+        if used + len(samples) > len(self._data):
+            grown = np.zeros(max(2 * len(self._data), used + len(samples)), dtype=np.int16)
+            grown[:used] = self._data[:used]
+            self._data = grown
+        self._data[used:used + len(samples)] = samples
+        self.end += len(samples)
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        return self._data[start - self.start:end - self.start]
+
+    def drop_before(self, index: int) -> None:
+        cut = min(max(index, self.start), self.end) - self.start
+        if cut:
+            used = self.end - self.start
+            self._data[:used - cut] = self._data[cut:used]
+            self.start += cut
+
+
 def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
     """Drop what Whisper makes up: text for silence/noise, and looping output."""
     words: list[Word] = []
@@ -116,9 +147,7 @@ class SessionStream:
         self.options = options
         self._is_speech = is_speech
 
-        self.buffer = np.zeros(0, dtype=np.int16)
-        self.buffer_start = 0  # session sample index of buffer[0]
-        self.received = 0  # samples received so far
+        self.buffer = SampleBuffer()
         self.vad_pos = 0  # samples classified by VAD so far
         self.chunks: deque[tuple[int, int, int]] = deque()  # (seq, first sample, end sample), not yet acked
         self.last_seq = -1
@@ -135,7 +164,8 @@ class SessionStream:
         self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
         self.finals_published = 0
         self.ending = False
-        self.busy = False  # a decode job of this session is in flight
+        self.busy = False  # a decode job is in flight, or its segments are not yet published
+        self._publishing = False  # applied, segments not yet published
 
     # --- audio in -------------------------------------------------------------------------
     def add_audio(self, seq: int, samples: np.ndarray, now: float) -> bool:
@@ -145,10 +175,14 @@ class SessionStream:
         self.last_seq = seq
         self.chunks_received += 1
         self.chunks.append((seq, self.received, self.received + len(samples)))
-        self.buffer = np.concatenate([self.buffer, samples.astype(np.int16, copy=False)])
-        self.received += len(samples)
+        self.buffer.append(samples)
         self._classify(now)
         return True
+
+    @property
+    def received(self) -> int:
+        """Samples received so far."""
+        return self.buffer.end
 
     def end(self, now: float) -> None:
         """The bot ended the session: close what is open, so everything left gets a final."""
@@ -169,7 +203,7 @@ class SessionStream:
                 self._silence_frames = 0
                 self._last_speech_end = self.vad_pos
                 if self.open is None:
-                    start = max(self.buffer_start, frame_start - int(opts.preroll_s * SAMPLE_RATE))
+                    start = max(self.buffer.start, frame_start - int(opts.preroll_s * SAMPLE_RATE))
                     start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
                     self.open = Utterance(start=start)
                     self._interim_at = self.vad_pos
@@ -206,7 +240,7 @@ class SessionStream:
         self.closed.append(utt)
 
     def _samples(self, start: int, end: int) -> np.ndarray:
-        return self.buffer[start - self.buffer_start:end - self.buffer_start]
+        return self.buffer.slice(start, end)
 
     # --- scheduling -----------------------------------------------------------------------
     def final_due_since(self) -> float | None:
@@ -250,8 +284,11 @@ class SessionStream:
 
     # --- decode results -------------------------------------------------------------------
     def apply(self, job: DecodeJob, decoded: Decoded, now: float) -> list[Segment]:
-        """Turn a decode result into the segments to publish (possibly none)."""
-        self.busy = False
+        """Turn a decode result into the segments to publish (possibly none).
+
+        The session stays busy, and acks nothing, until `published()` says those segments are out.
+        """
+        self._publishing = True
         if self.language is None and decoded.language and decoded.language_probability >= 0.5:
             self.language = decoded.language
         words = self._session_words(job, keep_trustworthy(decoded.segments))
@@ -293,9 +330,24 @@ class SessionStream:
             seq_last=seqs[-1] if seqs else self.last_seq, worker_id=self.worker_id, published_at=now,
         )
 
+    def published(self) -> None:
+        """The segments of the last `apply` are in the stream: their audio may be acked now."""
+        self.busy = self._publishing = False
+
+    def decode_failed(self) -> None:
+        """The job raised; it will be offered again by `next_job`."""
+        self.busy = False
+
+    def abandon(self, job: DecodeJob, now: float) -> list[Segment]:
+        """Give up on a job that cannot be decoded: an interim is skipped; a final becomes empty, so
+        its audio is accounted for and any interims of it are retracted."""
+        return self.apply(job, Decoded([]), now)
+
     # --- acknowledgement ------------------------------------------------------------------
     def take_ackable(self) -> list[int]:
         """Seqs whose audio is fully accounted for (published as segments, or silence); trims the buffer."""
+        if self._publishing:
+            return []  # the applied job's utterance is gone from `closed` but its segments aren't out yet
         if self.finished:
             boundary = self.received
         else:
@@ -308,10 +360,7 @@ class SessionStream:
             seqs.append(self.chunks.popleft()[0])
         if seqs:
             self.acked_through = seqs[-1]
-        keep_from = max(self.buffer_start, min(boundary, self.vad_pos))
-        if keep_from > self.buffer_start:
-            self.buffer = self.buffer[keep_from - self.buffer_start:]
-            self.buffer_start = keep_from
+        self.buffer.drop_before(min(boundary, self.vad_pos))
         return seqs
 
 

@@ -54,7 +54,7 @@ async def test_speech_is_transcribed_and_persisted(pipeline, speed):
         assert before.end_s <= after.start_s + 1e-6
     assert segments[0].start_s >= 0 and segments[-1].end_s <= duration + 1e-6
     words = [w[0].strip().lower() for s in segments for w in s.words]
-    assert all(a != b for a, b in zip(words, words[1:]))  # no word twice in a row
+    assert all(a != b for a, b in zip(words, words[1:])), words  # no word twice in a row
     assert row.segment_count == len(segments)
     assert abs(row.audio_seconds - duration) < 0.05
     assert row.chunks_received == (len(speech.audio) + 1599) // 1600

@@ -69,8 +69,9 @@ async def test_good_session_is_stored_once_in_order_on_one_partition(gateway):
     again = await ask(nc, subjects.ingest_session(tenant, session),
                       SessionControl(tenant=tenant, session_id=session, action="start"))
     assert again.ok and again.last_seq == 4
-    assert (await ask(nc, subjects.ingest_session(tenant, session),
-                      SessionControl(tenant=tenant, session_id=session, action="end"))).ok
+    end = SessionControl(tenant=tenant, session_id=session, action="end")
+    assert (await ask(nc, subjects.ingest_session(tenant, session), end)).ok
+    assert (await ask(nc, subjects.ingest_session(tenant, session), end)).ok  # a retried end is fine
     stored = await stored_audio(nc.jetstream(), tenant, session)
     seqs = [m.seq for _, m in stored if isinstance(m, AudioChunk)]
     assert seqs == [0, 1, 2, 3, 4]
@@ -97,6 +98,10 @@ async def test_bad_input_gets_a_clear_error_and_the_gateway_keeps_serving(gatewa
     errors = await nc.subscribe(subjects.errors("ingest", tenant))
     audio_subject = subjects.ingest_audio(tenant, session)
 
+    bad_language = await ask(nc, subjects.ingest_session(tenant, session),
+                             SessionControl(tenant=tenant, session_id=session, action="start", language="english"))
+    assert bad_language.code == "bad_language"
+    assert decode((await errors.next_msg(timeout=2)).data, ErrorEvent).code == "bad_language"
     unknown = await ask(nc, audio_subject, chunk(tenant, session, 0))
     assert not unknown.ok and unknown.code == "unknown_session" and "never started" in unknown.message
     assert decode((await errors.next_msg(timeout=2)).data, ErrorEvent).code == "unknown_session"

@@ -50,8 +50,9 @@ def test_unknown_session_and_ended_session_are_refused():
     with pytest.raises(Rejected) as err:
         book.check_chunk(chunk(0))
     assert err.value.code == "unknown_session"
-    start(book)
-    book.end(SessionControl(tenant="acme", session_id="s1", action="end"))
+    ledger = start(book)
+    book.closed(book.end(SessionControl(tenant="acme", session_id="s1", action="end"))[0])
+    assert book.end(SessionControl(tenant="acme", session_id="s1", action="end")) == (ledger, None)  # a repeat
     with pytest.raises(Rejected) as err:
         book.check_chunk(chunk(0))
     assert err.value.code == "session_ended"
@@ -113,3 +114,11 @@ def test_nan_float_payload_is_refused():
     ledger = SessionLedger("acme", "s1")
     with pytest.raises(Rejected):
         to_mono_int16(chunk(0, samples=np.array([np.nan] * 4, "<f4"), encoding="pcm_f32le"), ledger)
+
+
+def test_language_must_be_a_whisper_code_or_auto():
+    book = IngestBook(IngestConfig())
+    with pytest.raises(Rejected) as err:
+        book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="english"))
+    assert err.value.code == "bad_language"
+    book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="de"))

@@ -40,6 +40,13 @@ def said(*words, start=0.0, step=0.3, no_speech=0.01, logprob=-0.2, ratio=1.2):
     return Decoded([DecodedSegment(ws, no_speech, logprob, ratio)], "en", 0.99)
 
 
+def finish(stream, job, decoded, now):
+    """Apply a decode result and report its segments published, as the shell does."""
+    segments = stream.apply(job, decoded, now)
+    stream.published()
+    return segments
+
+
 def test_silence_alone_gives_no_job_and_is_acked():
     s = new_stream()
     feed(s, silence(3.0))
@@ -58,7 +65,7 @@ def test_endpoint_after_trailing_silence_makes_one_final():
     assert abs(job.start_sample / SAMPLE_RATE - 0.7) < 0.05
     assert abs(job.end_sample / SAMPLE_RATE - 3.2) < 0.05
     assert s.take_ackable()[-1] < 7  # nothing of the utterance is acked while its final is pending
-    segments = s.apply(job, said("hello", "world"), now=10.0)
+    segments = finish(s, job, said("hello", "world"), now=10.0)
     assert [(g.status, g.segment_id, g.text) for g in segments] == [("final", 0, "hello world")]
     assert abs(segments[0].start - 0.7) < 0.05  # word times are session times
     assert segments[0].seq_first <= 7 and segments[0].seq_last >= 31
@@ -72,21 +79,21 @@ def test_interims_share_the_final_segment_id_and_revisions_grow():
     feed(s, tone(1.5))
     job = s.next_job()
     assert job.kind == "interim" and job.beam_size == 1
-    interim = s.apply(job, said("hel"), now=1.0)
+    interim = finish(s, job, said("hel"), now=1.0)
     assert interim[0].status == "interim" and interim[0].segment_id == 0 and interim[0].revision == 1
     feed(s, np.concatenate([tone(0.5), silence(1.0)]), first_seq=15)
     job = s.next_job()
     assert job.kind == "final"
-    final = s.apply(job, said("hello", "there"), now=2.0)
+    final = finish(s, job, said("hello", "there"), now=2.0)
     assert final[0].segment_id == 0 and final[0].revision == 2 and final[0].status == "final"
 
 
 def test_empty_final_after_an_interim_retracts_it():
     s = new_stream()
     feed(s, tone(1.5))
-    s.apply(s.next_job(), said("uh"), now=1.0)
+    finish(s, s.next_job(), said("uh"), now=1.0)
     feed(s, silence(1.0), first_seq=15)
-    final = s.apply(s.next_job(), Decoded([], "en", 0.9), now=2.0)
+    final = finish(s, s.next_job(), Decoded([], "en", 0.9), now=2.0)
     assert final[0].status == "final" and final[0].text == "" and final[0].segment_id == 0
 
 
@@ -96,7 +103,7 @@ def test_word_split_across_two_windows_is_emitted_once():
     s = new_stream(endpoint_silence_s=0.5)
     seq = feed(s, np.concatenate([tone(1.0), silence(0.6)]))
     first = s.next_job()
-    s.apply(first, said("one", "two"), now=1.0)
+    finish(s, first, said("one", "two"), now=1.0)
     feed(s, np.concatenate([tone(1.0), silence(0.7)]), first_seq=seq)
     second = s.next_job()
     assert second.start_sample >= first.end_sample
@@ -133,7 +140,7 @@ def test_hallucination_loop_is_dropped():
     assert has_loop(looping.segments[0].words)
     s = new_stream()
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
-    assert s.apply(s.next_job(), looping, now=1.0) == []
+    assert finish(s, s.next_job(), looping, now=1.0) == []
 
 
 def test_silence_and_noise_guards():
@@ -156,7 +163,7 @@ def test_end_closes_open_speech_and_finishes_after_final():
     s.end(now=1.0)
     job = s.next_job()
     assert job.kind == "final" and job.end_sample == s.received
-    s.apply(job, said("bye"), now=2.0)
+    finish(s, job, said("bye"), now=2.0)
     assert s.finished
     assert s.take_ackable()[-1] == 9
 
@@ -171,3 +178,40 @@ def test_pick_next_prefers_oldest_final_over_interims():
     assert pick_next([a, b, c]) is b
     b.next_job()
     assert pick_next([a, b, c]) is a
+
+
+def test_nothing_is_acked_between_apply_and_published():
+    s = new_stream()
+    feed(s, np.concatenate([tone(1.0), silence(1.0)]))
+    job = s.next_job()
+    segments = s.apply(job, said("hi"), now=1.0)
+    feed(s, silence(0.5), first_seq=20)  # audio keeps arriving while the segment is being published
+    assert segments and s.take_ackable() == []
+    assert not s.finished
+    s.published()
+    assert s.take_ackable()[-1] >= 19
+
+
+def test_abandoned_final_retracts_interims_and_frees_the_audio():
+    s = new_stream()
+    feed(s, tone(1.5))
+    finish(s, s.next_job(), said("uh"), now=1.0)
+    feed(s, silence(1.0), first_seq=15)
+    job = s.next_job()
+    retract = s.abandon(job, now=2.0)
+    s.published()
+    assert retract[0].status == "final" and retract[0].text == ""
+    assert s.take_ackable()[-1] >= 14
+
+
+def test_sample_buffer_keeps_indices_across_growth_and_trims():
+    from services.transcriber.core import SampleBuffer
+    buf = SampleBuffer()
+    data = (np.arange(200_000) % 30000).astype(np.int16)
+    for off in range(0, len(data), 1600):
+        buf.append(data[off:off + 1600])
+    buf.drop_before(150_000)
+    assert buf.start == 150_000 and len(buf) == 50_000
+    assert np.array_equal(buf.slice(160_000, 160_010), data[160_000:160_010])
+    buf.append(data[:5])
+    assert np.array_equal(buf.slice(200_000, 200_005), data[:5])
