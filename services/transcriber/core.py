@@ -59,6 +59,7 @@ class DecodeJob:
     language: str | None
     prompt: str
     beam_size: int
+    speech_end_sample: int = 0  # where the VAD last heard speech; words after it are suspect
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Utterance:
     start: int
     end: int | None = None  # set when closed
     speech_frames: int = 0
+    speech_end: int = 0  # session sample where the last speech frame ended
     segment_id: int | None = None  # given when its first text is published
     revision: int = 0
     closed_at: float = 0.0
@@ -113,6 +115,19 @@ def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
             continue
         words.extend(seg.words)
     return words
+
+
+def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> list[Word]:
+    """Whisper fills the silence after speech with stock phrases ("Thanks for watching!"): drop words
+    that begin after the VAD heard the last speech, or right at its end with low confidence; and
+    words that are only punctuation."""
+    kept = []
+    for w in words:
+        if w.start >= speech_end_s + 0.1 or (w.start >= speech_end_s - 0.15 and w.probability < 0.5):
+            break
+        if re.search(r"\w", w.word):
+            kept.append(w)
+    return kept
 
 
 def has_loop(words: list[Word], max_repeats: int = 3) -> bool:
@@ -208,6 +223,7 @@ class SessionStream:
                     self.open = Utterance(start=start)
                     self._interim_at = self.vad_pos
                 self.open.speech_frames += 1
+                self.open.speech_end = self.vad_pos
             elif self.open is not None:
                 self._silence_frames += 1
                 if self._silence_frames >= endpoint_frames:
@@ -226,7 +242,7 @@ class SessionStream:
             if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
                 best, best_energy = pos + FRAME_SAMPLES // 2, energy
         self._close(best, now)
-        self.open = Utterance(start=best, speech_frames=1)
+        self.open = Utterance(start=best, speech_frames=1, speech_end=self.vad_pos)
         self._interim_at = self.vad_pos
 
     def _close(self, end: int, now: float) -> None:
@@ -276,7 +292,8 @@ class SessionStream:
         audio = self._samples(utt.start, end).astype(np.float32) / 32768.0
         self.busy = True
         return DecodeJob(kind=kind, audio=audio, start_sample=utt.start, end_sample=end,
-                         language=self.language, prompt=" ".join(self.committed_words), beam_size=beam)
+                         language=self.language, prompt=" ".join(self.committed_words), beam_size=beam,
+                         speech_end_sample=min(utt.speech_end, end) if kind == "final" else end)
 
     @property
     def finished(self) -> bool:
@@ -292,6 +309,7 @@ class SessionStream:
         if self.language is None and decoded.language and decoded.language_probability >= 0.5:
             self.language = decoded.language
         words = self._session_words(job, keep_trustworthy(decoded.segments))
+        words = drop_trailing_inventions(words, job.speech_end_sample / SAMPLE_RATE)
         if job.kind == "interim":
             utt = self.open
             if utt is None or utt.start != job.start_sample or not words:
