@@ -120,12 +120,12 @@ def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
 def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> list[Word]:
     """Whisper fills the silence after speech with stock phrases ("Thanks for watching!"): drop words
     that begin after the VAD heard the last speech, or right at its end with low confidence; and
-    words that are only punctuation."""
+    words that are only sentence punctuation."""
     kept = []
     for w in words:
         if w.start >= speech_end_s + 0.1 or (w.start >= speech_end_s - 0.15 and w.probability < 0.5):
             break
-        if re.search(r"\w", w.word):
+        if w.word.strip(" .,!?;:…-"):  # "%", "$" or "&" alone still mean something
             kept.append(w)
     return kept
 

@@ -222,9 +222,10 @@ def test_stock_phrases_in_the_trailing_silence_are_dropped():
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
     job = s.next_job()
     speech_end = job.speech_end_sample / SAMPLE_RATE - job.start_sample / SAMPLE_RATE
-    words = [Word(" eggs.", speech_end - 0.4, speech_end - 0.05, 0.99),
+    words = [Word(" 3", speech_end - 0.8, speech_end - 0.6, 0.9), Word("%", speech_end - 0.6, speech_end - 0.4, 0.9),
+             Word(" eggs.", speech_end - 0.4, speech_end - 0.05, 0.99),
              Word(" Thanks", speech_end - 0.05, speech_end + 0.1, 0.02),
              Word(" for", speech_end + 0.15, speech_end + 0.2, 0.9),
              Word(" .", speech_end + 0.2, speech_end + 0.2, 0.9)]
     segments = finish(s, job, Decoded([DecodedSegment(words)], "en", 0.9), now=1.0)
-    assert segments[0].text == "eggs."
+    assert segments[0].text == "3% eggs."
