@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from jetscribe import stack
 from jetscribe.transcript_formats import FORMATS, render
@@ -181,16 +178,10 @@ async def _wait_ready_and_stream(local, audio, session: str, speed: float):
 
 async def _wait_persisted(url: str, tenant: str, session: str, timeout: float = 60.0):
     """The persister lags the transcript subject slightly: wait for the session's `ended` state to land."""
-    from services.persister.store import list_sessions, open_engine
+    from services.persister.store import final_segments, open_engine, wait_until_ended
     engine = open_engine(url)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = [r for r in await list_sessions(engine, tenant) if r.session_id == session]
-            if rows and rows[0].status == "ended":
-                break
-            await asyncio.sleep(0.1)
-        from services.persister.store import final_segments
+        await wait_until_ended(engine, tenant, session, timeout)
         return await final_segments(engine, tenant, session)
     finally:
         await engine.dispose()

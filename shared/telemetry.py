@@ -5,8 +5,11 @@ operator can see where a chunk's time goes without running a collector.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+from typing import Awaitable, Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -25,3 +28,18 @@ def setup(service: str) -> trace.Tracer:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
     return trace.get_tracer(f"jetscribe.{service}")
+
+
+def serve(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run a service's `run(stop)` until SIGTERM or SIGINT sets `stop`; the process then exits 0."""
+    setup(service)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run(stop)
+
+    asyncio.run(main())
+    return 0

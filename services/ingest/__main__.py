@@ -1,3 +1,3 @@
 from services.ingest.app import main
 
-main()
+raise SystemExit(main())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 from nats.aio.msg import Msg
@@ -166,14 +165,5 @@ async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Even
     await nc.drain()
 
 
-def main() -> None:
-    telemetry.setup("ingest")
-    stop = asyncio.Event()
-
-    async def serve():
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(StreamSettings.from_env(), IngestConfig.from_env(), stop)
-
-    asyncio.run(serve())
+def main() -> int:
+    return telemetry.serve("ingest", lambda stop: run(StreamSettings.from_env(), IngestConfig.from_env(), stop))

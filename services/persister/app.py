@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 
 import nats.errors
@@ -214,16 +213,6 @@ def _hint(exc: BaseException) -> str:
     return ""
 
 
-async def _serve() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await run(StreamSettings.from_env(), PersisterConfig.from_env(), stop)
-
-
 def main() -> int:
     """`python -m services.persister`: run until SIGTERM or SIGINT, then exit 0."""
-    telemetry.setup(SERVICE)
-    asyncio.run(_serve())
-    return 0
+    return telemetry.serve(SERVICE, lambda stop: run(StreamSettings.from_env(), PersisterConfig.from_env(), stop))

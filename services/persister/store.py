@@ -1,6 +1,8 @@
 """Postgres reads and writes: idempotent upserts of a planned batch, and the queries the CLI shows."""
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
@@ -145,3 +147,18 @@ async def final_segments(engine: AsyncEngine, tenant: str, session_id: str) -> l
     )
     async with AsyncSession(engine) as session:
         return list(await session.scalars(query))
+
+
+async def wait_until_ended(engine: AsyncEngine, tenant: str, session_id: str, timeout_s: float = 60.0) -> SessionRow:
+    """Poll until the session's `ended` state is stored (its finals are in by then); raise TimeoutError."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    query = select(SessionRow).where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+    while True:
+        async with AsyncSession(engine) as session:
+            row = await session.scalar(query)
+        if row is not None and row.status == "ended":
+            return row
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"session {tenant}/{session_id} did not reach 'ended' in PostgreSQL "
+                               f"within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)

@@ -1,3 +1,3 @@
 from services.transcriber.app import main
 
-main()
+raise SystemExit(main())

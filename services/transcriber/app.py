@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import OrderedDict
 
@@ -262,14 +261,6 @@ async def run(settings: StreamSettings, config: TranscriberConfig, stop: asyncio
     await nc.close()
 
 
-def main() -> None:
-    telemetry.setup("transcriber")
-    stop = asyncio.Event()
-
-    async def serve():
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop)
-
-    asyncio.run(serve())
+def main() -> int:
+    return telemetry.serve("transcriber",
+                           lambda stop: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop))

@@ -1,9 +1,7 @@
 """Real speech through ingest -> transcriber -> persister, checked in PostgreSQL."""
-import asyncio
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import nats
@@ -12,21 +10,16 @@ import pytest
 from jetscribe.bot import Audio, stream_audio
 from jetscribe.speech import sample_speech
 from jetscribe.wer import wer
-from services.persister.store import final_segments, list_sessions, open_engine
+from services.persister.store import final_segments, open_engine, wait_until_ended
 
 pytestmark = pytest.mark.e2e
 
 
-async def persisted(database_url, tenant, session, timeout=30.0):
+async def persisted(database_url, tenant, session):
     engine = open_engine(database_url)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = [r for r in await list_sessions(engine, tenant) if r.session_id == session]
-            if rows and rows[0].status == "ended":
-                return rows[0], await final_segments(engine, tenant, session)
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"session {session} never reached 'ended' in Postgres")
+        row = await wait_until_ended(engine, tenant, session, timeout_s=30.0)
+        return row, await final_segments(engine, tenant, session)
     finally:
         await engine.dispose()
 
