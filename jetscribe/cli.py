@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
     session = f"demo-{uuid.uuid4().hex[:8]}"
     home = stack.home_dir() / "demo"
     print(f"starting NATS, PostgreSQL and the services in {home} ...", file=sys.stderr, flush=True)
-    with stack.LocalStack(home, model=args.model) as local:
+    quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}  # the transcript is the output
+    with stack.LocalStack(home, model=args.model, extra_env=quiet) as local:
         started = time.time()
         live = asyncio.run(_wait_ready_and_stream(local, audio, session, args.speed))
         segments = asyncio.run(_wait_persisted(local.database_url, "default", session))

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 async def connect(settings: StreamSettings, name: str) -> Client:
     """One connection per process; it reconnects forever, so a NATS restart only pauses the service."""
 
-    async def on_disconnect():
-        log.warning("%s: disconnected from NATS", name)
+    async def on_disconnect():  # also fires on a clean close, so not a warning
+        log.info("%s: disconnected from NATS", name)
 
     async def on_reconnect():
         log.warning("%s: reconnected to NATS", name)
