@@ -1,4 +1,5 @@
 """Real speech through ingest -> transcriber -> persister, checked in PostgreSQL."""
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from jetscribe.bot import Audio, stream_audio
 from jetscribe.speech import sample_speech
 from jetscribe.wer import wer
+from shared import subjects
 from services.persister.store import final_segments, open_engine, wait_until_ended
 
 pytestmark = pytest.mark.e2e
@@ -24,6 +26,23 @@ async def persisted(database_url, tenant, session):
         await engine.dispose()
 
 
+async def assert_all_audio_acked(url):
+    """Once a session has ended, no audio may be left unacknowledged or undelivered on any partition."""
+    nc = await nats.connect(url)
+    try:
+        jsm = nc.jetstream()
+        for attempt in range(30):  # acks are asynchronous: give the last ones a moment
+            infos = [await jsm.consumer_info(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p))
+                     for p in range(16)]
+            left = [(i.name, i.num_ack_pending, i.num_pending) for i in infos if i.num_ack_pending or i.num_pending]
+            if not left:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"audio left unacknowledged: {left}")
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("speed", [0.0, 4.0])
 async def test_speech_is_transcribed_and_persisted(pipeline, speed):
     speech = sample_speech()
@@ -35,6 +54,7 @@ async def test_speech_is_transcribed_and_persisted(pipeline, speed):
     finally:
         await nc.close()
     row, segments = await persisted(pipeline.database_url, tenant, session)
+    await assert_all_audio_acked(pipeline.nats_url)
 
     text = " ".join(s.text for s in segments if s.text)
     assert wer(speech.text, text) <= 0.15, text
