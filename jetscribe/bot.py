@@ -1,6 +1,6 @@
 """What a meeting bot does: start a session, send audio chunks in order, end it, hear the transcript.
 
-Used by `jetscribe stream`, `jetscribe demo`, the end-to-end tests and the benchmarks.
+Used by `jetscribe stream`, `jetscribe demo` and the end-to-end tests.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import soundfile as sf
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
 from shared import subjects
-from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from shared.wire import AudioChunk, Reply, Segment, SessionControl, decode, encode
 
 
 class BotError(RuntimeError):
@@ -49,10 +49,7 @@ def read_audio(path: str | Path) -> Audio:
 @dataclass
 class StreamResult:
     finals: dict[int, Segment] = field(default_factory=dict)
-    first_interim_at: dict[int, float] = field(default_factory=dict)
     sent_at: list[float] = field(default_factory=list)  # wall time each chunk was accepted
-    chunk_s: float = 0.1
-    ended: SessionEvent | None = None
 
     def final_segments(self) -> list[Segment]:
         return [self.finals[k] for k in sorted(self.finals)]
@@ -84,20 +81,17 @@ async def stream_audio(
 
     speed 1.0 paces chunks in real time; 0 sends as fast as the gateway answers.
     """
-    result = StreamResult(chunk_s=chunk_s)
+    result = StreamResult()
     ended = asyncio.Event()
 
     async def on_transcript(msg):
         segment = decode(msg.data, Segment)
         if segment.status == "final":
             result.finals[segment.segment_id] = segment
-        else:
-            result.first_interim_at.setdefault(segment.segment_id, time.time())
         if on_segment:
             on_segment(segment)
 
     async def on_ended(msg):
-        result.ended = decode(msg.data, SessionEvent)
         ended.set()
 
     subs = [

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -47,10 +48,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
-    return {
+    command = {
         "up": cmd_up, "stream": cmd_stream, "transcript": cmd_transcript, "sessions": cmd_sessions,
         "demo": cmd_demo, "db": cmd_db,
-    }[args.command](args)
+    }[args.command]
+    try:
+        return command(args)
+    except (Unreachable, TimeoutError) as exc:  # TimeoutError: no ingest gateway answered the bot
+        print(f"jetscribe: {exc}", file=sys.stderr)
+        return 2
+
+
+class Unreachable(RuntimeError):
+    """A server the command needs does not answer."""
 
 
 def cmd_up(args) -> int:
@@ -96,7 +106,11 @@ async def _stream_live(url: str, audio, tenant: str, session: str, speed: float,
         elif interactive:
             print(f"\r\033[K  … {segment.text[-100:]}", end="", file=out, flush=True)
 
-    nc = await nats.connect(url)
+    try:
+        nc = await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3)
+    except Exception as exc:
+        raise Unreachable(f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this "
+                          "folder, or set NATS_URL") from None
     try:
         return await stream_audio(nc, audio, tenant=tenant, session_id=session, speed=speed, language=language,
                                   on_segment=show)
@@ -105,7 +119,7 @@ async def _stream_live(url: str, audio, tenant: str, session: str, speed: float,
 
 
 def cmd_transcript(args) -> int:
-    segments = asyncio.run(_final_segments(stack.database_url(), args.tenant, args.session))
+    segments = asyncio.run(_transcript(stack.database_url(), args.tenant, args.session))
     if not segments:
         print(f"no transcript for session {args.tenant}/{args.session}", file=sys.stderr)
         return 1
@@ -113,30 +127,43 @@ def cmd_transcript(args) -> int:
     return 0
 
 
-async def _final_segments(url: str, tenant: str, session: str):
-    from services.persister.store import final_segments, open_engine
-    engine = open_engine(url)
-    try:
-        return await final_segments(engine, tenant, session)
-    finally:
-        await engine.dispose()
-
-
 def cmd_sessions(args) -> int:
-    async def fetch():
-        from services.persister.store import list_sessions, open_engine
-        engine = open_engine(stack.database_url())
-        try:
-            return await list_sessions(engine, args.tenant)
-        finally:
-            await engine.dispose()
-
-    rows = asyncio.run(fetch())
+    rows = asyncio.run(_sessions(stack.database_url(), args.tenant))
     print(f"{'tenant':<12} {'session':<28} {'status':<7} {'audio s':>8} {'segments':>8}  started")
     for row in rows:
         print(f"{row.tenant:<12} {row.session_id:<28} {row.status:<7} {row.audio_seconds or 0:>8.1f} "
               f"{row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _engine(url: str):
+    from sqlalchemy.exc import OperationalError
+
+    from services.persister.store import open_engine
+    engine = open_engine(url)
+    try:
+        yield engine
+    except OperationalError as exc:
+        raise Unreachable(f"cannot use PostgreSQL at {url}: {str(exc.orig).strip().splitlines()[-1]}\n"
+                          "start the stack with `jetscribe up` in this folder, or set DATABASE_URL") from None
+    finally:
+        await engine.dispose()
+
+
+async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
+    """A session's final segments; with wait_s, first wait until its end is stored (the persister lags a bit)."""
+    from services.persister.store import final_segments, wait_until_ended
+    async with _engine(url) as engine:
+        if wait_s:
+            await wait_until_ended(engine, tenant, session, wait_s)
+        return await final_segments(engine, tenant, session)
+
+
+async def _sessions(url: str, tenant: str | None):
+    from services.persister.store import list_sessions
+    async with _engine(url) as engine:
+        return await list_sessions(engine, tenant)
 
 
 def cmd_db(args) -> int:
@@ -160,32 +187,15 @@ def cmd_demo(args) -> int:
     print(f"starting NATS, PostgreSQL and the services in {home} ...", file=sys.stderr, flush=True)
     quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}  # the transcript is the output
     with stack.LocalStack(home, model=args.model, extra_env=quiet) as local:
-        started = time.time()
-        live = asyncio.run(_wait_ready_and_stream(local, audio, session, args.speed))
-        segments = asyncio.run(_wait_persisted(local.database_url, "default", session))
+        # Live lines go to stderr so that stdout holds only the stored transcript, in the format asked for.
+        live = asyncio.run(_stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr))
+        segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
         print(f"\n--- transcript of {session} from PostgreSQL: {audio.duration_s:.1f} s of audio, "
-              f"{stored - started:.1f} s from first chunk to last final stored; last final stored "
+              f"{stored - live.sent_at[0]:.1f} s from first chunk to last final stored; last final stored "
               f"{stored - live.sent_at[-1]:.2f} s after the last audio was sent ---", file=sys.stderr, flush=True)
         print(render(segments, args.format))
     return 0
-
-
-async def _wait_ready_and_stream(local, audio, session: str, speed: float):
-    # The transcriber loads its model before it listens; the bot's requests retry until the gateway answers.
-    # Live lines go to stderr so that stdout holds only the stored transcript, in the format asked for.
-    return await _stream_live(local.nats_url, audio, "default", session, speed, out=sys.stderr)
-
-
-async def _wait_persisted(url: str, tenant: str, session: str, timeout: float = 60.0):
-    """The persister lags the transcript subject slightly: wait for the session's `ended` state to land."""
-    from services.persister.store import final_segments, open_engine, wait_until_ended
-    engine = open_engine(url)
-    try:
-        await wait_until_ended(engine, tenant, session, timeout)
-        return await final_segments(engine, tenant, session)
-    finally:
-        await engine.dispose()
 
 
 if __name__ == "__main__":

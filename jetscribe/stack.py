@@ -57,11 +57,11 @@ class LocalStack:
     home: Path
     model: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    nats: NatsServer | None = None
-    postgres: PostgresServer | None = None
-    children: list[subprocess.Popen] = field(default_factory=list)
-    nats_url: str = ""
-    database_url: str = ""
+    nats: NatsServer | None = field(default=None, init=False)
+    postgres: PostgresServer | None = field(default=None, init=False)
+    children: list[subprocess.Popen] = field(default_factory=list, init=False)
+    nats_url: str = field(default="", init=False)
+    database_url: str = field(default="", init=False)
 
     def start(self) -> "LocalStack":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,11 @@ class LocalStack:
         stack_file(self.home).unlink(missing_ok=True)
 
     def __enter__(self) -> "LocalStack":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # whatever did start must not outlive us
+            raise
 
     def __exit__(self, *exc_info) -> None:
         self.stop()

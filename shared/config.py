@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 
-def _env(name: str, default, cast=str):
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return cast(raw)
-
-
-def _from_env(cls, prefix_map: dict[str, tuple[str, type]]):
+def _from_env(cls, variables: dict[str, tuple[str, type]]):
+    """Build `cls` from its defaults, overridden by the environment variables named in
+    `variables` (field -> (variable, type)) that are set and not empty."""
     values = {}
-    for f in fields(cls):
-        if f.name in prefix_map:
-            env_name, cast = prefix_map[f.name]
-            values[f.name] = _env(env_name, f.default, cast)
+    for name, (variable, cast) in variables.items():
+        raw = os.environ.get(variable)
+        if raw:
+            values[name] = cast(raw)
     return cls(**values)
 
 
@@ -99,7 +92,7 @@ class TranscriberConfig:
             "worker_id": ("JETSCRIBE_WORKER_ID", str),
         })
         if not cfg.worker_id:
-            cfg = TranscriberConfig(**{**cfg.__dict__, "worker_id": f"{socket.gethostname()}-{os.getpid()}"})
+            cfg = replace(cfg, worker_id=f"{socket.gethostname()}-{os.getpid()}")
         return cfg
 
     def owned_partitions(self, total: int) -> list[int]:
@@ -126,6 +119,3 @@ class PersisterConfig:
             "retry_max_s": ("JETSCRIBE_PERSIST_RETRY_MAX_S", float),
         })
 
-
-def database_url_from_env() -> str:
-    return PersisterConfig.from_env().database_url

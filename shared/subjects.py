@@ -11,7 +11,6 @@ TRANSCRIPTS_STREAM = "TRANSCRIPTS"
 ERRORS_STREAM = "ERRORS"
 
 PERSISTER_CONSUMER = "persister"
-INGEST_QUEUE = "ingest"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

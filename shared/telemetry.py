@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
 
-def setup(service: str) -> trace.Tracer:
-    """Configure logging and tracing for one service process and return its tracer."""
+def setup(service: str) -> None:
+    """Configure logging and tracing for one service process."""
     logging.basicConfig(
         level=os.environ.get("JETSCRIBE_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s {service} %(levelname)s %(message)s",
@@ -27,7 +27,6 @@ def setup(service: str) -> trace.Tracer:
     if os.environ.get("JETSCRIBE_OTEL_CONSOLE") == "1":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
-    return trace.get_tracer(f"jetscribe.{service}")
 
 
 def serve(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -36,9 +36,6 @@ class BatchWrite:
     segments: list[dict] = field(default_factory=list)  # one per segment key: the version that wins
     recount: list[SessionKey] = field(default_factory=list)  # sessions whose segment_count may change
 
-    def __bool__(self) -> bool:
-        return bool(self.session_touches or self.session_events or self.segments)
-
 
 def timestamp(epoch_s: float) -> datetime | None:
     """A wire time (epoch seconds, 0 meaning unknown) as an aware datetime."""

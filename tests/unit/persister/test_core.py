@@ -129,7 +129,8 @@ def test_plan_batch():
 
 
 def test_plan_of_nothing_writes_nothing():
-    assert not plan_batch([])
+    batch = plan_batch([])
+    assert not (batch.segments or batch.session_events or batch.session_touches)
 
 
 def test_check_accepts_messages_on_their_own_subject():
