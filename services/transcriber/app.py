@@ -118,6 +118,9 @@ class TranscriberWorker:
         now = time.monotonic()
         if isinstance(message, SessionControl):
             if message.action == "start":
+                if message.model and message.model != self.model_name:
+                    log.warning("%s/%s asked for model %s; this worker serves %s", *key, message.model,
+                                self.model_name)
                 self._stream(key, message)
                 await msg.ack()
                 await self._publish_event(self.streams[key], "started")
