@@ -157,11 +157,6 @@ class Speech:
     def duration_s(self) -> float:
         return len(self.audio) / self.sample_rate
 
-    @property
-    def pcm_bytes(self) -> bytes:
-        """Raw little-endian 16-bit PCM, as a microphone stream would carry it."""
-        return self.audio.astype("<i2", copy=False).tobytes()
-
 
 # --------------------------------------------------------------------------
 # Piper voice, loaded once per process
