@@ -4,9 +4,14 @@ Every variable, its default and its meaning is listed in README.md ("Configurati
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass, replace
+
+log = logging.getLogger(__name__)
+
+MIN_AUDIO_MAX_AGE_S = 30 * 60.0  # a bot or worker that reconnects within this finds its audio still stored
 
 
 def _from_env(cls, variables: dict[str, tuple[str, type]]):
@@ -30,6 +35,9 @@ class StreamSettings:
     transcripts_max_age_s: float = 7 * 24 * 3600.0
     duplicate_window_s: float = 120.0
 
+    def __post_init__(self):
+        check_retention(self.audio_max_age_s, self.transcripts_max_age_s)
+
     @classmethod
     def from_env(cls) -> "StreamSettings":
         return _from_env(cls, {
@@ -39,6 +47,21 @@ class StreamSettings:
             "transcripts_max_age_s": ("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", float),
             "duplicate_window_s": ("JETSCRIBE_DUPLICATE_WINDOW_S", float),
         })
+
+
+def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> None:
+    """AUDIO keeps at least 30 min (a warning below: fine for tests, not for production); TRANSCRIPTS
+    keeps longer than AUDIO, so a transcript outlives its audio. A max age of 0 means forever, as in NATS."""
+    forever = float("inf")
+    audio, transcripts = (age or forever for age in (audio_max_age_s, transcripts_max_age_s))
+    if audio < 0 or transcripts < 0:
+        raise ValueError("JETSCRIBE_AUDIO_MAX_AGE_S and JETSCRIBE_TRANSCRIPTS_MAX_AGE_S must not be negative")
+    if transcripts <= audio and transcripts != forever:
+        raise ValueError(f"JETSCRIBE_TRANSCRIPTS_MAX_AGE_S ({transcripts_max_age_s:g} s) must be longer than "
+                         f"JETSCRIBE_AUDIO_MAX_AGE_S ({audio_max_age_s:g} s): transcripts outlive their audio")
+    if audio < MIN_AUDIO_MAX_AGE_S:
+        log.warning("JETSCRIBE_AUDIO_MAX_AGE_S is %g s, under 30 min: audio may expire before a slow worker "
+                    "or a reconnecting bot gets to it", audio_max_age_s)
 
 
 @dataclass(frozen=True)
