@@ -87,13 +87,18 @@ class Segment(msgspec.Struct, tag="segment", kw_only=True):
 
 
 class SessionEvent(msgspec.Struct, tag="session_event", kw_only=True):
-    """A lifecycle event of a session, published by the transcriber that owns it."""
+    """A lifecycle event of a session, published by the transcriber that owns it.
+
+    `ended` also follows an idle timeout; `rejected` means the worker refused the session, and
+    `reason` says why (e.g. "idle_timeout", "worker_full", "buffer_full"). The gateway relays both to the bot.
+    """
 
     v: int = SCHEMA_VERSION
     tenant: str
     session_id: str
-    event: Literal["started", "ended"]
+    event: Literal["started", "ended", "rejected"]
     at: float
+    reason: str = ""
     language: str | None = None
     model: str = ""
     chunks_received: int = 0

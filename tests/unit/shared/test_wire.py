@@ -2,8 +2,8 @@ import msgspec
 import pytest
 
 from shared import subjects
-from shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, WireError, Word, decode,
-                         encode)
+from shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, SessionEvent, TranscriptMessage,
+                         WireError, Word, decode, encode)
 
 
 def chunk(**overrides):
@@ -72,3 +72,9 @@ def test_subjects_are_built_in_one_place():
     assert subjects.session_event("t", "s", "ended") == "session.t.s.ended"
     assert subjects.is_valid_token("meet_01-a")
     assert not subjects.is_valid_token("a.b") and not subjects.is_valid_token("*") and not subjects.is_valid_token("")
+
+
+def test_session_event_can_say_rejected_and_why():
+    event = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="worker_full")
+    assert decode(encode(event), TranscriptMessage) == event
+    assert decode(encode(SessionEvent(tenant="a", session_id="b", event="ended", at=1.0)), SessionEvent).reason == ""
