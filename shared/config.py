@@ -70,10 +70,12 @@ class IngestConfig:
     min_sample_rate: int = 8000
     max_sample_rate: int = 192_000
     max_channels: int = 8
+    max_sessions_per_tenant: int = 100  # active ones: started and not yet ended
 
     @classmethod
     def from_env(cls) -> "IngestConfig":
         return _from_env(cls, {
+            "max_sessions_per_tenant": ("JETSCRIBE_MAX_SESSIONS_PER_TENANT", int),
             "max_chunk_bytes": ("JETSCRIBE_MAX_CHUNK_BYTES", int),
             "min_sample_rate": ("JETSCRIBE_MIN_SAMPLE_RATE", int),
             "max_sample_rate": ("JETSCRIBE_MAX_SAMPLE_RATE", int),

@@ -68,6 +68,15 @@ def session_event(tenant: str, session: str, event: str) -> str:
     return f"session.{tenant}.{session}.{event}"
 
 
+def session_events_of(tenant: str, session: str) -> str:
+    return f"session.{tenant}.{session}.*"
+
+
+def session_event_all(event: str) -> str:
+    """One kind of event (e.g. "ended") of every session."""
+    return f"session.*.*.{event}"
+
+
 TRANSCRIPTS_ALL = "transcript.*.*"
 SESSION_EVENTS_ALL = "session.*.*.*"
 

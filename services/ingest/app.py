@@ -1,4 +1,5 @@
-"""The gateway's asyncio shell: request/reply with bots, publishing into the AUDIO stream."""
+"""The gateway's asyncio shell: request/reply with bots, publishing into the AUDIO stream, and hearing from the
+transcriber when it ends or rejects a session."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,8 @@ from services.ingest.core import IngestBook, Rejected, SessionLedger, check_subj
 from shared import subjects, telemetry
 from shared.config import IngestConfig, StreamSettings
 from shared.streams import connect, ensure_streams
-from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, WireError, decode, encode
+from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, SessionEvent, WireError, decode,
+                         encode)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ class IngestGateway:
         await ensure_streams(self.js, self.settings)
         await self.nc.subscribe(subjects.INGEST_AUDIO_ALL, cb=self._spawn(self._on_audio))
         await self.nc.subscribe(subjects.INGEST_SESSION_ALL, cb=self._spawn(self._on_session))
+        # Plain subscriptions: these events are also stored in TRANSCRIPTS, where `_recall` finds them after a restart.
+        for event in ("ended", "rejected"):
+            await self.nc.subscribe(subjects.session_event_all(event), cb=self._on_worker_event)
 
     def _spawn(self, handler):
         """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions
@@ -66,6 +71,24 @@ class IngestGateway:
         except (WireError, Rejected) as exc:
             reply = await self._refuse(tenant, session_id, exc)
         await self._answer(msg, reply)
+
+    async def _on_worker_event(self, msg: Msg) -> None:
+        """The transcriber ended a session (e.g. idle timeout) or rejected it: refuse its further requests."""
+        try:
+            event = decode(msg.data, SessionEvent)
+        except WireError as exc:
+            log.warning("ignoring a bad session event on %s: %s", msg.subject, exc)
+            return
+        if msg.subject != subjects.session_event(event.tenant, event.session_id, event.event):
+            log.warning("ignoring a session event for %s/%s %s on %s", event.tenant, event.session_id, event.event,
+                        msg.subject)
+            return
+        ledger = self.book.closed_by_worker(event.tenant, event.session_id, event.event, event.reason)
+        if ledger is not None and event.event == "rejected":
+            log.warning("transcriber rejected %s/%s: %s", event.tenant, event.session_id, ledger.rejection)
+        key = (event.tenant, event.session_id)
+        if key in self._locks and not self._locks[key].locked():  # a request in flight still needs its lock
+            del self._locks[key]
 
     async def _accept_chunk(self, chunk: AudioChunk) -> Reply:
         await self._recall(chunk.tenant, chunk.session_id)
@@ -108,7 +131,8 @@ class IngestGateway:
             log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
 
     async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
-        """After a gateway restart, learn a session's last stored seq from the stream itself."""
+        """After a gateway restart, learn a session's last stored seq from AUDIO, and from TRANSCRIPTS
+        whether the transcriber has ended or rejected it."""
         ledger = self.book.ledger(tenant, session_id)
         if ledger is not None or not subjects.is_valid_token(tenant) or not subjects.is_valid_token(session_id):
             return ledger
@@ -117,11 +141,18 @@ class IngestGateway:
         except NotFoundError:
             return None
         stored = decode(last.data, AudioMessage)
-        if isinstance(stored, AudioChunk):
-            return self.book.remember(tenant, session_id, last_seq=stored.seq, ended=False)
-        if stored.action == "end":
-            return self.book.remember(tenant, session_id, last_seq=-1, ended=True)
-        return self.book.remember(tenant, session_id, last_seq=-1, ended=False)
+        last_seq = stored.seq if isinstance(stored, AudioChunk) else -1
+        ended = isinstance(stored, SessionControl) and stored.action == "end"
+        ledger = self.book.remember(tenant, session_id, last_seq=last_seq, ended=ended)
+        try:
+            last = await self.js.get_last_msg(subjects.TRANSCRIPTS_STREAM,
+                                              subjects.session_events_of(tenant, session_id))
+        except NotFoundError:
+            return ledger
+        event = decode(last.data, SessionEvent)
+        if event.event != "started":
+            self.book.closed_by_worker(tenant, session_id, event.event, event.reason)
+        return ledger
 
     async def _refuse(self, tenant: str, session_id: str, exc: WireError | Rejected, seq: int | None = None) -> Reply:
         last_seq = getattr(exc, "last_seq", -1)

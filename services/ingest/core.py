@@ -29,12 +29,17 @@ class Rejected(Exception):
 
 @dataclass
 class SessionLedger:
-    """What the gateway knows of one session: the last seq it stored and the resampler state."""
+    """What the gateway knows of one session: the last seq it stored and the resampler state.
+
+    `ended` is set by the bot's end, or by the transcriber's `ended` / `rejected` event;
+    `rejection` is the transcriber's reason when it refused the session.
+    """
 
     tenant: str
     session_id: str
     last_seq: int = -1
     ended: bool = False
+    rejection: str | None = None
     input_format: tuple[int, int] | None = None  # (sample_rate, channels) the resampler was built for
     resampler: soxr.ResampleStream | None = field(default=None, repr=False)
 
@@ -102,11 +107,16 @@ class IngestBook:
     def ledger(self, tenant: str, session_id: str) -> SessionLedger | None:
         return self.sessions.get((tenant, session_id))
 
-    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool) -> SessionLedger:
-        """Adopt a session found in the stream (after a gateway restart)."""
-        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended)
+    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool,
+                 rejection: str | None = None) -> SessionLedger:
+        """Adopt a session found in the streams (after a gateway restart)."""
+        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended, rejection=rejection)
         self.sessions[(tenant, session_id)] = ledger
         return ledger
+
+    def active_sessions(self, tenant: str) -> int:
+        """Sessions of `tenant` started and not yet ended."""
+        return sum(1 for ledger in self.sessions.values() if ledger.tenant == tenant and not ledger.ended)
 
     def start(self, control: SessionControl) -> SessionLedger:
         """A start opens a session, or answers a reconnecting bot with where it left off."""
@@ -116,8 +126,13 @@ class IngestBook:
                            f"(like 'en', 'de', 'fr') or 'auto'")
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
+            limit = self.config.max_sessions_per_tenant
+            if self.active_sessions(control.tenant) >= limit:
+                raise Rejected("too_many_sessions", f"tenant {control.tenant} already has {limit} active sessions, "
+                               f"its limit; end one, then start again")
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
         elif ledger.ended:
+            _refuse_if_rejected(ledger)
             raise Rejected("session_ended", f"session {control.session_id} has ended; start a new session id",
                            ledger.last_seq)
         return ledger
@@ -131,6 +146,7 @@ class IngestBook:
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             raise Rejected("unknown_session", f"session {control.tenant}/{control.session_id} was never started")
+        _refuse_if_rejected(ledger)
         tail = None
         if not ledger.ended and ledger.resampler is not None:
             rest = ledger.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
@@ -147,6 +163,19 @@ class IngestBook:
         """Call once the end is stored."""
         ledger.ended = True
         ledger.resampler = None
+
+    def closed_by_worker(self, tenant: str, session_id: str, event: str, reason: str) -> SessionLedger | None:
+        """The transcriber ended (e.g. after an idle timeout) or rejected a session: it takes no more audio.
+
+        A session this gateway does not know is left alone; `_recall` in the app finds its event in the stream.
+        """
+        ledger = self.ledger(tenant, session_id)
+        if ledger is None:
+            return None
+        if event == "rejected" and ledger.rejection is None:
+            ledger.rejection = reason or "no reason given"
+        self.closed(ledger)
+        return ledger
 
     def check_chunk(self, chunk: AudioChunk) -> ChunkVerdict:
         """Validate a chunk against its session; returns what to store. Raises Rejected."""
@@ -190,5 +219,12 @@ class IngestBook:
             raise Rejected("unknown_session", f"session {tenant}/{session_id} was never started; "
                            f"send a start on {subjects.ingest_session(tenant, session_id)} first")
         if ledger.ended:
+            _refuse_if_rejected(ledger)
             raise Rejected("session_ended", f"session {session_id} has ended", ledger.last_seq)
         return ledger
+
+
+def _refuse_if_rejected(ledger: SessionLedger) -> None:
+    if ledger.rejection is not None:
+        raise Rejected("rejected", f"session {ledger.tenant}/{ledger.session_id} was rejected by the transcriber: "
+                       f"{ledger.rejection}", ledger.last_seq)

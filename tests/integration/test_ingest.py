@@ -1,5 +1,6 @@
 """The gateway against a real nats-server: good audio is stored once, bad input gets a clear error."""
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -11,13 +12,14 @@ import pytest
 from services.ingest.app import run as run_ingest
 from shared import subjects
 from shared.config import IngestConfig, StreamSettings
-from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, decode, encode
+from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, SessionEvent, decode, encode
 
 
-@pytest.fixture
-async def gateway(nats_url):
+@contextlib.asynccontextmanager
+async def running_gateway(nats_url, config=IngestConfig()):
+    """A gateway in this process, and a client connection once it answers."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run_ingest(StreamSettings(nats_url=nats_url), IngestConfig(), stop))
+    task = asyncio.create_task(run_ingest(StreamSettings(nats_url=nats_url), config, stop))
     nc = await nats.connect(nats_url)
     for _ in range(50):  # wait until the gateway answers
         try:
@@ -25,10 +27,18 @@ async def gateway(nats_url):
             break
         except Exception:
             await asyncio.sleep(0.1)
-    yield nc
-    await nc.close()
-    stop.set()
-    await task
+    try:
+        yield nc
+    finally:
+        await nc.close()
+        stop.set()
+        await task
+
+
+@pytest.fixture
+async def gateway(nats_url):
+    async with running_gateway(nats_url) as nc:
+        yield nc
 
 
 async def ask(nc, subject, message) -> Reply:
@@ -150,3 +160,84 @@ async def test_restarted_gateway_learns_last_seq_from_the_stream(nats_url):
         stop.set()
         await task
     await nc.close()
+
+
+def control(tenant, session, action):
+    return SessionControl(tenant=tenant, session_id=session, action=action)
+
+
+async def worker_says(nc, tenant, session, event, reason=""):
+    """Publish a session event into TRANSCRIPTS as the transcriber does."""
+    message = SessionEvent(tenant=tenant, session_id=session, event=event, at=time.time(), reason=reason)
+    await nc.jetstream().publish(subjects.session_event(tenant, session, event), encode(message))
+
+
+async def eventually(ask_again, done, timeout=3.0):
+    """The gateway hears worker events on their own subscription: ask until the answer changes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await ask_again()
+        if done(reply) or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(0.05)
+
+
+async def test_a_tenant_over_its_session_limit_is_refused_until_one_ends(nats_url):
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    async with running_gateway(nats_url, IngestConfig(max_sessions_per_tenant=2)) as nc:
+        errors = await nc.subscribe(subjects.errors("ingest", tenant))
+        for session in ("s1", "s2"):
+            assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
+        refused = await ask(nc, subjects.ingest_session(tenant, "s3"), control(tenant, "s3", "start"))
+        assert not refused.ok and refused.code == "too_many_sessions" and "limit" in refused.message
+        event = decode((await errors.next_msg(timeout=2)).data, ErrorEvent)
+        assert (event.code, event.session_id) == ("too_many_sessions", "s3")
+        assert (await ask(nc, subjects.ingest_session(tenant, "s1"), control(tenant, "s1", "end"))).ok
+        assert (await ask(nc, subjects.ingest_session(tenant, "s3"), control(tenant, "s3", "start"))).ok
+
+
+async def test_a_session_the_transcriber_rejected_is_refused_with_its_reason(gateway):
+    nc, tenant, session = gateway, "acme", f"s{uuid.uuid4().hex[:8]}"
+    errors = await nc.subscribe(subjects.errors("ingest", tenant))
+    assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
+    assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0))).ok
+    await worker_says(nc, tenant, session, "rejected", "worker_full")
+    # Resending accepted seq 0 is answered ok until the gateway has heard of the rejection.
+    reply = await eventually(lambda: ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0)),
+                             lambda r: not r.ok)
+    assert (reply.code, reply.last_seq) == ("rejected", 0) and "worker_full" in reply.message
+    for request in (chunk(tenant, session, 1), control(tenant, session, "start"), control(tenant, session, "end")):
+        subject = (subjects.ingest_audio if isinstance(request, AudioChunk) else subjects.ingest_session)(tenant, session)
+        assert (await ask(nc, subject, request)).code == "rejected"
+    while True:
+        event = decode((await errors.next_msg(timeout=2)).data, ErrorEvent)
+        if event.session_id == session and event.code == "rejected":
+            break
+    assert "worker_full" in event.message
+
+
+async def test_a_session_the_transcriber_ended_frees_its_slot(nats_url):
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    async with running_gateway(nats_url, IngestConfig(max_sessions_per_tenant=1)) as nc:
+        assert (await ask(nc, subjects.ingest_session(tenant, "s1"), control(tenant, "s1", "start"))).ok
+        assert (await ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start"))).code == \
+            "too_many_sessions"
+        await worker_says(nc, tenant, "s1", "ended", "idle_timeout")
+        reply = await eventually(lambda: ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start")),
+                                 lambda r: r.ok)
+        assert reply.ok
+        late = await ask(nc, subjects.ingest_audio(tenant, "s1"), chunk(tenant, "s1", 0))
+        assert not late.ok and late.code == "session_ended"
+
+
+async def test_restarted_gateway_learns_a_rejection_from_transcripts(nats_url):
+    tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
+    async with running_gateway(nats_url) as nc:
+        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
+        assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0))).ok
+    nc = await nats.connect(nats_url)
+    await worker_says(nc, tenant, session, "rejected", "buffer_full")  # while no gateway runs
+    await nc.close()
+    async with running_gateway(nats_url) as nc:
+        reply = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 1))
+        assert (reply.code, reply.last_seq) == ("rejected", 0) and "buffer_full" in reply.message

@@ -122,3 +122,67 @@ def test_language_must_be_a_whisper_code_or_auto():
         book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="english"))
     assert err.value.code == "bad_language"
     book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="de"))
+
+
+def end(book, session="s1"):
+    ledger, _ = book.end(SessionControl(tenant="acme", session_id=session, action="end"))
+    book.closed(ledger)
+
+
+def test_a_tenant_has_at_most_max_sessions_active():
+    book = IngestBook(IngestConfig(max_sessions_per_tenant=2))
+    start(book, "s1")
+    start(book, "s2")
+    with pytest.raises(Rejected) as err:
+        start(book, "s3")
+    assert err.value.code == "too_many_sessions" and "acme" in str(err.value)
+    assert start(book, "s2").session_id == "s2"  # a reconnecting bot's start is not a new session
+    book.start(SessionControl(tenant="other", session_id="s3", action="start"))  # the limit is per tenant
+    end(book, "s1")
+    start(book, "s3")  # an ended session frees its slot
+
+
+def test_a_session_the_transcriber_ended_frees_its_slot_and_takes_no_more_audio():
+    book = IngestBook(IngestConfig(max_sessions_per_tenant=1))
+    start(book, "s1")
+    accept(book, chunk(0))
+    assert book.closed_by_worker("acme", "s1", "ended", "idle_timeout").ended
+    with pytest.raises(Rejected) as err:
+        book.check_chunk(chunk(1))
+    assert err.value.code == "session_ended" and err.value.last_seq == 0
+    start(book, "s2")
+    assert book.end(SessionControl(tenant="acme", session_id="s1", action="end")) == (book.ledger("acme", "s1"), None)
+
+
+def test_a_rejected_session_refuses_every_further_request_with_the_reason():
+    book = IngestBook(IngestConfig(max_sessions_per_tenant=1))
+    start(book, "s1")
+    accept(book, chunk(0))
+    book.closed_by_worker("acme", "s1", "rejected", "worker_full")
+    requests = [
+        lambda: book.check_chunk(chunk(1)),
+        lambda: book.check_chunk(chunk(0)),  # even a repeat
+        lambda: start(book, "s1"),
+        lambda: book.end(SessionControl(tenant="acme", session_id="s1", action="end")),
+    ]
+    for request in requests:
+        with pytest.raises(Rejected) as err:
+            request()
+        assert err.value.code == "rejected" and "worker_full" in str(err.value) and err.value.last_seq == 0
+    start(book, "s2")  # the rejected session holds no slot
+
+
+def test_a_rejection_after_the_bots_end_still_tells_the_bot():
+    book = IngestBook(IngestConfig())
+    start(book)
+    end(book)
+    book.closed_by_worker("acme", "s1", "rejected", "")
+    with pytest.raises(Rejected) as err:
+        book.end(SessionControl(tenant="acme", session_id="s1", action="end"))
+    assert err.value.code == "rejected" and "no reason given" in str(err.value)
+
+
+def test_an_event_for_a_session_the_gateway_does_not_know_changes_nothing():
+    book = IngestBook(IngestConfig())
+    assert book.closed_by_worker("acme", "elsewhere", "ended", "") is None
+    assert book.ledger("acme", "elsewhere") is None
