@@ -105,8 +105,16 @@ class IngestGateway:
     async def _control(self, control: SessionControl) -> Reply:
         await self._recall(control.tenant, control.session_id)
         if control.action == "start":
+            known = self.book.ledger(control.tenant, control.session_id) is not None
             ledger = self.book.start(control)
-            await self._store(control, "start")
+            # A reconnecting bot's start is answered from the ledger and not stored again: stored after the
+            # duplicate window, it would be the session's last message and hide its last seq from `_recall`.
+            if not known:
+                try:
+                    await self._store(control, "start")
+                except Rejected:
+                    self.book.forget(ledger)  # not stored, so not started: the bot's retry starts it afresh
+                    raise
             return Reply(ok=True, last_seq=ledger.last_seq)
         ledger, tail = self.book.end(control)
         if not ledger.ended:

@@ -114,6 +114,9 @@ class IngestBook:
         self.sessions[(tenant, session_id)] = ledger
         return ledger
 
+    def forget(self, ledger: SessionLedger) -> None:
+        self.sessions.pop((ledger.tenant, ledger.session_id), None)
+
     def active_sessions(self, tenant: str) -> int:
         """Sessions of `tenant` started and not yet ended."""
         return sum(1 for ledger in self.sessions.values() if ledger.tenant == tenant and not ledger.ended)

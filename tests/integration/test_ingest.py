@@ -9,6 +9,7 @@ import nats
 import numpy as np
 import pytest
 
+from jetscribe.servers import NatsServer
 from services.ingest.app import run as run_ingest
 from shared import subjects
 from shared.config import IngestConfig, StreamSettings
@@ -16,10 +17,10 @@ from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCont
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(nats_url, config=IngestConfig()):
+async def running_gateway(nats_url, config=IngestConfig(), settings=None):
     """A gateway in this process, and a client connection once it answers."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run_ingest(StreamSettings(nats_url=nats_url), config, stop))
+    task = asyncio.create_task(run_ingest(settings or StreamSettings(nats_url=nats_url), config, stop))
     nc = await nats.connect(nats_url)
     for _ in range(50):  # wait until the gateway answers
         try:
@@ -241,3 +242,20 @@ async def test_restarted_gateway_learns_a_rejection_from_transcripts(nats_url):
     async with running_gateway(nats_url) as nc:
         reply = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 1))
         assert (reply.code, reply.last_seq) == ("rejected", 0) and "buffer_full" in reply.message
+
+
+async def test_a_reconnecting_start_is_not_stored_again_so_a_restarted_gateway_still_knows_the_last_seq(tmp_path):
+    tenant, session = "acme", "s1"
+    start = control(tenant, session, "start")
+    with NatsServer(tmp_path / "nats") as server:  # its own server: a short duplicate window
+        settings = StreamSettings(nats_url=server.url, duplicate_window_s=0.3)
+        async with running_gateway(server.url, settings=settings) as nc:
+            assert (await ask(nc, subjects.ingest_session(tenant, session), start)).ok
+            for seq in range(3):
+                assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq))).ok
+            await asyncio.sleep(0.5)  # past the duplicate window: the stream would store a repeat now
+            assert (await ask(nc, subjects.ingest_session(tenant, session), start)).last_seq == 2
+        async with running_gateway(server.url, settings=settings) as nc:
+            assert (await ask(nc, subjects.ingest_session(tenant, session), start)).last_seq == 2
+            stored = [m for _, m in await stored_audio(nc.jetstream(), tenant, session)]
+        assert [m.action if isinstance(m, SessionControl) else m.seq for m in stored] == ["start", 0, 1, 2]
