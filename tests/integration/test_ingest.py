@@ -8,7 +8,9 @@ import msgspec
 import nats
 import numpy as np
 import pytest
+import soundfile as sf
 
+from jetscribe.bot import read_audio, stream_audio
 from jetscribe.servers import NatsServer
 from services.ingest.app import run as run_ingest
 from shared import subjects
@@ -259,3 +261,53 @@ async def test_a_reconnecting_start_is_not_stored_again_so_a_restarted_gateway_s
             assert (await ask(nc, subjects.ingest_session(tenant, session), start)).last_seq == 2
             stored = [m for _, m in await stored_audio(nc.jetstream(), tenant, session)]
         assert [m.action if isinstance(m, SessionControl) else m.seq for m in stored] == ["start", 0, 1, 2]
+
+
+async def test_a_bot_that_crashed_resumes_where_the_gateway_left_off(gateway, nats_url, tmp_path):
+    observer, tenant, session = gateway, "acme", f"s{uuid.uuid4().hex[:8]}"
+    t = np.arange(3 * 48000) / 48000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    sf.write(tmp_path / "call.wav", np.stack([tone, tone], axis=1), 48000)
+    audio = read_audio(tmp_path / "call.wav")  # 48 kHz stereo: the gateway's resampler must survive the crash too
+    total = 30  # stream_audio's 100 ms chunks
+
+    # The first bot crashes just after the gateway stored chunk 10, before the bot heard the reply.
+    stored_ten = asyncio.Event()
+
+    async def on_stored(msg):
+        stored = decode(msg.data, AudioMessage)
+        if isinstance(stored, AudioChunk) and stored.seq >= 10:
+            stored_ten.set()
+
+    watch = await observer.subscribe(subjects.audio(tenant, session), cb=on_stored)
+    bot = await nats.connect(nats_url)
+    streaming = asyncio.create_task(stream_audio(bot, audio, tenant=tenant, session_id=session, speed=0))
+    await asyncio.wait_for(stored_ten.wait(), 10)
+    streaming.cancel()  # no end is sent
+    with contextlib.suppress(asyncio.CancelledError):
+        await streaming
+    await bot.close()
+    await watch.unsubscribe()
+
+    # A new connection: the reply it never got is answered again, and nothing is stored twice.
+    bot = await nats.connect(nats_url)
+    resent = await ask(bot, subjects.ingest_audio(tenant, session), chunk(tenant, session, 10))
+    assert resent.ok and resent.last_seq >= 10
+
+    async def transcriber(msg):  # stands in for the transcriber: `ended` once the end is stored
+        stored = decode(msg.data, AudioMessage)
+        if isinstance(stored, SessionControl) and stored.action == "end":
+            await worker_says(observer, tenant, session, "ended")
+
+    fake = await observer.subscribe(subjects.audio(tenant, session), cb=transcriber)
+    result = await stream_audio(bot, audio, tenant=tenant, session_id=session, speed=0, wait_s=10)
+    await bot.close()
+    await fake.unsubscribe()
+    assert len(result.sent_at) == total - (resent.last_seq + 1)  # the resumed bot sent only the rest
+
+    stored = [m for _, m in await stored_audio(observer.jetstream(), tenant, session)]
+    seqs = [m.seq for m in stored if isinstance(m, AudioChunk)]
+    assert seqs == list(range(len(seqs))) and len(seqs) in (total, total + 1)  # + the resampler's flushed tail
+    assert [m.action for m in stored if isinstance(m, SessionControl)] == ["start", "end"]
+    samples = sum(len(m.payload) // 2 for m in stored if isinstance(m, AudioChunk))
+    assert abs(samples - 3 * 16000) <= 16
