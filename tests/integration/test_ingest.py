@@ -209,9 +209,10 @@ async def test_a_session_the_transcriber_rejected_is_refused_with_its_reason(gat
     reply = await eventually(lambda: ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0)),
                              lambda r: not r.ok)
     assert (reply.code, reply.last_seq) == ("rejected", 0) and "worker_full" in reply.message
-    for request in (chunk(tenant, session, 1), control(tenant, session, "start"), control(tenant, session, "end")):
-        subject = (subjects.ingest_audio if isinstance(request, AudioChunk) else subjects.ingest_session)(tenant, session)
-        assert (await ask(nc, subject, request)).code == "rejected"
+    assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 1))).code == "rejected"
+    for action in ("start", "end"):
+        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, action))).code == \
+            "rejected"
     while True:
         event = decode((await errors.next_msg(timeout=2)).data, ErrorEvent)
         if event.session_id == session and event.code == "rejected":
