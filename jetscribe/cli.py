@@ -10,9 +10,10 @@ import signal
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 
 from jetscribe import stack
-from jetscribe.transcript_formats import FORMATS, render
+from jetscribe.transcript_formats import FORMATS, render, show_live
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--tenant", default="default")
     stream.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
     stream.add_argument("--language", default="auto")
+
+    follow = sub.add_parser("follow", help="print a session's transcript from the TRANSCRIPTS stream as it comes; "
+                                           "exits after the session ends")
+    follow.add_argument("session")
+    follow.add_argument("--tenant", default="default")
+    start = follow.add_mutually_exclusive_group()
+    start.add_argument("--from-start", action="store_true", help="replay everything the stream holds of it first")
+    start.add_argument("--since", metavar="T", help="replay from a time: 90s, 5m, 2h, 1d ago, or an ISO time")
+    start.add_argument("--from-seq", type=int, metavar="N", help="replay from TRANSCRIPTS stream sequence N")
+    follow.add_argument("--format", choices=("text", "json"), default="text",
+                        help="text: final lines (interims rewrite the line on a terminal); json: every segment "
+                             "and event, one object per line")
+    follow.add_argument("--keep", action="store_true", help="keep following after the session's end")
 
     transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
     transcript.add_argument("session")
@@ -49,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     command = {
-        "up": cmd_up, "stream": cmd_stream, "transcript": cmd_transcript, "sessions": cmd_sessions,
-        "demo": cmd_demo, "db": cmd_db,
+        "up": cmd_up, "stream": cmd_stream, "follow": cmd_follow, "transcript": cmd_transcript,
+        "sessions": cmd_sessions, "demo": cmd_demo, "db": cmd_db,
     }[args.command]
     try:
         return command(args)
@@ -91,31 +105,49 @@ def cmd_stream(args) -> int:
 async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto",
                        out=None):
     """Stream as a bot and show the transcript live: interims rewrite one line, finals stay."""
-    import nats
-
     from jetscribe.bot import stream_audio
 
     out = out or sys.stdout
-    interactive = out.isatty()
-
-    def show(segment):
-        if segment.status == "final":
-            if segment.text:
-                line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {segment.text}"
-                print(("\r\033[K" if interactive else "") + line, file=out, flush=True)
-        elif interactive:
-            print(f"\r\033[K  … {segment.text[-100:]}", end="", file=out, flush=True)
-
+    nc = await _connect_nats(url)
     try:
-        nc = await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3)
+        return await stream_audio(nc, audio, tenant=tenant, session_id=session, speed=speed, language=language,
+                                  on_segment=lambda segment: show_live(segment, out))
+    finally:
+        await nc.close()
+
+
+async def _connect_nats(url: str):
+    import nats
+    try:
+        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3)
     except Exception as exc:
         raise Unreachable(f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this "
                           "folder, or set NATS_URL") from None
+
+
+def cmd_follow(args) -> int:
+    from jetscribe.follow import NoStream, consumer_config, follow, parse_since
     try:
-        return await stream_audio(nc, audio, tenant=tenant, session_id=session, speed=speed, language=language,
-                                  on_segment=show)
-    finally:
-        await nc.close()
+        since = parse_since(args.since, datetime.now(timezone.utc)) if args.since else None
+        config = consumer_config(args.tenant, args.session, from_start=args.from_start, since=since,
+                                 from_seq=args.from_seq)
+    except ValueError as exc:
+        print(f"jetscribe follow: {exc}", file=sys.stderr)
+        return 2
+
+    async def run():
+        nc = await _connect_nats(stack.nats_url())
+        try:
+            return await follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
+        except NoStream as exc:
+            raise Unreachable(str(exc)) from None
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_transcript(args) -> int:

@@ -1,9 +1,21 @@
-"""A session's final segments as plain text, JSON, SubRip (srt) or WebVTT."""
+"""A session's final segments as plain text, JSON, SubRip (srt) or WebVTT; live segments as they come."""
 from __future__ import annotations
 
 import json
 
 FORMATS = ("text", "json", "srt", "vtt")
+
+
+def show_live(segment, out) -> None:
+    """Print a wire Segment as it arrives: finals stay; on a terminal an interim rewrites the current line,
+    elsewhere interims are left out."""
+    interactive = out.isatty()
+    if segment.status == "final":
+        if segment.text:
+            line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {segment.text}"
+            print(("\r\033[K" if interactive else "") + line, file=out, flush=True)
+    elif interactive:
+        print(f"\r\033[K  … {segment.text[-100:]}", end="", file=out, flush=True)
 
 
 def render(segments, fmt: str) -> str:

@@ -1,0 +1,87 @@
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from nats.js.api import DeliverPolicy
+
+from jetscribe.follow import as_json, consumer_config, describe, parse_since
+from jetscribe.transcript_formats import show_live
+from shared.wire import Segment, SessionEvent, Word
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("text, back", [("90s", 90), ("5m", 300), ("2h", 7200), ("1d", 86400), ("1.5m", 90)])
+def test_since_a_duration_counts_back_from_now(text, back):
+    assert parse_since(text, NOW) == NOW - timedelta(seconds=back)
+
+
+def test_since_an_iso_time_is_taken_as_is_and_a_naive_one_as_local_time():
+    assert parse_since("2025-06-01T10:00:00Z", NOW) == datetime(2025, 6, 1, 10, tzinfo=timezone.utc)
+    assert parse_since("2025-06-01T10:00:00+02:00", NOW) == datetime(2025, 6, 1, 8, tzinfo=timezone.utc)
+    local = datetime(2025, 6, 1, 10).astimezone()
+    assert parse_since("2025-06-01T10:00:00", NOW) == local.astimezone(timezone.utc)
+    assert parse_since("2025-06-01 10:00", NOW).tzinfo == timezone.utc
+
+
+@pytest.mark.parametrize("text", ["yesterday", "5 minutes", "-5m", "10", ""])
+def test_since_refuses_what_it_cannot_read(text):
+    with pytest.raises(ValueError, match="--since"):
+        parse_since(text, NOW)
+
+
+def test_consumer_is_filtered_to_the_sessions_segments_and_events():
+    config = consumer_config("acme", "s1")
+    assert config.filter_subjects == ["transcript.acme.s1", "session.acme.s1.*"]
+    assert config.deliver_policy == DeliverPolicy.NEW  # without a start: only what comes next
+
+
+def test_consumer_starts_where_asked():
+    assert consumer_config("acme", "s1", from_start=True).deliver_policy == DeliverPolicy.ALL
+    by_time = consumer_config("acme", "s1", since=NOW)
+    assert (by_time.deliver_policy, by_time.opt_start_time) == (DeliverPolicy.BY_START_TIME, NOW)
+    by_seq = consumer_config("acme", "s1", from_seq=42)
+    assert (by_seq.deliver_policy, by_seq.opt_start_seq) == (DeliverPolicy.BY_START_SEQUENCE, 42)
+
+
+@pytest.mark.parametrize("tenant, session, options", [
+    ("acme", "s.1", {}),
+    ("*", "s1", {}),
+    ("acme", "s1", {"from_seq": 0}),
+    ("acme", "s1", {"from_start": True, "from_seq": 3}),
+])
+def test_consumer_refuses_bad_ids_and_starts(tenant, session, options):
+    with pytest.raises(ValueError):
+        consumer_config(tenant, session, **options)
+
+
+def test_json_lines_carry_type_words_as_objects_and_stream_seq():
+    segment = Segment(tenant="acme", session_id="s1", segment_id=0, revision=1, status="interim", start=0.0, end=1.0,
+                      text="hello", words=[Word("hello", 0.0, 0.5, 0.9)])
+    line = json.loads(as_json(segment, 7))
+    assert (line["type"], line["status"], line["stream_seq"]) == ("segment", "interim", 7)
+    assert line["words"] == [{"word": "hello", "start": 0.0, "end": 0.5, "probability": 0.9}]
+    event = json.loads(as_json(SessionEvent(tenant="acme", session_id="s1", event="ended", at=1.0), 8))
+    assert (event["type"], event["event"]) == ("session_event", "ended")
+
+
+def test_events_read_as_one_line():
+    rejected = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="worker_full")
+    assert describe(rejected).startswith("-- session s1 rejected: worker_full")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_live_lines_rewrite_interims_on_a_terminal_and_leave_them_out_elsewhere():
+    interim = Segment(tenant="a", session_id="s", segment_id=0, revision=0, status="interim", start=0, end=1, text="he")
+    final = Segment(tenant="a", session_id="s", segment_id=0, revision=1, status="final", start=0, end=1, text="hey")
+    piped, terminal = io.StringIO(), Terminal()
+    for segment in (interim, final):
+        show_live(segment, piped)
+        show_live(segment, terminal)
+    assert piped.getvalue() == "[   0.00 -    1.00] hey\n"
+    assert terminal.getvalue() == "\r\033[K  … he\r\033[K[   0.00 -    1.00] hey\n"
