@@ -15,7 +15,7 @@ import soundfile as sf
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
 from shared import subjects
-from shared.wire import AudioChunk, Reply, Segment, SessionControl, decode, encode
+from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
 
 
 class BotError(RuntimeError):
@@ -79,6 +79,9 @@ async def stream_audio(
 ) -> StreamResult:
     """Stream `audio` as a bot would; returns once the session's `ended` event arrives.
 
+    Raises BotError when the gateway refuses the session, or when the transcriber rejects it
+    after the bot's last request (before that, the gateway's answer says so).
+
     speed 1.0 paces chunks in real time; 0 sends as fast as the gateway answers.
     """
     result = StreamResult()
@@ -91,12 +94,19 @@ async def stream_audio(
         if on_segment:
             on_segment(segment)
 
+    rejected: list[SessionEvent] = []
+
     async def on_ended(msg):
+        ended.set()
+
+    async def on_rejected(msg):
+        rejected.append(decode(msg.data, SessionEvent))
         ended.set()
 
     subs = [
         await nc.subscribe(subjects.transcript(tenant, session_id), cb=on_transcript),
         await nc.subscribe(subjects.session_event(tenant, session_id, "ended"), cb=on_ended),
+        await nc.subscribe(subjects.session_event(tenant, session_id, "rejected"), cb=on_rejected),
     ]
     await nc.flush()
     try:
@@ -127,6 +137,9 @@ async def stream_audio(
         if not reply.ok:
             raise BotError(reply)
         await asyncio.wait_for(ended.wait(), wait_s)
+        if rejected:
+            raise BotError(Reply(ok=False, last_seq=reply.last_seq, code="rejected",
+                                 message=f"the transcriber rejected the session: {rejected[0].reason}"))
         await asyncio.sleep(0.2)  # let the last segments' callbacks run
         return result
     finally:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jetscribe.bot import read_audio, stream_audio
+from jetscribe.bot import Audio, BotError, read_audio, stream_audio
 from jetscribe.servers import NatsServer
 from services.ingest.app import run as run_ingest
 from shared import subjects
@@ -312,3 +312,21 @@ async def test_a_bot_that_crashed_resumes_where_the_gateway_left_off(gateway, na
     assert [m.action for m in stored if isinstance(m, SessionControl)] == ["start", "end"]
     samples = sum(len(m.payload) // 2 for m in stored if isinstance(m, AudioChunk))
     assert abs(samples - 3 * 16000) <= 16
+
+
+async def test_a_bot_hears_of_a_rejection_that_comes_after_its_end(gateway, nats_url):
+    observer, tenant, session = gateway, "acme", f"s{uuid.uuid4().hex[:8]}"
+
+    async def transcriber(msg):  # rejects the session only once its end is stored
+        stored = decode(msg.data, AudioMessage)
+        if isinstance(stored, SessionControl) and stored.action == "end":
+            await worker_says(observer, tenant, session, "rejected", "buffer_full")
+
+    fake = await observer.subscribe(subjects.audio(tenant, session), cb=transcriber)
+    bot = await nats.connect(nats_url)
+    with pytest.raises(BotError) as err:
+        await stream_audio(bot, Audio(np.zeros(3200, "<i2"), 16000), tenant=tenant, session_id=session, speed=0,
+                           wait_s=10)
+    assert err.value.reply.code == "rejected" and "buffer_full" in str(err.value)
+    await bot.close()
+    await fake.unsubscribe()
