@@ -126,6 +126,8 @@ async def _connect_nats(url: str):
 
 
 def cmd_follow(args) -> int:
+    from nats.errors import ConnectionClosedError
+
     from jetscribe.follow import NoStream, consumer_config, follow, parse_since
     try:
         since = parse_since(args.since, datetime.now(timezone.utc)) if args.since else None
@@ -141,6 +143,8 @@ def cmd_follow(args) -> int:
             return await follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
         except NoStream as exc:
             raise Unreachable(str(exc)) from None
+        except ConnectionClosedError:
+            raise Unreachable("lost the connection to NATS") from None
         finally:
             await nc.close()
 

@@ -86,9 +86,6 @@ class IngestGateway:
         ledger = self.book.closed_by_worker(event.tenant, event.session_id, event.event, event.reason)
         if ledger is not None and event.event == "rejected":
             log.warning("transcriber rejected %s/%s: %s", event.tenant, event.session_id, ledger.rejection)
-        key = (event.tenant, event.session_id)
-        if key in self._locks and not self._locks[key].locked():  # a request in flight still needs its lock
-            del self._locks[key]
 
     async def _accept_chunk(self, chunk: AudioChunk) -> Reply:
         await self._recall(chunk.tenant, chunk.session_id)

@@ -107,10 +107,9 @@ class IngestBook:
     def ledger(self, tenant: str, session_id: str) -> SessionLedger | None:
         return self.sessions.get((tenant, session_id))
 
-    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool,
-                 rejection: str | None = None) -> SessionLedger:
-        """Adopt a session found in the streams (after a gateway restart)."""
-        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended, rejection=rejection)
+    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool) -> SessionLedger:
+        """Adopt a session found in the stream (after a gateway restart)."""
+        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended)
         self.sessions[(tenant, session_id)] = ledger
         return ledger
 
