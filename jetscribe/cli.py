@@ -118,8 +118,13 @@ async def _stream_live(url: str, audio, tenant: str, session: str, speed: float,
 
 async def _connect_nats(url: str):
     import nats
+
+    async def on_error(exc):  # nats-py would log each failed connection attempt with a traceback
+        if not isinstance(exc, OSError):
+            print(f"jetscribe: NATS error: {exc!r}", file=sys.stderr, flush=True)
+
     try:
-        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3)
+        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error)
     except Exception as exc:
         raise Unreachable(f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this "
                           "folder, or set NATS_URL") from None
