@@ -77,6 +77,7 @@ class Segment(msgspec.Struct, tag="segment", kw_only=True):
     end: float
     text: str
     words: list[Word] = []
+    stable_words: int = 0  # interims: leading words two consecutive hypotheses agreed on (LocalAgreement)
     speaker: str | None = None
     language: str | None = None
     model: str = ""

@@ -17,7 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.transcriber import model as whisper
-from services.transcriber.core import CommitOptions, SessionStream, pick_next
+from services.transcriber.core import CommitOptions, DecodeLoad, SessionStream, pick_next
 from shared import subjects, telemetry
 from shared.config import StreamSettings, TranscriberConfig
 from shared.streams import connect, ensure_streams
@@ -55,6 +55,7 @@ class TranscriberWorker:
         self.end_msgs: dict[SessionKey, Msg] = {}
         self.failures: dict[SessionKey, int] = {}
         self.finished: OrderedDict[SessionKey, None] = OrderedDict()  # recently closed, to ignore redeliveries
+        self.load = DecodeLoad()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -154,7 +155,7 @@ class TranscriberWorker:
     async def _decode_loop(self) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()
-            stream = pick_next(list(self.streams.values()))
+            stream = pick_next(list(self.streams.values()), self._interim_every())
             if stream is None:
                 await self.wakeup.wait()
                 continue
@@ -164,16 +165,25 @@ class TranscriberWorker:
                 log.exception("decode step failed for %s/%s", stream.tenant, stream.session_id)
                 await asyncio.sleep(0.5)
 
+    def _interim_every(self) -> float:
+        speaking = sum(1 for s in self.streams.values() if s.open is not None)
+        return self.load.interim_every(self.options.interim_every_s, speaking)
+
     async def _decode_one(self, stream: SessionStream) -> None:
-        job = stream.next_job()
+        job = stream.next_job(self._interim_every())
         if job is None:
             return
         key = (stream.tenant, stream.session_id)
         with self.tracer.start_as_current_span("transcriber.decode") as span:
             span.set_attribute("jetscribe.kind", job.kind)
             span.set_attribute("jetscribe.audio_s", len(job.audio) / 16000)
+            span.set_attribute("jetscribe.speculative", job.speculative)
+            span.set_attribute("jetscribe.precomputed", job.ready is not None)
             try:
-                decoded = await asyncio.to_thread(whisper.transcribe, self.model, job)
+                started = time.perf_counter()
+                decoded = job.ready or await asyncio.to_thread(whisper.transcribe, self.model, job)
+                if job.ready is None:
+                    self.load.observe(job, time.perf_counter() - started)
                 self.failures.pop(key, None)
             except Exception as exc:
                 attempts = self.failures[key] = self.failures.get(key, 0) + 1

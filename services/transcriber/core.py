@@ -4,12 +4,17 @@ The flow per session: audio is appended and classified in 30 ms VAD frames; spee
 utterance; trailing silence (or the maximum length) closes it. A closed utterance becomes a
 "final" decode job, an open one an occasional "interim" job. Utterances never overlap, so a
 word can't be emitted twice, and audio is acknowledged only once the segment covering it is out.
+
+Latency: a final is decoded speculatively once the speaker has paused for `speculate_after_s`,
+on exactly the audio the endpoint will cut; if the pause becomes an endpoint, that result is the
+final and no second decode is needed. Interims mark the words two consecutive hypotheses agree on
+as stable (LocalAgreement); a long utterance is cut at a stable word boundary.
 """
 from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
@@ -24,7 +29,9 @@ FRAME_SAMPLES = 480  # 30 ms, a frame size webrtcvad accepts
 class CommitOptions:
     endpoint_silence_s: float = 0.5
     max_utterance_s: float = 15.0
-    interim_every_s: float = 1.0
+    interim_every_s: float = 1.0  # the fastest interim rate; under load it is slowed (`DecodeLoad`)
+    first_interim_s: float = 0.6  # speech heard before an utterance's first interim
+    speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
     preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
     tail_pad_s: float = 0.2  # silence kept after the last speech frame
@@ -60,6 +67,9 @@ class DecodeJob:
     prompt: str
     beam_size: int
     speech_end_sample: int = 0  # where the VAD last heard speech; words after it are suspect
+    window: Literal["full", "short"] = "full"  # encoder window: short is cheaper, full is more accurate
+    speculative: bool = False  # a final decoded before its endpoint is certain
+    ready: Decoded | None = None  # decoded already (by a speculative job): no model call needed
 
 
 @dataclass
@@ -71,6 +81,10 @@ class Utterance:
     segment_id: int | None = None  # given when its first text is published
     revision: int = 0
     closed_at: float = 0.0
+    speculate_end: int | None = None  # where the endpoint will cut if the current pause lasts
+    speculation: tuple[DecodeJob, Decoded] | None = None  # a final decoded ahead of the endpoint
+    stable: list[Word] = field(default_factory=list)  # interim words agreed by consecutive hypotheses
+    unstable: list[Word] = field(default_factory=list)  # the rest of the latest hypothesis
 
 
 class SampleBuffer:
@@ -208,6 +222,8 @@ class SessionStream:
     def _classify(self, now: float) -> None:
         opts = self.options
         endpoint_frames = max(1, round(opts.endpoint_silence_s * SAMPLE_RATE / FRAME_SAMPLES))
+        # The cut is known once the pause is longer than the tail kept after speech.
+        speculate_frames = round(max(opts.speculate_after_s, opts.tail_pad_s) * SAMPLE_RATE / FRAME_SAMPLES) + 1
         max_len = int(opts.max_utterance_s * SAMPLE_RATE)
         while self.received - self.vad_pos >= FRAME_SAMPLES:
             frame_start = self.vad_pos
@@ -217,6 +233,8 @@ class SessionStream:
             if speech:
                 self._silence_frames = 0
                 self._last_speech_end = self.vad_pos
+                if self.open is not None:
+                    self.open.speculate_end = None
                 if self.open is None:
                     start = max(self.buffer.start, frame_start - int(opts.preroll_s * SAMPLE_RATE))
                     start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
@@ -226,24 +244,41 @@ class SessionStream:
                 self.open.speech_end = self.vad_pos
             elif self.open is not None:
                 self._silence_frames += 1
+                cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
                 if self._silence_frames >= endpoint_frames:
-                    cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
                     self._close(cut, now)
+                elif self._silence_frames == min(speculate_frames, endpoint_frames - 1):
+                    self.open.speculate_end = cut
             if self.open is not None and self.vad_pos - self.open.start >= max_len:
                 self._force_cut(now)
 
     def _force_cut(self, now: float) -> None:
-        """A long run of speech with no pause: cut at the quietest frame of its last few seconds."""
+        """A long run of speech with no pause: cut between the last two stable words if the interims
+        agreed on some lately, else in the quietest frame of the last few seconds."""
         utt = self.open
         search_from = max(utt.start + FRAME_SAMPLES, self.vad_pos - 4 * SAMPLE_RATE)
-        best, best_energy = self.vad_pos, None
-        for pos in range(search_from, self.vad_pos - FRAME_SAMPLES + 1, FRAME_SAMPLES // 2):
+        search_to = self.vad_pos
+        boundary = self._stable_boundary(utt)
+        if boundary is not None and boundary > search_from:
+            # Word times are only good to ~0.1 s: take the quietest frame around the boundary.
+            search_from = max(utt.start + FRAME_SAMPLES, boundary - int(0.15 * SAMPLE_RATE))
+            search_to = min(self.vad_pos, boundary + int(0.15 * SAMPLE_RATE) + FRAME_SAMPLES)
+        best, best_energy = search_to, None
+        for pos in range(search_from, search_to - FRAME_SAMPLES + 1, FRAME_SAMPLES // 2):
             energy = float(np.mean(self._samples(pos, pos + FRAME_SAMPLES).astype(np.float32) ** 2))
             if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
                 best, best_energy = pos + FRAME_SAMPLES // 2, energy
         self._close(best, now)
         self.open = Utterance(start=best, speech_frames=1, speech_end=self.vad_pos)
         self._interim_at = self.vad_pos
+
+    @staticmethod
+    def _stable_boundary(utt: Utterance) -> int | None:
+        """Session sample between the last stable word and the word after it, if both are known."""
+        if not utt.stable or not utt.unstable:
+            return None
+        gap_start, gap_end = utt.stable[-1].end, max(utt.stable[-1].end, utt.unstable[0].start)
+        return int((gap_start + gap_end) / 2 * SAMPLE_RATE)
 
     def _close(self, end: int, now: float) -> None:
         utt, self.open = self.open, None
@@ -265,35 +300,60 @@ class SessionStream:
             return None
         return self.closed[0].closed_at
 
-    def interim_due(self) -> bool:
-        if self.busy or self.closed or self.open is None or self.ending:
+    def speculation_due(self) -> bool:
+        """The speaker paused: decode the final now, on the audio the endpoint would cut."""
+        utt = self.open
+        if self.busy or self.closed or utt is None or utt.speculate_end is None:
             return False
-        new_audio = self.vad_pos - self._interim_at
-        return new_audio >= self.options.interim_every_s * SAMPLE_RATE and self.vad_pos - self.open.start >= SAMPLE_RATE // 2
+        return utt.speculation is None or utt.speculation[0].end_sample != utt.speculate_end
+
+    def interim_due(self, every_s: float | None = None) -> bool:
+        utt = self.open
+        if self.busy or self.closed or utt is None or self.ending or self._silence_frames >= 3:
+            return False  # in a pause the speculative final is coming; an interim would only delay it
+        if self.vad_pos - utt.start < self.options.first_interim_s * SAMPLE_RATE:
+            return False
+        if utt.revision == 0:
+            return True
+        every = self.options.interim_every_s if every_s is None else every_s
+        return self.vad_pos - self._interim_at >= every * SAMPLE_RATE
 
     @property
     def interim_backlog(self) -> int:
         """Samples heard since the last interim."""
         return self.vad_pos - self._interim_at
 
-    def next_job(self) -> DecodeJob | None:
-        """The decode this session needs most: its oldest final, else an interim of the open utterance."""
+    def next_job(self, interim_every_s: float | None = None) -> DecodeJob | None:
+        """The decode this session needs most: its oldest final, else a speculative final of a
+        paused utterance, else an interim of the open one."""
         if self.busy:
             return None
+        prompt = " ".join(self.committed_words)
         if self.closed:
-            utt, kind, beam = self.closed[0], "final", self.options.beam_size
-            end = utt.end
-        elif self.interim_due():
-            utt, kind, beam = self.open, "interim", self.options.interim_beam_size
-            end = self.vad_pos
+            utt = self.closed[0]
+            if utt.speculation is not None and utt.speculation[0].end_sample == utt.end:
+                job, decoded = utt.speculation  # the pause became an endpoint: the final is decoded
+                self.busy = True
+                return DecodeJob(kind="final", audio=job.audio, start_sample=job.start_sample,
+                                 end_sample=job.end_sample, language=job.language, prompt=job.prompt,
+                                 beam_size=job.beam_size, speech_end_sample=job.speech_end_sample, ready=decoded)
+            kind, end, speculative = "final", utt.end, False
+        elif self.speculation_due():
+            utt, kind, end, speculative = self.open, "final", self.open.speculate_end, True
+        elif self.interim_due(interim_every_s):
+            utt, kind, end, speculative = self.open, "interim", self.vad_pos, False
             self._interim_at = end
         else:
             return None
         audio = self._samples(utt.start, end).astype(np.float32) / 32768.0
         self.busy = True
-        return DecodeJob(kind=kind, audio=audio, start_sample=utt.start, end_sample=end,
-                         language=self.language, prompt=" ".join(self.committed_words), beam_size=beam,
-                         speech_end_sample=min(utt.speech_end, end) if kind == "final" else end)
+        if kind == "interim":
+            return DecodeJob(kind="interim", audio=audio, start_sample=utt.start, end_sample=end,
+                             language=self.language, prompt=prompt, beam_size=self.options.interim_beam_size,
+                             speech_end_sample=end, window="short")
+        return DecodeJob(kind="final", audio=audio, start_sample=utt.start, end_sample=end, language=self.language,
+                         prompt=prompt, beam_size=self.options.beam_size,
+                         speech_end_sample=min(utt.speech_end, end), speculative=speculative)
 
     @property
     def finished(self) -> bool:
@@ -310,18 +370,29 @@ class SessionStream:
             self.language = decoded.language
         words = self._session_words(job, keep_trustworthy(decoded.segments))
         words = drop_trailing_inventions(words, job.speech_end_sample / SAMPLE_RATE)
-        if job.kind == "interim":
+        if job.speculative:
+            closed = self.closed[0] if self.closed else None
+            if closed is not None and (closed.start, closed.end) == (job.start_sample, job.end_sample):
+                return self._final(words, job, now)  # the endpoint came while it decoded: it is the final
+            utt = self.open
+            if utt is None or utt.start != job.start_sample:
+                return []  # cut elsewhere meanwhile; that utterance gets its own final
+            utt.speculation = (job, decoded)  # the final, if this pause becomes an endpoint
+        if job.kind == "interim" or job.speculative:
             utt = self.open
             if utt is None or utt.start != job.start_sample or not words:
                 return []  # that utterance closed meanwhile; its final is coming
-            return [self._segment(utt, "interim", words, job, now)]
+            words, stable = agree(utt, words)
+            return [self._segment(utt, "interim", words, job, now, stable)]
+        return self._final(words, job, now)
+
+    def _final(self, words: list[Word], job: DecodeJob, now: float) -> list[Segment]:
         utt = self.closed.popleft()
         self.finals_published += 1
         if not words and utt.segment_id is None:
             return []
-        segment = self._segment(utt, "final", words, job, now)
         self.committed_words.extend(w.word.strip() for w in words)
-        return [segment]
+        return [self._segment(utt, "final", words, job, now)]
 
     def _session_words(self, job: DecodeJob, words: list[Word]) -> list[Word]:
         offset = job.start_sample / SAMPLE_RATE
@@ -333,7 +404,8 @@ class SessionStream:
             out.append(Word(w.word, round(start, 3), round(end, 3), round(float(w.probability), 3)))
         return out
 
-    def _segment(self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, now: float) -> Segment:
+    def _segment(self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, now: float,
+                 stable_words: int = 0) -> Segment:
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
             self.next_segment_id += 1
@@ -344,7 +416,7 @@ class SessionStream:
         return Segment(
             tenant=self.tenant, session_id=self.session_id, segment_id=utt.segment_id, revision=utt.revision,
             status=status, start=start, end=end, text="".join(w.word for w in words).strip(), words=words,
-            language=self.language, model=self.model, seq_first=seqs[0] if seqs else self.last_seq,
+            stable_words=stable_words, language=self.language, model=self.model, seq_first=seqs[0] if seqs else self.last_seq,
             seq_last=seqs[-1] if seqs else self.last_seq, worker_id=self.worker_id, published_at=now,
         )
 
@@ -382,12 +454,58 @@ class SessionStream:
         return seqs
 
 
-def pick_next(streams: list[SessionStream]) -> SessionStream | None:
-    """Which session decodes next: the oldest pending final first, then the most starved interim."""
+def agree(utt: Utterance, words: list[Word]) -> tuple[list[Word], int]:
+    """LocalAgreement-2 over an utterance's interim hypotheses: a word becomes stable once two
+    consecutive hypotheses agree on it (and on everything before it). Stable words stay as they
+    are; returns the words to show (stable, then the newest guesses) and how many are stable."""
+    stable = utt.stable
+    n = _common_prefix(stable, words)
+    if n == len(stable):
+        fresh = words[n:]
+    else:  # the model revised a stable word: keep ours, take its guesses after them
+        fresh = [w for w in words if w.start >= stable[-1].end - 0.05]
+        while fresh and stable and _norm(fresh[0].word) == _norm(stable[-1].word):
+            fresh = fresh[1:]  # the stable word itself, timed a little early
+    agreed = _common_prefix(utt.unstable, fresh)
+    stable.extend(fresh[:agreed])
+    utt.unstable = fresh[agreed:]
+    return stable + utt.unstable, len(stable)
+
+
+def _common_prefix(a: list[Word], b: list[Word]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and _norm(a[n].word) == _norm(b[n].word):
+        n += 1
+    return n
+
+
+class DecodeLoad:
+    """Recent decode cost, to slow interims down when the worker is busy: interims of all speaking
+    sessions together may take at most half of the decode loop, so finals never queue behind them."""
+
+    def __init__(self, smoothing: float = 0.3):
+        self.smoothing = smoothing
+        self.interim_s = 0.0
+
+    def observe(self, job: DecodeJob, seconds: float) -> None:
+        if job.kind == "interim":
+            self.interim_s = seconds if not self.interim_s else (
+                self.smoothing * seconds + (1 - self.smoothing) * self.interim_s)
+
+    def interim_every(self, fastest_s: float, speaking_sessions: int) -> float:
+        return max(fastest_s, 2.0 * speaking_sessions * self.interim_s)
+
+
+def pick_next(streams: list[SessionStream], interim_every_s: float | None = None) -> SessionStream | None:
+    """Which session decodes next: the oldest pending final first, then a paused utterance's
+    speculative final, then the most starved interim."""
     finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]
     if finals:
         return streams[min(finals)[1]]
-    interims = [s for s in streams if s.interim_due()]
+    paused = [s for s in streams if s.speculation_due()]
+    if paused:
+        return paused[0]
+    interims = [s for s in streams if s.interim_due(interim_every_s)]
     if interims:
         return max(interims, key=lambda s: s.interim_backlog)
     return None

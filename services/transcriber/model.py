@@ -12,7 +12,7 @@ from pathlib import Path
 
 from faster_whisper import WhisperModel
 
-from services.transcriber.core import Decoded, DecodedSegment, DecodeJob
+from services.transcriber.core import Decoded, DecodedSegment, DecodeJob, has_loop
 from shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
@@ -68,18 +68,68 @@ def _assemble_base(cache_dir: Path) -> Path:
     return target
 
 
+class ShortWindowWhisper(WhisperModel):
+    """faster-whisper, but the encoder sees only as many frames as the audio needs.
+
+    faster-whisper pads every window to 30 s (3000 frames) and the encoder dominates the cost of a
+    short window; CTranslate2 accepts fewer frames. Whisper was trained on padded windows, so the audio
+    must fill at most ~2/3 of the frames it gets, or decoding tends to loop (see `needs_full_window`).
+    """
+
+    encode_frames: int | None = None  # set per call by `transcribe`; None = stock 3000 frames
+
+    def encode(self, features):
+        if self.encode_frames is not None:
+            features = features[..., :self.encode_frames]
+        return super().encode(features)
+
+
 def load_model(name: str, device: str = "cpu", compute_type: str = "int8", cpu_threads: int = 0,
-               cache_dir: str | Path | None = None) -> WhisperModel:
-    return WhisperModel(str(model_folder(name, cache_dir)), device=device, compute_type=compute_type,
-                        cpu_threads=cpu_threads)
+               cache_dir: str | Path | None = None) -> ShortWindowWhisper:
+    return ShortWindowWhisper(str(model_folder(name, cache_dir)), device=device, compute_type=compute_type,
+                              cpu_threads=cpu_threads)
+
+
+FULL_WINDOW_FRAMES = 3000
+FRAMES_PER_SECOND = 100
+
+
+def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100) -> int:
+    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them."""
+    needed = audio_samples / 160 / fill
+    return min(FULL_WINDOW_FRAMES, int(-(-needed // step) * step))
+
+
+def needs_full_window(decoded: Decoded) -> bool:
+    """A short window sometimes sends Whisper into a loop (up to its 224-token cap): redo those at
+    30 s, as it was trained."""
+    for seg in decoded.segments:
+        if seg.compression_ratio > 2.4 or len(seg.words) >= 200:
+            return True
+    return has_loop([w for seg in decoded.segments for w in seg.words])
 
 
 def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
-    """Decode one job's audio; our own VAD already cut it, so faster-whisper's is off."""
+    """Decode one job's audio. Interims use a short encoder window, falling back to the full 30 s
+    window when the short one goes wrong; finals always use the full window, the more accurate one
+    (bench/accuracy.py). Our own VAD already cut the audio, so faster-whisper's is off."""
+    if job.window == "short" and isinstance(model, ShortWindowWhisper):
+        model.encode_frames = window_frames(len(job.audio))
+        try:
+            decoded = _transcribe(model, job, temperature=0.0)
+        finally:
+            model.encode_frames = None
+        if not needs_full_window(decoded):
+            return decoded
+    return _transcribe(model, job, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+
+
+def _transcribe(model: WhisperModel, job: DecodeJob, temperature) -> Decoded:
     segments, info = model.transcribe(
         job.audio,
         language=job.language,
         beam_size=job.beam_size,
+        temperature=temperature,
         word_timestamps=True,
         initial_prompt=job.prompt or None,
         condition_on_previous_text=False,
