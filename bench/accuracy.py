@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,13 +121,17 @@ async def stream_all(url: str, items: list[Item], args, local) -> dict[str, tupl
             print(f"streaming {item.name} ({item.audio.duration_s:.1f} s at speed {args.speed}) ...",
                   file=sys.stderr, flush=True)
             started = time.time()
-            result = await guarded(stream_audio(nc, item.audio, tenant=TENANT, session_id=f"{item.name[:50]}-{run}",
+            result = await guarded(stream_audio(nc, item.audio, tenant=TENANT, session_id=session_id(item.name, run),
                                                 speed=args.speed, chunk_s=CHUNK_S, language=args.language))
             results[item.name] = (result, time.time() - started)
         return results
     finally:
         watchdog.cancel()
         await nc.close()
+
+
+def session_id(name: str, run: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:50]}-{run}"  # ids are 1-64 of [A-Za-z0-9_-]
 
 
 # --- offline: the same model in this process ------------------------------------------------------
