@@ -50,6 +50,9 @@ def read_audio(path: str | Path) -> Audio:
 class StreamResult:
     finals: dict[int, Segment] = field(default_factory=dict)
     sent_at: list[float] = field(default_factory=list)  # wall time each chunk was accepted
+    sent_by_seq: dict[int, float] = field(default_factory=dict)  # wall time each accepted chunk was sent
+    frames_per_chunk: int = 0  # input frames per chunk: seq n holds frames [n * this, (n + 1) * this)
+    heard: list[tuple[float, Segment]] = field(default_factory=list)  # every segment, with its wall receive time
 
     def final_segments(self) -> list[Segment]:
         return [self.finals[k] for k in sorted(self.finals)]
@@ -89,6 +92,7 @@ async def stream_audio(
 
     async def on_transcript(msg):
         segment = decode(msg.data, Segment)
+        result.heard.append((time.time(), segment))
         if segment.status == "final":
             result.finals[segment.segment_id] = segment
         if on_segment:
@@ -115,7 +119,7 @@ async def stream_audio(
         reply = await request(nc, subjects.ingest_session(tenant, session_id), start)
         if not reply.ok:
             raise BotError(reply)
-        frames_per_chunk = max(1, int(audio.sample_rate * chunk_s))
+        frames_per_chunk = result.frames_per_chunk = max(1, int(audio.sample_rate * chunk_s))
         total = (len(audio.samples) + frames_per_chunk - 1) // frames_per_chunk
         seq = reply.last_seq + 1  # a reconnecting bot resumes after what the gateway already has
         t0 = time.monotonic() - seq * chunk_s / speed if speed > 0 else 0.0
@@ -131,6 +135,7 @@ async def stream_audio(
                 raise BotError(reply)
             if reply.ok:
                 result.sent_at.append(time.time())
+                result.sent_by_seq[seq] = chunk.sent_at
             seq = reply.last_seq + 1
         end = SessionControl(tenant=tenant, session_id=session_id, action="end", sent_at=time.time())
         reply = await request(nc, subjects.ingest_session(tenant, session_id), end)

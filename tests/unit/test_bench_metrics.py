@@ -1,0 +1,66 @@
+"""The pure measures behind bench/accuracy.py."""
+import pytest
+
+from jetscribe.metrics import (chunk_of, corpus_wer, percentile, repeats_at_joins, send_time,
+                               words_in_silence)
+
+
+def test_percentile_interpolates_and_is_none_without_values():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+    assert percentile([5.0, 1.0, 9.0], 100) == 9.0
+
+
+def test_chunk_of_takes_the_chunk_holding_the_last_sample_before_t():
+    # 16 kHz, 0.1 s chunks: chunk n holds samples [1600 n, 1600 (n + 1))
+    assert chunk_of(0.0, 16000, 1600) == 0
+    assert chunk_of(0.05, 16000, 1600) == 0
+    assert chunk_of(0.1, 16000, 1600) == 0  # a word ending exactly at 0.1 s is all in chunk 0
+    assert chunk_of(0.1001, 16000, 1600) == 1
+    assert chunk_of(0.3, 16000, 1600) == 2  # 0.3 * 16000 is 4800.000000000001 in floats
+    assert chunk_of(1.25, 44100, 4410) == 12
+
+
+def test_send_time_maps_a_word_end_to_its_chunk():
+    sent = {0: 100.0, 1: 100.1, 2: 100.2, 3: 100.3}
+    assert send_time(0.15, sent, 16000, 1600) == 100.1
+    assert send_time(0.2, sent, 16000, 1600) == 100.1
+    assert send_time(99.0, sent, 16000, 1600) == 100.3  # past the end: the last chunk
+    assert send_time(0.25, {0: 1.0, 3: 4.0}, 16000, 1600) == 4.0  # not accepted: the next that was
+
+
+def test_repeats_at_joins_counts_the_longest_overlap():
+    texts = ["We moved the billing service", "billing service to the new cluster.", "Done."]
+    assert repeats_at_joins(texts, "we moved the billing service to the new cluster done") == [
+        {"join": 0, "n": 2, "words": "billing service"}]
+
+
+def test_repeats_at_joins_normalizes_and_caps_at_three():
+    texts = ["I said: one, two, three four.", "Two three four five"]
+    assert repeats_at_joins(texts, "i said one two three four five") == [
+        {"join": 0, "n": 3, "words": "two three four"}]
+
+
+def test_repeats_at_joins_ignores_what_the_reference_repeats_and_clean_joins():
+    assert repeats_at_joins(["it is very", "very good"], "it is very very good") == []
+    assert repeats_at_joins(["hello there", "general kenobi"], "hello there general kenobi") == []
+    assert repeats_at_joins(["hello", "", "hello"], "hello") == [{"join": 0, "n": 1, "words": "hello"}]
+    assert repeats_at_joins([], "x") == []
+
+
+def test_words_in_silence_uses_the_word_middle_and_a_margin():
+    turns = [{"start": 1.0, "end": 2.0}, {"start": 4.0, "end": 5.0}]
+    words = [(" in", 1.2, 1.4), (" edge", 2.1, 2.4), (" gap", 2.9, 3.1), (" early", 0.0, 0.4)]
+    out = words_in_silence(words, turns)
+    assert [w["word"] for w in out] == ["gap", "early"]
+    assert out[0]["outside_by"] == pytest.approx(1.0)
+    assert words_in_silence(words, []) == []
+
+
+def test_corpus_wer_pools_errors_over_files():
+    refs = ["one two three four", "five six"]
+    hyps = ["One, two three.", "five six seven"]
+    assert corpus_wer(refs, hyps) == pytest.approx(2 / 6)  # one deletion + one insertion over 6 words
+    assert corpus_wer(["", "a b"], ["x", "a b"]) == 0.0  # an empty reference is left out
