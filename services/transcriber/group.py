@@ -13,14 +13,19 @@ Why no partition is processed by two workers at once:
    Messages arriving after the deadline are nak'd, not handed out.
 3. The server fences a stale owner. Each `transcriber-p<N>` consumer has a priority group with
    `pinned_client`: the server delivers only to pull requests carrying the current pin id (learned
-   from the `Nats-Pin-Id` header) and answers any other id with 423. A new owner calls UNPIN before
-   its first pull, so the server pins it and refuses the old owner's pulls, even ones already
-   waiting, whatever the old owner believes (a paused process, a partition of the network).
+   from the `Nats-Pin-Id` header) and answers another id with 423. A new owner calls UNPIN before
+   its first pull without an id; from its first delivery on, the old owner's pulls (waiting ones
+   too) get 423, whatever the old owner believes (a paused process, a clock that stood still).
+   On a 423 the puller asks the lease: still ours (our pin merely lapsed) -> UNPIN and pull again;
+   not ours -> stop and report the partition lost.
 4. Handover. A leaving owner stops pulling, lets the worker drain (`on_revoked`), then deletes the
    lease; a dead owner's unacked messages come back to the new owner after the consumer's ack_wait.
 Membership (KV bucket `transcriber_members`, one key per worker, heartbeat with TTL) only decides who
 should own what (rendezvous over live members, `partitions.py`); a stale view can delay a move but
 cannot make two owners, because ownership itself is only the lease.
+Acks are not fenced: what a worker already received when it froze it may still ack later. The worker
+must drop a partition's held messages on `on_revoked(p, lost=True)` or `PartitionLost`; a late ack
+of a redelivered chunk is harmless because the transcriber's outputs are deduplicated by id.
 """
 from __future__ import annotations
 
@@ -106,7 +111,9 @@ class PartitionPuller:
             return msgs
 
     async def _pull(self, batch: int, window: float) -> list[Msg]:
-        g = self.group
+        g, sub = self.group, self._sub
+        if sub is None:
+            return []
         self._requests += 1
         reply = f"{self._inbox}.{self._requests}"
         request = {"batch": batch, "expires": _seconds_ns(window), "group": g.priority_group}
@@ -119,8 +126,8 @@ class PartitionPuller:
         give_up = self._request_ends + 1.0  # the server answers by `expires`; 1 s for the way back
         while len(msgs) < batch:
             try:
-                msg = await self._sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
-            except nats.errors.TimeoutError:
+                msg = await sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
                 break
             if msg.reply:  # a stored message (status messages have no ack subject)
                 pin = (msg.headers or {}).get(PIN_HEADER)

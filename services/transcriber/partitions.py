@@ -104,7 +104,8 @@ def pull_window(now: float, deadline: float, wanted_s: float, margin_s: float) -
 
 
 def encode_lease(owner: str, ttl_s: int, at: float) -> bytes:
-    return json.dumps({"owner": owner, "ttl_s": ttl_s, "at": round(at, 3)}).encode()
+    """For people reading the bucket; the server's TTL, not `expires_at`, is what frees a lease."""
+    return json.dumps({"owner": owner, "ttl_s": ttl_s, "expires_at": round(at + ttl_s, 3)}).encode()
 
 
 def decode_lease(value: bytes, revision: int) -> Lease:

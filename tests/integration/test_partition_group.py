@@ -316,3 +316,45 @@ def test_member_ids_must_be_kv_keys():
         PartitionGroup(nats.NATS(), "host name")
     with pytest.raises(ValueError):  # renewals must come well inside the lease
         PartitionGroup(nats.NATS(), "w1", heartbeat_s=2.0, lease_ttl_s=5.0)
+
+
+async def test_three_workers_with_churn_never_share_a_partition(env):
+    """30 live sessions while workers join, one leaves and one crashes: at no instant do two
+    workers own a partition, and every chunk is handed out (again only if its worker crashed)."""
+    setup, js, connect = env
+    sessions, chunks = 30, 20
+
+    async def stream_sessions():
+        for seq in range(chunks):
+            for s in range(sessions):
+                await js.publish(f"{setup.prefix}.acme.s{s}", f"{s}:{seq}".encode())
+            await asyncio.sleep(0.15)
+
+    a, b, c = [Worker(setup, await connect(), name) for name in "abc"]
+    await a.group.start()
+    publisher = asyncio.create_task(stream_sessions())
+    await asyncio.sleep(0.3)
+    await b.group.start()
+    await asyncio.sleep(0.3)
+    await c.group.start()
+    await wait_for(lambda: sorted(len(w.group.owned) for w in (a, b, c)) == [5, 5, 6], 10)
+    await b.group.stop()  # a graceful leave
+    await asyncio.sleep(0.5)
+    await c.crash()
+    d = Worker(setup, await connect(), "d")
+    await d.group.start()
+    await publisher
+    workers = [a, b, c, d]
+    await wait_for(lambda: len(a.group.owned) + len(d.group.owned) == P, TTL_S + HEARTBEAT_S + 3)
+    total = sessions * chunks
+    await wait_for(lambda: len({seq for w in workers for _, seq, _, _ in w.received}) == total, ACK_WAIT_S + 10)
+    await wait_for(lambda: setup.consumers_settled(js), 5)
+
+    seen = [seq for w in workers for _, seq, _, _ in w.received]
+    assert set(seen) == set(range(1, total + 1))
+    crashed = {seq for _, seq, _, _ in c.received}
+    twice = {seq for seq in seen if seen.count(seq) > 1}
+    assert twice <= crashed, "only a crashed worker's messages may be handed out again"
+    assert_no_overlap(workers)
+    await asyncio.gather(a.group.stop(), d.group.stop())
+    assert_no_overlap(workers)
