@@ -125,6 +125,11 @@ async def wait_for(condition, timeout, step=0.05):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+async def partition_of(js, setup, session):
+    info = await js.stream_info(setup.stream, subjects_filter=f"{setup.prefix}.acme.{session}.*")
+    return int(next(iter(info.state.subjects)).rsplit(".", 1)[1])
+
+
 def assert_no_overlap(workers):
     now = time.monotonic()
     for p in range(P):
@@ -358,3 +363,28 @@ async def test_three_workers_with_churn_never_share_a_partition(env):
     assert_no_overlap(workers)
     await asyncio.gather(a.group.stop(), d.group.stop())
     assert_no_overlap(workers)
+
+
+async def test_an_owner_whose_pin_lapsed_pins_itself_again(env):
+    """A worker that did not pull for priority_timeout (= the lease TTL) loses its pin but not its
+    lease: its next pull is refused with 423, it confirms the lease, unpins and goes on."""
+    setup, js, connect = env
+    a = setup.group(await connect(), "a")
+    await a.start()
+    await wait_for(lambda: len(a.owned) == P, 5)
+    await js.publish(f"{setup.prefix}.acme.s1", b"first")
+    puller = a._held[await partition_of(js, setup, "s1")].puller
+    msgs = await puller.fetch(10, timeout=1.0)
+    assert [m.data for m in msgs] == [b"first"] and puller.pin_id
+    await msgs[0].ack()
+    old_pin = puller.pin_id
+    await asyncio.sleep(TTL_S + 1)  # no pulls: the server drops the pin
+    await js.publish(f"{setup.prefix}.acme.s1", b"second")
+    got = []
+    for _ in range(5):
+        got += await puller.fetch(10, timeout=0.5)
+        if got:
+            break
+    assert [m.data for m in got] == [b"second"]
+    assert puller.pin_id and puller.pin_id != old_pin and not puller.fenced
+    await a.stop()
