@@ -98,6 +98,9 @@ class TranscriberConfig:
     partitions: str = "all"  # "all" or a comma list like "0,1,5"
     ack_wait_s: float = 300.0
     worker_id: str = ""
+    # Consumer group: a crashed worker's partitions move after about lease_ttl_s + heartbeat_s.
+    heartbeat_s: float = 1.0
+    lease_ttl_s: float = 5.0  # whole seconds (the server keeps message TTLs in seconds)
 
     @classmethod
     def from_env(cls) -> "TranscriberConfig":
@@ -115,6 +118,8 @@ class TranscriberConfig:
             "partitions": ("JETSCRIBE_WORKER_PARTITIONS", str),
             "ack_wait_s": ("JETSCRIBE_ACK_WAIT_S", float),
             "worker_id": ("JETSCRIBE_WORKER_ID", str),
+            "heartbeat_s": ("JETSCRIBE_HEARTBEAT_S", float),
+            "lease_ttl_s": ("JETSCRIBE_LEASE_TTL_S", float),
         })
         if not cfg.worker_id:
             cfg = replace(cfg, worker_id=f"{socket.gethostname()}-{os.getpid()}")

@@ -59,6 +59,17 @@ def transcriber_consumer(partition: int) -> str:
     return f"transcriber-p{partition}"
 
 
+# The transcribers' consumer group: live members and partition leases in KV buckets, and one
+# priority group (pinned_client) on every transcriber-p<N> consumer. Group names: at most 16 chars.
+TRANSCRIBER_MEMBERS_BUCKET = "transcriber_members"
+PARTITION_LEASES_BUCKET = "partition_leases"
+TRANSCRIBER_PRIORITY_GROUP = "transcribers"
+
+
+def partition_lease_key(partition: int) -> str:
+    return f"p{partition}"
+
+
 # Transcriber -> TRANSCRIPTS stream
 def transcript(tenant: str, session: str) -> str:
     return f"transcript.{tenant}.{session}"

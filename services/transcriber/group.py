@@ -1,0 +1,548 @@
+"""The transcribers' partitioned consumer group: each AUDIO partition is owned by one live worker at a
+time, and partitions move when workers join, leave or die.
+
+Why no partition is processed by two workers at once:
+1. Leases. Key p<N> in KV bucket `partition_leases` names the owner. Every write is a compare-and-set
+   on the key's revision (take: the revision seen free or ours; renew: our last revision; release:
+   delete at our last revision), so one write wins and everyone else sees it. Each write carries a
+   per-message TTL: the server drops a lease nobody renews, which is how a dead worker's partitions
+   come free.
+2. The owner acts only inside its lease. It may pull until (send time of its last successful renew)
+   + ttl - margin, and each pull request expires a margin before that; the server started the TTL
+   later than we sent, so the owner has stopped pulling before anyone else can take the lease.
+   Messages arriving after the deadline are nak'd, not handed out.
+3. The server fences a stale owner. Each `transcriber-p<N>` consumer has a priority group with
+   `pinned_client`: the server delivers only to pull requests carrying the current pin id (learned
+   from the `Nats-Pin-Id` header) and answers another id with 423. A new owner calls UNPIN before
+   its first pull without an id; from its first delivery on, the old owner's pulls (waiting ones
+   too) get 423, whatever the old owner believes (a paused process, a clock that stood still).
+   On a 423 the puller asks the lease: still ours (our pin merely lapsed) -> UNPIN and pull again;
+   not ours -> stop and report the partition lost.
+4. Handover. A leaving owner stops pulling, lets the worker drain (`on_revoked`), then deletes the
+   lease; a dead owner's unacked messages come back to the new owner after the consumer's ack_wait.
+Membership (KV bucket `transcriber_members`, one key per worker, heartbeat with TTL) only decides who
+should own what (rendezvous over live members, `partitions.py`); a stale view can delay a move but
+cannot make two owners, because ownership itself is only the lease.
+Acks are not fenced: what a worker already received when it froze it may still ack later. The worker
+must drop a partition's held messages on `on_revoked(p, lost=True)` or `PartitionLost`; a late ack
+of a redelivered chunk is harmless because the transcriber's outputs are deduplicated by id.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig
+from nats.js.errors import APIError, BadRequestError, KeyNotFoundError
+
+from services.transcriber.partitions import (Lease, decode_lease, decode_member, encode_lease, encode_member,
+                                             lease_deadline, lease_ttl_seconds, may_acquire, plan, pull_window)
+from shared import subjects
+from shared.config import StreamSettings, TranscriberConfig
+
+log = logging.getLogger(__name__)
+
+API = "$JS.API"
+PIN_HEADER = "Nats-Pin-Id"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's answer to a compare-and-set on a stale revision
+_KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+
+OnAssigned = Callable[[int, "PartitionPuller"], Awaitable[None]]
+OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = taken away, not handed over
+
+
+class PartitionLost(Exception):
+    """This worker no longer owns the partition: stop processing it; do not ack what is still held."""
+
+
+class _StaleRevision(Exception):
+    pass
+
+
+def _seconds_ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+class PartitionPuller:
+    """Pulls one partition's consumer as its pinned client. Messages are ordinary nats-py `Msg`s:
+    `.ack()`, `.nak()`, `.term()`, `.in_progress()` work as usual. One fetch at a time."""
+
+    def __init__(self, group: "PartitionGroup", partition: int):
+        self.group = group
+        self.partition = partition
+        self.consumer = group.consumer_name(partition)
+        self.pin_id: str | None = None
+        self.fenced = False  # the server pinned someone else and the lease is not ours
+        self._stopped = False
+        self._sub = None
+        self._inbox = ""
+        self._requests = 0
+        self._request_ends = 0.0  # when the server is done with our last pull request
+        self._busy = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return not self._stopped and self.group.holds(self.partition)
+
+    async def fetch(self, batch: int = 256, timeout: float = 1.0) -> list[Msg]:
+        """Up to `batch` messages, waiting at most about `timeout`; [] when none came.
+        Raises PartitionLost once the partition is not ours any more."""
+        async with self._busy:
+            if not self.active:
+                raise PartitionLost(self.partition)
+            g = self.group
+            window = pull_window(time.monotonic(), g.deadline(self.partition), timeout, g.margin_s)
+            if window == 0:  # lease too close to its end to pull; a renewal is due
+                await asyncio.sleep(min(timeout, g.heartbeat_s / 2))
+                return []
+            msgs = await self._pull(batch, window)
+            if msgs and not self.active:
+                for msg in msgs:  # came in after we stopped or the lease ran out: the next owner gets them now
+                    await msg.nak()
+                raise PartitionLost(self.partition)
+            return msgs
+
+    async def _pull(self, batch: int, window: float) -> list[Msg]:
+        g, sub = self.group, self._sub
+        if sub is None:
+            return []
+        self._requests += 1
+        reply = f"{self._inbox}.{self._requests}"
+        request = {"batch": batch, "expires": _seconds_ns(window), "group": g.priority_group}
+        if self.pin_id:
+            request["id"] = self.pin_id
+        self._request_ends = time.monotonic() + window
+        await g.nc.publish(f"{API}.CONSUMER.MSG.NEXT.{g.stream}.{self.consumer}", json.dumps(request).encode(),
+                           reply=reply)
+        msgs: list[Msg] = []
+        give_up = self._request_ends + 1.0  # the server answers by `expires`; 1 s for the way back
+        while len(msgs) < batch:
+            try:
+                msg = await sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                break
+            if msg.reply:  # a stored message (status messages have no ack subject)
+                pin = (msg.headers or {}).get(PIN_HEADER)
+                if pin and self.pin_id is None:
+                    self.pin_id = pin
+                msgs.append(msg)
+                continue
+            if msg.subject != reply:
+                continue  # the late status of an earlier request
+            status = (msg.headers or {}).get("Status", "")
+            if status in ("404", "408"):  # no messages / request expired
+                break
+            if status == "423":  # pinned to another client id
+                await self._pin_refused()
+                break
+            if status == "100":
+                continue
+            description = next((v for k, v in (msg.headers or {}).items() if k != "Status"), "")
+            if status == "409":  # e.g. max waiting exceeded, leadership change: just pull again
+                log.info("partition %d: pull ended with 409 %s", self.partition, description)
+                break
+            raise RuntimeError(f"partition {self.partition}: pull refused: {status} {description}")
+        return msgs
+
+    async def _pin_refused(self) -> None:
+        # The server pinned another client: either a new owner took over (then our lease is gone
+        # too), or our pin lapsed because we did not pull for priority_timeout. Only the lease decides.
+        if await self.group.confirm(self.partition):
+            log.info("partition %d: pin lapsed while we hold the lease; re-pinning", self.partition)
+            await self.group.unpin(self.partition)
+            self.pin_id = None
+            return
+        log.warning("partition %d: fenced by the server (pinned to another worker)", self.partition)
+        self.fenced = True
+        self._stopped = True
+        self.group.fenced(self.partition)
+
+    async def _start(self) -> None:
+        self._inbox = self.group.nc.new_inbox()
+        self._sub = await self.group.nc.subscribe(f"{self._inbox}.*")
+
+    async def _stop(self, give_back: bool) -> None:
+        """Stop pulling. With give_back, wait for our last pull request to end, then nak what came
+        in but was not handed out, so the next owner gets it at once instead of after ack_wait."""
+        self._stopped = True
+        if give_back:
+            await asyncio.sleep(max(0.0, self._request_ends - time.monotonic()) + 0.05)
+            async with self._busy:  # a fetch in flight finishes (and naks what it got)
+                try:
+                    while self._sub is not None and self._sub.pending_msgs:
+                        msg = await self._sub.next_msg(timeout=0.1)
+                        if msg.reply:
+                            await msg.nak()
+                except Exception as exc:  # they come back after ack_wait instead
+                    log.warning("partition %d: could not give back messages: %s", self.partition, exc)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closed
+                pass
+
+
+@dataclass
+class _Held:
+    partition: int
+    revision: int
+    deadline: float
+    puller: PartitionPuller | None = None
+    lost: bool = False  # taken by another member, or fenced: stop acting on it at once
+    told: bool = False  # on_assigned has been called
+    done: bool = False  # on_revoked has been called
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class PartitionGroup:
+    """Join the group as `member_id`, own the partitions rendezvous gives this member, and run
+    `on_assigned(partition, puller)` / `on_revoked(partition, lost)` as they come and go.
+
+    `eligible` (None: all) restricts this member to a static subset (JETSCRIBE_WORKER_PARTITIONS).
+    A crashed member's partitions move after at most lease_ttl_s + heartbeat_s (+ a request or two).
+    `on_assigned` should return quickly (start a task); `on_revoked` returns once the worker has
+    stopped touching the partition: with lost=False the lease is handed over right after it.
+
+    Leases name this process (member id + a random suffix), so two processes started with the same
+    member id never both own a partition: the second waits as a standby.
+    """
+
+    def __init__(self, nc, member_id: str, *, partitions: int = 16, eligible: Collection[int] | None = None,
+                 heartbeat_s: float = 1.0, lease_ttl_s: float = 5.0,
+                 on_assigned: OnAssigned | None = None, on_revoked: OnRevoked | None = None,
+                 stream: str = subjects.AUDIO_STREAM,
+                 consumer_name: Callable[[int], str] = subjects.transcriber_consumer,
+                 filter_subject: Callable[[int], str] = subjects.audio_partition_filter,
+                 priority_group: str = subjects.TRANSCRIBER_PRIORITY_GROUP,
+                 members_bucket: str = subjects.TRANSCRIBER_MEMBERS_BUCKET,
+                 leases_bucket: str = subjects.PARTITION_LEASES_BUCKET,
+                 ack_wait_s: float = 300.0, max_ack_pending: int = 20_000, consumer_config: dict | None = None):
+        if not _KV_KEY.match(member_id):
+            raise ValueError(f"member id {member_id!r} must be a KV key: letters, digits, '-', '_', '=', '/', '.'")
+        self.ttl_s = lease_ttl_seconds(lease_ttl_s)
+        if heartbeat_s <= 0 or heartbeat_s > self.ttl_s / 3:
+            raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most a third of the lease TTL ({self.ttl_s} s)")
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.member_id = member_id
+        self.holder = f"{member_id}#{secrets.token_hex(4)}"  # the owner written into leases
+        self.partitions = partitions
+        self.eligible = None if eligible is None else frozenset(eligible)
+        self.heartbeat_s = heartbeat_s
+        self.margin_s = self.ttl_s / 5  # see lease_deadline / pull_window
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self.stream = stream
+        self.consumer_name = consumer_name
+        self.filter_subject = filter_subject
+        self.priority_group = priority_group
+        self.members_bucket = members_bucket
+        self.leases_bucket = leases_bucket
+        self.consumer_config = {"ack_wait": _seconds_ns(ack_wait_s), "max_ack_pending": max_ack_pending,
+                                **(consumer_config or {})}
+        self.members: dict[str, frozenset[int] | None] = {}  # the live set as last read
+        self._last_plan = None
+        self._stopping = False
+        self._held: dict[int, _Held] = {}
+        self._members_kv = None
+        self._leases_kv = None
+        self._wake = asyncio.Event()
+        self._heartbeat_task: asyncio.Task | None = None
+        self._rebalance_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_config(cls, nc, settings: StreamSettings, config: TranscriberConfig, **kwargs) -> "PartitionGroup":
+        """The group as a transcriber runs it: JETSCRIBE_WORKER_PARTITIONS (all, or a static subset),
+        worker id, heartbeat, lease TTL and ack_wait from the service's configuration."""
+        static = config.partitions.strip() not in ("", "all")
+        return cls(nc, config.worker_id, partitions=settings.partitions,
+                   eligible=config.owned_partitions(settings.partitions) if static else None,
+                   heartbeat_s=config.heartbeat_s, lease_ttl_s=config.lease_ttl_s, ack_wait_s=config.ack_wait_s,
+                   **kwargs)
+
+    @property
+    def takeover_s(self) -> float:
+        """The longest a dead member's partitions wait for a new owner (plus a few requests)."""
+        return self.ttl_s + self.heartbeat_s
+
+    # --- the worker's view ------------------------------------------------------------------------
+    @property
+    def owned(self) -> frozenset[int]:
+        """Partitions this member holds a lease on (including ones being handed over)."""
+        return frozenset(p for p, h in self._held.items() if not h.lost)
+
+    def holds(self, partition: int) -> bool:
+        """True while this member may act on the partition: its lease is ours and not near its end."""
+        held = self._held.get(partition)
+        return held is not None and not held.lost and time.monotonic() < held.deadline
+
+    def deadline(self, partition: int) -> float:
+        held = self._held.get(partition)
+        return held.deadline if held is not None and not held.lost else 0.0
+
+    async def start(self) -> None:
+        self._members_kv = await self._bucket(self.members_bucket)
+        self._leases_kv = await self._bucket(self.leases_bucket)
+        await self._heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._rebalance_task = asyncio.create_task(self._rebalance_loop())
+
+    async def stop(self, release: bool = True) -> None:
+        """Leave the group. With release (a graceful stop): leave the member set, hand every
+        partition over (on_revoked, then delete the lease) so others take over at once. Without:
+        stop everything where it stands and write nothing, as a crash would; leases expire by TTL."""
+        self._stopping = True
+        if release and self._rebalance_task is not None:
+            self.wake()  # let a rebalance under way finish its hand-overs rather than cut a drain short
+            await asyncio.gather(self._rebalance_task, return_exceptions=True)
+        await _cancel(self._rebalance_task)
+        if release:
+            await self._leave()
+            await asyncio.gather(*(self._drop(h) if h.lost else self._release(h) for h in list(self._held.values())))
+        await _cancel(self._heartbeat_task)
+        if release:
+            await self._leave()  # again, in case a heartbeat was on its way during the first
+        for held in self._held.values():
+            if held.puller is not None:
+                await held.puller._stop(give_back=False)
+        self._held.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def fenced(self, partition: int) -> None:
+        """The server refused our pin and the lease could not be confirmed: stop acting on it now."""
+        held = self._held.get(partition)
+        if held is not None:
+            held.lost = True
+        self.wake()
+
+    # --- membership -------------------------------------------------------------------------------
+    async def _bucket(self, name: str):
+        try:
+            kv = await self.js.create_key_value(KeyValueConfig(bucket=name, history=1))
+        except BadRequestError:  # exists with another configuration: use it as it is
+            kv = await self.js.key_value(name)
+        info = await self.js.stream_info(f"KV_{name}")
+        if not info.config.allow_msg_ttl:
+            raise RuntimeError(f"KV bucket {name} does not allow per-message TTLs; delete it so it is recreated")
+        return kv
+
+    def _member_subject(self) -> str:
+        return f"$KV.{self.members_bucket}.{self.member_id}"
+
+    async def _leave(self) -> None:
+        # Purging the subject (not a KV delete) leaves no marker: the key is simply gone.
+        try:
+            await self.js.purge_stream(f"KV_{self.members_bucket}", subject=self._member_subject())
+        except Exception as exc:
+            log.warning("%s: could not leave the member set (%s); the key expires by its TTL", self.member_id, exc)
+
+    async def _heartbeat(self) -> None:
+        await self.js.publish(self._member_subject(), encode_member(self.member_id, self.eligible, time.time()),
+                              headers={"Nats-TTL": f"{self.ttl_s}s"})
+
+    async def _read_members(self) -> dict[str, frozenset[int] | None]:
+        info = await self.js.stream_info(f"KV_{self.members_bucket}",
+                                         subjects_filter=f"$KV.{self.members_bucket}.>")
+        members = {}
+        for subject in info.state.subjects or {}:
+            key = subject[len(f"$KV.{self.members_bucket}."):]
+            try:
+                entry = await self._members_kv.get(key)
+            except KeyNotFoundError:  # expired or left since the listing
+                continue
+            member, eligible = decode_member(entry.value)
+            members[member] = eligible
+        return members
+
+    # --- leases -----------------------------------------------------------------------------------
+    def _lease_subject(self, partition: int) -> str:
+        return f"$KV.{self.leases_bucket}.{subjects.partition_lease_key(partition)}"
+
+    async def _read_lease(self, partition: int) -> tuple[Lease | None, int]:
+        """(holder, revision to compare-and-set against); revision 0 = the key has no entry at all."""
+        try:
+            entry = await self._leases_kv.get(subjects.partition_lease_key(partition))
+        except KeyNotFoundError as err:  # never written, expired away, or a delete marker
+            return None, err.entry.revision if err.entry is not None else 0
+        return decode_lease(entry.value, entry.revision), entry.revision
+
+    async def _write_lease(self, partition: int, last: int) -> tuple[int, float]:
+        """Compare-and-set our lease over revision `last`; returns (new revision, deadline)."""
+        sent = time.monotonic()
+        try:
+            ack = await self.js.publish(
+                self._lease_subject(partition), encode_lease(self.holder, self.ttl_s, time.time()),
+                headers={"Nats-Expected-Last-Subject-Sequence": str(last), "Nats-TTL": f"{self.ttl_s}s"})
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise _StaleRevision from exc
+            raise
+        return ack.seq, lease_deadline(sent, self.ttl_s, self.margin_s)
+
+    async def _renew(self, held: _Held) -> bool | None:
+        """True: renewed. False: lost (someone else wrote the key). None: unknown (e.g. no connection)."""
+        async with held.lock:
+            if held.lost or self._held.get(held.partition) is not held:
+                return False
+            try:
+                held.revision, held.deadline = await self._write_lease(held.partition, held.revision)
+                return True
+            except _StaleRevision:
+                log.warning("partition %d: lease lost (changed under us)", held.partition)
+                held.lost = True
+                self.wake()
+                return False
+            except Exception as exc:
+                log.warning("partition %d: lease renewal failed: %s", held.partition, exc)
+                return None
+
+    async def confirm(self, partition: int) -> bool:
+        """Renew now: True only if the server agrees the lease is still ours."""
+        held = self._held.get(partition)
+        return held is not None and await self._renew(held) is True and self.holds(partition)
+
+    # --- the consumer ----------------------------------------------------------------------------
+    async def _api(self, subject: str, body: dict) -> dict:
+        reply = json.loads((await self.nc.request(f"{API}.{subject}", json.dumps(body).encode(), timeout=5)).data)
+        if "error" in reply:
+            error = reply["error"]
+            raise RuntimeError(f"{subject}: {error.get('code')} {error.get('err_code')} {error.get('description')}")
+        return reply
+
+    async def _ensure_consumer(self, partition: int) -> None:
+        """Create the partition's durable, or bring it to this configuration (an existing one without a
+        priority group is upgraded in place and keeps its ack state)."""
+        name = self.consumer_name(partition)
+        config = {
+            "durable_name": name, "filter_subject": self.filter_subject(partition),
+            "ack_policy": "explicit", "deliver_policy": "all",
+            "priority_groups": [self.priority_group], "priority_policy": "pinned_client",
+            # Only a backstop: a new owner unpins explicitly, and the owner pulls continuously.
+            "priority_timeout": _seconds_ns(self.ttl_s),
+            **self.consumer_config,
+        }
+        await self._api(f"CONSUMER.CREATE.{self.stream}.{name}", {"stream_name": self.stream, "config": config})
+
+    async def unpin(self, partition: int) -> None:
+        """Clear the pin: the next pull without an id (ours) is pinned; the old pin id gets 423."""
+        await self._api(f"CONSUMER.UNPIN.{self.stream}.{self.consumer_name(partition)}",
+                        {"group": self.priority_group})
+
+    # --- rebalancing ------------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                if not self._stopping:  # a leaving member keeps renewing its leases, not its membership
+                    await self._heartbeat()
+            except Exception as exc:
+                log.warning("%s: heartbeat failed: %s", self.member_id, exc)
+            await asyncio.gather(*(self._renew(h) for h in list(self._held.values())))
+            self.wake()
+            await asyncio.sleep(max(0.0, self.heartbeat_s - (time.monotonic() - started)))
+
+    async def _rebalance_loop(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self._rebalance()
+            except Exception:
+                log.exception("%s: rebalance failed; trying again", self.member_id)
+                await asyncio.sleep(self.heartbeat_s)
+
+    async def _rebalance(self) -> None:
+        now = time.monotonic()
+        for held in [h for h in self._held.values() if h.lost or h.deadline <= now]:
+            await self._drop(held)
+        self.members = await self._read_members()
+        step = plan(self.member_id, self.partitions, self.members, self._held.keys())
+        if (step.release or step.acquire) and step != self._last_plan:
+            log.info("%s: members %s; releasing %s, acquiring %s", self.member_id, sorted(self.members),
+                     list(step.release), list(step.acquire))
+        self._last_plan = step
+        await asyncio.gather(*(self._release(self._held[p]) for p in step.release))
+        for partition in step.acquire:
+            await self._acquire(partition)
+
+    async def _acquire(self, partition: int) -> None:
+        lease, revision = await self._read_lease(partition)
+        if not may_acquire(lease, self.holder):
+            return  # still held by another member (handing over, or dead until its TTL runs out)
+        try:
+            revision, deadline = await self._write_lease(partition, revision)
+        except _StaleRevision:
+            return  # someone else wrote first
+        held = self._held[partition] = _Held(partition, revision, deadline)
+        try:
+            await self._ensure_consumer(partition)
+            await self.unpin(partition)  # fence whoever was pinned before us
+            held.puller = PartitionPuller(self, partition)
+            await held.puller._start()
+        except Exception:
+            log.exception("partition %d: could not set up its consumer; releasing", partition)
+            if held.puller is not None:
+                await held.puller._stop(give_back=False)
+            await self._delete_lease(held)
+            return
+        log.info("%s: acquired partition %d", self.member_id, partition)
+        held.told = True
+        await self._callback(self.on_assigned, partition, held.puller)
+
+    async def _release(self, held: _Held) -> None:
+        """Hand over: stop pulling, let the worker drain (the lease is still renewed meanwhile), then
+        delete the lease so the next owner can take it."""
+        if held.puller is not None:
+            await held.puller._stop(give_back=True)
+        if held.told and not held.done:
+            held.done = True
+            await self._callback(self.on_revoked, held.partition, False)
+        await self._delete_lease(held)
+        log.info("%s: released partition %d", self.member_id, held.partition)
+
+    async def _drop(self, held: _Held) -> None:
+        """The lease is gone (taken, or expired for want of renewals): stop at once, tell the worker."""
+        self._held.pop(held.partition, None)
+        if held.puller is not None:
+            await held.puller._stop(give_back=False)
+        log.warning("%s: lost partition %d", self.member_id, held.partition)
+        if held.told and not held.done:
+            held.done = True
+            await self._callback(self.on_revoked, held.partition, True)
+
+    async def _delete_lease(self, held: _Held) -> None:
+        async with held.lock:
+            self._held.pop(held.partition, None)
+            if held.lost:
+                return
+            try:
+                await self._leases_kv.delete(subjects.partition_lease_key(held.partition), last=held.revision)
+            except Exception as exc:  # it expires by its TTL instead
+                log.warning("partition %d: could not delete the lease: %s", held.partition, exc)
+
+    async def _callback(self, callback, *args) -> None:
+        if callback is None:
+            return
+        try:
+            await callback(*args)
+        except Exception:
+            log.exception("%s: %s%s failed", self.member_id, getattr(callback, "__name__", "callback"), args)
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
