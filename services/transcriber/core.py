@@ -316,7 +316,7 @@ class SessionStream:
         if utt.revision == 0:
             return True
         every = self.options.interim_every_s if every_s is None else every_s
-        return self.vad_pos - self._interim_at >= every * SAMPLE_RATE
+        return self.vad_pos - self._interim_at >= every * SAMPLE_RATE - FRAME_SAMPLES  # VAD frames are 30 ms
 
     @property
     def interim_backlog(self) -> int:

@@ -229,3 +229,108 @@ def test_stock_phrases_in_the_trailing_silence_are_dropped():
              Word(" .", speech_end + 0.2, speech_end + 0.2, 0.9)]
     segments = finish(s, job, Decoded([DecodedSegment(words)], "en", 0.9), now=1.0)
     assert segments[0].text == "3% eggs."
+
+
+# --- commit policy: scripted hypothesis sequences --------------------------------------------
+
+def interim(stream, *words, step=0.3):
+    """Take the due interim job and answer it with `words` (times relative to the job's audio)."""
+    job = stream.next_job()
+    assert job is not None and job.kind == "interim" and job.window == "short"
+    return finish(stream, job, said(*words, step=step), now=1.0)[0]
+
+
+def test_interim_words_become_stable_when_two_hypotheses_agree():
+    s = new_stream(interim_every_s=0.5)
+    seq = feed(s, tone(1.0))
+    first = interim(s, "the", "cat")
+    assert first.stable_words == 0  # one hypothesis alone proves nothing
+    seq = feed(s, tone(0.5), first_seq=seq)
+    second = interim(s, "the", "cat", "sat", "on")
+    assert second.stable_words == 2 and second.text == "the cat sat on"
+    seq = feed(s, tone(0.5), first_seq=seq)
+    # The model changes its mind about a stable word: the stable words stay as they were.
+    third = interim(s, "a", "cat", "sat", "on", "the", "mat")
+    assert third.text.startswith("the cat sat on") and third.stable_words == 4
+    assert third.segment_id == first.segment_id and third.revision == 3
+
+
+def test_a_word_cut_by_the_window_end_is_not_stable_until_it_is_whole():
+    s = new_stream(interim_every_s=0.5)
+    seq = feed(s, tone(1.0))
+    interim(s, "the", "con")
+    feed(s, tone(0.5), first_seq=seq)
+    later = interim(s, "the", "concert", "is")
+    assert later.stable_words == 1 and later.words[1].word == " concert"
+
+
+def test_a_pause_starts_the_final_early_and_the_endpoint_reuses_it():
+    s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2)
+    seq = feed(s, tone(1.0))
+    interim(s, "hello")
+    seq = feed(s, silence(0.3), first_seq=seq)  # a pause, not yet an endpoint
+    assert not s.interim_due()
+    early = s.next_job()
+    assert early.kind == "final" and early.speculative and early.window == "full"
+    shown = finish(s, early, said("hello", "there"), now=2.0)
+    assert shown[0].status == "interim"  # still open: it could go on speaking
+    feed(s, silence(0.4), first_seq=seq)  # the pause becomes an endpoint
+    final_job = s.next_job()
+    assert final_job.ready is not None and final_job.end_sample == early.end_sample
+    final = finish(s, final_job, final_job.ready, now=2.5)
+    assert final[0].status == "final" and final[0].text == "hello there"
+    assert final[0].segment_id == shown[0].segment_id
+
+
+def test_an_endpoint_reached_while_the_early_final_decodes_takes_its_result():
+    s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2)
+    seq = feed(s, tone(1.0))
+    seq = feed(s, silence(0.3), first_seq=seq)
+    early = s.next_job()
+    feed(s, silence(0.4), first_seq=seq)  # the endpoint arrives while `early` is decoding
+    final = finish(s, early, said("yes"), now=2.0)
+    assert final[0].status == "final" and final[0].text == "yes"
+    assert s.next_job() is None and not s.closed
+
+
+def test_speech_after_a_pause_discards_the_early_final():
+    s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2)
+    seq = feed(s, tone(1.0))
+    seq = feed(s, silence(0.3), first_seq=seq)
+    early = s.next_job()
+    finish(s, early, said("one"), now=2.0)
+    feed(s, np.concatenate([tone(0.6), silence(0.6)]), first_seq=seq)  # speaks on, then stops
+    final_job = s.next_job()
+    assert final_job.kind == "final" and final_job.ready is None  # a new decode of the whole utterance
+    assert final_job.end_sample > early.end_sample
+
+
+def test_long_speech_without_a_pause_is_cut_at_a_stable_word_boundary():
+    s = new_stream(max_utterance_s=8.0, interim_every_s=1.0)
+    seq = 0
+    for _ in range(6):  # 6 s of unbroken speech, interims every second agreeing on a growing prefix
+        seq = feed(s, tone(1.0), first_seq=seq)
+        n = int(s.vad_pos / SAMPLE_RATE / 0.5)
+        interim(s, *[f"w{i}" for i in range(n)], step=0.5)
+    stable = s.open.stable
+    boundary = (stable[-1].end + s.open.unstable[0].start) / 2
+    feed(s, tone(3.0), first_seq=seq)  # past the maximum length
+    cut = s.closed[0].end / SAMPLE_RATE
+    assert abs(cut - boundary) <= 0.2, (cut, boundary)
+    assert s.open.start == s.closed[0].end  # the rest continues from the cut
+
+
+def test_long_silence_gives_no_job_and_no_early_final():
+    s = new_stream()
+    feed(s, silence(30.0))
+    assert s.next_job() is None and not s.speculation_due()
+
+
+def test_interims_slow_down_when_decoding_is_busy():
+    from services.transcriber.core import DecodeJob, DecodeLoad
+    load = DecodeLoad()
+    job = DecodeJob(kind="interim", audio=np.zeros(1, np.float32), start_sample=0, end_sample=1, language="en",
+                    prompt="", beam_size=1)
+    load.observe(job, 0.3)
+    assert load.interim_every(1.0, 1) == 1.0  # one speaker: the fastest rate
+    assert abs(load.interim_every(1.0, 4) - 2.4) < 1e-9  # four: interims may use at most half the time
