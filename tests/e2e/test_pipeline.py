@@ -9,8 +9,8 @@ import nats
 import pytest
 
 from jetscribe.bot import Audio, stream_audio
-from jetscribe.speech import sample_speech
-from jetscribe.wer import wer
+from jetscribe.speech import dialog, sample_speech
+from jetscribe.wer import normalize, wer
 from shared import subjects
 from services.persister.store import final_segments, open_engine, wait_until_ended
 
@@ -84,3 +84,39 @@ def test_demo_command_prints_the_transcript(tmp_path):
     speech = sample_speech()
     assert wer(speech.text, done.stdout) <= 0.15, done.stdout
     assert not (tmp_path / "home" / "demo" / "stack.json").exists()  # stopped cleanly
+
+
+DIALOG = [
+    ("A", "Good morning, could you tell me when the next train to the city leaves?"),
+    ("B", "The next one leaves at a quarter past nine from platform four."),
+    ("A", "Thank you. Is there a place to buy coffee near the platform?"),
+    ("B", "Yes, there is a small kiosk right next to the stairs."),
+    ("A", "Perfect, I will grab a cup before the train arrives."),
+]
+
+
+async def test_two_voice_dialog_streams_live_without_repeats(pipeline):
+    """A dialog of two voices at twice real time, so interims and early finals happen as they would live."""
+    speech = dialog(DIALOG, gap_s=0.7)
+    tenant, session = "e2e", f"dialog-{uuid.uuid4().hex[:8]}"
+    heard = []
+    nc = await nats.connect(pipeline.nats_url)
+    try:
+        live = await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session,
+                                  speed=2.0, on_segment=heard.append)
+    finally:
+        await nc.close()
+    row, segments = await persisted(pipeline.database_url, tenant, session)
+    text = " ".join(s.text for s in segments if s.text)
+    assert wer(speech.text, text) <= 0.12, text
+    assert text == live.text
+    words = [normalize(w[0]) for s in segments for w in s.words]
+    assert all(a != b for a, b in zip(words, words[1:])), words  # no word twice, inside or across segments
+    interims = [s for s in heard if s.status == "interim"]
+    assert interims, "no interim was published"
+    # Stable interim words never shrink within a segment: what was agreed stays agreed.
+    for segment_id in {s.segment_id for s in interims}:
+        revisions = sorted((s for s in interims if s.segment_id == segment_id), key=lambda s: s.revision)
+        for before, after in zip(revisions, revisions[1:]):
+            assert after.stable_words >= before.stable_words
+            assert [w.word for w in after.words[:before.stable_words]] == [w.word for w in before.words[:before.stable_words]]
