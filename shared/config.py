@@ -96,7 +96,11 @@ class TranscriberConfig:
     interim_every_s: float = 1.0
     vad_aggressiveness: int = 2
     partitions: str = "all"  # "all" or a comma list like "0,1,5"
-    ack_wait_s: float = 300.0
+    ack_wait_s: float = 30.0  # held audio is kept alive with in-progress acks; a new owner resets the consumer
+    max_sessions: int = 50  # per worker; a new session beyond it is rejected ("worker_full")
+    max_buffered_s: float = 120.0  # audio held per session before it is rejected ("buffer_full")
+    idle_timeout_s: float = 1800.0  # no audio for this long: the session is flushed and ended
+    drain_timeout_s: float = 60.0  # on SIGTERM or a rebalance, time to finalize before handing over anyway
     worker_id: str = ""
     # Consumer group: a crashed worker's partitions move after about lease_ttl_s + heartbeat_s.
     heartbeat_s: float = 1.0
@@ -117,6 +121,10 @@ class TranscriberConfig:
             "vad_aggressiveness": ("JETSCRIBE_VAD_AGGRESSIVENESS", int),
             "partitions": ("JETSCRIBE_WORKER_PARTITIONS", str),
             "ack_wait_s": ("JETSCRIBE_ACK_WAIT_S", float),
+            "max_sessions": ("JETSCRIBE_MAX_SESSIONS_PER_WORKER", int),
+            "max_buffered_s": ("JETSCRIBE_MAX_BUFFERED_S", float),
+            "idle_timeout_s": ("JETSCRIBE_IDLE_TIMEOUT_S", float),
+            "drain_timeout_s": ("JETSCRIBE_DRAIN_TIMEOUT_S", float),
             "worker_id": ("JETSCRIBE_WORKER_ID", str),
             "heartbeat_s": ("JETSCRIBE_HEARTBEAT_S", float),
             "lease_ttl_s": ("JETSCRIBE_LEASE_TTL_S", float),

@@ -5,9 +5,9 @@ import logging
 
 import nats
 from nats.aio.client import Client
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, BucketNotFoundError
 
 from shared import subjects
 from shared.config import StreamSettings
@@ -79,3 +79,14 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None
         except BadRequestError:
             # Exists with other settings: update what may change in place.
             await js.update_stream(config)
+
+
+async def ensure_checkpoints(js: JetStreamContext, settings: StreamSettings):
+    """The transcribers' KV bucket of session checkpoints. Entries outlive the audio they describe, so a
+    late redelivery of a finished session is still recognised."""
+    ttl = 2 * settings.audio_max_age_s
+    try:
+        return await js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=subjects.SESSION_CHECKPOINTS_BUCKET, history=1,
+                                                        ttl=ttl or None, storage=StorageType.FILE))

@@ -66,6 +66,13 @@ PARTITION_LEASES_BUCKET = "partition_leases"
 TRANSCRIBER_PRIORITY_GROUP = "transcribers"
 
 
+SESSION_CHECKPOINTS_BUCKET = "session_checkpoints"
+
+
+def checkpoint_key(tenant: str, session: str) -> str:
+    return f"{tenant}.{session}"
+
+
 def partition_lease_key(partition: int) -> str:
     return f"p{partition}"
 

@@ -108,6 +108,27 @@ class SessionEvent(msgspec.Struct, tag="session_event", kw_only=True):
     worker_id: str = ""
 
 
+class SessionCheckpoint(msgspec.Struct, tag="checkpoint", kw_only=True):
+    """A transcriber's saved state of one session (KV bucket `session_checkpoints`, key `tenant.session`).
+
+    Written before the audio it accounts for is acked, so a worker taking the session over restores
+    this and replays exactly the unacked audio after `acked_seq`.
+    """
+
+    v: int = SCHEMA_VERSION
+    tenant: str
+    session_id: str
+    acked_seq: int = -1  # every chunk up to this seq is transcribed (or silence) and acked
+    acked_samples: int = 0  # session samples in those chunks: where chunk acked_seq + 1 begins
+    chunks_received: int = 0
+    next_segment_id: int = 0  # the first segment id without a published final
+    committed_tail: list[str] = []  # the last committed words: prompt context for the next window
+    language: str | None = None
+    finished: bool = False  # ended or rejected: later redeliveries are only acked
+    worker_id: str = ""
+    updated_at: float = 0.0
+
+
 class ErrorEvent(msgspec.Struct, tag="error", kw_only=True):
     """Why something was refused; published on `errors.<service>.<tenant>`."""
 

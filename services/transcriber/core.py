@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from shared.wire import Segment, Word
+from shared.wire import Segment, SessionCheckpoint, Word
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 480  # 30 ms, a frame size webrtcvad accepts
@@ -182,6 +182,8 @@ class SessionStream:
         self.last_seq = -1
         self.chunks_received = 0
         self.acked_through = -1
+        self.acked_samples = 0  # where the chunk after acked_through begins
+        self.last_audio_at = 0.0
 
         self.open: Utterance | None = None
         self.closed: deque[Utterance] = deque()
@@ -193,8 +195,33 @@ class SessionStream:
         self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
         self.finals_published = 0
         self.ending = False
+        self.end_reason = ""  # "" (the bot ended it) or "idle_timeout"
+        self.handing_over = False
         self.busy = False  # a decode job is in flight, or its segments are not yet published
         self._publishing = False  # applied, segments not yet published
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def restore(self, checkpoint: SessionCheckpoint) -> None:
+        """Continue from a checkpoint: replayed chunks up to its acked_seq are skipped, and the next
+        one lands at the session sample where it was, so times, ids and context carry on."""
+        self.last_seq = self.acked_through = checkpoint.acked_seq
+        self.acked_samples = checkpoint.acked_samples
+        self.chunks_received = checkpoint.chunks_received
+        self.buffer.start = self.buffer.end = self.vad_pos = self._last_cut = checkpoint.acked_samples
+        self._last_speech_end = self._interim_at = checkpoint.acked_samples
+        self.next_segment_id = checkpoint.next_segment_id
+        self.committed_words.extend(checkpoint.committed_tail)
+        self.language = self.language or checkpoint.language
+
+    def checkpoint(self, acked_seq: int, acked_samples: int, now: float, finished: bool = False) -> SessionCheckpoint:
+        """The state to save once the chunks up to `acked_seq` (from `take_ackable`) are acked."""
+        pending = [u.segment_id for u in [*self.closed, self.open] if u is not None and u.segment_id is not None]
+        return SessionCheckpoint(
+            tenant=self.tenant, session_id=self.session_id, acked_seq=acked_seq, acked_samples=acked_samples,
+            chunks_received=self.chunks_received, next_segment_id=min(pending, default=self.next_segment_id),
+            committed_tail=list(self.committed_words), language=self.language, finished=finished,
+            worker_id=self.worker_id, updated_at=now,
+        )
 
     # --- audio in -------------------------------------------------------------------------
     def add_audio(self, seq: int, samples: np.ndarray, now: float) -> bool:
@@ -202,6 +229,7 @@ class SessionStream:
         if seq <= self.last_seq:
             return False
         self.last_seq = seq
+        self.last_audio_at = now
         self.chunks_received += 1
         self.chunks.append((seq, self.received, self.received + len(samples)))
         self.buffer.append(samples)
@@ -213,11 +241,24 @@ class SessionStream:
         """Samples received so far."""
         return self.buffer.end
 
-    def end(self, now: float) -> None:
-        """The bot ended the session: close what is open, so everything left gets a final."""
+    def end(self, now: float, reason: str = "") -> None:
+        """The bot ended the session (or it was idle too long): close what is open, so everything
+        left gets a final."""
         self.ending = True
+        self.end_reason = self.end_reason or reason
         if self.open is not None:
             self._close(self.received, now)
+
+    def hand_over(self, now: float) -> None:
+        """This worker gives the session up (drain, rebalance): finalize everything received so far;
+        once `settled`, all of it can be acked and the next owner continues after it."""
+        self.handing_over = True
+        if self.open is not None:
+            self._close(self.received, now)
+
+    @property
+    def settled(self) -> bool:
+        return self.open is None and not self.closed and not self.busy
 
     def _classify(self, now: float) -> None:
         opts = self.options
@@ -438,7 +479,7 @@ class SessionStream:
         """Seqs whose audio is fully accounted for (published as segments, or silence); trims the buffer."""
         if self._publishing:
             return []  # the applied job's utterance is gone from `closed` but its segments aren't out yet
-        if self.finished:
+        if self.finished or (self.handing_over and self.settled):
             boundary = self.received
         else:
             pending = [u.start for u in self.closed]
@@ -447,7 +488,8 @@ class SessionStream:
             boundary = min(pending, default=self.vad_pos - int(self.options.preroll_s * SAMPLE_RATE))
         seqs = []
         while self.chunks and self.chunks[0][2] <= boundary:
-            seqs.append(self.chunks.popleft()[0])
+            seq, _, self.acked_samples = self.chunks.popleft()
+            seqs.append(seq)
         if seqs:
             self.acked_through = seqs[-1]
         self.buffer.drop_before(min(boundary, self.vad_pos))

@@ -490,6 +490,8 @@ class PartitionGroup:
         try:
             await self._ensure_consumer(partition)
             await self.unpin(partition)  # fence whoever was pinned before us
+            # Redeliver everything unacked now, not after ack_wait: a dead owner's held audio included.
+            await self._api(f"CONSUMER.RESET.{self.stream}.{self.consumer_name(partition)}", {})
             held.puller = PartitionPuller(self, partition)
             await held.puller._start()
         except Exception:
