@@ -170,10 +170,10 @@ def cmd_transcript(args) -> int:
 
 def cmd_sessions(args) -> int:
     rows = asyncio.run(_sessions(stack.database_url(), args.tenant))
-    print(f"{'tenant':<12} {'session':<28} {'status':<7} {'audio s':>8} {'segments':>8}  started")
+    print(f"{'tenant':<12} {'session':<28} {'status':<8} {'reason':<12} {'audio s':>8} {'segments':>8}  started")
     for row in rows:
-        print(f"{row.tenant:<12} {row.session_id:<28} {row.status:<7} {row.audio_seconds or 0:>8.1f} "
-              f"{row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}")
+        print(f"{row.tenant:<12} {row.session_id:<28} {row.status:<8} {row.reason or '-':<12} "
+              f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}")
     return 0
 
 

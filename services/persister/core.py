@@ -15,6 +15,8 @@ from shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage, Wi
 
 _INT64 = range(-(2**63), 2**63)
 _RANK = {"interim": 0, "final": 1}
+_EVENT_STATUS = {"started": "active", "ended": "ended", "rejected": "rejected"}
+CLOSED = ("ended", "rejected")  # the terminal session states
 
 SessionKey = tuple[str, str]  # (tenant, session_id)
 
@@ -70,26 +72,37 @@ def segment_row(segment: Segment) -> dict:
     }
 
 
+def next_status(current: str | None, event: str) -> str:
+    """A session's status after `event` (started, ended, rejected), given its stored status (None: no row yet).
+
+    `started` makes a session active; `ended` and `rejected` close it. A closed session keeps the state it
+    first closed with: a late or replayed `started` never reopens it, and a second `ended` or `rejected`
+    changes nothing (nor its reason, end time or totals). The store's upsert says the same in SQL.
+    """
+    if current in CLOSED:
+        return current
+    return _EVENT_STATUS[event]
+
+
 def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> dict:
-    """The `sessions` row a lifecycle event upserts; `ended` also carries the session's totals."""
+    """The `sessions` row a lifecycle event upserts; `ended` and `rejected` carry the reason and totals."""
     at = timestamp(event.at or stored_at)
-    row = {
+    status = next_status(None, event.event)
+    closes = status in CLOSED
+    return {
         "tenant": event.tenant,
         "session_id": event.session_id,
-        "status": "active" if event.event == "started" else "ended",
+        "status": status,
+        "reason": _or_none(event.reason) if closes else None,
         "language": _or_none(event.language),
         "model": _or_none(event.model),
         "created_at": at,
         "last_activity": at,
+        "ended_at": at if closes else None,
+        "chunks_received": event.chunks_received if closes else 0,
+        "audio_seconds": event.audio_seconds if closes else 0.0,
         "worker_id": _or_none(event.worker_id),
     }
-    if event.event == "ended":
-        row |= {
-            "ended_at": at,
-            "chunks_received": event.chunks_received,
-            "audio_seconds": event.audio_seconds,
-        }
-    return row
 
 
 def session_touch(segment: Segment, stored_at: float) -> dict:
@@ -211,7 +224,7 @@ def _event_problem(event: SessionEvent) -> str | None:
         return "chunks_received is out of the 64-bit range"
     if not (math.isfinite(event.at) and math.isfinite(event.audio_seconds)):
         return "at and audio_seconds must be finite numbers"
-    return _nul_problem([event.language, event.model, event.worker_id])
+    return _nul_problem([event.reason, event.language, event.model, event.worker_id])
 
 
 def _nul_problem(texts: Iterable[str | None]) -> str | None:

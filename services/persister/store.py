@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
-from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy import and_, case, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from services.persister.core import BatchWrite, SessionKey
+from services.persister.core import CLOSED, BatchWrite, SessionKey
 from services.persister.tables import SegmentRow, SessionRow
 
 _SESSION_KEY = ["tenant", "session_id"]
@@ -47,7 +47,7 @@ async def write_batch(engine: AsyncEngine, batch: BatchWrite) -> None:
         if batch.session_touches:
             await conn.execute(_touch_sessions(), batch.session_touches)
         for row in batch.session_events:
-            await conn.execute(_upsert_session(ended=row["status"] == "ended"), row)
+            await conn.execute(_upsert_session(), row)  # one by one: a batch may hold several of a session
         if batch.segments:
             await conn.execute(_upsert_segments(), batch.segments)
         if batch.recount:
@@ -73,22 +73,23 @@ def _touch_sessions():
     )
 
 
-def _upsert_session(ended: bool):
+def _upsert_session():
     stmt = insert(SessionRow)
-    new, old = stmt.excluded, SessionRow
-    changes = _session_common(stmt) | {
-        "language": func.coalesce(new.language, old.language),
-        "model": func.coalesce(new.model, old.model),
-        "worker_id": func.coalesce(new.worker_id, old.worker_id),
-    }
-    if ended:
-        changes |= {
-            "status": new.status,
-            "ended_at": new.ended_at,
-            "chunks_received": new.chunks_received,
-            "audio_seconds": new.audio_seconds,
-        }
-    # `started` leaves status alone: a late or replayed start must not reopen an ended session.
+    new, old = stmt.excluded, SessionRow.__table__.c
+    is_open = old.status == "active"
+
+    def state(name):
+        # The SQL twin of core.next_status: an active session takes the event's state; a closed one keeps
+        # the state it first closed with, so a late start, a replay or a second end changes nothing.
+        return case((is_open, new[name]), else_=old[name])
+
+    def detail(name):
+        # The event's value while the session is active; once closed, a late event only fills a gap.
+        return case((is_open, func.coalesce(new[name], old[name])), else_=func.coalesce(old[name], new[name]))
+
+    changes = _session_common(stmt)
+    changes |= {name: state(name) for name in ("status", "reason", "ended_at", "chunks_received", "audio_seconds")}
+    changes |= {name: detail(name) for name in ("language", "model", "worker_id")}
     return stmt.on_conflict_do_update(index_elements=_SESSION_KEY, set_=changes)
 
 
@@ -150,15 +151,15 @@ async def final_segments(engine: AsyncEngine, tenant: str, session_id: str) -> l
 
 
 async def wait_until_ended(engine: AsyncEngine, tenant: str, session_id: str, timeout_s: float = 60.0) -> SessionRow:
-    """Poll until the session's `ended` state is stored (its finals are in by then); raise TimeoutError."""
+    """Poll until the session's end is stored, `ended` or `rejected` (its finals are in by then); raise TimeoutError."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     query = select(SessionRow).where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
     while True:
         async with AsyncSession(engine) as session:
             row = await session.scalar(query)
-        if row is not None and row.status == "ended":
+        if row is not None and row.status in CLOSED:
             return row
         if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"session {tenant}/{session_id} did not reach 'ended' in PostgreSQL "
+            raise TimeoutError(f"session {tenant}/{session_id} did not end (ended or rejected) in PostgreSQL "
                                f"within {timeout_s:.0f} s")
         await asyncio.sleep(0.1)

@@ -14,23 +14,24 @@ class Base(DeclarativeBase):
 
 
 class SessionRow(Base):
-    """One transcription session: its lifecycle and totals."""
+    """One transcription session: its lifecycle and totals (README, "Session states")."""
 
     __tablename__ = "sessions"
-    __table_args__ = (CheckConstraint("status IN ('active', 'ended')", name="sessions_status"),)
+    __table_args__ = (CheckConstraint("status IN ('active', 'ended', 'rejected')", name="sessions_status"),)
 
     tenant: Mapped[str] = mapped_column(Text, primary_key=True)
     session_id: Mapped[str] = mapped_column(Text, primary_key=True)
-    status: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)  # active | ended | rejected
+    reason: Mapped[str | None] = mapped_column(Text)  # why it ended or was rejected; NULL: the bot ended it
     language: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # its ended or rejected event
     chunks_received: Mapped[int] = mapped_column(BigInteger, server_default=sql("0"))
     audio_seconds: Mapped[float] = mapped_column(Double, server_default=sql("0"))
     segment_count: Mapped[int] = mapped_column(Integer, server_default=sql("0"))  # final segments
     last_activity: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    worker_id: Mapped[str | None] = mapped_column(Text)
+    worker_id: Mapped[str | None] = mapped_column(Text)  # the worker of the event that set `status`
 
 
 class SegmentRow(Base):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -14,13 +15,18 @@ import msgspec
 import nats
 import nats.js.errors
 import pytest
-from sqlalchemy import select, text
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, pool, select, text
+from sqlalchemy.exc import IntegrityError
 
+from jetscribe import cli
 from jetscribe.servers import NatsServer, PostgresServer
 from services.persister.app import run
 from services.persister.migrate import current, downgrade, upgrade
-from services.persister.store import final_segments, list_sessions, open_engine
-from services.persister.tables import SegmentRow, SessionRow
+from services.persister.core import Delivered, next_status, plan_batch
+from services.persister.store import final_segments, list_sessions, open_engine, sqlalchemy_url, write_batch
+from services.persister.tables import Base, SegmentRow, SessionRow
 from shared import subjects, wire
 from shared.config import PersisterConfig, StreamSettings
 from shared.streams import ensure_streams
@@ -305,9 +311,48 @@ def test_migrations_go_up_and_down(database_url):
     assert current(database_url) is None
     upgrade(database_url)
     upgrade(database_url)  # again: nothing to do
-    assert current(database_url) == "0001"
+    assert current(database_url) == "0002"
     downgrade(database_url, "base")
     assert current(database_url) is None
+
+
+def test_the_models_match_the_migrated_schema(database_url):
+    upgrade(database_url)
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_migration_0002_down_and_up_keeps_sessions(database_url):
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    columns = lambda: {c["name"] for c in inspect(engine).get_columns("sessions")}  # noqa: E731
+    insert_row = ("INSERT INTO sessions (tenant, session_id, status, created_at, last_activity{}) "
+                  "VALUES ('t', '{}', '{}', now(), now(){})")
+    try:
+        upgrade(database_url, "0001")
+        assert "reason" not in columns()
+        with engine.begin() as conn:
+            conn.execute(text(insert_row.format("", "old", "ended", "")))
+            with pytest.raises(IntegrityError):
+                with conn.begin_nested():
+                    conn.execute(text(insert_row.format("", "r0", "rejected", "")))
+        upgrade(database_url)
+        with engine.begin() as conn:
+            conn.execute(text(insert_row.format(", reason", "r1", "rejected", ", 'worker_full'")))
+            assert conn.execute(text("SELECT session_id, status, reason FROM sessions ORDER BY session_id")).all() == [
+                ("old", "ended", None), ("r1", "rejected", "worker_full")]
+        downgrade(database_url, "0001")  # 0001 has no 'rejected': the session is stored as ended, as before
+        assert "reason" not in columns()
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT session_id, status FROM sessions ORDER BY session_id")).all() == [
+                ("old", "ended"), ("r1", "ended")]
+        upgrade(database_url)
+        assert current(database_url) == "0002"
+    finally:
+        engine.dispose()
 
 
 async def test_plain_postgres_urls_work(schema):
@@ -382,3 +427,82 @@ def nc_connected(nc):
     async def connected():
         return nc.is_connected
     return connected
+
+
+async def test_every_session_transition_is_stored(nats_url, engine, schema, js, tenant, monkeypatch, capsys):
+    """Events as the transcriber publishes them, replayed and out of order, end in one row per session."""
+    ev = lambda session, kind, at, **kw: event(tenant, session, kind, at, model="base", **kw)  # noqa: E731
+    async with running_persister(nats_url, js, schema):
+        await publish(
+            js,
+            ev("live", "started", T0, language="en", worker_id="w1"),
+            ev("bot", "started", T0, language="en", worker_id="w1"),
+            ev("bot", "ended", T0 + 30, chunks_received=30, audio_seconds=29.5, worker_id="w2"),  # handed over
+            ev("idle", "started", T0, worker_id="w1"),
+            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0,
+               worker_id="w1"),
+            ev("full", "rejected", T0 + 1, reason="worker_full", chunks_received=1, audio_seconds=0.5,
+               worker_id="w3"),
+            ev("buffer", "started", T0, worker_id="w1"),
+            ev("buffer", "rejected", T0 + 9, reason="buffer_full", chunks_received=9, audio_seconds=8.0,
+               worker_id="w1"),
+            # Late and replayed events: none reopens a session or changes how it ended.
+            ev("idle", "started", T0, worker_id="w1"),
+            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0,
+               worker_id="w1"),
+            ev("bot", "rejected", T0 + 31, reason="buffer_full", chunks_received=31, worker_id="w4"),
+            ev("full", "started", T0 - 1, language="de", worker_id="w9"),
+            ev("full", "ended", T0 + 5, chunks_received=5, worker_id="w9"),
+            ev("live", "started", T0, language="en", worker_id="w1"),
+        )
+        await eventually(lambda: drained(js))
+
+    found = {s.session_id: s for s in await list_sessions(engine, tenant)}
+    assert {name: (s.status, s.reason, s.worker_id) for name, s in found.items()} == {
+        "live": ("active", None, "w1"),
+        "bot": ("ended", None, "w2"),
+        "idle": ("ended", "idle_timeout", "w1"),
+        "full": ("rejected", "worker_full", "w3"),
+        "buffer": ("rejected", "buffer_full", "w1"),
+    }
+    assert {name: (s.ended_at and s.ended_at.timestamp(), s.chunks_received, s.audio_seconds)
+            for name, s in found.items()} == {
+        "live": (None, 0, 0.0), "bot": (T0 + 30, 30, 29.5), "idle": (T0 + 40, 20, 19.0),
+        "full": (T0 + 1, 1, 0.5), "buffer": (T0 + 9, 9, 8.0),
+    }
+    # The late start dates the rejected session back and fills its unknown language, nothing more.
+    assert (found["full"].created_at.timestamp(), found["full"].language) == (T0 - 1, "de")
+    assert found["bot"].language == "en"
+
+    monkeypatch.setenv("DATABASE_URL", schema)
+    assert await asyncio.to_thread(cli.main, ["sessions", "--tenant", tenant]) == 0
+    lines = {line.split()[1]: line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines == {"live": ["active", "-"], "bot": ["ended", "-"], "idle": ["ended", "idle_timeout"],
+                     "full": ["rejected", "worker_full"], "buffer": ["rejected", "buffer_full"]}
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+async def test_any_order_of_events_ends_as_core_next_status_says(engine, tenant, one_batch):
+    """The store's upsert against its pure twin: every order of a start, an end and a rejection."""
+    events = {
+        "started": event(tenant, "", "started", T0, language="en", worker_id="w1"),
+        "ended": event(tenant, "", "ended", T0 + 60, reason="idle_timeout", chunks_received=60, worker_id="w2"),
+        "rejected": event(tenant, "", "rejected", T0 + 1, reason="buffer_full", chunks_received=1, worker_id="w3"),
+    }
+    orders = [order for n in (1, 2, 3) for order in itertools.permutations(events, n)]
+    orders += [("started", "started"), ("ended", "ended"), ("rejected", "started", "rejected")]
+    for number, order in enumerate(orders):
+        session = f"o{number}"
+        delivered = [Delivered(msgspec.structs.replace(events[kind], session_id=session), T0) for kind in order]
+        for batch in ([delivered] if one_batch else [[d] for d in delivered]):
+            await write_batch(engine, plan_batch(batch))
+        status = None
+        for kind in order:
+            status = next_status(status, kind)
+        first_closing = next((events[kind] for kind in order if kind != "started"), None)
+        row = await session_row(engine, tenant, session)
+        assert row["status"] == status, order
+        assert row["reason"] == (first_closing and first_closing.reason), order
+        assert row["chunks_received"] == (first_closing.chunks_received if first_closing else 0), order
+        assert row["worker_id"] == (first_closing or events["started"]).worker_id, order
+        assert row["created_at"].timestamp() == min(events[kind].at for kind in order), order

@@ -6,6 +6,7 @@ from services.persister.core import (
     Delivered,
     Rejection,
     check,
+    next_status,
     plan_batch,
     rejection_event,
     replaces,
@@ -36,6 +37,10 @@ def ended(session="s1", tenant="t1", at=T0 + 60, **kw) -> SessionEvent:
     return SessionEvent(tenant=tenant, session_id=session, event="ended", at=at, **kw)
 
 
+def rejected(session="s1", tenant="t1", at=T0 + 1, **kw) -> SessionEvent:
+    return SessionEvent(tenant=tenant, session_id=session, event="rejected", at=at, **kw)
+
+
 def at(epoch):
     return datetime.fromtimestamp(epoch, timezone.utc)
 
@@ -62,15 +67,65 @@ def test_unknown_wire_values_become_null():
 
 def test_started_event_row():
     row = session_row_from_event(started(language="en", model="base", worker_id="w1"))
-    assert row == {"tenant": "t1", "session_id": "s1", "status": "active", "language": "en", "model": "base",
-                   "created_at": at(T0), "last_activity": at(T0), "worker_id": "w1"}
+    assert row == {"tenant": "t1", "session_id": "s1", "status": "active", "reason": None, "language": "en",
+                   "model": "base", "created_at": at(T0), "last_activity": at(T0), "ended_at": None,
+                   "chunks_received": 0, "audio_seconds": 0.0, "worker_id": "w1"}
+
+
+def test_started_event_row_has_no_reason_and_no_totals():
+    row = session_row_from_event(started(reason="whatever", chunks_received=5, audio_seconds=1.0))
+    assert (row["reason"], row["ended_at"], row["chunks_received"], row["audio_seconds"]) == (None, None, 0, 0.0)
 
 
 def test_ended_event_row_carries_totals():
     row = session_row_from_event(ended(chunks_received=120, audio_seconds=59.5))
     assert row["status"] == "ended"
+    assert row["reason"] is None  # the bot ended it
     assert row["ended_at"] == at(T0 + 60)
     assert (row["chunks_received"], row["audio_seconds"]) == (120, 59.5)
+
+
+def test_ended_after_an_idle_timeout_names_it():
+    row = session_row_from_event(ended(reason="idle_timeout", worker_id="w2"))
+    assert (row["status"], row["reason"], row["worker_id"]) == ("ended", "idle_timeout", "w2")
+
+
+@pytest.mark.parametrize("reason", ["worker_full", "buffer_full"])
+def test_rejected_event_row(reason):
+    row = session_row_from_event(rejected(reason=reason, chunks_received=3, audio_seconds=0.3, worker_id="w1"))
+    assert (row["status"], row["reason"], row["worker_id"]) == ("rejected", reason, "w1")
+    assert row["ended_at"] == at(T0 + 1)  # ended_at is the time of either closing event
+    assert (row["chunks_received"], row["audio_seconds"]) == (3, 0.3)
+
+
+@pytest.mark.parametrize("current, event, expected", [
+    (None, "started", "active"),          # the first event creates the row
+    (None, "ended", "ended"),             # its start may still be on its way
+    (None, "rejected", "rejected"),
+    ("active", "started", "active"),      # a replayed start
+    ("active", "ended", "ended"),
+    ("active", "rejected", "rejected"),
+    ("ended", "started", "ended"),        # a late start never reopens
+    ("ended", "ended", "ended"),          # a replayed end
+    ("ended", "rejected", "ended"),       # the first closing state is kept
+    ("rejected", "started", "rejected"),
+    ("rejected", "rejected", "rejected"),
+    ("rejected", "ended", "rejected"),
+])
+def test_next_status(current, event, expected):
+    assert next_status(current, event) == expected
+
+
+def test_replaying_any_order_of_events_ends_in_the_first_closing_state():
+    def final(events):
+        status = None
+        for event in events:
+            status = next_status(status, event)
+        return status
+    assert final(["started", "ended", "started", "ended", "rejected"]) == "ended"
+    assert final(["ended", "started"]) == "ended"
+    assert final(["rejected", "started", "ended"]) == "rejected"
+    assert final(["started", "started"]) == "active"
 
 
 def test_event_without_time_uses_the_stream_time():
@@ -159,6 +214,7 @@ def test_check_refuses_a_message_on_someone_elses_subject(subject, message):
     ended(chunks_received=2**64),
     ended(audio_seconds=float("nan")),
     ended(worker_id="w\x00"),
+    rejected(reason="worker\x00full"),
 ])
 def test_check_refuses_what_postgres_cannot_store(message):
     if isinstance(message, Segment):
