@@ -81,6 +81,7 @@ class Utterance:
     segment_id: int | None = None  # given when its first text is published
     revision: int = 0
     closed_at: float = 0.0
+    interim_jobs: int = 0
     speculate_end: int | None = None  # where the endpoint will cut if the current pause lasts
     speculation: tuple[DecodeJob, Decoded] | None = None  # a final decoded ahead of the endpoint
     stable: list[Word] = field(default_factory=list)  # interim words agreed by consecutive hypotheses
@@ -354,7 +355,7 @@ class SessionStream:
             return False  # in a pause the speculative final is coming; an interim would only delay it
         if self.vad_pos - utt.start < self.options.first_interim_s * SAMPLE_RATE:
             return False
-        if utt.revision == 0:
+        if not utt.interim_jobs:
             return True
         every = self.options.interim_every_s if every_s is None else every_s
         return self.vad_pos - self._interim_at >= every * SAMPLE_RATE - FRAME_SAMPLES  # VAD frames are 30 ms
@@ -384,6 +385,7 @@ class SessionStream:
         elif self.interim_due(interim_every_s):
             utt, kind, end, speculative = self.open, "interim", self.vad_pos, False
             self._interim_at = end
+            utt.interim_jobs += 1
         else:
             return None
         audio = self._samples(utt.start, end).astype(np.float32) / 32768.0

@@ -334,3 +334,12 @@ def test_interims_slow_down_when_decoding_is_busy():
     load.observe(job, 0.3)
     assert load.interim_every(1.0, 1) == 1.0  # one speaker: the fastest rate
     assert abs(load.interim_every(1.0, 4) - 2.4) < 1e-9  # four: interims may use at most half the time
+
+
+def test_an_empty_interim_waits_for_new_audio_before_the_next():
+    s = new_stream(interim_every_s=1.0)
+    feed(s, tone(1.0))
+    job = s.next_job()
+    assert job.kind == "interim"
+    assert finish(s, job, Decoded([], "en", 0.9), now=1.0) == []
+    assert s.next_job() is None  # not the same interim again at once
