@@ -324,6 +324,9 @@ class TranscriberWorker:
                 else:
                     decoded = await asyncio.to_thread(whisper.transcribe, self.model, job)
                     self.load.observe(job, time.perf_counter() - started)
+                log.debug("%s/%s: %s%s of %.1f s audio decoded in %.2f s", *key, job.kind,
+                          " (early)" if job.speculative else " (ready)" if job.ready else "",
+                          len(job.audio) / 16000, time.perf_counter() - started)
                 self.failures.pop(key, None)
             except Exception as exc:
                 attempts = self.failures[key] = self.failures.get(key, 0) + 1

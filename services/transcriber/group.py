@@ -125,8 +125,11 @@ class PartitionPuller:
         msgs: list[Msg] = []
         give_up = self._request_ends + 1.0  # the server answers by `expires`; 1 s for the way back
         while len(msgs) < batch:
+            # Hand over what came as soon as the flow pauses: waiting for a full batch would delay live
+            # audio by up to `window`. The request stays open; what it brings later comes to the next call.
+            wait = 0.005 if msgs else max(give_up - time.monotonic(), 0.001)
             try:
-                msg = await sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+                msg = await sub.next_msg(timeout=wait)
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
                 break
             if msg.reply:  # a stored message (status messages have no ack subject)

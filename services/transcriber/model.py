@@ -94,10 +94,11 @@ FULL_WINDOW_FRAMES = 3000
 FRAMES_PER_SECOND = 100
 
 
-def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100) -> int:
-    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them."""
+def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100, least: int = 1000) -> int:
+    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them, and
+    never fewer than `least` (10 s): on tiny windows Whisper loops more often, and saves little."""
     needed = audio_samples / 160 / fill
-    return min(FULL_WINDOW_FRAMES, int(-(-needed // step) * step))
+    return min(FULL_WINDOW_FRAMES, max(least, int(-(-needed // step) * step)))
 
 
 def needs_full_window(decoded: Decoded) -> bool:
@@ -121,6 +122,7 @@ def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
             model.encode_frames = None
         if not needs_full_window(decoded):
             return decoded
+        return _transcribe(model, job, temperature=0.0)  # an interim: no costly temperature fallback
     return _transcribe(model, job, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
 
 
