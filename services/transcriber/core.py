@@ -37,6 +37,7 @@ class CommitOptions:
     tail_pad_s: float = 0.2  # silence kept after the last speech frame
     beam_size: int = 5
     interim_beam_size: int = 1
+    final_window: Literal["full", "short"] = "full"  # bench/windows.py: short costs base accuracy, not tiny's
     prompt_words: int = 40
 
 
@@ -396,7 +397,8 @@ class SessionStream:
                              speech_end_sample=end, window="short")
         return DecodeJob(kind="final", audio=audio, start_sample=utt.start, end_sample=end, language=self.language,
                          prompt=prompt, beam_size=self.options.beam_size,
-                         speech_end_sample=min(utt.speech_end, end), speculative=speculative)
+                         speech_end_sample=min(utt.speech_end, end), speculative=speculative,
+                         window=self.options.final_window)
 
     @property
     def finished(self) -> bool:

@@ -111,9 +111,10 @@ def needs_full_window(decoded: Decoded) -> bool:
 
 
 def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
-    """Decode one job's audio. Interims use a short encoder window, falling back to the full 30 s
-    window when the short one goes wrong; finals always use the full window, the more accurate one
-    (bench/accuracy.py). Our own VAD already cut the audio, so faster-whisper's is off."""
+    """Decode one job's audio on the window it asks for (`job.window`). A short window that goes
+    wrong is redone on the full 30 s one: with temperature fallback for a final, without for an
+    interim (a cheap guess). Our own VAD already cut the audio, so faster-whisper's is off."""
+    fallback = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if job.kind == "final" else 0.0
     if job.window == "short" and isinstance(model, ShortWindowWhisper):
         model.encode_frames = window_frames(len(job.audio))
         try:
@@ -122,8 +123,7 @@ def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
             model.encode_frames = None
         if not needs_full_window(decoded):
             return decoded
-        return _transcribe(model, job, temperature=0.0)  # an interim: no costly temperature fallback
-    return _transcribe(model, job, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+    return _transcribe(model, job, temperature=fallback)
 
 
 def _transcribe(model: WhisperModel, job: DecodeJob, temperature) -> Decoded:
