@@ -115,7 +115,7 @@ class TranscriberWorker:
         now = time.monotonic()
         for key in keys:
             if key in self.streams:
-                self.streams[key].hand_over(now)
+                self.streams[key].hand_over()
         self.wakeup.set()
         deadline = now + self.config.drain_timeout_s
         while any(key in self.streams and not self.streams[key].settled for key in keys):
@@ -126,7 +126,8 @@ class TranscriberWorker:
             await asyncio.sleep(0.05)
         for key in keys:
             await self._settle(key)
-            for msg in self.held.get(key, {}).values():
+            end_msg = self.end_msgs.get(key)
+            for msg in [*self.held.get(key, {}).values(), *([end_msg] if end_msg else [])]:
                 await msg.nak()  # the next owner gets them at once
             self._forget(key)
 

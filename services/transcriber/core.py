@@ -251,16 +251,16 @@ class SessionStream:
         if self.open is not None:
             self._close(self.received, now)
 
-    def hand_over(self, now: float) -> None:
-        """This worker gives the session up (drain, rebalance): finalize everything received so far;
-        once `settled`, all of it can be acked and the next owner continues after it."""
+    def hand_over(self) -> None:
+        """This worker gives the session up (drain, rebalance): finish the finals of closed utterances
+        and stop there. An utterance still open is not cut mid-word: its audio stays unacked, and the
+        next owner decodes it whole from the checkpoint."""
         self.handing_over = True
-        if self.open is not None:
-            self._close(self.received, now)
 
     @property
     def settled(self) -> bool:
-        return self.open is None and not self.closed and not self.busy
+        """Handing over: every closed utterance has its final out."""
+        return not self.closed and not self.busy
 
     def _classify(self, now: float) -> None:
         opts = self.options
@@ -346,14 +346,16 @@ class SessionStream:
     def speculation_due(self) -> bool:
         """The speaker paused: decode the final now, on the audio the endpoint would cut."""
         utt = self.open
-        if self.busy or self.closed or utt is None or utt.speculate_end is None:
+        if self.busy or self.closed or utt is None or utt.speculate_end is None or self.handing_over:
             return False
         return utt.speculation is None or utt.speculation[0].end_sample != utt.speculate_end
 
     def interim_due(self, every_s: float | None = None) -> bool:
         utt = self.open
-        if self.busy or self.closed or utt is None or self.ending or self._silence_frames >= 3:
-            return False  # in a pause the speculative final is coming; an interim would only delay it
+        if self.busy or self.closed or utt is None or self.ending or self.handing_over:
+            return False
+        if self._silence_frames >= 3:
+            return False  # in a pause the early final is coming; an interim would only delay it
         if self.vad_pos - utt.start < self.options.first_interim_s * SAMPLE_RATE:
             return False
         if not utt.interim_jobs:
@@ -483,7 +485,7 @@ class SessionStream:
         """Seqs whose audio is fully accounted for (published as segments, or silence); trims the buffer."""
         if self._publishing:
             return []  # the applied job's utterance is gone from `closed` but its segments aren't out yet
-        if self.finished or (self.handing_over and self.settled):
+        if self.finished:
             boundary = self.received
         else:
             pending = [u.start for u in self.closed]

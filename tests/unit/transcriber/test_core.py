@@ -343,3 +343,40 @@ def test_an_empty_interim_waits_for_new_audio_before_the_next():
     assert job.kind == "interim"
     assert finish(s, job, Decoded([], "en", 0.9), now=1.0) == []
     assert s.next_job() is None  # not the same interim again at once
+
+
+def test_hand_over_keeps_the_open_utterance_whole_for_the_next_owner():
+    s = new_stream(endpoint_silence_s=0.5)
+    seq = feed(s, np.concatenate([tone(1.0), silence(0.8)]))  # one closed utterance
+    seq = feed(s, tone(1.0), first_seq=seq)  # and one still open (mid-word, say)
+    shown = interim_after_final(s)
+    s.hand_over()
+    assert s.settled and s.open is not None  # not cut
+    acked = s.take_ackable()
+    checkpoint = s.checkpoint(s.acked_through, s.acked_samples, now=5.0)
+    assert s.acked_samples <= s.open.start  # the open utterance's audio stays unacked
+    assert checkpoint.next_segment_id == shown.segment_id  # its id is reused by the next owner
+    assert checkpoint.committed_tail == ["one"]
+
+    # The next owner: restored from the checkpoint, it gets the unacked chunks again.
+    nxt = new_stream(endpoint_silence_s=0.5)
+    nxt.restore(checkpoint)
+    replay = np.concatenate([tone(1.0), silence(0.8)])
+    first_replayed = acked[-1] + 1
+    offset = (first_replayed * CHUNK)
+    assert nxt.received == offset
+    assert not nxt.add_audio(acked[-1], tone(0.1), 0.0)  # an acked chunk comes back: skipped
+    all_audio = np.concatenate([tone(1.0), silence(0.8), replay])
+    feed(nxt, all_audio[offset:], first_seq=first_replayed)
+    job = nxt.next_job()
+    assert job.kind == "final" and abs(job.start_sample - s.open.start) <= 480  # the same utterance, whole
+    assert job.prompt == "one"
+    final = finish(nxt, job, said("two"), now=6.0)[0]
+    assert final.segment_id == shown.segment_id and final.start >= s.open.start / SAMPLE_RATE  # session time
+
+
+def interim_after_final(s):
+    finish(s, s.next_job(), said("one"), now=1.0)  # the closed utterance's final
+    job = s.next_job()
+    assert job.kind == "interim"
+    return finish(s, job, said("tw"), now=2.0)[0]
