@@ -97,6 +97,7 @@ class PartitionPuller:
         Raises PartitionLost once the partition is not ours any more."""
         async with self._busy:
             if not self.active:
+                self._lapsed()
                 raise PartitionLost(self.partition)
             g = self.group
             window = pull_window(time.monotonic(), g.deadline(self.partition), timeout, g.margin_s)
@@ -107,6 +108,7 @@ class PartitionPuller:
             if msgs and not self.active:
                 for msg in msgs:  # came in after we stopped or the lease ran out: the next owner gets them now
                     await msg.nak()
+                self._lapsed()
                 raise PartitionLost(self.partition)
             return msgs
 
@@ -154,6 +156,14 @@ class PartitionPuller:
                 break
             raise RuntimeError(f"partition {self.partition}: pull refused: {status} {description}")
         return msgs
+
+    def _lapsed(self) -> None:
+        """Our lease ran out without a hand-over (e.g. NATS was unreachable): whatever a late renewal
+        says, this puller is done; the group drops the partition and, if it is still ours to have,
+        takes it again through the normal path (new consumer reset, sessions from checkpoints)."""
+        if not self._stopped:
+            self._stopped = True
+            self.group.fenced(self.partition)
 
     async def _pin_refused(self) -> None:
         # The server pinned another client: either a new owner took over (then our lease is gone
