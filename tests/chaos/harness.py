@@ -24,6 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jiwer
@@ -382,6 +383,21 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
     return out
 
 
+async def first_stored_since(js, stream_name: str, subject: str, since: float) -> float | None:
+    """When `stream_name` stored its first message on `subject` at or after wall time `since`."""
+    start = datetime.fromtimestamp(since, timezone.utc).isoformat().replace("+00:00", "Z")
+    sub = await js.pull_subscribe(subject, stream=stream_name, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start, inactive_threshold=30.0))
+    try:
+        msgs = await sub.fetch(1, timeout=2.0)
+        return msgs[0].metadata.timestamp.timestamp() if msgs else None
+    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 @dataclass
 class Stored:
     session: SessionRow | None
@@ -734,9 +750,10 @@ class Live:
 
 async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, speech: Speech,
                            baseline_text: str, summary: ChaosSummary, findings: Findings, *,
-                           drain_timeout: float = 20.0):
+                           drain_timeout: float = 20.0, heard: list[Published] = ()):
     """After a session: wait for Postgres to have it ended and the persister to be drained, read what
     TRANSCRIPTS holds, check the stored transcript and fill the summary's word and duplicate numbers.
+    `heard` (a Tap's messages) adds publishes the stream dropped as repeats to the duplicate count.
     Returns (stored, messages)."""
     at_end = await wait_stored_ended(stack.database_url, tenant, session_id, timeout=60.0)
     ended_seen = time.time()
@@ -753,7 +770,12 @@ async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, 
         later = [r.updated_at.timestamp() for r in found.finals if r.segment_id in missing_at_end]
         summary.extra["ended_before_its_finals_s"] = round(max(later) - ended_seen, 3)
     check_transcript(found, messages, findings)
-    finals_by_id = final_segments_published(messages)
+    finals_by_id = final_segments_published(messages + list(heard))
+    conflicting = sorted(set(duplicated_finals(finals_by_id)) - set(duplicated_finals(final_segments_published(
+        messages))))
+    if conflicting:
+        findings.add(f"finals published twice with different text, one dropped by the stream as a repeat: "
+                     f"{[(i, [v.text for v in finals_by_id[i]]) for i in conflicting]}")
     vs_base = word_diff(baseline_text, found.text)
     vs_ref = word_diff(speech.text, found.text)
     summary.words_lost = vs_base.deleted
@@ -764,7 +786,8 @@ async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, 
     summary.segments = len(found.finals)
     summary.sessions = 1
     summary.segments_duplicated = len(duplicated_finals(finals_by_id)) + len(seq_overlaps(found.finals))
-    summary.finals_republished = sum(1 for versions in finals_by_id.values() if len(versions) > 1)
+    summary.finals_republished = sum(1 for versions in final_segments_published(messages).values()
+                                     if len(versions) > 1)
     summary.workers = workers_of(messages)
     summary.extra["text"] = found.text
     return found, messages

@@ -11,7 +11,7 @@ import pytest
 
 from shared import subjects
 from tests.chaos.harness import (Findings, Live, check_audio_acked, connect, dialog_speech, first_after,
-                                 first_write_after, settle_and_check, stream)
+                                 first_stored_since, first_write_after, settle_and_check, stream)
 
 pytestmark = pytest.mark.chaos
 
@@ -97,7 +97,7 @@ async def test_nats_restarted_mid_stream(chaos_nats, chaos_db, make_stack, summa
         js = nc.jetstream()
         live = Live(SPEED, speech.duration_s).start()
         bot = asyncio.create_task(stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment))
-        await live.until(lambda: live.mid_utterance(0.35), 30, "an interim past 35 % of the audio")
+        _, summary.extra["mid_utterance"] = await live.mid_utterance_or_late(0.3)
         stopped_at = time.time()
         chaos_nats.stop() if how == "stop" else chaos_nats.kill()
         await asyncio.sleep(2.0)
@@ -115,6 +115,9 @@ async def test_nats_restarted_mid_stream(chaos_nats, chaos_db, make_stack, summa
         summary.takeover_s = first.stored_at - stopped_at if first else None
         summary.outage_s = restarted_at - stopped_at
         summary.extra["services_reconnected_s"] = round(reconnected_at - restarted_at, 3)
+        audio_again = await first_stored_since(js, subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, "s1"),
+                                               restarted_at)
+        summary.extra["audio_stored_again_s"] = round(audio_again - stopped_at, 3) if audio_again else None
         check_words(summary, findings)
         stack.check_alive()
     finally:
@@ -142,7 +145,7 @@ async def test_postgres_stopped_for_10s_mid_stream(chaos_nats, own_postgres, mak
         js = nc.jetstream()
         live = Live(speed, speech.duration_s).start()
         bot = asyncio.create_task(stream(nc, speech, tenant, "s1", speed, on_segment=live.on_segment))
-        await live.until(lambda: live.mid_utterance(0.2), 30, "an interim past 20 % of the audio")
+        _, summary.extra["mid_utterance"] = await live.mid_utterance_or_late(0.2, give_up_fraction=0.5)
         stopped_at = time.time()
         await asyncio.to_thread(own_postgres.stop)
         await asyncio.sleep(10.0)

@@ -53,6 +53,7 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
     stack = group_stack(make_stack, chaos_nats, chaos_db, workers)
     findings = Findings()
     done = asyncio.Event()  # ends watch_leases
+    leases = None
     nc = await connect(stack.nats_url)
     try:
         js = nc.jetstream()
@@ -83,7 +84,7 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
                          f"{[(s.worker_id, s.segment_id, s.status) for t, s in live.heard if t > fault_at]})")
             return findings
         found, messages = await settle_and_check(stack, js, tenant, "s1", speech, baseline["dialog"], summary,
-                                                 findings)
+                                                 findings, heard=tap.of("s1"))
         done.set()
         lease_s = await leases
         await check_audio_acked(js, findings, timeout=ACK_WAIT_S + 15)
@@ -93,6 +94,9 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
                             f"segment of that session stored from the other worker")
         summary.takeover_s = first.stored_at - fault_at if first else None
         summary.extra["lease_takeover_s"] = round(lease_s, 3) if lease_s is not None else None
+        if lease_s is None or lease_s > TAKEOVER_BOUND_S:
+            findings.add(f"{survivor} did not hold all {PARTITIONS} partition leases within {TAKEOVER_BOUND_S} s "
+                         f"(took {lease_s})")
         if first is None:
             findings.add(f"{survivor} never published a segment of the session after {victim} was stopped")
         elif summary.takeover_s > TAKEOVER_BOUND_S:
@@ -110,6 +114,8 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
         stack.check_alive(*(n for n in stack.services if n != f"transcriber-{victim}"))
     finally:
         done.set()
+        if leases is not None:
+            await asyncio.gather(leases, return_exceptions=True)
         await nc.close()
     return findings
 
@@ -182,9 +188,9 @@ async def test_three_workers_thirty_sessions(chaos_nats, chaos_db, make_stack, s
             diff = word_diff(baseline["short"], found.text)
             lost += diff.deleted
             texts.append(found.text)
-            finals_by_id = final_segments_published(messages)
-            dup += len(duplicated_finals(finals_by_id)) + len(seq_overlaps(found.finals))
-            republished += sum(1 for versions in finals_by_id.values() if len(versions) > 1)
+            dup += len(duplicated_finals(final_segments_published(messages + tap.of(session_id))))
+            dup += len(seq_overlaps(found.finals))
+            republished += sum(1 for versions in final_segments_published(messages).values() if len(versions) > 1)
         all_vs_base = word_diff(" ".join([baseline["short"]] * len(sessions)), " ".join(texts))
         all_vs_ref = word_diff(" ".join([speech.text] * len(sessions)), " ".join(texts))
         summary.sessions = len(sessions)
