@@ -10,10 +10,14 @@ services as child processes, faults injected from the test, numbers reported per
   line appended to $JETSCRIBE_CHAOS_REPORT if set), passed or not.
 - `baseline`: the no-fault transcripts of the scenario audio, made once per test session through
   the same processes and settings.
+
+$JETSCRIBE_CHAOS_TRANSCRIBER names another module to run as the transcriber (python -m), e.g. a
+variant under development; the services' own JETSCRIBE_* settings come from the harness only.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -77,7 +81,8 @@ def make_stack(tmp_path, request):
     for stack in stacks:
         if failed:
             print(f"\n===== service logs ({stack.home}) =====\n{stack.logs(60)}")
-        stack.stop()
+        with contextlib.suppress(Exception):  # one stack failing to stop must not leave the others running
+            stack.stop()
     for stack in stacks:  # nothing may outlive the test
         for service in stack.services.values():
             assert not service.running, f"{service.name} (pid {service.pid}) still running after teardown"
@@ -158,7 +163,9 @@ async def baseline(tmp_path_factory, postgres_server):
         print(f"\n===== baseline service logs =====\n{stack.logs(60)}")
         raise
     finally:
-        stack.stop()
-        server.stop()
+        try:
+            stack.stop()
+        finally:
+            server.stop()
     print(f"\nchaos baseline: {texts}")
     return texts

@@ -83,12 +83,17 @@ def audio_of(speech: Speech) -> Audio:
 # --- child processes ------------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+try:  # resolved here, in the parent: the child must not load libraries between fork and exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+_SIGKILL = int(signal.SIGKILL)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     # If the test process dies without its teardown (a hard timeout, a kill), the service dies too.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
 
 
 READY = {
@@ -109,7 +114,7 @@ class Service:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen | None = None
-    started_at: float = 0.0  # wall time of the last start
+    ready_pattern: str = ""  # what its log says once it serves; by default READY[module]
     _log_offset: int = 0  # where the last start's output begins in the log
 
     def start(self) -> "Service":
@@ -124,7 +129,6 @@ class Service:
                 [sys.executable, "-m", self.module], env=self.env, cwd=REPO,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             )
-        self.started_at = time.time()
         return self
 
     @property
@@ -166,7 +170,7 @@ class Service:
             time.sleep(0.05)
 
     def wait_ready(self, timeout: float = 60.0) -> float:
-        return self.wait_for_log(READY[self.module], timeout)
+        return self.wait_for_log(self.ready_pattern or READY[self.module], timeout)
 
     def kill(self) -> float:
         """SIGKILL (a crash); returns the wall time of the kill."""
@@ -176,17 +180,6 @@ class Service:
         self.proc.kill()
         self.proc.wait()
         return at
-
-    def terminate(self, timeout: float = 30.0) -> tuple[float, int | None]:
-        """SIGTERM (a graceful stop); (wall time of the signal, exit code or None if still running)."""
-        if not self.running:
-            raise RuntimeError(f"{self.name} is not running:\n{self.tail()}")
-        at = time.time()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return at, self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return at, None
 
     async def sigterm(self, timeout: float = 30.0) -> tuple[float, int | None, float | None]:
         """SIGTERM without blocking the event loop: (wall time of the signal, exit code or None if it
@@ -255,8 +248,9 @@ class ChaosStack:
         env.update({k: str(v) for k, v in overrides.items()})
         return env
 
-    def add(self, name: str, module: str, **env: str) -> Service:
-        service = Service(name, module, self.env(**env), self.home / "logs" / f"{name}.log")
+    def add(self, name: str, module: str, ready_pattern: str = "", **env: str) -> Service:
+        service = Service(name, module, self.env(**env), self.home / "logs" / f"{name}.log",
+                          ready_pattern=ready_pattern)
         self.services[name] = service
         return service
 
@@ -267,8 +261,10 @@ class ChaosStack:
         return self.add("persister", "services.persister", **env).start()
 
     def start_transcriber(self, worker_id: str, **env) -> Service:
-        return self.add(f"transcriber-{worker_id}", "services.transcriber", JETSCRIBE_WORKER_ID=worker_id,
-                        **env).start()
+        # $JETSCRIBE_CHAOS_TRANSCRIBER runs another module in its place (a variant under test).
+        module = os.environ.get("JETSCRIBE_CHAOS_TRANSCRIBER") or "services.transcriber"
+        return self.add(f"transcriber-{worker_id}", module, READY["services.transcriber"],
+                        JETSCRIBE_WORKER_ID=worker_id, **env).start()
 
     def transcriber(self, worker_id: str) -> Service:
         return self.services[f"transcriber-{worker_id}"]
@@ -311,7 +307,7 @@ async def lease_holders(js) -> dict[int, str]:
     """partition -> member id currently holding its lease (KV partition_leases), as far as it exists."""
     try:
         kv = await js.key_value(subjects.PARTITION_LEASES_BUCKET)
-    except (NotFoundError, Exception):
+    except Exception:  # no bucket (yet)
         return {}
     holders = {}
     for partition in range(PARTITIONS):
@@ -339,7 +335,13 @@ async def wait_group_settled(js, workers: list[str], timeout: float = 20.0,
         if settled and time.monotonic() - since >= stable_s:
             return holders
         if time.monotonic() > deadline:
-            raise TimeoutError(f"consumer group not settled on {workers} within {timeout:.0f} s; leases: {holders}")
+            try:
+                await js.key_value(subjects.PARTITION_LEASES_BUCKET)
+                why = f"leases: {holders}"
+            except Exception:
+                why = (f"there is no KV bucket {subjects.PARTITION_LEASES_BUCKET}: the transcribers do not run "
+                       f"the consumer group (services/transcriber/group.py)")
+            raise TimeoutError(f"consumer group not settled on {workers} within {timeout:.0f} s; {why}")
         await asyncio.sleep(0.1)
 
 
@@ -712,21 +714,15 @@ class Live:
                                    f"{self.audio_s:.1f} s of audio sent)")
             await asyncio.sleep(0.01)
 
-    async def mid_utterance_or_late(self, after_fraction: float = 0.3, give_up_fraction: float = 0.75,
-                                    timeout: float = 60.0) -> tuple[Segment, bool]:
-        """(segment, True) as soon as `mid_utterance(after_fraction)` holds; once the bot is past
-        `give_up_fraction` of the audio without that, (the latest segment heard, False): a loaded
-        worker may publish few interims, and a fault that is not quite mid-utterance beats none."""
-        deadline = time.monotonic() + timeout
-        while True:
-            segment = self.mid_utterance(after_fraction)
-            if segment is not None:
-                return segment, True
-            if self.heard and self.audio_s >= give_up_fraction * self.duration_s:
-                return self.heard[-1][1], False
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no segment heard within {timeout:.0f} s ({self.audio_s:.1f} s of audio sent)")
-            await asyncio.sleep(0.01)
+    async def inside_turn(self, turn, fraction: float = 0.5, timeout: float = 60.0) -> tuple[Segment, bool]:
+        """Wait until the bot has sent `fraction` of the script's `turn` (a speech.Turn) and the session
+        has published something; returns (the latest segment heard: its worker owns the session, whether
+        an interim of a not yet final utterance was heard in the last 1.5 s). Timed by the script, not
+        by interims (a loaded worker publishes few, and late): the worker runs its VAD as audio arrives,
+        so it has that turn's utterance open whether or not it has decoded anything of it yet."""
+        at = turn.start_s + fraction * (turn.end_s - turn.start_s)
+        await self.until(lambda: self.audio_s >= at and self.heard, timeout, f"{at:.1f} s of audio sent")
+        return self.heard[-1][1], self.mid_utterance(0.0) is not None
 
     def mid_utterance(self, after_fraction: float, fresh_s: float = 1.5) -> Segment | None:
         """The latest interim, if it is recent, its utterance has no final yet and the bot is past

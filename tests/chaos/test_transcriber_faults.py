@@ -62,12 +62,13 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
         tap = await Tap(nc, tenant).start()
         live = Live(SPEED, speech.duration_s).start()
         bot = asyncio.create_task(stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=60))
-        interim, mid_utterance = await live.mid_utterance_or_late(0.3)
-        victim = interim.worker_id  # the worker that owns the session now
+        # Halfway through the third turn ("We sold forty trays ..."): the owner has that utterance open.
+        latest, interim_open = await live.inside_turn(speech.turns[2])
+        victim = latest.worker_id  # the worker that owns the session now
         survivor = next(w for w in workers if w != victim)
         summary.extra.update(victim=victim, fault=fault, fault_at_audio_s=round(live.audio_s, 2),
-                             mid_utterance=mid_utterance, open_segment=interim.segment_id,
-                             open_status=interim.status, open_text=interim.text)
+                             interim_open_at_fault=interim_open, latest_heard=(latest.segment_id, latest.status,
+                                                                               latest.text))
         leases = asyncio.create_task(watch_leases(js, survivor, time.time(), done))
         if fault == "kill":
             fault_at = stack.transcriber(victim).kill()
