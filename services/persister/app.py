@@ -144,6 +144,7 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
     try:
         js = nc.jetstream()
         sub = await _subscribe(js, settings, config)
+        await _redeliver_unacked(nc)
         persister = Persister(nc, js, engine, config, stop)
         log.info("persisting %s to Postgres in batches of up to %d",
                  subjects.TRANSCRIPTS_STREAM, config.batch_size)
@@ -170,6 +171,15 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
         await nc.close()
         await engine.dispose()
     log.info("stopped")
+
+
+async def _redeliver_unacked(nc) -> None:
+    """What a killed predecessor had fetched but not acked comes back now, not after ack_wait (60 s).
+    Writes are idempotent upserts, so a message another persister also holds changes nothing twice."""
+    subject = f"$JS.API.CONSUMER.RESET.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}"
+    reply = await nc.request(subject, b"{}", timeout=5)
+    if b'"error"' in reply.data:
+        log.warning("could not reset the consumer to its ack floor: %s", reply.data[:200])
 
 
 async def _subscribe(js: JetStreamContext, settings: StreamSettings, config: PersisterConfig):
