@@ -40,6 +40,12 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
     )
 
 
+def session_vad(aggressiveness: int):
+    """A VAD of the session's own: webrtcvad keeps state between frames, so sessions must not share one."""
+    vad = webrtcvad.Vad(aggressiveness)
+    return lambda frame: vad.is_speech(frame, 16000)
+
+
 class TranscriberWorker:
     def __init__(self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None):
         self.nc = nc
@@ -50,7 +56,6 @@ class TranscriberWorker:
         self.model_name = config.model
         self.options = commit_options(config)
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
-        self.vad = webrtcvad.Vad(config.vad_aggressiveness)
         self.streams: dict[SessionKey, SessionStream] = {}
         self.partition_of: dict[SessionKey, int] = {}
         self.held: dict[SessionKey, dict[int, Msg]] = {}  # audio not yet accounted for, by seq
@@ -212,7 +217,7 @@ class TranscriberWorker:
             log.warning("%s/%s asked for model %s; this worker serves %s", *key, start.model, self.model_name)
         stream = SessionStream(key[0], key[1], language=language, model=self.model_name,
                                worker_id=self.config.worker_id, options=self.options,
-                               is_speech=lambda frame: self.vad.is_speech(frame, 16000))
+                               is_speech=session_vad(self.config.vad_aggressiveness))
         if checkpoint is not None:
             stream.restore(checkpoint)
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)

@@ -135,7 +135,8 @@ def tenant():
 @pytest.fixture(scope="session")
 async def baseline(tmp_path_factory, postgres_server):
     """{"dialog": text, "short": text}: what the pipeline stores for each scenario audio with no fault
-    (one transcriber, streamed at speed 0, both sessions at once), made once per test session."""
+    (one transcriber, streamed at twice real time as the fault runs are, both sessions at once), made once
+    per test session."""
     home = tmp_path_factory.mktemp("chaos-baseline")
     name = f"chaos_baseline_{uuid.uuid4().hex[:8]}"
     postgres_server.create_database(name)
@@ -152,7 +153,7 @@ async def baseline(tmp_path_factory, postgres_server):
         nc = await connect(server.url)
         try:
             speeches = {"dialog": dialog_speech(), "short": short_speech()}
-            await asyncio.gather(*(stream(nc, speech, "baseline", key, 0.0) for key, speech in speeches.items()))
+            await asyncio.gather(*(stream(nc, speech, "baseline", key, 2.0) for key, speech in speeches.items()))
             for key in speeches:
                 await wait_stored_ended(url, "baseline", key, 60.0)
             await wait_persister_drained(nc.jetstream())
