@@ -110,6 +110,13 @@ def needs_full_window(decoded: Decoded) -> bool:
     return has_loop([w for seg in decoded.segments for w in seg.words])
 
 
+def max_new_tokens(audio_samples: int) -> int:
+    """A cap on tokens per call, from the audio's length: speech runs ~3-4 tokens a second, so 20 + 8/s
+    leaves room for any real utterance, while a run-on invention after the speech ("see you next
+    time, see you next ...", up to 224 tokens) stops early instead of costing seconds."""
+    return min(200, 20 + int(8 * audio_samples / 16000))
+
+
 def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
     """Decode one job's audio on the window it asks for (`job.window`). A short window that goes
     wrong is redone on the full 30 s one: with temperature fallback for a final, without for an
@@ -135,6 +142,7 @@ def _transcribe(model: WhisperModel, job: DecodeJob, temperature) -> Decoded:
         word_timestamps=True,
         initial_prompt=job.prompt or None,
         condition_on_previous_text=False,
+        max_new_tokens=max_new_tokens(len(job.audio)),
         vad_filter=False,
     )
     decoded = [
