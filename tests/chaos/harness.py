@@ -765,6 +765,8 @@ async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, 
     if missing_at_end:
         later = [r.updated_at.timestamp() for r in found.finals if r.segment_id in missing_at_end]
         summary.extra["ended_before_its_finals_s"] = round(max(later) - ended_seen, 3)
+        findings.add(f"the session stood ended in Postgres for {max(later) - ended_seen:.1f} s without its "
+                     f"finals {missing_at_end}")
     check_transcript(found, messages, findings)
     finals_by_id = final_segments_published(messages + list(heard))
     conflicting = sorted(set(duplicated_finals(finals_by_id)) - set(duplicated_finals(final_segments_published(
