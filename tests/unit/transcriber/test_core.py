@@ -380,3 +380,24 @@ def interim_after_final(s):
     job = s.next_job()
     assert job.kind == "interim"
     return finish(s, job, said("tw"), now=2.0)[0]
+
+
+def test_a_pause_after_a_whole_sentence_ends_the_utterance_early():
+    s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2, sentence_endpoint_s=3.0)
+    seq = feed(s, tone(3.5))
+    seq = feed(s, silence(0.3), first_seq=seq)  # a short pause, no endpoint yet
+    early = s.next_job()
+    assert early.speculative
+    final = finish(s, early, said("we", "sold", "forty", "trays."), now=4.0)
+    assert final[0].status == "final" and s.open is None  # a sentence ended: no need to wait for 0.5 s
+    feed(s, np.concatenate([tone(1.0), silence(0.8)]), first_seq=seq)  # the speaker goes on
+    nxt = s.next_job()
+    assert nxt.start_sample >= early.end_sample and nxt.prompt.endswith("trays.")
+
+
+def test_a_pause_inside_a_sentence_only_shows_an_interim():
+    s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2, sentence_endpoint_s=3.0)
+    seq = feed(s, tone(3.5))
+    feed(s, silence(0.3), first_seq=seq)
+    shown = finish(s, s.next_job(), said("we", "sold", "forty"), now=4.0)
+    assert shown[0].status == "interim" and s.open is not None
