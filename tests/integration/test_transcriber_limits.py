@@ -106,7 +106,9 @@ async def test_an_idle_session_is_flushed_and_ended(own_nats, tiny):
 
 async def test_a_session_beyond_the_worker_limit_is_rejected_with_a_reason(own_nats, tiny):
     async with pipeline(own_nats.url, tiny, max_sessions=1) as nc:
+        started = await watch_event(nc, "lim", "first", "started")
         await start(nc, "lim", "first")
+        await started(20)  # the worker holds it before the second one comes
         rejected = await watch_event(nc, "lim", "second", "rejected")
         await start(nc, "lim", "second")
         event = await rejected(20)
