@@ -37,6 +37,7 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
         endpoint_silence_s=config.endpoint_silence_s, max_utterance_s=config.max_utterance_s,
         interim_every_s=config.interim_every_s, beam_size=config.beam_size,
         interim_beam_size=config.interim_beam_size, final_window=config.resolved_final_window(),
+        sentence_endpoint_s=config.sentence_endpoint_s,
     )
 
 

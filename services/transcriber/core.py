@@ -32,7 +32,7 @@ class CommitOptions:
     interim_every_s: float = 1.0  # the fastest interim rate; under load it is slowed (`DecodeLoad`)
     first_interim_s: float = 0.6  # speech heard before an utterance's first interim
     speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
-    sentence_endpoint_s: float = 3.0  # an early final this long that ends a sentence ends its utterance
+    sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
     preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
     tail_pad_s: float = 0.2  # silence kept after the last speech frame
@@ -426,7 +426,7 @@ class SessionStream:
             if utt is None or utt.start != job.start_sample:
                 return []  # cut elsewhere meanwhile; that utterance gets its own final
             utt.speculation = (job, decoded)  # the final, if this pause becomes an endpoint
-            if (utt.speculate_end == job.end_sample and ends_sentence(words)
+            if (self.options.sentence_endpoint_s > 0 and utt.speculate_end == job.end_sample and ends_sentence(words)
                     and job.end_sample - job.start_sample >= self.options.sentence_endpoint_s * SAMPLE_RATE):
                 # Still in the same pause, after a whole sentence: end the utterance here rather than
                 # wait for 0.5 s of silence that a quick speaker never leaves.
