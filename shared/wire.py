@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+from shared.errors import CodedError
+
 SCHEMA_VERSION = 1
 
 Encoding = Literal["pcm_s16le", "pcm_f32le"]
@@ -22,12 +24,11 @@ WHISPER_LANGUAGES = frozenset(
 SegmentStatus = Literal["interim", "final"]
 
 
-class WireError(ValueError):
-    """A message that does not match the wire contract."""
+class WireError(CodedError, ValueError):
+    """A message that does not match the wire contract; `code` says how (`not_msgpack`, `malformed`, ...)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
 
 
 class AudioChunk(msgspec.Struct, tag="audio", kw_only=True):
