@@ -3,18 +3,23 @@ transcriber when it ends or rejects a session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
+import nats.errors
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from services.ingest.core import IngestBook, Rejected, SessionLedger, check_subject_matches
+from services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
 from shared import subjects, telemetry
 from shared.config import IngestConfig, StreamSettings
+from shared.errors import CodedError
 from shared.streams import connect, ensure_streams
-from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, SessionEvent, WireError, decode,
-                         encode)
+from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
+                         WireError, decode, encode)
+
+_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ class IngestGateway:
                 check_subject_matches(chunk.tenant, chunk.session_id, tenant, session_id)
                 async with self._lock(tenant, session_id):
                     reply = await self._accept_chunk(chunk)
-            except (WireError, Rejected) as exc:
+            except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=_seq_of(msg.data))
         await self._answer(msg, reply)
 
@@ -68,7 +73,7 @@ class IngestGateway:
             check_subject_matches(control.tenant, control.session_id, tenant, session_id)
             async with self._lock(tenant, session_id):
                 reply = await self._control(control)
-        except (WireError, Rejected) as exc:
+        except CodedError as exc:
             reply = await self._refuse(tenant, session_id, exc)
         await self._answer(msg, reply)
 
@@ -93,7 +98,7 @@ class IngestGateway:
         if verdict.store is not None:
             try:
                 await self._store(verdict.store, verdict.store.seq)
-            except Rejected:
+            except RequestRefused:
                 verdict.ledger.resampler = None  # it consumed this chunk; the bot's retry must not feed it twice
                 raise
             self.book.accepted(verdict.ledger, chunk.seq)
@@ -109,7 +114,7 @@ class IngestGateway:
             if not known:
                 try:
                     await self._store(control, "start")
-                except Rejected:
+                except RequestRefused:
                     self.book.forget(ledger)  # not stored, so not started: the bot's retry starts it afresh
                     raise
             return Reply(ok=True, last_seq=ledger.last_seq)
@@ -131,36 +136,53 @@ class IngestGateway:
                 headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
             )
         except Exception as exc:  # stream unreachable (NATS restarting): the bot resends the same seq
-            raise Rejected("unavailable", f"could not store audio, send it again: {exc!r}") from None
+            raise RequestRefused("unavailable", f"could not store audio, send it again: {exc!r}") from None
         if ack.duplicate:
             log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
 
     async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
-        """After a gateway restart, learn a session's last stored seq from AUDIO, and from TRANSCRIPTS
-        whether the transcriber has ended or rejected it."""
+        """A session this gateway has not seen (it restarted, or the id is reused), as the streams know it.
+
+        Its last stored message in AUDIO gives its last seq; the transcriber's `ended` / `rejected` in TRANSCRIPTS
+        and its checkpoint say it has ended even once its audio has aged out of AUDIO.
+        """
         ledger = self.book.ledger(tenant, session_id)
         if ledger is not None or not subjects.is_valid_token(tenant) or not subjects.is_valid_token(session_id):
             return ledger
         try:
-            last = await self.js.get_last_msg(subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id))
+            audio = await self._last_message(subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id),
+                                             AudioMessage)
+            closings = [await self._last_message(subjects.TRANSCRIPTS_STREAM,
+                                                 subjects.session_event(tenant, session_id, event), SessionEvent)
+                        for event in ("ended", "rejected")]
+            checkpoint = await self._checkpoint(tenant, session_id)
+        except _NATS_ERRORS as exc:
+            raise RequestRefused("unavailable", f"could not look the session up, send it again: {exc!r}") from None
+        # Should both be there, the one stored first closed the session.
+        first_closing = min(filter(None, closings), key=lambda found: found[0], default=None)
+        return self.book.recall(tenant, session_id, audio[1] if audio else None,
+                                first_closing[1] if first_closing else None, checkpoint)
+
+    async def _last_message(self, stream: str, subject: str, kind) -> tuple[int, object] | None:
+        """(stream seq, decoded message) of the last message on `subject`, or None if there is none."""
+        try:
+            found = await self.js.get_last_msg(stream, subject)
         except NotFoundError:
             return None
-        stored = decode(last.data, AudioMessage)
-        last_seq = stored.seq if isinstance(stored, AudioChunk) else -1
-        ended = isinstance(stored, SessionControl) and stored.action == "end"
-        ledger = self.book.remember(tenant, session_id, last_seq=last_seq, ended=ended)
-        try:
-            last = await self.js.get_last_msg(subjects.TRANSCRIPTS_STREAM,
-                                              subjects.session_events_of(tenant, session_id))
-        except NotFoundError:
-            return ledger
-        event = decode(last.data, SessionEvent)
-        if event.event != "started":
-            self.book.closed_by_worker(tenant, session_id, event.event, event.reason)
-        return ledger
+        return found.seq, decode(found.data, kind)
 
-    async def _refuse(self, tenant: str, session_id: str, exc: WireError | Rejected, seq: int | None = None) -> Reply:
-        last_seq = getattr(exc, "last_seq", -1)
+    async def _checkpoint(self, tenant: str, session_id: str) -> SessionCheckpoint | None:
+        """The transcriber's checkpoint of a session, if it wrote one (the gateway never creates the bucket)."""
+        try:
+            bucket = await self.js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
+            entry = await bucket.get(subjects.checkpoint_key(tenant, session_id))
+        except (BucketNotFoundError, KeyNotFoundError):
+            return None
+        return decode(entry.value, SessionCheckpoint) if entry.value else None
+
+    async def _refuse(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> Reply:
+        """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
+        last_seq = await self._last_seq(tenant, session_id)
         event = ErrorEvent(tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq,
                            at=time.time())
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
@@ -169,6 +191,15 @@ class IngestGateway:
         except Exception:  # the bot still gets its reply when the error subject is unreachable
             log.exception("could not publish error event")
         return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc))
+
+    async def _last_seq(self, tenant: str, session_id: str) -> int:
+        """The last accepted seq of the session a subject names, even when the request itself was garbage."""
+        if self.book.ledger(tenant, session_id) is None and subjects.is_valid_token(tenant) \
+                and subjects.is_valid_token(session_id):
+            with contextlib.suppress(CodedError):  # the streams cannot say now: -1, as for a session never seen
+                async with self._lock(tenant, session_id):
+                    await self._recall(tenant, session_id)
+        return self.book.last_seq_of(tenant, session_id)
 
     async def _answer(self, msg: Msg, reply: Reply) -> None:
         if msg.reply:

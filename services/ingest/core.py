@@ -1,7 +1,7 @@
 """The gateway's decisions, with no I/O: is a chunk acceptable, and what exactly gets stored.
 
-Audio is stored as 16 kHz mono pcm_s16le whatever the bot sends; one soxr stream per session
-keeps resampling continuous across chunk joins.
+Audio is stored as 16 kHz mono pcm_s16le (shared/audio.py) whatever the bot sends; one soxr stream per
+session keeps resampling continuous across chunk joins.
 """
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ import numpy as np
 import soxr
 
 from shared import subjects
+from shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from shared.config import IngestConfig
-from shared.wire import WHISPER_LANGUAGES, AudioChunk, SessionControl
+from shared.errors import CodedError
+from shared.wire import WHISPER_LANGUAGES, AudioChunk, AudioMessage, SessionCheckpoint, SessionControl, SessionEvent
 
-TARGET_RATE = 16000
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
-class Rejected(Exception):
-    """A request the gateway refuses; `code` is stable for machines, the message is for people."""
+class RequestRefused(CodedError):
+    """A bot's request the gateway refuses; `code` goes on the wire, the message says what to do.
 
-    def __init__(self, code: str, message: str, last_seq: int = -1):
-        super().__init__(message)
-        self.code = code
-        self.last_seq = last_seq
+    The reply's `last_seq` is not part of it: the gateway answers every refusal with the session's last
+    accepted seq (`IngestBook.last_seq_of`), whatever the cause.
+    """
 
 
 @dataclass
@@ -55,12 +55,12 @@ class ChunkVerdict:
 def check_ids(tenant: str, session_id: str) -> None:
     for name, value in (("tenant", tenant), ("session_id", session_id)):
         if not subjects.is_valid_token(value):
-            raise Rejected("bad_id", f"{name} {value!r} must be 1-64 letters, digits, '_' or '-'")
+            raise RequestRefused("bad_id", f"{name} {value!r} must be 1-64 letters, digits, '_' or '-'")
 
 
 def check_subject_matches(message_tenant: str, message_session: str, tenant: str, session_id: str) -> None:
     if (message_tenant, message_session) != (tenant, session_id):
-        raise Rejected(
+        raise RequestRefused(
             "subject_mismatch",
             f"message is for {message_tenant}/{message_session} but was sent on the subject of {tenant}/{session_id}",
         )
@@ -71,7 +71,7 @@ def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
     width = _SAMPLE_WIDTH[chunk.encoding]
     frame = width * chunk.channels
     if len(chunk.payload) % frame:
-        raise Rejected(
+        raise RequestRefused(
             "bad_payload",
             f"payload of {len(chunk.payload)} bytes is not a whole number of {chunk.channels}-channel "
             f"{chunk.encoding} frames ({frame} bytes each)",
@@ -81,13 +81,13 @@ def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
     else:
         samples = np.frombuffer(chunk.payload, dtype="<f4").astype(np.float32)
         if not np.all(np.isfinite(samples)):
-            raise Rejected("bad_payload", "pcm_f32le payload holds NaN or infinite samples")
+            raise RequestRefused("bad_payload", "pcm_f32le payload holds NaN or infinite samples")
     if chunk.channels > 1:
         samples = samples.reshape(-1, chunk.channels).mean(axis=1)
-    if chunk.sample_rate != TARGET_RATE:
+    if chunk.sample_rate != SAMPLE_RATE:
         fmt = (chunk.sample_rate, chunk.channels)
         if ledger.resampler is None or ledger.input_format != fmt:
-            ledger.resampler = soxr.ResampleStream(chunk.sample_rate, TARGET_RATE, 1, dtype="float32")
+            ledger.resampler = soxr.ResampleStream(chunk.sample_rate, SAMPLE_RATE, 1, dtype="float32")
             ledger.input_format = fmt
         samples = ledger.resampler.resample_chunk(samples)
     return _to_int16(samples)
@@ -107,10 +107,37 @@ class IngestBook:
     def ledger(self, tenant: str, session_id: str) -> SessionLedger | None:
         return self.sessions.get((tenant, session_id))
 
+    def last_seq_of(self, tenant: str, session_id: str) -> int:
+        """What every reply says as `last_seq`, ok or not: the session's last accepted seq, -1 if none yet."""
+        ledger = self.ledger(tenant, session_id)
+        return -1 if ledger is None else ledger.last_seq
+
     def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool) -> SessionLedger:
         """Adopt a session found in the stream (after a gateway restart)."""
         ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended)
         self.sessions[(tenant, session_id)] = ledger
+        return ledger
+
+    def recall(self, tenant: str, session_id: str, last_stored: AudioMessage | None, closing: SessionEvent | None,
+               checkpoint: SessionCheckpoint | None) -> SessionLedger | None:
+        """Adopt a session this gateway has not seen (after a restart) from what the streams hold of it; None if
+        they hold nothing, so it is new.
+
+        `last_stored` is its last message in AUDIO, `closing` the transcriber's `ended` or `rejected` from
+        TRANSCRIPTS and `checkpoint` its transcriber checkpoint. The last two outlive its audio, so a session
+        whose audio has aged out of AUDIO is still known, and an ended one is refused rather than started afresh.
+        """
+        if last_stored is None and closing is None and checkpoint is None:
+            return None
+        if isinstance(last_stored, AudioChunk):
+            last_seq = last_stored.seq
+        else:  # a start or an end holds no seq: the transcriber's checkpoint knows the last one it took
+            last_seq = checkpoint.acked_seq if checkpoint is not None else -1
+        ended_by_bot = isinstance(last_stored, SessionControl) and last_stored.action == "end"
+        finished = checkpoint is not None and checkpoint.finished
+        ledger = self.remember(tenant, session_id, last_seq=last_seq, ended=ended_by_bot or finished)
+        if closing is not None:
+            self.closed_by_worker(tenant, session_id, closing.event, closing.reason)
         return ledger
 
     def forget(self, ledger: SessionLedger) -> None:
@@ -124,19 +151,18 @@ class IngestBook:
         """A start opens a session, or answers a reconnecting bot with where it left off."""
         check_ids(control.tenant, control.session_id)
         if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
-            raise Rejected("bad_language", f"language {control.language!r} is not a Whisper language code "
-                           f"(like 'en', 'de', 'fr') or 'auto'")
+            raise RequestRefused("bad_language", f"language {control.language!r} is not a Whisper language code "
+                                 f"(like 'en', 'de', 'fr') or 'auto'")
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             limit = self.config.max_sessions_per_tenant
             if self.active_sessions(control.tenant) >= limit:
-                raise Rejected("too_many_sessions", f"tenant {control.tenant} already has {limit} active sessions, "
-                               f"its limit; end one, then start again")
+                raise RequestRefused("too_many_sessions", f"tenant {control.tenant} already has {limit} active "
+                                     f"sessions, its limit; end one, then start again")
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
         elif ledger.ended:
             _refuse_if_rejected(ledger)
-            raise Rejected("session_ended", f"session {control.session_id} has ended; start a new session id",
-                           ledger.last_seq)
+            raise RequestRefused("session_ended", f"session {control.session_id} has ended; start a new session id")
         return ledger
 
     def end(self, control: SessionControl) -> tuple[SessionLedger, AudioChunk | None]:
@@ -147,7 +173,7 @@ class IngestBook:
         check_ids(control.tenant, control.session_id)
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
-            raise Rejected("unknown_session", f"session {control.tenant}/{control.session_id} was never started")
+            raise RequestRefused("unknown_session", f"session {control.tenant}/{control.session_id} was never started")
         _refuse_if_rejected(ledger)
         tail = None
         if not ledger.ended and ledger.resampler is not None:
@@ -156,8 +182,8 @@ class IngestBook:
             if len(rest):
                 tail = AudioChunk(
                     tenant=control.tenant, session_id=control.session_id, seq=ledger.last_seq + 1,
-                    sent_at=control.sent_at, sample_rate=TARGET_RATE, channels=1, encoding="pcm_s16le",
-                    payload=_to_int16(rest).tobytes(),
+                    sent_at=control.sent_at, sample_rate=SAMPLE_RATE, channels=STORED_CHANNELS,
+                    encoding=STORED_ENCODING, payload=_to_int16(rest).tobytes(),
                 )
         return ledger, tail
 
@@ -180,33 +206,29 @@ class IngestBook:
         return ledger
 
     def check_chunk(self, chunk: AudioChunk) -> ChunkVerdict:
-        """Validate a chunk against its session; returns what to store. Raises Rejected."""
+        """Validate a chunk against its session; returns what to store. Raises RequestRefused."""
         cfg = self.config
         ledger = self._open_ledger(chunk.tenant, chunk.session_id)
         if len(chunk.payload) > cfg.max_chunk_bytes:
-            raise Rejected("too_large", f"payload of {len(chunk.payload)} bytes exceeds the limit of "
-                           f"{cfg.max_chunk_bytes} bytes per chunk; send shorter chunks", ledger.last_seq)
+            raise RequestRefused("too_large", f"payload of {len(chunk.payload)} bytes exceeds the limit of "
+                                 f"{cfg.max_chunk_bytes} bytes per chunk; send shorter chunks")
         if not cfg.min_sample_rate <= chunk.sample_rate <= cfg.max_sample_rate:
-            raise Rejected("bad_sample_rate", f"sample_rate {chunk.sample_rate} is outside "
-                           f"{cfg.min_sample_rate}..{cfg.max_sample_rate} Hz", ledger.last_seq)
+            raise RequestRefused("bad_sample_rate", f"sample_rate {chunk.sample_rate} is outside "
+                                 f"{cfg.min_sample_rate}..{cfg.max_sample_rate} Hz")
         if not 1 <= chunk.channels <= cfg.max_channels:
-            raise Rejected("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}",
-                           ledger.last_seq)
+            raise RequestRefused("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}")
         if chunk.seq < 0:
-            raise Rejected("bad_seq", f"seq {chunk.seq} is negative; seq counts from 0", ledger.last_seq)
+            raise RequestRefused("bad_seq", f"seq {chunk.seq} is negative; seq counts from 0")
         if chunk.seq <= ledger.last_seq:
             return ChunkVerdict(store=None, ledger=ledger)
         if chunk.seq != ledger.last_seq + 1:
-            raise Rejected("seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; "
-                           f"resend from there", ledger.last_seq)
-        try:
-            samples = to_mono_int16(chunk, ledger)
-        except Rejected as exc:
-            exc.last_seq = ledger.last_seq
-            raise
+            raise RequestRefused("seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; "
+                                 f"resend from there")
+        samples = to_mono_int16(chunk, ledger)
         stored = AudioChunk(
             tenant=chunk.tenant, session_id=chunk.session_id, seq=chunk.seq, sent_at=chunk.sent_at,
-            sample_rate=TARGET_RATE, channels=1, encoding="pcm_s16le", payload=samples.tobytes(),
+            sample_rate=SAMPLE_RATE, channels=STORED_CHANNELS, encoding=STORED_ENCODING,
+            payload=samples.tobytes(),
         )
         return ChunkVerdict(store=stored, ledger=ledger)
 
@@ -218,15 +240,15 @@ class IngestBook:
         check_ids(tenant, session_id)
         ledger = self.ledger(tenant, session_id)
         if ledger is None:
-            raise Rejected("unknown_session", f"session {tenant}/{session_id} was never started; "
-                           f"send a start on {subjects.ingest_session(tenant, session_id)} first")
+            raise RequestRefused("unknown_session", f"session {tenant}/{session_id} was never started; "
+                                 f"send a start on {subjects.ingest_session(tenant, session_id)} first")
         if ledger.ended:
             _refuse_if_rejected(ledger)
-            raise Rejected("session_ended", f"session {session_id} has ended", ledger.last_seq)
+            raise RequestRefused("session_ended", f"session {session_id} has ended")
         return ledger
 
 
 def _refuse_if_rejected(ledger: SessionLedger) -> None:
     if ledger.rejection is not None:
-        raise Rejected("rejected", f"session {ledger.tenant}/{ledger.session_id} was rejected by the transcriber: "
-                       f"{ledger.rejection}", ledger.last_seq)
+        raise RequestRefused("rejected", f"session {ledger.tenant}/{ledger.session_id} was rejected by the "
+                             f"transcriber: {ledger.rejection}")

@@ -15,7 +15,9 @@ from jetscribe.servers import NatsServer
 from services.ingest.app import run as run_ingest
 from shared import subjects
 from shared.config import IngestConfig, StreamSettings
-from shared.wire import AudioChunk, AudioMessage, ErrorEvent, Reply, SessionControl, SessionEvent, decode, encode
+from shared.streams import ensure_checkpoints
+from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
+                         decode, encode)
 
 
 @contextlib.asynccontextmanager
@@ -330,3 +332,72 @@ async def test_a_bot_hears_of_a_rejection_that_comes_after_its_end(gateway, nats
     assert err.value.reply.code == "rejected" and "buffer_full" in str(err.value)
     await bot.close()
     await fake.unsubscribe()
+
+
+async def age_out_audio(nats_url, tenant, session):
+    """What AUDIO's max age does to a session's audio, at once."""
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().purge_stream(subjects.AUDIO_STREAM, subject=subjects.audio_of_session(tenant, session))
+    await nc.close()
+
+
+async def stream_ended_session(nats_url, tenant, session, chunks=3):
+    async with running_gateway(nats_url) as nc:
+        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
+        for seq in range(chunks):
+            assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq))).ok
+        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "end"))).ok
+
+
+async def test_a_reused_session_id_is_refused_after_its_audio_aged_out_and_the_gateway_restarted(nats_url):
+    tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
+    await stream_ended_session(nats_url, tenant, session)
+    nc = await nats.connect(nats_url)
+    await worker_says(nc, tenant, session, "ended")
+    await nc.close()
+    await age_out_audio(nats_url, tenant, session)
+    async with running_gateway(nats_url) as nc:
+        again = await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))
+        assert (again.ok, again.code) == (False, "session_ended")
+        late = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0))
+        assert (late.ok, late.code) == (False, "session_ended")
+        assert await stored_audio(nc.jetstream(), tenant, session) == []  # nothing of the reuse was stored
+
+
+async def test_a_reused_session_id_is_refused_from_the_transcribers_checkpoint_alone(nats_url):
+    tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
+    await stream_ended_session(nats_url, tenant, session)
+    nc = await nats.connect(nats_url)
+    checkpoints = await ensure_checkpoints(nc.jetstream(), StreamSettings(nats_url=nats_url))
+    await checkpoints.put(subjects.checkpoint_key(tenant, session),
+                          encode(SessionCheckpoint(tenant=tenant, session_id=session, acked_seq=2, finished=True)))
+    await nc.close()
+    await age_out_audio(nats_url, tenant, session)
+    async with running_gateway(nats_url) as nc:
+        again = await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))
+        assert (again.ok, again.code, again.last_seq) == (False, "session_ended", 2)
+
+
+async def test_a_refusal_not_about_the_seq_answers_the_last_accepted_seq(nats_url):
+    tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
+    audio_subject = subjects.ingest_audio(tenant, session)
+    garbage = {
+        "not_msgpack": b"\xc1 this is not msgpack",
+        "malformed": msgspec.msgpack.encode({"type": "audio", "v": 1, "tenant": tenant}),
+        "subject_mismatch": encode(chunk(tenant, "another", 3)),
+    }
+    async with running_gateway(nats_url) as nc:
+        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
+        for seq in range(3):
+            assert (await ask(nc, audio_subject, chunk(tenant, session, seq))).ok
+        for code, data in garbage.items():
+            reply = await ask(nc, audio_subject, data)
+            assert (reply.code, reply.last_seq) == (code, 2)
+        reply = await ask(nc, subjects.ingest_session(tenant, session), b"\xc1")
+        assert (reply.code, reply.last_seq) == ("not_msgpack", 2)
+    async with running_gateway(nats_url) as nc:  # a restarted gateway learns it from the stream first
+        for code, data in garbage.items():
+            reply = await ask(nc, audio_subject, data)
+            assert (reply.code, reply.last_seq) == (code, 2)
+        never = await ask(nc, subjects.ingest_audio(tenant, "never-started"), b"\xc1")
+        assert (never.code, never.last_seq) == ("not_msgpack", -1)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from services.ingest.core import IngestBook, Rejected, to_mono_int16, SessionLedger
+from services.ingest.core import IngestBook, RequestRefused, SessionLedger, to_mono_int16
 from shared.config import IngestConfig
-from shared.wire import AudioChunk, SessionControl
+from shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
 
 
 def start(book, session="s1"):
@@ -38,22 +38,22 @@ def test_gap_is_reported_with_where_to_resume():
     book = IngestBook(IngestConfig())
     start(book)
     accept(book, chunk(0))
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(5))
-    assert err.value.code == "seq_gap" and err.value.last_seq == 0
+    assert err.value.code == "seq_gap" and book.last_seq_of("acme", "s1") == 0
     assert "expected seq 1" in str(err.value)
     assert accept(book, chunk(1)).store is not None
 
 
 def test_unknown_session_and_ended_session_are_refused():
     book = IngestBook(IngestConfig())
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(0))
     assert err.value.code == "unknown_session"
     ledger = start(book)
     book.closed(book.end(SessionControl(tenant="acme", session_id="s1", action="end"))[0])
     assert book.end(SessionControl(tenant="acme", session_id="s1", action="end")) == (ledger, None)  # a repeat
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(0))
     assert err.value.code == "session_ended"
 
@@ -67,7 +67,7 @@ def test_unknown_session_and_ended_session_are_refused():
 def test_bad_audio_is_refused_with_a_code(bad, code):
     book = IngestBook(IngestConfig())
     start(book)
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(0, **bad))
     assert err.value.code == code
 
@@ -75,14 +75,14 @@ def test_bad_audio_is_refused_with_a_code(bad, code):
 def test_oversized_chunk_is_refused():
     book = IngestBook(IngestConfig(max_chunk_bytes=1000))
     start(book)
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(0, samples=np.zeros(600, "<i2")))
     assert err.value.code == "too_large"
 
 
 def test_bad_ids_are_refused():
     book = IngestBook(IngestConfig())
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.start(SessionControl(tenant="acme", session_id="has.dot", action="start"))
     assert err.value.code == "bad_id"
 
@@ -112,13 +112,13 @@ def test_48k_stereo_float_becomes_16k_mono_int16_without_losing_length():
 
 def test_nan_float_payload_is_refused():
     ledger = SessionLedger("acme", "s1")
-    with pytest.raises(Rejected):
+    with pytest.raises(RequestRefused):
         to_mono_int16(chunk(0, samples=np.array([np.nan] * 4, "<f4"), encoding="pcm_f32le"), ledger)
 
 
 def test_language_must_be_a_whisper_code_or_auto():
     book = IngestBook(IngestConfig())
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="english"))
     assert err.value.code == "bad_language"
     book.start(SessionControl(tenant="acme", session_id="s1", action="start", language="de"))
@@ -133,7 +133,7 @@ def test_a_tenant_has_at_most_max_sessions_active():
     book = IngestBook(IngestConfig(max_sessions_per_tenant=2))
     start(book, "s1")
     start(book, "s2")
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         start(book, "s3")
     assert err.value.code == "too_many_sessions" and "acme" in str(err.value)
     assert start(book, "s2").session_id == "s2"  # a reconnecting bot's start is not a new session
@@ -147,9 +147,9 @@ def test_a_session_the_transcriber_ended_frees_its_slot_and_takes_no_more_audio(
     start(book, "s1")
     accept(book, chunk(0))
     assert book.closed_by_worker("acme", "s1", "ended", "idle_timeout").ended
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(1))
-    assert err.value.code == "session_ended" and err.value.last_seq == 0
+    assert err.value.code == "session_ended" and book.last_seq_of("acme", "s1") == 0
     start(book, "s2")
     assert book.end(SessionControl(tenant="acme", session_id="s1", action="end")) == (book.ledger("acme", "s1"), None)
 
@@ -166,9 +166,9 @@ def test_a_rejected_session_refuses_every_further_request_with_the_reason():
         lambda: book.end(SessionControl(tenant="acme", session_id="s1", action="end")),
     ]
     for request in requests:
-        with pytest.raises(Rejected) as err:
+        with pytest.raises(RequestRefused) as err:
             request()
-        assert err.value.code == "rejected" and "worker_full" in str(err.value) and err.value.last_seq == 0
+        assert err.value.code == "rejected" and "worker_full" in str(err.value) and book.last_seq_of("acme", "s1") == 0
     start(book, "s2")  # the rejected session holds no slot
 
 
@@ -177,7 +177,7 @@ def test_a_rejection_after_the_bots_end_still_tells_the_bot():
     start(book)
     end(book)
     book.closed_by_worker("acme", "s1", "rejected", "")
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(RequestRefused) as err:
         book.end(SessionControl(tenant="acme", session_id="s1", action="end"))
     assert err.value.code == "rejected" and "no reason given" in str(err.value)
 
@@ -186,3 +186,41 @@ def test_an_event_for_a_session_the_gateway_does_not_know_changes_nothing():
     book = IngestBook(IngestConfig())
     assert book.closed_by_worker("acme", "elsewhere", "ended", "") is None
     assert book.ledger("acme", "elsewhere") is None
+
+
+def test_a_session_unknown_to_the_streams_is_new():
+    book = IngestBook(IngestConfig())
+    assert book.recall("acme", "s1", None, None, None) is None
+    assert book.last_seq_of("acme", "s1") == -1
+
+
+def test_a_restarted_gateway_resumes_a_session_from_its_last_stored_chunk():
+    book = IngestBook(IngestConfig())
+    ledger = book.recall("acme", "s1", chunk(4), None, None)
+    assert (ledger.last_seq, ledger.ended) == (4, False)
+    assert accept(book, chunk(5)).store is not None
+
+
+def test_an_ended_session_whose_audio_aged_out_is_still_ended():
+    ended = SessionEvent(tenant="acme", session_id="s1", event="ended", at=1.0)
+    book = IngestBook(IngestConfig())
+    book.recall("acme", "s1", None, ended, None)
+    with pytest.raises(RequestRefused) as err:
+        start(book)
+    assert err.value.code == "session_ended"
+    # The checkpoint alone says so too, and knows the last seq the transcriber took.
+    book = IngestBook(IngestConfig())
+    book.recall("acme", "s1", None, None, SessionCheckpoint(tenant="acme", session_id="s1", acked_seq=7,
+                                                            finished=True))
+    with pytest.raises(RequestRefused) as err:
+        start(book)
+    assert err.value.code == "session_ended" and book.last_seq_of("acme", "s1") == 7
+
+
+def test_a_rejected_session_whose_audio_aged_out_is_refused_with_the_reason():
+    rejected = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="buffer_full")
+    book = IngestBook(IngestConfig())
+    book.recall("acme", "s1", None, rejected, None)
+    with pytest.raises(RequestRefused) as err:
+        book.check_chunk(chunk(0))
+    assert err.value.code == "rejected" and "buffer_full" in str(err.value)
