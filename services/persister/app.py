@@ -21,10 +21,11 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.persister.core import Delivered, Rejection, check, plan_batch, rejection_event, retry_delay
+from services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch, retry_delay
 from services.persister.store import is_message_fault, open_engine, write_batch
 from shared import subjects, telemetry, wire
 from shared.config import PersisterConfig, StreamSettings
+from shared.errors import CodedError
 from shared.streams import connect, ensure_streams
 
 SERVICE = "persister"
@@ -46,12 +47,14 @@ def consumer_config(config: PersisterConfig) -> ConsumerConfig:
     )
 
 
-class RefusedByDatabase(Exception):
+class RefusedByDatabase(Unstorable):
     """Postgres refuses the rows of a message itself (bad data, a violated constraint): retrying cannot help."""
+
+    code = "refused_by_database"
 
 
 class Persister:
-    """Moves one fetched batch into Postgres: reject what can't be stored, write the rest, then ack."""
+    """Moves one fetched batch into Postgres: drop what can't be stored, write the rest, then ack."""
 
     def __init__(self, nc: Client, js: JetStreamContext, engine: AsyncEngine, config: PersisterConfig,
                  stop: asyncio.Event):
@@ -67,7 +70,7 @@ class Persister:
             except wire.WireError as exc:
                 problem = exc
             if problem is not None:
-                await self.reject(msg, problem)
+                await self.drop_unstorable(msg, problem)
             else:
                 accepted.append((msg, Delivered(message, msg.metadata.timestamp.timestamp())))
         if accepted:
@@ -80,7 +83,7 @@ class Persister:
                 return False
         except RefusedByDatabase as exc:
             if len(items) == 1:  # retrying this very message would block the stream behind it forever
-                await self.reject(items[0][0], Rejection("refused_by_database", str(exc)))
+                await self.drop_unstorable(items[0][0], exc)
                 return True
             # Some message in the batch is refused: write them one by one to find it and keep the rest.
             for item in items:
@@ -105,7 +108,7 @@ class Persister:
                 return True
             except _DATABASE_ERRORS as exc:
                 if is_message_fault(exc):
-                    raise RefusedByDatabase(_first_line(getattr(exc, "orig", None) or exc)) from exc
+                    raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
                 delay = retry_delay(attempt, self.config.retry_max_s)
                 attempt += 1
                 log.warning("writing %d messages failed (%s); retry %d in %.1f s%s",
@@ -123,8 +126,9 @@ class Persister:
             # Committed but maybe not acked: the redelivery is an idempotent repeat.
             log.warning("acking %d messages failed (%s); they may be redelivered", len(msgs), exc)
 
-    async def reject(self, msg: Msg, problem: Rejection | wire.WireError) -> None:
-        event = rejection_event(msg.subject, problem, time.time())
+    async def drop_unstorable(self, msg: Msg, problem: CodedError) -> None:
+        """Report a message that can never be stored (Unstorable, or a WireError) and terminate it."""
+        event = dropped_event(msg.subject, problem, time.time())
         log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)

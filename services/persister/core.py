@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from shared import subjects
-from shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage, WireError
+from shared.errors import CodedError
+from shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage
 
 _INT64 = range(-(2**63), 2**63)
 _RANK = {"interim": 0, "final": 1}
@@ -174,12 +175,9 @@ def plan_batch(delivered: Iterable[Delivered]) -> BatchWrite:
     )
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """Why a message will not be stored; it becomes an ErrorEvent and is terminated, not retried."""
-
-    code: str
-    message: str
+class Unstorable(CodedError):
+    """A message the persister will never store, so retrying is useless: it is reported as an ErrorEvent
+    and terminated (`Persister.drop_unstorable`). Not a session's `rejected` status: that is a stored event."""
 
 
 def subject_route(subject: str) -> tuple[str, str | None]:
@@ -190,7 +188,7 @@ def subject_route(subject: str) -> tuple[str, str | None]:
     return tenant, session_id
 
 
-def check(subject: str, message: TranscriptMessage) -> Rejection | None:
+def check(subject: str, message: TranscriptMessage) -> Unstorable | None:
     """A decoded message that still cannot be stored: it claims another subject, or holds what Postgres refuses."""
     if isinstance(message, Segment):
         expected = subjects.transcript(message.tenant, message.session_id)
@@ -198,12 +196,12 @@ def check(subject: str, message: TranscriptMessage) -> Rejection | None:
         expected = subjects.session_event(message.tenant, message.session_id, message.event)
     # Permissions are subject rules, so the subject is what vouches for the tenant.
     if subject != expected:
-        return Rejection("subject_mismatch", f"message for {expected!r} arrived on {subject!r}")
+        return Unstorable("subject_mismatch", f"message for {expected!r} arrived on {subject!r}")
     for name in ("tenant", "session_id"):
         if not subjects.is_valid_token(getattr(message, name)):
-            return Rejection("malformed", f"{name} must be 1-64 letters, digits, '_' or '-'")
+            return Unstorable("malformed", f"{name} must be 1-64 letters, digits, '_' or '-'")
     problem = _segment_problem(message) if isinstance(message, Segment) else _event_problem(message)
-    return Rejection("malformed", problem) if problem else None
+    return Unstorable("malformed", problem) if problem else None
 
 
 def _segment_problem(segment: Segment) -> str | None:
@@ -233,12 +231,11 @@ def _nul_problem(texts: Iterable[str | None]) -> str | None:
     return None
 
 
-def rejection_event(subject: str, rejection: Rejection | WireError, at: float) -> ErrorEvent:
-    """The ErrorEvent reporting a message the persister dropped."""
+def dropped_event(subject: str, problem: CodedError, at: float) -> ErrorEvent:
+    """The ErrorEvent reporting a message the persister dropped: Unstorable, or a WireError from decoding it."""
     tenant, session_id = subject_route(subject)
-    code = rejection.code
-    text = rejection.message if isinstance(rejection, Rejection) else str(rejection)
-    return ErrorEvent(tenant=tenant, session_id=session_id, code=code, message=f"{subject}: {text}", at=at)
+    return ErrorEvent(tenant=tenant, session_id=session_id, code=problem.code, message=f"{subject}: {problem.message}",
+                      at=at)
 
 
 def retry_delay(attempt: int, max_s: float) -> float:

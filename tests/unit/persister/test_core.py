@@ -4,11 +4,11 @@ import pytest
 
 from services.persister.core import (
     Delivered,
-    Rejection,
+    Unstorable,
     check,
+    dropped_event,
     next_status,
     plan_batch,
-    rejection_event,
     replaces,
     retry_delay,
     segment_row,
@@ -235,11 +235,11 @@ def test_subject_route():
     assert subject_route("weird") == ("", None)
 
 
-def test_rejection_event_names_tenant_session_and_cause():
-    event = rejection_event("transcript.t1.s1", WireError("not_msgpack", "invalid message: boom"), T0)
+def test_dropped_event_names_tenant_session_and_cause():
+    event = dropped_event("transcript.t1.s1", WireError("not_msgpack", "invalid message: boom"), T0)
     assert (event.tenant, event.session_id, event.code, event.at) == ("t1", "s1", "not_msgpack", T0)
     assert "transcript.t1.s1" in event.message and "boom" in event.message
-    event = rejection_event("transcript.t1.s1", Rejection("subject_mismatch", "nope"), T0)
+    event = dropped_event("transcript.t1.s1", Unstorable("subject_mismatch", "nope"), T0)
     assert (event.code, event.message) == ("subject_mismatch", "transcript.t1.s1: nope")
 
 
