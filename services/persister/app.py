@@ -60,6 +60,8 @@ class Persister:
                  stop: asyncio.Event):
         self.nc, self.js, self.engine, self.config, self.stop = nc, js, engine, config, stop
         self.tracer = trace.get_tracer(f"jetscribe.{SERVICE}")
+        # Set when an ack may not have reached the server; `run` then has the consumer redeliver at once.
+        self.acks_in_doubt = False
 
     async def handle(self, msgs: list[Msg]) -> None:
         accepted: list[tuple[Msg, Delivered]] = []
@@ -118,13 +120,16 @@ class Persister:
                 return False
 
     async def ack(self, msgs: list[Msg]) -> None:
+        """Ack committed messages. A flush proves the server read the acks, not that it kept them: a nats-server
+        killed a moment later may come back with them unacked, which `run` repairs after every reconnect."""
         try:
             for msg in msgs:
                 await msg.ack()
             await self.nc.flush(timeout=5)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             # Committed but maybe not acked: the redelivery is an idempotent repeat.
-            log.warning("acking %d messages failed (%s); they may be redelivered", len(msgs), exc)
+            self.acks_in_doubt = True
+            log.warning("acking %d messages failed (%s); they will be redelivered", len(msgs), exc)
 
     async def drop_unstorable(self, msg: Msg, problem: CodedError) -> None:
         """Report a message that can never be stored (Unstorable, or a WireError) and terminate it."""
@@ -150,9 +155,17 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
         sub = await _subscribe(js, settings, config)
         await _redeliver_unacked(nc)
         persister = Persister(nc, js, engine, config, stop)
+        reconnects = nc.stats["reconnects"]
         log.info("persisting %s to Postgres in batches of up to %d",
                  subjects.TRANSCRIPTS_STREAM, config.batch_size)
         while not stop.is_set():
+            if (persister.acks_in_doubt or nc.stats["reconnects"] != reconnects) and nc.is_connected:
+                # A NATS restart can come back holding messages it delivered to us as unacked: acks sent just
+                # before a kill (lost in the socket, or not yet in the server's consumer state on disk) and
+                # batches it sent as it died. Nobody holds those, yet they would wait out ack_wait (60 s).
+                seen = nc.stats["reconnects"]
+                if await _redeliver_unacked_after_reconnect(nc):
+                    reconnects, persister.acks_in_doubt = seen, False
             try:
                 msgs = await sub.fetch(config.batch_size, timeout=FETCH_WAIT_S)
             except asyncio.TimeoutError:
@@ -177,13 +190,28 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
     log.info("stopped")
 
 
-async def _redeliver_unacked(nc) -> None:
+async def _redeliver_unacked(nc) -> bool:
     """What a killed predecessor had fetched but not acked comes back now, not after ack_wait (60 s).
     Writes are idempotent upserts, so a message another persister also holds changes nothing twice."""
     subject = f"$JS.API.CONSUMER.RESET.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}"
     reply = await nc.request(subject, b"{}", timeout=5)
     if b'"error"' in reply.data:
         log.warning("could not reset the consumer to its ack floor: %s", reply.data[:200])
+        return False
+    return True
+
+
+async def _redeliver_unacked_after_reconnect(nc) -> bool:
+    """`_redeliver_unacked` between batches (none is in hand); False if the server cannot do it yet (JetStream
+    still recovering after a restart): the loop tries again before its next fetch."""
+    try:
+        done = await _redeliver_unacked(nc)
+    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        log.warning("could not reset the consumer to its ack floor (%s); trying again", exc)
+        return False
+    if done:
+        log.info("reset the consumer to its ack floor: what NATS still counts as unacked is redelivered now")
+    return done
 
 
 async def _subscribe(js: JetStreamContext, settings: StreamSettings, config: PersisterConfig):

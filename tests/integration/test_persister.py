@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jetscribe import cli
 from jetscribe.servers import NatsServer, PostgresServer
-from services.persister.app import run
+from services.persister.app import Persister, run
 from services.persister.migrate import current, downgrade, upgrade
 from services.persister.core import Delivered, next_status, plan_batch
 from services.persister.store import final_segments, list_sessions, open_engine, sqlalchemy_url, write_batch
@@ -419,6 +419,36 @@ async def test_a_nats_restart_only_pauses_the_persister(engine, schema, tenant, 
                     return row if row["status"] == "ended" and row["segment_count"] == 3 else None
 
                 await eventually(ended, timeout=20)
+        finally:
+            await nc.close()
+
+
+async def test_an_ack_a_nats_restart_lost_is_redelivered_at_once(engine, schema, tenant, tmp_path, monkeypatch):
+    """A nats-server killed just after the persister acked can come back counting that message unacked (the ack
+    died in the socket, or in consumer state not yet on disk), with nobody holding it: without help it waits out
+    the consumer's ack_wait (60 s). Here the ack is lost on purpose, then NATS restarts for real."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        ack = Persister.ack
+        lost: list[str] = []
+
+        async def ack_lost_once(self, msgs):
+            if not lost:
+                lost.extend(msg.subject for msg in msgs)  # as if NATS died before keeping these acks
+                return
+            await ack(self, msgs)
+
+        monkeypatch.setattr(Persister, "ack", ack_lost_once)
+        try:
+            async with running_persister(server.url, js, schema):
+                await publish(js, segment(tenant, "s7", 0, 0, "final", "kept"))
+                await eventually(lambda: rows(engine, SegmentRow, tenant, "s7"))
+                info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+                assert (lost, info.num_ack_pending) == ([subjects.transcript(tenant, "s7")], 1)
+                await asyncio.to_thread(server.restart)  # same store: the unacked message survives it
+                await eventually(nc_connected(nc))
+                await eventually(lambda: drained(js), timeout=15)  # well inside ack_wait
         finally:
             await nc.close()
 
