@@ -36,6 +36,7 @@ class IngestGateway:
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._inflight: set[asyncio.Task] = set()
+        self._checkpoints = None  # the transcribers' KV bucket, once it exists
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
@@ -174,15 +175,16 @@ class IngestGateway:
     async def _checkpoint(self, tenant: str, session_id: str) -> SessionCheckpoint | None:
         """The transcriber's checkpoint of a session, if it wrote one (the gateway never creates the bucket)."""
         try:
-            bucket = await self.js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
-            entry = await bucket.get(subjects.checkpoint_key(tenant, session_id))
+            if self._checkpoints is None:
+                self._checkpoints = await self.js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
+            entry = await self._checkpoints.get(subjects.checkpoint_key(tenant, session_id))
         except (BucketNotFoundError, KeyNotFoundError):
             return None
         return decode(entry.value, SessionCheckpoint) if entry.value else None
 
     async def _refuse(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> Reply:
         """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
-        last_seq = await self._last_seq(tenant, session_id)
+        last_seq = await self._last_seq(tenant, session_id, look_up=exc.code != "unavailable")
         event = ErrorEvent(tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq,
                            at=time.time())
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
@@ -192,9 +194,10 @@ class IngestGateway:
             log.exception("could not publish error event")
         return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc))
 
-    async def _last_seq(self, tenant: str, session_id: str) -> int:
-        """The last accepted seq of the session a subject names, even when the request itself was garbage."""
-        if self.book.ledger(tenant, session_id) is None and subjects.is_valid_token(tenant) \
+    async def _last_seq(self, tenant: str, session_id: str, look_up: bool = True) -> int:
+        """The last accepted seq of the session a subject names, even when the request itself was garbage;
+        `look_up` False when the streams are known to be unreachable right now."""
+        if look_up and self.book.ledger(tenant, session_id) is None and subjects.is_valid_token(tenant) \
                 and subjects.is_valid_token(session_id):
             with contextlib.suppress(CodedError):  # the streams cannot say now: -1, as for a session never seen
                 async with self._lock(tenant, session_id):
