@@ -13,9 +13,10 @@ By default each file is put in TWO of the conditions, rotating so that every con
 kind of speech (dialog, monologue, meeting, real) as far as the files allow; --every puts each file
 in every condition. Results are cached in $JETSCRIBE_CACHE/realistic (default
 ~/.cache/jetscribe/realistic), keyed by the source's hash, the condition, the seed and, for the
-conditions that mix in other speech (babble noise, crosstalk), the hash of that other speech. With
+conditions that mix in other speech (babble noise, crosstalk), the hash of that other speech, and the
+versions of numpy, soxr and PyAV. With
 --out DIR the chosen files are also written there as <name>@<condition>.wav/.json, a devset-format
-folder. Conditions and their parameter ranges: see CONDITION_DOC below and bench/conditions.py.
+folder. Conditions and their parameter ranges: listed at the end of --help, details in bench/conditions.py.
 """
 from __future__ import annotations
 
@@ -221,6 +222,18 @@ def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Gen
     raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
 
 
+def library_versions() -> str:
+    """numpy (random streams), soxr (resampling) and PyAV (libopus): a new version may change the samples."""
+    from importlib import metadata
+    out = []
+    for dist in ("numpy", "soxr", "av"):
+        try:
+            out.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist}=?")
+    return ",".join(out)
+
+
 def realize(source: Source, condition: str, seed: int, sources: list[Source],
             root: Path | None = None) -> tuple[Path, Path]:
     """The WAV and JSON of `source` in `condition`, from the cache or made now."""
@@ -228,7 +241,8 @@ def realize(source: Source, condition: str, seed: int, sources: list[Source],
         return source.wav, source.wav.with_suffix(".json")
     needs_pool = condition in ("noise", "crosstalk")
     pool, pool_hash = other_speech(source, sources) if needs_pool else (None, "")
-    key = hashlib.sha256(f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}/{library_versions()}"
+                         .encode()).hexdigest()[:16]
     root = root or cache_root()
     stem = f"{source.name}@{condition}-{key}"
     wav, js = root / f"{stem}.wav", root / f"{stem}.json"
@@ -270,7 +284,8 @@ def print_coverage(pairs: list[tuple[Source, str]], conditions: list[str], file=
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="conditions:\n" + "\n".join(f"  {c}: {d}" for c, d in CONDITION_DOC.items()))
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="folder of <name>.wav + <name>.json (repeat for more folders)")
     parser.add_argument("--conditions", default=",".join(DEGRADED), help=f"comma list of {', '.join(CONDITIONS)}")
