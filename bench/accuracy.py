@@ -78,15 +78,15 @@ def load_items(data: list[Path], files: str | None) -> list[Item]:
 def load_condition_items(data: list[Path], files: str | None, conditions: list[str], seed: int,
                          every: bool) -> list[Item]:
     """The realistic set: each file in two of `conditions` (all with `every`), made or read from the cache."""
-    from bench.make_realistic import load_sources, plan, print_coverage, realize
+    from bench.make_realistic import load_sources, plan, print_coverage, realize, variants
     everything = load_sources(data)  # also the other speech for babble and crosstalk
     sources = load_sources(data, files) if files else everything
     pairs = plan(sources, conditions, len(conditions) if every else 2)
     print_coverage(pairs, conditions)
     items = []
-    for source, condition in pairs:
+    for (source, condition), options in zip(pairs, variants(pairs)):
         print(f"preparing {source.name}@{condition} ...", file=sys.stderr, flush=True)
-        wav, js = realize(source, condition, seed, everything)
+        wav, js = realize(source, condition, seed, everything, options=options)
         meta = json.loads(js.read_text())
         items.append(Item(f"{source.name}@{condition}", wav, read_audio(wav), meta["text"], meta.get("turns") or [],
                           condition, source.name))

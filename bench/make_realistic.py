@@ -11,10 +11,10 @@ valid) and a JSON with the reference unchanged plus `condition`, `seed`, the con
 
 By default each file is put in TWO of the conditions, rotating so that every condition meets every
 kind of speech (dialog, monologue, meeting, real) as far as the files allow; --every puts each file
-in every condition. Results are cached in $JETSCRIBE_CACHE/realistic (default
-~/.cache/jetscribe/realistic), keyed by the source's hash, the condition, the seed and, for the
-conditions that mix in other speech (babble noise, crosstalk), the hash of that other speech, and the
-versions of numpy, soxr and PyAV. With
+in every condition. The files in `noise` take babble, speech-shaped and pink noise in turn. Results
+are cached in $JETSCRIBE_CACHE/realistic (default ~/.cache/jetscribe/realistic), keyed by the source's
+hash, the condition, the seed, the versions of numpy, soxr and PyAV and, for the conditions that mix
+in other speech (babble noise, crosstalk), the hash of that other speech. With
 --out DIR the chosen files are also written there as <name>@<condition>.wav/.json, a devset-format
 folder. Conditions and their parameter ranges: listed at the end of --help, details in bench/conditions.py.
 """
@@ -151,6 +151,22 @@ def plan(sources: list[Source], conditions: list[str], per_file: int = 2) -> lis
     return [(s, c) for s in sources for c in conditions if c in chosen[s.name]]
 
 
+NOISE_KINDS = ("babble", "speech_shaped", "pink")
+
+
+def variants(pairs: list[tuple[Source, str]]) -> list[dict]:
+    """Options fixed by the plan rather than drawn: the files in `noise` take babble, speech-shaped and pink
+    noise in turn (in plan order), so that a set with few noise files still has every kind."""
+    out, n = [], 0
+    for _, condition in pairs:
+        if condition == "noise":
+            out.append({"noise": NOISE_KINDS[n % len(NOISE_KINDS)]})
+            n += 1
+        else:
+            out.append({})
+    return out
+
+
 def coverage(pairs: list[tuple[Source, str]]) -> dict[str, dict[str, int]]:
     """{condition: {kind: number of files}}."""
     out: dict[str, dict[str, int]] = {}
@@ -186,8 +202,10 @@ def rng_for(seed: int, name: str, condition: str) -> np.random.Generator:
 
 
 def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Generator,
-            pool: list[np.ndarray] | None) -> tuple[np.ndarray, dict]:
-    """Apply `condition` to x (float32 16 kHz); returns (audio, parameters for the JSON)."""
+            pool: list[np.ndarray] | None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Apply `condition` to x (float32 16 kHz); returns (audio, parameters for the JSON). `options` may fix
+    what would otherwise be drawn: {"noise": one of NOISE_KINDS}."""
+    options = options or {}
     mask = C.turn_mask(len(x), RATE, turns)
     if condition == "clean":
         return x, {}
@@ -197,7 +215,10 @@ def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Gen
         return y, {"rt60_s": round(room.rt60_s, 3), "room_m": [round(v, 2) for v in room.size],
                    "distance_m": round(room.distance, 2)}
     if condition == "noise":
-        kind = str(rng.choice(["babble", "speech_shaped", "pink"]))
+        kind = str(rng.choice(NOISE_KINDS))
+        kind = options.get("noise", kind)
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"noise {kind!r}: one of {', '.join(NOISE_KINDS)}")
         snr = round(float(rng.uniform(0.0, 20.0)), 1)
         if kind == "babble":
             noise = C.babble(len(x), rng, pool)
@@ -235,20 +256,23 @@ def library_versions() -> str:
 
 
 def realize(source: Source, condition: str, seed: int, sources: list[Source],
-            root: Path | None = None) -> tuple[Path, Path]:
-    """The WAV and JSON of `source` in `condition`, from the cache or made now."""
+            root: Path | None = None, options: dict | None = None) -> tuple[Path, Path]:
+    """The WAV and JSON of `source` in `condition` (with `options`, see degrade), from the cache or made now."""
+    options = options or {}
     if condition == "clean":
         return source.wav, source.wav.with_suffix(".json")
     needs_pool = condition in ("noise", "crosstalk")
     pool, pool_hash = other_speech(source, sources) if needs_pool else (None, "")
-    key = hashlib.sha256(f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}/{library_versions()}"
+    key = hashlib.sha256(f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}/{library_versions()}/"
+                         f"{json.dumps(options, sort_keys=True)}"
                          .encode()).hexdigest()[:16]
     root = root or cache_root()
     stem = f"{source.name}@{condition}-{key}"
     wav, js = root / f"{stem}.wav", root / f"{stem}.json"
     if js.exists() and wav.exists():
         return wav, js
-    audio, params = degrade(condition, source.audio, source.turns, rng_for(seed, source.name, condition), pool)
+    audio, params = degrade(condition, source.audio, source.turns, rng_for(seed, source.name, condition), pool,
+                            options)
     meta = {**source.meta, "condition": condition, "seed": seed, **params,
             "source_file": source.name, "source_sha256": source.sha256, "conditions_version": VERSION}
     if needs_pool:
@@ -300,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = load_sources(args.data, args.files) if args.files else everything
     pairs = plan(sources, conditions, len(conditions) if args.every else 2)
     print_coverage(pairs, conditions)
-    for source, condition in pairs:
-        wav, js = realize(source, condition, args.seed, everything, args.cache)
+    for (source, condition), options in zip(pairs, variants(pairs)):
+        wav, js = realize(source, condition, args.seed, everything, args.cache, options)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             for path, ext in ((wav, ".wav"), (js, ".json")):

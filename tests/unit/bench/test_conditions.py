@@ -187,6 +187,8 @@ def test_realize_is_deterministic_cached_and_keeps_the_reference(tmp_path):
     other = M.realize(sources[0], "noise", 8, sources, tmp_path / "c1")
     assert not np.array_equal(sf.read(str(other[0]), dtype="int16")[0], outs["noise"])
     assert "snr_db" in json.loads(other[1].read_text())
+    pink = M.realize(sources[0], "noise", 7, sources, tmp_path / "c1", {"noise": "pink"})
+    assert json.loads(pink[1].read_text())["noise"] == "pink" and pink[0] != other[0]
 
 
 def test_plan_puts_each_file_in_two_conditions_and_spreads_kinds(tmp_path):
@@ -207,3 +209,5 @@ def test_plan_puts_each_file_in_two_conditions_and_spreads_kinds(tmp_path):
     counts = sorted(sum(cov[c].values()) for c in cov)
     assert counts[-1] - counts[0] <= 1
     assert len(M.plan(sources, conditions[:2])) == 20
+    kinds = [v["noise"] for v in M.variants(pairs) if v]
+    assert sorted(kinds) == sorted(M.NOISE_KINDS)  # three files in noise: one of each kind
