@@ -1,9 +1,20 @@
 """Streaming accuracy and latency of jetscribe, against offline faster-whisper on the same files.
 
-    python bench/accuracy.py --data /work/shared/devset --model tiny.en --speed 1.0 --json OUT.json \
-        [--files mono_standup,dialog_doctor] [--language auto] [--nats-url URL] [--database-url URL] [--external]
+    python bench/accuracy.py [--data ../shared/devset] --model tiny.en --speed 1.0 --json OUT.json \
+        [--files mono_standup,dialog_doctor] [--language auto] [--nats-url URL] [--database-url URL] [--external] \
+        [--conditions clean,room,noise,phone,opus,quiet,crosstalk [--seed 0] [--every]]
 
---data DIR holds <name>.wav and <name>.json ({"text": reference, "turns": [{speaker, start, end, text}]}).
+--data DIR holds <name>.wav and <name>.json ({"text": reference, "turns": [{speaker, start, end, text}]}); repeat
+it for more folders. Default: $JETSCRIBE_DEVSET, else ../shared/devset beside the repo (the project's devset) if it
+exists, else a small set made once with the project's Piper speech (jetscribe.speech) in
+$JETSCRIBE_CACHE/bench-devset; with --conditions the real recordings in bench/data/real are added to the default.
+
+--conditions runs the realistic set (bench/make_realistic.py, conditions in bench/conditions.py): each file is
+put in two of the listed conditions (rotating so that each condition meets each kind of speech as far as the
+files allow; --every: every file in every condition), made harder with --seed and cached. Streaming and offline
+then run on the same degraded audio, and a table per condition follows the table per file; the JSON gains
+`conditions` ({condition: the overall keys for its files}) and each file its `condition` and `source`.
+
 The real stack (nats-server, PostgreSQL, ingest, transcriber with --model, persister; all child processes,
 see jetscribe.stack.LocalStack) runs in a temporary folder; with --nats-url/--database-url (or NATS_URL /
 DATABASE_URL) those servers are used instead; with --external nothing is started and the services already
@@ -52,24 +63,78 @@ class Item:
     audio: Audio
     reference: str
     turns: list[dict]
+    condition: str | None = None  # with --conditions: the condition, and the source file's name
+    source: str | None = None
 
 
-def load_items(data: Path, files: str | None) -> list[Item]:
-    names = sorted(p.stem for p in data.glob("*.wav") if p.with_suffix(".json").exists())
-    if files:
-        wanted = [f.strip() for f in files.split(",") if f.strip()]
-        missing = [f for f in wanted if f not in names]
-        if missing:
-            sys.exit(f"not in {data} (as .wav + .json): {', '.join(missing)}")
-        names = wanted
-    if not names:
-        sys.exit(f"no <name>.wav with <name>.json in {data}")
+def load_items(data: list[Path], files: str | None) -> list[Item]:
+    from bench.make_realistic import load_sources
     items = []
-    for name in names:
-        meta = json.loads((data / f"{name}.json").read_text())
-        items.append(Item(name, data / f"{name}.wav", read_audio(data / f"{name}.wav"), meta["text"],
-                          meta.get("turns") or []))
+    for s in load_sources(data, files):
+        items.append(Item(s.name, s.wav, read_audio(s.wav), s.meta["text"], s.meta.get("turns") or []))
     return items
+
+
+def load_condition_items(data: list[Path], files: str | None, conditions: list[str], seed: int,
+                         every: bool) -> list[Item]:
+    """The realistic set: each file in two of `conditions` (all with `every`), made or read from the cache."""
+    from bench.make_realistic import load_sources, plan, print_coverage, realize, variants
+    everything = load_sources(data)  # also the other speech for babble and crosstalk
+    sources = load_sources(data, files) if files else everything
+    pairs = plan(sources, conditions, len(conditions) if every else 2)
+    print_coverage(pairs, conditions)
+    items = []
+    for (source, condition), options in zip(pairs, variants(pairs)):
+        print(f"preparing {source.name}@{condition} ...", file=sys.stderr, flush=True)
+        wav, js = realize(source, condition, seed, everything, options=options)
+        meta = json.loads(js.read_text())
+        items.append(Item(f"{source.name}@{condition}", wav, read_audio(wav), meta["text"], meta.get("turns") or [],
+                          condition, source.name))
+    return items
+
+
+def default_data(with_real: bool) -> list[Path]:
+    """$JETSCRIBE_DEVSET, else ../shared/devset beside the repo if it is there, else a small Piper set made
+    once in the cache."""
+    devset = Path(os.environ.get("JETSCRIBE_DEVSET") or REPO.parent / "shared" / "devset")
+    folders = [devset] if devset.is_dir() else [generated_devset()]
+    real = REPO / "bench" / "data" / "real"
+    return folders + ([real] if with_real and real.is_dir() else [])
+
+
+SMALL_SET = {
+    "mono_market": ("mono", [("A", t) for t in (
+        "Every Saturday morning we walk to the farmers market near the old train station.",
+        "We usually buy two loaves of fresh bread and six brown eggs.",
+        "The woman at the fruit stand always saves us a basket of ripe peaches.",
+        "My brother likes to stop for a cup of coffee before we head back home.")]),
+    "dialog_library": ("dialog", [
+        ("A", "Good morning. I would like to renew the two books I borrowed last month."),
+        ("B", "Of course. Can I see your library card, please?"),
+        ("A", "Here it is. One of them is a cookbook and the other is a travel guide."),
+        ("B", "Both are renewed for three more weeks. Is there anything else?"),
+        ("A", "No, that is all. Thank you very much for your help."),
+        ("B", "You are welcome. Have a nice day.")]),
+}
+
+
+def generated_devset() -> Path:
+    """A small devset-format folder (a monologue and a dialog, Piper voices joe and joe-high), made once."""
+    from jetscribe.speech import default_cache_dir, dialog, write_wav
+    folder = default_cache_dir().parent / "bench-devset"
+    for name, (kind, turns) in SMALL_SET.items():
+        if (folder / f"{name}.json").exists():
+            continue
+        print(f"no ../shared/devset: making {folder / name}.wav with Piper ...", file=sys.stderr, flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        speech = dialog(turns, gap_s=0.7, lead_s=0.6, tail_s=0.0)
+        write_wav(folder / f"{name}.wav", speech)
+        meta = {"text": speech.text, "kind": kind, "synthetic": True, "sample_rate": speech.sample_rate,
+                "duration": round(speech.duration_s, 3), "voices": {"A": "piper joe", "B": "piper joe-high"},
+                "turns": [{"speaker": t.speaker, "start": round(t.start_s, 3), "end": round(t.end_s, 3),
+                           "text": t.text} for t in speech.turns]}
+        (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
 
 
 # --- streaming: the real stack --------------------------------------------------------------------
@@ -177,7 +242,8 @@ def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, 
     silence = words_in_silence(words, item.turns) if item.turns else None
     repeats = repeats_at_joins([s.text for s in finals], item.reference)
     return {
-        "name": item.name, "duration_s": round(item.audio.duration_s, 3),
+        "name": item.name, **({"condition": item.condition, "source": item.source} if item.condition else {}),
+        "duration_s": round(item.audio.duration_s, 3),
         "wer_streaming": wer(item.reference, result.text), "wer_offline": wer(item.reference, offline_text),
         "text_streaming": result.text, "text_offline": offline_text, "reference": item.reference,
         "latencies": latencies, "latency_final_p50": percentile(latencies, 50),
@@ -249,13 +315,43 @@ def print_table(files: list[dict], overall: dict) -> None:
           f"received by the bot minus its last word's audio sent; offline compute {o['offline_compute_s']:.1f} s")
 
 
+def by_condition(files: list[dict], items: list[Item], conditions: list[str]) -> dict[str, dict]:
+    """{condition: summarise() of its files}, in the order of `conditions`."""
+    out = {}
+    for condition in conditions:
+        picked = [(f, i) for f, i in zip(files, items) if i.condition == condition]
+        if picked:
+            out[condition] = {**summarise([f for f, _ in picked], [i for _, i in picked]),
+                              "files": [f["name"] for f, _ in picked]}
+    return out
+
+
+def print_condition_table(per_condition: dict[str, dict], overall: dict) -> None:
+    head = ("condition", "files", "audio s", "WER stream", "WER offline", "wer_ratio", "final p50", "p95",
+            "in silence", "repeats")
+
+    def row(name, o, n):
+        return (name, str(n), fmt(o["audio_s"], ".1f"), fmt(o["wer_streaming"], ".3f"), fmt(o["wer_offline"], ".3f"),
+                fmt(o["wer_ratio"], ".3f"), fmt(o["latency_final_p50"], ".2f"), fmt(o["latency_final_p95"], ".2f"),
+                fmt(o["words_in_silence"], "d"), str(o["repeated_words"]))
+
+    rows = [row(c, o, len(o["files"])) for c, o in per_condition.items()]
+    rows.append(row("OVERALL", overall, sum(len(o["files"]) for o in per_condition.values())))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    rule = "  ".join("-" * w for w in widths)
+    print("\n" + "\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
+
+
 def interrupted(signum, frame):
     raise KeyboardInterrupt  # like Ctrl-C: unwinds through LocalStack, which stops every child
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder of <name>.wav + <name>.json")
+    parser.add_argument("--data", type=Path, action="append",
+                        help="folder of <name>.wav + <name>.json, repeatable (default: ../shared/devset if it "
+                             "exists, else a small generated set; with --conditions also bench/data/real)")
     parser.add_argument("--model", required=True, help="base, tiny.en or a CTranslate2 Whisper model folder")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time (latency targets are for 1)")
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -265,14 +361,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
     parser.add_argument("--external", action="store_true",
                         help="start nothing: measure the services already running against --nats-url")
+    parser.add_argument("--conditions", help="comma list of clean, room, noise, phone, opus, quiet, crosstalk: "
+                                             "run the realistic set (each file in two of them)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the realistic set (with --conditions)")
+    parser.add_argument("--every", action="store_true", help="with --conditions: every file in every condition")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupted)
     cfg = TranscriberConfig.from_env()  # what the transcriber child reads too: same beam, same endpointing
-    items = load_items(args.data, args.files)
+    conditions = None
+    if args.conditions:
+        from bench.make_realistic import parse_conditions
+        conditions = parse_conditions(args.conditions)
+    if args.data:
+        missing = [str(d) for d in args.data if not d.is_dir()]
+        if missing:
+            sys.exit(f"--data {', '.join(missing)}: no such folder (leave --data out to use ../shared/devset "
+                     f"or a small generated set)")
+    args.data = args.data or default_data(with_real=conditions is not None)
+    if conditions:
+        items = load_condition_items(args.data, args.files, conditions, args.seed, args.every)
+    else:
+        items = load_items(args.data, args.files)
     streamed = run_streaming(args, items)
     offline = run_offline(args, cfg, items)
     files = [analyse(i, *streamed[i.name], *offline[i.name]) for i in items]
     overall = summarise(files, items)
+    per_condition = by_condition(files, items, conditions) if conditions else None
     served = sorted({m for f in files for m in f["models"]})
     if served != [args.model]:
         print(f"warning: the transcriber served {served}, the offline run used {args.model!r}", file=sys.stderr)
@@ -284,12 +398,17 @@ def main(argv: list[str] | None = None) -> int:
         "device": cfg.device, "compute_type": cfg.compute_type, "cpu_threads": cfg.cpu_threads,
         "offline": {"beam_size": cfg.beam_size, "vad_filter": True, "language": offline_language(args)},
         "latency_clock": "receive time in the bench process (latency_published: worker published_at)",
-        "external": args.external, "data": str(args.data.resolve()), "files": [i.name for i in items],
+        "external": args.external, "data": ",".join(str(d.resolve()) for d in args.data),
+        "files": [i.name for i in items],
+        **({"conditions": conditions, "seed": args.seed, "every": args.every} if conditions else {}),
         "git_commit": git_commit(), "cpu_count": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     print_table(files, overall)
-    Path(args.json).write_text(json.dumps({**overall, "files": files, "config": config}, indent=2) + "\n")
+    if per_condition:
+        print_condition_table(per_condition, overall)
+    extra = {"conditions": per_condition} if per_condition else {}
+    Path(args.json).write_text(json.dumps({**overall, **extra, "files": files, "config": config}, indent=2) + "\n")
     print(f"results written to {args.json}", file=sys.stderr)
     return 0
 
