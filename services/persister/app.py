@@ -25,6 +25,7 @@ from services.persister.core import Delivered, Rejection, check, plan_batch, rej
 from services.persister.store import is_message_fault, open_engine, write_batch
 from shared import subjects, telemetry, wire
 from shared.config import PersisterConfig, StreamSettings
+from shared.jetstream import JetStreamAPI, JetStreamAPIError
 from shared.streams import connect, ensure_streams
 
 SERVICE = "persister"
@@ -176,10 +177,10 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
 async def _redeliver_unacked(nc) -> None:
     """What a killed predecessor had fetched but not acked comes back now, not after ack_wait (60 s).
     Writes are idempotent upserts, so a message another persister also holds changes nothing twice."""
-    subject = f"$JS.API.CONSUMER.RESET.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}"
-    reply = await nc.request(subject, b"{}", timeout=5)
-    if b'"error"' in reply.data:
-        log.warning("could not reset the consumer to its ack floor: %s", reply.data[:200])
+    try:
+        await JetStreamAPI(nc).reset(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+    except JetStreamAPIError as exc:
+        log.warning("could not reset the consumer to its ack floor: %s", exc)
 
 
 async def _subscribe(js: JetStreamContext, settings: StreamSettings, config: PersisterConfig):
