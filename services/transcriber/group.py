@@ -50,7 +50,7 @@ from shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceEr
 
 log = logging.getLogger(__name__)
 
-_KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+_KV_KEY = re.compile(r"[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*")
 
 OnAssigned = Callable[[int, "PartitionPuller"], Awaitable[None]]
 OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = taken away, not handed over
@@ -222,7 +222,7 @@ class PartitionGroup:
                  members_bucket: str = subjects.TRANSCRIBER_MEMBERS_BUCKET,
                  leases_bucket: str = subjects.PARTITION_LEASES_BUCKET,
                  ack_wait_s: float = 300.0, max_ack_pending: int = 20_000, consumer_config: dict | None = None):
-        if not _KV_KEY.match(member_id):
+        if not _KV_KEY.fullmatch(member_id):
             raise ValueError(f"member id {member_id!r} must be a KV key: letters, digits, '-', '_', '=', '/', '.'")
         self.ttl_s = lease_ttl_seconds(lease_ttl_s)
         if heartbeat_s <= 0 or heartbeat_s > self.ttl_s / 3:
