@@ -134,6 +134,16 @@ def pin_id(msg: Msg) -> str | None:
     return (msg.headers or {}).get(PIN_ID_HEADER)
 
 
+def kv_subject(bucket: str, key: str = ">") -> str:
+    """The stream subject a KV bucket keeps `key` under (by default: all its keys)."""
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_key(bucket: str, subject: str) -> str:
+    """The key a KV bucket's stream subject stands for."""
+    return subject.removeprefix(f"$KV.{bucket}.")
+
+
 def is_stored_message(msg: Msg) -> bool:
     """A message from the stream (it has an ack subject), as opposed to a status message."""
     return bool(msg.reply)
@@ -196,6 +206,10 @@ class JetStreamAPI:
             headers[TTL_HEADER] = f"{int(ttl_s)}s"
         if last_revision is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER] = str(last_revision)
-        subject = f"$KV.{bucket}.{key}"
+        subject = kv_subject(bucket, key)
         reply = await self.nc.request(subject, value, timeout=self.timeout_s, headers=headers or None)
         return int(parse_reply(reply.data, subject)["seq"])
+
+    async def kv_purge(self, bucket: str, key: str) -> None:
+        """Remove every entry of `key` and leave no delete marker (unlike a KV delete): the key is simply gone."""
+        await self.request(f"STREAM.PURGE.KV_{bucket}", {"filter": kv_subject(bucket, key)})

@@ -337,8 +337,7 @@ class PartitionGroup:
     async def _leave(self) -> None:
         # Purging the subject (not a KV delete) leaves no marker: the key is simply gone.
         try:
-            await self.js.purge_stream(f"KV_{self.members_bucket}",
-                                       subject=f"$KV.{self.members_bucket}.{self.member_id}")
+            await self.api.kv_purge(self.members_bucket, self.member_id)
         except Exception as exc:
             log.warning("%s: could not leave the member set (%s); the key expires by its TTL", self.member_id, exc)
 
@@ -348,10 +347,10 @@ class PartitionGroup:
 
     async def _read_members(self) -> dict[str, frozenset[int] | None]:
         info = await self.js.stream_info(f"KV_{self.members_bucket}",
-                                         subjects_filter=f"$KV.{self.members_bucket}.>")
+                                         subjects_filter=jetstream.kv_subject(self.members_bucket))
         members = {}
         for subject in info.state.subjects or {}:
-            key = subject[len(f"$KV.{self.members_bucket}."):]
+            key = jetstream.kv_key(self.members_bucket, subject)
             try:
                 entry = await self._members_kv.get(key)
             except KeyNotFoundError:  # expired or left since the listing

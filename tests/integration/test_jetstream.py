@@ -12,7 +12,7 @@ from nats.js.errors import KeyNotFoundError
 
 from shared.jetstream import (ERR_CONSUMER_NOT_FOUND, ERR_STREAM_NOT_FOUND, ERR_WRONG_LAST_SEQUENCE, JetStreamAPI,
                               JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
-                              is_stored_message, nanoseconds, pin_id, pull_status)
+                              is_stored_message, kv_key, kv_subject, nanoseconds, pin_id, pull_status)
 
 GROUP = "workers"
 
@@ -76,6 +76,16 @@ async def test_kv_write_with_ttl_expires(nc, bucket):
     assert (await kv.get("plain")).value == b"stays"
     with pytest.raises(ValueError):
         await api.kv_put(bucket, "k", b"x", ttl_s=0)
+
+
+async def test_kv_purge_leaves_no_marker(nc, bucket):
+    api, js = JetStreamAPI(nc), nc.jetstream()
+    await api.kv_put(bucket, "gone", b"1")
+    await api.kv_put(bucket, "kept", b"2")
+    await api.kv_purge(bucket, "gone")
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=kv_subject(bucket))
+    assert sorted(kv_key(bucket, s) for s in info.state.subjects) == ["kept"]  # no delete marker left behind
+    await api.kv_purge(bucket, "never-written")  # nothing to purge is fine
 
 
 async def test_reset_redelivers_what_is_unacked(nc, stream):
