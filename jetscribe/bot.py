@@ -15,6 +15,7 @@ import soundfile as sf
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
 from shared import subjects
+from shared.retry import backoff_delay
 from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
 
 
@@ -72,7 +73,7 @@ async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int
                 return reply
         except (NatsTimeout, NoRespondersError):
             pass
-        await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+        await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
     raise TimeoutError(f"no answer from the ingest gateway on {subject} after {attempts} tries")
 
 

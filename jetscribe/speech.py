@@ -46,6 +46,9 @@ import numpy as np
 import soundfile
 import soxr
 
+from shared import audio
+from shared.config import cache_root
+
 __all__ = [
     "DialogTurn",
     "SAMPLE_RATE",
@@ -63,7 +66,7 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = audio.SAMPLE_RATE
 """Sample rate of every :class:`Speech` (Hz)."""
 
 SAMPLE_SENTENCES: tuple[str, ...] = (
@@ -224,8 +227,7 @@ def _render_sentence(text: str, style: VoiceStyle) -> np.ndarray:
 
 def default_cache_dir() -> Path:
     """``$JETSCRIBE_CACHE/speech``, by default ``~/.cache/jetscribe/speech``."""
-    root = os.environ.get("JETSCRIBE_CACHE") or Path.home() / ".cache" / "jetscribe"
-    return Path(root).expanduser() / "speech"
+    return cache_root() / "speech"
 
 
 def _version(dist: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jetscribe.servers import NatsServer, PostgresServer
 from services.persister.migrate import upgrade
+from shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,12 @@ def running_stack_urls(home: Path | None = None) -> dict[str, str]:
 
 
 def nats_url() -> str:
-    return os.environ.get("NATS_URL") or running_stack_urls().get("nats_url") or "nats://127.0.0.1:4222"
+    return os.environ.get("NATS_URL") or running_stack_urls().get("nats_url") or DEFAULT_NATS_URL
 
 
 def database_url() -> str:
     return (os.environ.get("DATABASE_URL") or running_stack_urls().get("database_url")
-            or "postgresql+psycopg://postgres@127.0.0.1:5432/jetscribe")
+            or DEFAULT_DATABASE_URL)
 
 
 @dataclass

@@ -8,10 +8,18 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MIN_AUDIO_MAX_AGE_S = 30 * 60.0  # a bot or worker that reconnects within this finds its audio still stored
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"  # NATS_URL when unset
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/jetscribe"  # DATABASE_URL when unset
+
+
+def cache_root() -> Path:
+    """Where assembled models and synthesized speech are kept: $JETSCRIBE_CACHE, by default ~/.cache/jetscribe."""
+    return Path(os.environ.get("JETSCRIBE_CACHE") or Path.home() / ".cache" / "jetscribe").expanduser()
 
 
 def _from_env(cls, variables: dict[str, tuple[str, type]]):
@@ -29,7 +37,7 @@ def _from_env(cls, variables: dict[str, tuple[str, type]]):
 class StreamSettings:
     """Where NATS is and how the streams are shaped; every service reads the same."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = DEFAULT_NATS_URL
     partitions: int = 16
     audio_max_age_s: float = 3600.0
     transcripts_max_age_s: float = 7 * 24 * 3600.0
@@ -161,7 +169,7 @@ class TranscriberConfig:
 
 @dataclass(frozen=True)
 class PersisterConfig:
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/jetscribe"
+    database_url: str = DEFAULT_DATABASE_URL
     batch_size: int = 200
     retry_max_s: float = 10.0
 

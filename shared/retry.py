@@ -17,7 +17,7 @@ class Stopped(Exception):
 
 def backoff_delay(attempt: int, first_s: float = 0.2, max_s: float = 5.0) -> float:
     """Exponential backoff: first_s, 2*first_s, ... capped at max_s (attempt counts from 0)."""
-    return min(max_s, first_s * (2 ** min(attempt, 30)))
+    return min(max_s, first_s * 2.0 ** min(attempt, 30))
 
 
 async def stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:

@@ -12,12 +12,12 @@ ERRORS_STREAM = "ERRORS"
 
 PERSISTER_CONSUMER = "persister"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def is_valid_token(value: str) -> bool:
     """Tenant and session ids must be one subject token: letters, digits, '_' or '-', at most 64."""
-    return bool(_TOKEN.match(value))
+    return _TOKEN.fullmatch(value) is not None  # fullmatch: "$" would let a trailing newline through
 
 
 # Bots -> ingest gateway (request/reply)

@@ -21,11 +21,13 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch, retry_delay
+from services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch
 from services.persister.store import is_message_fault, open_engine, write_batch
 from shared import subjects, telemetry, wire
 from shared.config import PersisterConfig, StreamSettings
 from shared.errors import CodedError
+from shared.jetstream import JetStreamAPI, JetStreamAPIError
+from shared.retry import Stopped, backoff_delay, retry, stopped_within
 from shared.streams import connect, ensure_streams
 
 SERVICE = "persister"
@@ -111,11 +113,11 @@ class Persister:
             except _DATABASE_ERRORS as exc:
                 if is_message_fault(exc):
                     raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
-                delay = retry_delay(attempt, self.config.retry_max_s)
+                delay = backoff_delay(attempt, max_s=self.config.retry_max_s)
                 attempt += 1
                 log.warning("writing %d messages failed (%s); retry %d in %.1f s%s",
                             len(items), _first_line(exc), attempt, delay, _hint(exc))
-            if await _stopped_within(self.stop, delay):
+            if await stopped_within(self.stop, delay):
                 log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
                 return False
 
@@ -178,7 +180,7 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
             except nats.errors.Error as exc:
                 # While NATS is away the client reconnects by itself; wait and fetch again.
                 log.warning("fetch failed (%s); retrying", exc)
-                await _stopped_within(stop, FETCH_WAIT_S)
+                await stopped_within(stop, FETCH_WAIT_S)
                 continue
             await persister.handle(msgs)
     finally:
@@ -193,10 +195,10 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
 async def _redeliver_unacked(nc) -> bool:
     """What a killed predecessor had fetched but not acked comes back now, not after ack_wait (60 s).
     Writes are idempotent upserts, so a message another persister also holds changes nothing twice."""
-    subject = f"$JS.API.CONSUMER.RESET.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}"
-    reply = await nc.request(subject, b"{}", timeout=5)
-    if b'"error"' in reply.data:
-        log.warning("could not reset the consumer to its ack floor: %s", reply.data[:200])
+    try:
+        await JetStreamAPI(nc).reset(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+    except JetStreamAPIError as exc:
+        log.warning("could not reset the consumer to its ack floor: %s", exc)
         return False
     return True
 
@@ -228,21 +230,11 @@ async def _resubscribe(sub, js: JetStreamContext, settings: StreamSettings, conf
         await sub.unsubscribe()
     except nats.errors.Error:
         pass
-    while True:
-        try:
-            return await _subscribe(js, settings, config)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            log.warning("subscribing failed (%s); retrying", exc)
-            if await _stopped_within(stop, FETCH_WAIT_S * 2):
-                return sub
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True
+        return await retry(lambda: _subscribe(js, settings, config), what="subscribing", stop=stop,
+                           retry_on=(nats.errors.Error, asyncio.TimeoutError), first_s=FETCH_WAIT_S * 2, logger=log)
+    except Stopped:
+        return sub
 
 
 def _first_line(exc: BaseException) -> str:

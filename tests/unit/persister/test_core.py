@@ -10,7 +10,6 @@ from services.persister.core import (
     next_status,
     plan_batch,
     replaces,
-    retry_delay,
     segment_row,
     session_row_from_event,
     session_touch,
@@ -241,8 +240,3 @@ def test_dropped_event_names_tenant_session_and_cause():
     assert "transcript.t1.s1" in event.message and "boom" in event.message
     event = dropped_event("transcript.t1.s1", Unstorable("subject_mismatch", "nope"), T0)
     assert (event.code, event.message) == ("subject_mismatch", "transcript.t1.s1: nope")
-
-
-def test_retry_delay_doubles_up_to_the_cap():
-    assert [retry_delay(n, 1.0) for n in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
-    assert retry_delay(10_000, 10.0) == 10.0
