@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Self
 
 log = logging.getLogger(__name__)
 
@@ -22,39 +23,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("JETSCRIBE_CACHE") or Path.home() / ".cache" / "jetscribe").expanduser()
 
 
-def _from_env(cls, variables: dict[str, tuple[str, type]]):
-    """Build `cls` from its defaults, overridden by the environment variables named in
-    `variables` (field -> (variable, type)) that are set and not empty."""
-    values = {}
-    for name, (variable, cast) in variables.items():
-        raw = os.environ.get(variable)
-        if raw:
-            values[name] = cast(raw)
-    return cls(**values)
+def env(variable: str, default: Any) -> Any:
+    """A config field read from `variable` when it is set and not empty, else `default`."""
+    return field(default=default, metadata={"env": variable})
+
+
+def _cast(raw: str, kind: Any) -> Any:
+    kind = {"str": str, "int": int, "float": float}.get(kind, kind)
+    return kind(raw)
+
+
+class FromEnv:
+    """`from_env()` for a frozen config dataclass whose fields name their variables with `env(...)`."""
+
+    @classmethod
+    def from_env(cls) -> Self:
+        values = {}
+        for item in fields(cls):  # type: ignore[arg-type]
+            variable = item.metadata.get("env")
+            raw = os.environ.get(variable) if variable else None
+            if raw:
+                values[item.name] = _cast(raw, item.type)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
-class StreamSettings:
+class StreamSettings(FromEnv):
     """Where NATS is and how the streams are shaped; every service reads the same."""
 
-    nats_url: str = DEFAULT_NATS_URL
-    partitions: int = 16
-    audio_max_age_s: float = 3600.0
-    transcripts_max_age_s: float = 7 * 24 * 3600.0
-    duplicate_window_s: float = 120.0
+    nats_url: str = env("NATS_URL", DEFAULT_NATS_URL)
+    partitions: int = env("JETSCRIBE_PARTITIONS", 16)
+    audio_max_age_s: float = env("JETSCRIBE_AUDIO_MAX_AGE_S", 3600.0)
+    transcripts_max_age_s: float = env("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", 7 * 24 * 3600.0)
+    duplicate_window_s: float = env("JETSCRIBE_DUPLICATE_WINDOW_S", 120.0)
 
     def __post_init__(self):
         check_retention(self.audio_max_age_s, self.transcripts_max_age_s)
-
-    @classmethod
-    def from_env(cls) -> "StreamSettings":
-        return _from_env(cls, {
-            "nats_url": ("NATS_URL", str),
-            "partitions": ("JETSCRIBE_PARTITIONS", int),
-            "audio_max_age_s": ("JETSCRIBE_AUDIO_MAX_AGE_S", float),
-            "transcripts_max_age_s": ("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", float),
-            "duplicate_window_s": ("JETSCRIBE_DUPLICATE_WINDOW_S", float),
-        })
 
 
 def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> None:
@@ -73,84 +77,57 @@ def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> Non
 
 
 @dataclass(frozen=True)
-class IngestConfig:
-    max_chunk_bytes: int = 1_048_576
-    min_sample_rate: int = 8000
-    max_sample_rate: int = 192_000
-    max_channels: int = 8
-    max_sessions_per_tenant: int = 100  # active ones: started and not yet ended
-
-    @classmethod
-    def from_env(cls) -> "IngestConfig":
-        return _from_env(cls, {
-            "max_sessions_per_tenant": ("JETSCRIBE_MAX_SESSIONS_PER_TENANT", int),
-            "max_chunk_bytes": ("JETSCRIBE_MAX_CHUNK_BYTES", int),
-            "min_sample_rate": ("JETSCRIBE_MIN_SAMPLE_RATE", int),
-            "max_sample_rate": ("JETSCRIBE_MAX_SAMPLE_RATE", int),
-            "max_channels": ("JETSCRIBE_MAX_CHANNELS", int),
-        })
+class IngestConfig(FromEnv):
+    max_chunk_bytes: int = env("JETSCRIBE_MAX_CHUNK_BYTES", 1_048_576)
+    min_sample_rate: int = env("JETSCRIBE_MIN_SAMPLE_RATE", 8000)
+    max_sample_rate: int = env("JETSCRIBE_MAX_SAMPLE_RATE", 192_000)
+    max_channels: int = env("JETSCRIBE_MAX_CHANNELS", 8)
+    # active ones: started and not yet ended
+    max_sessions_per_tenant: int = env("JETSCRIBE_MAX_SESSIONS_PER_TENANT", 100)
 
 
 @dataclass(frozen=True)
-class TranscriberConfig:
-    model: str = "base"  # "base", "tiny.en" or a folder holding a CTranslate2 Whisper model
-    device: str = "cpu"  # "cpu", "cuda" or "auto"
-    compute_type: str = "int8"  # "int8" on CPU; "float16" on a GPU
-    cpu_threads: int = 0  # 0: CTranslate2 decides
-    beam_size: int = 5
-    interim_beam_size: int = 1
-    # Off by default: on the devset it cut tiny.en's p95 (3.03 -> 2.65 s) but cost base accuracy
-    # (wer_ratio 1.032 -> 1.074), where a sentence's early final is a less certain decode.
-    sentence_endpoint_s: float = 0.0
-    final_window: str = "auto"  # "full", "short" or "auto" (short for tiny models, full otherwise)
-    endpoint_silence_s: float = 0.5
-    max_utterance_s: float = 15.0
-    interim_every_s: float = 1.0
-    vad_aggressiveness: int = 2
-    partitions: str = "all"  # "all" or a comma list like "0,1,5"
-    ack_wait_s: float = 30.0  # held audio is kept alive with in-progress acks; a new owner resets the consumer
-    max_sessions: int = 50  # per worker; a new session beyond it is rejected ("worker_full")
-    max_buffered_s: float = 120.0  # audio held per session before it is rejected ("buffer_full")
-    idle_timeout_s: float = 1800.0  # no audio for this long: the session is flushed and ended
-    drain_timeout_s: float = 60.0  # on SIGTERM or a rebalance, time to finalize before handing over anyway
-    worker_id: str = ""
+class TranscriberConfig(FromEnv):
+    model: str = env("JETSCRIBE_MODEL", "base")  # "base", "tiny.en" or a folder holding a CTranslate2 Whisper model
+    device: str = env("JETSCRIBE_DEVICE", "cpu")  # "cpu", "cuda" or "auto"
+    compute_type: str = env("JETSCRIBE_COMPUTE_TYPE", "int8")  # "int8" on CPU; "float16" on a GPU
+    cpu_threads: int = env("JETSCRIBE_CPU_THREADS", 0)  # 0: CTranslate2 decides
+    beam_size: int = env("JETSCRIBE_BEAM_SIZE", 5)
+    interim_beam_size: int = env("JETSCRIBE_INTERIM_BEAM_SIZE", 1)
+    # Off by default: bench/accuracy.py found it costs base accuracy (README, "Configuration").
+    sentence_endpoint_s: float = env("JETSCRIBE_SENTENCE_ENDPOINT_S", 0.0)
+    # "full", "short" or "auto" (short for tiny models, full otherwise)
+    final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
+    endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
+    max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
+    interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
+    vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)
+    partitions: str = env("JETSCRIBE_WORKER_PARTITIONS", "all")  # "all" or a comma list like "0,1,5"
+    # held audio is kept alive with in-progress acks; a new owner resets the consumer
+    ack_wait_s: float = env("JETSCRIBE_ACK_WAIT_S", 30.0)
+    # per worker; a new session beyond it is rejected ("worker_full")
+    max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)
+    # audio held per session before it is rejected ("buffer_full")
+    max_buffered_s: float = env("JETSCRIBE_MAX_BUFFERED_S", 120.0)
+    # no audio for this long: the session is flushed and ended
+    idle_timeout_s: float = env("JETSCRIBE_IDLE_TIMEOUT_S", 1800.0)
+    # on SIGTERM or a rebalance, time to finalize before handing over anyway
+    drain_timeout_s: float = env("JETSCRIBE_DRAIN_TIMEOUT_S", 60.0)
+    worker_id: str = env("JETSCRIBE_WORKER_ID", "")
     # Consumer group: a crashed worker's partitions move after about lease_ttl_s + heartbeat_s.
-    heartbeat_s: float = 1.0
-    lease_ttl_s: float = 5.0  # whole seconds (the server keeps message TTLs in seconds)
+    heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
+    lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # whole seconds (the server keeps message TTLs in seconds)
 
     @classmethod
-    def from_env(cls) -> "TranscriberConfig":
-        cfg = _from_env(cls, {
-            "model": ("JETSCRIBE_MODEL", str),
-            "device": ("JETSCRIBE_DEVICE", str),
-            "compute_type": ("JETSCRIBE_COMPUTE_TYPE", str),
-            "cpu_threads": ("JETSCRIBE_CPU_THREADS", int),
-            "beam_size": ("JETSCRIBE_BEAM_SIZE", int),
-            "interim_beam_size": ("JETSCRIBE_INTERIM_BEAM_SIZE", int),
-            "final_window": ("JETSCRIBE_FINAL_WINDOW", str),
-            "sentence_endpoint_s": ("JETSCRIBE_SENTENCE_ENDPOINT_S", float),
-            "endpoint_silence_s": ("JETSCRIBE_ENDPOINT_SILENCE_S", float),
-            "max_utterance_s": ("JETSCRIBE_MAX_UTTERANCE_S", float),
-            "interim_every_s": ("JETSCRIBE_INTERIM_EVERY_S", float),
-            "vad_aggressiveness": ("JETSCRIBE_VAD_AGGRESSIVENESS", int),
-            "partitions": ("JETSCRIBE_WORKER_PARTITIONS", str),
-            "ack_wait_s": ("JETSCRIBE_ACK_WAIT_S", float),
-            "max_sessions": ("JETSCRIBE_MAX_SESSIONS_PER_WORKER", int),
-            "max_buffered_s": ("JETSCRIBE_MAX_BUFFERED_S", float),
-            "idle_timeout_s": ("JETSCRIBE_IDLE_TIMEOUT_S", float),
-            "drain_timeout_s": ("JETSCRIBE_DRAIN_TIMEOUT_S", float),
-            "worker_id": ("JETSCRIBE_WORKER_ID", str),
-            "heartbeat_s": ("JETSCRIBE_HEARTBEAT_S", float),
-            "lease_ttl_s": ("JETSCRIBE_LEASE_TTL_S", float),
-        })
+    def from_env(cls) -> Self:
+        cfg = super().from_env()
         if not cfg.worker_id:
             cfg = replace(cfg, worker_id=f"{socket.gethostname()}-{os.getpid()}")
         return cfg
 
     def resolved_final_window(self) -> str:
-        """The encoder window for finals. bench/windows.py on the devset: a short window (1.5x the audio)
-        costs tiny.en nothing measurable (WER .094 vs .085, offline .101) at ~half the time per call;
-        base loses accuracy on it (.101 vs .092, offline .088), so base keeps the full 30 s window."""
+        """The encoder window for finals: short for tiny models, full otherwise, as bench/windows.py measured
+        (a short window halves the cost per call; on base it costs accuracy)."""
         if self.final_window not in ("auto", "full", "short"):
             raise ValueError(f"JETSCRIBE_FINAL_WINDOW is {self.final_window!r}: use auto, full or short")
         if self.final_window == "auto":
@@ -168,16 +145,9 @@ class TranscriberConfig:
 
 
 @dataclass(frozen=True)
-class PersisterConfig:
-    database_url: str = DEFAULT_DATABASE_URL
-    batch_size: int = 200
-    retry_max_s: float = 10.0
+class PersisterConfig(FromEnv):
+    database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
+    batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
+    retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
 
-    @classmethod
-    def from_env(cls) -> "PersisterConfig":
-        return _from_env(cls, {
-            "database_url": ("DATABASE_URL", str),
-            "batch_size": ("JETSCRIBE_PERSIST_BATCH", int),
-            "retry_max_s": ("JETSCRIBE_PERSIST_RETRY_MAX_S", float),
-        })
 

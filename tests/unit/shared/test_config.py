@@ -36,3 +36,19 @@ def test_audio_under_30_minutes_is_allowed_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         StreamSettings()
     assert not caplog.text
+
+
+def test_every_field_reads_its_variable_with_its_type(monkeypatch):
+    from dataclasses import fields
+
+    from shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+
+    for cls in (StreamSettings, IngestConfig, TranscriberConfig, PersisterConfig):
+        for item in fields(cls):
+            variable = item.metadata.get("env")
+            assert variable, f"{cls.__name__}.{item.name} names no environment variable"
+            default = getattr(cls(), item.name)
+            monkeypatch.setenv(variable, str(default))
+            assert getattr(cls.from_env(), item.name) == default or item.name == "worker_id"
+            assert type(getattr(cls.from_env(), item.name)) is type(default)
+            monkeypatch.delenv(variable)
