@@ -183,7 +183,10 @@ def test_concurrent_first_starts_create_the_postgres_user_once(tmp_path):
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _ENSURE_USER, name, str(go)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, "-c", _ENSURE_USER, name, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(8)
     ]
