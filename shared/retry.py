@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -13,6 +14,11 @@ log = logging.getLogger(__name__)
 
 class Stopped(Exception):
     """The stop event was set before the operation succeeded."""
+
+
+# The stop event of the service this task serves (set by telemetry.serve): a wait that the
+# service's code does not pass its stop to, like connecting, still ends when the service stops.
+service_stop: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("service_stop", default=None)
 
 
 def backoff_delay(attempt: int, first_s: float = 0.2, max_s: float = 5.0) -> float:

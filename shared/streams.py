@@ -1,9 +1,10 @@
 """Connecting to NATS and declaring the JetStream streams every service relies on."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
-import nats
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.client import JetStreamContext
@@ -11,15 +12,23 @@ from nats.js.errors import BadRequestError, BucketNotFoundError
 
 from shared import subjects
 from shared.config import StreamSettings
+from shared.retry import Stopped, service_stop
 
 log = logging.getLogger(__name__)
 
 
-async def connect(settings: StreamSettings, name: str) -> Client:
-    """One connection per process; it reconnects forever, so a NATS restart only pauses the service."""
+async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | None = None) -> Client:
+    """One connection per process; it reconnects forever, so a NATS restart only pauses the service.
+
+    The first connection too is retried until it succeeds, or until `stop` (by default the stop event
+    of the service being served, see telemetry.serve) is set: then it raises Stopped.
+    """
+
+    connected = False
 
     async def on_disconnect():  # also fires on a clean close, so not a warning
-        log.info("%s: disconnected from NATS", name)
+        if connected:  # and on closing a client that never connected: not worth a line
+            log.info("%s: disconnected from NATS", name)
 
     async def on_reconnect():
         log.warning("%s: reconnected to NATS", name)
@@ -27,7 +36,8 @@ async def connect(settings: StreamSettings, name: str) -> Client:
     async def on_error(exc):
         log.warning("%s: NATS error: %s", name, exc)
 
-    return await nats.connect(
+    nc = Client()
+    connecting = asyncio.ensure_future(nc.connect(
         settings.nats_url,
         name=name,
         max_reconnect_attempts=-1,
@@ -35,7 +45,26 @@ async def connect(settings: StreamSettings, name: str) -> Client:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
-    )
+    ))
+    if stop is None:
+        stop = service_stop.get()
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        await asyncio.wait([t for t in (connecting, stopping) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+        if not connecting.done():  # stopped, or this task was cancelled
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            with contextlib.suppress(Exception):
+                await nc.close()
+    if connecting.cancelled():
+        raise Stopped("connecting to NATS")
+    connecting.result()  # raises what connecting raised
+    connected = True
+    return nc
 
 
 def stream_configs(settings: StreamSettings) -> list[StreamConfig]:

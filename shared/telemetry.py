@@ -16,6 +16,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from shared.retry import Stopped, service_stop
+
 
 def setup(service: str) -> None:
     """Configure logging and tracing for one service process."""
@@ -30,15 +32,22 @@ def setup(service: str) -> None:
 
 
 def serve(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run a service's `run(stop)` until SIGTERM or SIGINT sets `stop`; the process then exits 0."""
+    """Run a service's `run(stop)` until SIGTERM or SIGINT sets `stop`; the process then exits 0.
+
+    `stop` is also the task's `service_stop`, so a service still connecting to NATS stops too.
+    """
     setup(service)
 
     async def main() -> None:
         stop = asyncio.Event()
+        service_stop.set(stop)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await run(stop)
+        try:
+            await run(stop)
+        except Stopped as exc:
+            logging.getLogger(__name__).info("stopped before %s", exc)
 
     asyncio.run(main())
     return 0

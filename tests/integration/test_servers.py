@@ -1,6 +1,12 @@
 """The real servers of jetscribe.servers: start, keep data across restarts, die on kill."""
 
+import os
+import pwd
 import socket
+import stat
+import subprocess
+import sys
+import time
 
 import nats
 import psycopg
@@ -113,3 +119,84 @@ def test_postgres_table_survives_restart_and_kill(tmp_path):
             engine.dispose()
     assert _refuses_tcp(server.host, server.port)
     assert "database system is shut down" in (tmp_path / "postgres.log").read_text()
+
+
+# Run in a child process: start, use and restart a PostgresServer in argv[1].
+_START_POSTGRES = """
+import sys
+from jetscribe.servers import PostgresServer
+with PostgresServer(sys.argv[1], fast=True) as server:
+    server.create_database("jetscribe")
+    server.restart()
+    server.create_database("again")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: Postgres then runs as another user")
+def test_concurrent_postgres_servers_do_not_need_the_parent_folders(tmp_path):
+    # Each pytest session resets /tmp/pytest-of-root to 0700 as it starts, so
+    # a concurrent session takes back any search grant a server put there.
+    # Here the parent stays root's 0700 while servers start in other processes.
+    shared = tmp_path / "pytest-of-root"
+    shared.mkdir(mode=0o700)
+    procs = []
+    for i in range(4):
+        data_dir = shared / f"pg{i}"
+        data_dir.mkdir(mode=0o700)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _START_POSTGRES, str(data_dir)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        while any(proc.poll() is None for proc in procs):
+            if stat.S_IMODE(shared.stat().st_mode) != 0o700:
+                shared.chmod(0o700)  # what a starting pytest session does
+            time.sleep(0.001)
+        outputs = [proc.communicate()[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [out.splitlines()[-1:] for out in outputs] == [["ok"]] * 4, "\n\n".join(outputs)
+
+
+# Run in a child process: once argv[2] exists, ensure user argv[1] and print its uid.
+_ENSURE_USER = """
+import os, sys, time
+from jetscribe.servers import _ensure_system_user
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+print(_ensure_system_user(sys.argv[1]).pw_uid)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: creates a system user")
+def test_concurrent_first_starts_create_the_postgres_user_once(tmp_path):
+    # On a fresh machine several test sessions may start Postgres at once.
+    # Concurrent useradds each rewrote the user with a new uid, and initdb then
+    # ran as a uid without a user ("could not look up effective user ID").
+    name = f"jstest{os.getpid() % 100000}"
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ENSURE_USER, name, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    try:
+        time.sleep(2)  # let them import and wait
+        go.touch()
+        outputs = [proc.communicate(timeout=30)[0] for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), outputs
+        assert {out.strip() for out in outputs} == {str(pwd.getpwnam(name).pw_uid)}
+    finally:
+        for proc in procs:
+            proc.kill()
+        subprocess.run(["userdel", name], capture_output=True)

@@ -1,0 +1,72 @@
+"""Every service exits at once, with 0, on SIGTERM or SIGINT, even while it cannot reach NATS or Postgres."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jetscribe.servers import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).parents[2]
+SERVICES = ["services.ingest", "services.transcriber", "services.persister"]
+
+
+def _start(module: str, **env: str) -> subprocess.Popen:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("JETSCRIBE_", "PYTEST_"))},
+        "PYTHONUNBUFFERED": "1",
+        "JETSCRIBE_MODEL": "tiny.en",
+        "JETSCRIBE_CPU_THREADS": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", module], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _stop(proc: subprocess.Popen, signum: int) -> tuple[float, str]:
+    """Send signum; return how long the process took to exit, and its stderr."""
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"{proc.args} still running 3 s after {signal.Signals(signum).name}:\n{stderr}")
+    return time.monotonic() - sent, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("module", SERVICES)
+def test_a_service_that_cannot_reach_nats_stops_on_a_signal(module, signum):
+    closed = free_port()  # nothing listens there
+    proc = _start(
+        module,
+        NATS_URL=f"nats://127.0.0.1:{closed}",
+        DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{closed}/jetscribe",
+    )
+    time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[1]
+    _, stderr = _stop(proc, signum)
+    assert proc.returncode == 0, stderr
+    assert "stopped before connecting to NATS" in stderr
+
+
+def test_a_persister_that_cannot_reach_postgres_stops_on_sigterm(nats_url):
+    proc = _start(
+        "services.persister",
+        NATS_URL=nats_url,
+        DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/jetscribe",
+    )
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()[1]
+    _, stderr = _stop(proc, signal.SIGTERM)
+    assert proc.returncode == 0, stderr
+    assert "stopped" in stderr
