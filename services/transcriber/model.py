@@ -12,7 +12,9 @@ from pathlib import Path
 
 from faster_whisper import WhisperModel
 
-from services.transcriber.core import Decoded, DecodedSegment, DecodeJob, has_loop
+from services.transcriber.agreement import DecodedSegment, has_loop
+from services.transcriber.decoding import Decoded, DecodeJob
+from shared.audio import SAMPLE_RATE
 from shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
@@ -114,7 +116,7 @@ def max_new_tokens(audio_samples: int) -> int:
     """A cap on tokens per call, from the audio's length: speech runs ~3-4 tokens a second, so 20 + 8/s
     leaves room for any real utterance, while a run-on invention after the speech ("see you next
     time, see you next ...", up to 224 tokens) stops early instead of costing seconds."""
-    return min(200, 20 + int(8 * audio_samples / 16000))
+    return min(200, 20 + int(8 * audio_samples / SAMPLE_RATE))
 
 
 def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
