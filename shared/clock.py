@@ -1,9 +1,10 @@
 """One clock for the services, injectable so tests can move it.
 
 `Clock.monotonic()` measures durations (idle timeouts, ages); `Clock.wall()` stamps what goes on the wire
-(published_at, checkpoint times). `system_clock()` is the real one, shifted by `JETSCRIBE_CLOCK_OFFSET_S`
-seconds if that variable is set: a test aid, so that code comparing a clock reading with a zero default
-(a session "idle since boot") fails on every test host, not only on hosts up for a long time.
+(published_at, checkpoint times). `system_clock()` is the real one, its monotonic reading shifted by
+`JETSCRIBE_CLOCK_OFFSET_S` seconds if that variable is set: a test aid, so that code comparing a monotonic
+reading with a zero default (a session "idle since boot") fails on every test host, not only on hosts up
+for a long time. Wall time is never shifted: other processes compare it with theirs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ CLOCK_OFFSET_ENV = "JETSCRIBE_CLOCK_OFFSET_S"
 
 @dataclass(frozen=True)
 class Clock:
-    """The system clocks plus a fixed offset (seconds) added to both readings."""
+    """The system clocks; `offset_s` is added to monotonic readings only."""
 
     offset_s: float = 0.0
 
@@ -24,7 +25,7 @@ class Clock:
         return time.monotonic() + self.offset_s
 
     def wall(self) -> float:
-        return time.time() + self.offset_s
+        return time.time()
 
 
 def system_clock() -> Clock:
