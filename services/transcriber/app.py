@@ -64,7 +64,6 @@ class SessionRecord:
 class FinishedSession:
     """A session that ended or was rejected: later messages are acked; a reuse of its id is reported once."""
 
-    acked_seq: int
     reported: bool = False
 
 
@@ -198,7 +197,7 @@ class TranscriberWorker:
         checkpoint says it is finished."""
         checkpoint = await self._load_checkpoint(key)
         if checkpoint is not None and checkpoint.finished:
-            self._remember_finished(key, checkpoint.acked_seq)
+            self._remember_finished(key)
             return None
         start = first if isinstance(first, SessionControl) and first.action == "start" else None
         if start and start.model and start.model != self.model_name:
@@ -216,15 +215,16 @@ class TranscriberWorker:
     async def _after_finished(self, key: SessionKey, message: AudioMessage, msg: Msg) -> None:
         """A message for a finished session: a late redelivery, or a reuse of the id, which is reported once."""
         finished = self.finished[key]
-        if is_reused(message, finished.acked_seq) and not finished.reported:
+        if is_reused(message) and not finished.reported:
             finished.reported = True
+            log.warning("%s/%s: a new start for a session that has ended; its messages are acked unused", *key)
             await self._report(ErrorEvent(
                 tenant=key[0], session_id=key[1], code="session_ended", at=self.clock.wall(),
                 message="this session has ended; its id cannot be used again: start a new session"))
         await msg.ack()
 
-    def _remember_finished(self, key: SessionKey, acked_seq: int) -> None:
-        self.finished[key] = FinishedSession(acked_seq)
+    def _remember_finished(self, key: SessionKey) -> None:
+        self.finished.setdefault(key, FinishedSession())
         while len(self.finished) > FINISHED_REMEMBERED:
             self.finished.popitem(last=False)
 
@@ -236,7 +236,7 @@ class TranscriberWorker:
         if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
             self._forget(record)
             if step.checkpoint is not None and step.checkpoint.finished:
-                self._remember_finished((record.stream.tenant, record.stream.session_id), step.checkpoint.acked_seq)
+                self._remember_finished((record.stream.tenant, record.stream.session_id))
         if step.empty:
             return
         async with record.lock:

@@ -455,9 +455,7 @@ def pick_next(streams: list[SessionStream], interim_every_s: float | None = None
     return None
 
 
-def is_reused(message: AudioChunk | SessionControl, finished_acked_seq: int) -> bool:
-    """A message for a session that is finished is new use of its id (not a late redelivery) if it starts
-    the session again or carries audio past what the finished session acked."""
-    if isinstance(message, SessionControl):
-        return message.action == "start"
-    return message.seq > finished_acked_seq
+def is_reused(message: AudioChunk | SessionControl) -> bool:
+    """A message for a finished session is a new use of its id if it starts the session again; audio
+    stored after the session ended or was rejected (before the gateway heard so) is only late."""
+    return isinstance(message, SessionControl) and message.action == "start"
