@@ -136,8 +136,12 @@ async def test_a_bot_that_sends_its_first_chunk_late_keeps_its_session(own_nats,
         started = await watch_event(nc, "lim", "late", "started")
         await start(nc, "lim", "late")
         await started(20)
+        ended = await watch_event(nc, "lim", "late", "ended")
         await asyncio.sleep(2.5)  # a meeting bot in a silent room
         assert await send(nc, "lim", "late", np.zeros(16000, np.int16)) is None
+        with pytest.raises(nats.errors.TimeoutError):
+            await ended(1.5)
+        assert await send(nc, "lim", "late", np.zeros(16000, np.int16), first_seq=10) is None
 
 
 async def test_an_idle_session_with_nothing_to_decode_ends_and_frees_its_slot(tmp_path, tiny):
