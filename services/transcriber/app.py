@@ -17,8 +17,8 @@ from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
 from services.transcriber import model as whisper
-from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused, pick_next
-from services.transcriber.decoding import Decoded, DecodeLoad
+from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
+from services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from services.transcriber.vad import WebrtcVoiceDetector
 from shared import subjects, telemetry

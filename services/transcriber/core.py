@@ -21,48 +21,19 @@ import numpy as np
 from services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
 from services.transcriber.decoding import Decoded, DecodeJob
 from services.transcriber.ledger import AckLedger, Receipt
+from services.transcriber.options import CommitOptions, SessionLimits
 from services.transcriber.segmenter import Utterance, UtteranceSegmenter
 from services.transcriber.vad import VoiceDetector
 from shared.audio import SAMPLE_RATE
 from shared.wire import AudioChunk, ErrorEvent, Segment, SessionCheckpoint, SessionControl, SessionEvent, Word
 
 M = TypeVar("M")
-CHECKPOINT_EVERY_S = 2.0  # of accounted-for silence between finals
-MAX_DECODE_ATTEMPTS = 3  # then the utterance is given up (an empty final), not the session
 
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     def wall(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class CommitOptions:
-    endpoint_silence_s: float = 0.5
-    max_utterance_s: float = 15.0
-    interim_every_s: float = 1.0  # the fastest interim rate; under load it is slowed (`DecodeLoad`)
-    first_interim_s: float = 0.6  # speech heard before an utterance's first interim
-    speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
-    sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
-    min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
-    preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
-    tail_pad_s: float = 0.2  # silence kept after the last speech frame
-    beam_size: int = 5
-    interim_beam_size: int = 1
-    final_window: Literal["full", "short"] = "full"  # bench/windows.py: short costs base accuracy, not tiny's
-    prompt_words: int = 40
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """What a worker allows a session, and how often it saves it."""
-
-    max_sessions: int = 50  # per worker; a new session beyond it is rejected ("worker_full")
-    max_buffered_s: float = 120.0  # audio held before the session is rejected ("buffer_full")
-    idle_timeout_s: float = 1800.0  # no audio for this long (from its opening on): flushed and ended
-    checkpoint_every_s: float = CHECKPOINT_EVERY_S
-    max_decode_attempts: int = MAX_DECODE_ATTEMPTS
 
 
 @dataclass
@@ -295,7 +266,7 @@ class SessionStream(Generic[M]):
                     and job.end_sample - job.start_sample >= self.options.sentence_endpoint_s * SAMPLE_RATE):
                 # Still in the same pause, after a whole sentence: end the utterance here rather than
                 # wait for 0.5 s of silence that a quick speaker never leaves.
-                self.segmenter._close(job.end_sample, self.clock.monotonic())
+                self.segmenter.close_at(job.end_sample, self.clock.monotonic())
                 return self._final(words, job)
         if job.kind == "interim" or job.speculative:
             utt = self.open
@@ -438,21 +409,6 @@ class SessionStream(Generic[M]):
     def _error(self, code: str, message: str) -> ErrorEvent:
         return ErrorEvent(tenant=self.tenant, session_id=self.session_id, code=code, message=message,
                           at=self.clock.wall())
-
-
-def pick_next(streams: list[SessionStream], interim_every_s: float | None = None) -> SessionStream | None:
-    """Which session decodes next: the oldest pending final first, then a paused utterance's
-    speculative final, then the most starved interim."""
-    finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]
-    if finals:
-        return streams[min(finals)[1]]
-    paused = [s for s in streams if s.speculation_due()]
-    if paused:
-        return paused[0]
-    interims = [s for s in streams if s.interim_due(interim_every_s)]
-    if interims:
-        return max(interims, key=lambda s: s.interim_backlog)
-    return None
 
 
 def is_reused(message: AudioChunk | SessionControl) -> bool:

@@ -1,12 +1,16 @@
-"""What goes to Whisper and what comes back: decode jobs, their results, and the decode cost."""
+"""What goes to Whisper and what comes back: decode jobs, their results, the decode cost, and which
+session decodes next."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from services.transcriber.agreement import DecodedSegment
+
+if TYPE_CHECKING:
+    from services.transcriber.core import SessionStream
 
 
 @dataclass
@@ -46,3 +50,18 @@ class DecodeLoad:
     def interim_every(self, fastest_s: float, speaking_sessions: int) -> float:
         """Seconds of new speech between two interims of one session."""
         return max(fastest_s, 2.0 * speaking_sessions * self.interim_s)
+
+
+def pick_next(streams: list[SessionStream], interim_every_s: float | None = None) -> SessionStream | None:
+    """Which session decodes next: the oldest pending final first, then a paused utterance's
+    speculative final, then the most starved interim."""
+    finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]
+    if finals:
+        return streams[min(finals)[1]]
+    paused = [s for s in streams if s.speculation_due()]
+    if paused:
+        return paused[0]
+    interims = [s for s in streams if s.interim_due(interim_every_s)]
+    if interims:
+        return max(interims, key=lambda s: s.interim_backlog)
+    return None

@@ -16,7 +16,7 @@ from services.transcriber.vad import VoiceDetector
 from shared.audio import SAMPLE_RATE
 
 if TYPE_CHECKING:
-    from services.transcriber.core import CommitOptions
+    from services.transcriber.options import CommitOptions
 
 
 @dataclass
@@ -110,6 +110,10 @@ class UtteranceSegmenter:
         """Close the open utterance at the end of the audio (the session ends)."""
         if self.open is not None:
             self._close(self.received, now)
+
+    def close_at(self, end: int, now: float) -> None:
+        """Close the open utterance at session sample `end` (a sentence ended in a pause)."""
+        self._close(end, now)
 
     def samples(self, start: int, end: int) -> np.ndarray:
         return self.buffer.slice(start, end)

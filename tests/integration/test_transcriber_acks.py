@@ -4,7 +4,6 @@ import asyncio
 import uuid
 
 import nats
-import pytest
 
 from services.transcriber.app import TranscriberWorker
 from shared import subjects

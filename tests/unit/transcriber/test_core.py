@@ -5,7 +5,7 @@ Message handles are plain values (the seq, or "end"), so the acks each step asks
 import numpy as np
 
 from services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
-from services.transcriber.core import pick_next
+from services.transcriber.decoding import pick_next
 from services.transcriber.decoding import Decoded
 from shared.audio import SAMPLE_RATE
 from shared.clock import ManualClock
