@@ -281,7 +281,12 @@ class TranscriberWorker:
                 step = record.stream.tick()
                 if not step.empty:
                     self.wakeup.set()  # what it still had open gets its final
-                    await self._carry_out(record, step)
+                    try:
+                        await self._carry_out(record, step)
+                    except Stopped:
+                        return
+                    except Exception:  # one session's trouble must not stop the others' idle checks
+                        log.exception("could not end %s/%s", record.stream.tenant, record.stream.session_id)
             if self.clock.monotonic() - touched >= touch_every:
                 touched = self.clock.monotonic()
                 await self._touch_waiting()
@@ -344,7 +349,10 @@ class TranscriberWorker:
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
-        await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
+        try:
+            await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
+        except Exception as exc:  # a report is best effort: the log line above stays
+            log.warning("could not publish the %s report: %r", event.code, exc)
 
 
 async def _settle_message(settle, msg: Msg) -> None:
