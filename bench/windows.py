@@ -4,7 +4,7 @@ enough for the audio, side by side in one run, with decode cost per call.
     python bench/windows.py --data ../shared/devset --model base|tiny.en|PATH [--files a,b] [--json OUT]
 
 No servers: each file is fed in 100 ms chunks through the transcriber's own session core
-(services/transcriber/core.py: VAD, endpoints, early finals), and every final job is decoded by
+(services/transcriber/core.py: VAD, endpoints, early finals, through its one-step API), and every final job is decoded by
 services/transcriber/model.py with the window under test. Interims are skipped; they don't change
 the finals. WER is on normalized text (jetscribe.wer), against the file's reference.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import webrtcvad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code, whatever is installed
 
@@ -27,38 +26,42 @@ from jetscribe.metrics import corpus_wer  # noqa: E402
 from jetscribe.wer import wer  # noqa: E402
 from services.transcriber import model as whisper  # noqa: E402
 from services.transcriber.core import CommitOptions, SessionStream  # noqa: E402
+from services.transcriber.vad import WebrtcVoiceDetector  # noqa: E402
+from shared.audio import SAMPLE_RATE  # noqa: E402
+from shared.clock import system_clock  # noqa: E402
+from shared.wire import AudioChunk, SessionControl, language_for  # noqa: E402
 
 
 def transcribe_file(model, path: Path, window: str, language: str | None) -> tuple[str, list[float]]:
     audio, rate = sf.read(str(path), dtype="int16")
-    if rate != 16000 or audio.ndim != 1:
+    if rate != SAMPLE_RATE or audio.ndim != 1:
         raise SystemExit(f"{path}: needs 16 kHz mono (the gateway's output)")
-    vad = webrtcvad.Vad(2)
     stream = SessionStream("bench", path.stem, language=language, model="", worker_id="bench",
-                           options=CommitOptions(), is_speech=lambda frame: vad.is_speech(frame, 16000))
+                           options=CommitOptions(), vad=WebrtcVoiceDetector(2), clock=system_clock())
     finals, costs = {}, []
 
-    def decode_due():
-        while (job := stream.next_job()) is not None:
-            if job.kind == "interim":
-                stream.published()
-                continue
-            decoded = job.ready
-            if decoded is None:
-                started = time.perf_counter()
-                decoded = whisper.transcribe(model, dataclasses.replace(job, window=window))
-                costs.append(time.perf_counter() - started)
-            for segment in stream.apply(job, decoded, 0.0):
-                if segment.status == "final":
-                    finals[segment.segment_id] = segment.text
-            stream.published()
-            stream.take_ackable()
+    def decode(job):
+        if job.kind == "interim":  # interims don't change the finals: skip the decode
+            return whisper.Decoded([])
+        started = time.perf_counter()
+        decoded = whisper.transcribe(model, dataclasses.replace(job, window=window))
+        costs.append(time.perf_counter() - started)
+        return decoded
 
-    for seq, offset in enumerate(range(0, len(audio), 1600)):
-        stream.add_audio(seq, audio[offset:offset + 1600], 0.0)
-        decode_due()
-    stream.end(0.0)
-    decode_due()
+    def carry_out(step) -> None:
+        """Keep the finals of a step, then decode whatever the session needs next, until nothing is due."""
+        while step is not None:
+            finals.update((g.segment_id, g.text) for g in step.segments if g.status == "final")
+            job = stream.next_job()
+            step = stream.complete(job, decode(job)) if job is not None else None
+
+    step_samples = SAMPLE_RATE // 10
+    for seq, offset in enumerate(range(0, len(audio), step_samples)):
+        payload = audio[offset:offset + step_samples].astype("<i2").tobytes()
+        carry_out(stream.receive(AudioChunk(tenant="bench", session_id=path.stem, seq=seq, sent_at=0.0,
+                                            sample_rate=SAMPLE_RATE, channels=1, encoding="pcm_s16le",
+                                            payload=payload), seq))
+    carry_out(stream.receive(SessionControl(tenant="bench", session_id=path.stem, action="end"), "end"))
     return " ".join(finals[k] for k in sorted(finals) if finals[k]), costs
 
 
@@ -73,7 +76,7 @@ def main() -> int:
     paths = [p for p in sorted(args.data.glob("*.wav")) if p.with_suffix(".json").exists()
              and (not wanted or p.stem in wanted)]
     model = whisper.load_model(args.model)
-    language = "en" if args.model.endswith(".en") else None
+    language = language_for(args.model, None)
     windows = ("full", "short")
     rows, refs, hyps = [], [], {w: [] for w in windows}
     costs = {w: [] for w in windows}

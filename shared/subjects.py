@@ -110,3 +110,17 @@ ERRORS_ALL = "errors.>"
 def message_id(tenant: str, session: str, seq: int | str) -> str:
     """Nats-Msg-Id of stored audio: the stream's duplicate window drops a repeat."""
     return f"{tenant}:{session}:{seq}"
+
+
+def segment_message_id(tenant: str, session: str, segment_id: int, status: str, revision: int,
+                       worker_id: str) -> str:
+    """Nats-Msg-Id of a transcript segment. A final's id is its segment id alone: a worker that re-decodes
+    the same utterance after a takeover publishes a duplicate the stream drops. Interims are per worker
+    and revision."""
+    suffix = "final" if status == "final" else f"{revision}:{worker_id}"
+    return f"{tenant}:{session}:seg:{segment_id}:{suffix}"
+
+
+def event_message_id(tenant: str, session: str, event: str) -> str:
+    """Nats-Msg-Id of a session event: one of each kind per session, repeats dropped by the stream."""
+    return f"{tenant}:{session}:event:{event}"

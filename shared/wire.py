@@ -24,6 +24,14 @@ WHISPER_LANGUAGES = frozenset(
 SegmentStatus = Literal["interim", "final"]
 
 
+def language_for(model: str, requested: str | None) -> str | None:
+    """The language to decode in: an English-only model (name ending ".en") always decodes English;
+    otherwise the requested code, or None (detect) for None or "auto"."""
+    if model.endswith(".en"):
+        return "en"
+    return None if requested in (None, "", "auto") else requested
+
+
 class WireError(CodedError, ValueError):
     """A message that does not match the wire contract; `code` says how (`not_msgpack`, `malformed`, ...)."""
 

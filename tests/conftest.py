@@ -5,11 +5,28 @@ ends. A test that stops, kills or restarts a server must start its own instead
 of using these shared ones.
 """
 
+import os
 import uuid
 
 import pytest
 
 from jetscribe.servers import NatsServer, PostgresServer
+
+
+TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)  # ten days: a clock read compared with a zero default shows at once
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offset_clock():
+    """Every service clock in the tests (in-process, and subprocesses that inherit the environment)
+    runs ten days ahead, so no test host is "just booted" (see shared/clock.py)."""
+    previous = os.environ.get("JETSCRIBE_CLOCK_OFFSET_S")
+    os.environ["JETSCRIBE_CLOCK_OFFSET_S"] = TEST_CLOCK_OFFSET_S
+    yield
+    if previous is None:
+        os.environ.pop("JETSCRIBE_CLOCK_OFFSET_S", None)
+    else:
+        os.environ["JETSCRIBE_CLOCK_OFFSET_S"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""The transcriber's asyncio shell: pull audio from its partitions, run one decode loop, publish, ack.
+"""The transcriber's asyncio shell: pull audio from its partitions, run one decode loop, carry out steps.
 
-Decisions (what to decode, when a segment is final, which audio is accounted for) live in
-`core`; this file moves bytes between JetStream, the core and the model.
+Decisions (what to decode, when a segment is final, which message is acked when, admission, idle
+timeouts) live in `core`; this file moves bytes between JetStream, the core and the model, and carries
+out each `Step` the core returns, in its one order (`_carry_out`).
 """
 from __future__ import annotations
 
@@ -9,27 +10,30 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
-import numpy as np
-import webrtcvad
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
 from services.transcriber import model as whisper
-from services.transcriber.core import CommitOptions, DecodeLoad, SessionStream, pick_next
+from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
+from services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from services.transcriber.vad import WebrtcVoiceDetector
 from shared import subjects, telemetry
+from shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
+from shared.clock import Clock, system_clock
 from shared.config import StreamSettings, TranscriberConfig
+from shared.retry import Stopped, retry, stopped_within
 from shared.streams import connect, ensure_checkpoints, ensure_streams
-from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionCheckpoint, SessionControl, SessionEvent,
-                         WireError, decode, encode)
+from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionCheckpoint, SessionControl, WireError, decode,
+                         encode, language_for)
 
 log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
-MAX_DECODE_ATTEMPTS = 3
 FINISHED_REMEMBERED = 10_000
-CHECKPOINT_EVERY_S = 2.0  # of accounted-for silence between finals
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
@@ -41,14 +45,31 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
     )
 
 
-def session_vad(aggressiveness: int):
-    """A VAD of the session's own: webrtcvad keeps state between frames, so sessions must not share one."""
-    vad = webrtcvad.Vad(aggressiveness)
-    return lambda frame: vad.is_speech(frame, 16000)
+def session_limits(config: TranscriberConfig) -> SessionLimits:
+    return SessionLimits(max_sessions=config.max_sessions, max_buffered_s=config.max_buffered_s,
+                         idle_timeout_s=config.idle_timeout_s)
+
+
+@dataclass
+class SessionRecord:
+    """What the shell keeps per open session: its core, its partition, and the lock that makes its steps
+    run one at a time, in the order the core returned them (checkpoints must not overtake each other)."""
+
+    stream: SessionStream[Msg]
+    partition: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class FinishedSession:
+    """A session that ended or was rejected: later messages are acked; a reuse of its id is reported once."""
+
+    reported: bool = False
 
 
 class TranscriberWorker:
-    def __init__(self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None):
+    def __init__(self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None,
+                 clock: Clock | None = None):
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
@@ -56,15 +77,11 @@ class TranscriberWorker:
         self.model = model
         self.model_name = config.model
         self.options = commit_options(config)
+        self.limits = session_limits(config)
+        self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
-        self.streams: dict[SessionKey, SessionStream] = {}
-        self.partition_of: dict[SessionKey, int] = {}
-        self.held: dict[SessionKey, dict[int, Msg]] = {}  # audio not yet accounted for, by seq
-        self.unsaved: dict[SessionKey, list[Msg]] = {}  # accounted for, acked once a checkpoint says so
-        self.saved: dict[SessionKey, tuple[int, int]] = {}  # (finals published, samples acked) at the last checkpoint
-        self.end_msgs: dict[SessionKey, Msg] = {}
-        self.failures: dict[SessionKey, int] = {}
-        self.finished: OrderedDict[SessionKey, None] = OrderedDict()  # recently closed, to ignore redeliveries
+        self.sessions: dict[SessionKey, SessionRecord] = {}
+        self.finished: OrderedDict[SessionKey, FinishedSession] = OrderedDict()  # recently closed
         self.pullers: dict[int, asyncio.Task] = {}
         self.load = DecodeLoad()
         self.wakeup = asyncio.Event()
@@ -88,12 +105,6 @@ class TranscriberWorker:
             await self.group.stop(release=True)
         await self.stop()
 
-    async def crash(self) -> None:
-        """Stop where everything stands, as a killed process would (tests)."""
-        if self.group is not None:
-            await self.group.stop(release=False)
-        await self.stop()
-
     async def stop(self) -> None:
         self.stopping.set()
         self.wakeup.set()
@@ -110,37 +121,34 @@ class TranscriberWorker:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        keys = [key for key, p in self.partition_of.items() if p == partition]
+        records = [r for r in self.sessions.values() if r.partition == partition]
         if lost:  # someone else owns it already: touch nothing, ack nothing
-            for key in keys:
-                self._forget(key)
+            for record in records:
+                record.stream.drop()
+                self._forget(record)
             return
-        await self._hand_over(keys)
+        await self._hand_over(records)
 
-    async def _hand_over(self, keys: list[SessionKey]) -> None:
-        now = time.monotonic()
-        for key in keys:
-            if key in self.streams:
-                self.streams[key].hand_over()
+    async def _hand_over(self, records: list[SessionRecord]) -> None:
+        for record in records:
+            await self._carry_out(record, record.stream.hand_over())
         self.wakeup.set()
-        deadline = now + self.config.drain_timeout_s
-        while any(key in self.streams and not self.streams[key].settled for key in keys):
-            if time.monotonic() > deadline:
+        deadline = self.clock.monotonic() + self.config.drain_timeout_s
+        while any(not r.stream.gone for r in records):
+            if self.clock.monotonic() > deadline:
                 log.warning("hand-over: sessions not finalized in %.0f s; the next owner redoes them",
                             self.config.drain_timeout_s)
                 break
             await asyncio.sleep(0.05)
-        for key in keys:
-            await self._settle(key)
-            end_msg = self.end_msgs.get(key)
-            for msg in [*self.held.get(key, {}).values(), *([end_msg] if end_msg else [])]:
-                await msg.nak()  # the next owner gets them at once
-            self._forget(key)
+        for record in records:
+            await self._carry_out(record, record.stream.hand_over(force=True))
+            async with record.lock:  # the steps already under way are done before the lease goes
+                pass
 
-    def _forget(self, key: SessionKey) -> None:
-        for table in (self.streams, self.partition_of, self.held, self.unsaved, self.saved, self.end_msgs,
-                      self.failures):
-            table.pop(key, None)
+    def _forget(self, record: SessionRecord) -> None:
+        key = (record.stream.tenant, record.stream.session_id)
+        if self.sessions.get(key) is record:
+            del self.sessions[key]
 
     # --- audio in -------------------------------------------------------------------------
     async def _pull(self, partition: int, puller: PartitionPuller) -> None:
@@ -151,106 +159,104 @@ class TranscriberWorker:
                 return
             except Exception as exc:  # NATS reconnecting: keep pulling once it is back
                 log.warning("fetch on partition %d failed: %r", partition, exc)
-                await asyncio.sleep(0.5)
+                await stopped_within(self.stopping, 0.5)
                 continue
             for msg in msgs:
                 try:
                     await self._receive(partition, msg)
-                except Exception:  # one bad message must not stop the partition
-                    log.exception("could not take %s; terminating it", msg.subject)
-                    await msg.term()
+                except Stopped:
+                    return
+                except Exception:  # not the message's fault: leave it to its session's ledger or a redelivery
+                    log.exception("could not take %s", msg.subject)
             self.wakeup.set()
 
     async def _receive(self, partition: int, msg: Msg) -> None:
         try:
             message = decode(msg.data, AudioMessage)
-            if isinstance(message, AudioChunk) and (message.sample_rate, message.channels, message.encoding,
-                                                    len(message.payload) % 2) != (16000, 1, "pcm_s16le", 0):
+            if isinstance(message, AudioChunk) and (
+                    message.sample_rate, message.channels, message.encoding, len(message.payload) % 2) != (
+                    SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING, 0):
                 raise WireError("malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)")
         except WireError as exc:
             parts = msg.subject.split(".")
-            await self._report(parts[1] if len(parts) > 1 else "", None, exc.code, str(exc))
+            await self._report(ErrorEvent(tenant=parts[1] if len(parts) > 1 else "", session_id=None,
+                                          code=exc.code, message=str(exc), at=self.clock.wall()))
             await msg.term()
             return
         key = (message.tenant, message.session_id)
-        if key in self.finished:
-            await msg.ack()  # a late redelivery of a session that is closed
+        record = self.sessions.get(key)
+        if record is None and key not in self.finished:
+            record = await self._open(key, partition, message)
+        if record is None:
+            await self._after_finished(key, message, msg)
             return
-        stream = self.streams.get(key)
-        if stream is None:
-            stream = await self._open(key, partition, message)
-            if stream is None:
-                await msg.ack()
-                return
-        if stream.handing_over:
-            await msg.nak()  # the next owner takes it
-            return
-        now = time.monotonic()
-        if isinstance(message, SessionControl):
-            if message.action == "start":
-                await msg.ack()  # a replayed start of a session already open here
-                return
-            stream.end(now)
-            self.end_msgs[key] = msg
-        else:
-            samples = np.frombuffer(message.payload, dtype="<i2")
-            if stream.add_audio(message.seq, samples, now) or message.seq > stream.acked_through:
-                self.held[key][message.seq] = msg  # a redelivery of held audio: ack the newest delivery
-            else:
-                await msg.ack()
-            if len(stream.buffer) > self.config.max_buffered_s * 16000:
-                await self._reject(stream, "buffer_full", f"more than {self.config.max_buffered_s:g} s of audio "
-                                   "waiting to be transcribed: the worker cannot keep up")
-                return
-        await self._settle(key)
+        await self._carry_out(record, record.stream.receive(message, msg))
 
-    async def _open(self, key: SessionKey, partition: int, first: AudioChunk | SessionControl) -> SessionStream | None:
-        """A session this worker has not seen: resume it from its checkpoint, or start it."""
+    async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
+        """A session this worker has not seen: resume it from its checkpoint, or start it. None if its
+        checkpoint says it is finished."""
         checkpoint = await self._load_checkpoint(key)
         if checkpoint is not None and checkpoint.finished:
             self._remember_finished(key)
             return None
         start = first if isinstance(first, SessionControl) and first.action == "start" else None
-        language = start.language if start and start.language != "auto" else None
-        if self.model_name.endswith(".en"):
-            language = "en"
         if start and start.model and start.model != self.model_name:
             log.warning("%s/%s asked for model %s; this worker serves %s", *key, start.model, self.model_name)
-        stream = SessionStream(key[0], key[1], language=language, model=self.model_name,
-                               worker_id=self.config.worker_id, options=self.options,
-                               is_speech=session_vad(self.config.vad_aggressiveness))
+        stream: SessionStream[Msg] = SessionStream(
+            key[0], key[1], language=language_for(self.model_name, start.language if start else None),
+            model=self.model_name, worker_id=self.config.worker_id, options=self.options,
+            vad=WebrtcVoiceDetector(self.config.vad_aggressiveness), clock=self.clock, limits=self.limits,
+            checkpoint=checkpoint, sessions_before=len(self.sessions))
         if checkpoint is not None:
-            stream.restore(checkpoint)
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
-        self.streams[key] = stream
-        self.partition_of[key] = partition
-        self.held[key], self.unsaved[key] = {}, []
-        self.saved[key] = (stream.finals_published, stream.acked_samples)
-        if checkpoint is None:
-            if len(self.streams) > self.config.max_sessions:
-                await self._reject(stream, "worker_full", f"this worker already has {self.config.max_sessions} "
-                                   "sessions (JETSCRIBE_MAX_SESSIONS_PER_WORKER)")
-                return None
-            await self._save_checkpoint(stream, -1, 0)  # the language is known to whoever takes over
-            await self._publish_event(stream, "started")
-        return stream
+        record = self.sessions[key] = SessionRecord(stream, partition)
+        return record
 
-    async def _reject(self, stream: SessionStream, reason: str, message: str) -> None:
-        key = (stream.tenant, stream.session_id)
-        await self._report(*key, reason, message)
-        await self._publish_event(stream, "rejected", reason)
-        await self._save_checkpoint(stream, stream.last_seq, stream.received, finished=True)
-        for msg in [*self.held.get(key, {}).values(), *self.unsaved.get(key, [])]:
-            await msg.ack()  # nobody will transcribe it: don't let it come back
-        if key in self.end_msgs:
-            await self.end_msgs[key].ack()
-        self._forget(key)
-        self._remember_finished(key)
+    async def _after_finished(self, key: SessionKey, message: AudioMessage, msg: Msg) -> None:
+        """A message for a finished session: a late redelivery, or a reuse of the id, which is reported once."""
+        finished = self.finished[key]
+        if is_reused(message) and not finished.reported:
+            finished.reported = True
+            log.warning("%s/%s: a new start for a session that has ended; its messages are acked unused", *key)
+            await self._report(ErrorEvent(
+                tenant=key[0], session_id=key[1], code="session_ended", at=self.clock.wall(),
+                message="this session has ended; its id cannot be used again: start a new session"))
+        await msg.ack()
 
     def _remember_finished(self, key: SessionKey) -> None:
-        self.finished[key] = None
+        self.finished.setdefault(key, FinishedSession())
         while len(self.finished) > FINISHED_REMEMBERED:
             self.finished.popitem(last=False)
+
+    # --- carrying out what the core decided -------------------------------------------------
+    async def _carry_out(self, record: SessionRecord, step: Step[Msg]) -> None:
+        """Do what `step` says, in the order `Step` documents, after every earlier step of the session."""
+        for line in step.notes:
+            log.info("%s", line)
+        if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
+            self._forget(record)
+            if step.checkpoint is not None and step.checkpoint.finished:
+                self._remember_finished((record.stream.tenant, record.stream.session_id))
+        if step.empty:
+            return
+        async with record.lock:
+            for error in step.errors:
+                await self._report(error)
+            for segment in step.segments:
+                await self._publish(subjects.transcript(segment.tenant, segment.session_id), encode(segment),
+                                    subjects.segment_message_id(segment.tenant, segment.session_id,
+                                                                segment.segment_id, segment.status,
+                                                                segment.revision, segment.worker_id))
+            for event in step.events:
+                await self._publish(subjects.session_event(event.tenant, event.session_id, event.event),
+                                    encode(event),
+                                    subjects.event_message_id(event.tenant, event.session_id, event.event))
+            if step.checkpoint is not None:
+                await self._save_checkpoint(step.checkpoint)
+            for msg in step.ack:
+                await _settle_message(msg.ack, msg)
+            for msg in step.nak:
+                await _settle_message(msg.nak, msg)
 
     # --- checkpoints ----------------------------------------------------------------------
     async def _load_checkpoint(self, key: SessionKey) -> SessionCheckpoint | None:
@@ -260,161 +266,103 @@ class TranscriberWorker:
             return None
         return decode(entry.value, SessionCheckpoint) if entry.value else None
 
-    async def _save_checkpoint(self, stream: SessionStream, acked_seq: int, acked_samples: int,
-                               finished: bool = False) -> None:
-        checkpoint = stream.checkpoint(acked_seq, acked_samples, time.time(), finished)
-        delay = 0.2
-        while True:  # the audio it accounts for is acked only after this, so it must not be skipped
-            try:
-                await self.checkpoints.put(subjects.checkpoint_key(stream.tenant, stream.session_id),
-                                           encode(checkpoint))
-                return
-            except Exception as exc:
-                log.warning("checkpoint of %s/%s failed (%s); retrying", stream.tenant, stream.session_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _save_checkpoint(self, checkpoint: SessionCheckpoint) -> None:
+        """Store it, retrying: the audio it accounts for is acked only after this."""
+        key = subjects.checkpoint_key(checkpoint.tenant, checkpoint.session_id)
+        await retry(lambda: self.checkpoints.put(key, encode(checkpoint)), what=f"checkpoint of {key}",
+                    stop=self.stopping, logger=log)
 
     async def _housekeeping(self) -> None:
-        """End sessions gone idle, and keep held audio from being redelivered while it waits."""
+        """Let the cores see time pass (idle sessions end), and keep waiting audio from being redelivered."""
         touch_every = self.config.ack_wait_s / 3
-        touched = time.monotonic()
-        while not self.stopping.is_set():
-            await asyncio.sleep(min(1.0, touch_every))
-            now = time.monotonic()
-            for key, stream in list(self.streams.items()):
-                if not stream.ending and now - stream.last_audio_at > self.config.idle_timeout_s:
-                    log.info("%s/%s: no audio for %.0f s; ending it", *key, self.config.idle_timeout_s)
-                    stream.end(now, reason="idle_timeout")
-                    self.wakeup.set()
-            if now - touched >= touch_every:
-                touched = now
-                waiting = [m for h in self.held.values() for m in h.values()]
-                waiting += [m for u in self.unsaved.values() for m in u] + list(self.end_msgs.values())
-                for msg in waiting:
+        touched = self.clock.monotonic()
+        while not await stopped_within(self.stopping, min(1.0, touch_every)):
+            for record in list(self.sessions.values()):
+                step = record.stream.tick()
+                if not step.empty:
+                    self.wakeup.set()  # what it still had open gets its final
                     try:
-                        await msg.in_progress()
-                    except Exception:  # reconnecting: the next round tries again
-                        break
+                        await self._carry_out(record, step)
+                    except Stopped:
+                        return
+                    except Exception:  # one session's trouble must not stop the others' idle checks
+                        log.exception("could not end %s/%s", record.stream.tenant, record.stream.session_id)
+            if self.clock.monotonic() - touched >= touch_every:
+                touched = self.clock.monotonic()
+                await self._touch_waiting()
+
+    async def _touch_waiting(self) -> None:
+        for record in list(self.sessions.values()):
+            for msg in record.stream.ledger.waiting():
+                try:
+                    await msg.in_progress()
+                except Exception:  # reconnecting, or settled meanwhile: the next round tries again
+                    return
 
     # --- decoding -------------------------------------------------------------------------
     async def _decode_loop(self) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()
-            stream = pick_next(list(self.streams.values()), self._interim_every())
+            stream = pick_next([r.stream for r in self.sessions.values()], self._interim_every())
             if stream is None:
                 await self.wakeup.wait()
                 continue
             try:
-                await self._decode_one(stream)
+                await self._decode_one(self.sessions[(stream.tenant, stream.session_id)])
+            except Stopped:
+                return
             except Exception:  # keep decoding other sessions whatever one of them does
                 log.exception("decode step failed for %s/%s", stream.tenant, stream.session_id)
-                await asyncio.sleep(0.5)
+                await stopped_within(self.stopping, 0.5)
 
     def _interim_every(self) -> float:
-        speaking = sum(1 for s in self.streams.values() if s.open is not None)
+        speaking = sum(1 for r in self.sessions.values() if r.stream.open is not None)
         return self.load.interim_every(self.options.interim_every_s, speaking)
 
-    async def _decode_one(self, stream: SessionStream) -> None:
+    async def _decode_one(self, record: SessionRecord) -> None:
+        stream = record.stream
         job = stream.next_job(self._interim_every())
         if job is None:
             return
-        key = (stream.tenant, stream.session_id)
         with self.tracer.start_as_current_span("transcriber.decode") as span:
             span.set_attribute("jetscribe.kind", job.kind)
-            span.set_attribute("jetscribe.audio_s", len(job.audio) / 16000)
+            span.set_attribute("jetscribe.audio_s", len(job.audio) / SAMPLE_RATE)
             span.set_attribute("jetscribe.speculative", job.speculative)
-            span.set_attribute("jetscribe.precomputed", job.ready is not None)
+            started = time.perf_counter()
+            result: Decoded | BaseException
             try:
-                started = time.perf_counter()
-                if job.ready is not None:
-                    decoded = job.ready  # decoded early, at the pause that became this endpoint
-                else:
-                    decoded = await asyncio.to_thread(whisper.transcribe, self.model, job)
-                    self.load.observe(job, time.perf_counter() - started)
-                log.debug("%s/%s: %s%s of %.1f s audio decoded in %.2f s", *key, job.kind,
-                          " (early)" if job.speculative else " (ready)" if job.ready else "",
-                          len(job.audio) / 16000, time.perf_counter() - started)
-                self.failures.pop(key, None)
+                result = await asyncio.to_thread(whisper.transcribe, self.model, job)
+                self.load.observe(job, time.perf_counter() - started)
+                log.debug("%s/%s: %s%s of %.1f s audio decoded in %.2f s", stream.tenant, stream.session_id,
+                          job.kind, " (early)" if job.speculative else "", len(job.audio) / SAMPLE_RATE,
+                          time.perf_counter() - started)
             except Exception as exc:
-                attempts = self.failures[key] = self.failures.get(key, 0) + 1
-                log.exception("decode of %s/%s failed (attempt %d)", *key, attempts)
-                if attempts < MAX_DECODE_ATTEMPTS:
-                    stream.decode_failed()
-                    return
-                # Give up on this utterance rather than block the session (and every session behind it).
-                del self.failures[key]
-                await self._report(*key, "decode_failed", f"utterance at {job.start_sample / 16000:.2f} s "
-                                   f"could not be decoded: {exc}")
-                segments = stream.abandon(job, time.time())
-            else:
-                segments = stream.apply(job, decoded, time.time())
-        for segment in segments:
-            # A final's id is its segment id alone: a worker that re-decodes the same utterance after a
-            # takeover publishes a duplicate the stream drops. Interims are per worker and revision.
-            suffix = "final" if segment.status == "final" else f"{segment.revision}:{segment.worker_id}"
-            await self._publish(subjects.transcript(segment.tenant, segment.session_id), encode(segment),
-                                f"{segment.tenant}:{segment.session_id}:seg:{segment.segment_id}:{suffix}")
-        stream.published()
-        await self._settle(key)
-
-    async def _settle(self, key: SessionKey) -> None:
-        """Ack what the core says is accounted for, behind a checkpoint; close the session once all is."""
-        stream = self.streams.get(key)
-        if stream is None:
-            return
-        held, unsaved = self.held[key], self.unsaved[key]
-        for seq in stream.take_ackable():
-            msg = held.pop(seq, None)
-            if msg is not None:
-                unsaved.append(msg)
-        if stream.finished:
-            # Forget the session first, so nothing settles or revives it while the event goes out.
-            end_msg = self.end_msgs.get(key)
-            self._forget(key)
-            self._remember_finished(key)
-            await self._publish_event(stream, "ended", stream.end_reason)
-            await self._save_checkpoint(stream, stream.acked_through, stream.acked_samples, finished=True)
-            for msg in [*unsaved, *held.values(), *([end_msg] if end_msg else [])]:
-                await msg.ack()
-            return
-        # A checkpoint per final (or per few seconds of silence, or at a hand-over) keeps KV writes
-        # few; the audio waits unacked until one covers it, so a new owner resumes exactly there.
-        finals, samples = self.saved[key]
-        new_final = stream.finals_published != finals
-        behind_s = (stream.acked_samples - samples) / 16000
-        if unsaved and (new_final or behind_s >= CHECKPOINT_EVERY_S or stream.handing_over):
-            await self._save_checkpoint(stream, stream.acked_through, stream.acked_samples)
-            self.saved[key] = (stream.finals_published, stream.acked_samples)
-            self.unsaved[key] = []
-            for msg in unsaved:
-                await msg.ack()
+                log.exception("decode of %s/%s failed", stream.tenant, stream.session_id)
+                result = exc
+        await self._carry_out(record, stream.complete(job, result))
 
     # --- out ------------------------------------------------------------------------------
-    async def _publish_event(self, stream: SessionStream, event: str, reason: str = "") -> None:
-        message = SessionEvent(
-            tenant=stream.tenant, session_id=stream.session_id, event=event, at=time.time(), reason=reason,
-            language=stream.language, model=stream.model, chunks_received=stream.chunks_received,
-            audio_seconds=stream.received / 16000, segments=stream.next_segment_id, worker_id=self.config.worker_id,
-        )
-        await self._publish(subjects.session_event(stream.tenant, stream.session_id, event), encode(message),
-                            f"{stream.tenant}:{stream.session_id}:event:{event}")
-
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
-        delay = 0.2
-        while True:
-            try:
-                await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-                return
-            except Exception as exc:
-                log.warning("publish to %s failed (%s); retrying", subject, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await retry(lambda: self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}),
+                    what=f"publish to {subject}", stop=self.stopping, logger=log)
 
-    async def _report(self, tenant: str, session_id: str | None, code: str, message: str) -> None:
-        event = ErrorEvent(tenant=tenant, session_id=session_id, code=code, message=message, at=time.time())
-        log.warning("%s: %s", code, message)
-        await self.nc.publish(subjects.errors("transcriber", tenant), encode(event))
+    async def _report(self, event: ErrorEvent) -> None:
+        log.warning("%s: %s", event.code, event.message)
+        try:
+            await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
+        except Exception as exc:  # a report is best effort: the log line above stays
+            log.warning("could not publish the %s report: %r", event.code, exc)
+
+
+async def _settle_message(settle, msg: Msg) -> None:
+    """Ack or nak one message; if NATS is away, its redelivery is recognised and acked then."""
+    try:
+        await settle()
+    except MsgAlreadyAckdError:
+        raise  # a bug in the ledger, not a network problem: never hide it
+    except Exception as exc:
+        log.warning("could not settle %s: %r", msg.subject, exc)
 
 
 async def run(settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from faster_whisper import WhisperModel
 
-from services.transcriber.core import Decoded, DecodedSegment, DecodeJob, has_loop
+from services.transcriber.agreement import DecodedSegment, has_loop
+from services.transcriber.decoding import Decoded, DecodeJob
 from shared.audio import SAMPLE_RATE
 from shared.config import cache_root
 from shared.wire import Word

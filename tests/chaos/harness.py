@@ -241,6 +241,7 @@ class ChaosStack:
             "JETSCRIBE_ACK_WAIT_S": str(ACK_WAIT_S),
             "JETSCRIBE_PERSIST_RETRY_MAX_S": "1",
             "JETSCRIBE_LOG_LEVEL": "INFO",
+            "JETSCRIBE_CLOCK_OFFSET_S": os.environ.get("JETSCRIBE_CLOCK_OFFSET_S", str(10 * 24 * 3600)),
         })
         if os.environ.get("JETSCRIBE_CACHE"):
             env["JETSCRIBE_CACHE"] = os.environ["JETSCRIBE_CACHE"]

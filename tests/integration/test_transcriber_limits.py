@@ -1,5 +1,6 @@
-"""The transcriber's limits and lifecycle on a real nats-server: idle sessions end, sessions beyond
-a worker's limit or buffer are rejected, and the bot hears it from the gateway."""
+"""The transcriber's limits and lifecycle on a real nats-server: idle sessions end (and only idle ones),
+sessions beyond a worker's limit or buffer are rejected, the bot hears it from the gateway, and audio
+for a finished session is reported."""
 import asyncio
 import contextlib
 import time
@@ -16,7 +17,7 @@ from services.transcriber.app import run as run_transcriber
 from services.transcriber.model import load_model
 from shared import subjects
 from shared.config import IngestConfig, StreamSettings, TranscriberConfig
-from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from shared.wire import AudioChunk, ErrorEvent, Reply, Segment, SessionControl, SessionEvent, decode, encode
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,58 @@ async def test_a_session_whose_audio_piles_up_is_rejected(own_nats, tiny):
         await send(nc, "lim", "flood", speech.audio[:6 * 16000])
         event = await rejected(20)
         assert event.reason == "buffer_full"
+
+
+async def test_a_bot_that_sends_its_first_chunk_late_keeps_its_session(own_nats, tiny):
+    """Regression: a session with no audio yet counted as idle since the host booted, and was ended at once."""
+    async with pipeline(own_nats.url, tiny, idle_timeout_s=5.0) as nc:
+        started = await watch_event(nc, "lim", "late", "started")
+        await start(nc, "lim", "late")
+        await started(20)
+        ended = await watch_event(nc, "lim", "late", "ended")
+        await asyncio.sleep(2.5)  # a meeting bot in a silent room
+        assert await send(nc, "lim", "late", np.zeros(16000, np.int16)) is None
+        with pytest.raises(nats.errors.TimeoutError):
+            await ended(1.5)
+        assert await send(nc, "lim", "late", np.zeros(16000, np.int16), first_seq=10) is None
+
+
+async def test_an_idle_session_with_nothing_to_decode_ends_and_frees_its_slot(tmp_path, tiny):
+    """Regression: `ended` went out only from a later decode or message, so a bot that vanished after
+    silence left its session active and its slot taken until the worker restarted."""
+    with NatsServer(tmp_path / "nats") as fresh:  # no sessions left over by other tests
+        async with pipeline(fresh.url, tiny, idle_timeout_s=2.0, max_sessions=1) as nc:
+            ended = await watch_event(nc, "lim", "vanished", "ended")
+            await start(nc, "lim", "vanished")
+            assert await send(nc, "lim", "vanished", np.zeros(8000, np.int16)) is None  # a little audio, then gone
+            event = await ended(20)
+            assert event.reason == "idle_timeout" and event.chunks_received == 5
+            started = await watch_event(nc, "lim", "next", "started")
+            await start(nc, "lim", "next")
+            assert (await started(20)).event == "started"  # the slot is free: not worker_full
+
+
+async def test_audio_for_a_finished_session_is_reported_once(own_nats, tiny):
+    """Regression: audio stored for an ended session id was acked away with no word to anyone."""
+    async with pipeline(own_nats.url, tiny) as nc:
+        ended = await watch_event(nc, "lim", "reused", "ended")
+        await start(nc, "lim", "reused")
+        assert await send(nc, "lim", "reused", np.zeros(3200, np.int16)) is None
+        reply = await ask(nc, subjects.ingest_session("lim", "reused"),
+                          SessionControl(tenant="lim", session_id="reused", action="end", sent_at=time.time()))
+        assert reply.ok
+        await ended(20)
+        errors = await nc.subscribe(subjects.errors("transcriber", "lim"))
+        js = nc.jetstream()
+        # The same id used again, stored as a gateway that no longer remembers it would store it.
+        again = [SessionControl(tenant="lim", session_id="reused", action="start", sent_at=time.time())]
+        again += [AudioChunk(tenant="lim", session_id="reused", seq=seq, sent_at=time.time(), sample_rate=16000,
+                             channels=1, encoding="pcm_s16le", payload=bytes(3200)) for seq in range(3)]
+        for i, message in enumerate(again):
+            await js.publish(subjects.audio("lim", "reused"), encode(message),
+                             headers={"Nats-Msg-Id": f"lim:reused:again:{i}"})
+        error = decode((await errors.next_msg(timeout=20)).data, ErrorEvent)
+        assert (error.code, error.session_id) == ("session_ended", "reused")
+        with pytest.raises(nats.errors.TimeoutError):
+            await errors.next_msg(timeout=2)  # once per session, not per chunk
+        await errors.unsubscribe()

@@ -1,59 +1,25 @@
-"""The session core on scripted audio and scripted Whisper output: no model, no NATS."""
+"""The session core on scripted audio and scripted Whisper output: no model, no NATS.
+
+Message handles are plain values (the seq, or "end"), so the acks each step asks for can be read off.
+"""
 import numpy as np
 
-from services.transcriber.core import (SAMPLE_RATE, CommitOptions, Decoded, DecodedSegment, SessionStream,
-                                       has_loop, keep_trustworthy, pick_next)
+from services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
+from services.transcriber.decoding import pick_next
+from services.transcriber.decoding import Decoded
+from shared.audio import SAMPLE_RATE
+from shared.clock import ManualClock
 from shared.wire import Word
-
-CHUNK = SAMPLE_RATE // 10  # 100 ms
-
-
-def loud_is_speech(frame: bytes) -> bool:
-    """A stand-in VAD for scripted audio: speech is anything not near-silent."""
-    return np.abs(np.frombuffer(frame, dtype=np.int16)).mean() > 500
-
-
-def tone(seconds):
-    t = np.arange(int(seconds * SAMPLE_RATE))
-    return (8000 * np.sin(2 * np.pi * 220 * t / SAMPLE_RATE)).astype(np.int16)
-
-
-def silence(seconds):
-    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
-
-
-def new_stream(**options):
-    return SessionStream("acme", "s1", language="en", model="tiny.en", worker_id="w1",
-                         options=CommitOptions(**options), is_speech=loud_is_speech)
-
-
-def feed(stream, audio, first_seq=0, now=0.0):
-    seq = first_seq
-    for off in range(0, len(audio), CHUNK):
-        stream.add_audio(seq, audio[off:off + CHUNK], now)
-        seq += 1
-    return seq
-
-
-def said(*words, start=0.0, step=0.3, no_speech=0.01, logprob=-0.2, ratio=1.2):
-    ws = [Word(f" {w}", start + i * step, start + (i + 1) * step, 0.9) for i, w in enumerate(words)]
-    return Decoded([DecodedSegment(ws, no_speech, logprob, ratio)], "en", 0.99)
-
-
-def finish(stream, job, decoded, now):
-    """Apply a decode result and report its segments published, as the shell does."""
-    segments = stream.apply(job, decoded, now)
-    stream.published()
-    return segments
+from tests.unit.transcriber.scripted import CHUNK, chunk, end_message, feed, finish, new_stream, said, silence, tone
 
 
 def test_silence_alone_gives_no_job_and_is_acked():
     s = new_stream()
     feed(s, silence(3.0))
     assert s.next_job() is None
-    acked = s.take_ackable()
-    assert acked and acked[0] == 0
-    assert acked[-1] >= 25  # all but the pre-roll kept for a possible onset
+    assert s.ledger.accounted_seq >= 25  # all but the pre-roll kept for a possible onset
+    assert s.acked[0] == 0 and s.acked == sorted(set(s.acked))  # acked behind checkpoints, each once
+    assert s.checkpoints[-1].acked_seq == s.acked[-1]
 
 
 def test_endpoint_after_trailing_silence_makes_one_final():
@@ -64,13 +30,14 @@ def test_endpoint_after_trailing_silence_makes_one_final():
     # The utterance starts with 0.3 s of pre-roll and ends 0.2 s after the speech.
     assert abs(job.start_sample / SAMPLE_RATE - 0.7) < 0.05
     assert abs(job.end_sample / SAMPLE_RATE - 3.2) < 0.05
-    assert s.take_ackable()[-1] < 7  # nothing of the utterance is acked while its final is pending
-    segments = finish(s, job, said("hello", "world"), now=10.0)
+    assert s.ledger.accounted_seq < 7  # nothing of the utterance is acked while its final is pending
+    step = s.complete(job, said("hello", "world"))
+    segments = step.segments
     assert [(g.status, g.segment_id, g.text) for g in segments] == [("final", 0, "hello world")]
     assert abs(segments[0].start - 0.7) < 0.05  # word times are session times
     assert segments[0].seq_first <= 7 and segments[0].seq_last >= 31
-    acked = s.take_ackable()
-    assert acked[-1] >= 31  # the utterance's audio is accounted for now
+    assert max(step.ack) >= 31  # the utterance's audio is acked behind the final and a checkpoint
+    assert step.checkpoint.acked_seq == max(step.ack)
     assert seq == 40
 
 
@@ -79,21 +46,21 @@ def test_interims_share_the_final_segment_id_and_revisions_grow():
     feed(s, tone(1.5))
     job = s.next_job()
     assert job.kind == "interim" and job.beam_size == 1
-    interim = finish(s, job, said("hel"), now=1.0)
+    interim = finish(s, job, said("hel"))
     assert interim[0].status == "interim" and interim[0].segment_id == 0 and interim[0].revision == 1
     feed(s, np.concatenate([tone(0.5), silence(1.0)]), first_seq=15)
     job = s.next_job()
     assert job.kind == "final"
-    final = finish(s, job, said("hello", "there"), now=2.0)
+    final = finish(s, job, said("hello", "there"))
     assert final[0].segment_id == 0 and final[0].revision == 2 and final[0].status == "final"
 
 
 def test_empty_final_after_an_interim_retracts_it():
     s = new_stream()
     feed(s, tone(1.5))
-    finish(s, s.next_job(), said("uh"), now=1.0)
+    finish(s, s.next_job(), said("uh"))
     feed(s, silence(1.0), first_seq=15)
-    final = finish(s, s.next_job(), Decoded([], "en", 0.9), now=2.0)
+    final = finish(s, s.next_job(), Decoded([], "en", 0.9))
     assert final[0].status == "final" and final[0].text == "" and final[0].segment_id == 0
 
 
@@ -103,7 +70,7 @@ def test_word_split_across_two_windows_is_emitted_once():
     s = new_stream(endpoint_silence_s=0.5)
     seq = feed(s, np.concatenate([tone(1.0), silence(0.6)]))
     first = s.next_job()
-    finish(s, first, said("one", "two"), now=1.0)
+    finish(s, first, said("one", "two"))
     feed(s, np.concatenate([tone(1.0), silence(0.7)]), first_seq=seq)
     second = s.next_job()
     assert second.start_sample >= first.end_sample
@@ -114,8 +81,7 @@ def test_long_silence_emits_nothing():
     s = new_stream()
     feed(s, silence(60.0))
     assert s.next_job() is None
-    s.take_ackable()
-    assert len(s.buffer) < SAMPLE_RATE  # the buffer is trimmed, not grown
+    assert len(s.segmenter.buffer) < SAMPLE_RATE  # the buffer is trimmed, not grown
 
 
 def test_very_long_utterance_is_cut_at_max_length():
@@ -140,7 +106,7 @@ def test_hallucination_loop_is_dropped():
     assert has_loop(looping.segments[0].words)
     s = new_stream()
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
-    assert finish(s, s.next_job(), looping, now=1.0) == []
+    assert finish(s, s.next_job(), looping) == []
 
 
 def test_silence_and_noise_guards():
@@ -152,27 +118,41 @@ def test_silence_and_noise_guards():
 
 def test_redelivered_chunk_is_ignored():
     s = new_stream()
-    assert s.add_audio(0, tone(0.1), 0.0)
-    assert not s.add_audio(0, tone(0.1), 0.0)
+    s.receive(chunk(0, tone(0.1)), "first delivery")
+    assert s.receive(chunk(0, tone(0.1)), "second delivery").empty  # held: the newest delivery waits instead
     assert s.received == CHUNK
+    assert s.ledger.waiting() == ["second delivery"]
+
+
+def test_redelivery_of_an_acked_chunk_is_acked_at_once_and_only_once():
+    s = new_stream()
+    feed(s, silence(3.0))
+    acked = s.acked
+    assert acked
+    step = s.receive(chunk(acked[-1], silence(0.1)), "again")
+    assert step.ack == ["again"] and s.received == 30 * CHUNK
+    assert len(s.acked) == len(set(map(str, s.acked)))
 
 
 def test_end_closes_open_speech_and_finishes_after_final():
     s = new_stream()
     feed(s, tone(1.0))
-    s.end(now=1.0)
+    s.receive(end_message(), "end")
     job = s.next_job()
     assert job.kind == "final" and job.end_sample == s.received
-    finish(s, job, said("bye"), now=2.0)
-    assert s.finished
-    assert s.take_ackable()[-1] == 9
+    step = s.complete(job, said("bye"))
+    assert step.closed and [e.event for e in step.events] == ["ended"]
+    assert step.ack[-2:] == [9, "end"] and step.checkpoint.finished
+    assert sorted(s.acked[:-1]) == list(range(10))  # every chunk once, then the end
 
 
 def test_pick_next_prefers_oldest_final_over_interims():
-    a, b, c = new_stream(), new_stream(), new_stream()
+    clock = ManualClock()
+    a, b, c = new_stream(clock), new_stream(clock), new_stream(clock)
     feed(a, tone(3.0))  # only an interim due
-    feed(b, np.concatenate([tone(1.0), silence(1.0)]), now=5.0)
-    feed(c, np.concatenate([tone(1.0), silence(1.0)]), now=2.0)
+    feed(c, np.concatenate([tone(1.0), silence(1.0)]))
+    clock.advance(3.0)
+    feed(b, np.concatenate([tone(1.0), silence(1.0)]))
     assert pick_next([a, b, c]) is c
     c.next_job()  # c now busy
     assert pick_next([a, b, c]) is b
@@ -180,32 +160,35 @@ def test_pick_next_prefers_oldest_final_over_interims():
     assert pick_next([a, b, c]) is a
 
 
-def test_nothing_is_acked_between_apply_and_published():
+def test_audio_is_acked_in_the_step_that_publishes_its_segment_behind_a_checkpoint():
     s = new_stream()
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
     job = s.next_job()
-    segments = s.apply(job, said("hi"), now=1.0)
-    feed(s, silence(0.5), first_seq=20)  # audio keeps arriving while the segment is being published
-    assert segments and s.take_ackable() == []
-    assert not s.finished
-    s.published()
-    assert s.take_ackable()[-1] >= 19
+    feed(s, silence(0.5), first_seq=20)  # audio keeps arriving while the job decodes
+    assert all(h < 5 for h in s.acked)  # nothing of the utterance yet
+    step = s.complete(job, said("hi"))
+    assert step.segments and step.checkpoint is not None and max(step.ack) >= 19
+    assert step.checkpoint.acked_seq == max(step.ack)
 
 
 def test_abandoned_final_retracts_interims_and_frees_the_audio():
     s = new_stream()
     feed(s, tone(1.5))
-    finish(s, s.next_job(), said("uh"), now=1.0)
+    finish(s, s.next_job(), said("uh"))
     feed(s, silence(1.0), first_seq=15)
     job = s.next_job()
-    retract = s.abandon(job, now=2.0)
-    s.published()
-    assert retract[0].status == "final" and retract[0].text == ""
-    assert s.take_ackable()[-1] >= 14
+    for attempt in range(2):  # the decode retry budget: the same job is offered again
+        assert s.complete(job, RuntimeError("model crashed")).empty
+        job = s.next_job()
+        assert job.kind == "final"
+    step = s.complete(job, RuntimeError("model crashed"))
+    assert [e.code for e in step.errors] == ["decode_failed"]
+    assert step.segments[0].status == "final" and step.segments[0].text == ""
+    assert max(step.ack) >= 14
 
 
 def test_sample_buffer_keeps_indices_across_growth_and_trims():
-    from services.transcriber.core import SampleBuffer
+    from services.transcriber.segmenter import SampleBuffer
     buf = SampleBuffer()
     data = (np.arange(200_000) % 30000).astype(np.int16)
     for off in range(0, len(data), 1600):
@@ -227,7 +210,7 @@ def test_stock_phrases_in_the_trailing_silence_are_dropped():
              Word(" Thanks", speech_end - 0.05, speech_end + 0.1, 0.02),
              Word(" for", speech_end + 0.15, speech_end + 0.2, 0.9),
              Word(" .", speech_end + 0.2, speech_end + 0.2, 0.9)]
-    segments = finish(s, job, Decoded([DecodedSegment(words)], "en", 0.9), now=1.0)
+    segments = finish(s, job, Decoded([DecodedSegment(words)], "en", 0.9))
     assert segments[0].text == "3% eggs."
 
 
@@ -237,7 +220,7 @@ def interim(stream, *words, step=0.3):
     """Take the due interim job and answer it with `words` (times relative to the job's audio)."""
     job = stream.next_job()
     assert job is not None and job.kind == "interim" and job.window == "short"
-    return finish(stream, job, said(*words, step=step), now=1.0)[0]
+    return finish(stream, job, said(*words, step=step))[0]
 
 
 def test_interim_words_become_stable_when_two_hypotheses_agree():
@@ -272,12 +255,12 @@ def test_a_pause_starts_the_final_early_and_the_endpoint_reuses_it():
     assert not s.interim_due()
     early = s.next_job()
     assert early.kind == "final" and early.speculative and early.window == "full"
-    shown = finish(s, early, said("hello", "there"), now=2.0)
+    shown = finish(s, early, said("hello", "there"))
     assert shown[0].status == "interim"  # still open: it could go on speaking
-    feed(s, silence(0.4), first_seq=seq)  # the pause becomes an endpoint
-    final_job = s.next_job()
-    assert final_job.ready is not None and final_job.end_sample == early.end_sample
-    final = finish(s, final_job, final_job.ready, now=2.5)
+    decoded = len(s.segments)
+    feed(s, silence(0.4), first_seq=seq)  # the pause becomes an endpoint: the early result is the final
+    assert s.next_job() is None  # no second decode
+    final = s.segments[decoded:]
     assert final[0].status == "final" and final[0].text == "hello there"
     assert final[0].segment_id == shown[0].segment_id
 
@@ -288,7 +271,7 @@ def test_an_endpoint_reached_while_the_early_final_decodes_takes_its_result():
     seq = feed(s, silence(0.3), first_seq=seq)
     early = s.next_job()
     feed(s, silence(0.4), first_seq=seq)  # the endpoint arrives while `early` is decoding
-    final = finish(s, early, said("yes"), now=2.0)
+    final = finish(s, early, said("yes"))
     assert final[0].status == "final" and final[0].text == "yes"
     assert s.next_job() is None and not s.closed
 
@@ -298,10 +281,10 @@ def test_speech_after_a_pause_discards_the_early_final():
     seq = feed(s, tone(1.0))
     seq = feed(s, silence(0.3), first_seq=seq)
     early = s.next_job()
-    finish(s, early, said("one"), now=2.0)
+    finish(s, early, said("one"))
     feed(s, np.concatenate([tone(0.6), silence(0.6)]), first_seq=seq)  # speaks on, then stops
     final_job = s.next_job()
-    assert final_job.kind == "final" and final_job.ready is None  # a new decode of the whole utterance
+    assert final_job.kind == "final" and not final_job.speculative  # a new decode of the whole utterance
     assert final_job.end_sample > early.end_sample
 
 
@@ -310,10 +293,10 @@ def test_long_speech_without_a_pause_is_cut_at_a_stable_word_boundary():
     seq = 0
     for _ in range(6):  # 6 s of unbroken speech, interims every second agreeing on a growing prefix
         seq = feed(s, tone(1.0), first_seq=seq)
-        n = int(s.vad_pos / SAMPLE_RATE / 0.5)
+        n = int(s.segmenter.vad_pos / SAMPLE_RATE / 0.5)
         interim(s, *[f"w{i}" for i in range(n)], step=0.5)
-    stable = s.open.stable
-    boundary = (stable[-1].end + s.open.unstable[0].start) / 2
+    stable = s.open.words.stable
+    boundary = (stable[-1].end + s.open.words.unstable[0].start) / 2
     feed(s, tone(3.0), first_seq=seq)  # past the maximum length
     cut = s.closed[0].end / SAMPLE_RATE
     assert abs(cut - boundary) <= 0.2, (cut, boundary)
@@ -327,7 +310,7 @@ def test_long_silence_gives_no_job_and_no_early_final():
 
 
 def test_interims_slow_down_when_decoding_is_busy():
-    from services.transcriber.core import DecodeJob, DecodeLoad
+    from services.transcriber.decoding import DecodeJob, DecodeLoad
     load = DecodeLoad()
     job = DecodeJob(kind="interim", audio=np.zeros(1, np.float32), start_sample=0, end_sample=1, language="en",
                     prompt="", beam_size=1)
@@ -341,7 +324,7 @@ def test_an_empty_interim_waits_for_new_audio_before_the_next():
     feed(s, tone(1.0))
     job = s.next_job()
     assert job.kind == "interim"
-    assert finish(s, job, Decoded([], "en", 0.9), now=1.0) == []
+    assert finish(s, job, Decoded([], "en", 0.9)) == []
     assert s.next_job() is None  # not the same interim again at once
 
 
@@ -350,36 +333,37 @@ def test_hand_over_keeps_the_open_utterance_whole_for_the_next_owner():
     seq = feed(s, np.concatenate([tone(1.0), silence(0.8)]))  # one closed utterance
     seq = feed(s, tone(1.0), first_seq=seq)  # and one still open (mid-word, say)
     shown = interim_after_final(s)
-    s.hand_over()
-    assert s.settled and s.open is not None  # not cut
-    acked = s.take_ackable()
-    checkpoint = s.checkpoint(s.acked_through, s.acked_samples, now=5.0)
-    assert s.acked_samples <= s.open.start  # the open utterance's audio stays unacked
+    step = s.hand_over()
+    assert step.closed and s.open is not None  # not cut
+    checkpoint = s.checkpoints[-1]
+    acked = sorted(s.acked)
+    assert checkpoint.acked_seq == acked[-1] and acked == list(range(len(acked)))
+    assert checkpoint.acked_samples <= s.open.start  # the open utterance's audio stays unacked
+    assert step.nak == list(range(acked[-1] + 1, seq))  # and goes back to the stream at once
     assert checkpoint.next_segment_id == shown.segment_id  # its id is reused by the next owner
     assert checkpoint.committed_tail == ["one"]
 
     # The next owner: restored from the checkpoint, it gets the unacked chunks again.
-    nxt = new_stream(endpoint_silence_s=0.5)
-    nxt.restore(checkpoint)
+    nxt = new_stream(endpoint_silence_s=0.5, checkpoint=checkpoint)
     replay = np.concatenate([tone(1.0), silence(0.8)])
     first_replayed = acked[-1] + 1
     offset = (first_replayed * CHUNK)
     assert nxt.received == offset
-    assert not nxt.add_audio(acked[-1], tone(0.1), 0.0)  # an acked chunk comes back: skipped
+    assert nxt.receive(chunk(acked[-1], tone(0.1)), "old").ack == ["old"]  # an acked chunk comes back
     all_audio = np.concatenate([tone(1.0), silence(0.8), replay])
     feed(nxt, all_audio[offset:], first_seq=first_replayed)
     job = nxt.next_job()
     assert job.kind == "final" and abs(job.start_sample - s.open.start) <= 480  # the same utterance, whole
     assert job.prompt == "one"
-    final = finish(nxt, job, said("two"), now=6.0)[0]
+    final = finish(nxt, job, said("two"))[0]
     assert final.segment_id == shown.segment_id and final.start >= s.open.start / SAMPLE_RATE  # session time
 
 
 def interim_after_final(s):
-    finish(s, s.next_job(), said("one"), now=1.0)  # the closed utterance's final
+    finish(s, s.next_job(), said("one"))  # the closed utterance's final
     job = s.next_job()
     assert job.kind == "interim"
-    return finish(s, job, said("tw"), now=2.0)[0]
+    return finish(s, job, said("tw"))[0]
 
 
 def test_a_pause_after_a_whole_sentence_ends_the_utterance_early():
@@ -388,7 +372,7 @@ def test_a_pause_after_a_whole_sentence_ends_the_utterance_early():
     seq = feed(s, silence(0.3), first_seq=seq)  # a short pause, no endpoint yet
     early = s.next_job()
     assert early.speculative
-    final = finish(s, early, said("we", "sold", "forty", "trays."), now=4.0)
+    final = finish(s, early, said("we", "sold", "forty", "trays."))
     assert final[0].status == "final" and s.open is None  # a sentence ended: no need to wait for 0.5 s
     feed(s, np.concatenate([tone(1.0), silence(0.8)]), first_seq=seq)  # the speaker goes on
     nxt = s.next_job()
@@ -399,5 +383,5 @@ def test_a_pause_inside_a_sentence_only_shows_an_interim():
     s = new_stream(endpoint_silence_s=0.5, speculate_after_s=0.2, sentence_endpoint_s=3.0)
     seq = feed(s, tone(3.5))
     feed(s, silence(0.3), first_seq=seq)
-    shown = finish(s, s.next_job(), said("we", "sold", "forty"), now=4.0)
+    shown = finish(s, s.next_job(), said("we", "sold", "forty"))
     assert shown[0].status == "interim" and s.open is not None

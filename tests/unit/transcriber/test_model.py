@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from services.transcriber.core import Decoded, DecodedSegment
+from services.transcriber.agreement import DecodedSegment
+from services.transcriber.decoding import Decoded
 from services.transcriber.model import (FULL_WINDOW_FRAMES, MAX_TOKENS_PER_CALL, TOKENS_PER_AUDIO_SECOND,
                                         TOKENS_PER_CALL, ModelNotFound, default_cache_dir, max_new_tokens,
                                         model_folder, needs_full_window, window_frames)

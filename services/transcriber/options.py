@@ -1,0 +1,36 @@
+"""The tuning of a session: how utterances are cut and decoded, and what a worker allows a session."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CHECKPOINT_EVERY_S = 2.0  # of accounted-for silence between finals
+MAX_DECODE_ATTEMPTS = 3  # then the utterance is given up (an empty final), not the session
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    endpoint_silence_s: float = 0.5
+    max_utterance_s: float = 15.0
+    interim_every_s: float = 1.0  # the fastest interim rate; under load it is slowed (`DecodeLoad`)
+    first_interim_s: float = 0.6  # speech heard before an utterance's first interim
+    speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
+    sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
+    min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
+    preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
+    tail_pad_s: float = 0.2  # silence kept after the last speech frame
+    beam_size: int = 5
+    interim_beam_size: int = 1
+    final_window: Literal["full", "short"] = "full"  # bench/windows.py: short costs base accuracy, not tiny's
+    prompt_words: int = 40
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What a worker allows a session, and how often it saves it."""
+
+    max_sessions: int = 50  # per worker; a new session beyond it is rejected ("worker_full")
+    max_buffered_s: float = 120.0  # audio held before the session is rejected ("buffer_full")
+    idle_timeout_s: float = 1800.0  # no audio for this long (from its opening on): flushed and ended
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S
+    max_decode_attempts: int = MAX_DECODE_ATTEMPTS

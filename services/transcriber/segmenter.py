@@ -1,0 +1,191 @@
+"""Utterance segmentation: a session's audio cut into utterances by the VAD's frames.
+
+Speech opens an utterance (with some pre-roll); trailing silence, or the maximum length, closes it.
+Utterances never overlap, so no word can be decoded twice. Frame sizes come from the detector.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from services.transcriber.agreement import Hypotheses
+from services.transcriber.vad import VoiceDetector
+from shared.audio import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from services.transcriber.options import CommitOptions
+
+
+@dataclass
+class Utterance:
+    start: int
+    end: int | None = None  # set when closed
+    speech_frames: int = 0
+    speech_end: int = 0  # session sample where the last speech frame ended
+    segment_id: int | None = None  # given when its first text is published
+    revision: int = 0
+    closed_at: float = 0.0
+    interim_jobs: int = 0
+    interim_at: int = 0  # VAD position at its last interim job (or its opening)
+    speculate_end: int | None = None  # where the endpoint will cut if the current pause lasts
+    speculation: tuple[Any, Any] | None = None  # (DecodeJob, Decoded): a final decoded ahead of the endpoint
+    words: Hypotheses = field(default_factory=Hypotheses)  # its interim words, stable and not
+
+
+class SampleBuffer:
+    """int16 samples addressed by session sample index; appends are amortised O(chunk), not O(buffer)."""
+
+    def __init__(self) -> None:
+        self._data = np.zeros(SAMPLE_RATE * 4, dtype=np.int16)
+        self.start = 0  # session index of the first kept sample
+        self.end = 0  # session index after the last sample
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def append(self, samples: np.ndarray) -> None:
+        used = self.end - self.start
+        if used + len(samples) > len(self._data):
+            grown = np.zeros(max(2 * len(self._data), used + len(samples)), dtype=np.int16)
+            grown[:used] = self._data[:used]
+            self._data = grown
+        self._data[used:used + len(samples)] = samples
+        self.end += len(samples)
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        return self._data[start - self.start:end - self.start]
+
+    def drop_before(self, index: int) -> None:
+        cut = min(max(index, self.start), self.end) - self.start
+        if cut:
+            used = self.end - self.start
+            self._data[:used - cut] = self._data[cut:used]
+            self.start += cut
+
+    def reset_to(self, index: int) -> None:
+        """Empty, with the next sample at session index `index` (a restored session)."""
+        self.start = self.end = index
+
+
+class UtteranceSegmenter:
+    """One session's audio, the VAD's verdict per frame, and the utterances it makes."""
+
+    def __init__(self, vad: VoiceDetector, options: CommitOptions):
+        self.vad = vad
+        self.frame = vad.frame_samples
+        self.options = options
+        self.buffer = SampleBuffer()
+        self.vad_pos = 0  # samples classified so far
+        self.open: Utterance | None = None
+        self.closed: deque[Utterance] = deque()
+        self.silence_frames = 0
+        self._last_speech_end = 0
+        self._last_cut = 0
+
+    def restore(self, position: int) -> None:
+        """Continue at session sample `position`, as if everything before it was heard and cut."""
+        self.buffer.reset_to(position)
+        self.vad_pos = self._last_cut = self._last_speech_end = position
+
+    @property
+    def received(self) -> int:
+        """Session samples received so far."""
+        return self.buffer.end
+
+    @property
+    def silence_s(self) -> float:
+        """Length of the current pause inside an open utterance."""
+        return self.silence_frames * self.frame / SAMPLE_RATE
+
+    def add(self, samples: np.ndarray, now: float) -> None:
+        """Append audio and classify every whole frame of it."""
+        self.buffer.append(samples)
+        while self.received - self.vad_pos >= self.frame:
+            self._classify_frame(now)
+
+    def close_open(self, now: float) -> None:
+        """Close the open utterance at the end of the audio (the session ends)."""
+        if self.open is not None:
+            self._close(self.received, now)
+
+    def close_at(self, end: int, now: float) -> None:
+        """Close the open utterance at session sample `end` (a sentence ended in a pause)."""
+        self._close(end, now)
+
+    def samples(self, start: int, end: int) -> np.ndarray:
+        return self.buffer.slice(start, end)
+
+    def _frames(self, seconds: float) -> float:
+        return seconds * SAMPLE_RATE / self.frame
+
+    def _classify_frame(self, now: float) -> None:
+        opts = self.options
+        endpoint_frames = max(1, round(self._frames(opts.endpoint_silence_s)))
+        # The cut is known once the pause is longer than the tail kept after speech.
+        speculate_frames = round(self._frames(max(opts.speculate_after_s, opts.tail_pad_s))) + 1
+        frame_start = self.vad_pos
+        self.vad_pos += self.frame
+        if self.vad.is_speech(self.samples(frame_start, self.vad_pos)):
+            self._speech(frame_start)
+        elif self.open is not None:
+            self.silence_frames += 1
+            cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
+            if self.silence_frames >= endpoint_frames:
+                self._close(cut, now)
+            elif self.silence_frames == min(speculate_frames, endpoint_frames - 1):
+                self.open.speculate_end = cut
+        if self.open is not None and self.vad_pos - self.open.start >= int(opts.max_utterance_s * SAMPLE_RATE):
+            self._force_cut(now)
+
+    def _speech(self, frame_start: int) -> None:
+        self.silence_frames = 0
+        self._last_speech_end = self.vad_pos
+        if self.open is None:
+            start = max(self.buffer.start, frame_start - int(self.options.preroll_s * SAMPLE_RATE))
+            start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
+            self.open = Utterance(start=start, interim_at=self.vad_pos)
+        self.open.speculate_end = None
+        self.open.speech_frames += 1
+        self.open.speech_end = self.vad_pos
+
+    def _force_cut(self, now: float) -> None:
+        """A long run of speech with no pause: cut between the last two stable words if the interims
+        agreed on some lately, else in the quietest frame of the last few seconds."""
+        utt, frame = self.open, self.frame
+        assert utt is not None
+        search_from = max(utt.start + frame, self.vad_pos - 4 * SAMPLE_RATE)
+        search_to = self.vad_pos
+        boundary = stable_boundary(utt)
+        if boundary is not None and boundary > search_from:
+            # Word times are only good to ~0.1 s: take the quietest frame around the boundary.
+            search_from = max(utt.start + frame, boundary - int(0.15 * SAMPLE_RATE))
+            search_to = min(self.vad_pos, boundary + int(0.15 * SAMPLE_RATE) + frame)
+        best, best_energy = search_to, None
+        for pos in range(search_from, search_to - frame + 1, frame // 2):
+            energy = float(np.mean(self.samples(pos, pos + frame).astype(np.float32) ** 2))
+            if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
+                best, best_energy = pos + frame // 2, energy
+        self._close(best, now)
+        self.open = Utterance(start=best, speech_frames=1, speech_end=self.vad_pos, interim_at=self.vad_pos)
+
+    def _close(self, end: int, now: float) -> None:
+        utt, self.open = self.open, None
+        assert utt is not None
+        utt.end = end
+        utt.closed_at = now
+        self._last_cut = end
+        if utt.speech_frames < self._frames(self.options.min_speech_s) and utt.segment_id is None:
+            return  # a click or a breath: nothing to say, and its audio gets acked as silence
+        self.closed.append(utt)
+
+
+def stable_boundary(utt: Utterance) -> int | None:
+    """Session sample between the last stable word and the word after it, if both are known."""
+    stable, unstable = utt.words.stable, utt.words.unstable
+    if not stable or not unstable:
+        return None
+    gap_start, gap_end = stable[-1].end, max(stable[-1].end, unstable[0].start)
+    return int((gap_start + gap_end) / 2 * SAMPLE_RATE)

@@ -1,0 +1,104 @@
+"""Scripted audio, a stand-in VAD and a core that keeps its steps: what the transcriber's unit tests share."""
+import numpy as np
+
+from services.transcriber.agreement import DecodedSegment
+from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step
+from services.transcriber.decoding import Decoded
+from shared.audio import SAMPLE_RATE
+from shared.clock import ManualClock
+from shared.wire import AudioChunk, SessionControl, Word
+
+CHUNK = SAMPLE_RATE // 10  # 100 ms
+
+
+class LoudVoiceDetector:
+    """A stand-in VAD for scripted audio: speech is anything not near-silent."""
+
+    def __init__(self, frame_samples: int = 480):
+        self.frame_samples = frame_samples
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return np.abs(frame.astype(np.int32)).mean() > 500
+
+
+class Recorded(SessionStream):
+    """The core, keeping every step it returned, as a shell would carry them out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[Step] = []
+
+    def _keep(self, step):
+        self.steps.append(step)
+        return step
+
+    def receive(self, message, handle):
+        return self._keep(super().receive(message, handle))
+
+    def complete(self, job, result):
+        return self._keep(super().complete(job, result))
+
+    def tick(self):
+        return self._keep(super().tick())
+
+    def hand_over(self, force=False):
+        return self._keep(super().hand_over(force))
+
+    @property
+    def acked(self):
+        return [h for step in self.steps for h in step.ack]
+
+    @property
+    def segments(self):
+        return [g for step in self.steps for g in step.segments]
+
+    @property
+    def events(self):
+        return [e for step in self.steps for e in step.events]
+
+    @property
+    def checkpoints(self):
+        return [step.checkpoint for step in self.steps if step.checkpoint is not None]
+
+
+def tone(seconds):
+    t = np.arange(int(seconds * SAMPLE_RATE))
+    return (8000 * np.sin(2 * np.pi * 220 * t / SAMPLE_RATE)).astype(np.int16)
+
+
+def silence(seconds):
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
+
+
+def new_stream(clock=None, checkpoint=None, limits=SessionLimits(), sessions_before=0, frame_samples=480,
+               **options):
+    return Recorded("acme", "s1", language="en", model="tiny.en", worker_id="w1", options=CommitOptions(**options),
+                    vad=LoudVoiceDetector(frame_samples), clock=clock or ManualClock(), limits=limits,
+                    checkpoint=checkpoint, sessions_before=sessions_before)
+
+
+def chunk(seq, samples):
+    return AudioChunk(tenant="acme", session_id="s1", seq=seq, sent_at=0.0, sample_rate=SAMPLE_RATE, channels=1,
+                      encoding="pcm_s16le", payload=samples.astype("<i2").tobytes())
+
+
+def end_message():
+    return SessionControl(tenant="acme", session_id="s1", action="end")
+
+
+def feed(stream, audio, first_seq=0):
+    seq = first_seq
+    for off in range(0, len(audio), CHUNK):
+        stream.receive(chunk(seq, audio[off:off + CHUNK]), seq)
+        seq += 1
+    return seq
+
+
+def said(*words, start=0.0, step=0.3, no_speech=0.01, logprob=-0.2, ratio=1.2):
+    ws = [Word(f" {w}", start + i * step, start + (i + 1) * step, 0.9) for i, w in enumerate(words)]
+    return Decoded([DecodedSegment(ws, no_speech, logprob, ratio)], "en", 0.99)
+
+
+def finish(stream, job, decoded):
+    """Hand a decode result back; the segments the step says to publish."""
+    return stream.complete(job, decoded).segments
