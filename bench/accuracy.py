@@ -6,7 +6,7 @@
 
 --data DIR holds <name>.wav and <name>.json ({"text": reference, "turns": [{speaker, start, end, text}]}); repeat
 it for more folders. Default: $JETSCRIBE_DEVSET, else ../shared/devset beside the repo (the project's devset) if it
-exists, else a small set made once with the project's Piper speech (jetscribe.speech) in
+exists, else a small set made once with the project's Piper speech (jetscribe.evaluation.speech) in
 $JETSCRIBE_CACHE/bench-devset; with --conditions the real recordings in bench/data/real are added to the default.
 
 --conditions runs the realistic set (bench/make_realistic.py, conditions in bench/conditions.py): each file is
@@ -18,10 +18,10 @@ then run on the same degraded audio, and a table per condition follows the table
 The real stack (nats-server, PostgreSQL, ingest, transcriber with --model, persister; all child processes,
 see jetscribe.stack.LocalStack) runs in a temporary folder; with --nats-url/--database-url (or NATS_URL /
 DATABASE_URL) those servers are used instead; with --external nothing is started and the services already
-serving --nats-url are measured. Each file is streamed through ingest as a bot would (jetscribe.bot), one
+serving --nats-url are measured. Each file is streamed through ingest as a bot would (jetscribe.client.bot), one
 session after another, at --speed (1.0 = real time), and its final segments are collected from NATS. Then,
 with the stack stopped, the same files are transcribed offline by faster-whisper in this process with the
-same model, beam and VAD filter on, as the reference point. WER is on normalized text (jetscribe.wer).
+same model, beam and VAD filter on, as the reference point. WER is on normalized text (jetscribe.evaluation.wer).
 
 Final latency of a segment = wall time its final reached this process minus the wall time the chunk holding
 the end of its last word was sent. The headline numbers use that receive time (what a bot sees, NATS hop
@@ -47,10 +47,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's code, whatever is installed
 
-from jetscribe.bot import Audio, StreamResult, read_audio, stream_audio  # noqa: E402
-from jetscribe.metrics import corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence  # noqa: E402
-from jetscribe.wer import wer  # noqa: E402
-from shared.config import TranscriberConfig  # noqa: E402
+from jetscribe.client.bot import Audio, StreamResult, read_audio, stream_audio  # noqa: E402
+from jetscribe.evaluation.metrics import corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence  # noqa: E402
+from jetscribe.evaluation.wer import wer  # noqa: E402
+from jetscribe.shared.config import TranscriberConfig  # noqa: E402
 
 TENANT = "bench"
 CHUNK_S = 0.1
@@ -120,7 +120,7 @@ SMALL_SET = {
 
 def generated_devset() -> Path:
     """A small devset-format folder (a monologue and a dialog, Piper voices joe and joe-high), made once."""
-    from jetscribe.speech import default_cache_dir, dialog, write_wav
+    from jetscribe.evaluation.speech import default_cache_dir, dialog, write_wav
     folder = default_cache_dir().parent / "bench-devset"
     for name, (kind, turns) in SMALL_SET.items():
         if (folder / f"{name}.json").exists():
@@ -143,9 +143,9 @@ def run_streaming(args, items: list[Item]) -> dict[str, tuple[StreamResult, floa
         if flag:
             os.environ[var] = flag  # LocalStack then uses that server instead of starting one
     if args.external:
-        from jetscribe.stack import nats_url
+        from jetscribe.devstack.stack import nats_url
         return asyncio.run(stream_all(nats_url(), items, args, None))
-    from jetscribe.stack import LocalStack
+    from jetscribe.devstack.stack import LocalStack
     quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}
     with tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home:
         print(f"starting the stack in {home} with model {args.model} ...", file=sys.stderr, flush=True)
@@ -206,7 +206,7 @@ def offline_language(args) -> str | None:
 
 
 def run_offline(args, cfg: TranscriberConfig, items: list[Item]) -> dict[str, tuple[str, float]]:
-    from services.transcriber.model import load_model
+    from jetscribe.services.transcriber.model import load_model
     print(f"transcribing offline with {args.model} ...", file=sys.stderr, flush=True)
     model = load_model(args.model, device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
     out = {}

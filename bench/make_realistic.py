@@ -184,12 +184,12 @@ def speech_pieces(source: Source) -> list[np.ndarray]:
 
 def other_speech(source: Source, sources: list[Source]) -> tuple[list[np.ndarray], str]:
     """Speech of every other source (turns only), and a hash of it. Without other sources: Piper
-    speech from jetscribe.speech (voice joe-high), made and cached on first use."""
+    speech from jetscribe.evaluation.speech (voice joe-high), made and cached on first use."""
     others = [s for s in sorted(sources, key=lambda s: s.name) if s.sha256 != source.sha256]
     if others:
         pool = [p for s in others for p in speech_pieces(s)]
         return pool, hashlib.sha256("".join(s.sha256 for s in others).encode()).hexdigest()
-    from jetscribe.speech import SAMPLE_SENTENCES, synthesize
+    from jetscribe.evaluation.speech import SAMPLE_SENTENCES, synthesize
     speech = synthesize(list(SAMPLE_SENTENCES), voice="joe-high")
     audio = speech.audio.astype(np.float32) / 32768.0
     pool = [audio[int(t.start_s * RATE):int(t.end_s * RATE)] for t in speech.turns]

@@ -6,7 +6,7 @@ enough for the audio, side by side in one run, with decode cost per call.
 No servers: each file is fed in 100 ms chunks through the transcriber's own session core
 (services/transcriber/core.py: VAD, endpoints, early finals, through its one-step API), and every final job is decoded by
 services/transcriber/model.py with the window under test. Interims are skipped; they don't change
-the finals. WER is on normalized text (jetscribe.wer), against the file's reference.
+the finals. WER is on normalized text (jetscribe.evaluation.wer), against the file's reference.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code, whatever is installed
 
-from jetscribe.metrics import corpus_wer  # noqa: E402
-from jetscribe.wer import wer  # noqa: E402
-from services.transcriber import model as whisper  # noqa: E402
-from services.transcriber.core import CommitOptions, SessionStream  # noqa: E402
-from services.transcriber.vad import WebrtcVoiceDetector  # noqa: E402
-from shared.audio import SAMPLE_RATE  # noqa: E402
-from shared.clock import system_clock  # noqa: E402
-from shared.wire import AudioChunk, SessionControl, language_for  # noqa: E402
+from jetscribe.evaluation.metrics import corpus_wer  # noqa: E402
+from jetscribe.evaluation.wer import wer  # noqa: E402
+from jetscribe.services.transcriber import model as whisper  # noqa: E402
+from jetscribe.services.transcriber.core import CommitOptions, SessionStream  # noqa: E402
+from jetscribe.services.transcriber.vad import WebrtcVoiceDetector  # noqa: E402
+from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
+from jetscribe.shared.clock import system_clock  # noqa: E402
+from jetscribe.shared.wire import AudioChunk, SessionControl, language_for  # noqa: E402
 
 
 def transcribe_file(model, path: Path, window: str, language: str | None) -> tuple[str, list[float]]:

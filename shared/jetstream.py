@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shared.errors import CodedError
+from jetscribe.shared.errors import CodedError
 
 API_PREFIX = "$JS.API"
 PIN_ID_HEADER = "Nats-Pin-Id"

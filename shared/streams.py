@@ -10,9 +10,9 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageT
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError
 
-from shared import subjects
-from shared.config import StreamSettings
-from shared.retry import Stopped, service_stop
+from jetscribe.shared import subjects
+from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.retry import Stopped, service_stop
 
 log = logging.getLogger(__name__)
 

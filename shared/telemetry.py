@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from shared.retry import Stopped, service_stop
+from jetscribe.shared.retry import Stopped, service_stop
 
 
 def setup(service: str) -> None:

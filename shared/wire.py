@@ -9,7 +9,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.errors import CodedError
+from jetscribe.shared.errors import CodedError
 
 SCHEMA_VERSION = 1
 

@@ -1,3 +1,3 @@
-from services.ingest.app import main
+from jetscribe.services.ingest.app import main
 
 raise SystemExit(main())

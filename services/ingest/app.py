@@ -11,12 +11,12 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
-from shared import subjects, telemetry
-from shared.config import IngestConfig, StreamSettings
-from shared.errors import CodedError
-from shared.streams import connect, ensure_streams
-from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
+from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
+from jetscribe.shared import subjects, telemetry
+from jetscribe.shared.config import IngestConfig, StreamSettings
+from jetscribe.shared.errors import CodedError
+from jetscribe.shared.streams import connect, ensure_streams
+from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
                          WireError, decode, encode)
 
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import soxr
 
-from shared import subjects
-from shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
-from shared.config import IngestConfig
-from shared.errors import CodedError
-from shared.wire import WHISPER_LANGUAGES, AudioChunk, AudioMessage, SessionCheckpoint, SessionControl, SessionEvent
+from jetscribe.shared import subjects
+from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
+from jetscribe.shared.config import IngestConfig
+from jetscribe.shared.errors import CodedError
+from jetscribe.shared.wire import WHISPER_LANGUAGES, AudioChunk, AudioMessage, SessionCheckpoint, SessionControl, SessionEvent
 
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
 

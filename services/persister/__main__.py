@@ -1,3 +1,3 @@
-from services.persister.app import main
+from jetscribe.services.persister.app import main
 
 raise SystemExit(main())

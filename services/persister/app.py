@@ -21,14 +21,14 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch
-from services.persister.store import is_message_fault, open_engine, write_batch
-from shared import subjects, telemetry, wire
-from shared.config import PersisterConfig, StreamSettings
-from shared.errors import CodedError
-from shared.jetstream import JetStreamAPI, JetStreamAPIError
-from shared.retry import Stopped, backoff_delay, retry, stopped_within
-from shared.streams import connect, ensure_streams
+from jetscribe.services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch
+from jetscribe.services.persister.store import is_message_fault, open_engine, write_batch
+from jetscribe.shared import subjects, telemetry, wire
+from jetscribe.shared.config import PersisterConfig, StreamSettings
+from jetscribe.shared.errors import CodedError
+from jetscribe.shared.jetstream import JetStreamAPI, JetStreamAPIError
+from jetscribe.shared.retry import Stopped, backoff_delay, retry, stopped_within
+from jetscribe.shared.streams import connect, ensure_streams
 
 SERVICE = "persister"
 FETCH_WAIT_S = 0.5  # an idle fetch returns this often, so a stop is noticed quickly
@@ -248,5 +248,5 @@ def _hint(exc: BaseException) -> str:
 
 
 def main() -> int:
-    """`python -m services.persister`: run until SIGTERM or SIGINT, then exit 0."""
+    """`python -m jetscribe.services.persister`: run until SIGTERM or SIGINT, then exit 0."""
     return telemetry.serve(SERVICE, lambda stop: run(StreamSettings.from_env(), PersisterConfig.from_env(), stop))

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from shared import subjects
-from shared.errors import CodedError
-from shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage
+from jetscribe.shared import subjects
+from jetscribe.shared.errors import CodedError
+from jetscribe.shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage
 
 _INT64 = range(-(2**63), 2**63)
 _RANK = {"interim": 0, "final": 1}

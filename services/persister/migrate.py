@@ -8,7 +8,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, pool
 
-from services.persister.store import sqlalchemy_url
+from jetscribe.services.persister.store import sqlalchemy_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -9,8 +9,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from services.persister.core import CLOSED, BatchWrite, SessionKey
-from services.persister.tables import SegmentRow, SessionRow
+from jetscribe.services.persister.core import CLOSED, BatchWrite, SessionKey
+from jetscribe.services.persister.tables import SegmentRow, SessionRow
 
 _SESSION_KEY = ["tenant", "session_id"]
 _SEGMENT_KEY = ["tenant", "session_id", "segment_id"]

@@ -1,3 +1,3 @@
-from services.transcriber.app import main
+from jetscribe.services.transcriber.app import main
 
 raise SystemExit(main())

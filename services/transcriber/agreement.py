@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from shared.wire import Word
+from jetscribe.shared.wire import Word
 
 
 @dataclass

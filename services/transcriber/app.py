@@ -16,18 +16,18 @@ from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
-from services.transcriber import model as whisper
-from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
-from services.transcriber.decoding import Decoded, DecodeLoad, pick_next
-from services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
-from services.transcriber.vad import WebrtcVoiceDetector
-from shared import subjects, telemetry
-from shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
-from shared.clock import Clock, system_clock
-from shared.config import StreamSettings, TranscriberConfig
-from shared.retry import Stopped, retry, stopped_within
-from shared.streams import connect, ensure_checkpoints, ensure_streams
-from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionCheckpoint, SessionControl, WireError, decode,
+from jetscribe.services.transcriber import model as whisper
+from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
+from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
+from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from jetscribe.services.transcriber.vad import WebrtcVoiceDetector
+from jetscribe.shared import subjects, telemetry
+from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
+from jetscribe.shared.clock import Clock, system_clock
+from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.retry import Stopped, retry, stopped_within
+from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
+from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionCheckpoint, SessionControl, WireError, decode,
                          encode, language_for)
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,14 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
-from services.transcriber.decoding import Decoded, DecodeJob
-from services.transcriber.ledger import AckLedger, Receipt
-from services.transcriber.options import CommitOptions, SessionLimits
-from services.transcriber.segmenter import Utterance, UtteranceSegmenter
-from services.transcriber.vad import VoiceDetector
-from shared.audio import SAMPLE_RATE
-from shared.wire import AudioChunk, ErrorEvent, Segment, SessionCheckpoint, SessionControl, SessionEvent, Word
+from jetscribe.services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.ledger import AckLedger, Receipt
+from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
+from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
+from jetscribe.services.transcriber.vad import VoiceDetector
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.wire import AudioChunk, ErrorEvent, Segment, SessionCheckpoint, SessionControl, SessionEvent, Word
 
 M = TypeVar("M")
 

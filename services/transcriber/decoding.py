@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from services.transcriber.agreement import DecodedSegment
+from jetscribe.services.transcriber.agreement import DecodedSegment
 
 if TYPE_CHECKING:
-    from services.transcriber.core import SessionStream
+    from jetscribe.services.transcriber.core import SessionStream
 
 
 @dataclass

@@ -42,11 +42,11 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError
 
-from services.transcriber.partitions import (Lease, decode_lease, decode_member, encode_lease, encode_member,
+from jetscribe.services.transcriber.partitions import (Lease, decode_lease, decode_member, encode_lease, encode_member,
                                              lease_deadline, lease_ttl_seconds, may_acquire, plan, pull_window)
-from shared import jetstream, subjects
-from shared.config import StreamSettings, TranscriberConfig
-from shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError
+from jetscribe.shared import jetstream, subjects
+from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
 
-from shared.audio import SAMPLE_RATE
+from jetscribe.shared.audio import SAMPLE_RATE
 
 M = TypeVar("M")  # a message handle the shell can ack or nak (a nats Msg); the ledger never calls it
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from faster_whisper import WhisperModel
 
-from services.transcriber.agreement import DecodedSegment, has_loop
-from services.transcriber.decoding import Decoded, DecodeJob
-from shared.audio import SAMPLE_RATE
-from shared.config import cache_root
-from shared.wire import Word
+from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.config import cache_root
+from jetscribe.shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.transcriber.agreement import Hypotheses
-from services.transcriber.vad import VoiceDetector
-from shared.audio import SAMPLE_RATE
+from jetscribe.services.transcriber.agreement import Hypotheses
+from jetscribe.services.transcriber.vad import VoiceDetector
+from jetscribe.shared.audio import SAMPLE_RATE
 
 if TYPE_CHECKING:
-    from services.transcriber.options import CommitOptions
+    from jetscribe.services.transcriber.options import CommitOptions
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import webrtcvad
 
-from shared.audio import SAMPLE_RATE
+from jetscribe.shared.audio import SAMPLE_RATE
 
 
 class VoiceDetector(Protocol):

@@ -23,8 +23,8 @@ import uuid
 
 import pytest
 
-from jetscribe.servers import NatsServer, PostgresServer
-from services.persister.migrate import upgrade
+from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.services.persister.migrate import upgrade
 from tests.chaos.harness import (ChaosStack, ChaosSummary, connect, dialog_speech, short_speech, stream,
                                  stored, wait_persister_drained, wait_stored_ended)
 

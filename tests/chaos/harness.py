@@ -33,15 +33,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from sqlalchemy import select
 
-from jetscribe.bot import Audio, StreamResult, stream_audio
-from jetscribe.servers import NatsServer
-from jetscribe.speech import Speech, dialog, synthesize
-from jetscribe.wer import normalize, wer
-from services.persister.store import open_engine
-from services.persister.tables import SegmentRow, SessionRow
-from services.transcriber.partitions import decode_lease
-from shared import subjects
-from shared.wire import Segment, SessionEvent, TranscriptMessage, decode
+from jetscribe.client.bot import Audio, StreamResult, stream_audio
+from jetscribe.devstack.servers import NatsServer
+from jetscribe.evaluation.speech import Speech, dialog, synthesize
+from jetscribe.evaluation.wer import normalize, wer
+from jetscribe.services.persister.store import open_engine
+from jetscribe.services.persister.tables import SegmentRow, SessionRow
+from jetscribe.services.transcriber.partitions import decode_lease
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, decode
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny.en"
@@ -97,11 +97,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 READY = {
-    "services.ingest": r"ingest gateway serving on",
-    "services.persister": r"persisting TRANSCRIPTS to Postgres",
+    "jetscribe.services.ingest": r"ingest gateway serving on",
+    "jetscribe.services.persister": r"persisting TRANSCRIPTS to Postgres",
     # The static worker says "transcriber w1 ready on partitions all"; a group member also logs
     # "w1: acquired partition N". Either one means the model is loaded and it is consuming.
-    "services.transcriber": r"transcriber \S+ ready|: acquired partition \d+",
+    "jetscribe.services.transcriber": r"transcriber \S+ ready|: acquired partition \d+",
 }
 
 
@@ -256,15 +256,15 @@ class ChaosStack:
         return service
 
     def start_ingest(self, **env) -> Service:
-        return self.add("ingest", "services.ingest", **env).start()
+        return self.add("ingest", "jetscribe.services.ingest", **env).start()
 
     def start_persister(self, **env) -> Service:
-        return self.add("persister", "services.persister", **env).start()
+        return self.add("persister", "jetscribe.services.persister", **env).start()
 
     def start_transcriber(self, worker_id: str, **env) -> Service:
         # $JETSCRIBE_CHAOS_TRANSCRIBER runs another module in its place (a variant under test).
-        module = os.environ.get("JETSCRIBE_CHAOS_TRANSCRIBER") or "services.transcriber"
-        return self.add(f"transcriber-{worker_id}", module, READY["services.transcriber"],
+        module = os.environ.get("JETSCRIBE_CHAOS_TRANSCRIBER") or "jetscribe.services.transcriber"
+        return self.add(f"transcriber-{worker_id}", module, READY["jetscribe.services.transcriber"],
                         JETSCRIBE_WORKER_ID=worker_id, **env).start()
 
     def transcriber(self, worker_id: str) -> Service:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shared import subjects
+from jetscribe.shared import subjects
 from tests.chaos.harness import (Findings, Live, check_audio_acked, connect, dialog_speech, first_after,
                                  first_stored_since, first_write_after, settle_and_check, stream)
 
@@ -128,7 +128,7 @@ async def test_postgres_stopped_for_10s_mid_stream(chaos_nats, own_postgres, mak
                                                    baseline):
     """Stop PostgreSQL for 10 s while the dialog streams in real time: the persister retries (with
     JETSCRIBE_PERSIST_RETRY_MAX_S=1) and, once Postgres is back, stores everything, once."""
-    from services.persister.migrate import upgrade
+    from jetscribe.services.persister.migrate import upgrade
 
     speech = dialog_speech()
     speed = 1.0  # the outage lies inside the stream

@@ -4,14 +4,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from jetscribe.servers import NatsServer
+from jetscribe.devstack.servers import NatsServer
 
-from services.ingest.app import run as run_ingest
-from services.persister.app import run as run_persister
-from services.persister.migrate import upgrade
-from services.transcriber.app import run as run_transcriber
-from services.transcriber.model import load_model
-from shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.persister.app import run as run_persister
+from jetscribe.services.persister.migrate import upgrade
+from jetscribe.services.transcriber.app import run as run_transcriber
+from jetscribe.services.transcriber.model import load_model
+from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 
 
 @dataclass

@@ -8,11 +8,11 @@ import uuid
 import nats
 import pytest
 
-from jetscribe.bot import Audio, stream_audio
-from jetscribe.speech import dialog, sample_speech
-from jetscribe.wer import normalize, wer
-from shared import subjects
-from services.persister.store import final_segments, open_engine, wait_until_ended
+from jetscribe.client.bot import Audio, stream_audio
+from jetscribe.evaluation.speech import dialog, sample_speech
+from jetscribe.evaluation.wer import normalize, wer
+from jetscribe.shared import subjects
+from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ def test_demo_command_prints_the_transcript(tmp_path):
     env = {**os.environ, "JETSCRIBE_HOME": str(tmp_path / "home")}
     env.pop("NATS_URL", None)
     env.pop("DATABASE_URL", None)
-    done = subprocess.run([sys.executable, "-m", "jetscribe.cli", "demo", "--model", "tiny.en"], env=env,
+    done = subprocess.run([sys.executable, "-m", "jetscribe.cli.main", "demo", "--model", "tiny.en"], env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     speech = sample_speech()

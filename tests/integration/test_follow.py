@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 import nats
 import pytest
 
-from jetscribe.follow import consumer_config, follow
-from shared import subjects
-from shared.config import StreamSettings
-from shared.streams import ensure_streams
-from shared.wire import Segment, SessionEvent, encode
+from jetscribe.client.follow import consumer_config, follow
+from jetscribe.shared import subjects
+from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.streams import ensure_streams
+from jetscribe.shared.wire import Segment, SessionEvent, encode
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,11 +114,11 @@ async def test_the_cli_follows_from_the_start(transcribed, nats_url):
     _, tenant, session, _, _ = transcribed
     env = {**os.environ, "NATS_URL": nats_url, "PYTHONPATH": ROOT}
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "jetscribe.cli", "follow", session, "--tenant", tenant, "--from-start"],
+        subprocess.run, [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--tenant", tenant, "--from-start"],
         env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[   1.00 -    2.00] general kenobi"
     bad = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "jetscribe.cli", "follow", session, "--since", "last week"],
+        subprocess.run, [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--since", "last week"],
         env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--since" in bad.stderr

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jetscribe.bot import Audio, BotError, read_audio, stream_audio
-from jetscribe.servers import NatsServer
-from services.ingest.app import run as run_ingest
-from shared import subjects
-from shared.config import IngestConfig, StreamSettings
-from shared.streams import ensure_checkpoints
-from shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
+from jetscribe.client.bot import Audio, BotError, read_audio, stream_audio
+from jetscribe.devstack.servers import NatsServer
+from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.shared import subjects
+from jetscribe.shared.config import IngestConfig, StreamSettings
+from jetscribe.shared.streams import ensure_checkpoints
+from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
                          decode, encode)
 
 

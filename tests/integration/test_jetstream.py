@@ -10,7 +10,7 @@ import pytest
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import KeyNotFoundError
 
-from shared.jetstream import (ERR_CONSUMER_NOT_FOUND, ERR_STREAM_NOT_FOUND, ERR_WRONG_LAST_SEQUENCE, JetStreamAPI,
+from jetscribe.shared.jetstream import (ERR_CONSUMER_NOT_FOUND, ERR_STREAM_NOT_FOUND, ERR_WRONG_LAST_SEQUENCE, JetStreamAPI,
                               JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
                               is_stored_message, kv_key, kv_subject, nanoseconds, pin_id, pull_status)
 

@@ -13,8 +13,8 @@ import nats
 import pytest
 from nats.js.api import StreamConfig, SubjectTransform
 
-from services.transcriber.group import PartitionGroup, PartitionLost
-from shared.config import StreamSettings, TranscriberConfig
+from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost
+from jetscribe.shared.config import StreamSettings, TranscriberConfig
 
 P = 16
 TTL_S = 2

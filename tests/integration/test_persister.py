@@ -20,17 +20,17 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, pool, select, text
 from sqlalchemy.exc import IntegrityError
 
-from jetscribe import cli
-from jetscribe.servers import NatsServer, PostgresServer
-from services.persister.app import Persister, run
-from services.persister.migrate import current, downgrade, upgrade
-from services.persister.core import Delivered, next_status, plan_batch
-from services.persister.store import final_segments, list_sessions, open_engine, sqlalchemy_url, write_batch
-from services.persister.tables import Base, SegmentRow, SessionRow
-from shared import subjects, wire
-from shared.config import PersisterConfig, StreamSettings
-from shared.streams import ensure_streams
-from shared.wire import ErrorEvent, Segment, SessionEvent, Word
+from jetscribe.cli import main as cli
+from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.services.persister.app import Persister, run
+from jetscribe.services.persister.migrate import current, downgrade, upgrade
+from jetscribe.services.persister.core import Delivered, next_status, plan_batch
+from jetscribe.services.persister.store import final_segments, list_sessions, open_engine, sqlalchemy_url, write_batch
+from jetscribe.services.persister.tables import Base, SegmentRow, SessionRow
+from jetscribe.shared import subjects, wire
+from jetscribe.shared.config import PersisterConfig, StreamSettings
+from jetscribe.shared.streams import ensure_streams
+from jetscribe.shared.wire import ErrorEvent, Segment, SessionEvent, Word
 
 T0 = 1_700_000_000.0
 
@@ -384,7 +384,7 @@ async def test_a_message_the_database_refuses_is_reported_and_the_rest_of_its_ba
 async def test_the_service_exits_0_on_sigterm(nats_url, engine, schema, js, tenant):
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": schema}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.persister", env=env, cwd=Path(__file__).parents[2],
+        sys.executable, "-m", "jetscribe.services.persister", env=env, cwd=Path(__file__).parents[2],
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:

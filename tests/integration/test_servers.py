@@ -1,4 +1,4 @@
-"""The real servers of jetscribe.servers: start, keep data across restarts, die on kill."""
+"""The real servers of jetscribe.devstack.servers: start, keep data across restarts, die on kill."""
 
 import os
 import pwd
@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from jetscribe.servers import NatsServer, PostgresServer
+from jetscribe.devstack.servers import NatsServer, PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,7 +124,7 @@ def test_postgres_table_survives_restart_and_kill(tmp_path):
 # Run in a child process: start, use and restart a PostgresServer in argv[1].
 _START_POSTGRES = """
 import sys
-from jetscribe.servers import PostgresServer
+from jetscribe.devstack.servers import PostgresServer
 with PostgresServer(sys.argv[1], fast=True) as server:
     server.create_database("jetscribe")
     server.restart()
@@ -167,7 +167,7 @@ def test_concurrent_postgres_servers_do_not_need_the_parent_folders(tmp_path):
 # Run in a child process: once argv[2] exists, ensure user argv[1] and print its uid.
 _ENSURE_USER = """
 import os, sys, time
-from jetscribe.servers import _ensure_system_user
+from jetscribe.devstack.servers import _ensure_system_user
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.001)
 print(_ensure_system_user(sys.argv[1]).pw_uid)

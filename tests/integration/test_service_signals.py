@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from jetscribe.servers import free_port
+from jetscribe.devstack.servers import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).parents[2]
-SERVICES = ["services.ingest", "services.transcriber", "services.persister"]
+SERVICES = ["jetscribe.services.ingest", "jetscribe.services.transcriber", "jetscribe.services.persister"]
 
 
 def _start(module: str, **env: str) -> subprocess.Popen:
@@ -61,7 +61,7 @@ def test_a_service_that_cannot_reach_nats_stops_on_a_signal(module, signum):
 
 def test_a_persister_that_cannot_reach_postgres_stops_on_sigterm(nats_url):
     proc = _start(
-        "services.persister",
+        "jetscribe.services.persister",
         NATS_URL=nats_url,
         DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/jetscribe",
     )

@@ -5,11 +5,11 @@ import uuid
 
 import nats
 
-from services.transcriber.app import TranscriberWorker
-from shared import subjects
-from shared.config import StreamSettings, TranscriberConfig
-from shared.streams import ensure_checkpoints, ensure_streams
-from shared.wire import AudioChunk, SessionCheckpoint, decode, encode
+from jetscribe.services.transcriber.app import TranscriberWorker
+from jetscribe.shared import subjects
+from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.streams import ensure_checkpoints, ensure_streams
+from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, decode, encode
 
 CHUNK = 1600  # 100 ms
 

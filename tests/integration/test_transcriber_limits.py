@@ -10,14 +10,14 @@ import nats
 import numpy as np
 import pytest
 
-from jetscribe.servers import NatsServer
-from jetscribe.speech import sample_speech
-from services.ingest.app import run as run_ingest
-from services.transcriber.app import run as run_transcriber
-from services.transcriber.model import load_model
-from shared import subjects
-from shared.config import IngestConfig, StreamSettings, TranscriberConfig
-from shared.wire import AudioChunk, ErrorEvent, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from jetscribe.devstack.servers import NatsServer
+from jetscribe.evaluation.speech import sample_speech
+from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.transcriber.app import run as run_transcriber
+from jetscribe.services.transcriber.model import load_model
+from jetscribe.shared import subjects
+from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.wire import AudioChunk, ErrorEvent, Reply, Segment, SessionControl, SessionEvent, decode, encode
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The pure measures behind bench/accuracy.py."""
 import pytest
 
-from jetscribe.metrics import (chunk_of, corpus_wer, percentile, repeats_at_joins, send_time,
+from jetscribe.evaluation.metrics import (chunk_of, corpus_wer, percentile, repeats_at_joins, send_time,
                                words_in_silence)
 
 

@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from nats.js.api import DeliverPolicy
 
-from jetscribe.follow import as_json, consumer_config, describe, parse_since
-from jetscribe.transcript_formats import show_live
-from shared.wire import Segment, SessionEvent, Word
+from jetscribe.client.follow import as_json, consumer_config, describe, parse_since
+from jetscribe.cli.formats import show_live
+from jetscribe.shared.wire import Segment, SessionEvent, Word
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -1,4 +1,4 @@
-"""Tests for jetscribe.speech (synthetic speech) and jetscribe.wer."""
+"""Tests for jetscribe.evaluation.speech (synthetic speech) and jetscribe.wer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from jetscribe import speech as sp
-from jetscribe.speech import (
+from jetscribe.evaluation import speech as sp
+from jetscribe.evaluation.speech import (
     SAMPLE_RATE,
     SAMPLE_SENTENCES,
     DialogTurn,
@@ -22,7 +22,7 @@ from jetscribe.speech import (
     synthesize,
     write_wav,
 )
-from jetscribe.wer import normalize, wer
+from jetscribe.evaluation.wer import normalize, wer
 
 TWO = ["The kettle is already boiling.", "Please pass me a clean cup."]
 

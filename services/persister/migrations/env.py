@@ -1,10 +1,10 @@
-"""Alembic environment: runs migrations against the URL that `services.persister.migrate` passes in."""
+"""Alembic environment: runs migrations against the URL that `jetscribe.services.persister.migrate` passes in."""
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from services.persister.tables import Base
+from jetscribe.services.persister.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

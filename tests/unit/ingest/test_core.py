@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from services.ingest.core import IngestBook, RequestRefused, SessionLedger, to_mono_int16
-from shared.config import IngestConfig
-from shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
+from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, to_mono_int16
+from jetscribe.shared.config import IngestConfig
+from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
 
 
 def start(book, session="s1"):

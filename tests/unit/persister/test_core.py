@@ -2,7 +2,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from services.persister.core import (
+from jetscribe.services.persister.core import (
     Delivered,
     Unstorable,
     check,
@@ -17,8 +17,8 @@ from services.persister.core import (
     timestamp,
     winning_segments,
 )
-from shared import subjects
-from shared.wire import Segment, SessionEvent, WireError, Word
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import Segment, SessionEvent, WireError, Word
 
 T0 = 1_700_000_000.0
 

@@ -1,6 +1,6 @@
 import time
 
-from shared.clock import ManualClock, system_clock
+from jetscribe.shared.clock import ManualClock, system_clock
 
 
 def test_the_offset_moves_monotonic_time_only(monkeypatch):

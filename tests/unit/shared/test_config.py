@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from shared.config import StreamSettings
+from jetscribe.shared.config import StreamSettings
 
 
 def test_default_retention_keeps_transcripts_longer_than_audio():
@@ -41,7 +41,7 @@ def test_audio_under_30_minutes_is_allowed_with_a_warning(caplog):
 def test_every_field_reads_its_variable_with_its_type(monkeypatch):
     from dataclasses import fields
 
-    from shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+    from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 
     for cls in (StreamSettings, IngestConfig, TranscriberConfig, PersisterConfig):
         for item in fields(cls):

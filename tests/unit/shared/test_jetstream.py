@@ -2,8 +2,8 @@
 import pytest
 from nats.aio.msg import Msg
 
-from shared.errors import CodedError
-from shared.jetstream import (JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
+from jetscribe.shared.errors import CodedError
+from jetscribe.shared.jetstream import (JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
                               nanoseconds, parse_reply, pin_id, pull_status)
 
 

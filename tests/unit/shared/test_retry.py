@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared.retry import Stopped, backoff_delay, retry, stopped_within
+from jetscribe.shared.retry import Stopped, backoff_delay, retry, stopped_within
 
 
 def test_backoff_doubles_from_the_first_delay_up_to_the_cap():
@@ -68,7 +68,7 @@ async def test_the_delays_follow_the_backoff(monkeypatch):
         slept.append(seconds)
         return False
 
-    monkeypatch.setattr("shared.retry.stopped_within", fake_stopped_within)
+    monkeypatch.setattr("jetscribe.shared.retry.stopped_within", fake_stopped_within)
     await retry(Flaky(6), what="x", first_s=0.5, max_s=3.0)
     assert slept == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
 

@@ -1,7 +1,7 @@
 """shared/subjects.py: every name the pipeline uses, built in one place, and the token rule for ids."""
 import pytest
 
-from shared import subjects
+from jetscribe.shared import subjects
 
 
 @pytest.mark.parametrize("value", ["acme", "s1", "A-b_9", "x" * 64, "-", "_"])

@@ -1,6 +1,6 @@
 """Message ids of what the transcriber publishes: built in subjects.py, stable across workers."""
-from shared import subjects
-from shared.wire import language_for
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import language_for
 
 
 def test_a_final_segment_id_is_the_same_from_every_worker():

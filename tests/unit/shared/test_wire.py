@@ -1,8 +1,8 @@
 import msgspec
 import pytest
 
-from shared import subjects
-from shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, SessionEvent, TranscriptMessage,
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, SessionEvent, TranscriptMessage,
                          WireError, Word, decode, encode)
 
 

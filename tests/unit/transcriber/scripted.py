@@ -1,12 +1,12 @@
 """Scripted audio, a stand-in VAD and a core that keeps its steps: what the transcriber's unit tests share."""
 import numpy as np
 
-from services.transcriber.agreement import DecodedSegment
-from services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step
-from services.transcriber.decoding import Decoded
-from shared.audio import SAMPLE_RATE
-from shared.clock import ManualClock
-from shared.wire import AudioChunk, SessionControl, Word
+from jetscribe.services.transcriber.agreement import DecodedSegment
+from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step
+from jetscribe.services.transcriber.decoding import Decoded
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.clock import ManualClock
+from jetscribe.shared.wire import AudioChunk, SessionControl, Word
 
 CHUNK = SAMPLE_RATE // 10  # 100 ms
 

@@ -4,12 +4,12 @@ Message handles are plain values (the seq, or "end"), so the acks each step asks
 """
 import numpy as np
 
-from services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
-from services.transcriber.decoding import pick_next
-from services.transcriber.decoding import Decoded
-from shared.audio import SAMPLE_RATE
-from shared.clock import ManualClock
-from shared.wire import Word
+from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
+from jetscribe.services.transcriber.decoding import pick_next
+from jetscribe.services.transcriber.decoding import Decoded
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.clock import ManualClock
+from jetscribe.shared.wire import Word
 from tests.unit.transcriber.scripted import CHUNK, chunk, end_message, feed, finish, new_stream, said, silence, tone
 
 
@@ -188,7 +188,7 @@ def test_abandoned_final_retracts_interims_and_frees_the_audio():
 
 
 def test_sample_buffer_keeps_indices_across_growth_and_trims():
-    from services.transcriber.segmenter import SampleBuffer
+    from jetscribe.services.transcriber.segmenter import SampleBuffer
     buf = SampleBuffer()
     data = (np.arange(200_000) % 30000).astype(np.int16)
     for off in range(0, len(data), 1600):
@@ -310,7 +310,7 @@ def test_long_silence_gives_no_job_and_no_early_final():
 
 
 def test_interims_slow_down_when_decoding_is_busy():
-    from services.transcriber.decoding import DecodeJob, DecodeLoad
+    from jetscribe.services.transcriber.decoding import DecodeJob, DecodeLoad
     load = DecodeLoad()
     job = DecodeJob(kind="interim", audio=np.zeros(1, np.float32), start_sample=0, end_sample=1, language="en",
                     prompt="", beam_size=1)

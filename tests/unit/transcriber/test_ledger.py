@@ -1,7 +1,7 @@
 """The ack ledger alone: message handles that record their own acks, so a double ack fails the test."""
 import pytest
 
-from services.transcriber.ledger import AckLedger, Receipt
+from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 
 
 class Delivery:

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from services.transcriber.agreement import DecodedSegment
-from services.transcriber.decoding import Decoded
-from services.transcriber.model import (FULL_WINDOW_FRAMES, MAX_TOKENS_PER_CALL, TOKENS_PER_AUDIO_SECOND,
+from jetscribe.services.transcriber.agreement import DecodedSegment
+from jetscribe.services.transcriber.decoding import Decoded
+from jetscribe.services.transcriber.model import (FULL_WINDOW_FRAMES, MAX_TOKENS_PER_CALL, TOKENS_PER_AUDIO_SECOND,
                                         TOKENS_PER_CALL, ModelNotFound, default_cache_dir, max_new_tokens,
                                         model_folder, needs_full_window, window_frames)
-from shared.audio import SAMPLE_RATE
-from shared.wire import Word
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.wire import Word
 
 
 def seconds(s):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from services.transcriber.core import SessionLimits, is_reused
-from shared.clock import ManualClock
-from shared.wire import SessionControl
+from jetscribe.services.transcriber.core import SessionLimits, is_reused
+from jetscribe.shared.clock import ManualClock
+from jetscribe.shared.wire import SessionControl
 from tests.unit.transcriber.scripted import (CHUNK, chunk, end_message, feed, finish, new_stream, said, silence,
                                              tone)
 

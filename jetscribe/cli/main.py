@@ -12,8 +12,8 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from jetscribe import stack
-from jetscribe.transcript_formats import FORMATS, render, show_live
+from jetscribe.devstack import stack
+from jetscribe.cli.formats import FORMATS, render, show_live
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +96,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_stream(args) -> int:
-    from jetscribe.bot import read_audio
+    from jetscribe.client.bot import read_audio
     audio = read_audio(args.file)
     asyncio.run(_stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language))
     return 0
@@ -105,7 +105,7 @@ def cmd_stream(args) -> int:
 async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto",
                        out=None):
     """Stream as a bot and show the transcript live: interims rewrite one line, finals stay."""
-    from jetscribe.bot import stream_audio
+    from jetscribe.client.bot import stream_audio
 
     out = out or sys.stdout
     nc = await _connect_nats(url)
@@ -133,7 +133,7 @@ async def _connect_nats(url: str):
 def cmd_follow(args) -> int:
     from nats.errors import ConnectionClosedError
 
-    from jetscribe.follow import NoStream, consumer_config, follow, parse_since
+    from jetscribe.client.follow import NoStream, consumer_config, follow, parse_since
     try:
         since = parse_since(args.since, datetime.now(timezone.utc)) if args.since else None
         config = consumer_config(args.tenant, args.session, from_start=args.from_start, since=since,
@@ -181,7 +181,7 @@ def cmd_sessions(args) -> int:
 async def _engine(url: str):
     from sqlalchemy.exc import OperationalError
 
-    from services.persister.store import open_engine
+    from jetscribe.services.persister.store import open_engine
     engine = open_engine(url)
     try:
         yield engine
@@ -194,7 +194,7 @@ async def _engine(url: str):
 
 async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
     """A session's final segments; with wait_s, first wait until its end is stored (the persister lags a bit)."""
-    from services.persister.store import final_segments, wait_until_ended
+    from jetscribe.services.persister.store import final_segments, wait_until_ended
     async with _engine(url) as engine:
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
@@ -202,24 +202,24 @@ async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
 
 
 async def _sessions(url: str, tenant: str | None):
-    from services.persister.store import list_sessions
+    from jetscribe.services.persister.store import list_sessions
     async with _engine(url) as engine:
         return await list_sessions(engine, tenant)
 
 
 def cmd_db(args) -> int:
-    from services.persister.migrate import upgrade
+    from jetscribe.services.persister.migrate import upgrade
     upgrade(stack.database_url())
     print("database schema is up to date")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from jetscribe.bot import Audio, read_audio
+    from jetscribe.client.bot import Audio, read_audio
     if args.file:
         audio = read_audio(args.file)
     else:
-        from jetscribe.speech import sample_speech
+        from jetscribe.evaluation.speech import sample_speech
         print("making the speech sample (first run only)...", file=sys.stderr, flush=True)
         speech = sample_speech()
         audio = Audio(speech.audio, speech.sample_rate)

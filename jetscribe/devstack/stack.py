@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jetscribe.servers import NatsServer, PostgresServer
-from services.persister.migrate import upgrade
-from shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL
+from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.services.persister.migrate import upgrade
+from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("services.ingest", "services.transcriber", "services.persister")
+SERVICES = ("jetscribe.services.ingest", "jetscribe.services.transcriber", "jetscribe.services.persister")
 
 
 def home_dir() -> Path:

@@ -9,7 +9,7 @@ import math
 import jiwer
 import numpy as np
 
-from jetscribe.wer import normalize
+from jetscribe.evaluation.wer import normalize
 
 
 def percentile(values: list[float], q: float) -> float | None:

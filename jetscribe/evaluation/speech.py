@@ -46,8 +46,8 @@ import numpy as np
 import soundfile
 import soxr
 
-from shared import audio
-from shared.config import cache_root
+from jetscribe.shared import audio
+from jetscribe.shared.config import cache_root
 
 __all__ = [
     "DialogTurn",

@@ -14,9 +14,9 @@ import numpy as np
 import soundfile as sf
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
-from shared import subjects
-from shared.retry import backoff_delay
-from shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from jetscribe.shared import subjects
+from jetscribe.shared.retry import backoff_delay
+from jetscribe.shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
 
 
 class BotError(RuntimeError):

@@ -15,9 +15,9 @@ import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from jetscribe.transcript_formats import show_live
-from shared import subjects
-from shared.wire import Segment, SessionEvent, TranscriptMessage, WireError, decode
+from jetscribe.cli.formats import show_live
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, WireError, decode
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
