@@ -27,6 +27,7 @@ Final latency of a segment = wall time its final reached this process minus the 
 the end of its last word was sent. The headline numbers use that receive time (what a bot sees, NATS hop
 included); each segment also keeps `latency_published`, from the worker's `published_at` (same machine clock).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,27 +70,39 @@ class Item:
 
 def load_items(data: list[Path], files: str | None) -> list[Item]:
     from bench.make_realistic import load_sources
+
     items = []
     for s in load_sources(data, files):
         items.append(Item(s.name, s.wav, read_audio(s.wav), s.meta["text"], s.meta.get("turns") or []))
     return items
 
 
-def load_condition_items(data: list[Path], files: str | None, conditions: list[str], seed: int,
-                         every: bool) -> list[Item]:
+def load_condition_items(
+    data: list[Path], files: str | None, conditions: list[str], seed: int, every: bool
+) -> list[Item]:
     """The realistic set: each file in two of `conditions` (all with `every`), made or read from the cache."""
     from bench.make_realistic import load_sources, plan, print_coverage, realize, variants
+
     everything = load_sources(data)  # also the other speech for babble and crosstalk
     sources = load_sources(data, files) if files else everything
     pairs = plan(sources, conditions, len(conditions) if every else 2)
     print_coverage(pairs, conditions)
     items = []
-    for (source, condition), options in zip(pairs, variants(pairs)):
+    for (source, condition), options in zip(pairs, variants(pairs), strict=False):
         print(f"preparing {source.name}@{condition} ...", file=sys.stderr, flush=True)
         wav, js = realize(source, condition, seed, everything, options=options)
         meta = json.loads(js.read_text())
-        items.append(Item(f"{source.name}@{condition}", wav, read_audio(wav), meta["text"], meta.get("turns") or [],
-                          condition, source.name))
+        items.append(
+            Item(
+                f"{source.name}@{condition}",
+                wav,
+                read_audio(wav),
+                meta["text"],
+                meta.get("turns") or [],
+                condition,
+                source.name,
+            )
+        )
     return items
 
 
@@ -103,24 +116,36 @@ def default_data(with_real: bool) -> list[Path]:
 
 
 SMALL_SET = {
-    "mono_market": ("mono", [("A", t) for t in (
-        "Every Saturday morning we walk to the farmers market near the old train station.",
-        "We usually buy two loaves of fresh bread and six brown eggs.",
-        "The woman at the fruit stand always saves us a basket of ripe peaches.",
-        "My brother likes to stop for a cup of coffee before we head back home.")]),
-    "dialog_library": ("dialog", [
-        ("A", "Good morning. I would like to renew the two books I borrowed last month."),
-        ("B", "Of course. Can I see your library card, please?"),
-        ("A", "Here it is. One of them is a cookbook and the other is a travel guide."),
-        ("B", "Both are renewed for three more weeks. Is there anything else?"),
-        ("A", "No, that is all. Thank you very much for your help."),
-        ("B", "You are welcome. Have a nice day.")]),
+    "mono_market": (
+        "mono",
+        [
+            ("A", t)
+            for t in (
+                "Every Saturday morning we walk to the farmers market near the old train station.",
+                "We usually buy two loaves of fresh bread and six brown eggs.",
+                "The woman at the fruit stand always saves us a basket of ripe peaches.",
+                "My brother likes to stop for a cup of coffee before we head back home.",
+            )
+        ],
+    ),
+    "dialog_library": (
+        "dialog",
+        [
+            ("A", "Good morning. I would like to renew the two books I borrowed last month."),
+            ("B", "Of course. Can I see your library card, please?"),
+            ("A", "Here it is. One of them is a cookbook and the other is a travel guide."),
+            ("B", "Both are renewed for three more weeks. Is there anything else?"),
+            ("A", "No, that is all. Thank you very much for your help."),
+            ("B", "You are welcome. Have a nice day."),
+        ],
+    ),
 }
 
 
 def generated_devset() -> Path:
     """A small devset-format folder (a monologue and a dialog, Piper voices joe and joe-high), made once."""
     from jetscribe.evaluation.speech import default_cache_dir, dialog, write_wav
+
     folder = default_cache_dir().parent / "bench-devset"
     for name, (kind, turns) in SMALL_SET.items():
         if (folder / f"{name}.json").exists():
@@ -129,10 +154,18 @@ def generated_devset() -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         speech = dialog(turns, gap_s=0.7, lead_s=0.6, tail_s=0.0)
         write_wav(folder / f"{name}.wav", speech)
-        meta = {"text": speech.text, "kind": kind, "synthetic": True, "sample_rate": speech.sample_rate,
-                "duration": round(speech.duration_s, 3), "voices": {"A": "piper joe", "B": "piper joe-high"},
-                "turns": [{"speaker": t.speaker, "start": round(t.start_s, 3), "end": round(t.end_s, 3),
-                           "text": t.text} for t in speech.turns]}
+        meta = {
+            "text": speech.text,
+            "kind": kind,
+            "synthetic": True,
+            "sample_rate": speech.sample_rate,
+            "duration": round(speech.duration_s, 3),
+            "voices": {"A": "piper joe", "B": "piper joe-high"},
+            "turns": [
+                {"speaker": t.speaker, "start": round(t.start_s, 3), "end": round(t.end_s, 3), "text": t.text}
+                for t in speech.turns
+            ],
+        }
         (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -144,8 +177,10 @@ def run_streaming(args, items: list[Item]) -> dict[str, tuple[StreamResult, floa
             os.environ[var] = flag  # LocalStack then uses that server instead of starting one
     if args.external:
         from jetscribe.devstack.stack import nats_url
+
         return asyncio.run(stream_all(nats_url(), items, args, None))
     from jetscribe.devstack.stack import LocalStack
+
     quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}
     with tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home:
         print(f"starting the stack in {home} with model {args.model} ...", file=sys.stderr, flush=True)
@@ -177,17 +212,30 @@ async def stream_all(url: str, items: list[Item], args, local) -> dict[str, tupl
     try:
         # Not measured: the transcriber loads its model, and its first decodes are slow.
         first = items[0].audio
-        warm = Audio(first.samples[:first.sample_rate * 3], first.sample_rate)
+        warm = Audio(first.samples[: first.sample_rate * 3], first.sample_rate)
         print("warming up the transcriber ...", file=sys.stderr, flush=True)
-        await guarded(stream_audio(nc, warm, tenant=TENANT, session_id=f"warmup-{run}", speed=0.0,
-                                   language=args.language))
+        await guarded(
+            stream_audio(nc, warm, tenant=TENANT, session_id=f"warmup-{run}", speed=0.0, language=args.language)
+        )
         results = {}
         for item in items:
-            print(f"streaming {item.name} ({item.audio.duration_s:.1f} s at speed {args.speed}) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"streaming {item.name} ({item.audio.duration_s:.1f} s at speed {args.speed}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             started = time.time()
-            result = await guarded(stream_audio(nc, item.audio, tenant=TENANT, session_id=session_id(item.name, run),
-                                                speed=args.speed, chunk_s=CHUNK_S, language=args.language))
+            result = await guarded(
+                stream_audio(
+                    nc,
+                    item.audio,
+                    tenant=TENANT,
+                    session_id=session_id(item.name, run),
+                    speed=args.speed,
+                    chunk_s=CHUNK_S,
+                    language=args.language,
+                )
+            )
             results[item.name] = (result, time.time() - started)
         return results
     finally:
@@ -207,13 +255,15 @@ def offline_language(args) -> str | None:
 
 def run_offline(args, cfg: TranscriberConfig, items: list[Item]) -> dict[str, tuple[str, float]]:
     from jetscribe.services.transcriber.model import load_model
+
     print(f"transcribing offline with {args.model} ...", file=sys.stderr, flush=True)
     model = load_model(args.model, device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
     out = {}
     for item in items:
         started = time.perf_counter()
-        segments, _ = model.transcribe(str(item.path), beam_size=cfg.beam_size, vad_filter=True,
-                                       language=offline_language(args))
+        segments, _ = model.transcribe(
+            str(item.path), beam_size=cfg.beam_size, vad_filter=True, language=offline_language(args)
+        )
         text = " ".join(s.text.strip() for s in segments)  # the generator decodes as it is consumed
         out[item.name] = (text, time.perf_counter() - started)
     return out
@@ -232,28 +282,47 @@ def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, 
     segments = []
     for seg in finals:
         sent = send_time(seg.words[-1].end, result.sent_by_seq, rate, per_chunk)
-        segments.append({"id": seg.segment_id, "start": seg.start, "end": seg.end, "text": seg.text,
-                         "latency": round(final_at[seg.segment_id] - sent, 3),
-                         "latency_published": round(seg.published_at - sent, 3)})
-    interim_latencies = [round(received - send_time(seg.words[0].end, result.sent_by_seq, rate, per_chunk), 3)
-                         for received, seg in first_interim.values()]
+        segments.append(
+            {
+                "id": seg.segment_id,
+                "start": seg.start,
+                "end": seg.end,
+                "text": seg.text,
+                "latency": round(final_at[seg.segment_id] - sent, 3),
+                "latency_published": round(seg.published_at - sent, 3),
+            }
+        )
+    interim_latencies = [
+        round(received - send_time(seg.words[0].end, result.sent_by_seq, rate, per_chunk), 3)
+        for received, seg in first_interim.values()
+    ]
     latencies = [s["latency"] for s in segments]
     words = [(w.word, w.start, w.end) for seg in finals for w in seg.words]
     silence = words_in_silence(words, item.turns) if item.turns else None
     repeats = repeats_at_joins([s.text for s in finals], item.reference)
     return {
-        "name": item.name, **({"condition": item.condition, "source": item.source} if item.condition else {}),
+        "name": item.name,
+        **({"condition": item.condition, "source": item.source} if item.condition else {}),
         "duration_s": round(item.audio.duration_s, 3),
-        "wer_streaming": wer(item.reference, result.text), "wer_offline": wer(item.reference, offline_text),
-        "text_streaming": result.text, "text_offline": offline_text, "reference": item.reference,
-        "latencies": latencies, "latency_final_p50": percentile(latencies, 50),
-        "latency_final_p95": percentile(latencies, 95), "latency_final_max": max(latencies, default=None),
+        "wer_streaming": wer(item.reference, result.text),
+        "wer_offline": wer(item.reference, offline_text),
+        "text_streaming": result.text,
+        "text_offline": offline_text,
+        "reference": item.reference,
+        "latencies": latencies,
+        "latency_final_p50": percentile(latencies, 50),
+        "latency_final_p95": percentile(latencies, 95),
+        "latency_final_max": max(latencies, default=None),
         "latencies_first_interim": interim_latencies,
         "latency_first_interim_p50": percentile(interim_latencies, 50),
-        "repeated_words": sum(r["n"] for r in repeats), "repeated": repeats,
-        "words_in_silence": None if silence is None else len(silence), "silence_words": silence,
-        "segments": segments, "models": sorted({s.model for _, s in result.heard}),
-        "stream_wall_s": round(wall_s, 3), "offline_compute_s": round(offline_s, 3),
+        "repeated_words": sum(r["n"] for r in repeats),
+        "repeated": repeats,
+        "words_in_silence": None if silence is None else len(silence),
+        "silence_words": silence,
+        "segments": segments,
+        "models": sorted({s.model for _, s in result.heard}),
+        "stream_wall_s": round(wall_s, 3),
+        "offline_compute_s": round(offline_s, 3),
     }
 
 
@@ -266,9 +335,11 @@ def summarise(files: list[dict], items: list[Item]) -> dict:
     published = [s["latency_published"] for f in files for s in f["segments"]]
     silence = [f["words_in_silence"] for f in files if f["words_in_silence"] is not None]
     return {
-        "wer_streaming": ws, "wer_offline": wo,
+        "wer_streaming": ws,
+        "wer_offline": wo,
         "wer_ratio": ws / wo if wo > 0 else (1.0 if ws == 0 else None),  # None: offline perfect, streaming not
-        "latency_final_p50": percentile(latencies, 50), "latency_final_p95": percentile(latencies, 95),
+        "latency_final_p50": percentile(latencies, 50),
+        "latency_final_p95": percentile(latencies, 95),
         "latency_final_max": max(latencies, default=None),
         "latency_first_interim_p50": percentile(interims, 50),
         "latency_final_published_p50": percentile(published, 50),
@@ -282,10 +353,12 @@ def summarise(files: list[dict], items: list[Item]) -> dict:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -296,49 +369,109 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(files: list[dict], overall: dict) -> None:
-    head = ("file", "audio s", "WER stream", "WER offline", "final p50", "p95", "max", "1st interim p50",
-            "repeats", "in silence")
-    rows = [(f["name"], fmt(f["duration_s"], ".1f"), fmt(f["wer_streaming"], ".3f"), fmt(f["wer_offline"], ".3f"),
-             fmt(f["latency_final_p50"], ".2f"), fmt(f["latency_final_p95"], ".2f"),
-             fmt(f["latency_final_max"], ".2f"), fmt(f["latency_first_interim_p50"], ".2f"),
-             str(f["repeated_words"]), fmt(f["words_in_silence"], "d")) for f in files]
+    head = (
+        "file",
+        "audio s",
+        "WER stream",
+        "WER offline",
+        "final p50",
+        "p95",
+        "max",
+        "1st interim p50",
+        "repeats",
+        "in silence",
+    )
+    rows = [
+        (
+            f["name"],
+            fmt(f["duration_s"], ".1f"),
+            fmt(f["wer_streaming"], ".3f"),
+            fmt(f["wer_offline"], ".3f"),
+            fmt(f["latency_final_p50"], ".2f"),
+            fmt(f["latency_final_p95"], ".2f"),
+            fmt(f["latency_final_max"], ".2f"),
+            fmt(f["latency_first_interim_p50"], ".2f"),
+            str(f["repeated_words"]),
+            fmt(f["words_in_silence"], "d"),
+        )
+        for f in files
+    ]
     o = overall
-    rows.append(("OVERALL", fmt(o["audio_s"], ".1f"), fmt(o["wer_streaming"], ".3f"), fmt(o["wer_offline"], ".3f"),
-                 fmt(o["latency_final_p50"], ".2f"), fmt(o["latency_final_p95"], ".2f"),
-                 fmt(o["latency_final_max"], ".2f"), fmt(o["latency_first_interim_p50"], ".2f"),
-                 str(o["repeated_words"]), fmt(o["words_in_silence"], "d")))
+    rows.append(
+        (
+            "OVERALL",
+            fmt(o["audio_s"], ".1f"),
+            fmt(o["wer_streaming"], ".3f"),
+            fmt(o["wer_offline"], ".3f"),
+            fmt(o["latency_final_p50"], ".2f"),
+            fmt(o["latency_final_p95"], ".2f"),
+            fmt(o["latency_final_max"], ".2f"),
+            fmt(o["latency_first_interim_p50"], ".2f"),
+            str(o["repeated_words"]),
+            fmt(o["words_in_silence"], "d"),
+        )
+    )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+
     rule = "  ".join("-" * w for w in widths)
     print("\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
-    print(f"wer_ratio (streaming / offline) = {fmt(o['wer_ratio'], '.3f')}; latencies in seconds, final "
-          f"received by the bot minus its last word's audio sent; offline compute {o['offline_compute_s']:.1f} s")
+    print(
+        f"wer_ratio (streaming / offline) = {fmt(o['wer_ratio'], '.3f')}; latencies in seconds, final "
+        f"received by the bot minus its last word's audio sent; offline compute {o['offline_compute_s']:.1f} s"
+    )
 
 
 def by_condition(files: list[dict], items: list[Item], conditions: list[str]) -> dict[str, dict]:
     """{condition: summarise() of its files}, in the order of `conditions`."""
     out = {}
     for condition in conditions:
-        picked = [(f, i) for f, i in zip(files, items) if i.condition == condition]
+        picked = [(f, i) for f, i in zip(files, items, strict=False) if i.condition == condition]
         if picked:
-            out[condition] = {**summarise([f for f, _ in picked], [i for _, i in picked]),
-                              "files": [f["name"] for f, _ in picked]}
+            out[condition] = {
+                **summarise([f for f, _ in picked], [i for _, i in picked]),
+                "files": [f["name"] for f, _ in picked],
+            }
     return out
 
 
 def print_condition_table(per_condition: dict[str, dict], overall: dict) -> None:
-    head = ("condition", "files", "audio s", "WER stream", "WER offline", "wer_ratio", "final p50", "p95",
-            "in silence", "repeats")
+    head = (
+        "condition",
+        "files",
+        "audio s",
+        "WER stream",
+        "WER offline",
+        "wer_ratio",
+        "final p50",
+        "p95",
+        "in silence",
+        "repeats",
+    )
 
     def row(name, o, n):
-        return (name, str(n), fmt(o["audio_s"], ".1f"), fmt(o["wer_streaming"], ".3f"), fmt(o["wer_offline"], ".3f"),
-                fmt(o["wer_ratio"], ".3f"), fmt(o["latency_final_p50"], ".2f"), fmt(o["latency_final_p95"], ".2f"),
-                fmt(o["words_in_silence"], "d"), str(o["repeated_words"]))
+        return (
+            name,
+            str(n),
+            fmt(o["audio_s"], ".1f"),
+            fmt(o["wer_streaming"], ".3f"),
+            fmt(o["wer_offline"], ".3f"),
+            fmt(o["wer_ratio"], ".3f"),
+            fmt(o["latency_final_p50"], ".2f"),
+            fmt(o["latency_final_p95"], ".2f"),
+            fmt(o["words_in_silence"], "d"),
+            str(o["repeated_words"]),
+        )
 
     rows = [row(c, o, len(o["files"])) for c, o in per_condition.items()]
     rows.append(row("OVERALL", overall, sum(len(o["files"]) for o in per_condition.values())))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+
     rule = "  ".join("-" * w for w in widths)
     print("\n" + "\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
 
@@ -349,9 +482,13 @@ def interrupted(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, action="append",
-                        help="folder of <name>.wav + <name>.json, repeatable (default: ../shared/devset if it "
-                             "exists, else a small generated set; with --conditions also bench/data/real)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        help="folder of <name>.wav + <name>.json, repeatable (default: ../shared/devset if it "
+        "exists, else a small generated set; with --conditions also bench/data/real)",
+    )
     parser.add_argument("--model", required=True, help="base, tiny.en or a CTranslate2 Whisper model folder")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time (latency targets are for 1)")
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -359,10 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--language", default="auto", help="session language, also given to the offline run")
     parser.add_argument("--nats-url", help="use this NATS server (default $NATS_URL, else start one)")
     parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
-    parser.add_argument("--external", action="store_true",
-                        help="start nothing: measure the services already running against --nats-url")
-    parser.add_argument("--conditions", help="comma list of clean, room, noise, phone, opus, quiet, crosstalk: "
-                                             "run the realistic set (each file in two of them)")
+    parser.add_argument(
+        "--external", action="store_true", help="start nothing: measure the services already running against --nats-url"
+    )
+    parser.add_argument(
+        "--conditions",
+        help="comma list of clean, room, noise, phone, opus, quiet, crosstalk: "
+        "run the realistic set (each file in two of them)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the realistic set (with --conditions)")
     parser.add_argument("--every", action="store_true", help="with --conditions: every file in every condition")
     args = parser.parse_args(argv)
@@ -371,12 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     conditions = None
     if args.conditions:
         from bench.make_realistic import parse_conditions
+
         conditions = parse_conditions(args.conditions)
     if args.data:
         missing = [str(d) for d in args.data if not d.is_dir()]
         if missing:
-            sys.exit(f"--data {', '.join(missing)}: no such folder (leave --data out to use ../shared/devset "
-                     f"or a small generated set)")
+            sys.exit(
+                f"--data {', '.join(missing)}: no such folder (leave --data out to use ../shared/devset "
+                f"or a small generated set)"
+            )
     args.data = args.data or default_data(with_real=conditions is not None)
     if conditions:
         items = load_condition_items(args.data, args.files, conditions, args.seed, args.every)
@@ -391,18 +535,29 @@ def main(argv: list[str] | None = None) -> int:
     if served != [args.model]:
         print(f"warning: the transcriber served {served}, the offline run used {args.model!r}", file=sys.stderr)
     config = {
-        "model": args.model, "served_models": served, "speed": args.speed, "language": args.language,
-        "chunk_s": CHUNK_S, "beam_size": cfg.beam_size, "interim_beam_size": cfg.interim_beam_size,
-        "endpoint_silence_s": cfg.endpoint_silence_s, "max_utterance_s": cfg.max_utterance_s,
-        "interim_every_s": cfg.interim_every_s, "vad_aggressiveness": cfg.vad_aggressiveness,
-        "device": cfg.device, "compute_type": cfg.compute_type, "cpu_threads": cfg.cpu_threads,
+        "model": args.model,
+        "served_models": served,
+        "speed": args.speed,
+        "language": args.language,
+        "chunk_s": CHUNK_S,
+        "beam_size": cfg.beam_size,
+        "interim_beam_size": cfg.interim_beam_size,
+        "endpoint_silence_s": cfg.endpoint_silence_s,
+        "max_utterance_s": cfg.max_utterance_s,
+        "interim_every_s": cfg.interim_every_s,
+        "vad_aggressiveness": cfg.vad_aggressiveness,
+        "device": cfg.device,
+        "compute_type": cfg.compute_type,
+        "cpu_threads": cfg.cpu_threads,
         "offline": {"beam_size": cfg.beam_size, "vad_filter": True, "language": offline_language(args)},
         "latency_clock": "receive time in the bench process (latency_published: worker published_at)",
-        "external": args.external, "data": ",".join(str(d.resolve()) for d in args.data),
+        "external": args.external,
+        "data": ",".join(str(d.resolve()) for d in args.data),
         "files": [i.name for i in items],
         **({"conditions": conditions, "seed": args.seed, "every": args.every} if conditions else {}),
-        "git_commit": git_commit(), "cpu_count": os.cpu_count(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     print_table(files, overall)
     if per_condition:

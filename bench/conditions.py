@@ -10,6 +10,7 @@ Levels: dBFS here is RMS relative to a full-scale DC of 1.0 (so a full-scale sin
 
 Only numpy, soxr (already a jetscribe dependency) and PyAV (installed with faster-whisper, for Opus).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def avoid_clipping(x: np.ndarray, peak: float = 0.99) -> tuple[np.ndarray, float
 
 
 # --- filters (FFT domain, zero phase) ------------------------------------------------------------------
-def band_limit(x: np.ndarray, rate: int, low_hz: float | None, high_hz: float | None,
-               transition_hz: float = 100.0) -> np.ndarray:
+def band_limit(
+    x: np.ndarray, rate: int, low_hz: float | None, high_hz: float | None, transition_hz: float = 100.0
+) -> np.ndarray:
     """Zero-phase band-pass by FFT with raised-cosine edges `transition_hz` wide, centred on the
     cut-offs. low_hz/high_hz None: that side is open."""
     n = len(x)
@@ -107,12 +109,10 @@ def random_room(rng: np.random.Generator) -> Room:
         src = tuple(rng.uniform(0.5, s - 0.5) for s in size[:2]) + (rng.uniform(1.2, 1.8),)
         if 0.7 <= np.linalg.norm(np.subtract(src, mic)) <= 2.5:
             break
-    return Room(tuple(map(float, size)), tuple(map(float, src)), tuple(map(float, mic)),
-                float(rng.uniform(0.25, 0.8)))
+    return Room(tuple(map(float, size)), tuple(map(float, src)), tuple(map(float, mic)), float(rng.uniform(0.25, 0.8)))
 
 
-def room_rir(room: Room, rate: int, rng: np.random.Generator, max_order: int = 3,
-             c: float = 343.0) -> np.ndarray:
+def room_rir(room: Room, rate: int, rng: np.random.Generator, max_order: int = 3, c: float = 343.0) -> np.ndarray:
     """Impulse response of a shoebox room, direct path at sample 0.
 
     Early part: image-source method (Allen & Berkley) up to `max_order` reflections, with one
@@ -149,7 +149,7 @@ def room_rir(room: Room, rate: int, rng: np.random.Generator, max_order: int = 3
                             d = math.dist((ix, iy, iz), (mx, my, mz))
                             k = int(round((d - d0) / c * rate))
                             if 0 <= k < length:
-                                h[k] += beta ** hits * d0 / max(d, 0.1)  # direct path = 1
+                                h[k] += beta**hits * d0 / max(d, 0.1)  # direct path = 1
     # late reverberation
     critical = 0.057 * math.sqrt(volume / room.rt60_s)
     t = np.arange(length) / rate
@@ -164,7 +164,7 @@ def room_rir(room: Room, rate: int, rng: np.random.Generator, max_order: int = 3
 
 def reverberate(x: np.ndarray, rir: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """`x` convolved with `rir` (direct path at 0), cut to len(x), active level kept as in `x`."""
-    y = fft_convolve(np.asarray(x, dtype=np.float32), rir)[:len(x)]
+    y = fft_convolve(np.asarray(x, dtype=np.float32), rir)[: len(x)]
     y *= math.sqrt((power(x, mask) + EPS) / (power(y, mask) + EPS))
     return avoid_clipping(y)[0]
 
@@ -185,8 +185,8 @@ def long_term_spectrum(speech: np.ndarray, frame: int = 512) -> np.ndarray:
     n = len(speech) // frame
     if n == 0:
         raise ValueError("need at least one frame of speech")
-    frames = np.asarray(speech[:n * frame], dtype=np.float64).reshape(n, frame)
-    energy = np.mean(frames ** 2, axis=1)
+    frames = np.asarray(speech[: n * frame], dtype=np.float64).reshape(n, frame)
+    energy = np.mean(frames**2, axis=1)
     frames = frames[energy > 1e-3 * energy.max()]
     return np.mean(np.abs(np.fft.rfft(frames * np.hanning(frame), axis=1)), axis=0)
 
@@ -222,7 +222,7 @@ def add_noise(x: np.ndarray, noise: np.ndarray, snr: float, mask: np.ndarray | N
     """`x` plus `noise` scaled so that active speech power (over `mask`) / noise power over the whole
     file = `snr` dB. The noise runs through the whole file, pauses included. The sum is scaled
     down as a whole if it would clip (the SNR stays)."""
-    noise = np.asarray(noise[:len(x)], dtype=np.float64)
+    noise = np.asarray(noise[: len(x)], dtype=np.float64)
     gain = math.sqrt(power(x, mask) / (power(noise) + EPS) / 10 ** (snr / 10))
     return avoid_clipping(x + noise * gain)[0]
 
@@ -276,10 +276,10 @@ def opus_roundtrip(x: np.ndarray, rate: int, bitrate: int) -> np.ndarray:
     enc.open()
     size = enc.frame_size or rate // 50
     pad = np.zeros(((len(x) + 2 * size) // size + 1) * size, dtype=np.float32)
-    pad[:len(x)] = x
+    pad[: len(x)] = x
     packets = []
     for start in range(0, len(pad), size):
-        frame = av.AudioFrame.from_ndarray(pad[None, start:start + size], format="flt", layout="mono")
+        frame = av.AudioFrame.from_ndarray(pad[None, start : start + size], format="flt", layout="mono")
         frame.sample_rate, frame.pts = rate, start
         packets += enc.encode(frame)
     packets += enc.encode(None)
@@ -307,7 +307,7 @@ def best_lag(x: np.ndarray, y: np.ndarray, max_lag: int) -> int:
     if n <= 0:
         return 0
     xs = np.asarray(x[:n], dtype=np.float64)
-    scores = [float(np.dot(xs, y[d:d + n])) for d in range(max_lag + 1)]
+    scores = [float(np.dot(xs, y[d : d + n])) for d in range(max_lag + 1)]
     return int(np.argmax(scores))
 
 
@@ -317,13 +317,18 @@ def aligned_correlation(x: np.ndarray, y: np.ndarray, max_lag: int = 480) -> flo
     for a, b in ((x, y), (y, x)):
         d = best_lag(a, b, max_lag)
         n = min(len(a), len(b) - d)
-        best = max(best, float(np.corrcoef(a[:n], b[d:d + n])[0, 1]))
+        best = max(best, float(np.corrcoef(a[:n], b[d : d + n])[0, 1]))
     return best
 
 
 # --- quiet speaker with hum ----------------------------------------------------------------------------
-def hum(n: int, rate: int, mains_hz: float, rng: np.random.Generator,
-        harmonics: tuple[float, ...] = (1.0, 0.5, 0.35, 0.2, 0.12)) -> np.ndarray:
+def hum(
+    n: int,
+    rate: int,
+    mains_hz: float,
+    rng: np.random.Generator,
+    harmonics: tuple[float, ...] = (1.0, 0.5, 0.35, 0.2, 0.12),
+) -> np.ndarray:
     """Mains hum: `mains_hz` and its harmonics (amplitudes relative to the fundamental, random
     phases, a slow 0.2 Hz wobble of 10 % in amplitude), unit RMS."""
     t = np.arange(n) / rate
@@ -334,8 +339,15 @@ def hum(n: int, rate: int, mains_hz: float, rng: np.random.Generator,
     return (y / (np.sqrt(np.mean(y * y)) + EPS)).astype(np.float32)
 
 
-def quiet_with_hum(x: np.ndarray, rate: int, rng: np.random.Generator, mask: np.ndarray | None = None,
-                   level_dbfs: float = -26.0, mains_hz: float = 50.0, hum_dbfs: float = -45.0) -> np.ndarray:
+def quiet_with_hum(
+    x: np.ndarray,
+    rate: int,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+    level_dbfs: float = -26.0,
+    mains_hz: float = 50.0,
+    hum_dbfs: float = -45.0,
+) -> np.ndarray:
     """Speech scaled to `level_dbfs` active level, plus hum at `hum_dbfs` through the whole file."""
     y = np.asarray(x, dtype=np.float64) * 10 ** ((level_dbfs - dbfs(x, mask)) / 20)
     y += hum(len(x), rate, mains_hz, rng) * 10 ** (hum_dbfs / 20)
@@ -343,9 +355,16 @@ def quiet_with_hum(x: np.ndarray, rate: int, rng: np.random.Generator, mask: np.
 
 
 # --- crosstalk -------------------------------------------------------------------------------------------
-def crosstalk(x: np.ndarray, rate: int, turns: list[dict], pool: list[np.ndarray], rng: np.random.Generator,
-              fraction: tuple[float, float] = (0.10, 0.20), level_db: tuple[float, float] = (-10.0, -3.0),
-              length_s: tuple[float, float] = (1.0, 2.5)) -> tuple[np.ndarray, list[dict]]:
+def crosstalk(
+    x: np.ndarray,
+    rate: int,
+    turns: list[dict],
+    pool: list[np.ndarray],
+    rng: np.random.Generator,
+    fraction: tuple[float, float] = (0.10, 0.20),
+    level_db: tuple[float, float] = (-10.0, -3.0),
+    length_s: tuple[float, float] = (1.0, 2.5),
+) -> tuple[np.ndarray, list[dict]]:
     """A second voice (pieces of `pool`) over a fraction of the turns, inside each chosen turn.
 
     The number of turns overlapped is drawn so that it is within `fraction` of the turns when
@@ -379,6 +398,7 @@ def crosstalk(x: np.ndarray, rate: int, turns: list[dict], pool: list[np.ndarray
             voice[:fade] *= ramp
             voice[-fade:] *= ramp[::-1]
         y[a:b] += voice
-        overlaps.append({"turn": i, "start": round(a / rate, 3), "end": round(b / rate, 3),
-                         "level_db": round(level, 2)})
+        overlaps.append(
+            {"turn": i, "start": round(a / rate, 3), "end": round(b / rate, 3), "level_db": round(level, 2)}
+        )
     return avoid_clipping(y.astype(np.float32))[0], overlaps

@@ -18,6 +18,7 @@ in other speech (babble noise, crosstalk), the hash of that other speech. With
 --out DIR the chosen files are also written there as <name>@<condition>.wav/.json, a devset-format
 folder. Conditions and their parameter ranges: listed at the end of --help, details in bench/conditions.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,14 @@ KINDS = ("dialog", "mono", "meeting", "real")
 CONDITION_DOC = {
     "clean": "the source file unchanged",
     "room": "shoebox room 3-8 x 3-7 x 2.5-3.5 m, RT60 0.25-0.8 s, talker 0.7-2.5 m away (image sources "
-            "to order 3 + exponential late tail); active level kept",
+    "to order 3 + exponential late tail); active level kept",
     "noise": "babble (6 talkers of other speech), speech-shaped or pink noise at 0-20 dB SNR "
-             "(active speech / noise), through the whole file",
+    "(active speech / noise), through the whole file",
     "phone": "300-3400 Hz band-pass, 8 kHz, 8-bit mu-law, back to 16 kHz",
     "opus": "libopus round trip at 12, 16, 20 or 24 kbit/s",
     "quiet": "speech at -26 dBFS active level, mains hum 50 or 60 Hz + 4 harmonics at -50..-40 dBFS",
     "crosstalk": "a second voice (other speech) over 10-20 % of the turns (at least one), 1-2.5 s "
-                 "inside each, 3-10 dB below the main speaker; reference = main speaker only",
+    "inside each, 3-10 dB below the main speaker; reference = main speaker only",
 }
 
 
@@ -142,8 +143,10 @@ def plan(sources: list[Source], conditions: list[str], per_file: int = 2) -> lis
     for s in order:
         picks: list[str] = []
         for _ in range(per_file):
-            c = min((c for c in conditions if c not in picks),
-                    key=lambda c: (met[(c, s.kind)], used[c], conditions.index(c)))
+            c = min(
+                (c for c in conditions if c not in picks),
+                key=lambda c: (met[(c, s.kind)], used[c], conditions.index(c)),
+            )
             picks.append(c)
             met[(c, s.kind)] += 1
             used[c] += 1
@@ -178,8 +181,9 @@ def coverage(pairs: list[tuple[Source, str]]) -> dict[str, dict[str, int]]:
 
 # --- other speech: babble and crosstalk material ---------------------------------------------------------
 def speech_pieces(source: Source) -> list[np.ndarray]:
-    return [source.audio[int(t["start"] * RATE):int(t["end"] * RATE)] for t in source.turns
-            if t["end"] - t["start"] > 0.3]
+    return [
+        source.audio[int(t["start"] * RATE) : int(t["end"] * RATE)] for t in source.turns if t["end"] - t["start"] > 0.3
+    ]
 
 
 def other_speech(source: Source, sources: list[Source]) -> tuple[list[np.ndarray], str]:
@@ -190,9 +194,10 @@ def other_speech(source: Source, sources: list[Source]) -> tuple[list[np.ndarray
         pool = [p for s in others for p in speech_pieces(s)]
         return pool, hashlib.sha256("".join(s.sha256 for s in others).encode()).hexdigest()
     from jetscribe.evaluation.speech import SAMPLE_SENTENCES, synthesize
+
     speech = synthesize(list(SAMPLE_SENTENCES), voice="joe-high")
     audio = speech.audio.astype(np.float32) / 32768.0
-    pool = [audio[int(t.start_s * RATE):int(t.end_s * RATE)] for t in speech.turns]
+    pool = [audio[int(t.start_s * RATE) : int(t.end_s * RATE)] for t in speech.turns]
     return pool, "piper-joe-high-sample"
 
 
@@ -201,8 +206,14 @@ def rng_for(seed: int, name: str, condition: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{name}/{condition}".encode())])
 
 
-def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Generator,
-            pool: list[np.ndarray] | None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+def degrade(
+    condition: str,
+    x: np.ndarray,
+    turns: list[dict],
+    rng: np.random.Generator,
+    pool: list[np.ndarray] | None,
+    options: dict | None = None,
+) -> tuple[np.ndarray, dict]:
     """Apply `condition` to x (float32 16 kHz); returns (audio, parameters for the JSON). `options` may fix
     what would otherwise be drawn: {"noise": one of NOISE_KINDS}."""
     options = options or {}
@@ -212,8 +223,11 @@ def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Gen
     if condition == "room":
         room = C.random_room(rng)
         y = C.reverberate(x, C.room_rir(room, RATE, rng), mask)
-        return y, {"rt60_s": round(room.rt60_s, 3), "room_m": [round(v, 2) for v in room.size],
-                   "distance_m": round(room.distance, 2)}
+        return y, {
+            "rt60_s": round(room.rt60_s, 3),
+            "room_m": [round(v, 2) for v in room.size],
+            "distance_m": round(room.distance, 2),
+        }
     if condition == "noise":
         kind = str(rng.choice(NOISE_KINDS))
         kind = options.get("noise", kind)
@@ -246,6 +260,7 @@ def degrade(condition: str, x: np.ndarray, turns: list[dict], rng: np.random.Gen
 def library_versions() -> str:
     """numpy (random streams), soxr (resampling) and PyAV (libopus): a new version may change the samples."""
     from importlib import metadata
+
     out = []
     for dist in ("numpy", "soxr", "av"):
         try:
@@ -255,32 +270,46 @@ def library_versions() -> str:
     return ",".join(out)
 
 
-def realize(source: Source, condition: str, seed: int, sources: list[Source],
-            root: Path | None = None, options: dict | None = None) -> tuple[Path, Path]:
+def realize(
+    source: Source,
+    condition: str,
+    seed: int,
+    sources: list[Source],
+    root: Path | None = None,
+    options: dict | None = None,
+) -> tuple[Path, Path]:
     """The WAV and JSON of `source` in `condition` (with `options`, see degrade), from the cache or made now."""
     options = options or {}
     if condition == "clean":
         return source.wav, source.wav.with_suffix(".json")
     needs_pool = condition in ("noise", "crosstalk")
     pool, pool_hash = other_speech(source, sources) if needs_pool else (None, "")
-    key = hashlib.sha256(f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}/{library_versions()}/"
-                         f"{json.dumps(options, sort_keys=True)}"
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{source.sha256}/{condition}/{seed}/{VERSION}/{pool_hash}/{library_versions()}/"
+        f"{json.dumps(options, sort_keys=True)}".encode()
+    ).hexdigest()[:16]
     root = root or cache_root()
     stem = f"{source.name}@{condition}-{key}"
     wav, js = root / f"{stem}.wav", root / f"{stem}.json"
     if js.exists() and wav.exists():
         return wav, js
-    audio, params = degrade(condition, source.audio, source.turns, rng_for(seed, source.name, condition), pool,
-                            options)
-    meta = {**source.meta, "condition": condition, "seed": seed, **params,
-            "source_file": source.name, "source_sha256": source.sha256, "conditions_version": VERSION}
+    audio, params = degrade(condition, source.audio, source.turns, rng_for(seed, source.name, condition), pool, options)
+    meta = {
+        **source.meta,
+        "condition": condition,
+        "seed": seed,
+        **params,
+        "source_file": source.name,
+        "source_sha256": source.sha256,
+        "conditions_version": VERSION,
+    }
     if needs_pool:
         meta["other_speech_sha256"] = pool_hash
     root.mkdir(parents=True, exist_ok=True)
     tmp = wav.with_name(f".{wav.name}.{os.getpid()}.tmp")
-    sf.write(str(tmp), np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16), RATE,
-             format="WAV", subtype="PCM_16")
+    sf.write(
+        str(tmp), np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16), RATE, format="WAV", subtype="PCM_16"
+    )
     os.replace(tmp, wav)
     tmp = js.with_name(f".{js.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -292,26 +321,38 @@ def parse_conditions(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONDITIONS]
     if unknown or not names:
-        raise SystemExit(f"--conditions: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(CONDITIONS)}")
+        raise SystemExit(
+            f"--conditions: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(CONDITIONS)}"
+        )
     return list(dict.fromkeys(names))
 
 
 def print_coverage(pairs: list[tuple[Source, str]], conditions: list[str], file=sys.stderr) -> None:
     cov = coverage(pairs)
-    kinds = [k for k in KINDS if any(s.kind == k for s, _ in pairs)] + sorted(
-        {s.kind for s, _ in pairs} - set(KINDS))
-    print("files per condition and kind: " + "; ".join(
-        f"{c}: " + ", ".join(f"{k} {cov.get(c, {}).get(k, 0)}" for k in kinds) for c in conditions), file=file)
+    kinds = [k for k in KINDS if any(s.kind == k for s, _ in pairs)] + sorted({s.kind for s, _ in pairs} - set(KINDS))
+    print(
+        "files per condition and kind: "
+        + "; ".join(f"{c}: " + ", ".join(f"{k} {cov.get(c, {}).get(k, 0)}" for k in kinds) for c in conditions),
+        file=file,
+    )
     missing = [f"{c}/{k}" for c in conditions for k in kinds if not cov.get(c, {}).get(k)]
     if missing:
         print(f"not met (too few files of that kind): {', '.join(missing)}", file=file)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="conditions:\n" + "\n".join(f"  {c}: {d}" for c, d in CONDITION_DOC.items()))
-    parser.add_argument("--data", type=Path, action="append", required=True,
-                        help="folder of <name>.wav + <name>.json (repeat for more folders)")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="conditions:\n" + "\n".join(f"  {c}: {d}" for c, d in CONDITION_DOC.items()),
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="folder of <name>.wav + <name>.json (repeat for more folders)",
+    )
     parser.add_argument("--conditions", default=",".join(DEGRADED), help=f"comma list of {', '.join(CONDITIONS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--files", help="comma list of names (default: all)")
@@ -324,15 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     sources = load_sources(args.data, args.files) if args.files else everything
     pairs = plan(sources, conditions, len(conditions) if args.every else 2)
     print_coverage(pairs, conditions)
-    for (source, condition), options in zip(pairs, variants(pairs)):
+    for (source, condition), options in zip(pairs, variants(pairs), strict=False):
         wav, js = realize(source, condition, args.seed, everything, args.cache, options)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             for path, ext in ((wav, ".wav"), (js, ".json")):
                 shutil.copyfile(path, args.out / f"{source.name}@{condition}{ext}")
         extra = json.loads(js.read_text())
-        params = {k: extra[k] for k in ("snr_db", "noise", "rt60_s", "bitrate_kbps", "mains_hz",
-                                         "overlap_turn_fraction") if k in extra}
+        params = {
+            k: extra[k]
+            for k in ("snr_db", "noise", "rt60_s", "bitrate_kbps", "mains_hz", "overlap_turn_fraction")
+            if k in extra
+        }
         print(f"{source.name}@{condition}\t{wav}\t{json.dumps(params)}")
     return 0
 

@@ -4,10 +4,11 @@ enough for the audio, side by side in one run, with decode cost per call.
     python bench/windows.py --data ../shared/devset --model base|tiny.en|PATH [--files a,b] [--json OUT]
 
 No servers: each file is fed in 100 ms chunks through the transcriber's own session core
-(services/transcriber/core.py: VAD, endpoints, early finals, through its one-step API), and every final job is decoded by
-services/transcriber/model.py with the window under test. Interims are skipped; they don't change
+(services/transcriber/core.py: VAD, endpoints, early finals, through its one-step API), and every final job is
+decoded by services/transcriber/model.py with the window under test. Interims are skipped; they don't change
 the finals. WER is on normalized text (jetscribe.evaluation.wer), against the file's reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ def transcribe_file(model, path: Path, window: str, language: str | None) -> tup
     audio, rate = sf.read(str(path), dtype="int16")
     if rate != SAMPLE_RATE or audio.ndim != 1:
         raise SystemExit(f"{path}: needs 16 kHz mono (the gateway's output)")
-    stream = SessionStream("bench", path.stem, language=language, model="", worker_id="bench",
-                           options=CommitOptions(), vad=WebrtcVoiceDetector(2), clock=system_clock())
+    stream = SessionStream(
+        "bench",
+        path.stem,
+        language=language,
+        model="",
+        worker_id="bench",
+        options=CommitOptions(),
+        vad=WebrtcVoiceDetector(2),
+        clock=system_clock(),
+    )
     finals, costs = {}, []
 
     def decode(job):
@@ -57,10 +66,22 @@ def transcribe_file(model, path: Path, window: str, language: str | None) -> tup
 
     step_samples = SAMPLE_RATE // 10
     for seq, offset in enumerate(range(0, len(audio), step_samples)):
-        payload = audio[offset:offset + step_samples].astype("<i2").tobytes()
-        carry_out(stream.receive(AudioChunk(tenant="bench", session_id=path.stem, seq=seq, sent_at=0.0,
-                                            sample_rate=SAMPLE_RATE, channels=1, encoding="pcm_s16le",
-                                            payload=payload), seq))
+        payload = audio[offset : offset + step_samples].astype("<i2").tobytes()
+        carry_out(
+            stream.receive(
+                AudioChunk(
+                    tenant="bench",
+                    session_id=path.stem,
+                    seq=seq,
+                    sent_at=0.0,
+                    sample_rate=SAMPLE_RATE,
+                    channels=1,
+                    encoding="pcm_s16le",
+                    payload=payload,
+                ),
+                seq,
+            )
+        )
     carry_out(stream.receive(SessionControl(tenant="bench", session_id=path.stem, action="end"), "end"))
     return " ".join(finals[k] for k in sorted(finals) if finals[k]), costs
 
@@ -73,8 +94,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     wanted = {f for f in args.files.split(",") if f}
-    paths = [p for p in sorted(args.data.glob("*.wav")) if p.with_suffix(".json").exists()
-             and (not wanted or p.stem in wanted)]
+    paths = [
+        p
+        for p in sorted(args.data.glob("*.wav"))
+        if p.with_suffix(".json").exists() and (not wanted or p.stem in wanted)
+    ]
     model = whisper.load_model(args.model)
     language = language_for(args.model, None)
     windows = ("full", "short")
@@ -99,8 +123,10 @@ def main() -> int:
         summary[f"seconds_per_call_{window}"] = float(np.mean(costs[window])) if costs[window] else 0.0
     print(f"{'OVERALL':24s} " + "  ".join(f"{summary[f'wer_{w}']:9.3f}" for w in windows))
     for window in windows:
-        print(f"{window}: {summary[f'calls_{window}']} final decodes, "
-              f"{summary[f'seconds_per_call_{window}']:.3f} s per call")
+        print(
+            f"{window}: {summary[f'calls_{window}']} final decodes, "
+            f"{summary[f'seconds_per_call_{window}']:.3f} s per call"
+        )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0

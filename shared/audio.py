@@ -1,4 +1,5 @@
 """What stored audio is, once: every chunk in AUDIO is 16 kHz mono pcm_s16le, whatever the bot sent."""
+
 from __future__ import annotations
 
 SAMPLE_RATE = 16000  # samples per second of stored audio, and what Whisper reads

@@ -6,6 +6,7 @@
 reading with a zero default (a session "idle since boot") fails on every test host, not only on hosts up
 for a long time. Wall time is never shifted: other processes compare it with theirs.
 """
+
 from __future__ import annotations
 
 import os

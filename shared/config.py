@@ -2,6 +2,7 @@
 
 Every variable, its default and its meaning is listed in README.md ("Configuration").
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,11 +70,16 @@ def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> Non
     if audio < 0 or transcripts < 0:
         raise ValueError("JETSCRIBE_AUDIO_MAX_AGE_S and JETSCRIBE_TRANSCRIPTS_MAX_AGE_S must not be negative")
     if transcripts <= audio and transcripts != forever:
-        raise ValueError(f"JETSCRIBE_TRANSCRIPTS_MAX_AGE_S ({transcripts_max_age_s:g} s) must be longer than "
-                         f"JETSCRIBE_AUDIO_MAX_AGE_S ({audio_max_age_s:g} s): transcripts outlive their audio")
+        raise ValueError(
+            f"JETSCRIBE_TRANSCRIPTS_MAX_AGE_S ({transcripts_max_age_s:g} s) must be longer than "
+            f"JETSCRIBE_AUDIO_MAX_AGE_S ({audio_max_age_s:g} s): transcripts outlive their audio"
+        )
     if audio < MIN_AUDIO_MAX_AGE_S:
-        log.warning("JETSCRIBE_AUDIO_MAX_AGE_S is %g s, under 30 min: audio may expire before a slow worker "
-                    "or a reconnecting bot gets to it", audio_max_age_s)
+        log.warning(
+            "JETSCRIBE_AUDIO_MAX_AGE_S is %g s, under 30 min: audio may expire before a slow worker "
+            "or a reconnecting bot gets to it",
+            audio_max_age_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -149,5 +155,3 @@ class PersisterConfig(FromEnv):
     database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
     batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
     retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
-
-

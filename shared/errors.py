@@ -3,6 +3,7 @@
 `code` is stable for machines (it is what goes on the wire, in `Reply.error` and `ErrorEvent.code`);
 the message is for people and says what to do.
 """
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ group, UNPIN, RESET, KV writes with a per-message TTL and a compare-and-set on t
 `error` (or a pull's status header) into a `JetStreamAPIError` subclass; transport failures (timeouts, no
 responders, a closed connection) stay nats-py's own exceptions.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def parse_reply(data: bytes, request: str = "") -> dict[str, Any]:
         raise JetStreamAPIError(0, 0, f"unexpected reply: {data[:200]!r}", request)
     error = reply.get("error")
     if error is not None:
-        raise api_error(int(error.get("code") or 0), int(error.get("err_code") or 0), str(error.get("description", "")),
-                        request)
+        raise api_error(
+            int(error.get("code") or 0), int(error.get("err_code") or 0), str(error.get("description", "")), request
+        )
     return reply
 
 
@@ -180,8 +182,17 @@ class JetStreamAPI:
         consumer: that is a nats-py timeout, not `NotFoundError`."""
         return await self.request(f"CONSUMER.RESET.{stream}.{consumer}", {} if seq is None else {"seq": seq})
 
-    async def pull(self, stream: str, consumer: str, *, reply: str, batch: int, expires_s: float,
-                   group: str | None = None, pin: str | None = None) -> None:
+    async def pull(
+        self,
+        stream: str,
+        consumer: str,
+        *,
+        reply: str,
+        batch: int,
+        expires_s: float,
+        group: str | None = None,
+        pin: str | None = None,
+    ) -> None:
         """Ask for up to `batch` messages, delivered to `reply` until `expires_s` from now, then a status message
         (see `pull_status`). In a priority group, `pin` is the id learned from `pin_id`; without it the
         request asks to become the pinned client."""
@@ -190,11 +201,13 @@ class JetStreamAPI:
             body["group"] = group
         if pin:
             body["id"] = pin
-        await self.nc.publish(f"{API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{consumer}", json.dumps(body).encode(),
-                              reply=reply)
+        await self.nc.publish(
+            f"{API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{consumer}", json.dumps(body).encode(), reply=reply
+        )
 
-    async def kv_put(self, bucket: str, key: str, value: bytes, *, ttl_s: int | None = None,
-                     last_revision: int | None = None) -> int:
+    async def kv_put(
+        self, bucket: str, key: str, value: bytes, *, ttl_s: int | None = None, last_revision: int | None = None
+    ) -> int:
         """Write a KV entry; returns its revision. `ttl_s`: the server drops this entry after so many whole
         seconds (the bucket must allow per-message TTLs). `last_revision`: compare-and-set, the write only
         succeeds if the key's last revision is this one (0: the key has no entry), else

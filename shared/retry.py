@@ -1,4 +1,5 @@
 """One retry loop for every "keep trying until it works or we are told to stop" in the services."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ async def stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
         return False
     try:
         await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     return True
 

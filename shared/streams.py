@@ -1,4 +1,5 @@
 """Connecting to NATS and declaring the JetStream streams every service relies on."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,15 +38,17 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
         log.warning("%s: NATS error: %s", name, exc)
 
     nc = Client()
-    connecting = asyncio.ensure_future(nc.connect(
-        settings.nats_url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        error_cb=on_error,
-    ))
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            settings.nats_url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+    )
     if stop is None:
         stop = service_stop.get()
     stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
@@ -117,5 +120,8 @@ async def ensure_checkpoints(js: JetStreamContext, settings: StreamSettings):
     try:
         return await js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=subjects.SESSION_CHECKPOINTS_BUCKET, history=1,
-                                                        ttl=ttl or None, storage=StorageType.FILE))
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.SESSION_CHECKPOINTS_BUCKET, history=1, ttl=ttl or None, storage=StorageType.FILE
+            )
+        )

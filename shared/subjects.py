@@ -2,6 +2,7 @@
 
 Tenant and session are subject tokens, so per-tenant permissions stay plain subject rules.
 """
+
 from __future__ import annotations
 
 import re
@@ -112,8 +113,7 @@ def message_id(tenant: str, session: str, seq: int | str) -> str:
     return f"{tenant}:{session}:{seq}"
 
 
-def segment_message_id(tenant: str, session: str, segment_id: int, status: str, revision: int,
-                       worker_id: str) -> str:
+def segment_message_id(tenant: str, session: str, segment_id: int, status: str, revision: int, worker_id: str) -> str:
     """Nats-Msg-Id of a transcript segment. A final's id is its segment id alone: a worker that re-decodes
     the same utterance after a takeover publishes a duplicate the stream drops. Interims are per worker
     and revision."""

@@ -3,13 +3,14 @@
 Spans are always recorded; they are printed to stderr when JETSCRIBE_OTEL_CONSOLE=1, so an
 operator can see where a chunk's time goes without running a collector.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 import signal
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource

@@ -3,6 +3,7 @@
 msgspec encodes and decodes the msgpack format and checks every field against these
 types, so a malformed message becomes a `WireError` that names the bad field.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -12,7 +12,6 @@ import pytest
 
 from jetscribe.devstack.servers import NatsServer, PostgresServer
 
-
 TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)  # ten days: a clock read compared with a zero default shows at once
 
 

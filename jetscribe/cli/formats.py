@@ -1,4 +1,5 @@
 """A session's final segments as plain text, JSON, SubRip (srt) or WebVTT; live segments as they come."""
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,20 @@ def render(segments, fmt: str) -> str:
     if fmt == "text":
         return "\n".join(_speaker_prefix(s) + s.text for s in spoken)
     if fmt == "json":
-        return json.dumps([
-            {"segment_id": s.segment_id, "start": s.start_s, "end": s.end_s, "text": s.text,
-             "speaker": s.speaker,
-             "words": [dict(zip(("word", "start", "end", "probability"), w)) for w in s.words]}
-            for s in spoken
-        ], indent=2)
+        return json.dumps(
+            [
+                {
+                    "segment_id": s.segment_id,
+                    "start": s.start_s,
+                    "end": s.end_s,
+                    "text": s.text,
+                    "speaker": s.speaker,
+                    "words": [dict(zip(("word", "start", "end", "probability"), w, strict=False)) for w in s.words],
+                }
+                for s in spoken
+            ],
+            indent=2,
+        )
     if fmt == "srt":
         return "\n".join(
             f"{i}\n{_clock(s.start_s, ',')} --> {_clock(s.end_s, ',')}\n{_speaker_prefix(s)}{s.text}\n"

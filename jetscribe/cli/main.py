@@ -1,4 +1,5 @@
 """The `jetscribe` command: run the local stack, stream audio as a bot, read transcripts."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,10 @@ import signal
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from jetscribe.devstack import stack
 from jetscribe.cli.formats import FORMATS, render, show_live
+from jetscribe.devstack import stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
     stream.add_argument("--language", default="auto")
 
-    follow = sub.add_parser("follow", help="print a session's transcript from the TRANSCRIPTS stream as it comes; "
-                                           "exits after the session ends")
+    follow = sub.add_parser(
+        "follow",
+        help="print a session's transcript from the TRANSCRIPTS stream as it comes; exits after the session ends",
+    )
     follow.add_argument("session")
     follow.add_argument("--tenant", default="default")
     start = follow.add_mutually_exclusive_group()
     start.add_argument("--from-start", action="store_true", help="replay everything the stream holds of it first")
     start.add_argument("--since", metavar="T", help="replay from a time: 90s, 5m, 2h, 1d ago, or an ISO time")
     start.add_argument("--from-seq", type=int, metavar="N", help="replay from TRANSCRIPTS stream sequence N")
-    follow.add_argument("--format", choices=("text", "json"), default="text",
-                        help="text: final lines (interims rewrite the line on a terminal); json: every segment "
-                             "and event, one object per line")
+    follow.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: final lines (interims rewrite the line on a terminal); json: every segment "
+        "and event, one object per line",
+    )
     follow.add_argument("--keep", action="store_true", help="keep following after the session's end")
 
     transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
@@ -63,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     command = {
-        "up": cmd_up, "stream": cmd_stream, "follow": cmd_follow, "transcript": cmd_transcript,
-        "sessions": cmd_sessions, "demo": cmd_demo, "db": cmd_db,
+        "up": cmd_up,
+        "stream": cmd_stream,
+        "follow": cmd_follow,
+        "transcript": cmd_transcript,
+        "sessions": cmd_sessions,
+        "demo": cmd_demo,
+        "db": cmd_db,
     }[args.command]
     try:
         return command(args)
@@ -97,21 +109,28 @@ def cmd_up(args) -> int:
 
 def cmd_stream(args) -> int:
     from jetscribe.client.bot import read_audio
+
     audio = read_audio(args.file)
     asyncio.run(_stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language))
     return 0
 
 
-async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto",
-                       out=None):
+async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto", out=None):
     """Stream as a bot and show the transcript live: interims rewrite one line, finals stay."""
     from jetscribe.client.bot import stream_audio
 
     out = out or sys.stdout
     nc = await _connect_nats(url)
     try:
-        return await stream_audio(nc, audio, tenant=tenant, session_id=session, speed=speed, language=language,
-                                  on_segment=lambda segment: show_live(segment, out))
+        return await stream_audio(
+            nc,
+            audio,
+            tenant=tenant,
+            session_id=session,
+            speed=speed,
+            language=language,
+            on_segment=lambda segment: show_live(segment, out),
+        )
     finally:
         await nc.close()
 
@@ -126,18 +145,21 @@ async def _connect_nats(url: str):
     try:
         return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error)
     except Exception as exc:
-        raise Unreachable(f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this "
-                          "folder, or set NATS_URL") from None
+        raise Unreachable(
+            f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this folder, or set NATS_URL"
+        ) from None
 
 
 def cmd_follow(args) -> int:
     from nats.errors import ConnectionClosedError
 
     from jetscribe.client.follow import NoStream, consumer_config, follow, parse_since
+
     try:
-        since = parse_since(args.since, datetime.now(timezone.utc)) if args.since else None
-        config = consumer_config(args.tenant, args.session, from_start=args.from_start, since=since,
-                                 from_seq=args.from_seq)
+        since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+        config = consumer_config(
+            args.tenant, args.session, from_start=args.from_start, since=since, from_seq=args.from_seq
+        )
     except ValueError as exc:
         print(f"jetscribe follow: {exc}", file=sys.stderr)
         return 2
@@ -172,8 +194,10 @@ def cmd_sessions(args) -> int:
     rows = asyncio.run(_sessions(stack.database_url(), args.tenant))
     print(f"{'tenant':<12} {'session':<28} {'status':<8} {'reason':<12} {'audio s':>8} {'segments':>8}  started")
     for row in rows:
-        print(f"{row.tenant:<12} {row.session_id:<28} {row.status:<8} {row.reason or '-':<12} "
-              f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}")
+        print(
+            f"{row.tenant:<12} {row.session_id:<28} {row.status:<8} {row.reason or '-':<12} "
+            f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}"
+        )
     return 0
 
 
@@ -182,12 +206,15 @@ async def _engine(url: str):
     from sqlalchemy.exc import OperationalError
 
     from jetscribe.services.persister.store import open_engine
+
     engine = open_engine(url)
     try:
         yield engine
     except OperationalError as exc:
-        raise Unreachable(f"cannot use PostgreSQL at {url}: {str(exc.orig).strip().splitlines()[-1]}\n"
-                          "start the stack with `jetscribe up` in this folder, or set DATABASE_URL") from None
+        raise Unreachable(
+            f"cannot use PostgreSQL at {url}: {str(exc.orig).strip().splitlines()[-1]}\n"
+            "start the stack with `jetscribe up` in this folder, or set DATABASE_URL"
+        ) from None
     finally:
         await engine.dispose()
 
@@ -195,6 +222,7 @@ async def _engine(url: str):
 async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
     """A session's final segments; with wait_s, first wait until its end is stored (the persister lags a bit)."""
     from jetscribe.services.persister.store import final_segments, wait_until_ended
+
     async with _engine(url) as engine:
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
@@ -203,12 +231,14 @@ async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
 
 async def _sessions(url: str, tenant: str | None):
     from jetscribe.services.persister.store import list_sessions
+
     async with _engine(url) as engine:
         return await list_sessions(engine, tenant)
 
 
 def cmd_db(args) -> int:
     from jetscribe.services.persister.migrate import upgrade
+
     upgrade(stack.database_url())
     print("database schema is up to date")
     return 0
@@ -216,10 +246,12 @@ def cmd_db(args) -> int:
 
 def cmd_demo(args) -> int:
     from jetscribe.client.bot import Audio, read_audio
+
     if args.file:
         audio = read_audio(args.file)
     else:
         from jetscribe.evaluation.speech import sample_speech
+
         print("making the speech sample (first run only)...", file=sys.stderr, flush=True)
         speech = sample_speech()
         audio = Audio(speech.audio, speech.sample_rate)
@@ -232,9 +264,13 @@ def cmd_demo(args) -> int:
         live = asyncio.run(_stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr))
         segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
-        print(f"\n--- transcript of {session} from PostgreSQL: {audio.duration_s:.1f} s of audio, "
-              f"{stored - live.sent_at[0]:.1f} s from first chunk to last final stored; last final stored "
-              f"{stored - live.sent_at[-1]:.2f} s after the last audio was sent ---", file=sys.stderr, flush=True)
+        print(
+            f"\n--- transcript of {session} from PostgreSQL: {audio.duration_s:.1f} s of audio, "
+            f"{stored - live.sent_at[0]:.1f} s from first chunk to last final stored; last final stored "
+            f"{stored - live.sent_at[-1]:.2f} s after the last audio was sent ---",
+            file=sys.stderr,
+            flush=True,
+        )
         print(render(segments, args.format))
     return 0
 

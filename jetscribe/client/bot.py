@@ -2,17 +2,19 @@
 
 Used by `jetscribe stream`, `jetscribe demo` and the end-to-end tests.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import soundfile as sf
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from jetscribe.shared import subjects
 from jetscribe.shared.retry import backoff_delay
@@ -78,8 +80,16 @@ async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int
 
 
 async def stream_audio(
-    nc, audio: Audio, *, tenant: str, session_id: str, speed: float = 1.0, chunk_s: float = 0.1,
-    language: str = "auto", on_segment: Callable[[Segment], None] | None = None, wait_s: float = 300.0,
+    nc,
+    audio: Audio,
+    *,
+    tenant: str,
+    session_id: str,
+    speed: float = 1.0,
+    chunk_s: float = 0.1,
+    language: str = "auto",
+    on_segment: Callable[[Segment], None] | None = None,
+    wait_s: float = 300.0,
 ) -> StreamResult:
     """Stream `audio` as a bot would; returns once the session's `ended` event arrives.
 
@@ -115,8 +125,9 @@ async def stream_audio(
     ]
     await nc.flush()
     try:
-        start = SessionControl(tenant=tenant, session_id=session_id, action="start", language=language,
-                               sent_at=time.time())
+        start = SessionControl(
+            tenant=tenant, session_id=session_id, action="start", language=language, sent_at=time.time()
+        )
         reply = await request(nc, subjects.ingest_session(tenant, session_id), start)
         if not reply.ok:
             raise BotError(reply)
@@ -127,10 +138,17 @@ async def stream_audio(
         while seq < total:
             if speed > 0:
                 await asyncio.sleep(max(0.0, t0 + seq * chunk_s / speed - time.monotonic()))
-            piece = audio.samples[seq * frames_per_chunk:(seq + 1) * frames_per_chunk]
-            chunk = AudioChunk(tenant=tenant, session_id=session_id, seq=seq, sent_at=time.time(),
-                               sample_rate=audio.sample_rate, channels=audio.channels, encoding="pcm_s16le",
-                               payload=np.ascontiguousarray(piece).astype("<i2").tobytes())
+            piece = audio.samples[seq * frames_per_chunk : (seq + 1) * frames_per_chunk]
+            chunk = AudioChunk(
+                tenant=tenant,
+                session_id=session_id,
+                seq=seq,
+                sent_at=time.time(),
+                sample_rate=audio.sample_rate,
+                channels=audio.channels,
+                encoding="pcm_s16le",
+                payload=np.ascontiguousarray(piece).astype("<i2").tobytes(),
+            )
             reply = await request(nc, subjects.ingest_audio(tenant, session_id), chunk)
             if not reply.ok and reply.code != "seq_gap":
                 raise BotError(reply)
@@ -144,8 +162,14 @@ async def stream_audio(
             raise BotError(reply)
         await asyncio.wait_for(ended.wait(), wait_s)
         if rejected:
-            raise BotError(Reply(ok=False, last_seq=reply.last_seq, code="rejected",
-                                 message=f"the transcriber rejected the session: {rejected[0].reason}"))
+            raise BotError(
+                Reply(
+                    ok=False,
+                    last_seq=reply.last_seq,
+                    code="rejected",
+                    message=f"the transcriber rejected the session: {rejected[0].reason}",
+                )
+            )
         await asyncio.sleep(0.2)  # let the last segments' callbacks run
         return result
     finally:

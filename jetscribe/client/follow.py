@@ -3,13 +3,14 @@
 An ordered consumer (ephemeral, no acks, the client recreates it after a gap) filtered to the
 session's segments and events. The README shows the same consumer made with the `nats` CLI.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -33,19 +34,21 @@ def parse_since(text: str, now: datetime) -> datetime:
     text = text.strip()
     duration = _DURATION.match(text)
     if duration:
-        return (now - timedelta(seconds=float(duration[1]) * _UNIT_S[duration[2]])).astimezone(timezone.utc)
+        return (now - timedelta(seconds=float(duration[1]) * _UNIT_S[duration[2]])).astimezone(UTC)
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"--since {text!r} is neither a duration like 90s, 5m, 2h, 1d nor an ISO time like "
-                         "2025-06-01T10:00:00Z") from None
+        raise ValueError(
+            f"--since {text!r} is neither a duration like 90s, 5m, 2h, 1d nor an ISO time like 2025-06-01T10:00:00Z"
+        ) from None
     if at.tzinfo is None:
         at = at.astimezone()  # a naive time is the local time of whoever typed it
-    return at.astimezone(timezone.utc)
+    return at.astimezone(UTC)
 
 
-def consumer_config(tenant: str, session: str, *, from_start: bool = False, since: datetime | None = None,
-                    from_seq: int | None = None) -> ConsumerConfig:
+def consumer_config(
+    tenant: str, session: str, *, from_start: bool = False, since: datetime | None = None, from_seq: int | None = None
+) -> ConsumerConfig:
     """The consumer for one session's segments and events, from the start, a time, a stream seq, or
     (none of them) only what comes next."""
     for name, value in (("tenant", tenant), ("session", session)):
@@ -75,7 +78,7 @@ def as_json(message: TranscriptMessage, stream_seq: int) -> str:
     (resume with `--from-seq` one above it)."""
     data = msgspec.to_builtins(message)
     if isinstance(message, Segment):
-        data["words"] = [dict(zip(("word", "start", "end", "probability"), w)) for w in data["words"]]
+        data["words"] = [dict(zip(("word", "start", "end", "probability"), w, strict=False)) for w in data["words"]]
     data["stream_seq"] = stream_seq
     return json.dumps(data, ensure_ascii=False)
 
@@ -83,22 +86,27 @@ def as_json(message: TranscriptMessage, stream_seq: int) -> str:
 def describe(event: SessionEvent) -> str:
     """A session event as one line for people (text format, on stderr)."""
     if event.event == "started":
-        return f"-- session {event.session_id} started (language {event.language or 'auto'}, model " \
-               f"{event.model or '?'})"
+        return (
+            f"-- session {event.session_id} started (language {event.language or 'auto'}, model {event.model or '?'})"
+        )
     reason = f": {event.reason}" if event.reason else ""
-    return f"-- session {event.session_id} {event.event}{reason} ({event.audio_seconds:.1f} s of audio, " \
-           f"{event.segments} segments)"
+    return (
+        f"-- session {event.session_id} {event.event}{reason} ({event.audio_seconds:.1f} s of audio, "
+        f"{event.segments} segments)"
+    )
 
 
-async def follow(nc, tenant: str, session: str, config: ConsumerConfig, *, fmt: str = "text", keep: bool = False,
-                 out=None, err=None) -> int:
+async def follow(
+    nc, tenant: str, session: str, config: ConsumerConfig, *, fmt: str = "text", keep: bool = False, out=None, err=None
+) -> int:
     """Print the session's segments and events as they come. Returns 0 after its `ended` event
     (1 after `rejected`); with `keep`, follows until cancelled."""
     out, err = out or sys.stdout, err or sys.stderr
     config = dataclasses.replace(config)  # the client keeps and changes it
     try:
-        sub = await nc.jetstream().subscribe(config.filter_subjects[0], stream=subjects.TRANSCRIPTS_STREAM,
-                                             config=config, ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            config.filter_subjects[0], stream=subjects.TRANSCRIPTS_STREAM, config=config, ordered_consumer=True
+        )
     except NotFoundError:
         raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
     # nats-py recreates an ordered consumer after a gap by start sequence but keeps opt_start_time, which

@@ -226,9 +226,7 @@ class NatsServer(_ChildServer):
         # max_payload 16MB: an oversized audio chunk then reaches the gateway's
         # own size check (clear error) instead of failing inside the client.
         self.config_path.write_text(
-            f'listen: "{self.host}:{self.port}"\n'
-            "max_payload: 16MB\n"
-            f'jetstream {{\n  store_dir: "{self.store_dir}"\n}}\n'
+            f'listen: "{self.host}:{self.port}"\nmax_payload: 16MB\njetstream {{\n  store_dir: "{self.store_dir}"\n}}\n'
         )
         # nats-server enables JetStream (and recovers its streams) before it
         # listens, so an open port means JetStream is usable.

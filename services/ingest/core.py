@@ -3,6 +3,7 @@
 Audio is stored as 16 kHz mono pcm_s16le (shared/audio.py) whatever the bot sends; one soxr stream per
 session keeps resampling continuous across chunk joins.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +15,14 @@ from jetscribe.shared import subjects
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.config import IngestConfig
 from jetscribe.shared.errors import CodedError
-from jetscribe.shared.wire import WHISPER_LANGUAGES, AudioChunk, AudioMessage, SessionCheckpoint, SessionControl, SessionEvent
+from jetscribe.shared.wire import (
+    WHISPER_LANGUAGES,
+    AudioChunk,
+    AudioMessage,
+    SessionCheckpoint,
+    SessionControl,
+    SessionEvent,
+)
 
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
 
@@ -118,8 +126,14 @@ class IngestBook:
         self.sessions[(tenant, session_id)] = ledger
         return ledger
 
-    def recall(self, tenant: str, session_id: str, last_stored: AudioMessage | None, closing: SessionEvent | None,
-               checkpoint: SessionCheckpoint | None) -> SessionLedger | None:
+    def recall(
+        self,
+        tenant: str,
+        session_id: str,
+        last_stored: AudioMessage | None,
+        closing: SessionEvent | None,
+        checkpoint: SessionCheckpoint | None,
+    ) -> SessionLedger | None:
         """Adopt a session this gateway has not seen (after a restart) from what the streams hold of it; None if
         they hold nothing, so it is new.
 
@@ -151,14 +165,19 @@ class IngestBook:
         """A start opens a session, or answers a reconnecting bot with where it left off."""
         check_ids(control.tenant, control.session_id)
         if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
-            raise RequestRefused("bad_language", f"language {control.language!r} is not a Whisper language code "
-                                 f"(like 'en', 'de', 'fr') or 'auto'")
+            raise RequestRefused(
+                "bad_language",
+                f"language {control.language!r} is not a Whisper language code (like 'en', 'de', 'fr') or 'auto'",
+            )
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             limit = self.config.max_sessions_per_tenant
             if self.active_sessions(control.tenant) >= limit:
-                raise RequestRefused("too_many_sessions", f"tenant {control.tenant} already has {limit} active "
-                                     f"sessions, its limit; end one, then start again")
+                raise RequestRefused(
+                    "too_many_sessions",
+                    f"tenant {control.tenant} already has {limit} active "
+                    f"sessions, its limit; end one, then start again",
+                )
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
         elif ledger.ended:
             _refuse_if_rejected(ledger)
@@ -181,9 +200,14 @@ class IngestBook:
             ledger.resampler = None
             if len(rest):
                 tail = AudioChunk(
-                    tenant=control.tenant, session_id=control.session_id, seq=ledger.last_seq + 1,
-                    sent_at=control.sent_at, sample_rate=SAMPLE_RATE, channels=STORED_CHANNELS,
-                    encoding=STORED_ENCODING, payload=_to_int16(rest).tobytes(),
+                    tenant=control.tenant,
+                    session_id=control.session_id,
+                    seq=ledger.last_seq + 1,
+                    sent_at=control.sent_at,
+                    sample_rate=SAMPLE_RATE,
+                    channels=STORED_CHANNELS,
+                    encoding=STORED_ENCODING,
+                    payload=_to_int16(rest).tobytes(),
                 )
         return ledger, tail
 
@@ -210,11 +234,16 @@ class IngestBook:
         cfg = self.config
         ledger = self._open_ledger(chunk.tenant, chunk.session_id)
         if len(chunk.payload) > cfg.max_chunk_bytes:
-            raise RequestRefused("too_large", f"payload of {len(chunk.payload)} bytes exceeds the limit of "
-                                 f"{cfg.max_chunk_bytes} bytes per chunk; send shorter chunks")
+            raise RequestRefused(
+                "too_large",
+                f"payload of {len(chunk.payload)} bytes exceeds the limit of "
+                f"{cfg.max_chunk_bytes} bytes per chunk; send shorter chunks",
+            )
         if not cfg.min_sample_rate <= chunk.sample_rate <= cfg.max_sample_rate:
-            raise RequestRefused("bad_sample_rate", f"sample_rate {chunk.sample_rate} is outside "
-                                 f"{cfg.min_sample_rate}..{cfg.max_sample_rate} Hz")
+            raise RequestRefused(
+                "bad_sample_rate",
+                f"sample_rate {chunk.sample_rate} is outside {cfg.min_sample_rate}..{cfg.max_sample_rate} Hz",
+            )
         if not 1 <= chunk.channels <= cfg.max_channels:
             raise RequestRefused("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}")
         if chunk.seq < 0:
@@ -222,12 +251,18 @@ class IngestBook:
         if chunk.seq <= ledger.last_seq:
             return ChunkVerdict(store=None, ledger=ledger)
         if chunk.seq != ledger.last_seq + 1:
-            raise RequestRefused("seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; "
-                                 f"resend from there")
+            raise RequestRefused(
+                "seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; resend from there"
+            )
         samples = to_mono_int16(chunk, ledger)
         stored = AudioChunk(
-            tenant=chunk.tenant, session_id=chunk.session_id, seq=chunk.seq, sent_at=chunk.sent_at,
-            sample_rate=SAMPLE_RATE, channels=STORED_CHANNELS, encoding=STORED_ENCODING,
+            tenant=chunk.tenant,
+            session_id=chunk.session_id,
+            seq=chunk.seq,
+            sent_at=chunk.sent_at,
+            sample_rate=SAMPLE_RATE,
+            channels=STORED_CHANNELS,
+            encoding=STORED_ENCODING,
             payload=samples.tobytes(),
         )
         return ChunkVerdict(store=stored, ledger=ledger)
@@ -240,8 +275,11 @@ class IngestBook:
         check_ids(tenant, session_id)
         ledger = self.ledger(tenant, session_id)
         if ledger is None:
-            raise RequestRefused("unknown_session", f"session {tenant}/{session_id} was never started; "
-                                 f"send a start on {subjects.ingest_session(tenant, session_id)} first")
+            raise RequestRefused(
+                "unknown_session",
+                f"session {tenant}/{session_id} was never started; "
+                f"send a start on {subjects.ingest_session(tenant, session_id)} first",
+            )
         if ledger.ended:
             _refuse_if_rejected(ledger)
             raise RequestRefused("session_ended", f"session {session_id} has ended")
@@ -250,5 +288,7 @@ class IngestBook:
 
 def _refuse_if_rejected(ledger: SessionLedger) -> None:
     if ledger.rejection is not None:
-        raise RequestRefused("rejected", f"session {ledger.tenant}/{ledger.session_id} was rejected by the "
-                             f"transcriber: {ledger.rejection}")
+        raise RequestRefused(
+            "rejected",
+            f"session {ledger.tenant}/{ledger.session_id} was rejected by the transcriber: {ledger.rejection}",
+        )

@@ -3,6 +3,7 @@
 Nothing is acked before it is committed, so a crash, a stop or a Postgres outage loses nothing: the
 consumer redelivers, and the upserts make the repeat harmless.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,9 @@ class RefusedByDatabase(Unstorable):
 class Persister:
     """Moves one fetched batch into Postgres: drop what can't be stored, write the rest, then ack."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, engine: AsyncEngine, config: PersisterConfig,
-                 stop: asyncio.Event):
+    def __init__(
+        self, nc: Client, js: JetStreamContext, engine: AsyncEngine, config: PersisterConfig, stop: asyncio.Event
+    ):
         self.nc, self.js, self.engine, self.config, self.stop = nc, js, engine, config, stop
         self.tracer = trace.get_tracer(f"jetscribe.{SERVICE}")
         # Set when an ack may not have reached the server; `run` then has the consumer redeliver at once.
@@ -115,8 +117,14 @@ class Persister:
                     raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
                 delay = backoff_delay(attempt, max_s=self.config.retry_max_s)
                 attempt += 1
-                log.warning("writing %d messages failed (%s); retry %d in %.1f s%s",
-                            len(items), _first_line(exc), attempt, delay, _hint(exc))
+                log.warning(
+                    "writing %d messages failed (%s); retry %d in %.1f s%s",
+                    len(items),
+                    _first_line(exc),
+                    attempt,
+                    delay,
+                    _hint(exc),
+                )
             if await stopped_within(self.stop, delay):
                 log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
                 return False
@@ -128,7 +136,7 @@ class Persister:
             for msg in msgs:
                 await msg.ack()
             await self.nc.flush(timeout=5)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             # Committed but maybe not acked: the redelivery is an idempotent repeat.
             self.acks_in_doubt = True
             log.warning("acking %d messages failed (%s); they will be redelivered", len(msgs), exc)
@@ -139,7 +147,7 @@ class Persister:
         log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.warning("could not publish the error event (%s)", exc)
         try:
             await msg.term()  # never redelivered: it would fail the same way every time
@@ -158,8 +166,7 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
         await _redeliver_unacked(nc)
         persister = Persister(nc, js, engine, config, stop)
         reconnects = nc.stats["reconnects"]
-        log.info("persisting %s to Postgres in batches of up to %d",
-                 subjects.TRANSCRIPTS_STREAM, config.batch_size)
+        log.info("persisting %s to Postgres in batches of up to %d", subjects.TRANSCRIPTS_STREAM, config.batch_size)
         while not stop.is_set():
             if (persister.acks_in_doubt or nc.stats["reconnects"] != reconnects) and nc.is_connected:
                 # A NATS restart can come back holding messages it delivered to us as unacked: acks sent just
@@ -170,7 +177,7 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
                     reconnects, persister.acks_in_doubt = seen, False
             try:
                 msgs = await sub.fetch(config.batch_size, timeout=FETCH_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except nats.js.errors.APIError as exc:
                 # The consumer or stream is gone (deleted by hand, or a fresh NATS store): declare them again.
@@ -208,7 +215,7 @@ async def _redeliver_unacked_after_reconnect(nc) -> bool:
     still recovering after a restart): the loop tries again before its next fetch."""
     try:
         done = await _redeliver_unacked(nc)
-    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error) as exc:
         log.warning("could not reset the consumer to its ack floor (%s); trying again", exc)
         return False
     if done:
@@ -219,20 +226,29 @@ async def _redeliver_unacked_after_reconnect(nc) -> bool:
 async def _subscribe(js: JetStreamContext, settings: StreamSettings, config: PersisterConfig):
     await ensure_streams(js, settings)
     return await js.pull_subscribe(
-        "", durable=subjects.PERSISTER_CONSUMER, stream=subjects.TRANSCRIPTS_STREAM,
+        "",
+        durable=subjects.PERSISTER_CONSUMER,
+        stream=subjects.TRANSCRIPTS_STREAM,
         config=consumer_config(config),
     )
 
 
-async def _resubscribe(sub, js: JetStreamContext, settings: StreamSettings, config: PersisterConfig,
-                       stop: asyncio.Event):
+async def _resubscribe(
+    sub, js: JetStreamContext, settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event
+):
     try:
         await sub.unsubscribe()
     except nats.errors.Error:
         pass
     try:
-        return await retry(lambda: _subscribe(js, settings, config), what="subscribing", stop=stop,
-                           retry_on=(nats.errors.Error, asyncio.TimeoutError), first_s=FETCH_WAIT_S * 2, logger=log)
+        return await retry(
+            lambda: _subscribe(js, settings, config),
+            what="subscribing",
+            stop=stop,
+            retry_on=(nats.errors.Error, asyncio.TimeoutError),
+            first_s=FETCH_WAIT_S * 2,
+            logger=log,
+        )
     except Stopped:
         return sub
 

@@ -3,12 +3,13 @@
 Every rule here is written so that applying a batch twice, or in pieces, ends in the same rows:
 JetStream redelivers anything not acked, so the persister sees repeats after every restart.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from jetscribe.shared import subjects
 from jetscribe.shared.errors import CodedError
@@ -44,7 +45,7 @@ def timestamp(epoch_s: float) -> datetime | None:
     """A wire time (epoch seconds, 0 meaning unknown) as an aware datetime."""
     if not epoch_s:
         return None
-    return datetime.fromtimestamp(epoch_s, timezone.utc)
+    return datetime.fromtimestamp(epoch_s, UTC)
 
 
 def _or_none(value: str | None) -> str | None:
@@ -234,5 +235,6 @@ def _nul_problem(texts: Iterable[str | None]) -> str | None:
 def dropped_event(subject: str, problem: CodedError, at: float) -> ErrorEvent:
     """The ErrorEvent reporting a message the persister dropped: Unstorable, or a WireError from decoding it."""
     tenant, session_id = subject_route(subject)
-    return ErrorEvent(tenant=tenant, session_id=session_id, code=problem.code, message=f"{subject}: {problem.message}",
-                      at=at)
+    return ErrorEvent(
+        tenant=tenant, session_id=session_id, code=problem.code, message=f"{subject}: {problem.message}", at=at
+    )

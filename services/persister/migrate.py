@@ -1,4 +1,5 @@
 """Schema migrations, run from code: `upgrade(database_url)` is what `jetscribe db upgrade` calls."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Postgres reads and writes: idempotent upserts of a planned batch, and the queries the CLI shows."""
+
 from __future__ import annotations
 
 import asyncio
@@ -160,6 +161,7 @@ async def wait_until_ended(engine: AsyncEngine, tenant: str, session_id: str, ti
         if row is not None and row.status in CLOSED:
             return row
         if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"session {tenant}/{session_id} did not end (ended or rejected) in PostgreSQL "
-                               f"within {timeout_s:.0f} s")
+            raise TimeoutError(
+                f"session {tenant}/{session_id} did not end (ended or rejected) in PostgreSQL within {timeout_s:.0f} s"
+            )
         await asyncio.sleep(0.1)

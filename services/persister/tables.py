@@ -1,4 +1,5 @@
 """The Postgres schema as SQLAlchemy models. The database is created from migrations, never from these."""
+
 from __future__ import annotations
 
 from datetime import datetime

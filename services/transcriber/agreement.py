@@ -3,6 +3,7 @@
 The guards drop what Whisper invents (text for silence, loops, stock phrases after speech);
 `agree` is LocalAgreement-2 over an utterance's consecutive interim hypotheses.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,7 +62,7 @@ def has_loop(words: list[Word], max_repeats: int = 3) -> bool:
     for n in range(1, 5):
         run = 1
         for i in range(n, len(tokens) - n + 1, n):
-            if tokens[i:i + n] == tokens[i - n:i]:
+            if tokens[i : i + n] == tokens[i - n : i]:
                 run += 1
                 if run > max_repeats:
                     return True

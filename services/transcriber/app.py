@@ -4,6 +4,7 @@ Decisions (what to decode, when a segment is final, which message is acked when,
 timeouts) live in `core`; this file moves bytes between JetStream, the core and the model, and carries
 out each `Step` the core returns, in its one order (`_carry_out`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,17 @@ from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
 from jetscribe.shared.retry import Stopped, retry, stopped_within
 from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
-from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, SessionCheckpoint, SessionControl, WireError, decode,
-                         encode, language_for)
+from jetscribe.shared.wire import (
+    AudioChunk,
+    AudioMessage,
+    ErrorEvent,
+    SessionCheckpoint,
+    SessionControl,
+    WireError,
+    decode,
+    encode,
+    language_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +48,20 @@ FINISHED_REMEMBERED = 10_000
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
     return CommitOptions(
-        endpoint_silence_s=config.endpoint_silence_s, max_utterance_s=config.max_utterance_s,
-        interim_every_s=config.interim_every_s, beam_size=config.beam_size,
-        interim_beam_size=config.interim_beam_size, final_window=config.resolved_final_window(),
+        endpoint_silence_s=config.endpoint_silence_s,
+        max_utterance_s=config.max_utterance_s,
+        interim_every_s=config.interim_every_s,
+        beam_size=config.beam_size,
+        interim_beam_size=config.interim_beam_size,
+        final_window=config.resolved_final_window(),
         sentence_endpoint_s=config.sentence_endpoint_s,
     )
 
 
 def session_limits(config: TranscriberConfig) -> SessionLimits:
-    return SessionLimits(max_sessions=config.max_sessions, max_buffered_s=config.max_buffered_s,
-                         idle_timeout_s=config.idle_timeout_s)
+    return SessionLimits(
+        max_sessions=config.max_sessions, max_buffered_s=config.max_buffered_s, idle_timeout_s=config.idle_timeout_s
+    )
 
 
 @dataclass
@@ -68,8 +82,9 @@ class FinishedSession:
 
 
 class TranscriberWorker:
-    def __init__(self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None,
-                 clock: Clock | None = None):
+    def __init__(
+        self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None, clock: Clock | None = None
+    ):
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
@@ -95,8 +110,9 @@ class TranscriberWorker:
         self.checkpoints = await ensure_checkpoints(self.js, self.settings)
         self._tasks.append(asyncio.create_task(self._decode_loop()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
-        self.group = PartitionGroup.from_config(self.nc, self.settings, self.config,
-                                                on_assigned=self._assigned, on_revoked=self._revoked)
+        self.group = PartitionGroup.from_config(
+            self.nc, self.settings, self.config, on_assigned=self._assigned, on_revoked=self._revoked
+        )
         await self.group.start()
 
     async def drain(self) -> None:
@@ -136,8 +152,10 @@ class TranscriberWorker:
         deadline = self.clock.monotonic() + self.config.drain_timeout_s
         while any(not r.stream.gone for r in records):
             if self.clock.monotonic() > deadline:
-                log.warning("hand-over: sessions not finalized in %.0f s; the next owner redoes them",
-                            self.config.drain_timeout_s)
+                log.warning(
+                    "hand-over: sessions not finalized in %.0f s; the next owner redoes them",
+                    self.config.drain_timeout_s,
+                )
                 break
             await asyncio.sleep(0.05)
         for record in records:
@@ -174,13 +192,23 @@ class TranscriberWorker:
         try:
             message = decode(msg.data, AudioMessage)
             if isinstance(message, AudioChunk) and (
-                    message.sample_rate, message.channels, message.encoding, len(message.payload) % 2) != (
-                    SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING, 0):
+                message.sample_rate,
+                message.channels,
+                message.encoding,
+                len(message.payload) % 2,
+            ) != (SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING, 0):
                 raise WireError("malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)")
         except WireError as exc:
             parts = msg.subject.split(".")
-            await self._report(ErrorEvent(tenant=parts[1] if len(parts) > 1 else "", session_id=None,
-                                          code=exc.code, message=str(exc), at=self.clock.wall()))
+            await self._report(
+                ErrorEvent(
+                    tenant=parts[1] if len(parts) > 1 else "",
+                    session_id=None,
+                    code=exc.code,
+                    message=str(exc),
+                    at=self.clock.wall(),
+                )
+            )
             await msg.term()
             return
         key = (message.tenant, message.session_id)
@@ -203,10 +231,18 @@ class TranscriberWorker:
         if start and start.model and start.model != self.model_name:
             log.warning("%s/%s asked for model %s; this worker serves %s", *key, start.model, self.model_name)
         stream: SessionStream[Msg] = SessionStream(
-            key[0], key[1], language=language_for(self.model_name, start.language if start else None),
-            model=self.model_name, worker_id=self.config.worker_id, options=self.options,
-            vad=WebrtcVoiceDetector(self.config.vad_aggressiveness), clock=self.clock, limits=self.limits,
-            checkpoint=checkpoint, sessions_before=len(self.sessions))
+            key[0],
+            key[1],
+            language=language_for(self.model_name, start.language if start else None),
+            model=self.model_name,
+            worker_id=self.config.worker_id,
+            options=self.options,
+            vad=WebrtcVoiceDetector(self.config.vad_aggressiveness),
+            clock=self.clock,
+            limits=self.limits,
+            checkpoint=checkpoint,
+            sessions_before=len(self.sessions),
+        )
         if checkpoint is not None:
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
         record = self.sessions[key] = SessionRecord(stream, partition)
@@ -218,9 +254,15 @@ class TranscriberWorker:
         if is_reused(message) and not finished.reported:
             finished.reported = True
             log.warning("%s/%s: a new start for a session that has ended; its messages are acked unused", *key)
-            await self._report(ErrorEvent(
-                tenant=key[0], session_id=key[1], code="session_ended", at=self.clock.wall(),
-                message="this session has ended; its id cannot be used again: start a new session"))
+            await self._report(
+                ErrorEvent(
+                    tenant=key[0],
+                    session_id=key[1],
+                    code="session_ended",
+                    at=self.clock.wall(),
+                    message="this session has ended; its id cannot be used again: start a new session",
+                )
+            )
         await msg.ack()
 
     def _remember_finished(self, key: SessionKey) -> None:
@@ -243,14 +285,24 @@ class TranscriberWorker:
             for error in step.errors:
                 await self._report(error)
             for segment in step.segments:
-                await self._publish(subjects.transcript(segment.tenant, segment.session_id), encode(segment),
-                                    subjects.segment_message_id(segment.tenant, segment.session_id,
-                                                                segment.segment_id, segment.status,
-                                                                segment.revision, segment.worker_id))
+                await self._publish(
+                    subjects.transcript(segment.tenant, segment.session_id),
+                    encode(segment),
+                    subjects.segment_message_id(
+                        segment.tenant,
+                        segment.session_id,
+                        segment.segment_id,
+                        segment.status,
+                        segment.revision,
+                        segment.worker_id,
+                    ),
+                )
             for event in step.events:
-                await self._publish(subjects.session_event(event.tenant, event.session_id, event.event),
-                                    encode(event),
-                                    subjects.event_message_id(event.tenant, event.session_id, event.event))
+                await self._publish(
+                    subjects.session_event(event.tenant, event.session_id, event.event),
+                    encode(event),
+                    subjects.event_message_id(event.tenant, event.session_id, event.event),
+                )
             if step.checkpoint is not None:
                 await self._save_checkpoint(step.checkpoint)
             for msg in step.ack:
@@ -269,8 +321,12 @@ class TranscriberWorker:
     async def _save_checkpoint(self, checkpoint: SessionCheckpoint) -> None:
         """Store it, retrying: the audio it accounts for is acked only after this."""
         key = subjects.checkpoint_key(checkpoint.tenant, checkpoint.session_id)
-        await retry(lambda: self.checkpoints.put(key, encode(checkpoint)), what=f"checkpoint of {key}",
-                    stop=self.stopping, logger=log)
+        await retry(
+            lambda: self.checkpoints.put(key, encode(checkpoint)),
+            what=f"checkpoint of {key}",
+            stop=self.stopping,
+            logger=log,
+        )
 
     async def _housekeeping(self) -> None:
         """Let the cores see time pass (idle sessions end), and keep waiting audio from being redelivered."""
@@ -333,9 +389,15 @@ class TranscriberWorker:
             try:
                 result = await asyncio.to_thread(whisper.transcribe, self.model, job)
                 self.load.observe(job, time.perf_counter() - started)
-                log.debug("%s/%s: %s%s of %.1f s audio decoded in %.2f s", stream.tenant, stream.session_id,
-                          job.kind, " (early)" if job.speculative else "", len(job.audio) / SAMPLE_RATE,
-                          time.perf_counter() - started)
+                log.debug(
+                    "%s/%s: %s%s of %.1f s audio decoded in %.2f s",
+                    stream.tenant,
+                    stream.session_id,
+                    job.kind,
+                    " (early)" if job.speculative else "",
+                    len(job.audio) / SAMPLE_RATE,
+                    time.perf_counter() - started,
+                )
             except Exception as exc:
                 log.exception("decode of %s/%s failed", stream.tenant, stream.session_id)
                 result = exc
@@ -344,8 +406,12 @@ class TranscriberWorker:
     # --- out ------------------------------------------------------------------------------
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
-        await retry(lambda: self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}),
-                    what=f"publish to {subject}", stop=self.stopping, logger=log)
+        await retry(
+            lambda: self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}),
+            what=f"publish to {subject}",
+            stop=self.stopping,
+            logger=log,
+        )
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
@@ -365,13 +431,15 @@ async def _settle_message(settle, msg: Msg) -> None:
         log.warning("could not settle %s: %r", msg.subject, exc)
 
 
-async def run(settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None,
-              model=None) -> None:
+async def run(
+    settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None, model=None
+) -> None:
     tracer = telemetry.trace.get_tracer("jetscribe.transcriber")
     if model is None:
         log.info("loading Whisper %s on %s (%s)", config.model, config.device, config.compute_type)
-        model = await asyncio.to_thread(whisper.load_model, config.model, config.device, config.compute_type,
-                                        config.cpu_threads)
+        model = await asyncio.to_thread(
+            whisper.load_model, config.model, config.device, config.compute_type, config.cpu_threads
+        )
     nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
     worker = TranscriberWorker(nc, settings, config, model, tracer)
     await worker.start()
@@ -384,5 +452,6 @@ async def run(settings: StreamSettings, config: TranscriberConfig, stop: asyncio
 
 
 def main() -> int:
-    return telemetry.serve("transcriber",
-                           lambda stop: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop))
+    return telemetry.serve(
+        "transcriber", lambda stop: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop)
+    )

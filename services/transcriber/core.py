@@ -10,6 +10,7 @@ Latency: a final is decoded speculatively once the speaker has paused for `specu
 the audio the endpoint will cut; if the pause becomes an endpoint, that result is the final and no second
 decode is needed. Interims mark the words two consecutive hypotheses agree on as stable.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -53,16 +54,29 @@ class Step(Generic[M]):
 
     @property
     def empty(self) -> bool:
-        return not (self.errors or self.segments or self.events or self.checkpoint or self.ack or self.nak
-                    or self.closed)
+        return not (
+            self.errors or self.segments or self.events or self.checkpoint or self.ack or self.nak or self.closed
+        )
 
 
 class SessionStream(Generic[M]):
     """The live state of one session on the worker that owns it."""
 
-    def __init__(self, tenant: str, session_id: str, *, language: str | None, model: str, worker_id: str,
-                 options: CommitOptions, vad: VoiceDetector, clock: Clock, limits: SessionLimits = SessionLimits(),
-                 checkpoint: SessionCheckpoint | None = None, sessions_before: int = 0):
+    def __init__(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        language: str | None,
+        model: str,
+        worker_id: str,
+        options: CommitOptions,
+        vad: VoiceDetector,
+        clock: Clock,
+        limits: SessionLimits = SessionLimits(),
+        checkpoint: SessionCheckpoint | None = None,
+        sessions_before: int = 0,
+    ):
         self.tenant, self.session_id = tenant, session_id
         self.language, self.model, self.worker_id = language, model, worker_id
         self.options, self.limits, self.clock = options, limits, clock
@@ -111,8 +125,12 @@ class SessionStream(Generic[M]):
         self.last_audio_at = self.clock.monotonic()
         self.segmenter.add(samples, self.last_audio_at)
         if len(self.segmenter.buffer) > self.limits.max_buffered_s * SAMPLE_RATE:
-            return self._reject(step, "buffer_full", f"more than {self.limits.max_buffered_s:g} s of audio "
-                                "waiting to be transcribed: the worker cannot keep up")
+            return self._reject(
+                step,
+                "buffer_full",
+                f"more than {self.limits.max_buffered_s:g} s of audio "
+                "waiting to be transcribed: the worker cannot keep up",
+            )
         return self._settle(step)
 
     def complete(self, job: DecodeJob, result: Decoded | BaseException) -> Step[M]:
@@ -126,8 +144,12 @@ class SessionStream(Generic[M]):
             if self._failures < self.limits.max_decode_attempts:
                 return step  # offered again by `next_job`
             # Give up on this utterance rather than block the session (and every session behind it).
-            step.errors.append(self._error("decode_failed", f"utterance at {job.start_sample / SAMPLE_RATE:.2f} s "
-                                                            f"could not be decoded: {result}"))
+            step.errors.append(
+                self._error(
+                    "decode_failed",
+                    f"utterance at {job.start_sample / SAMPLE_RATE:.2f} s could not be decoded: {result}",
+                )
+            )
             result = Decoded([])
         self._failures = 0
         step.segments += self._apply(job, result)
@@ -139,8 +161,9 @@ class SessionStream(Generic[M]):
         if self.gone or self.ending:
             return step
         if self.clock.monotonic() - self.last_audio_at > self.limits.idle_timeout_s:
-            step.notes.append(f"{self.tenant}/{self.session_id}: no audio for "
-                              f"{self.limits.idle_timeout_s:.0f} s; ending it")
+            step.notes.append(
+                f"{self.tenant}/{self.session_id}: no audio for {self.limits.idle_timeout_s:.0f} s; ending it"
+            )
             self.end("idle_timeout")
             return self._settle(step)
         return step
@@ -240,13 +263,29 @@ class SessionStream(Generic[M]):
         prompt = " ".join(self.committed_words)
         self.busy = True
         if kind == "interim":
-            return DecodeJob(kind="interim", audio=audio, start_sample=utt.start, end_sample=end,
-                             language=self.language, prompt=prompt, beam_size=self.options.interim_beam_size,
-                             speech_end_sample=end, window="short")
-        return DecodeJob(kind="final", audio=audio, start_sample=utt.start, end_sample=end, language=self.language,
-                         prompt=prompt, beam_size=self.options.beam_size,
-                         speech_end_sample=min(utt.speech_end, end), speculative=speculative,
-                         window=self.options.final_window)
+            return DecodeJob(
+                kind="interim",
+                audio=audio,
+                start_sample=utt.start,
+                end_sample=end,
+                language=self.language,
+                prompt=prompt,
+                beam_size=self.options.interim_beam_size,
+                speech_end_sample=end,
+                window="short",
+            )
+        return DecodeJob(
+            kind="final",
+            audio=audio,
+            start_sample=utt.start,
+            end_sample=end,
+            language=self.language,
+            prompt=prompt,
+            beam_size=self.options.beam_size,
+            speech_end_sample=min(utt.speech_end, end),
+            speculative=speculative,
+            window=self.options.final_window,
+        )
 
     # --- decode results --------------------------------------------------------------------------
     def _apply(self, job: DecodeJob, decoded: Decoded) -> list[Segment]:
@@ -262,8 +301,12 @@ class SessionStream(Generic[M]):
             if utt is None or utt.start != job.start_sample:
                 return []  # cut elsewhere meanwhile; that utterance gets its own final
             utt.speculation = (job, decoded)  # the final, if this pause becomes an endpoint
-            if (self.options.sentence_endpoint_s > 0 and utt.speculate_end == job.end_sample and ends_sentence(words)
-                    and job.end_sample - job.start_sample >= self.options.sentence_endpoint_s * SAMPLE_RATE):
+            if (
+                self.options.sentence_endpoint_s > 0
+                and utt.speculate_end == job.end_sample
+                and ends_sentence(words)
+                and job.end_sample - job.start_sample >= self.options.sentence_endpoint_s * SAMPLE_RATE
+            ):
                 # Still in the same pause, after a whole sentence: end the utterance here rather than
                 # wait for 0.5 s of silence that a quick speaker never leaves.
                 self.segmenter.close_at(job.end_sample, self.clock.monotonic())
@@ -305,8 +348,9 @@ class SessionStream(Generic[M]):
             out.append(Word(w.word, round(start, 3), round(end, 3), round(float(w.probability), 3)))
         return out
 
-    def _segment(self, utt: Utterance, status: str, words: list[Word], job: DecodeJob,
-                 stable_words: int = 0) -> Segment:
+    def _segment(
+        self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, stable_words: int = 0
+    ) -> Segment:
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
             self.next_segment_id += 1
@@ -315,10 +359,22 @@ class SessionStream(Generic[M]):
         end = words[-1].end if words else job.end_sample / SAMPLE_RATE
         seqs = self.ledger.seqs_overlapping(job.start_sample, job.end_sample) or [self.ledger.last_seq]
         return Segment(
-            tenant=self.tenant, session_id=self.session_id, segment_id=utt.segment_id, revision=utt.revision,
-            status=status, start=start, end=end, text="".join(w.word for w in words).strip(), words=words,
-            stable_words=stable_words, language=self.language, model=self.model, seq_first=seqs[0],
-            seq_last=seqs[-1], worker_id=self.worker_id, published_at=self.clock.wall(),
+            tenant=self.tenant,
+            session_id=self.session_id,
+            segment_id=utt.segment_id,
+            revision=utt.revision,
+            status=status,
+            start=start,
+            end=end,
+            text="".join(w.word for w in words).strip(),
+            words=words,
+            stable_words=stable_words,
+            language=self.language,
+            model=self.model,
+            seq_first=seqs[0],
+            seq_last=seqs[-1],
+            worker_id=self.worker_id,
+            published_at=self.clock.wall(),
         )
 
     # --- acks, checkpoints and the session's end -------------------------------------------------
@@ -373,8 +429,11 @@ class SessionStream(Generic[M]):
         """A new session (no checkpoint): take it if the worker has room, announcing it; else reject it."""
         others, self._admission = self._admission, None
         if others is not None and others >= self.limits.max_sessions:
-            self._reject(step, "worker_full", f"this worker already has {self.limits.max_sessions} sessions "
-                                              "(JETSCRIBE_MAX_SESSIONS_PER_WORKER)")
+            self._reject(
+                step,
+                "worker_full",
+                f"this worker already has {self.limits.max_sessions} sessions (JETSCRIBE_MAX_SESSIONS_PER_WORKER)",
+            )
             return False
         step.events.append(self._event("started"))
         step.checkpoint = self._checkpoint()  # the language is known to whoever takes over
@@ -393,22 +452,38 @@ class SessionStream(Generic[M]):
     def _checkpoint(self, finished: bool = False) -> SessionCheckpoint:
         pending = [u.segment_id for u in [*self.closed, self.open] if u is not None and u.segment_id is not None]
         return SessionCheckpoint(
-            tenant=self.tenant, session_id=self.session_id, acked_seq=self.ledger.acked_seq,
-            acked_samples=self.ledger.acked_samples, chunks_received=self.ledger.acked_chunks,
-            next_segment_id=min(pending, default=self.next_segment_id), committed_tail=list(self.committed_words),
-            language=self.language, finished=finished, worker_id=self.worker_id, updated_at=self.clock.wall(),
+            tenant=self.tenant,
+            session_id=self.session_id,
+            acked_seq=self.ledger.acked_seq,
+            acked_samples=self.ledger.acked_samples,
+            chunks_received=self.ledger.acked_chunks,
+            next_segment_id=min(pending, default=self.next_segment_id),
+            committed_tail=list(self.committed_words),
+            language=self.language,
+            finished=finished,
+            worker_id=self.worker_id,
+            updated_at=self.clock.wall(),
         )
 
     def _event(self, event: str, reason: str = "") -> SessionEvent:
         return SessionEvent(
-            tenant=self.tenant, session_id=self.session_id, event=event, at=self.clock.wall(), reason=reason,
-            language=self.language, model=self.model, chunks_received=self.ledger.chunks_received,
-            audio_seconds=self.received / SAMPLE_RATE, segments=self.next_segment_id, worker_id=self.worker_id,
+            tenant=self.tenant,
+            session_id=self.session_id,
+            event=event,
+            at=self.clock.wall(),
+            reason=reason,
+            language=self.language,
+            model=self.model,
+            chunks_received=self.ledger.chunks_received,
+            audio_seconds=self.received / SAMPLE_RATE,
+            segments=self.next_segment_id,
+            worker_id=self.worker_id,
         )
 
     def _error(self, code: str, message: str) -> ErrorEvent:
-        return ErrorEvent(tenant=self.tenant, session_id=self.session_id, code=code, message=message,
-                          at=self.clock.wall())
+        return ErrorEvent(
+            tenant=self.tenant, session_id=self.session_id, code=code, message=message, at=self.clock.wall()
+        )
 
 
 def is_reused(message: AudioChunk | SessionControl) -> bool:

@@ -1,5 +1,6 @@
 """What goes to Whisper and what comes back: decode jobs, their results, the decode cost, and which
 session decodes next."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ class DecodeLoad:
 
     def observe(self, job: DecodeJob, seconds: float) -> None:
         if job.kind == "interim":
-            self.interim_s = seconds if not self.interim_s else (
-                self.smoothing * seconds + (1 - self.smoothing) * self.interim_s)
+            self.interim_s = (
+                seconds if not self.interim_s else (self.smoothing * seconds + (1 - self.smoothing) * self.interim_s)
+            )
 
     def interim_every(self, fastest_s: float, speaking_sessions: int) -> float:
         """Seconds of new speech between two interims of one session."""

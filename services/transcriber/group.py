@@ -27,6 +27,7 @@ Acks are not fenced: what a worker already received when it froze it may still a
 must drop a partition's held messages on `on_revoked(p, lost=True)` or `PartitionLost`; a late ack
 of a redelivered chunk is harmless because the transcriber's outputs are deduplicated by id.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,18 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError
 
-from jetscribe.services.transcriber.partitions import (Lease, decode_lease, decode_member, encode_lease, encode_member,
-                                             lease_deadline, lease_ttl_seconds, may_acquire, plan, pull_window)
+from jetscribe.services.transcriber.partitions import (
+    Lease,
+    decode_lease,
+    decode_member,
+    encode_lease,
+    encode_member,
+    lease_deadline,
+    lease_ttl_seconds,
+    may_acquire,
+    plan,
+    pull_window,
+)
 from jetscribe.shared import jetstream, subjects
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
 from jetscribe.shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError
@@ -64,7 +75,7 @@ class PartitionPuller:
     """Pulls one partition's consumer as its pinned client. Messages are ordinary nats-py `Msg`s:
     `.ack()`, `.nak()`, `.term()`, `.in_progress()` work as usual. One fetch at a time."""
 
-    def __init__(self, group: "PartitionGroup", partition: int):
+    def __init__(self, group: PartitionGroup, partition: int):
         self.group = group
         self.partition = partition
         self.consumer = group.consumer_name(partition)
@@ -108,8 +119,9 @@ class PartitionPuller:
         self._requests += 1
         reply = f"{self._inbox}.{self._requests}"
         self._request_ends = time.monotonic() + window
-        await g.api.pull(g.stream, self.consumer, reply=reply, batch=batch, expires_s=window,
-                         group=g.priority_group, pin=self.pin_id)
+        await g.api.pull(
+            g.stream, self.consumer, reply=reply, batch=batch, expires_s=window, group=g.priority_group, pin=self.pin_id
+        )
         msgs: list[Msg] = []
         give_up = self._request_ends + 1.0  # the server answers by `expires`; 1 s for the way back
         while len(msgs) < batch:
@@ -212,16 +224,27 @@ class PartitionGroup:
     member id never both own a partition: the second waits as a standby.
     """
 
-    def __init__(self, nc, member_id: str, *, partitions: int = 16, eligible: Collection[int] | None = None,
-                 heartbeat_s: float = 1.0, lease_ttl_s: float = 5.0,
-                 on_assigned: OnAssigned | None = None, on_revoked: OnRevoked | None = None,
-                 stream: str = subjects.AUDIO_STREAM,
-                 consumer_name: Callable[[int], str] = subjects.transcriber_consumer,
-                 filter_subject: Callable[[int], str] = subjects.audio_partition_filter,
-                 priority_group: str = subjects.TRANSCRIBER_PRIORITY_GROUP,
-                 members_bucket: str = subjects.TRANSCRIBER_MEMBERS_BUCKET,
-                 leases_bucket: str = subjects.PARTITION_LEASES_BUCKET,
-                 ack_wait_s: float = 300.0, max_ack_pending: int = 20_000, consumer_config: dict | None = None):
+    def __init__(
+        self,
+        nc,
+        member_id: str,
+        *,
+        partitions: int = 16,
+        eligible: Collection[int] | None = None,
+        heartbeat_s: float = 1.0,
+        lease_ttl_s: float = 5.0,
+        on_assigned: OnAssigned | None = None,
+        on_revoked: OnRevoked | None = None,
+        stream: str = subjects.AUDIO_STREAM,
+        consumer_name: Callable[[int], str] = subjects.transcriber_consumer,
+        filter_subject: Callable[[int], str] = subjects.audio_partition_filter,
+        priority_group: str = subjects.TRANSCRIBER_PRIORITY_GROUP,
+        members_bucket: str = subjects.TRANSCRIBER_MEMBERS_BUCKET,
+        leases_bucket: str = subjects.PARTITION_LEASES_BUCKET,
+        ack_wait_s: float = 300.0,
+        max_ack_pending: int = 20_000,
+        consumer_config: dict | None = None,
+    ):
         if not _KV_KEY.fullmatch(member_id):
             raise ValueError(f"member id {member_id!r} must be a KV key: letters, digits, '-', '_', '=', '/', '.'")
         self.ttl_s = lease_ttl_seconds(lease_ttl_s)
@@ -244,8 +267,11 @@ class PartitionGroup:
         self.priority_group = priority_group
         self.members_bucket = members_bucket
         self.leases_bucket = leases_bucket
-        self.consumer_config = {"ack_wait": jetstream.nanoseconds(ack_wait_s), "max_ack_pending": max_ack_pending,
-                                **(consumer_config or {})}
+        self.consumer_config = {
+            "ack_wait": jetstream.nanoseconds(ack_wait_s),
+            "max_ack_pending": max_ack_pending,
+            **(consumer_config or {}),
+        }
         self.members: dict[str, frozenset[int] | None] = {}  # the live set as last read
         self._last_plan = None
         self._stopping = False
@@ -257,14 +283,20 @@ class PartitionGroup:
         self._rebalance_task: asyncio.Task | None = None
 
     @classmethod
-    def from_config(cls, nc, settings: StreamSettings, config: TranscriberConfig, **kwargs) -> "PartitionGroup":
+    def from_config(cls, nc, settings: StreamSettings, config: TranscriberConfig, **kwargs) -> PartitionGroup:
         """The group as a transcriber runs it: JETSCRIBE_WORKER_PARTITIONS (all, or a static subset),
         worker id, heartbeat, lease TTL and ack_wait from the service's configuration."""
         static = config.partitions.strip() not in ("", "all")
-        return cls(nc, config.worker_id, partitions=settings.partitions,
-                   eligible=config.owned_partitions(settings.partitions) if static else None,
-                   heartbeat_s=config.heartbeat_s, lease_ttl_s=config.lease_ttl_s, ack_wait_s=config.ack_wait_s,
-                   **kwargs)
+        return cls(
+            nc,
+            config.worker_id,
+            partitions=settings.partitions,
+            eligible=config.owned_partitions(settings.partitions) if static else None,
+            heartbeat_s=config.heartbeat_s,
+            lease_ttl_s=config.lease_ttl_s,
+            ack_wait_s=config.ack_wait_s,
+            **kwargs,
+        )
 
     @property
     def takeover_s(self) -> float:
@@ -342,12 +374,17 @@ class PartitionGroup:
             log.warning("%s: could not leave the member set (%s); the key expires by its TTL", self.member_id, exc)
 
     async def _heartbeat(self) -> None:
-        await self.api.kv_put(self.members_bucket, self.member_id,
-                              encode_member(self.member_id, self.eligible, time.time()), ttl_s=self.ttl_s)
+        await self.api.kv_put(
+            self.members_bucket,
+            self.member_id,
+            encode_member(self.member_id, self.eligible, time.time()),
+            ttl_s=self.ttl_s,
+        )
 
     async def _read_members(self) -> dict[str, frozenset[int] | None]:
-        info = await self.js.stream_info(f"KV_{self.members_bucket}",
-                                         subjects_filter=jetstream.kv_subject(self.members_bucket))
+        info = await self.js.stream_info(
+            f"KV_{self.members_bucket}", subjects_filter=jetstream.kv_subject(self.members_bucket)
+        )
         members = {}
         for subject in info.state.subjects or {}:
             key = jetstream.kv_key(self.members_bucket, subject)
@@ -372,9 +409,13 @@ class PartitionGroup:
         """Compare-and-set our lease over revision `last`; returns (new revision, deadline).
         Raises WrongLastSequenceError if someone else wrote the key since."""
         sent = time.monotonic()
-        revision = await self.api.kv_put(self.leases_bucket, subjects.partition_lease_key(partition),
-                                         encode_lease(self.holder, self.ttl_s, time.time()),
-                                         ttl_s=self.ttl_s, last_revision=last)
+        revision = await self.api.kv_put(
+            self.leases_bucket,
+            subjects.partition_lease_key(partition),
+            encode_lease(self.holder, self.ttl_s, time.time()),
+            ttl_s=self.ttl_s,
+            last_revision=last,
+        )
         return revision, lease_deadline(sent, self.ttl_s, self.margin_s)
 
     async def _renew(self, held: _Held) -> bool | None:
@@ -405,9 +446,12 @@ class PartitionGroup:
         priority group is upgraded in place and keeps its ack state)."""
         name = self.consumer_name(partition)
         config = {
-            "durable_name": name, "filter_subject": self.filter_subject(partition),
-            "ack_policy": "explicit", "deliver_policy": "all",
-            "priority_groups": [self.priority_group], "priority_policy": "pinned_client",
+            "durable_name": name,
+            "filter_subject": self.filter_subject(partition),
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "priority_groups": [self.priority_group],
+            "priority_policy": "pinned_client",
             # Only a backstop: a new owner unpins explicitly, and the owner pulls continuously.
             "priority_timeout": jetstream.nanoseconds(self.ttl_s),
             **self.consumer_config,
@@ -450,8 +494,13 @@ class PartitionGroup:
         self.members = await self._read_members()
         step = plan(self.member_id, self.partitions, self.members, self._held.keys())
         if (step.release or step.acquire) and step != self._last_plan:
-            log.info("%s: members %s; releasing %s, acquiring %s", self.member_id, sorted(self.members),
-                     list(step.release), list(step.acquire))
+            log.info(
+                "%s: members %s; releasing %s, acquiring %s",
+                self.member_id,
+                sorted(self.members),
+                list(step.release),
+                list(step.acquire),
+            )
         self._last_plan = step
         await asyncio.gather(*(self._release(self._held[p]) for p in step.release))
         for partition in step.acquire:

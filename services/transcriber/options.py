@@ -1,4 +1,5 @@
 """The tuning of a session: how utterances are cut and decoded, and what a worker allows a session."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ lumpy (3 members often get 9/4/3); the load bound costs about one extra move per
 
 `group.py` does the I/O; this file decides.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,8 +114,9 @@ def decode_lease(value: bytes, revision: int) -> Lease:
 
 
 def encode_member(member: str, eligible: Collection[int] | None, at: float) -> bytes:
-    return json.dumps({"member": member, "partitions": None if eligible is None else sorted(eligible),
-                       "at": round(at, 3)}).encode()
+    return json.dumps(
+        {"member": member, "partitions": None if eligible is None else sorted(eligible), "at": round(at, 3)}
+    ).encode()
 
 
 def decode_member(value: bytes) -> tuple[str, frozenset[int] | None]:

@@ -3,6 +3,7 @@
 Speech opens an utterance (with some pre-roll); trailing silence, or the maximum length, closes it.
 Utterances never overlap, so no word can be decoded twice. Frame sizes come from the detector.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -52,17 +53,17 @@ class SampleBuffer:
             grown = np.zeros(max(2 * len(self._data), used + len(samples)), dtype=np.int16)
             grown[:used] = self._data[:used]
             self._data = grown
-        self._data[used:used + len(samples)] = samples
+        self._data[used : used + len(samples)] = samples
         self.end += len(samples)
 
     def slice(self, start: int, end: int) -> np.ndarray:
-        return self._data[start - self.start:end - self.start]
+        return self._data[start - self.start : end - self.start]
 
     def drop_before(self, index: int) -> None:
         cut = min(max(index, self.start), self.end) - self.start
         if cut:
             used = self.end - self.start
-            self._data[:used - cut] = self._data[cut:used]
+            self._data[: used - cut] = self._data[cut:used]
             self.start += cut
 
     def reset_to(self, index: int) -> None:

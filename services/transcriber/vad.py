@@ -2,6 +2,7 @@
 
 A detector owns its frame size; the segmenter reads `frame_samples` and never assumes one.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

@@ -14,6 +14,7 @@ services as child processes, faults injected from the test, numbers reported per
 $JETSCRIBE_CHAOS_TRANSCRIBER names another module to run as the transcriber (python -m), e.g. a
 variant under development; the services' own JETSCRIBE_* settings come from the harness only.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,17 @@ import pytest
 
 from jetscribe.devstack.servers import NatsServer, PostgresServer
 from jetscribe.services.persister.migrate import upgrade
-from tests.chaos.harness import (ChaosStack, ChaosSummary, connect, dialog_speech, short_speech, stream,
-                                 stored, wait_persister_drained, wait_stored_ended)
+from tests.chaos.harness import (
+    ChaosStack,
+    ChaosSummary,
+    connect,
+    dialog_speech,
+    short_speech,
+    stored,
+    stream,
+    wait_persister_drained,
+    wait_stored_ended,
+)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -37,8 +47,11 @@ def pytest_runtest_makereport(item, call):
 
 
 def _failed(request) -> bool:
-    return any(getattr(request.node, f"chaos_rep_{when}", None) is not None
-               and getattr(request.node, f"chaos_rep_{when}").failed for when in ("setup", "call"))
+    return any(
+        getattr(request.node, f"chaos_rep_{when}", None) is not None
+        and getattr(request.node, f"chaos_rep_{when}").failed
+        for when in ("setup", "call")
+    )
 
 
 @pytest.fixture
@@ -124,7 +137,8 @@ def pytest_terminal_summary(terminalreporter):
             f"(outage {num(s.outage_s, ' s')}), words lost {num(s.words_lost)}, segments duplicated "
             f"{num(s.segments_duplicated)}, WER vs no-fault {num(s.wer_vs_baseline)}, vs script "
             f"{num(s.wer_vs_reference)}, {num(s.sessions)} session(s), {num(s.segments)} finals, "
-            f"workers {','.join(s.workers) or '-'}, {num(s.wall_s, ' s')}")
+            f"workers {','.join(s.workers) or '-'}, {num(s.wall_s, ' s')}"
+        )
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ script) can use it directly:
     ...  stream with jetscribe.bot.stream_audio, kill with stack.services["transcriber-w1"].kill() ...
     stack.stop()
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jiwer
@@ -117,7 +118,7 @@ class Service:
     ready_pattern: str = ""  # what its log says once it serves; by default READY[module]
     _log_offset: int = 0  # where the last start's output begins in the log
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         if self.running:
             raise RuntimeError(f"{self.name} is already running (pid {self.proc.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,8 +127,13 @@ class Service:
             log.flush()
             self._log_offset = log.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module], env=self.env, cwd=REPO,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                [sys.executable, "-m", self.module],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
         return self
 
@@ -229,20 +235,22 @@ class ChaosStack:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JETSCRIBE_", "PYTEST_"))}
-        env.update({
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
-            "PYTHONUNBUFFERED": "1",
-            "NATS_URL": self.nats_url,
-            "DATABASE_URL": self.database_url,
-            "JETSCRIBE_MODEL": MODEL,
-            "JETSCRIBE_CPU_THREADS": "1",  # two cores shared by every process of the test
-            "JETSCRIBE_LEASE_TTL_S": str(LEASE_TTL_S),
-            "JETSCRIBE_HEARTBEAT_S": str(HEARTBEAT_S),
-            "JETSCRIBE_ACK_WAIT_S": str(ACK_WAIT_S),
-            "JETSCRIBE_PERSIST_RETRY_MAX_S": "1",
-            "JETSCRIBE_LOG_LEVEL": "INFO",
-            "JETSCRIBE_CLOCK_OFFSET_S": os.environ.get("JETSCRIBE_CLOCK_OFFSET_S", str(10 * 24 * 3600)),
-        })
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+                "PYTHONUNBUFFERED": "1",
+                "NATS_URL": self.nats_url,
+                "DATABASE_URL": self.database_url,
+                "JETSCRIBE_MODEL": MODEL,
+                "JETSCRIBE_CPU_THREADS": "1",  # two cores shared by every process of the test
+                "JETSCRIBE_LEASE_TTL_S": str(LEASE_TTL_S),
+                "JETSCRIBE_HEARTBEAT_S": str(HEARTBEAT_S),
+                "JETSCRIBE_ACK_WAIT_S": str(ACK_WAIT_S),
+                "JETSCRIBE_PERSIST_RETRY_MAX_S": "1",
+                "JETSCRIBE_LOG_LEVEL": "INFO",
+                "JETSCRIBE_CLOCK_OFFSET_S": os.environ.get("JETSCRIBE_CLOCK_OFFSET_S", str(10 * 24 * 3600)),
+            }
+        )
         if os.environ.get("JETSCRIBE_CACHE"):
             env["JETSCRIBE_CACHE"] = os.environ["JETSCRIBE_CACHE"]
         env.update(self.extra_env)
@@ -250,8 +258,9 @@ class ChaosStack:
         return env
 
     def add(self, name: str, module: str, ready_pattern: str = "", **env: str) -> Service:
-        service = Service(name, module, self.env(**env), self.home / "logs" / f"{name}.log",
-                          ready_pattern=ready_pattern)
+        service = Service(
+            name, module, self.env(**env), self.home / "logs" / f"{name}.log", ready_pattern=ready_pattern
+        )
         self.services[name] = service
         return service
 
@@ -264,8 +273,13 @@ class ChaosStack:
     def start_transcriber(self, worker_id: str, **env) -> Service:
         # $JETSCRIBE_CHAOS_TRANSCRIBER runs another module in its place (a variant under test).
         module = os.environ.get("JETSCRIBE_CHAOS_TRANSCRIBER") or "jetscribe.services.transcriber"
-        return self.add(f"transcriber-{worker_id}", module, READY["jetscribe.services.transcriber"],
-                        JETSCRIBE_WORKER_ID=worker_id, **env).start()
+        return self.add(
+            f"transcriber-{worker_id}",
+            module,
+            READY["jetscribe.services.transcriber"],
+            JETSCRIBE_WORKER_ID=worker_id,
+            **env,
+        ).start()
 
     def transcriber(self, worker_id: str) -> Service:
         return self.services[f"transcriber-{worker_id}"]
@@ -298,11 +312,13 @@ class ChaosStack:
 
 async def connect(url: str):
     """A test client that rides out a NATS restart, as the services do."""
-    return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2,
-                              allow_reconnect=True)
+    return await nats.connect(
+        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2, allow_reconnect=True
+    )
 
 
 # --- the consumer group, seen from outside ------------------------------------------------------
+
 
 async def lease_holders(js) -> dict[int, str]:
     """partition -> member id currently holding its lease (KV partition_leases), as far as it exists."""
@@ -323,8 +339,7 @@ async def lease_holders(js) -> dict[int, str]:
     return holders
 
 
-async def wait_group_settled(js, workers: list[str], timeout: float = 20.0,
-                             stable_s: float = 1.0) -> dict[int, str]:
+async def wait_group_settled(js, workers: list[str], timeout: float = 20.0, stable_s: float = 1.0) -> dict[int, str]:
     """Wait until every partition is leased, every worker holds some, and nothing moved for `stable_s`."""
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
@@ -340,13 +355,16 @@ async def wait_group_settled(js, workers: list[str], timeout: float = 20.0,
                 await js.key_value(subjects.PARTITION_LEASES_BUCKET)
                 why = f"leases: {holders}"
             except Exception:
-                why = (f"there is no KV bucket {subjects.PARTITION_LEASES_BUCKET}: the transcribers do not run "
-                       f"the consumer group (services/transcriber/group.py)")
+                why = (
+                    f"there is no KV bucket {subjects.PARTITION_LEASES_BUCKET}: the transcribers do not run "
+                    f"the consumer group (services/transcriber/group.py)"
+                )
             raise TimeoutError(f"consumer group not settled on {workers} within {timeout:.0f} s; {why}")
         await asyncio.sleep(0.1)
 
 
 # --- what was published and what was stored -----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Published:
@@ -363,18 +381,25 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
     filters = [subjects.transcript(tenant, session_id), subjects.session_events_of(tenant, session_id)]
     out = []
     for subject in filters:
-        sub = await js.pull_subscribe(subject, stream=subjects.TRANSCRIPTS_STREAM,
-                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL,
-                                                            inactive_threshold=30.0))
+        sub = await js.pull_subscribe(
+            subject,
+            stream=subjects.TRANSCRIPTS_STREAM,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
+        )
         try:
             while True:
                 try:
                     msgs = await sub.fetch(500, timeout=1.0)
-                except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     break
                 for msg in msgs:
-                    out.append(Published(msg.metadata.sequence.stream, msg.metadata.timestamp.timestamp(),
-                                         decode(msg.data, TranscriptMessage)))
+                    out.append(
+                        Published(
+                            msg.metadata.sequence.stream,
+                            msg.metadata.timestamp.timestamp(),
+                            decode(msg.data, TranscriptMessage),
+                        )
+                    )
                     await msg.ack()
                 info = await sub.consumer_info()
                 if info.num_pending == 0:
@@ -388,13 +413,18 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
 
 async def first_stored_since(js, stream_name: str, subject: str, since: float) -> float | None:
     """When `stream_name` stored its first message on `subject` at or after wall time `since`."""
-    start = datetime.fromtimestamp(since, timezone.utc).isoformat().replace("+00:00", "Z")
-    sub = await js.pull_subscribe(subject, stream=stream_name, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start, inactive_threshold=30.0))
+    start = datetime.fromtimestamp(since, UTC).isoformat().replace("+00:00", "Z")
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream_name,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start, inactive_threshold=30.0
+        ),
+    )
     try:
         msgs = await sub.fetch(1, timeout=2.0)
         return msgs[0].metadata.timestamp.timestamp() if msgs else None
-    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+    except (TimeoutError, nats.errors.TimeoutError):
         return None
     finally:
         with contextlib.suppress(Exception):
@@ -425,11 +455,20 @@ async def stored(database_url: str, tenant: str, session_id: str) -> Stored:
     engine = open_engine(database_url)
     try:
         async with engine.connect() as conn:
-            session = (await conn.execute(select(SessionRow).where(
-                SessionRow.tenant == tenant, SessionRow.session_id == session_id))).first()
-            rows = list((await conn.execute(select(SegmentRow).where(
-                SegmentRow.tenant == tenant, SegmentRow.session_id == session_id)
-                .order_by(SegmentRow.segment_id))).all())
+            session = (
+                await conn.execute(
+                    select(SessionRow).where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+                )
+            ).first()
+            rows = list(
+                (
+                    await conn.execute(
+                        select(SegmentRow)
+                        .where(SegmentRow.tenant == tenant, SegmentRow.session_id == session_id)
+                        .order_by(SegmentRow.segment_id)
+                    )
+                ).all()
+            )
         return Stored(session, rows)
     finally:
         await engine.dispose()
@@ -443,8 +482,10 @@ async def wait_stored_ended(database_url: str, tenant: str, session_id: str, tim
             return found
         if time.monotonic() > deadline:
             status = found.session.status if found.session else "no row"
-            raise TimeoutError(f"{tenant}/{session_id} not ended in Postgres within {timeout:.0f} s ({status}, "
-                               f"{len(found.rows)} segment rows)")
+            raise TimeoutError(
+                f"{tenant}/{session_id} not ended in Postgres within {timeout:.0f} s ({status}, "
+                f"{len(found.rows)} segment rows)"
+            )
         await asyncio.sleep(0.2)
 
 
@@ -456,8 +497,10 @@ async def wait_persister_drained(js, timeout: float = 30.0) -> float:
         if info.num_pending == 0 and info.num_ack_pending == 0:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
-            raise TimeoutError(f"persister consumer not drained after {timeout:.0f} s: {info.num_pending} pending, "
-                               f"{info.num_ack_pending} unacked, {info.num_redelivered} redelivered")
+            raise TimeoutError(
+                f"persister consumer not drained after {timeout:.0f} s: {info.num_pending} pending, "
+                f"{info.num_ack_pending} unacked, {info.num_redelivered} redelivered"
+            )
         await asyncio.sleep(0.2)
 
 
@@ -481,6 +524,7 @@ async def wait_audio_acked(js, timeout: float = 30.0) -> None:
 
 
 # --- checks and measures -------------------------------------------------------------------------
+
 
 @dataclass
 class Findings:
@@ -519,7 +563,7 @@ def seq_overlaps(finals) -> list[tuple[int, int]]:
     ordered = sorted(finals, key=lambda s: s.segment_id)
     out = []
     for i, a in enumerate(ordered):
-        for b in ordered[i + 1:]:
+        for b in ordered[i + 1 :]:
             if min(a.seq_last, b.seq_last) > max(a.seq_first, b.seq_first) or b.seq_first < a.seq_first:
                 out.append((a.segment_id, b.segment_id))
     return sorted(set(out))
@@ -553,15 +597,18 @@ def check_transcript(found: Stored, messages, findings: Findings) -> None:
         row = stored_by_id.get(i)
         best = max(versions, key=lambda v: v.revision)
         if row is not None and (row.text, row.revision) != (best.text, best.revision):
-            findings.add(f"segment {i} stored as r{row.revision} {row.text!r}, last published r{best.revision} "
-                         f"{best.text!r}")
+            findings.add(
+                f"segment {i} stored as r{row.revision} {row.text!r}, last published r{best.revision} {best.text!r}"
+            )
     dup = duplicated_finals(published_finals)
     if dup:
         findings.add(f"finals published twice with different text: {dup}")
     overlaps = seq_overlaps(found.finals)
     if overlaps:
-        findings.add(f"finals covering the same audio seqs: {overlaps} "
-                     f"({[(r.segment_id, r.seq_first, r.seq_last, r.worker_id) for r in found.finals]})")
+        findings.add(
+            f"finals covering the same audio seqs: {overlaps} "
+            f"({[(r.segment_id, r.seq_first, r.seq_last, r.worker_id) for r in found.finals]})"
+        )
     ended = [p.message for p in messages if isinstance(p.message, SessionEvent) and p.message.event == "ended"]
     if not ended:
         findings.add("no `ended` event in TRANSCRIPTS")
@@ -588,13 +635,19 @@ def word_diff(reference: str, hypothesis: str) -> WordDiff:
     return WordDiff(out.wer, out.deletions, out.insertions, out.substitutions, len(ref.split()))
 
 
-def first_after(messages: list[Published], at: float, *, worker: str | None = None,
-                not_worker: str | None = None) -> Published | None:
+def first_after(
+    messages: list[Published], at: float, *, worker: str | None = None, not_worker: str | None = None
+) -> Published | None:
     """The first segment (interim or final) the stream stored after wall time `at`, by `worker` (or
     by anyone but `not_worker`) if given."""
-    found = [p for p in messages if isinstance(p.message, Segment) and p.stored_at > at
-             and (worker is None or p.message.worker_id == worker)
-             and (not_worker is None or p.message.worker_id != not_worker)]
+    found = [
+        p
+        for p in messages
+        if isinstance(p.message, Segment)
+        and p.stored_at > at
+        and (worker is None or p.message.worker_id == worker)
+        and (not_worker is None or p.message.worker_id != not_worker)
+    ]
     return min(found, key=lambda p: p.stored_at, default=None)
 
 
@@ -629,19 +682,21 @@ def concurrent_workers(messages) -> list[str]:
     problems = []
     workers = sorted(spans)
     for i, a in enumerate(workers):
-        for b in workers[i + 1:]:
+        for b in workers[i + 1 :]:
             (a0, a1), (b0, b1) = spans[a], spans[b]
             if max(a0, b0) < min(a1, b1):
                 problems.append(f"{a} published during [{a0:.3f}, {a1:.3f}] and {b} during [{b0:.3f}, {b1:.3f}]")
             for fa, la, ia in sorted(ranges[a]):
                 for fb, lb, ib in sorted(ranges[b]):
                     if min(la, lb) > max(fa, fb):
-                        problems.append(f"{a} segment {ia} seqs [{fa}, {la}] overlaps {b} segment {ib} "
-                                        f"seqs [{fb}, {lb}]")
+                        problems.append(
+                            f"{a} segment {ia} seqs [{fa}, {la}] overlaps {b} segment {ib} seqs [{fb}, {lb}]"
+                        )
     return problems
 
 
 # --- the report ----------------------------------------------------------------------------------
+
 
 @dataclass
 class ChaosSummary:
@@ -667,8 +722,9 @@ class ChaosSummary:
     wall_s: float | None = None
 
     def emit(self) -> str:
-        line = json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()},
-                          sort_keys=False)
+        line = json.dumps(
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}, sort_keys=False
+        )
         print(f"CHAOS {line}", flush=True)
         path = os.environ.get("JETSCRIBE_CHAOS_REPORT")
         if path:
@@ -678,8 +734,15 @@ class ChaosSummary:
 
 
 async def stream(nc, speech: Speech, tenant: str, session_id: str, speed: float, **kwargs) -> StreamResult:
-    return await stream_audio(nc, audio_of(speech), tenant=tenant, session_id=session_id, speed=speed,
-                              wait_s=kwargs.pop("wait_s", 90.0), **kwargs)
+    return await stream_audio(
+        nc,
+        audio_of(speech),
+        tenant=tenant,
+        session_id=session_id,
+        speed=speed,
+        wait_s=kwargs.pop("wait_s", 90.0),
+        **kwargs,
+    )
 
 
 class Live:
@@ -692,7 +755,7 @@ class Live:
         self.t0 = 0.0
         self.heard: list[tuple[float, Segment]] = []
 
-    def start(self) -> "Live":
+    def start(self) -> Live:
         self.t0 = time.time()
         return self
 
@@ -711,8 +774,10 @@ class Live:
             if result:
                 return result
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not seen within {timeout:.0f} s (heard {len(self.heard)} segments, "
-                                   f"{self.audio_s:.1f} s of audio sent)")
+                raise TimeoutError(
+                    f"{what}: not seen within {timeout:.0f} s (heard {len(self.heard)} segments, "
+                    f"{self.audio_s:.1f} s of audio sent)"
+                )
             await asyncio.sleep(0.01)
 
     async def inside_turn(self, turn, fraction: float = 0.5, timeout: float = 60.0) -> tuple[Segment, bool]:
@@ -745,9 +810,19 @@ class Live:
         return segment if segment.status == "final" and time.time() - at <= fresh_s else None
 
 
-async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, speech: Speech,
-                           baseline_text: str, summary: ChaosSummary, findings: Findings, *,
-                           drain_timeout: float = 20.0, heard: list[Published] = ()):
+async def settle_and_check(
+    stack: ChaosStack,
+    js,
+    tenant: str,
+    session_id: str,
+    speech: Speech,
+    baseline_text: str,
+    summary: ChaosSummary,
+    findings: Findings,
+    *,
+    drain_timeout: float = 20.0,
+    heard: list[Published] = (),
+):
     """After a session: wait for Postgres to have it ended and the persister to be drained, read what
     TRANSCRIPTS holds, check the stored transcript and fill the summary's word and duplicate numbers.
     `heard` (a Tap's messages) adds publishes the stream dropped as repeats to the duplicate count.
@@ -766,15 +841,20 @@ async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, 
     if missing_at_end:
         later = [r.updated_at.timestamp() for r in found.finals if r.segment_id in missing_at_end]
         summary.extra["ended_before_its_finals_s"] = round(max(later) - ended_seen, 3)
-        findings.add(f"the session stood ended in Postgres for {max(later) - ended_seen:.1f} s without its "
-                     f"finals {missing_at_end}")
+        findings.add(
+            f"the session stood ended in Postgres for {max(later) - ended_seen:.1f} s without its "
+            f"finals {missing_at_end}"
+        )
     check_transcript(found, messages, findings)
     finals_by_id = final_segments_published(messages + list(heard))
-    conflicting = sorted(set(duplicated_finals(finals_by_id)) - set(duplicated_finals(final_segments_published(
-        messages))))
+    conflicting = sorted(
+        set(duplicated_finals(finals_by_id)) - set(duplicated_finals(final_segments_published(messages)))
+    )
     if conflicting:
-        findings.add(f"finals published twice with different text, one dropped by the stream as a repeat: "
-                     f"{[(i, [v.text for v in finals_by_id[i]]) for i in conflicting]}")
+        findings.add(
+            f"finals published twice with different text, one dropped by the stream as a repeat: "
+            f"{[(i, [v.text for v in finals_by_id[i]]) for i in conflicting]}"
+        )
     vs_base = word_diff(baseline_text, found.text)
     vs_ref = word_diff(speech.text, found.text)
     summary.words_lost = vs_base.deleted
@@ -785,8 +865,7 @@ async def settle_and_check(stack: ChaosStack, js, tenant: str, session_id: str, 
     summary.segments = len(found.finals)
     summary.sessions = 1
     summary.segments_duplicated = len(duplicated_finals(finals_by_id)) + len(seq_overlaps(found.finals))
-    summary.finals_republished = sum(1 for versions in final_segments_published(messages).values()
-                                     if len(versions) > 1)
+    summary.finals_republished = sum(1 for versions in final_segments_published(messages).values() if len(versions) > 1)
     summary.workers = workers_of(messages)
     summary.extra["text"] = found.text
     return found, messages
@@ -813,7 +892,7 @@ class Tap:
         self.heard: list[Published] = []
         self._subs = []
 
-    async def start(self) -> "Tap":
+    async def start(self) -> Tap:
         async def on_msg(msg):
             with contextlib.suppress(Exception):
                 self.heard.append(Published(-1, time.time(), decode(msg.data, TranscriptMessage)))

@@ -4,14 +4,25 @@ One transcriber, the ingest gateway and the persister run as real processes agai
 nats-server (file store); the bot streams a 22.6 s two-voice dialog from this process. Each test
 reports takeover time, words lost and segments duplicated (see tests/chaos/harness.py, ChaosSummary).
 """
+
 import asyncio
 import time
 
 import pytest
 
 from jetscribe.shared import subjects
-from tests.chaos.harness import (Findings, Live, check_audio_acked, connect, dialog_speech, first_after,
-                                 first_stored_since, first_write_after, settle_and_check, stream)
+from tests.chaos.harness import (
+    Findings,
+    Live,
+    check_audio_acked,
+    connect,
+    dialog_speech,
+    first_after,
+    first_stored_since,
+    first_write_after,
+    settle_and_check,
+    stream,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -36,15 +47,16 @@ def assert_no_findings(findings: Findings, summary) -> None:
 
 def check_words(summary, findings: Findings) -> None:
     if summary.wer_vs_baseline > MAX_WER_VS_BASELINE:
-        findings.add(f"WER vs the no-fault run {summary.wer_vs_baseline:.3f} > {MAX_WER_VS_BASELINE}: "
-                     f"{summary.extra.get('text')!r}")
+        findings.add(
+            f"WER vs the no-fault run {summary.wer_vs_baseline:.3f} > {MAX_WER_VS_BASELINE}: "
+            f"{summary.extra.get('text')!r}"
+        )
     if summary.wer_vs_reference > MAX_WER_VS_REFERENCE:
         findings.add(f"WER vs the script {summary.wer_vs_reference:.3f} > {MAX_WER_VS_REFERENCE}")
 
 
 @pytest.mark.timeout(120)
-async def test_persister_killed_mid_stream_and_restarted(chaos_nats, chaos_db, make_stack, summary, tenant,
-                                                         baseline):
+async def test_persister_killed_mid_stream_and_restarted(chaos_nats, chaos_db, make_stack, summary, tenant, baseline):
     """kill -9 the persister just as a final reaches it (likely mid-batch), restart it a second later:
     every segment ends up in Postgres exactly once, as published."""
     speech = dialog_speech()
@@ -105,16 +117,16 @@ async def test_nats_restarted_mid_stream(chaos_nats, chaos_db, make_stack, summa
             await service.logged(r"reconnected to NATS", timeout=30)
         reconnected_at = time.time()
         await bot
-        _, messages = await settle_and_check(stack, js, tenant, "s1", speech, baseline["dialog"], summary,
-                                             findings)
+        _, messages = await settle_and_check(stack, js, tenant, "s1", speech, baseline["dialog"], summary, findings)
         await check_audio_acked(js, findings)
         first = first_after(messages, restarted_at)
         summary.takeover = f"nats-server {how} -> the first segment stored in TRANSCRIPTS after it restarted"
         summary.takeover_s = first.stored_at - stopped_at if first else None
         summary.outage_s = restarted_at - stopped_at
         summary.extra["services_reconnected_s"] = round(reconnected_at - restarted_at, 3)
-        audio_again = await first_stored_since(js, subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, "s1"),
-                                               restarted_at)
+        audio_again = await first_stored_since(
+            js, subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, "s1"), restarted_at
+        )
         summary.extra["audio_stored_again_s"] = round(audio_again - stopped_at, 3) if audio_again else None
         check_words(summary, findings)
         stack.check_alive()
@@ -124,8 +136,7 @@ async def test_nats_restarted_mid_stream(chaos_nats, chaos_db, make_stack, summa
 
 
 @pytest.mark.timeout(120)
-async def test_postgres_stopped_for_10s_mid_stream(chaos_nats, own_postgres, make_stack, summary, tenant,
-                                                   baseline):
+async def test_postgres_stopped_for_10s_mid_stream(chaos_nats, own_postgres, make_stack, summary, tenant, baseline):
     """Stop PostgreSQL for 10 s while the dialog streams in real time: the persister retries (with
     JETSCRIBE_PERSIST_RETRY_MAX_S=1) and, once Postgres is back, stores everything, once."""
     from jetscribe.services.persister.migrate import upgrade

@@ -5,17 +5,40 @@ TTL, 0.5 s heartbeat and 10 s AUDIO ack_wait, so a dead worker's partitions shou
 TAKEOVER_BOUND_S. Every test waits for the group to settle (all 16 leases held, every worker holding
 some) before any audio flows.
 """
+
 import asyncio
 import time
 from collections import Counter, defaultdict
 
 import pytest
 
-from tests.chaos.harness import (ACK_WAIT_S, PARTITIONS, TAKEOVER_BOUND_S, Findings, Live, Tap, check_audio_acked,
-                                 check_transcript, concurrent_workers, connect, dialog_speech, duplicated_finals,
-                                 final_segments_published, first_after, lease_holders, published, seq_overlaps,
-                                 settle_and_check, short_speech, stored, stream, wait_group_settled,
-                                 wait_persister_drained, wait_stored_ended, word_diff)
+from tests.chaos.harness import (
+    ACK_WAIT_S,
+    PARTITIONS,
+    TAKEOVER_BOUND_S,
+    Findings,
+    Live,
+    Tap,
+    check_audio_acked,
+    check_transcript,
+    concurrent_workers,
+    connect,
+    dialog_speech,
+    duplicated_finals,
+    final_segments_published,
+    first_after,
+    lease_holders,
+    published,
+    seq_overlaps,
+    settle_and_check,
+    short_speech,
+    stored,
+    stream,
+    wait_group_settled,
+    wait_persister_drained,
+    wait_stored_ended,
+    word_diff,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -66,9 +89,13 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
         latest, interim_open = await live.inside_turn(speech.turns[2])
         victim = latest.worker_id  # the worker that owns the session now
         survivor = next(w for w in workers if w != victim)
-        summary.extra.update(victim=victim, fault=fault, fault_at_audio_s=round(live.audio_s, 2),
-                             interim_open_at_fault=interim_open, latest_heard=(latest.segment_id, latest.status,
-                                                                               latest.text))
+        summary.extra.update(
+            victim=victim,
+            fault=fault,
+            fault_at_audio_s=round(live.audio_s, 2),
+            interim_open_at_fault=interim_open,
+            latest_heard=(latest.segment_id, latest.status, latest.text),
+        )
         leases = asyncio.create_task(watch_leases(js, survivor, time.time(), done))
         if fault == "kill":
             fault_at = stack.transcriber(victim).kill()
@@ -79,25 +106,32 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
                 findings.add(f"{victim} exited with {code} after SIGTERM (None: still running after 30 s)")
         try:
             await bot
-        except asyncio.TimeoutError:
-            findings.add(f"the session never ended: after {fault} of {victim}, the bot waited 60 s for `ended` "
-                         f"in vain (segments heard after the fault: "
-                         f"{[(s.worker_id, s.segment_id, s.status) for t, s in live.heard if t > fault_at]})")
+        except TimeoutError:
+            findings.add(
+                f"the session never ended: after {fault} of {victim}, the bot waited 60 s for `ended` "
+                f"in vain (segments heard after the fault: "
+                f"{[(s.worker_id, s.segment_id, s.status) for t, s in live.heard if t > fault_at]})"
+            )
             return findings
-        found, messages = await settle_and_check(stack, js, tenant, "s1", speech, baseline["dialog"], summary,
-                                                 findings, heard=tap.of("s1"))
+        found, messages = await settle_and_check(
+            stack, js, tenant, "s1", speech, baseline["dialog"], summary, findings, heard=tap.of("s1")
+        )
         done.set()
         lease_s = await leases
         await check_audio_acked(js, findings, timeout=ACK_WAIT_S + 15)
 
         first = first_after(messages, fault_at, worker=survivor)
-        summary.takeover = (f"{'kill -9' if fault == 'kill' else 'SIGTERM'} of the session's worker -> the first "
-                            f"segment of that session stored from the other worker")
+        summary.takeover = (
+            f"{'kill -9' if fault == 'kill' else 'SIGTERM'} of the session's worker -> the first "
+            f"segment of that session stored from the other worker"
+        )
         summary.takeover_s = first.stored_at - fault_at if first else None
         summary.extra["lease_takeover_s"] = round(lease_s, 3) if lease_s is not None else None
         if lease_s is None or lease_s > TAKEOVER_BOUND_S:
-            findings.add(f"{survivor} did not hold all {PARTITIONS} partition leases within {TAKEOVER_BOUND_S} s "
-                         f"(took {lease_s})")
+            findings.add(
+                f"{survivor} did not hold all {PARTITIONS} partition leases within {TAKEOVER_BOUND_S} s "
+                f"(took {lease_s})"
+            )
         # A drain first finishes what the victim can (that is no loss), so after SIGTERM the bound runs
         # from the victim's exit; after kill -9, from the kill.
         bound = TAKEOVER_BOUND_S + (summary.extra.get("exit_s") or 0.0)
@@ -110,8 +144,9 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
             findings.add(f"{victim} published after it was killed: {after}")
         findings.problems += concurrent_workers(messages + tap.of("s1"))
         if summary.wer_vs_baseline > MAX_WER_VS_BASELINE:
-            findings.add(f"WER vs the no-fault run {summary.wer_vs_baseline:.3f} > {MAX_WER_VS_BASELINE}: "
-                         f"{found.text!r}")
+            findings.add(
+                f"WER vs the no-fault run {summary.wer_vs_baseline:.3f} > {MAX_WER_VS_BASELINE}: {found.text!r}"
+            )
         if summary.wer_vs_reference > MAX_WER_VS_REFERENCE:
             findings.add(f"WER vs the script {summary.wer_vs_reference:.3f} > {MAX_WER_VS_REFERENCE}")
         summary.extra["segments"] = [(r.segment_id, r.seq_first, r.seq_last, r.worker_id) for r in found.finals]
@@ -134,8 +169,7 @@ async def test_transcriber_killed_mid_utterance(chaos_nats, chaos_db, make_stack
 
 
 @pytest.mark.timeout(150)
-async def test_transcriber_sigterm_drains_and_hands_over(chaos_nats, chaos_db, make_stack, summary, tenant,
-                                                         baseline):
+async def test_transcriber_sigterm_drains_and_hands_over(chaos_nats, chaos_db, make_stack, summary, tenant, baseline):
     """SIGTERM the worker owning the session mid-utterance: it drains, hands its partitions over and
     exits 0; the other finishes the session with nothing lost and nothing twice."""
     findings = await hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, "term")
@@ -160,9 +194,10 @@ async def test_three_workers_thirty_sessions(chaos_nats, chaos_db, make_stack, s
         summary.extra["partitions_before"] = dict(Counter(before.values()))
         tap = await Tap(nc, tenant).start()
         started = time.monotonic()
-        results = await asyncio.gather(*(stream(nc, speech, tenant, s, SPEED, wait_s=150) for s in sessions),
-                                       return_exceptions=True)
-        for session_id, result in zip(sessions, results):
+        results = await asyncio.gather(
+            *(stream(nc, speech, tenant, s, SPEED, wait_s=150) for s in sessions), return_exceptions=True
+        )
+        for session_id, result in zip(sessions, results, strict=False):
             if isinstance(result, BaseException):
                 findings.add(f"{session_id}: the bot failed: {result!r}")
         for session_id in sessions:

@@ -1,11 +1,11 @@
 """The whole pipeline, in this process, against the session's real nats-server and PostgreSQL."""
+
 import asyncio
 from dataclasses import dataclass
 
 import pytest
 
 from jetscribe.devstack.servers import NatsServer
-
 from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.persister.app import run as run_persister
 from jetscribe.services.persister.migrate import upgrade
@@ -42,8 +42,9 @@ async def pipeline(e2e_nats, postgres_server, tiny_model):
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
-        asyncio.create_task(run_transcriber(settings, TranscriberConfig(model="tiny.en", worker_id="e2e-w1"), stop,
-                                            model=tiny_model)),
+        asyncio.create_task(
+            run_transcriber(settings, TranscriberConfig(model="tiny.en", worker_id="e2e-w1"), stop, model=tiny_model)
+        ),
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
     ]
     await asyncio.sleep(0.5)

@@ -1,4 +1,5 @@
 """Real speech through ingest -> transcriber -> persister, checked in PostgreSQL."""
+
 import asyncio
 import os
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.evaluation.speech import dialog, sample_speech
 from jetscribe.evaluation.wer import normalize, wer
-from jetscribe.shared import subjects
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
+from jetscribe.shared import subjects
 
 pytestmark = pytest.mark.e2e
 
@@ -31,9 +32,10 @@ async def assert_all_audio_acked(url):
     nc = await nats.connect(url)
     try:
         jsm = nc.jetstream()
-        for attempt in range(30):  # acks are asynchronous: give the last ones a moment
-            infos = [await jsm.consumer_info(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p))
-                     for p in range(16)]
+        for _attempt in range(30):  # acks are asynchronous: give the last ones a moment
+            infos = [
+                await jsm.consumer_info(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p)) for p in range(16)
+            ]
             left = [(i.name, i.num_ack_pending, i.num_pending) for i in infos if i.num_ack_pending or i.num_pending]
             if not left:
                 return
@@ -49,8 +51,9 @@ async def test_speech_is_transcribed_and_persisted(pipeline, speed):
     tenant, session = "e2e", f"sample-{uuid.uuid4().hex[:8]}"
     nc = await nats.connect(pipeline.nats_url)
     try:
-        live = await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session,
-                                  speed=speed)
+        live = await stream_audio(
+            nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session, speed=speed
+        )
     finally:
         await nc.close()
     row, segments = await persisted(pipeline.database_url, tenant, session)
@@ -63,11 +66,11 @@ async def test_speech_is_transcribed_and_persisted(pipeline, speed):
     assert len(ids) == len(set(ids))
     assert all(s.status == "final" for s in segments)
     duration = len(speech.audio) / speech.sample_rate
-    for before, after in zip(segments, segments[1:]):
+    for before, after in zip(segments, segments[1:], strict=False):
         assert before.end_s <= after.start_s + 1e-6
     assert segments[0].start_s >= 0 and segments[-1].end_s <= duration + 1e-6
     words = [w[0].strip().lower() for s in segments for w in s.words]
-    assert all(a != b for a, b in zip(words, words[1:])), words  # no word twice in a row
+    assert all(a != b for a, b in zip(words, words[1:], strict=False)), words  # no word twice in a row
     assert row.segment_count == len(segments)
     assert abs(row.audio_seconds - duration) < 0.05
     assert row.chunks_received == (len(speech.audio) + 1599) // 1600
@@ -78,8 +81,13 @@ def test_demo_command_prints_the_transcript(tmp_path):
     env = {**os.environ, "JETSCRIBE_HOME": str(tmp_path / "home")}
     env.pop("NATS_URL", None)
     env.pop("DATABASE_URL", None)
-    done = subprocess.run([sys.executable, "-m", "jetscribe.cli.main", "demo", "--model", "tiny.en"], env=env,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "jetscribe.cli.main", "demo", "--model", "tiny.en"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     speech = sample_speech()
     assert wer(speech.text, done.stdout) <= 0.15, done.stdout
@@ -103,8 +111,14 @@ async def test_two_voice_dialog_streams_live_without_repeats(pipeline):
     heard = []
     nc = await nats.connect(pipeline.nats_url)
     try:
-        live = await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session,
-                                  speed=2.0, on_segment=heard.append)
+        live = await stream_audio(
+            nc,
+            Audio(speech.audio, speech.sample_rate),
+            tenant=tenant,
+            session_id=session,
+            speed=2.0,
+            on_segment=heard.append,
+        )
     finally:
         await nc.close()
     row, segments = await persisted(pipeline.database_url, tenant, session)
@@ -112,12 +126,15 @@ async def test_two_voice_dialog_streams_live_without_repeats(pipeline):
     assert wer(speech.text, text) <= 0.12, text
     assert text == live.text
     words = [normalize(w[0]) for s in segments for w in s.words]
-    assert all(a != b for a, b in zip(words, words[1:])), words  # no word twice, inside or across segments
+    # no word twice in a row, inside or across segments
+    assert all(a != b for a, b in zip(words, words[1:], strict=False)), words
     interims = [s for s in heard if s.status == "interim"]
     assert interims, "no interim was published"
     # Stable interim words never shrink within a segment: what was agreed stays agreed.
     for segment_id in {s.segment_id for s in interims}:
         revisions = sorted((s for s in interims if s.segment_id == segment_id), key=lambda s: s.revision)
-        for before, after in zip(revisions, revisions[1:]):
+        for before, after in zip(revisions, revisions[1:], strict=False):
             assert after.stable_words >= before.stable_words
-            assert [w.word for w in after.words[:before.stable_words]] == [w.word for w in before.words[:before.stable_words]]
+            assert [w.word for w in after.words[: before.stable_words]] == [
+                w.word for w in before.words[: before.stable_words]
+            ]

@@ -1,4 +1,5 @@
 """`jetscribe follow` against a real nats-server: replay from the start, a time or a seq, and live."""
+
 import asyncio
 import io
 import json
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import nats
 import pytest
@@ -23,8 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def segment(tenant, session, segment_id, status, text, revision=0):
-    return Segment(tenant=tenant, session_id=session, segment_id=segment_id, revision=revision, status=status,
-                   start=float(segment_id), end=segment_id + 1.0, text=text, published_at=time.time())
+    return Segment(
+        tenant=tenant,
+        session_id=session,
+        segment_id=segment_id,
+        revision=revision,
+        status=status,
+        start=float(segment_id),
+        end=segment_id + 1.0,
+        text=text,
+        published_at=time.time(),
+    )
 
 
 def event(tenant, session, name):
@@ -52,7 +62,7 @@ async def transcribed(nats_url):
     await publish(js, segment(tenant, session, 0, "interim", "hello"))
     await publish(js, segment(tenant, session, 0, "final", "hello there", revision=1))
     await asyncio.sleep(0.2)
-    pause = datetime.now(timezone.utc)
+    pause = datetime.now(UTC)
     await asyncio.sleep(0.2)
     second = await publish(js, segment(tenant, session, 1, "final", "general kenobi"))
     await publish(js, event(tenant, session, "ended"))
@@ -62,8 +72,9 @@ async def transcribed(nats_url):
 
 async def run_follow(nc, tenant, session, fmt="text", **start):
     out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.wait_for(follow(nc, tenant, session, consumer_config(tenant, session, **start), fmt=fmt,
-                                         out=out, err=err), 10)
+    code = await asyncio.wait_for(
+        follow(nc, tenant, session, consumer_config(tenant, session, **start), fmt=fmt, out=out, err=err), 10
+    )
     return code, out.getvalue().splitlines(), err.getvalue().splitlines()
 
 
@@ -87,10 +98,17 @@ async def test_json_from_a_seq_has_every_segment_and_event_with_its_seq(transcri
     lines = [json.loads(line) for line in out]
     assert code == 0
     assert [(x["type"], x.get("text") or x.get("event"), x["stream_seq"]) for x in lines] == [
-        ("segment", "general kenobi", second), ("session_event", "ended", second + 1)]
+        ("segment", "general kenobi", second),
+        ("session_event", "ended", second + 1),
+    ]
     code, out, _ = await run_follow(nc, tenant, session, fmt="json", from_start=True)
     assert [json.loads(line).get("status") or json.loads(line)["event"] for line in out] == [
-        "started", "interim", "final", "final", "ended"]
+        "started",
+        "interim",
+        "final",
+        "final",
+        "ended",
+    ]
 
 
 async def test_without_a_start_it_follows_what_comes_next(nats_url):
@@ -100,8 +118,10 @@ async def test_without_a_start_it_follows_what_comes_next(nats_url):
     tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
     await publish(js, segment(tenant, session, 0, "final", "before"))
     following = asyncio.create_task(run_follow(nc, tenant, session))
-    while not any(c.config.filter_subjects and subjects.transcript(tenant, session) in c.config.filter_subjects
-                  for c in await js.consumers_info(subjects.TRANSCRIPTS_STREAM)):
+    while not any(
+        c.config.filter_subjects and subjects.transcript(tenant, session) in c.config.filter_subjects
+        for c in await js.consumers_info(subjects.TRANSCRIPTS_STREAM)
+    ):
         await asyncio.sleep(0.05)  # until its consumer exists
     await publish(js, segment(tenant, session, 1, "final", "after"))
     await publish(js, event(tenant, session, "ended"))
@@ -114,11 +134,21 @@ async def test_the_cli_follows_from_the_start(transcribed, nats_url):
     _, tenant, session, _, _ = transcribed
     env = {**os.environ, "NATS_URL": nats_url, "PYTHONPATH": ROOT}
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--tenant", tenant, "--from-start"],
-        env=env, capture_output=True, text=True, timeout=30)
+        subprocess.run,
+        [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--tenant", tenant, "--from-start"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[   1.00 -    2.00] general kenobi"
     bad = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--since", "last week"],
-        env=env, capture_output=True, text=True, timeout=30)
+        subprocess.run,
+        [sys.executable, "-m", "jetscribe.cli.main", "follow", session, "--since", "last week"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "--since" in bad.stderr

@@ -1,4 +1,5 @@
 """The gateway against a real nats-server: good audio is stored once, bad input gets a clear error."""
+
 import asyncio
 import contextlib
 import time
@@ -16,8 +17,17 @@ from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.streams import ensure_checkpoints
-from jetscribe.shared.wire import (AudioChunk, AudioMessage, ErrorEvent, Reply, SessionCheckpoint, SessionControl, SessionEvent,
-                         decode, encode)
+from jetscribe.shared.wire import (
+    AudioChunk,
+    AudioMessage,
+    ErrorEvent,
+    Reply,
+    SessionCheckpoint,
+    SessionControl,
+    SessionEvent,
+    decode,
+    encode,
+)
 
 
 @contextlib.asynccontextmanager
@@ -52,14 +62,23 @@ async def ask(nc, subject, message) -> Reply:
 
 
 def chunk(tenant, session, seq, **overrides):
-    fields = dict(tenant=tenant, session_id=session, seq=seq, sent_at=time.time(), sample_rate=16000, channels=1,
-                  encoding="pcm_s16le", payload=np.zeros(1600, "<i2").tobytes())
+    fields = dict(
+        tenant=tenant,
+        session_id=session,
+        seq=seq,
+        sent_at=time.time(),
+        sample_rate=16000,
+        channels=1,
+        encoding="pcm_s16le",
+        payload=np.zeros(1600, "<i2").tobytes(),
+    )
     return AudioChunk(**{**fields, **overrides})
 
 
 async def stored_audio(js, tenant, session):
-    sub = await js.subscribe(subjects.audio_of_session(tenant, session), stream=subjects.AUDIO_STREAM,
-                             ordered_consumer=True)
+    sub = await js.subscribe(
+        subjects.audio_of_session(tenant, session), stream=subjects.AUDIO_STREAM, ordered_consumer=True
+    )
     out = []
     while True:
         try:
@@ -73,16 +92,22 @@ async def stored_audio(js, tenant, session):
 
 async def test_good_session_is_stored_once_in_order_on_one_partition(gateway):
     nc, tenant, session = gateway, "acme", f"s{uuid.uuid4().hex[:8]}"
-    assert (await ask(nc, subjects.ingest_session(tenant, session),
-                      SessionControl(tenant=tenant, session_id=session, action="start"))).ok
+    assert (
+        await ask(
+            nc,
+            subjects.ingest_session(tenant, session),
+            SessionControl(tenant=tenant, session_id=session, action="start"),
+        )
+    ).ok
     for seq in range(5):
         reply = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq))
         assert reply.ok and reply.last_seq == seq
     repeat = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 3))
     assert repeat.ok and repeat.last_seq == 4  # answered ok, not stored again
     # A reconnecting bot learns where it left off from a new start.
-    again = await ask(nc, subjects.ingest_session(tenant, session),
-                      SessionControl(tenant=tenant, session_id=session, action="start"))
+    again = await ask(
+        nc, subjects.ingest_session(tenant, session), SessionControl(tenant=tenant, session_id=session, action="start")
+    )
     assert again.ok and again.last_seq == 4
     end = SessionControl(tenant=tenant, session_id=session, action="end")
     assert (await ask(nc, subjects.ingest_session(tenant, session), end)).ok
@@ -97,14 +122,17 @@ async def test_good_session_is_stored_once_in_order_on_one_partition(gateway):
 
 async def test_48k_stereo_is_stored_as_16k_mono(gateway):
     nc, tenant, session = gateway, "acme", f"s{uuid.uuid4().hex[:8]}"
-    await ask(nc, subjects.ingest_session(tenant, session), SessionControl(tenant=tenant, session_id=session,
-                                                                           action="start"))
+    await ask(
+        nc, subjects.ingest_session(tenant, session), SessionControl(tenant=tenant, session_id=session, action="start")
+    )
     stereo = np.zeros((4800, 2), "<f4")
-    reply = await ask(nc, subjects.ingest_audio(tenant, session),
-                      chunk(tenant, session, 0, sample_rate=48000, channels=2, encoding="pcm_f32le",
-                            payload=stereo.tobytes()))
+    reply = await ask(
+        nc,
+        subjects.ingest_audio(tenant, session),
+        chunk(tenant, session, 0, sample_rate=48000, channels=2, encoding="pcm_f32le", payload=stereo.tobytes()),
+    )
     assert reply.ok
-    (_, stored), = [x for x in await stored_audio(nc.jetstream(), tenant, session) if isinstance(x[1], AudioChunk)]
+    ((_, stored),) = [x for x in await stored_audio(nc.jetstream(), tenant, session) if isinstance(x[1], AudioChunk)]
     assert (stored.sample_rate, stored.channels, stored.encoding) == (16000, 1, "pcm_s16le")
 
 
@@ -113,16 +141,20 @@ async def test_bad_input_gets_a_clear_error_and_the_gateway_keeps_serving(gatewa
     errors = await nc.subscribe(subjects.errors("ingest", tenant))
     audio_subject = subjects.ingest_audio(tenant, session)
 
-    bad_language = await ask(nc, subjects.ingest_session(tenant, session),
-                             SessionControl(tenant=tenant, session_id=session, action="start", language="english"))
+    bad_language = await ask(
+        nc,
+        subjects.ingest_session(tenant, session),
+        SessionControl(tenant=tenant, session_id=session, action="start", language="english"),
+    )
     assert bad_language.code == "bad_language"
     assert decode((await errors.next_msg(timeout=2)).data, ErrorEvent).code == "bad_language"
     unknown = await ask(nc, audio_subject, chunk(tenant, session, 0))
     assert not unknown.ok and unknown.code == "unknown_session" and "never started" in unknown.message
     assert decode((await errors.next_msg(timeout=2)).data, ErrorEvent).code == "unknown_session"
 
-    await ask(nc, subjects.ingest_session(tenant, session), SessionControl(tenant=tenant, session_id=session,
-                                                                           action="start"))
+    await ask(
+        nc, subjects.ingest_session(tenant, session), SessionControl(tenant=tenant, session_id=session, action="start")
+    )
     raw = msgspec.structs.asdict(chunk(tenant, session, 0))
     raw.update(type="audio", v=99)
     cases = {
@@ -153,8 +185,11 @@ async def test_restarted_gateway_learns_last_seq_from_the_stream(nats_url):
         task = asyncio.create_task(run_ingest(settings, IngestConfig(), stop))
         await asyncio.sleep(0.3)
         if round_ == 0:
-            await ask(nc, subjects.ingest_session(tenant, session),
-                      SessionControl(tenant=tenant, session_id=session, action="start"))
+            await ask(
+                nc,
+                subjects.ingest_session(tenant, session),
+                SessionControl(tenant=tenant, session_id=session, action="start"),
+            )
             for seq in range(3):
                 assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq))).ok
         else:
@@ -208,13 +243,15 @@ async def test_a_session_the_transcriber_rejected_is_refused_with_its_reason(gat
     assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0))).ok
     await worker_says(nc, tenant, session, "rejected", "worker_full")
     # Resending accepted seq 0 is answered ok until the gateway has heard of the rejection.
-    reply = await eventually(lambda: ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0)),
-                             lambda r: not r.ok)
+    reply = await eventually(
+        lambda: ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0)), lambda r: not r.ok
+    )
     assert (reply.code, reply.last_seq) == ("rejected", 0) and "worker_full" in reply.message
     assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 1))).code == "rejected"
     for action in ("start", "end"):
-        assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, action))).code == \
-            "rejected"
+        assert (
+            await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, action))
+        ).code == "rejected"
     while True:
         event = decode((await errors.next_msg(timeout=2)).data, ErrorEvent)
         if event.session_id == session and event.code == "rejected":
@@ -226,11 +263,13 @@ async def test_a_session_the_transcriber_ended_frees_its_slot(nats_url):
     tenant = f"t{uuid.uuid4().hex[:8]}"
     async with running_gateway(nats_url, IngestConfig(max_sessions_per_tenant=1)) as nc:
         assert (await ask(nc, subjects.ingest_session(tenant, "s1"), control(tenant, "s1", "start"))).ok
-        assert (await ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start"))).code == \
-            "too_many_sessions"
+        assert (
+            await ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start"))
+        ).code == "too_many_sessions"
         await worker_says(nc, tenant, "s1", "ended", "idle_timeout")
-        reply = await eventually(lambda: ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start")),
-                                 lambda r: r.ok)
+        reply = await eventually(
+            lambda: ask(nc, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start")), lambda r: r.ok
+        )
         assert reply.ok
         late = await ask(nc, subjects.ingest_audio(tenant, "s1"), chunk(tenant, "s1", 0))
         assert not late.ok and late.code == "session_ended"
@@ -327,8 +366,9 @@ async def test_a_bot_hears_of_a_rejection_that_comes_after_its_end(gateway, nats
     fake = await observer.subscribe(subjects.audio(tenant, session), cb=transcriber)
     bot = await nats.connect(nats_url)
     with pytest.raises(BotError) as err:
-        await stream_audio(bot, Audio(np.zeros(3200, "<i2"), 16000), tenant=tenant, session_id=session, speed=0,
-                           wait_s=10)
+        await stream_audio(
+            bot, Audio(np.zeros(3200, "<i2"), 16000), tenant=tenant, session_id=session, speed=0, wait_s=10
+        )
     assert err.value.reply.code == "rejected" and "buffer_full" in str(err.value)
     await bot.close()
     await fake.unsubscribe()
@@ -369,8 +409,10 @@ async def test_a_reused_session_id_is_refused_from_the_transcribers_checkpoint_a
     await stream_ended_session(nats_url, tenant, session)
     nc = await nats.connect(nats_url)
     checkpoints = await ensure_checkpoints(nc.jetstream(), StreamSettings(nats_url=nats_url))
-    await checkpoints.put(subjects.checkpoint_key(tenant, session),
-                          encode(SessionCheckpoint(tenant=tenant, session_id=session, acked_seq=2, finished=True)))
+    await checkpoints.put(
+        subjects.checkpoint_key(tenant, session),
+        encode(SessionCheckpoint(tenant=tenant, session_id=session, acked_seq=2, finished=True)),
+    )
     await nc.close()
     await age_out_audio(nats_url, tenant, session)
     async with running_gateway(nats_url) as nc:

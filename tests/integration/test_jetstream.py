@@ -1,5 +1,6 @@
 """shared/jetstream.py against a real nats-server: KV compare-and-set and TTL writes, RESET, UNPIN and a
 pinned pull refused with 423. Each test has its own stream, consumer or bucket on the shared server."""
+
 import asyncio
 import time
 import uuid
@@ -10,9 +11,22 @@ import pytest
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import KeyNotFoundError
 
-from jetscribe.shared.jetstream import (ERR_CONSUMER_NOT_FOUND, ERR_STREAM_NOT_FOUND, ERR_WRONG_LAST_SEQUENCE, JetStreamAPI,
-                              JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
-                              is_stored_message, kv_key, kv_subject, nanoseconds, pin_id, pull_status)
+from jetscribe.shared.jetstream import (
+    ERR_CONSUMER_NOT_FOUND,
+    ERR_STREAM_NOT_FOUND,
+    ERR_WRONG_LAST_SEQUENCE,
+    JetStreamAPI,
+    JetStreamAPIError,
+    NotFoundError,
+    PinMismatchError,
+    WrongLastSequenceError,
+    is_stored_message,
+    kv_key,
+    kv_subject,
+    nanoseconds,
+    pin_id,
+    pull_status,
+)
 
 GROUP = "workers"
 
@@ -39,8 +53,13 @@ async def stream(nc):
 
 
 def consumer_config(name, **extra):
-    return {"durable_name": name, "ack_policy": "explicit", "deliver_policy": "all",
-            "ack_wait": nanoseconds(30), **extra}
+    return {
+        "durable_name": name,
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": nanoseconds(30),
+        **extra,
+    }
 
 
 async def test_kv_compare_and_set(nc, bucket):
@@ -140,8 +159,12 @@ async def pull_one(api, sub, stream, consumer, reply, pin=None):
 
 async def test_pinned_pull_unpin_and_pin_mismatch(nc, stream):
     api, js = JetStreamAPI(nc), nc.jetstream()
-    await api.create_consumer(stream, consumer_config(
-        "pinned", priority_groups=[GROUP], priority_policy="pinned_client", priority_timeout=nanoseconds(30)))
+    await api.create_consumer(
+        stream,
+        consumer_config(
+            "pinned", priority_groups=[GROUP], priority_policy="pinned_client", priority_timeout=nanoseconds(30)
+        ),
+    )
     inbox = nc.new_inbox()
     sub = await nc.subscribe(f"{inbox}.*")
     for i in range(3):

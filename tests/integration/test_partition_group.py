@@ -3,6 +3,7 @@ after a crash, and the server fencing a stale owner.
 
 Each test has its own stream, consumers and buckets on the shared server, and short timings
 (lease TTL 2 s, heartbeat 0.5 s, ack_wait 2 s)."""
+
 import asyncio
 import inspect
 import json
@@ -33,20 +34,38 @@ class Setup:
         self.leases_bucket = f"leases_{tag}"
 
     async def create(self, js):
-        await js.add_stream(StreamConfig(
-            name=self.stream, subjects=[f"{self.prefix}.*.*"],
-            subject_transform=SubjectTransform(
-                src=f"{self.prefix}.*.*", dest=f"{self.prefix}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
-                                               f".{{{{partition({P},1,2)}}}}")))
+        await js.add_stream(
+            StreamConfig(
+                name=self.stream,
+                subjects=[f"{self.prefix}.*.*"],
+                subject_transform=SubjectTransform(
+                    src=f"{self.prefix}.*.*",
+                    dest=f"{self.prefix}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({P},1,2)}}}}",
+                ),
+            )
+        )
 
     def names(self):
-        return dict(stream=self.stream, consumer_name=lambda p: f"tr-p{p}",
-                    filter_subject=lambda p: f"{self.prefix}.*.*.{p}", members_bucket=self.members_bucket,
-                    leases_bucket=self.leases_bucket)
+        return dict(
+            stream=self.stream,
+            consumer_name=lambda p: f"tr-p{p}",
+            filter_subject=lambda p: f"{self.prefix}.*.*.{p}",
+            members_bucket=self.members_bucket,
+            leases_bucket=self.leases_bucket,
+        )
 
     def group(self, nc, member_id, **kwargs):
-        return PartitionGroup(nc, member_id, partitions=P, heartbeat_s=HEARTBEAT_S, lease_ttl_s=TTL_S,
-                              ack_wait_s=ACK_WAIT_S, max_ack_pending=1000, **self.names(), **kwargs)
+        return PartitionGroup(
+            nc,
+            member_id,
+            partitions=P,
+            heartbeat_s=HEARTBEAT_S,
+            lease_ttl_s=TTL_S,
+            ack_wait_s=ACK_WAIT_S,
+            max_ack_pending=1000,
+            **self.names(),
+            **kwargs,
+        )
 
     async def publish(self, js, count, start=0):
         for i in range(start, start + count):
@@ -134,7 +153,7 @@ def assert_no_overlap(workers):
     now = time.monotonic()
     for p in range(P):
         spans = sorted((start, end, w.name) for w in workers for q, start, end in w.all_intervals(now) if q == p)
-        for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
+        for (_s1, e1, w1), (s2, _e2, w2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, f"partition {p} owned by {w1} until {e1} and by {w2} from {s2}"
     for w in workers:  # every message was handled inside an ownership interval of its worker
         spans = w.all_intervals(now)
@@ -203,8 +222,9 @@ async def test_a_joining_member_takes_its_share_without_overlap(env):
     await asyncio.sleep(0.2)
     b = Worker(setup, await connect(), "b")
     await b.group.start()
-    await wait_for(lambda: len(a.group.owned) == 8 and len(b.group.owned) == 8
-                   and a.group.owned.isdisjoint(b.group.owned), 10)
+    await wait_for(
+        lambda: len(a.group.owned) == 8 and len(b.group.owned) == 8 and a.group.owned.isdisjoint(b.group.owned), 10
+    )
     await publisher
     await wait_for(lambda: len(a.received) + len(b.received) >= 400, 10)
     await wait_for(lambda: setup.consumers_settled(js), 10)
@@ -288,8 +308,9 @@ async def test_the_server_fences_a_stale_owner(env):
     inbox = nc_a.new_inbox()
     sub = await nc_a.subscribe(inbox)
     request = {"batch": 10, "expires": 500_000_000, "group": "transcribers", "id": stale.pin_id}
-    await nc_a.publish(f"$JS.API.CONSUMER.MSG.NEXT.{setup.stream}.tr-p{stale.partition}",
-                       json.dumps(request).encode(), reply=inbox)
+    await nc_a.publish(
+        f"$JS.API.CONSUMER.MSG.NEXT.{setup.stream}.tr-p{stale.partition}", json.dumps(request).encode(), reply=inbox
+    )
     refusal = await sub.next_msg(timeout=2)
     assert refusal.headers["Status"] == "423" and not refusal.data
 

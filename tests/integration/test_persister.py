@@ -1,4 +1,5 @@
 """The persister against a real nats-server and a real Postgres, run in-process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from jetscribe.cli import main as cli
 from jetscribe.devstack.servers import NatsServer, PostgresServer
 from jetscribe.services.persister.app import Persister, run
-from jetscribe.services.persister.migrate import current, downgrade, upgrade
 from jetscribe.services.persister.core import Delivered, next_status, plan_batch
+from jetscribe.services.persister.migrate import current, downgrade, upgrade
 from jetscribe.services.persister.store import final_segments, list_sessions, open_engine, sqlalchemy_url, write_batch
 from jetscribe.services.persister.tables import Base, SegmentRow, SessionRow
 from jetscribe.shared import subjects, wire
@@ -81,10 +82,19 @@ async def js(nats_url):
 def segment(tenant, session, segment_id, revision, status, text_=None, start=None, **kw) -> Segment:
     start = float(segment_id) if start is None else start
     return Segment(
-        tenant=tenant, session_id=session, segment_id=segment_id, revision=revision, status=status,
-        start=start, end=start + 0.9, text=text_ if text_ is not None else f"{status} {segment_id}.{revision}",
-        words=[Word("w", start, start + 0.5, 0.75)], model="base", worker_id="w1",
-        published_at=T0 + segment_id + revision / 10 + (0.05 if status == "final" else 0), **kw,
+        tenant=tenant,
+        session_id=session,
+        segment_id=segment_id,
+        revision=revision,
+        status=status,
+        start=start,
+        end=start + 0.9,
+        text=text_ if text_ is not None else f"{status} {segment_id}.{revision}",
+        words=[Word("w", start, start + 0.5, 0.75)],
+        model="base",
+        worker_id="w1",
+        published_at=T0 + segment_id + revision / 10 + (0.05 if status == "final" else 0),
+        **kw,
     )
 
 
@@ -132,7 +142,8 @@ async def drained(js) -> bool:
 async def rows(engine, table, tenant, session):
     async with engine.connect() as conn:
         result = await conn.execute(
-            select(table).where(table.tenant == tenant, table.session_id == session)
+            select(table)
+            .where(table.tenant == tenant, table.session_id == session)
             .order_by(*table.__table__.primary_key.columns)
         )
         return [dict(r) for r in result.mappings()]
@@ -149,17 +160,17 @@ def lifecycle(tenant, session="s1"):
         event(tenant, session, "started", T0, language="en", model="base", worker_id="w1"),
         segment(tenant, session, 0, 0, "interim"),
         segment(tenant, session, 0, 1, "interim"),
-        segment(tenant, session, 0, 1, "interim"),                       # replayed duplicate
+        segment(tenant, session, 0, 1, "interim"),  # replayed duplicate
         segment(tenant, session, 0, 0, "final", "hello there"),
-        segment(tenant, session, 0, 2, "interim", "late interim"),       # after its final: ignored
+        segment(tenant, session, 0, 2, "interim", "late interim"),  # after its final: ignored
         segment(tenant, session, 1, 0, "interim"),
         segment(tenant, session, 1, 0, "final", "general kenobi"),
-        segment(tenant, session, 1, 0, "final", "general kenobi"),       # a final arriving twice
+        segment(tenant, session, 1, 0, "final", "general kenobi"),  # a final arriving twice
         segment(tenant, session, 2, 0, "final", "you are a bold one"),
         segment(tenant, session, 2, 1, "final", "you are a bold one!"),  # revised final
-        segment(tenant, session, 2, 0, "final", "stale"),                # older revision: ignored
+        segment(tenant, session, 2, 0, "final", "stale"),  # older revision: ignored
         segment(tenant, session, 3, 4, "interim", "still talking"),
-        segment(tenant, session, 3, 2, "interim", "older"),              # lower revision: ignored
+        segment(tenant, session, 3, 2, "interim", "older"),  # lower revision: ignored
         event(tenant, session, "ended", T0 + 60, chunks_received=120, audio_seconds=59.5, segments=3),
     ]
 
@@ -195,7 +206,8 @@ async def test_segments_and_lifecycle_end_in_the_right_rows(nats_url, engine, sc
     transcript = await final_segments(engine, tenant, "s1")
     assert [s.text for s in transcript] == ["hello there", "general kenobi", "you are a bold one!"]
     assert [(s.tenant, s.session_id, s.status) for s in await list_sessions(engine, tenant)] == [
-        (tenant, "s1", "ended")]
+        (tenant, "s1", "ended")
+    ]
 
 
 async def test_replaying_everything_changes_nothing(nats_url, engine, schema, js, tenant):
@@ -329,26 +341,31 @@ def test_the_models_match_the_migrated_schema(database_url):
 def test_migration_0002_down_and_up_keeps_sessions(database_url):
     engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
     columns = lambda: {c["name"] for c in inspect(engine).get_columns("sessions")}  # noqa: E731
-    insert_row = ("INSERT INTO sessions (tenant, session_id, status, created_at, last_activity{}) "
-                  "VALUES ('t', '{}', '{}', now(), now(){})")
+    insert_row = (
+        "INSERT INTO sessions (tenant, session_id, status, created_at, last_activity{}) "
+        "VALUES ('t', '{}', '{}', now(), now(){})"
+    )
     try:
         upgrade(database_url, "0001")
         assert "reason" not in columns()
         with engine.begin() as conn:
             conn.execute(text(insert_row.format("", "old", "ended", "")))
-            with pytest.raises(IntegrityError):
-                with conn.begin_nested():
-                    conn.execute(text(insert_row.format("", "r0", "rejected", "")))
+            with pytest.raises(IntegrityError), conn.begin_nested():
+                conn.execute(text(insert_row.format("", "r0", "rejected", "")))
         upgrade(database_url)
         with engine.begin() as conn:
             conn.execute(text(insert_row.format(", reason", "r1", "rejected", ", 'worker_full'")))
             assert conn.execute(text("SELECT session_id, status, reason FROM sessions ORDER BY session_id")).all() == [
-                ("old", "ended", None), ("r1", "rejected", "worker_full")]
+                ("old", "ended", None),
+                ("r1", "rejected", "worker_full"),
+            ]
         downgrade(database_url, "0001")  # 0001 has no 'rejected': the session is stored as ended, as before
         assert "reason" not in columns()
         with engine.begin() as conn:
             assert conn.execute(text("SELECT session_id, status FROM sessions ORDER BY session_id")).all() == [
-                ("old", "ended"), ("r1", "ended")]
+                ("old", "ended"),
+                ("r1", "ended"),
+            ]
         upgrade(database_url)
         assert current(database_url) == "0002"
     finally:
@@ -365,7 +382,8 @@ async def test_plain_postgres_urls_work(schema):
 
 
 async def test_a_message_the_database_refuses_is_reported_and_the_rest_of_its_batch_stored(
-        nats_url, engine, schema, js, tenant):
+    nats_url, engine, schema, js, tenant
+):
     # A rule the core does not know about stands in for any row Postgres refuses.
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE segments ADD CONSTRAINT refuse_boom CHECK (text <> 'boom')"))
@@ -384,8 +402,13 @@ async def test_a_message_the_database_refuses_is_reported_and_the_rest_of_its_ba
 async def test_the_service_exits_0_on_sigterm(nats_url, engine, schema, js, tenant):
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": schema}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jetscribe.services.persister", env=env, cwd=Path(__file__).parents[2],
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "jetscribe.services.persister",
+        env=env,
+        cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await publish(js, segment(tenant, "s6", 0, 0, "final"))
@@ -456,6 +479,7 @@ async def test_an_ack_a_nats_restart_lost_is_redelivered_at_once(engine, schema,
 def nc_connected(nc):
     async def connected():
         return nc.is_connected
+
     return connected
 
 
@@ -469,17 +493,15 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
             ev("bot", "started", T0, language="en", worker_id="w1"),
             ev("bot", "ended", T0 + 30, chunks_received=30, audio_seconds=29.5, worker_id="w2"),  # handed over
             ev("idle", "started", T0, worker_id="w1"),
-            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0,
-               worker_id="w1"),
-            ev("full", "rejected", T0 + 1, reason="worker_full", chunks_received=1, audio_seconds=0.5,
-               worker_id="w3"),
+            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0, worker_id="w1"),
+            ev("full", "rejected", T0 + 1, reason="worker_full", chunks_received=1, audio_seconds=0.5, worker_id="w3"),
             ev("buffer", "started", T0, worker_id="w1"),
-            ev("buffer", "rejected", T0 + 9, reason="buffer_full", chunks_received=9, audio_seconds=8.0,
-               worker_id="w1"),
+            ev(
+                "buffer", "rejected", T0 + 9, reason="buffer_full", chunks_received=9, audio_seconds=8.0, worker_id="w1"
+            ),
             # Late and replayed events: none reopens a session or changes how it ended.
             ev("idle", "started", T0, worker_id="w1"),
-            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0,
-               worker_id="w1"),
+            ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0, worker_id="w1"),
             ev("bot", "rejected", T0 + 31, reason="buffer_full", chunks_received=31, worker_id="w4"),
             ev("full", "started", T0 - 1, language="de", worker_id="w9"),
             ev("full", "ended", T0 + 5, chunks_received=5, worker_id="w9"),
@@ -495,10 +517,14 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
         "full": ("rejected", "worker_full", "w3"),
         "buffer": ("rejected", "buffer_full", "w1"),
     }
-    assert {name: (s.ended_at and s.ended_at.timestamp(), s.chunks_received, s.audio_seconds)
-            for name, s in found.items()} == {
-        "live": (None, 0, 0.0), "bot": (T0 + 30, 30, 29.5), "idle": (T0 + 40, 20, 19.0),
-        "full": (T0 + 1, 1, 0.5), "buffer": (T0 + 9, 9, 8.0),
+    assert {
+        name: (s.ended_at and s.ended_at.timestamp(), s.chunks_received, s.audio_seconds) for name, s in found.items()
+    } == {
+        "live": (None, 0, 0.0),
+        "bot": (T0 + 30, 30, 29.5),
+        "idle": (T0 + 40, 20, 19.0),
+        "full": (T0 + 1, 1, 0.5),
+        "buffer": (T0 + 9, 9, 8.0),
     }
     # The late start dates the rejected session back and fills its unknown language, nothing more.
     assert (found["full"].created_at.timestamp(), found["full"].language) == (T0 - 1, "de")
@@ -507,8 +533,13 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
     monkeypatch.setenv("DATABASE_URL", schema)
     assert await asyncio.to_thread(cli.main, ["sessions", "--tenant", tenant]) == 0
     lines = {line.split()[1]: line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert lines == {"live": ["active", "-"], "bot": ["ended", "-"], "idle": ["ended", "idle_timeout"],
-                     "full": ["rejected", "worker_full"], "buffer": ["rejected", "buffer_full"]}
+    assert lines == {
+        "live": ["active", "-"],
+        "bot": ["ended", "-"],
+        "idle": ["ended", "idle_timeout"],
+        "full": ["rejected", "worker_full"],
+        "buffer": ["rejected", "buffer_full"],
+    }
 
 
 @pytest.mark.parametrize("one_batch", [False, True])
@@ -524,7 +555,7 @@ async def test_any_order_of_events_ends_as_core_next_status_says(engine, tenant,
     for number, order in enumerate(orders):
         session = f"o{number}"
         delivered = [Delivered(msgspec.structs.replace(events[kind], session_id=session), T0) for kind in order]
-        for batch in ([delivered] if one_batch else [[d] for d in delivered]):
+        for batch in [delivered] if one_batch else [[d] for d in delivered]:
             await write_batch(engine, plan_batch(batch))
         status = None
         for kind in order:

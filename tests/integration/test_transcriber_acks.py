@@ -1,5 +1,6 @@
 """Acks of the transcriber on a real nats-server: each audio message acked exactly once, whatever runs
 concurrently while a checkpoint is being written."""
+
 import asyncio
 import uuid
 
@@ -43,12 +44,24 @@ class SlowCheckpoints:
 async def stored_silence(js, tenant, session, chunks):
     """Store `chunks` chunks of silence in AUDIO as the gateway does, and take them back as JetStream messages."""
     for seq in range(chunks):
-        chunk = AudioChunk(tenant=tenant, session_id=session, seq=seq, sent_at=0.0, sample_rate=16000, channels=1,
-                           encoding="pcm_s16le", payload=bytes(2 * CHUNK))
-        await js.publish(subjects.audio(tenant, session), encode(chunk),
-                         headers={"Nats-Msg-Id": subjects.message_id(tenant, session, seq)})
-    sub = await js.pull_subscribe(subjects.audio_of_session(tenant, session), durable=f"acks-{session}",
-                                  stream=subjects.AUDIO_STREAM)
+        chunk = AudioChunk(
+            tenant=tenant,
+            session_id=session,
+            seq=seq,
+            sent_at=0.0,
+            sample_rate=16000,
+            channels=1,
+            encoding="pcm_s16le",
+            payload=bytes(2 * CHUNK),
+        )
+        await js.publish(
+            subjects.audio(tenant, session),
+            encode(chunk),
+            headers={"Nats-Msg-Id": subjects.message_id(tenant, session, seq)},
+        )
+    sub = await js.pull_subscribe(
+        subjects.audio_of_session(tenant, session), durable=f"acks-{session}", stream=subjects.AUDIO_STREAM
+    )
     msgs = []
     while len(msgs) < chunks:
         msgs += await sub.fetch(chunks - len(msgs), timeout=5)

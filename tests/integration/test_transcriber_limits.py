@@ -1,6 +1,7 @@
 """The transcriber's limits and lifecycle on a real nats-server: idle sessions end (and only idle ones),
 sessions beyond a worker's limit or buffer are rejected, the bot hears it from the gateway, and audio
 for a finished session is reported."""
+
 import asyncio
 import contextlib
 import time
@@ -35,11 +36,14 @@ def tiny():
 @contextlib.asynccontextmanager
 async def pipeline(url, tiny, **transcriber):
     settings = StreamSettings(nats_url=url)
-    config = TranscriberConfig(model="tiny.en", worker_id=f"w-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5,
-                               lease_ttl_s=2, **transcriber)
+    config = TranscriberConfig(
+        model="tiny.en", worker_id=f"w-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2, **transcriber
+    )
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
-             asyncio.create_task(run_transcriber(settings, config, stop, model=tiny))]
+    tasks = [
+        asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
+        asyncio.create_task(run_transcriber(settings, config, stop, model=tiny)),
+    ]
     nc = await nats.connect(url)
     try:
         await asyncio.sleep(1.0)  # the worker takes its partitions
@@ -57,9 +61,20 @@ async def ask(nc, subject, message) -> Reply:
 async def send(nc, tenant, session, samples, first_seq=0):
     seq = first_seq
     for off in range(0, len(samples), 1600):
-        reply = await ask(nc, subjects.ingest_audio(tenant, session), AudioChunk(
-            tenant=tenant, session_id=session, seq=seq, sent_at=time.time(), sample_rate=16000, channels=1,
-            encoding="pcm_s16le", payload=samples[off:off + 1600].astype("<i2").tobytes()))
+        reply = await ask(
+            nc,
+            subjects.ingest_audio(tenant, session),
+            AudioChunk(
+                tenant=tenant,
+                session_id=session,
+                seq=seq,
+                sent_at=time.time(),
+                sample_rate=16000,
+                channels=1,
+                encoding="pcm_s16le",
+                payload=samples[off : off + 1600].astype("<i2").tobytes(),
+            ),
+        )
         if not reply.ok:
             return reply
         seq += 1
@@ -75,12 +90,16 @@ async def watch_event(nc, tenant, session, event):
             return decode((await sub.next_msg(timeout=timeout)).data, SessionEvent)
         finally:
             await sub.unsubscribe()
+
     return first
 
 
 async def start(nc, tenant, session):
-    reply = await ask(nc, subjects.ingest_session(tenant, session),
-                      SessionControl(tenant=tenant, session_id=session, action="start", sent_at=time.time()))
+    reply = await ask(
+        nc,
+        subjects.ingest_session(tenant, session),
+        SessionControl(tenant=tenant, session_id=session, action="start", sent_at=time.time()),
+    )
     assert reply.ok, reply
 
 
@@ -92,10 +111,11 @@ async def test_an_idle_session_is_flushed_and_ended(own_nats, tiny):
 
         async def keep(msg):
             finals.append(decode(msg.data, Segment))
+
         sub = await nc.subscribe(subjects.transcript("lim", "idle"), cb=keep)
         await start(nc, "lim", "idle")
         # Four seconds of speech, cut mid-sentence, then the bot goes quiet without ending the session.
-        assert await send(nc, "lim", "idle", speech.audio[:4 * 16000]) is None
+        assert await send(nc, "lim", "idle", speech.audio[: 4 * 16000]) is None
         event = await ended(20)
         assert event.reason == "idle_timeout"
         assert any(s.status == "final" and s.text for s in finals)  # what it had heard was flushed
@@ -125,7 +145,7 @@ async def test_a_session_whose_audio_piles_up_is_rejected(own_nats, tiny):
     async with pipeline(own_nats.url, tiny, max_buffered_s=1.5, max_utterance_s=30.0) as nc:
         rejected = await watch_event(nc, "lim", "flood", "rejected")
         await start(nc, "lim", "flood")
-        await send(nc, "lim", "flood", speech.audio[:6 * 16000])
+        await send(nc, "lim", "flood", speech.audio[: 6 * 16000])
         event = await rejected(20)
         assert event.reason == "buffer_full"
 
@@ -165,19 +185,34 @@ async def test_audio_for_a_finished_session_is_reported_once(own_nats, tiny):
         ended = await watch_event(nc, "lim", "reused", "ended")
         await start(nc, "lim", "reused")
         assert await send(nc, "lim", "reused", np.zeros(3200, np.int16)) is None
-        reply = await ask(nc, subjects.ingest_session("lim", "reused"),
-                          SessionControl(tenant="lim", session_id="reused", action="end", sent_at=time.time()))
+        reply = await ask(
+            nc,
+            subjects.ingest_session("lim", "reused"),
+            SessionControl(tenant="lim", session_id="reused", action="end", sent_at=time.time()),
+        )
         assert reply.ok
         await ended(20)
         errors = await nc.subscribe(subjects.errors("transcriber", "lim"))
         js = nc.jetstream()
         # The same id used again, stored as a gateway that no longer remembers it would store it.
         again = [SessionControl(tenant="lim", session_id="reused", action="start", sent_at=time.time())]
-        again += [AudioChunk(tenant="lim", session_id="reused", seq=seq, sent_at=time.time(), sample_rate=16000,
-                             channels=1, encoding="pcm_s16le", payload=bytes(3200)) for seq in range(3)]
+        again += [
+            AudioChunk(
+                tenant="lim",
+                session_id="reused",
+                seq=seq,
+                sent_at=time.time(),
+                sample_rate=16000,
+                channels=1,
+                encoding="pcm_s16le",
+                payload=bytes(3200),
+            )
+            for seq in range(3)
+        ]
         for i, message in enumerate(again):
-            await js.publish(subjects.audio("lim", "reused"), encode(message),
-                             headers={"Nats-Msg-Id": f"lim:reused:again:{i}"})
+            await js.publish(
+                subjects.audio("lim", "reused"), encode(message), headers={"Nats-Msg-Id": f"lim:reused:again:{i}"}
+            )
         error = decode((await errors.next_msg(timeout=20)).data, ErrorEvent)
         assert (error.code, error.session_id) == ("session_ended", "reused")
         with pytest.raises(nats.errors.TimeoutError):

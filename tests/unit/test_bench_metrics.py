@@ -1,8 +1,8 @@
 """The pure measures behind bench/accuracy.py."""
+
 import pytest
 
-from jetscribe.evaluation.metrics import (chunk_of, corpus_wer, percentile, repeats_at_joins, send_time,
-                               words_in_silence)
+from jetscribe.evaluation.metrics import chunk_of, corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence
 
 
 def test_percentile_interpolates_and_is_none_without_values():
@@ -34,13 +34,13 @@ def test_send_time_maps_a_word_end_to_its_chunk():
 def test_repeats_at_joins_counts_the_longest_overlap():
     texts = ["We moved the billing service", "billing service to the new cluster.", "Done."]
     assert repeats_at_joins(texts, "we moved the billing service to the new cluster done") == [
-        {"join": 0, "n": 2, "words": "billing service"}]
+        {"join": 0, "n": 2, "words": "billing service"}
+    ]
 
 
 def test_repeats_at_joins_normalizes_and_caps_at_three():
     texts = ["I said: one, two, three four.", "Two three four five"]
-    assert repeats_at_joins(texts, "i said one two three four five") == [
-        {"join": 0, "n": 3, "words": "two three four"}]
+    assert repeats_at_joins(texts, "i said one two three four five") == [{"join": 0, "n": 3, "words": "two three four"}]
 
 
 def test_repeats_at_joins_ignores_what_the_reference_repeats_and_clean_joins():

@@ -1,15 +1,15 @@
 import io
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats.js.api import DeliverPolicy
 
-from jetscribe.client.follow import as_json, consumer_config, describe, parse_since
 from jetscribe.cli.formats import show_live
+from jetscribe.client.follow import as_json, consumer_config, describe, parse_since
 from jetscribe.shared.wire import Segment, SessionEvent, Word
 
-NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("text, back", [("90s", 90), ("5m", 300), ("2h", 7200), ("1d", 86400), ("1.5m", 90)])
@@ -18,11 +18,11 @@ def test_since_a_duration_counts_back_from_now(text, back):
 
 
 def test_since_an_iso_time_is_taken_as_is_and_a_naive_one_as_local_time():
-    assert parse_since("2025-06-01T10:00:00Z", NOW) == datetime(2025, 6, 1, 10, tzinfo=timezone.utc)
-    assert parse_since("2025-06-01T10:00:00+02:00", NOW) == datetime(2025, 6, 1, 8, tzinfo=timezone.utc)
+    assert parse_since("2025-06-01T10:00:00Z", NOW) == datetime(2025, 6, 1, 10, tzinfo=UTC)
+    assert parse_since("2025-06-01T10:00:00+02:00", NOW) == datetime(2025, 6, 1, 8, tzinfo=UTC)
     local = datetime(2025, 6, 1, 10).astimezone()
-    assert parse_since("2025-06-01T10:00:00", NOW) == local.astimezone(timezone.utc)
-    assert parse_since("2025-06-01 10:00", NOW).tzinfo == timezone.utc
+    assert parse_since("2025-06-01T10:00:00", NOW) == local.astimezone(UTC)
+    assert parse_since("2025-06-01 10:00", NOW).tzinfo == UTC
 
 
 @pytest.mark.parametrize("text", ["yesterday", "5 minutes", "-5m", "10", ""])
@@ -45,20 +45,32 @@ def test_consumer_starts_where_asked():
     assert (by_seq.deliver_policy, by_seq.opt_start_seq) == (DeliverPolicy.BY_START_SEQUENCE, 42)
 
 
-@pytest.mark.parametrize("tenant, session, options", [
-    ("acme", "s.1", {}),
-    ("*", "s1", {}),
-    ("acme", "s1", {"from_seq": 0}),
-    ("acme", "s1", {"from_start": True, "from_seq": 3}),
-])
+@pytest.mark.parametrize(
+    "tenant, session, options",
+    [
+        ("acme", "s.1", {}),
+        ("*", "s1", {}),
+        ("acme", "s1", {"from_seq": 0}),
+        ("acme", "s1", {"from_start": True, "from_seq": 3}),
+    ],
+)
 def test_consumer_refuses_bad_ids_and_starts(tenant, session, options):
     with pytest.raises(ValueError):
         consumer_config(tenant, session, **options)
 
 
 def test_json_lines_carry_type_words_as_objects_and_stream_seq():
-    segment = Segment(tenant="acme", session_id="s1", segment_id=0, revision=1, status="interim", start=0.0, end=1.0,
-                      text="hello", words=[Word("hello", 0.0, 0.5, 0.9)])
+    segment = Segment(
+        tenant="acme",
+        session_id="s1",
+        segment_id=0,
+        revision=1,
+        status="interim",
+        start=0.0,
+        end=1.0,
+        text="hello",
+        words=[Word("hello", 0.0, 0.5, 0.9)],
+    )
     line = json.loads(as_json(segment, 7))
     assert (line["type"], line["status"], line["stream_seq"]) == ("segment", "interim", 7)
     assert line["words"] == [{"word": "hello", "start": 0.0, "end": 0.5, "probability": 0.9}]

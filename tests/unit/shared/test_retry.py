@@ -1,5 +1,6 @@
 """shared/retry.py: the one retry loop honours its stop event, lets unexpected errors through, and backs off
 up to a cap."""
+
 import asyncio
 import time
 

@@ -1,4 +1,5 @@
 """shared/subjects.py: every name the pipeline uses, built in one place, and the token rule for ids."""
+
 import pytest
 
 from jetscribe.shared import subjects
@@ -62,8 +63,8 @@ def test_every_built_subject_matches_its_wildcard():
     def matches(subject, pattern):
         s, p = subject.split("."), pattern.split(".")
         if p[-1] == ">":
-            return len(s) >= len(p) and all(b in ("*", a) for a, b in zip(s, p[:-1]))
-        return len(s) == len(p) and all(b in ("*", a) for a, b in zip(s, p))
+            return len(s) >= len(p) and all(b in ("*", a) for a, b in zip(s, p[:-1], strict=False))
+        return len(s) == len(p) and all(b in ("*", a) for a, b in zip(s, p, strict=False))
 
     assert matches(subjects.ingest_audio("t", "s"), subjects.INGEST_AUDIO_ALL)
     assert matches(subjects.ingest_session("t", "s"), subjects.INGEST_SESSION_ALL)

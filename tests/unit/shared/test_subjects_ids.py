@@ -1,4 +1,5 @@
 """Message ids of what the transcriber publishes: built in subjects.py, stable across workers."""
+
 from jetscribe.shared import subjects
 from jetscribe.shared.wire import language_for
 
@@ -10,8 +11,11 @@ def test_a_final_segment_id_is_the_same_from_every_worker():
 
 
 def test_interim_ids_differ_per_revision_and_worker():
-    ids = {subjects.segment_message_id("acme", "s1", 3, "interim", rev, worker)
-           for rev in (1, 2) for worker in ("w1", "w2")}
+    ids = {
+        subjects.segment_message_id("acme", "s1", 3, "interim", rev, worker)
+        for rev in (1, 2)
+        for worker in ("w1", "w2")
+    }
     assert len(ids) == 4
     assert subjects.segment_message_id("acme", "s1", 3, "interim", 1, "w1") == "acme:s1:seg:3:1:w1"
 

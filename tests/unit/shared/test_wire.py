@@ -2,13 +2,32 @@ import msgspec
 import pytest
 
 from jetscribe.shared import subjects
-from jetscribe.shared.wire import (AudioChunk, AudioMessage, Reply, Segment, SessionControl, SessionEvent, TranscriptMessage,
-                         WireError, Word, decode, encode)
+from jetscribe.shared.wire import (
+    AudioChunk,
+    AudioMessage,
+    Reply,
+    Segment,
+    SessionControl,
+    SessionEvent,
+    TranscriptMessage,
+    WireError,
+    Word,
+    decode,
+    encode,
+)
 
 
 def chunk(**overrides):
-    fields = dict(tenant="acme", session_id="s1", seq=0, sent_at=1.0, sample_rate=16000, channels=1,
-                  encoding="pcm_s16le", payload=b"\x00\x00" * 160)
+    fields = dict(
+        tenant="acme",
+        session_id="s1",
+        seq=0,
+        sent_at=1.0,
+        sample_rate=16000,
+        channels=1,
+        encoding="pcm_s16le",
+        payload=b"\x00\x00" * 160,
+    )
     return AudioChunk(**{**fields, **overrides})
 
 
@@ -21,8 +40,17 @@ def test_audio_chunk_round_trips_and_union_picks_type():
 
 
 def test_segment_round_trips_words():
-    seg = Segment(tenant="a", session_id="b", segment_id=3, revision=2, status="final", start=1.0, end=2.0,
-                  text="hi there", words=[Word(" hi", 1.0, 1.4, 0.9), Word(" there", 1.4, 2.0, 0.8)])
+    seg = Segment(
+        tenant="a",
+        session_id="b",
+        segment_id=3,
+        revision=2,
+        status="final",
+        start=1.0,
+        end=2.0,
+        text="hi there",
+        words=[Word(" hi", 1.0, 1.4, 0.9), Word(" there", 1.4, 2.0, 0.8)],
+    )
     assert decode(encode(seg), Segment) == seg
 
 

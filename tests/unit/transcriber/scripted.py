@@ -1,4 +1,5 @@
 """Scripted audio, a stand-in VAD and a core that keeps its steps: what the transcriber's unit tests share."""
+
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment
@@ -70,16 +71,33 @@ def silence(seconds):
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
 
 
-def new_stream(clock=None, checkpoint=None, limits=SessionLimits(), sessions_before=0, frame_samples=480,
-               **options):
-    return Recorded("acme", "s1", language="en", model="tiny.en", worker_id="w1", options=CommitOptions(**options),
-                    vad=LoudVoiceDetector(frame_samples), clock=clock or ManualClock(), limits=limits,
-                    checkpoint=checkpoint, sessions_before=sessions_before)
+def new_stream(clock=None, checkpoint=None, limits=SessionLimits(), sessions_before=0, frame_samples=480, **options):
+    return Recorded(
+        "acme",
+        "s1",
+        language="en",
+        model="tiny.en",
+        worker_id="w1",
+        options=CommitOptions(**options),
+        vad=LoudVoiceDetector(frame_samples),
+        clock=clock or ManualClock(),
+        limits=limits,
+        checkpoint=checkpoint,
+        sessions_before=sessions_before,
+    )
 
 
 def chunk(seq, samples):
-    return AudioChunk(tenant="acme", session_id="s1", seq=seq, sent_at=0.0, sample_rate=SAMPLE_RATE, channels=1,
-                      encoding="pcm_s16le", payload=samples.astype("<i2").tobytes())
+    return AudioChunk(
+        tenant="acme",
+        session_id="s1",
+        seq=seq,
+        sent_at=0.0,
+        sample_rate=SAMPLE_RATE,
+        channels=1,
+        encoding="pcm_s16le",
+        payload=samples.astype("<i2").tobytes(),
+    )
 
 
 def end_message():
@@ -89,7 +107,7 @@ def end_message():
 def feed(stream, audio, first_seq=0):
     seq = first_seq
     for off in range(0, len(audio), CHUNK):
-        stream.receive(chunk(seq, audio[off:off + CHUNK]), seq)
+        stream.receive(chunk(seq, audio[off : off + CHUNK]), seq)
         seq += 1
     return seq
 

@@ -2,11 +2,11 @@
 
 Message handles are plain values (the seq, or "end"), so the acks each step asks for can be read off.
 """
+
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
-from jetscribe.services.transcriber.decoding import pick_next
-from jetscribe.services.transcriber.decoding import Decoded
+from jetscribe.services.transcriber.decoding import Decoded, pick_next
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import ManualClock
 from jetscribe.shared.wire import Word
@@ -97,7 +97,7 @@ def test_very_long_utterance_is_cut_at_max_length():
     assert dip >= 1.85 or dip <= 0.05  # cut inside a quiet dip, not mid-word
     # The rest continues seamlessly: each window starts where the previous one was cut.
     spans = [(u.start, u.end) for u in s.closed] + [(s.open.start, None)]
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start == end
 
 
@@ -177,7 +177,7 @@ def test_abandoned_final_retracts_interims_and_frees_the_audio():
     finish(s, s.next_job(), said("uh"))
     feed(s, silence(1.0), first_seq=15)
     job = s.next_job()
-    for attempt in range(2):  # the decode retry budget: the same job is offered again
+    for _attempt in range(2):  # the decode retry budget: the same job is offered again
         assert s.complete(job, RuntimeError("model crashed")).empty
         job = s.next_job()
         assert job.kind == "final"
@@ -189,10 +189,11 @@ def test_abandoned_final_retracts_interims_and_frees_the_audio():
 
 def test_sample_buffer_keeps_indices_across_growth_and_trims():
     from jetscribe.services.transcriber.segmenter import SampleBuffer
+
     buf = SampleBuffer()
     data = (np.arange(200_000) % 30000).astype(np.int16)
     for off in range(0, len(data), 1600):
-        buf.append(data[off:off + 1600])
+        buf.append(data[off : off + 1600])
     buf.drop_before(150_000)
     assert buf.start == 150_000 and len(buf) == 50_000
     assert np.array_equal(buf.slice(160_000, 160_010), data[160_000:160_010])
@@ -205,16 +206,20 @@ def test_stock_phrases_in_the_trailing_silence_are_dropped():
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
     job = s.next_job()
     speech_end = job.speech_end_sample / SAMPLE_RATE - job.start_sample / SAMPLE_RATE
-    words = [Word(" 3", speech_end - 0.8, speech_end - 0.6, 0.9), Word("%", speech_end - 0.6, speech_end - 0.4, 0.9),
-             Word(" eggs.", speech_end - 0.4, speech_end - 0.05, 0.99),
-             Word(" Thanks", speech_end - 0.05, speech_end + 0.1, 0.02),
-             Word(" for", speech_end + 0.15, speech_end + 0.2, 0.9),
-             Word(" .", speech_end + 0.2, speech_end + 0.2, 0.9)]
+    words = [
+        Word(" 3", speech_end - 0.8, speech_end - 0.6, 0.9),
+        Word("%", speech_end - 0.6, speech_end - 0.4, 0.9),
+        Word(" eggs.", speech_end - 0.4, speech_end - 0.05, 0.99),
+        Word(" Thanks", speech_end - 0.05, speech_end + 0.1, 0.02),
+        Word(" for", speech_end + 0.15, speech_end + 0.2, 0.9),
+        Word(" .", speech_end + 0.2, speech_end + 0.2, 0.9),
+    ]
     segments = finish(s, job, Decoded([DecodedSegment(words)], "en", 0.9))
     assert segments[0].text == "3% eggs."
 
 
 # --- commit policy: scripted hypothesis sequences --------------------------------------------
+
 
 def interim(stream, *words, step=0.3):
     """Take the due interim job and answer it with `words` (times relative to the job's audio)."""
@@ -311,9 +316,17 @@ def test_long_silence_gives_no_job_and_no_early_final():
 
 def test_interims_slow_down_when_decoding_is_busy():
     from jetscribe.services.transcriber.decoding import DecodeJob, DecodeLoad
+
     load = DecodeLoad()
-    job = DecodeJob(kind="interim", audio=np.zeros(1, np.float32), start_sample=0, end_sample=1, language="en",
-                    prompt="", beam_size=1)
+    job = DecodeJob(
+        kind="interim",
+        audio=np.zeros(1, np.float32),
+        start_sample=0,
+        end_sample=1,
+        language="en",
+        prompt="",
+        beam_size=1,
+    )
     load.observe(job, 0.3)
     assert load.interim_every(1.0, 1) == 1.0  # one speaker: the fastest rate
     assert abs(load.interim_every(1.0, 4) - 2.4) < 1e-9  # four: interims may use at most half the time
@@ -347,7 +360,7 @@ def test_hand_over_keeps_the_open_utterance_whole_for_the_next_owner():
     nxt = new_stream(endpoint_silence_s=0.5, checkpoint=checkpoint)
     replay = np.concatenate([tone(1.0), silence(0.8)])
     first_replayed = acked[-1] + 1
-    offset = (first_replayed * CHUNK)
+    offset = first_replayed * CHUNK
     assert nxt.received == offset
     assert nxt.receive(chunk(acked[-1], tone(0.1)), "old").ack == ["old"]  # an acked chunk comes back
     all_audio = np.concatenate([tone(1.0), silence(0.8), replay])

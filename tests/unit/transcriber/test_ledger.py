@@ -1,4 +1,5 @@
 """The ack ledger alone: message handles that record their own acks, so a double ack fails the test."""
+
 import pytest
 
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt

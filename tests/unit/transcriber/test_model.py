@@ -1,14 +1,24 @@
 """services/transcriber/model.py's pure helpers: the encoder window, the token rule, when a short window is
 redone, and where model folders and the cache are. No model is loaded."""
+
 from pathlib import Path
 
 import pytest
 
 from jetscribe.services.transcriber.agreement import DecodedSegment
 from jetscribe.services.transcriber.decoding import Decoded
-from jetscribe.services.transcriber.model import (FULL_WINDOW_FRAMES, MAX_TOKENS_PER_CALL, TOKENS_PER_AUDIO_SECOND,
-                                        TOKENS_PER_CALL, ModelNotFound, default_cache_dir, max_new_tokens,
-                                        model_folder, needs_full_window, window_frames)
+from jetscribe.services.transcriber.model import (
+    FULL_WINDOW_FRAMES,
+    MAX_TOKENS_PER_CALL,
+    TOKENS_PER_AUDIO_SECOND,
+    TOKENS_PER_CALL,
+    ModelNotFound,
+    default_cache_dir,
+    max_new_tokens,
+    model_folder,
+    needs_full_window,
+    window_frames,
+)
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import Word
 
@@ -17,17 +27,20 @@ def seconds(s):
     return int(s * SAMPLE_RATE)
 
 
-@pytest.mark.parametrize("audio_s, frames", [
-    (0.0, 1000),   # never fewer than 10 s of frames
-    (2.0, 1000),
-    (6.6, 1000),   # 660 frames of audio fill 2/3 of 990 -> 1000
-    (6.8, 1100),   # 680 / (2/3) = 1020 -> rounded up to the next 100
-    (10.0, 1500),  # 1000 frames of audio in 1500: exactly 2/3
-    (19.9, 3000),
-    (20.0, 3000),  # 2000 / (2/3) = 3000: the full window
-    (29.0, 3000),  # capped at 30 s
-    (60.0, 3000),
-])
+@pytest.mark.parametrize(
+    "audio_s, frames",
+    [
+        (0.0, 1000),  # never fewer than 10 s of frames
+        (2.0, 1000),
+        (6.6, 1000),  # 660 frames of audio fill 2/3 of 990 -> 1000
+        (6.8, 1100),  # 680 / (2/3) = 1020 -> rounded up to the next 100
+        (10.0, 1500),  # 1000 frames of audio in 1500: exactly 2/3
+        (19.9, 3000),
+        (20.0, 3000),  # 2000 / (2/3) = 3000: the full window
+        (29.0, 3000),  # capped at 30 s
+        (60.0, 3000),
+    ],
+)
 def test_window_frames_leave_a_third_of_the_window_empty(audio_s, frames):
     assert window_frames(seconds(audio_s)) == frames
 

@@ -1,11 +1,25 @@
 """Partition assignment and lease decisions: balance, stability, determinism. No NATS."""
+
 import random
 import subprocess
 import sys
 
-from jetscribe.services.transcriber.partitions import (Lease, assign, assigned_to, decode_lease, decode_member,
-                                             encode_lease, encode_member, lease_deadline, lease_ttl_seconds,
-                                             Plan, may_acquire, plan, pull_window, weight)
+from jetscribe.services.transcriber.partitions import (
+    Lease,
+    Plan,
+    assign,
+    assigned_to,
+    decode_lease,
+    decode_member,
+    encode_lease,
+    encode_member,
+    lease_deadline,
+    lease_ttl_seconds,
+    may_acquire,
+    plan,
+    pull_window,
+    weight,
+)
 
 P = 16
 
@@ -69,9 +83,17 @@ def test_order_of_members_does_not_matter():
 
 def test_weights_are_the_same_in_another_process():
     # Python's hash() is salted per process; the assignment must not be.
-    code = "from jetscribe.services.transcriber.partitions import assign; print(sorted(assign(16, ['a', 'b', 'c']).items()))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PYTHONPATH": ":".join(sys.path)}).stdout
+    code = (
+        "from jetscribe.services.transcriber.partitions import assign; "
+        "print(sorted(assign(16, ['a', 'b', 'c']).items()))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PYTHONPATH": ":".join(sys.path)},
+    ).stdout
     assert other.strip() == str(sorted(assign(P, ["a", "b", "c"]).items()))
     assert weight("a", 1) == weight("a", 1) != weight("a", 2)
 

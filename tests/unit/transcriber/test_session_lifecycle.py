@@ -1,12 +1,12 @@
 """A session's life in the core: admission, idle timeout, takeover totals, limits, reuse, VAD frames."""
+
 import numpy as np
 import pytest
 
 from jetscribe.services.transcriber.core import SessionLimits, is_reused
 from jetscribe.shared.clock import ManualClock
 from jetscribe.shared.wire import SessionControl
-from tests.unit.transcriber.scripted import (CHUNK, chunk, end_message, feed, finish, new_stream, said, silence,
-                                             tone)
+from tests.unit.transcriber.scripted import CHUNK, chunk, end_message, feed, finish, new_stream, said, silence, tone
 
 
 def start_message():
@@ -81,7 +81,7 @@ def test_totals_stay_exact_across_a_takeover():
     assert checkpoint.chunks_received == checkpoint.acked_seq + 1
     nxt = new_stream(checkpoint=checkpoint)
     for seq in range(checkpoint.acked_seq - 2, sent):  # the stream redelivers from before the ack floor too
-        nxt.receive(chunk(seq, audio[seq * CHUNK:(seq + 1) * CHUNK]), seq)
+        nxt.receive(chunk(seq, audio[seq * CHUNK : (seq + 1) * CHUNK]), seq)
     nxt.receive(end_message(), "end")
     finish(nxt, nxt.next_job(), said("two"))
     ended = nxt.events[-1]

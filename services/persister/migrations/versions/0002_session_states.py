@@ -6,6 +6,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2025-12-02
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
