@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -69,26 +71,23 @@ class IngestGateway:
         return callback
 
     async def _on_audio(self, msg: Msg) -> None:
-        tenant, session_id = _ids_from_subject(msg.subject)
-        with self.tracer.start_as_current_span("ingest.audio"):
-            try:
-                chunk = decode(msg.data, AudioChunk)
-                check_subject_matches(chunk.tenant, chunk.session_id, tenant, session_id)
-                async with self._lock(tenant, session_id):
-                    reply = await self._accept_chunk(chunk)
-            except CodedError as exc:
-                reply = await self._refuse(tenant, session_id, exc, seq=_seq_of(msg.data))
-        await self._answer(msg, reply)
+        await self._serve(msg, AudioChunk, self._accept_chunk, "ingest.audio")
 
     async def _on_session(self, msg: Msg) -> None:
+        await self._serve(msg, SessionControl, self._control, "ingest.session")
+
+    async def _serve(self, msg: Msg, kind: type, accept: Callable[[Any], Awaitable[Reply]], span: str) -> None:
+        """Decode a bot's request, check it names its own subject, run `accept` under the session's lock, answer."""
         tenant, session_id = _ids_from_subject(msg.subject)
-        try:
-            control = decode(msg.data, SessionControl)
-            check_subject_matches(control.tenant, control.session_id, tenant, session_id)
-            async with self._lock(tenant, session_id):
-                reply = await self._control(control)
-        except CodedError as exc:
-            reply = await self._refuse(tenant, session_id, exc)
+        message = None
+        with self.tracer.start_as_current_span(span):
+            try:
+                message = decode(msg.data, kind)
+                check_subject_matches(message.tenant, message.session_id, tenant, session_id)
+                async with self._lock(tenant, session_id):
+                    reply = await accept(message)
+            except CodedError as exc:
+                reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
 
     async def _on_worker_event(self, msg: Msg) -> None:
@@ -239,13 +238,6 @@ class IngestGateway:
 def _ids_from_subject(subject: str) -> tuple[str, str]:
     parts = subject.split(".")
     return parts[2], parts[3]
-
-
-def _seq_of(data: bytes) -> int | None:
-    try:
-        return decode(data, AudioChunk).seq
-    except WireError:
-        return None
 
 
 async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import soxr
 
@@ -255,11 +256,8 @@ class IngestBook:
                 "seq_gap", f"seq {chunk.seq} leaves a gap: expected seq {ledger.last_seq + 1}; resend from there"
             )
         samples = to_mono_int16(chunk, ledger)
-        stored = AudioChunk(
-            tenant=chunk.tenant,
-            session_id=chunk.session_id,
-            seq=chunk.seq,
-            sent_at=chunk.sent_at,
+        stored = msgspec.structs.replace(
+            chunk,
             sample_rate=SAMPLE_RATE,
             channels=STORED_CHANNELS,
             encoding=STORED_ENCODING,

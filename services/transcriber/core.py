@@ -262,29 +262,19 @@ class SessionStream(Generic[M]):
         audio = self.segmenter.samples(utt.start, end).astype(np.float32) / 32768.0
         prompt = " ".join(self.committed_words)
         self.busy = True
-        if kind == "interim":
-            return DecodeJob(
-                kind="interim",
-                audio=audio,
-                start_sample=utt.start,
-                end_sample=end,
-                language=self.language,
-                prompt=prompt,
-                beam_size=self.options.interim_beam_size,
-                speech_end_sample=end,
-                window="short",
-            )
+        interim = kind == "interim"
         return DecodeJob(
-            kind="final",
+            kind=kind,
             audio=audio,
             start_sample=utt.start,
             end_sample=end,
             language=self.language,
             prompt=prompt,
-            beam_size=self.options.beam_size,
-            speech_end_sample=min(utt.speech_end, end),
+            beam_size=self.options.interim_beam_size if interim else self.options.beam_size,
+            # an interim's words run to its end; a final's after the last speech frame are suspect
+            speech_end_sample=end if interim else min(utt.speech_end, end),
             speculative=speculative,
-            window=self.options.final_window,
+            window="short" if interim else self.options.final_window,
         )
 
     # --- decode results --------------------------------------------------------------------------
