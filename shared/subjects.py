@@ -23,19 +23,24 @@ def is_valid_token(value: str) -> bool:
 
 # Bots -> ingest gateway (request/reply)
 def ingest_audio(tenant: str, session: str) -> str:
+    """A bot's audio chunks, as requests the gateway answers."""
     return f"ingest.audio.{tenant}.{session}"
 
 
+INGEST_AUDIO_ALL = "ingest.audio.*.*"
+
+
 def ingest_session(tenant: str, session: str) -> str:
+    """A bot's start and end of a session, as requests."""
     return f"ingest.session.{tenant}.{session}"
 
 
-INGEST_AUDIO_ALL = "ingest.audio.*.*"
 INGEST_SESSION_ALL = "ingest.session.*.*"
 
 
 # Ingest gateway -> AUDIO stream; the stream appends the partition as a fourth token.
 def audio(tenant: str, session: str) -> str:
+    """Where the gateway publishes stored audio; the AUDIO stream adds the partition token."""
     return f"audio.{tenant}.{session}"
 
 
@@ -48,6 +53,7 @@ def audio_partition_transform(partitions: int) -> tuple[str, str]:
 
 
 def audio_partition_filter(partition: int) -> str:
+    """The filter of partition N's consumer: every session the stream hashed there."""
     return f"audio.*.*.{partition}"
 
 
@@ -56,38 +62,52 @@ def audio_of_session(tenant: str, session: str) -> str:
     return f"audio.{tenant}.{session}.*"
 
 
-def transcriber_consumer(partition: int) -> str:
-    return f"transcriber-p{partition}"
-
-
 # The transcribers' consumer group: live members and partition leases in KV buckets, and one
 # priority group (pinned_client) on every transcriber-p<N> consumer. Group names: at most 16 chars.
 TRANSCRIBER_MEMBERS_BUCKET = "transcriber_members"
 PARTITION_LEASES_BUCKET = "partition_leases"
+
+
+def partition_lease_key(partition: int) -> str:
+    """Key of a partition's lease in KV `partition_leases`."""
+    return f"p{partition}"
+
+
 TRANSCRIBER_PRIORITY_GROUP = "transcribers"
+
+
+def transcriber_consumer(partition: int) -> str:
+    """Durable pull consumer of one AUDIO partition, pinned to the worker holding its lease."""
+    return f"transcriber-p{partition}"
 
 
 SESSION_CHECKPOINTS_BUCKET = "session_checkpoints"
 
 
 def checkpoint_key(tenant: str, session: str) -> str:
+    """Key of a session's checkpoint in KV `session_checkpoints`."""
     return f"{tenant}.{session}"
-
-
-def partition_lease_key(partition: int) -> str:
-    return f"p{partition}"
 
 
 # Transcriber -> TRANSCRIPTS stream
 def transcript(tenant: str, session: str) -> str:
+    """A session's segments, interim and final, in TRANSCRIPTS."""
     return f"transcript.{tenant}.{session}"
 
 
+TRANSCRIPTS_ALL = "transcript.*.*"
+
+
 def session_event(tenant: str, session: str, event: str) -> str:
+    """One lifecycle event (started, ended, rejected) of a session, in TRANSCRIPTS."""
     return f"session.{tenant}.{session}.{event}"
 
 
+SESSION_EVENTS_ALL = "session.*.*.*"
+
+
 def session_events_of(tenant: str, session: str) -> str:
+    """Every lifecycle event of one session."""
     return f"session.{tenant}.{session}.*"
 
 
@@ -96,12 +116,9 @@ def session_event_all(event: str) -> str:
     return f"session.*.*.{event}"
 
 
-TRANSCRIPTS_ALL = "transcript.*.*"
-SESSION_EVENTS_ALL = "session.*.*.*"
-
-
 # Errors, per service and tenant
 def errors(service: str, tenant: str) -> str:
+    """Refusals and failures one service reports for a tenant ('_' when none is known)."""
     return f"errors.{service}.{tenant or '_'}"
 
 

@@ -40,12 +40,22 @@ class WireError(CodedError, ValueError):
         super().__init__(code, message)
 
 
-class AudioChunk(msgspec.Struct, tag="audio", kw_only=True):
-    """A piece of a session's audio. `seq` counts from 0, +1 per chunk."""
+class _Message(msgspec.Struct, kw_only=True):
+    """Every message carries the schema version it was written in."""
 
     v: int = SCHEMA_VERSION
+
+
+class _SessionMessage(_Message):
+    """A message about one session of one tenant; the tenant is also the subject's, and services check both agree."""
+
     tenant: str
     session_id: str
+
+
+class AudioChunk(_SessionMessage, tag="audio"):
+    """A piece of a session's audio. `seq` counts from 0, +1 per chunk."""
+
     seq: int
     sent_at: float
     sample_rate: int
@@ -54,12 +64,9 @@ class AudioChunk(msgspec.Struct, tag="audio", kw_only=True):
     payload: bytes
 
 
-class SessionControl(msgspec.Struct, tag="control", kw_only=True):
+class SessionControl(_SessionMessage, tag="control"):
     """Starts or ends a session. `language` is a code like "en", or "auto"."""
 
-    v: int = SCHEMA_VERSION
-    tenant: str
-    session_id: str
     action: Literal["start", "end"]
     language: str = "auto"
     model: str | None = None
@@ -74,12 +81,9 @@ class Word(msgspec.Struct, array_like=True):
     probability: float
 
 
-class Segment(msgspec.Struct, tag="segment", kw_only=True):
+class Segment(_SessionMessage, tag="segment"):
     """A stretch of transcript. Interims of one `segment_id` are replaced by its final."""
 
-    v: int = SCHEMA_VERSION
-    tenant: str
-    session_id: str
     segment_id: int
     revision: int
     status: SegmentStatus
@@ -97,16 +101,13 @@ class Segment(msgspec.Struct, tag="segment", kw_only=True):
     published_at: float = 0.0
 
 
-class SessionEvent(msgspec.Struct, tag="session_event", kw_only=True):
+class SessionEvent(_SessionMessage, tag="session_event"):
     """A lifecycle event of a session, published by the transcriber that owns it.
 
     `ended` also follows an idle timeout; `rejected` means the worker refused the session, and
     `reason` says why (e.g. "idle_timeout", "worker_full", "buffer_full"). The gateway relays both to the bot.
     """
 
-    v: int = SCHEMA_VERSION
-    tenant: str
-    session_id: str
     event: Literal["started", "ended", "rejected"]
     at: float
     reason: str = ""
@@ -118,16 +119,13 @@ class SessionEvent(msgspec.Struct, tag="session_event", kw_only=True):
     worker_id: str = ""
 
 
-class SessionCheckpoint(msgspec.Struct, tag="checkpoint", kw_only=True):
+class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     """A transcriber's saved state of one session (KV bucket `session_checkpoints`, key `tenant.session`).
 
     Written before the audio it accounts for is acked, so a worker taking the session over restores
     this and replays exactly the unacked audio after `acked_seq`.
     """
 
-    v: int = SCHEMA_VERSION
-    tenant: str
-    session_id: str
     acked_seq: int = -1  # every chunk up to this seq is transcribed (or silence) and acked
     acked_samples: int = 0  # session samples in those chunks: where chunk acked_seq + 1 begins
     chunks_received: int = 0
@@ -139,10 +137,9 @@ class SessionCheckpoint(msgspec.Struct, tag="checkpoint", kw_only=True):
     updated_at: float = 0.0
 
 
-class ErrorEvent(msgspec.Struct, tag="error", kw_only=True):
+class ErrorEvent(_Message, tag="error"):
     """Why something was refused; published on `errors.<service>.<tenant>`."""
 
-    v: int = SCHEMA_VERSION
     tenant: str
     session_id: str | None
     code: str
@@ -151,10 +148,9 @@ class ErrorEvent(msgspec.Struct, tag="error", kw_only=True):
     at: float = 0.0
 
 
-class Reply(msgspec.Struct, tag="reply", kw_only=True):
+class Reply(_Message, tag="reply"):
     """The gateway's answer to a bot's request: ok with the last accepted seq, or an error."""
 
-    v: int = SCHEMA_VERSION
     ok: bool
     last_seq: int = -1  # -1: nothing accepted yet
     code: str = ""
