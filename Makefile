@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test up clean
+.PHONY: run test lint up clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/jetscribe demo
 
-test: $(BIN)/.installed
+test: lint
 	$(BIN)/python -m pytest
+
+# One style (ruff format, 120 columns), lint rules and mypy --strict on shared/ and the pure cores: pyproject.toml.
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 up: $(BIN)/.installed
 	$(BIN)/jetscribe up
