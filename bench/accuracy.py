@@ -52,6 +52,7 @@ from jetscribe.client.bot import Audio, StreamResult, read_audio, stream_audio  
 from jetscribe.evaluation.metrics import corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence  # noqa: E402
 from jetscribe.evaluation.wer import wer  # noqa: E402
 from jetscribe.shared.config import TranscriberConfig  # noqa: E402
+from jetscribe.shared.wire import language_for  # noqa: E402
 
 TENANT = "bench"
 CHUNK_S = 0.1
@@ -249,8 +250,7 @@ def session_id(name: str, run: str) -> str:
 
 # --- offline: the same model in this process ------------------------------------------------------
 def offline_language(args) -> str | None:
-    language = None if args.language == "auto" else args.language
-    return "en" if args.model.endswith(".en") else language  # as the transcriber decides
+    return language_for(args.model, args.language)  # as the transcriber decides
 
 
 def run_offline(args, cfg: TranscriberConfig, items: list[Item]) -> dict[str, tuple[str, float]]:
