@@ -20,7 +20,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
-from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
@@ -259,6 +259,7 @@ class SessionStream(Generic[M]):
         utterance, else an interim of the open one. Its result goes back through `complete`."""
         if self.busy or self.gone:
             return None
+        kind: JobKind
         end: int | None
         if self.closed:
             utt, kind, end, speculative = self.closed[0], "final", self.closed[0].end, False

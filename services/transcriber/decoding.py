@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from jetscribe.services.transcriber.core import SessionStream
 
 M = TypeVar("M")  # the message handle of the streams (see core.SessionStream)
+JobKind = Literal["final", "interim"]
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Decoded:
 
 @dataclass(frozen=True)
 class DecodeJob:
-    kind: Literal["final", "interim"]
+    kind: JobKind
     audio: np.ndarray  # float32, 16 kHz mono
     start_sample: int  # session sample index of audio[0]
     end_sample: int
