@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 SAMPLE_RATE = 16000  # samples per second of stored audio, and what Whisper reads
-STORED_ENCODING = "pcm_s16le"
+STORED_ENCODING: Final = "pcm_s16le"  # Final: its type is the Literal, so it fits wire.Encoding
 STORED_CHANNELS = 1
 BYTES_PER_SAMPLE = 2
 

@@ -58,7 +58,7 @@ class StreamSettings(FromEnv):
     transcripts_max_age_s: float = env("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", 7 * 24 * 3600.0)
     duplicate_window_s: float = env("JETSCRIBE_DUPLICATE_WINDOW_S", 120.0)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_retention(self.audio_max_age_s, self.transcripts_max_age_s)
 
 

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError
+from nats.js.kv import KeyValue
 
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings
@@ -27,14 +28,14 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
 
     connected = False
 
-    async def on_disconnect():  # also fires on a clean close, so not a warning
+    async def on_disconnect() -> None:  # also fires on a clean close, so not a warning
         if connected:  # and on closing a client that never connected: not worth a line
             log.info("%s: disconnected from NATS", name)
 
-    async def on_reconnect():
+    async def on_reconnect() -> None:
         log.warning("%s: reconnected to NATS", name)
 
-    async def on_error(exc):
+    async def on_error(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
 
     nc = Client()
@@ -43,7 +44,8 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
             settings.nats_url,
             name=name,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            # nats-py annotates this int, but only sleeps on it and compares it with float times
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
@@ -113,7 +115,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None
             await js.update_stream(config)
 
 
-async def ensure_checkpoints(js: JetStreamContext, settings: StreamSettings):
+async def ensure_checkpoints(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     """The transcribers' KV bucket of session checkpoints. Entries outlive the audio they describe, so a
     late redelivery of a finished session is still recognised."""
     ttl = 2 * settings.audio_max_age_s

@@ -103,7 +103,8 @@ def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
 
 
 def _to_int16(samples: np.ndarray) -> np.ndarray:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    scaled: np.ndarray = np.clip(samples, -1.0, 1.0) * 32767.0  # np.clip's stubs return Any
+    return scaled.astype("<i2")
 
 
 class IngestBook:

@@ -10,17 +10,21 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Final, Literal
 
 from jetscribe.shared import subjects
 from jetscribe.shared.errors import CodedError
-from jetscribe.shared.wire import ErrorEvent, Segment, SessionEvent, TranscriptMessage
-
-_INT64 = range(-(2**63), 2**63)
-_RANK = {"interim": 0, "final": 1}
-_EVENT_STATUS = {"started": "active", "ended": "ended", "rejected": "rejected"}
-CLOSED = ("ended", "rejected")  # the terminal session states
+from jetscribe.shared.wire import ErrorEvent, Segment, SegmentStatus, SessionEvent, TranscriptMessage
 
 SessionKey = tuple[str, str]  # (tenant, session_id)
+Row = dict[str, Any]  # a database row: column name -> value
+SessionStatus = Literal["active", "ended", "rejected"]  # sessions.status
+EventKind = Literal["started", "ended", "rejected"]  # SessionEvent.event
+
+_INT64 = range(-(2**63), 2**63)
+_RANK: Final[dict[SegmentStatus, int]] = {"interim": 0, "final": 1}
+_EVENT_STATUS: Final[dict[EventKind, SessionStatus]] = {"started": "active", "ended": "ended", "rejected": "rejected"}
+CLOSED: Final[tuple[SessionStatus, ...]] = ("ended", "rejected")  # the terminal session states
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,9 @@ class Delivered:
 class BatchWrite:
     """What one batch changes in the database, in the order the store applies it."""
 
-    session_touches: list[dict] = field(default_factory=list)  # one per session, sorted by key
-    session_events: list[dict] = field(default_factory=list)  # in stream order
-    segments: list[dict] = field(default_factory=list)  # one per segment key: the version that wins
+    session_touches: list[Row] = field(default_factory=list)  # one per session, sorted by key
+    session_events: list[Row] = field(default_factory=list)  # in stream order
+    segments: list[Row] = field(default_factory=list)  # one per segment key: the version that wins
     recount: list[SessionKey] = field(default_factory=list)  # sessions whose segment_count may change
 
 
@@ -52,7 +56,7 @@ def _or_none(value: str | None) -> str | None:
     return value or None  # the wire says "" for unknown; the table says NULL
 
 
-def segment_row(segment: Segment) -> dict:
+def segment_row(segment: Segment) -> Row:
     """The `segments` row of one Segment message."""
     return {
         "tenant": segment.tenant,
@@ -74,7 +78,7 @@ def segment_row(segment: Segment) -> dict:
     }
 
 
-def next_status(current: str | None, event: str) -> str:
+def next_status(current: SessionStatus | None, event: EventKind) -> SessionStatus:
     """A session's status after `event` (started, ended, rejected), given its stored status (None: no row yet).
 
     `started` makes a session active; `ended` and `rejected` close it. A closed session keeps the state it
@@ -86,7 +90,7 @@ def next_status(current: str | None, event: str) -> str:
     return _EVENT_STATUS[event]
 
 
-def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> dict:
+def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> Row:
     """The `sessions` row a lifecycle event upserts; `ended` and `rejected` carry the reason and totals."""
     at = timestamp(event.at or stored_at)
     status = next_status(None, event.event)
@@ -107,7 +111,7 @@ def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> dict:
     }
 
 
-def session_touch(segment: Segment, stored_at: float) -> dict:
+def session_touch(segment: Segment, stored_at: float) -> Row:
     """The `sessions` row a segment implies: its session exists and was active when it was published."""
     at = timestamp(segment.published_at or stored_at)
     return {
@@ -119,7 +123,7 @@ def session_touch(segment: Segment, stored_at: float) -> dict:
     }
 
 
-def replaces(new: Mapping, old: Mapping) -> bool:
+def replaces(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     """Whether segment version `new` overwrites `old`; the store's ON CONFLICT ... WHERE says the same in SQL.
 
     A final beats any interim, an interim never beats a final, and within one status the higher
@@ -128,9 +132,9 @@ def replaces(new: Mapping, old: Mapping) -> bool:
     return (_RANK[new["status"]], new["revision"]) > (_RANK[old["status"]], old["revision"])
 
 
-def winning_segments(rows: Iterable[dict]) -> list[dict]:
+def winning_segments(rows: Iterable[Row]) -> list[Row]:
     """One row per segment key, the one `replaces` keeps (Postgres refuses to upsert a row twice in one INSERT)."""
-    best: dict[tuple, dict] = {}
+    best: dict[tuple[str, str, int], Row] = {}
     for row in rows:
         key = (row["tenant"], row["session_id"], row["segment_id"])
         if key not in best or replaces(row, best[key]):
@@ -138,8 +142,8 @@ def winning_segments(rows: Iterable[dict]) -> list[dict]:
     return list(best.values())
 
 
-def _merge_touches(touches: Iterable[dict]) -> list[dict]:
-    merged: dict[SessionKey, dict] = {}
+def _merge_touches(touches: Iterable[Row]) -> list[Row]:
+    merged: dict[SessionKey, Row] = {}
     for touch in touches:
         key = (touch["tenant"], touch["session_id"])
         seen = merged.get(key)
@@ -154,7 +158,9 @@ def _merge_touches(touches: Iterable[dict]) -> list[dict]:
 
 def plan_batch(delivered: Iterable[Delivered]) -> BatchWrite:
     """The writes one batch of valid messages turns into."""
-    touches, events, segments = [], [], []
+    touches: list[Row] = []
+    events: list[Row] = []
+    segments: list[Row] = []
     recount: set[SessionKey] = set()
     for item in delivered:
         message = item.message

@@ -20,15 +20,25 @@ from typing import Generic, Literal, Protocol, TypeVar
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
-from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
-from jetscribe.shared.wire import AudioChunk, ErrorEvent, Segment, SessionCheckpoint, SessionControl, SessionEvent, Word
+from jetscribe.shared.wire import (
+    AudioChunk,
+    ErrorEvent,
+    Segment,
+    SegmentStatus,
+    SessionCheckpoint,
+    SessionControl,
+    SessionEvent,
+    Word,
+)
 
 M = TypeVar("M")
+EventKind = Literal["started", "ended", "rejected"]  # SessionEvent.event
 
 
 class Clock(Protocol):
@@ -249,16 +259,21 @@ class SessionStream(Generic[M]):
         utterance, else an interim of the open one. Its result goes back through `complete`."""
         if self.busy or self.gone:
             return None
+        kind: JobKind
+        end: int | None
         if self.closed:
             utt, kind, end, speculative = self.closed[0], "final", self.closed[0].end, False
         elif self.speculation_due():
+            assert self.open is not None  # speculation_due() checked it, and its speculate_end
             utt, kind, end, speculative = self.open, "final", self.open.speculate_end, True
         elif self.interim_due(interim_every_s):
+            assert self.open is not None  # interim_due() checked it
             utt, kind, end, speculative = self.open, "interim", self.segmenter.vad_pos, False
             utt.interim_at = end
             utt.interim_jobs += 1
         else:
             return None
+        assert end is not None  # a closed utterance has its end; speculation_due() checked speculate_end
         audio = self.segmenter.samples(utt.start, end).astype(np.float32) / 32768.0
         prompt = " ".join(self.committed_words)
         self.busy = True
@@ -339,7 +354,7 @@ class SessionStream(Generic[M]):
         return out
 
     def _segment(
-        self, utt: Utterance, status: str, words: list[Word], job: DecodeJob, stable_words: int = 0
+        self, utt: Utterance, status: SegmentStatus, words: list[Word], job: DecodeJob, stable_words: int = 0
     ) -> Segment:
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
@@ -455,7 +470,7 @@ class SessionStream(Generic[M]):
             updated_at=self.clock.wall(),
         )
 
-    def _event(self, event: str, reason: str = "") -> SessionEvent:
+    def _event(self, event: EventKind, reason: str = "") -> SessionEvent:
         return SessionEvent(
             tenant=self.tenant,
             session_id=self.session_id,

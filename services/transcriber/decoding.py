@@ -4,7 +4,7 @@ session decodes next."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from jetscribe.services.transcriber.agreement import DecodedSegment
 
 if TYPE_CHECKING:
     from jetscribe.services.transcriber.core import SessionStream
+
+M = TypeVar("M")  # the message handle of the streams (see core.SessionStream)
+JobKind = Literal["final", "interim"]
 
 
 @dataclass
@@ -23,7 +26,7 @@ class Decoded:
 
 @dataclass(frozen=True)
 class DecodeJob:
-    kind: Literal["final", "interim"]
+    kind: JobKind
     audio: np.ndarray  # float32, 16 kHz mono
     start_sample: int  # session sample index of audio[0]
     end_sample: int
@@ -54,7 +57,7 @@ class DecodeLoad:
         return max(fastest_s, 2.0 * speaking_sessions * self.interim_s)
 
 
-def pick_next(streams: list[SessionStream], interim_every_s: float | None = None) -> SessionStream | None:
+def pick_next(streams: list[SessionStream[M]], interim_every_s: float | None = None) -> SessionStream[M] | None:
     """Which session decodes next: the oldest pending final first, then a paused utterance's
     speculative final, then the most starved interim."""
     finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]

@@ -32,4 +32,5 @@ class WebrtcVoiceDetector:
         self._vad = webrtcvad.Vad(aggressiveness)
 
     def is_speech(self, frame: np.ndarray) -> bool:
-        return self._vad.is_speech(frame.astype("<i2", copy=False).tobytes(), SAMPLE_RATE)
+        speech: bool = self._vad.is_speech(frame.astype("<i2", copy=False).tobytes(), SAMPLE_RATE)  # untyped module
+        return speech
