@@ -6,7 +6,7 @@ types, so a malformed message becomes a `WireError` that names the bad field.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
@@ -23,6 +23,7 @@ WHISPER_LANGUAGES = frozenset(
     "ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue".split()
 )
 SegmentStatus = Literal["interim", "final"]
+SessionEventKind = Literal["started", "ended", "rejected"]
 
 
 def language_for(model: str, requested: str | None) -> str | None:
@@ -108,7 +109,7 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     `reason` says why (e.g. "idle_timeout", "worker_full", "buffer_full"). The gateway relays both to the bot.
     """
 
-    event: Literal["started", "ended", "rejected"]
+    event: SessionEventKind
     at: float
     reason: str = ""
     language: str | None = None
@@ -161,14 +162,21 @@ AudioMessage = AudioChunk | SessionControl
 TranscriptMessage = Segment | SessionEvent
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[object, msgspec.msgpack.Decoder] = {}
+_decoders: dict[object, msgspec.msgpack.Decoder[Any]] = {}
+T = TypeVar("T")
 
 
 def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(data: bytes, kind):
+@overload
+def decode(data: bytes, kind: type[T]) -> T: ...
+@overload
+def decode(data: bytes, kind: Any) -> Any: ...  # a union of message classes, e.g. AudioMessage
+
+
+def decode(data: bytes, kind: Any) -> Any:
     """Decode `data` as `kind` (a message class or a union of them); raise WireError if it does not fit."""
     decoder = _decoders.get(kind)
     if decoder is None:

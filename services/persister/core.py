@@ -14,12 +14,12 @@ from typing import Any, Final, Literal
 
 from jetscribe.shared import subjects
 from jetscribe.shared.errors import CodedError
-from jetscribe.shared.wire import ErrorEvent, Segment, SegmentStatus, SessionEvent, TranscriptMessage
+from jetscribe.shared.wire import ErrorEvent, Segment, SegmentStatus, SessionEvent, SessionEventKind, TranscriptMessage
 
 SessionKey = tuple[str, str]  # (tenant, session_id)
 Row = dict[str, Any]  # a database row: column name -> value
 SessionStatus = Literal["active", "ended", "rejected"]  # sessions.status
-EventKind = Literal["started", "ended", "rejected"]  # SessionEvent.event
+EventKind = SessionEventKind
 
 _INT64 = range(-(2**63), 2**63)
 _RANK: Final[dict[SegmentStatus, int]] = {"interim": 0, "final": 1}

@@ -34,11 +34,12 @@ from jetscribe.shared.wire import (
     SessionCheckpoint,
     SessionControl,
     SessionEvent,
+    SessionEventKind,
     Word,
 )
 
 M = TypeVar("M")
-EventKind = Literal["started", "ended", "rejected"]  # SessionEvent.event
+EventKind = SessionEventKind
 
 
 class Clock(Protocol):
