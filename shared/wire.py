@@ -82,6 +82,21 @@ class Word(msgspec.Struct, array_like=True):
     probability: float
 
 
+DropReason = Literal["loop", "silence", "trailing"]
+
+
+class DroppedWord(msgspec.Struct, array_like=True):
+    """A word Whisper decoded that a guard removed from a final, and why: `loop` (a repeat of a phrase
+    beyond its first occurrence), `silence` (a segment the audio and Whisper both say is not speech),
+    `trailing` (a stock phrase invented in the silence after the speech)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+    reason: DropReason
+
+
 class Segment(_SessionMessage, tag="segment"):
     """A stretch of transcript. Interims of one `segment_id` are replaced by its final."""
 
@@ -100,6 +115,7 @@ class Segment(_SessionMessage, tag="segment"):
     seq_last: int = 0
     worker_id: str = ""
     published_at: float = 0.0
+    dropped: list[DroppedWord] = []  # finals: the words the guards removed (session times), to audit them
 
 
 class SessionEvent(_SessionMessage, tag="session_event"):
@@ -118,6 +134,8 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     audio_seconds: float = 0.0
     segments: int = 0
     worker_id: str = ""
+    words_dropped: int = 0  # words the guards removed from the session's finals (Segment.dropped)
+    empty_finals: int = 0  # finals that came out empty although the VAD heard speech in their audio
 
 
 class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
@@ -136,6 +154,8 @@ class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     finished: bool = False  # ended or rejected: later redeliveries are only acked
     worker_id: str = ""
     updated_at: float = 0.0
+    words_dropped: int = 0  # the session's running totals (SessionEvent), so a takeover carries them on
+    empty_finals: int = 0
 
 
 class ErrorEvent(_Message, tag="error"):

@@ -1,6 +1,7 @@
 """Which decoded words to trust and when an interim word is stable: pure functions over `Word`s.
 
-The guards drop what Whisper invents (text for silence, loops, stock phrases after speech);
+The guards remove what Whisper invents (text for silence or noise, the repeats of a loop, stock phrases
+after speech), judged by the audio as well as by Whisper's scores, and say what they removed and why;
 `agree` is LocalAgreement-2 over an utterance's consecutive interim hypotheses.
 """
 
@@ -9,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from jetscribe.shared.wire import Word
+from jetscribe.services.transcriber.evidence import AudioEvidence
+from jetscribe.shared.wire import DroppedWord, DropReason, Word
 
 
 @dataclass
@@ -30,45 +32,122 @@ class Hypotheses:
     unstable: list[Word] = field(default_factory=list)
 
 
-def keep_trustworthy(segments: list[DecodedSegment]) -> list[Word]:
-    """Drop what Whisper makes up: text for silence/noise, and looping output."""
-    words: list[Word] = []
+# A segment is in doubt when Whisper itself doubts it (no_speech above this, or avg_logprob below that),
+# when it looped, or when its text compresses too well (Whisper's own 2.4). Doubt alone drops nothing.
+DOUBT_NO_SPEECH = 0.5
+DOUBT_LOGPROB = -1.0
+LOOP_COMPRESSION = 2.4
+# Audio holds speech under words when the VAD heard speech in this share of their frames (widened by
+# EVIDENCE_PAD_S: word times are only good to ~0.1 s) and their loud frames stand this far above the floor.
+MIN_SPEECH_COVERAGE = 0.3
+MIN_SPEECH_SNR_DB = 5.0
+EVIDENCE_PAD_S = 0.1
+MAX_REPEATS = 3  # a phrase said more often than this back to back is a loop
+MAX_LOOP_WORDS = 8  # the longest phrase looked for
+
+
+@dataclass
+class Verdict:
+    """What the guards made of some words: those kept, and those removed with their reason."""
+
+    kept: list[Word] = field(default_factory=list)
+    dropped: list[DroppedWord] = field(default_factory=list)
+
+
+def keep_trustworthy(segments: list[DecodedSegment], evidence: AudioEvidence | None = None) -> Verdict:
+    """Remove what Whisper makes up, never more: a loop loses its repeats (its first occurrence and the
+    rest of the segment stay); a whole segment goes only if it is in doubt (`DOUBT_*`, a loop, a high
+    compression ratio) and the audio under it holds no speech (`holds_speech`). Without `evidence`
+    (no VAD record), Whisper's scores alone decide, by the older rule: avg_logprob < -1 and no_speech > 0.3.
+    Times of `segments` and `evidence` must be on the same clock."""
+    verdict = Verdict()
     for seg in segments:
-        # Whisper's own rule is no_speech > 0.6; a trailing "Thank you." after a prompt scores ~0.55.
-        if seg.avg_logprob < -1.0 and seg.no_speech_prob > 0.3:
+        kept, repeats = trim_loops(seg.words)
+        doubtful = (
+            seg.no_speech_prob > DOUBT_NO_SPEECH
+            or seg.avg_logprob < DOUBT_LOGPROB
+            or bool(repeats)
+            or seg.compression_ratio > LOOP_COMPRESSION
+        )
+        if evidence is None:
+            silent = seg.avg_logprob < DOUBT_LOGPROB and seg.no_speech_prob > 0.3
+        else:
+            span = (seg.words[0].start, seg.words[-1].end) if seg.words else (0.0, 0.0)
+            silent = doubtful and bool(seg.words) and not holds_speech(evidence, *span)
+        if silent:
+            verdict.dropped += dropped(seg.words, "silence")
             continue
-        if seg.compression_ratio > 2.4 or has_loop(seg.words):
-            continue
-        words.extend(seg.words)
-    return words
+        verdict.kept += kept
+        verdict.dropped += dropped(repeats, "loop")
+    return verdict
 
 
-def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> list[Word]:
+def holds_speech(evidence: AudioEvidence, t0: float, t1: float, min_coverage: float = MIN_SPEECH_COVERAGE) -> bool:
+    """The audio of [t0, t1] (widened by `EVIDENCE_PAD_S`) is speech: the VAD heard it in `min_coverage` of
+    its frames, and it is louder than the session's noise (so a VAD that hears steady line noise as speech
+    is overruled by the level; an unknown floor is no evidence against speech)."""
+    t0, t1 = t0 - EVIDENCE_PAD_S, t1 + EVIDENCE_PAD_S
+    if evidence.coverage(t0, t1) < min_coverage:
+        return False
+    snr = evidence.snr_db(t0, t1)
+    return snr is None or snr >= MIN_SPEECH_SNR_DB
+
+
+def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> Verdict:
     """Whisper fills the silence after speech with stock phrases ("Thanks for watching!"): drop words
     that begin after the VAD heard the last speech, or right at its end with low confidence; and
-    words that are only sentence punctuation."""
-    kept = []
-    for w in words:
+    words that are only sentence punctuation (not counted: they are no words)."""
+    verdict = Verdict()
+    for i, w in enumerate(words):
         if w.start >= speech_end_s + 0.1 or (w.start >= speech_end_s - 0.15 and w.probability < 0.5):
+            verdict.dropped += dropped(words[i:], "trailing")
             break
-        if w.word.strip(" .,!?;:…-"):  # "%", "$" or "&" alone still mean something
-            kept.append(w)
-    return kept
+        if is_word(w):
+            verdict.kept.append(w)
+    return verdict
 
 
-def has_loop(words: list[Word], max_repeats: int = 3) -> bool:
-    """True if some 1-4 word phrase repeats back to back more than `max_repeats` times."""
+def is_word(w: Word) -> bool:
+    """Not only sentence punctuation: "%", "$" or "&" alone still mean something."""
+    return bool(w.word.strip(" .,!?;:…-"))
+
+
+def dropped(words: list[Word], reason: DropReason) -> list[DroppedWord]:
+    """`words` as removed for `reason`; punctuation alone is no word, and is left out."""
+    return [DroppedWord(w.word, w.start, w.end, w.probability, reason) for w in words if is_word(w)]
+
+
+def trim_loops(words: list[Word], max_repeats: int = MAX_REPEATS) -> tuple[list[Word], list[Word]]:
+    """(kept, removed): where a 1-`MAX_LOOP_WORDS` word phrase repeats back to back more than `max_repeats`
+    times, its first occurrence stays and the repeats go; shorter runs ("no, no, no") are speech and stay.
+    The first occurrence, not `max_repeats` of them: a decoder loop usually repeats something said once,
+    and a removed repeat is counted and published, while a kept invention reads like speech."""
     tokens = [norm(w.word) for w in words]
-    for n in range(1, 5):
-        run = 1
-        for i in range(n, len(tokens) - n + 1, n):
-            if tokens[i : i + n] == tokens[i - n : i]:
+    kept: list[Word] = []
+    removed: list[Word] = []
+    i = 0
+    while i < len(words):
+        for n in range(1, MAX_LOOP_WORDS + 1):
+            phrase = tokens[i : i + n]
+            if len(phrase) < n or not any(phrase):
+                continue
+            run = 1
+            while tokens[i + run * n : i + (run + 1) * n] == phrase:
                 run += 1
-                if run > max_repeats:
-                    return True
-            else:
-                run = 1
-    return False
+            if run > max_repeats:
+                kept += words[i : i + n]
+                removed += words[i + n : i + run * n]
+                i += run * n
+                break
+        else:
+            kept.append(words[i])
+            i += 1
+    return kept, removed
+
+
+def has_loop(words: list[Word], max_repeats: int = MAX_REPEATS) -> bool:
+    """True if some 1-`MAX_LOOP_WORDS` word phrase repeats back to back more than `max_repeats` times."""
+    return bool(trim_loops(words, max_repeats)[1])
 
 
 def norm(word: str) -> str:

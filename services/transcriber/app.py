@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -18,7 +18,14 @@ from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
 from jetscribe.services.transcriber import model as whisper
-from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
+from jetscribe.services.transcriber.core import (
+    CommitOptions,
+    FinalAudit,
+    SessionLimits,
+    SessionStream,
+    Step,
+    is_reused,
+)
 from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.vad import WebrtcVoiceDetector
@@ -275,6 +282,8 @@ class TranscriberWorker:
         """Do what `step` says, in the order `Step` documents, after every earlier step of the session."""
         for line in step.notes:
             log.info("%s", line)
+        for audit in step.audits:
+            _log_audit(record.stream, audit)
         if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
             self._forget(record)
             if step.checkpoint is not None and step.checkpoint.finished:
@@ -419,6 +428,30 @@ class TranscriberWorker:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays
             log.warning("could not publish the %s report: %r", event.code, exc)
+
+
+def _log_audit(stream: SessionStream[Msg], audit: FinalAudit) -> None:
+    """What the guards removed from one final (INFO, the words at DEBUG), and an empty final over speech (WARNING)."""
+    where = f"{stream.tenant}/{stream.session_id} segment {audit.segment_id if audit.segment_id is not None else '-'}"
+    if audit.dropped:
+        reasons = Counter(d.reason for d in audit.dropped)
+        log.info(
+            "%s: guards dropped %d words (%s)",
+            where,
+            len(audit.dropped),
+            ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())),
+        )
+        log.debug(
+            "%s: dropped %s", where, " | ".join(f"{d.word.strip()}@{d.start:.2f}:{d.reason}" for d in audit.dropped)
+        )
+    if audit.empty_over_speech:
+        log.warning(
+            "%s: final for %.2f-%.2f s is empty although its audio held speech (%d words dropped)",
+            where,
+            audit.start,
+            audit.end,
+            len(audit.dropped),
+        )
 
 
 async def _settle_message(settle, msg: Msg) -> None:

@@ -19,7 +19,13 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from jetscribe.services.transcriber.agreement import agree, drop_trailing_inventions, ends_sentence, keep_trustworthy
+from jetscribe.services.transcriber.agreement import (
+    agree,
+    drop_trailing_inventions,
+    ends_sentence,
+    holds_speech,
+    keep_trustworthy,
+)
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
@@ -28,6 +34,7 @@ from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
     AudioChunk,
+    DroppedWord,
     ErrorEvent,
     Segment,
     SegmentStatus,
@@ -40,12 +47,25 @@ from jetscribe.shared.wire import (
 
 M = TypeVar("M")
 EventKind = SessionEventKind
+EMPTY_FINAL_COVERAGE = 0.4  # a final with no words over audio the VAD heard this much speech in is a loss
 
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     def wall(self) -> float: ...
+
+
+@dataclass
+class FinalAudit:
+    """What the guards did to one final, for the shell's log: the words they removed, and whether it came
+    out empty over audio that held speech (`empty_over_speech`). `segment_id` is None if nothing was published."""
+
+    segment_id: int | None
+    start: float  # seconds of session audio: the utterance
+    end: float
+    dropped: list[DroppedWord]
+    empty_over_speech: bool
 
 
 @dataclass
@@ -62,11 +82,19 @@ class Step(Generic[M]):
     nak: list[M] = field(default_factory=list)
     closed: bool = False
     notes: list[str] = field(default_factory=list)  # lines for the shell's log
+    audits: list[FinalAudit] = field(default_factory=list)  # finals the guards removed words from, to log
 
     @property
     def empty(self) -> bool:
         return not (
-            self.errors or self.segments or self.events or self.checkpoint or self.ack or self.nak or self.closed
+            self.errors
+            or self.segments
+            or self.events
+            or self.checkpoint
+            or self.ack
+            or self.nak
+            or self.closed
+            or self.audits
         )
 
 
@@ -96,6 +124,8 @@ class SessionStream(Generic[M]):
         self.next_segment_id = 0
         self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
         self.finals_published = 0
+        self.words_dropped = 0  # by the guards, from this session's finals
+        self.empty_finals = 0  # finals with no words over audio that held speech
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False
         self.end_reason = ""  # "" (the bot ended it) or "idle_timeout"
@@ -104,6 +134,7 @@ class SessionStream(Generic[M]):
         self.gone = False  # closed here (ended, rejected, handed over, lost): nothing more to do
         self._after_close: Literal["ack", "nak", "drop"] = "ack"
         self._failures = 0
+        self._audits: list[FinalAudit] = []
         self._admission: int | None = sessions_before  # None once decided
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -291,18 +322,21 @@ class SessionStream(Generic[M]):
             speech_end_sample=end if interim else min(utt.speech_end, end),
             speculative=speculative,
             window="short" if interim else self.options.final_window,
+            evidence=self.segmenter.record.evidence(utt.start, end),
         )
 
     # --- decode results --------------------------------------------------------------------------
     def _apply(self, job: DecodeJob, decoded: Decoded) -> list[Segment]:
         if self.language is None and decoded.language and decoded.language_probability >= 0.5:
             self.language = decoded.language
-        words = self._session_words(job, keep_trustworthy(decoded.segments))
-        words = drop_trailing_inventions(words, job.speech_end_sample / SAMPLE_RATE)
+        timed = [replace(seg, words=self._session_words(job, seg.words)) for seg in decoded.segments]
+        trusted = keep_trustworthy(timed, job.evidence)
+        said = drop_trailing_inventions(trusted.kept, job.speech_end_sample / SAMPLE_RATE)
+        words, dropped = said.kept, sorted(trusted.dropped + said.dropped, key=lambda w: w.start)
         if job.speculative:
             closed = self.closed[0] if self.closed else None
             if closed is not None and (closed.start, closed.end) == (job.start_sample, job.end_sample):
-                return self._final(words, job)  # the endpoint came while it decoded: it is the final
+                return self._final(words, dropped, job)  # the endpoint came while it decoded: it is the final
             utt = self.open
             if utt is None or utt.start != job.start_sample:
                 return []  # cut elsewhere meanwhile; that utterance gets its own final
@@ -316,14 +350,14 @@ class SessionStream(Generic[M]):
                 # Still in the same pause, after a whole sentence: end the utterance here rather than
                 # wait for 0.5 s of silence that a quick speaker never leaves.
                 self.segmenter.close_at(job.end_sample, self.clock.monotonic())
-                return self._final(words, job)
+                return self._final(words, dropped, job)
         if job.kind == "interim" or job.speculative:
             utt = self.open
             if utt is None or utt.start != job.start_sample or not words:
                 return []  # that utterance closed meanwhile; its final is coming
             words, stable = agree(utt.words, words)
             return [self._segment(utt, "interim", words, job, stable)]
-        return self._final(words, job)
+        return self._final(words, dropped, job)
 
     def _ready_finals(self) -> list[Segment]:
         """Closed utterances whose final was decoded early, on exactly their audio: publish it now."""
@@ -336,13 +370,26 @@ class SessionStream(Generic[M]):
             segments += self._apply(replace(job, speculative=False), decoded)
         return segments
 
-    def _final(self, words: list[Word], job: DecodeJob) -> list[Segment]:
+    def _final(self, words: list[Word], dropped: list[DroppedWord], job: DecodeJob) -> list[Segment]:
+        """Publish an utterance's final; count what the guards removed from it (only finals count: an
+        interim's words are decoded again). A final with removed words is published even if empty, to
+        show them."""
         utt = self.closed.popleft()
         self.finals_published += 1
-        if not words and utt.segment_id is None:
-            return []
-        self.committed_words.extend(w.word.strip() for w in words)
-        return [self._segment(utt, "final", words, job)]
+        self.words_dropped += len(dropped)
+        start, end = job.start_sample / SAMPLE_RATE, job.end_sample / SAMPLE_RATE
+        empty_over_speech = (
+            not words and job.evidence is not None and holds_speech(job.evidence, start, end, EMPTY_FINAL_COVERAGE)
+        )
+        self.empty_finals += empty_over_speech
+        segments = []
+        if words or dropped or utt.segment_id is not None:
+            self.committed_words.extend(w.word.strip() for w in words)
+            segments.append(self._segment(utt, "final", words, job, dropped=dropped))
+        if dropped or empty_over_speech:
+            segment_id = segments[0].segment_id if segments else None
+            self._audits.append(FinalAudit(segment_id, start, end, dropped, empty_over_speech))
+        return segments
 
     @staticmethod
     def _session_words(job: DecodeJob, words: list[Word]) -> list[Word]:
@@ -355,7 +402,13 @@ class SessionStream(Generic[M]):
         return out
 
     def _segment(
-        self, utt: Utterance, status: SegmentStatus, words: list[Word], job: DecodeJob, stable_words: int = 0
+        self,
+        utt: Utterance,
+        status: SegmentStatus,
+        words: list[Word],
+        job: DecodeJob,
+        stable_words: int = 0,
+        dropped: list[DroppedWord] | None = None,
     ) -> Segment:
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
@@ -381,18 +434,21 @@ class SessionStream(Generic[M]):
             seq_last=seqs[-1],
             worker_id=self.worker_id,
             published_at=self.clock.wall(),
+            dropped=dropped or [],
         )
 
     # --- acks, checkpoints and the session's end -------------------------------------------------
     def _settle(self, step: Step[M]) -> Step[M]:
         """Account for what is done, and say whether a checkpoint (and so which acks) is due."""
         step.segments += self._ready_finals()
+        step.audits, self._audits = step.audits + self._audits, []  # the finals above, and any before them
         if self.finished:
             return self._finish(step)
         pending = [u.start for u in self.closed] + ([self.open.start] if self.open is not None else [])
         boundary = min(pending, default=self.segmenter.vad_pos - int(self.options.preroll_s * SAMPLE_RATE))
         self.ledger.account(boundary)
         self.segmenter.buffer.drop_before(min(boundary, self.segmenter.vad_pos))
+        self.segmenter.record.drop_before(min(boundary, self.segmenter.vad_pos))
         if self.handing_over and self.settled:
             return self._give_back(step)
         if self.ledger.checkpoint_due(self.finals_published, self.limits.checkpoint_every_s):
@@ -454,6 +510,7 @@ class SessionStream(Generic[M]):
         self.next_segment_id = checkpoint.next_segment_id
         self.committed_words.extend(checkpoint.committed_tail)
         self.language = self.language or checkpoint.language
+        self.words_dropped, self.empty_finals = checkpoint.words_dropped, checkpoint.empty_finals
 
     def _checkpoint(self, finished: bool = False) -> SessionCheckpoint:
         pending = [u.segment_id for u in [*self.closed, self.open] if u is not None and u.segment_id is not None]
@@ -469,6 +526,8 @@ class SessionStream(Generic[M]):
             finished=finished,
             worker_id=self.worker_id,
             updated_at=self.clock.wall(),
+            words_dropped=self.words_dropped,
+            empty_finals=self.empty_finals,
         )
 
     def _event(self, event: EventKind, reason: str = "") -> SessionEvent:
@@ -484,6 +543,8 @@ class SessionStream(Generic[M]):
             audio_seconds=self.received / SAMPLE_RATE,
             segments=self.next_segment_id,
             worker_id=self.worker_id,
+            words_dropped=self.words_dropped,
+            empty_finals=self.empty_finals,
         )
 
     def _error(self, code: str, message: str) -> ErrorEvent:

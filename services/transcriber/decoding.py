@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment
+from jetscribe.services.transcriber.evidence import AudioEvidence
 
 if TYPE_CHECKING:
     from jetscribe.services.transcriber.core import SessionStream
@@ -36,6 +37,7 @@ class DecodeJob:
     speech_end_sample: int = 0  # where the VAD last heard speech; words after it are suspect
     window: Literal["full", "short"] = "full"  # encoder window: short is cheaper, full is more accurate
     speculative: bool = False  # a final decoded before its endpoint is certain
+    evidence: AudioEvidence | None = None  # the VAD's verdict and levels of its audio, for the word guards
 
 
 class DecodeLoad:

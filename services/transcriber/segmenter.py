@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import Hypotheses
+from jetscribe.services.transcriber.evidence import SpeechRecord
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 
@@ -79,6 +80,7 @@ class UtteranceSegmenter:
         self.frame = vad.frame_samples
         self.options = options
         self.buffer = SampleBuffer()
+        self.record = SpeechRecord(self.frame)  # each frame's verdict and level, for the word guards
         self.vad_pos = 0  # samples classified so far
         self.open: Utterance | None = None
         self.closed: deque[Utterance] = deque()
@@ -89,6 +91,7 @@ class UtteranceSegmenter:
     def restore(self, position: int) -> None:
         """Continue at session sample `position`, as if everything before it was heard and cut."""
         self.buffer.reset_to(position)
+        self.record.restore(position)
         self.vad_pos = self._last_cut = self._last_speech_end = position
 
     @property
@@ -129,7 +132,10 @@ class UtteranceSegmenter:
         speculate_frames = round(self._frames(max(opts.speculate_after_s, opts.tail_pad_s))) + 1
         frame_start = self.vad_pos
         self.vad_pos += self.frame
-        if self.vad.is_speech(self.samples(frame_start, self.vad_pos)):
+        frame = self.samples(frame_start, self.vad_pos)
+        speech = self.vad.is_speech(frame)
+        self.record.add(frame, speech)
+        if speech:
             self._speech(frame_start)
         elif self.open is not None:
             self.silence_frames += 1

@@ -101,19 +101,24 @@ def test_very_long_utterance_is_cut_at_max_length():
         assert start == end
 
 
-def test_hallucination_loop_is_dropped():
-    looping = said(*(["thank", "you"] * 6))
+def test_a_loop_over_speech_keeps_its_first_occurrence():
+    # Was: the whole segment dropped. Now only the repeats go (tests/unit/transcriber/test_guards.py).
+    looping = said(*(["thank", "you"] * 6), step=0.1)
     assert has_loop(looping.segments[0].words)
     s = new_stream()
     feed(s, np.concatenate([tone(1.0), silence(1.0)]))
-    assert finish(s, s.next_job(), looping) == []
+    (final,) = finish(s, s.next_job(), looping)
+    assert final.text == "thank you" and [d.reason for d in final.dropped] == ["loop"] * 10
 
 
-def test_silence_and_noise_guards():
+def test_silence_and_noise_guards_without_audio_evidence():
+    # Without a VAD record, Whisper's scores alone decide: avg_logprob < -1 and no_speech > 0.3.
     speechless = DecodedSegment([Word(" Thank", 3.6, 3.9, 0.0), Word(" you.", 3.9, 3.9, 0.9)], 0.58, -1.31, 1.0)
-    squashed = DecodedSegment([Word(" la", 0, 1, 0.9)], 0.0, -0.3, 2.9)
+    squashed = DecodedSegment([Word(" la", 0, 1, 0.9)], 0.0, -0.3, 2.9)  # no loop to trim: kept
     good = DecodedSegment([Word(" eggs.", 3.2, 3.6, 0.99)], 0.01, -0.3, 1.1)
-    assert [w.word for w in keep_trustworthy([good, speechless, squashed])] == [" eggs."]
+    verdict = keep_trustworthy([good, speechless, squashed])
+    assert [w.word for w in verdict.kept] == [" eggs.", " la"]
+    assert [(d.word, d.reason) for d in verdict.dropped] == [(" Thank", "silence"), (" you.", "silence")]
 
 
 def test_redelivered_chunk_is_ignored():

@@ -1,0 +1,206 @@
+"""The word guards: no whole segment lost for a local defect, silence judged by the audio as well as by
+Whisper, and every removed word counted. Scripted Whisper output; scripted audio and VAD (scripted.py)."""
+
+import numpy as np
+
+from jetscribe.services.transcriber.agreement import DecodedSegment, keep_trustworthy, trim_loops
+from jetscribe.services.transcriber.decoding import Decoded
+from jetscribe.services.transcriber.evidence import AudioEvidence, SpeechRecord
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.wire import Word
+from tests.unit.transcriber.scripted import end_message, feed, finish, new_stream, said, silence, tone
+
+HELLO = (
+    ["Hello."] * 5
+    + "I didn't know you were there. This is Diane in New Jersey.".split()
+    + "And I'm Sheila in Texas, originally from Chicago.".split()
+)
+
+
+def noise(seconds, level, seed=0):
+    """Steady noise; the scripted VAD hears it as speech when `level` is above ~630 (mean |x| > 500)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, level, int(seconds * SAMPLE_RATE)).clip(-32768, 32767).astype(np.int16)
+
+
+def words(*text, start=0.0, step=0.3):
+    return [Word(f" {w}", start + i * step, start + (i + 1) * step, 0.9) for i, w in enumerate(text)]
+
+
+def evidence(speech, floor=-90.0, level=-20.0, frame=480):
+    """Evidence for frames from session time 0: `speech` is one flag per frame, all at `level` dBFS."""
+    return AudioEvidence(0, frame, tuple(speech), tuple([level] * len(speech)), floor)
+
+
+# --- the guards alone ---------------------------------------------------------------------------------
+
+
+def test_a_repeated_phrase_keeps_its_first_occurrence_and_the_rest():
+    ws = words(*HELLO, step=0.2)
+    kept, removed = trim_loops(ws)
+    assert [w.word.strip() for w in kept] == HELLO[4:]
+    assert [w.word for w in removed] == [" Hello."] * 4
+
+
+def test_what_people_repeat_is_no_loop():
+    for said_twice in (["no,", "no,", "no."], ["bye", "bye"], ["very", "very", "good"], ["can", "you", "hear"] * 3):
+        assert trim_loops(words(*said_twice)) == (words(*said_twice), [])
+
+
+def test_a_long_phrase_loop_keeps_one_copy():
+    phrase = "see you next time".split()
+    kept, removed = trim_loops(words(*phrase * 6, "bye."))
+    assert [w.word.strip() for w in kept] == [*phrase, "bye."] and len(removed) == 20
+
+
+def test_a_looping_segment_over_speech_loses_only_its_repeats():
+    seg = DecodedSegment(words(*HELLO, step=0.2), no_speech_prob=0.1, avg_logprob=-0.4, compression_ratio=2.6)
+    verdict = keep_trustworthy([seg], evidence([True] * 200))
+    assert [w.word.strip() for w in verdict.kept] == HELLO[4:] and len(verdict.kept) == 21
+    assert [(d.word, d.reason) for d in verdict.dropped] == [(" Hello.", "loop")] * 4
+
+
+def test_a_loop_over_silence_is_dropped_whole():
+    seg = DecodedSegment(words(*["thank", "you."] * 6), no_speech_prob=0.2, avg_logprob=-0.3, compression_ratio=3.1)
+    verdict = keep_trustworthy([seg], evidence([False] * 200))
+    assert verdict.kept == [] and [d.reason for d in verdict.dropped] == ["silence"] * 12
+
+
+def test_doubt_alone_or_silence_alone_drops_nothing():
+    okay = DecodedSegment(words("Okay."), no_speech_prob=0.76, avg_logprob=-0.96)
+    sure = DecodedSegment(words("Okay."), no_speech_prob=0.05, avg_logprob=-0.3)
+    assert keep_trustworthy([okay], evidence([True] * 30)).kept == okay.words  # doubtful, over speech
+    assert keep_trustworthy([sure], evidence([False] * 30)).kept == sure.words  # quiet speech the VAD missed
+    assert keep_trustworthy([okay], evidence([False] * 30)).kept == []  # both: line noise
+
+
+def test_a_vad_that_hears_steady_noise_is_overruled_by_the_level():
+    okay = DecodedSegment(words("Okay."), no_speech_prob=0.76, avg_logprob=-0.96)
+    at_the_floor = evidence([True] * 30, floor=-40.0, level=-38.0)
+    assert keep_trustworthy([okay], at_the_floor).kept == []
+    above_it = evidence([True] * 30, floor=-40.0, level=-25.0)
+    assert keep_trustworthy([okay], above_it).kept == okay.words
+
+
+def test_punctuation_alone_is_no_dropped_word():
+    seg = DecodedSegment(words("Okay", "."), no_speech_prob=0.9, avg_logprob=-1.5)
+    assert [d.word for d in keep_trustworthy([seg], evidence([False] * 30)).dropped] == [" Okay"]
+
+
+def test_the_speech_record_answers_coverage_and_level_per_span():
+    record = SpeechRecord(480)
+    for i in range(100):  # 3 s: 1 s quiet, 1 s speech, 1 s quiet
+        loud = 33 <= i < 66
+        record.add(np.full(480, 3000 if loud else 30, np.int16), loud)
+    ev = record.evidence(0, 100 * 480)
+    assert ev.coverage(1.0, 2.0) > 0.9 and ev.coverage(0.0, 0.9) == 0.0
+    assert abs(ev.coverage(0.5, 1.5) - 0.5) < 0.1
+    assert ev.snr_db(1.1, 1.9) > 35 and abs(ev.snr_db(0.1, 0.9)) < 1
+    record.drop_before(50 * 480)
+    later = record.evidence(50 * 480, 100 * 480)
+    assert later.start == 50 * 480 and later.coverage(1.6, 1.9) > 0.9 and later.coverage(2.2, 2.9) == 0.0
+    assert later.noise_floor_db == ev.noise_floor_db  # the floor remembers more than the buffer
+
+
+def test_a_new_session_has_no_noise_floor_yet():
+    record = SpeechRecord(480)
+    record.add(np.full(480, 3000, np.int16), True)
+    assert record.evidence(0, 480).snr_db(0.0, 0.03) is None
+
+
+# --- in the session: counted, published, carried over -----------------------------------------------
+
+
+def test_the_hello_segment_keeps_its_words_and_counts_the_repeats():
+    s = new_stream()
+    feed(s, np.concatenate([silence(0.5), tone(6.0), silence(1.0)]))
+    job = s.next_job()
+    decoded = said(*HELLO, start=0.4, step=0.2, no_speech=0.1, logprob=-0.4, ratio=2.6)
+    step = s.complete(job, decoded)
+    (final,) = step.segments
+    assert final.status == "final" and final.text.startswith("Hello. I didn't know you were there.")
+    assert final.text.endswith("originally from Chicago.") and len(final.words) == 21
+    assert [(d.word, d.reason) for d in final.dropped] == [(" Hello.", "loop")] * 4
+    assert s.words_dropped == 4 and s.empty_finals == 0
+    (audit,) = step.audits
+    assert audit.segment_id == final.segment_id and len(audit.dropped) == 4 and not audit.empty_over_speech
+    assert step.checkpoint.words_dropped == 4
+    s.receive(end_message(), "end")
+    assert (s.events[-1].event, s.events[-1].words_dropped, s.events[-1].empty_finals) == ("ended", 4, 0)
+
+
+def test_a_loop_over_line_noise_the_vad_hears_as_speech_is_dropped_whole_and_counted():
+    s = new_stream()
+    feed(s, noise(3.0, 1500))  # steady: "speech" to the scripted VAD, but no louder than its own floor
+    s.receive(end_message(), "end")
+    step = s.complete(s.next_job(), said(*["thank", "you."] * 6, start=0.5, step=0.2, ratio=3.1))
+    (final,) = step.segments  # published empty, to show what was removed
+    assert final.text == "" and [d.reason for d in final.dropped] == ["silence"] * 12
+    assert not step.audits[0].empty_over_speech  # noise at its floor held no speech
+    assert (step.events[-1].words_dropped, step.events[-1].empty_finals) == (12, 0)
+
+
+def okay_session(okay_at):
+    """Line noise the VAD does not call speech, then 1 s of speech: "Okay." decoded at `okay_at` s of the job."""
+    s = new_stream()
+    feed(s, np.concatenate([noise(2.0, 300), tone(1.0), noise(1.0, 300)]))
+    job = s.next_job()
+    assert job.kind == "final"
+    return s, s.complete(job, said("Okay.", start=okay_at, step=0.25, no_speech=0.76, logprob=-0.96))
+
+
+def test_the_line_noise_okay_is_dropped_and_counted():
+    s, step = okay_session(okay_at=0.0)  # over the pre-roll: noise
+    (final,) = step.segments
+    assert final.text == "" and [(d.word, d.reason) for d in final.dropped] == [(" Okay.", "silence")]
+    assert s.words_dropped == 1
+
+
+def test_the_same_okay_over_speech_is_kept():
+    s, step = okay_session(okay_at=0.5)  # over the tone
+    (final,) = step.segments
+    assert final.text == "Okay." and final.dropped == [] and step.audits == []
+    assert s.words_dropped == 0
+
+
+def test_an_empty_final_over_speech_is_counted():
+    s = new_stream()
+    feed(s, np.concatenate([tone(2.0), silence(1.0)]))
+    step = s.complete(s.next_job(), Decoded([], "en", 0.9))
+    assert step.segments == [] and s.empty_finals == 1
+    (audit,) = step.audits
+    assert audit.segment_id is None and audit.empty_over_speech and audit.dropped == []
+
+
+def test_trailing_inventions_are_counted():
+    s = new_stream()
+    feed(s, np.concatenate([tone(1.0), silence(1.0)]))
+    job = s.next_job()
+    speech_end = (job.speech_end_sample - job.start_sample) / SAMPLE_RATE
+    (final,) = finish(s, job, said("eggs.", "Thanks", "for", "watching!", start=speech_end - 0.2, step=0.3))
+    assert final.text == "eggs." and [d.reason for d in final.dropped] == ["trailing"] * 3
+
+
+def test_interims_count_nothing():
+    s = new_stream(interim_every_s=1.0)
+    feed(s, tone(1.5))
+    job = s.next_job()
+    assert job.kind == "interim"
+    finish(s, job, said(*["Hello."] * 6, step=0.1))
+    assert s.words_dropped == 0
+
+
+def test_the_totals_survive_a_takeover():
+    s = new_stream()
+    feed(s, np.concatenate([silence(0.5), tone(6.0), silence(1.0)]))
+    finish(s, s.next_job(), said(*HELLO, start=0.4, step=0.2))
+    checkpoint = s.checkpoints[-1]
+    assert (checkpoint.words_dropped, checkpoint.empty_finals) == (4, 0)
+    nxt = new_stream(checkpoint=checkpoint)
+    audio = np.concatenate([tone(2.0), silence(1.0)])
+    feed(nxt, audio, first_seq=checkpoint.acked_seq + 1)
+    finish(nxt, nxt.next_job(), Decoded([], "en", 0.9))  # empty over speech
+    nxt.receive(end_message(), "end")
+    ended = nxt.events[-1]
+    assert (ended.event, ended.words_dropped, ended.empty_finals) == ("ended", 4, 1)
+    assert (nxt.checkpoints[-1].words_dropped, nxt.checkpoints[-1].empty_finals) == (4, 1)
