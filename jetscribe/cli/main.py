@@ -192,11 +192,15 @@ def cmd_transcript(args) -> int:
 
 def cmd_sessions(args) -> int:
     rows = asyncio.run(_sessions(stack.database_url(), args.tenant))
-    print(f"{'tenant':<12} {'session':<28} {'status':<8} {'reason':<12} {'audio s':>8} {'segments':>8}  started")
-    for row in rows:
+    print(
+        f"{'tenant':<12} {'session':<28} {'status':<8} {'reason':<12} {'audio s':>8} {'segments':>8} "
+        f"{'dropped':>7} {'empty':>5}  started"
+    )
+    for row in rows:  # dropped: words the guards removed; empty: finals that came out empty over speech
         print(
             f"{row.tenant:<12} {row.session_id:<28} {row.status:<8} {row.reason or '-':<12} "
-            f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8}  {row.created_at:%Y-%m-%d %H:%M:%S}"
+            f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8} {row.words_dropped or 0:>7} "
+            f"{row.empty_finals or 0:>5}  {row.created_at:%Y-%m-%d %H:%M:%S}"
         )
     return 0
 

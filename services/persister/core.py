@@ -107,6 +107,8 @@ def session_row_from_event(event: SessionEvent, stored_at: float = 0.0) -> Row:
         "ended_at": at if closes else None,
         "chunks_received": event.chunks_received if closes else 0,
         "audio_seconds": event.audio_seconds if closes else 0.0,
+        "words_dropped": event.words_dropped if closes else 0,
+        "empty_finals": event.empty_finals if closes else 0,
         "worker_id": _or_none(event.worker_id),
     }
 
@@ -225,8 +227,9 @@ def _segment_problem(segment: Segment) -> str | None:
 
 
 def _event_problem(event: SessionEvent) -> str | None:
-    if event.chunks_received not in _INT64:
-        return "chunks_received is out of the 64-bit range"
+    for name in ("chunks_received", "words_dropped", "empty_finals"):
+        if getattr(event, name) not in _INT64:
+            return f"{name} is out of the 64-bit range"
     if not (math.isfinite(event.at) and math.isfinite(event.audio_seconds)):
         return "at and audio_seconds must be finite numbers"
     return _nul_problem([event.reason, event.language, event.model, event.worker_id])

@@ -89,7 +89,8 @@ def _upsert_session():
         return case((is_open, func.coalesce(new[name], old[name])), else_=func.coalesce(old[name], new[name]))
 
     changes = _session_common(stmt)
-    changes |= {name: state(name) for name in ("status", "reason", "ended_at", "chunks_received", "audio_seconds")}
+    totals = ("chunks_received", "audio_seconds", "words_dropped", "empty_finals")
+    changes |= {name: state(name) for name in ("status", "reason", "ended_at", *totals)}
     changes |= {name: detail(name) for name in ("language", "model", "worker_id")}
     return stmt.on_conflict_do_update(index_elements=_SESSION_KEY, set_=changes)
 

@@ -31,6 +31,8 @@ class SessionRow(Base):
     chunks_received: Mapped[int] = mapped_column(BigInteger, server_default=sql("0"))
     audio_seconds: Mapped[float] = mapped_column(Double, server_default=sql("0"))
     segment_count: Mapped[int] = mapped_column(Integer, server_default=sql("0"))  # final segments
+    words_dropped: Mapped[int] = mapped_column(BigInteger, server_default=sql("0"))  # removed by the guards
+    empty_finals: Mapped[int] = mapped_column(BigInteger, server_default=sql("0"))  # empty over speech
     last_activity: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     worker_id: Mapped[str | None] = mapped_column(Text)  # the worker of the event that set `status`
 

@@ -323,7 +323,7 @@ def test_migrations_go_up_and_down(database_url):
     assert current(database_url) is None
     upgrade(database_url)
     upgrade(database_url)  # again: nothing to do
-    assert current(database_url) == "0002"
+    assert current(database_url) == "0003"
     downgrade(database_url, "base")
     assert current(database_url) is None
 
@@ -367,7 +367,32 @@ def test_migration_0002_down_and_up_keeps_sessions(database_url):
                 ("r1", "ended"),
             ]
         upgrade(database_url)
-        assert current(database_url) == "0002"
+        assert current(database_url) == "0003"
+    finally:
+        engine.dispose()
+
+
+def test_migration_0003_adds_the_guard_totals_and_takes_them_away(database_url):
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    columns = lambda: {c["name"] for c in inspect(engine).get_columns("sessions")}  # noqa: E731
+    try:
+        upgrade(database_url, "0002")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO sessions (tenant, session_id, status, created_at, last_activity) "
+                    "VALUES ('t', 'old', 'ended', now(), now())"
+                )
+            )
+        upgrade(database_url)
+        with engine.begin() as conn:  # a session stored before 0003 has no drops on record: 0
+            assert conn.execute(text("SELECT words_dropped, empty_finals FROM sessions")).all() == [(0, 0)]
+        downgrade(database_url, "0002")
+        assert not {"words_dropped", "empty_finals"} & columns()
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT session_id FROM sessions")).all() == [("old",)]
+        upgrade(database_url)
+        assert current(database_url) == "0003"
     finally:
         engine.dispose()
 
@@ -491,7 +516,9 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
             js,
             ev("live", "started", T0, language="en", worker_id="w1"),
             ev("bot", "started", T0, language="en", worker_id="w1"),
-            ev("bot", "ended", T0 + 30, chunks_received=30, audio_seconds=29.5, worker_id="w2"),  # handed over
+            ev(
+                "bot", "ended", T0 + 30, chunks_received=30, audio_seconds=29.5, worker_id="w2", words_dropped=4
+            ),  # handed over
             ev("idle", "started", T0, worker_id="w1"),
             ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0, worker_id="w1"),
             ev("full", "rejected", T0 + 1, reason="worker_full", chunks_received=1, audio_seconds=0.5, worker_id="w3"),
@@ -502,7 +529,7 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
             # Late and replayed events: none reopens a session or changes how it ended.
             ev("idle", "started", T0, worker_id="w1"),
             ev("idle", "ended", T0 + 40, reason="idle_timeout", chunks_received=20, audio_seconds=19.0, worker_id="w1"),
-            ev("bot", "rejected", T0 + 31, reason="buffer_full", chunks_received=31, worker_id="w4"),
+            ev("bot", "rejected", T0 + 31, reason="buffer_full", chunks_received=31, worker_id="w4", words_dropped=9),
             ev("full", "started", T0 - 1, language="de", worker_id="w9"),
             ev("full", "ended", T0 + 5, chunks_received=5, worker_id="w9"),
             ev("live", "started", T0, language="en", worker_id="w1"),
@@ -529,6 +556,7 @@ async def test_every_session_transition_is_stored(nats_url, engine, schema, js, 
     # The late start dates the rejected session back and fills its unknown language, nothing more.
     assert (found["full"].created_at.timestamp(), found["full"].language) == (T0 - 1, "de")
     assert found["bot"].language == "en"
+    assert (found["bot"].words_dropped, found["bot"].empty_finals, found["live"].words_dropped) == (4, 0, 0)
 
     monkeypatch.setenv("DATABASE_URL", schema)
     assert await asyncio.to_thread(cli.main, ["sessions", "--tenant", tenant]) == 0
@@ -547,8 +575,12 @@ async def test_any_order_of_events_ends_as_core_next_status_says(engine, tenant,
     """The store's upsert against its pure twin: every order of a start, an end and a rejection."""
     events = {
         "started": event(tenant, "", "started", T0, language="en", worker_id="w1"),
-        "ended": event(tenant, "", "ended", T0 + 60, reason="idle_timeout", chunks_received=60, worker_id="w2"),
-        "rejected": event(tenant, "", "rejected", T0 + 1, reason="buffer_full", chunks_received=1, worker_id="w3"),
+        "ended": event(
+            tenant, "", "ended", T0 + 60, reason="idle_timeout", chunks_received=60, worker_id="w2", words_dropped=7
+        ),
+        "rejected": event(
+            tenant, "", "rejected", T0 + 1, reason="buffer_full", chunks_received=1, worker_id="w3", empty_finals=1
+        ),
     }
     orders = [order for n in (1, 2, 3) for order in itertools.permutations(events, n)]
     orders += [("started", "started"), ("ended", "ended"), ("rejected", "started", "rejected")]
@@ -565,5 +597,7 @@ async def test_any_order_of_events_ends_as_core_next_status_says(engine, tenant,
         assert row["status"] == status, order
         assert row["reason"] == (first_closing and first_closing.reason), order
         assert row["chunks_received"] == (first_closing.chunks_received if first_closing else 0), order
+        for total in ("words_dropped", "empty_finals"):  # the guards' totals: the first terminal event's
+            assert row[total] == (getattr(first_closing, total) if first_closing else 0), order
         assert row["worker_id"] == (first_closing or events["started"]).worker_id, order
         assert row["created_at"].timestamp() == min(events[kind].at for kind in order), order

@@ -110,21 +110,27 @@ def test_started_event_row():
         "ended_at": None,
         "chunks_received": 0,
         "audio_seconds": 0.0,
+        "words_dropped": 0,
+        "empty_finals": 0,
         "worker_id": "w1",
     }
 
 
 def test_started_event_row_has_no_reason_and_no_totals():
-    row = session_row_from_event(started(reason="whatever", chunks_received=5, audio_seconds=1.0))
+    row = session_row_from_event(
+        started(reason="whatever", chunks_received=5, audio_seconds=1.0, words_dropped=2, empty_finals=1)
+    )
     assert (row["reason"], row["ended_at"], row["chunks_received"], row["audio_seconds"]) == (None, None, 0, 0.0)
+    assert (row["words_dropped"], row["empty_finals"]) == (0, 0)
 
 
 def test_ended_event_row_carries_totals():
-    row = session_row_from_event(ended(chunks_received=120, audio_seconds=59.5))
+    row = session_row_from_event(ended(chunks_received=120, audio_seconds=59.5, words_dropped=12, empty_finals=1))
     assert row["status"] == "ended"
     assert row["reason"] is None  # the bot ended it
     assert row["ended_at"] == at(T0 + 60)
     assert (row["chunks_received"], row["audio_seconds"]) == (120, 59.5)
+    assert (row["words_dropped"], row["empty_finals"]) == (12, 1)  # the guards' totals (transcriber)
 
 
 def test_ended_after_an_idle_timeout_names_it():
@@ -281,6 +287,7 @@ def test_check_refuses_a_message_on_someone_elses_subject(subject, message):
         seg(words=[Word("a\x00", 0.0, 1.0, 0.5)]),
         seg(speaker="\x00"),
         ended(chunks_received=2**64),
+        ended(words_dropped=2**63),
         ended(audio_seconds=float("nan")),
         ended(worker_id="w\x00"),
         rejected(reason="worker\x00full"),

@@ -5,6 +5,7 @@ from jetscribe.shared import subjects
 from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
+    DroppedWord,
     Reply,
     Segment,
     SessionControl,
@@ -52,6 +53,39 @@ def test_segment_round_trips_words():
         words=[Word(" hi", 1.0, 1.4, 0.9), Word(" there", 1.4, 2.0, 0.8)],
     )
     assert decode(encode(seg), Segment) == seg
+
+
+def test_the_guard_fields_round_trip_and_are_optional_both_ways():
+    seg = Segment(
+        tenant="a",
+        session_id="b",
+        segment_id=0,
+        revision=1,
+        status="final",
+        start=0.0,
+        end=1.0,
+        text="",
+        dropped=[DroppedWord(" Okay.", 0.1, 0.4, 0.3, "silence")],
+    )
+    assert decode(encode(seg), Segment).dropped == seg.dropped
+    ended = SessionEvent(tenant="a", session_id="b", event="ended", at=1.0, words_dropped=3, empty_finals=1)
+    assert (decode(encode(ended), SessionEvent).words_dropped, decode(encode(ended), SessionEvent).empty_finals) == (
+        3,
+        1,
+    )
+
+    class OldSessionEvent(msgspec.Struct, kw_only=True, tag="session_event"):  # a reader from before the fields
+        v: int
+        tenant: str
+        session_id: str
+        event: str
+        at: float
+
+    assert msgspec.msgpack.decode(encode(ended), type=OldSessionEvent).event == "ended"
+    before = msgspec.msgpack.encode(
+        {"type": "session_event", "v": 1, "tenant": "a", "session_id": "b", "event": "ended", "at": 1.0}
+    )
+    assert decode(before, SessionEvent).words_dropped == 0  # a writer from before them
 
 
 def test_garbage_bytes_are_a_clear_error():
