@@ -23,6 +23,12 @@ session after another, at --speed (1.0 = real time), and its final segments are 
 with the stack stopped, the same files are transcribed offline by faster-whisper in this process with the
 same model, beam and VAD filter on, as the reference point. WER is on normalized text (jetscribe.evaluation.wer).
 
+Words dropped by the transcriber's guards (each final's `dropped`, with its reason: loop, silence, trailing)
+are reported per file, per condition and overall, with how many of them were LOST reference words
+(jetscribe.evaluation.metrics.dropped_losses: the reference turns within 0.5 s of the word have it more often
+than the streamed words there; needs turn times), and the finals that came out empty over speech (the session's
+`ended` event).
+
 Final latency of a segment = wall time its final reached this process minus the wall time the chunk holding
 the end of its last word was sent. The headline numbers use that receive time (what a bot sees, NATS hop
 included); each segment also keeps `latency_published`, from the worker's `published_at` (same machine clock).
@@ -41,6 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +56,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's code, whatever is installed
 
 from jetscribe.client.bot import Audio, StreamResult, read_audio, stream_audio  # noqa: E402
-from jetscribe.evaluation.metrics import corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence  # noqa: E402
+from jetscribe.evaluation.metrics import (  # noqa: E402
+    corpus_wer,
+    dropped_losses,
+    percentile,
+    repeats_at_joins,
+    send_time,
+    words_in_silence,
+)
 from jetscribe.evaluation.wer import wer  # noqa: E402
 from jetscribe.shared.config import TranscriberConfig  # noqa: E402
 from jetscribe.shared.wire import language_for  # noqa: E402
@@ -300,6 +314,9 @@ def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, 
     words = [(w.word, w.start, w.end) for seg in finals for w in seg.words]
     silence = words_in_silence(words, item.turns) if item.turns else None
     repeats = repeats_at_joins([s.text for s in finals], item.reference)
+    dropped = [d for seg in result.final_segments() for d in seg.dropped]  # empty finals carry some too
+    lost = dropped_losses([(d.word, d.start, d.end) for d in dropped], words, item.turns) if item.turns else None
+    lost_at = {(d["start"], d["word"]) for d in lost or []}
     return {
         "name": item.name,
         **({"condition": item.condition, "source": item.source} if item.condition else {}),
@@ -319,6 +336,20 @@ def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, 
         "repeated": repeats,
         "words_in_silence": None if silence is None else len(silence),
         "silence_words": silence,
+        "words_dropped": len(dropped),
+        "dropped_by_reason": dict(Counter(d.reason for d in dropped)),
+        "dropped_lost": None if lost is None else len(lost),
+        "dropped": [
+            {
+                "word": d.word.strip(),
+                "start": d.start,
+                "end": d.end,
+                "reason": d.reason,
+                **({} if lost is None else {"lost": (d.start, d.word.strip()) in lost_at}),
+            }
+            for d in dropped
+        ],
+        "empty_finals": result.ended.empty_finals if result.ended else None,
         "segments": segments,
         "models": sorted({s.model for _, s in result.heard}),
         "stream_wall_s": round(wall_s, 3),
@@ -334,6 +365,11 @@ def summarise(files: list[dict], items: list[Item]) -> dict:
     interims = [x for f in files for x in f["latencies_first_interim"]]
     published = [s["latency_published"] for f in files for s in f["segments"]]
     silence = [f["words_in_silence"] for f in files if f["words_in_silence"] is not None]
+    lost = [f["dropped_lost"] for f in files if f["dropped_lost"] is not None]
+    empty = [f["empty_finals"] for f in files if f["empty_finals"] is not None]
+    reasons: Counter[str] = Counter()
+    for f in files:
+        reasons.update(f["dropped_by_reason"])
     return {
         "wer_streaming": ws,
         "wer_offline": wo,
@@ -346,6 +382,10 @@ def summarise(files: list[dict], items: list[Item]) -> dict:
         "latency_final_published_p95": percentile(published, 95),
         "repeated_words": sum(f["repeated_words"] for f in files),
         "words_in_silence": sum(silence) if silence else None,
+        "words_dropped": sum(f["words_dropped"] for f in files),
+        "dropped_by_reason": dict(reasons),
+        "dropped_lost": sum(lost) if lost else None,
+        "empty_finals": sum(empty) if empty else None,
         "audio_s": round(sum(f["duration_s"] for f in files), 3),
         "offline_compute_s": round(sum(f["offline_compute_s"] for f in files), 3),
     }
@@ -380,6 +420,9 @@ def print_table(files: list[dict], overall: dict) -> None:
         "1st interim p50",
         "repeats",
         "in silence",
+        "dropped",
+        "lost",
+        "empty",
     )
     rows = [
         (
@@ -393,6 +436,9 @@ def print_table(files: list[dict], overall: dict) -> None:
             fmt(f["latency_first_interim_p50"], ".2f"),
             str(f["repeated_words"]),
             fmt(f["words_in_silence"], "d"),
+            str(f["words_dropped"]),
+            fmt(f["dropped_lost"], "d"),
+            fmt(f["empty_finals"], "d"),
         )
         for f in files
     ]
@@ -409,6 +455,9 @@ def print_table(files: list[dict], overall: dict) -> None:
             fmt(o["latency_first_interim_p50"], ".2f"),
             str(o["repeated_words"]),
             fmt(o["words_in_silence"], "d"),
+            str(o["words_dropped"]),
+            fmt(o["dropped_lost"], "d"),
+            fmt(o["empty_finals"], "d"),
         )
     )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -421,6 +470,10 @@ def print_table(files: list[dict], overall: dict) -> None:
     print(
         f"wer_ratio (streaming / offline) = {fmt(o['wer_ratio'], '.3f')}; latencies in seconds, final "
         f"received by the bot minus its last word's audio sent; offline compute {o['offline_compute_s']:.1f} s"
+    )
+    print(
+        "dropped: words the guards removed from finals; lost: those the reference had there (a loss, not an "
+        "invention); empty: finals that came out empty over speech"
     )
 
 
@@ -449,6 +502,9 @@ def print_condition_table(per_condition: dict[str, dict], overall: dict) -> None
         "p95",
         "in silence",
         "repeats",
+        "dropped",
+        "lost",
+        "empty",
     )
 
     def row(name, o, n):
@@ -463,6 +519,9 @@ def print_condition_table(per_condition: dict[str, dict], overall: dict) -> None
             fmt(o["latency_final_p95"], ".2f"),
             fmt(o["words_in_silence"], "d"),
             str(o["repeated_words"]),
+            str(o["words_dropped"]),
+            fmt(o["dropped_lost"], "d"),
+            fmt(o["empty_finals"], "d"),
         )
 
     rows = [row(c, o, len(o["files"])) for c, o in per_condition.items()]

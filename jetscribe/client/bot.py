@@ -56,6 +56,7 @@ class StreamResult:
     sent_by_seq: dict[int, float] = field(default_factory=dict)  # wall time each accepted chunk was sent
     frames_per_chunk: int = 0  # input frames per chunk: seq n holds frames [n * this, (n + 1) * this)
     heard: list[tuple[float, Segment]] = field(default_factory=list)  # every segment, with its wall receive time
+    ended: SessionEvent | None = None  # the session's `ended` event (its totals), once it arrived
 
     def final_segments(self) -> list[Segment]:
         return [self.finals[k] for k in sorted(self.finals)]
@@ -112,6 +113,7 @@ async def stream_audio(
     rejected: list[SessionEvent] = []
 
     async def on_ended(msg):
+        result.ended = decode(msg.data, SessionEvent)
         ended.set()
 
     async def on_rejected(msg):

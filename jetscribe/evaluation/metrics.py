@@ -76,3 +76,37 @@ def words_in_silence(words: list[tuple[str, float, float]], turns: list[dict], m
         if gap > margin:
             out.append({"word": word.strip(), "start": start, "end": end, "outside_by": round(gap, 3)})
     return out
+
+
+def dropped_losses(
+    dropped: list[tuple[str, float, float]],
+    kept: list[tuple[str, float, float]],
+    turns: list[dict],
+    margin: float = 0.5,
+) -> list[dict]:
+    """Words the transcriber's guards dropped that the reference had at that time: losses, not inventions.
+
+    A dropped word (word, start, end) is a loss if its normalized form occurs in the reference text of the
+    turns ({start, end, text}) overlapping [start - margin, end + margin] more often than in the streamed
+    (kept) words whose middle lies in those turns (± margin), counting the earlier losses of that word
+    there as found. So a trimmed repeat of "hello" said once is no loss; said twice, one is. Turn texts
+    carry no word times: a dropped word is only compared with its turns, never with the whole reference.
+    """
+    kept_norm = [(normalize(w), (s + e) / 2) for w, s, e in kept]
+    taken: dict[tuple[str, tuple[int, ...]], int] = {}
+    out = []
+    for word, start, end in sorted(dropped, key=lambda d: d[1]):
+        near = tuple(i for i, t in enumerate(turns) if t["start"] <= end + margin and t["end"] >= start - margin)
+        if not near:
+            continue
+        lo = min(turns[i]["start"] for i in near) - margin
+        hi = max(turns[i]["end"] for i in near) + margin
+        reference = [w for i in near for w in normalize(turns[i]["text"]).split()]
+        streamed = [w for text, mid in kept_norm if lo <= mid <= hi for w in text.split()]
+        for token in normalize(word).split():
+            key = (token, near)
+            if streamed.count(token) + taken.get(key, 0) < reference.count(token):
+                taken[key] = taken.get(key, 0) + 1
+                out.append({"word": word.strip(), "start": start, "end": end})
+                break
+    return out

@@ -2,7 +2,15 @@
 
 import pytest
 
-from jetscribe.evaluation.metrics import chunk_of, corpus_wer, percentile, repeats_at_joins, send_time, words_in_silence
+from jetscribe.evaluation.metrics import (
+    chunk_of,
+    corpus_wer,
+    dropped_losses,
+    percentile,
+    repeats_at_joins,
+    send_time,
+    words_in_silence,
+)
 
 
 def test_percentile_interpolates_and_is_none_without_values():
@@ -64,3 +72,24 @@ def test_corpus_wer_pools_errors_over_files():
     hyps = ["One, two three.", "five six seven"]
     assert corpus_wer(refs, hyps) == pytest.approx(2 / 6)  # one deletion + one insertion over 6 words
     assert corpus_wer(["", "a b"], ["x", "a b"]) == 0.0  # an empty reference is left out
+
+
+def test_dropped_words_are_losses_only_where_the_reference_has_them_and_the_stream_does_not():
+    turns = [
+        {"start": 0.0, "end": 3.0, "text": "Hello. Hello. I didn't know you were there."},
+        {"start": 5.0, "end": 6.0, "text": "Okay, bye."},
+    ]
+    kept = [(" Hello.", 0.1, 0.4), (" I", 1.0, 1.1), (" didn't", 1.1, 1.3), (" know", 1.3, 1.5)]
+    dropped = [
+        (" Hello.", 0.5, 0.8),  # the reference says it twice, the stream once: one loss
+        (" Hello.", 0.8, 1.0),  # a third: an invention
+        (" you", 1.5, 1.6),  # missing from the stream: a loss
+        (" Okay.", 4.0, 4.3),  # more than 0.5 s before the turn that says it: not judged a loss
+        (" Thanks", 8.0, 8.3),  # far from every turn: an invention
+        (" ...", 1.6, 1.7),  # no word at all
+    ]
+    lost = dropped_losses(dropped, kept, turns)
+    assert [(d["word"], d["start"]) for d in lost] == [("Hello.", 0.5), ("you", 1.5)]
+    # within 0.5 s of it, a loss
+    assert dropped_losses([(" Okay.", 4.6, 4.8)], [], turns) == [{"word": "Okay.", "start": 4.6, "end": 4.8}]
+    assert dropped_losses(dropped, kept, []) == []
