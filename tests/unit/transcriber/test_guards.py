@@ -204,3 +204,18 @@ def test_the_totals_survive_a_takeover():
     ended = nxt.events[-1]
     assert (ended.event, ended.words_dropped, ended.empty_finals) == ("ended", 4, 1)
     assert (nxt.checkpoints[-1].words_dropped, nxt.checkpoints[-1].empty_finals) == (4, 1)
+
+
+def test_the_record_follows_the_vad_frames_across_trims_and_a_restore():
+    s = new_stream(frame_samples=512)
+    feed(s, np.concatenate([silence(3.0), tone(1.0), silence(1.0)]))
+    job = s.next_job()
+    assert job.evidence.start <= job.start_sample < job.evidence.start + 512  # older frames were trimmed
+    assert job.evidence.coverage(3.1, 3.9) == 1.0 and job.evidence.coverage(2.75, 2.95) == 0.0
+    finish(s, job, said("hello"))
+    nxt = new_stream(checkpoint=s.checkpoints[-1], frame_samples=512)
+    restored_at = s.checkpoints[-1].acked_samples
+    feed(nxt, np.concatenate([silence(0.4), tone(1.0), silence(1.0)]), first_seq=s.checkpoints[-1].acked_seq + 1)
+    job = nxt.next_job()
+    t = restored_at / SAMPLE_RATE
+    assert job.evidence.coverage(t + 0.5, t + 1.3) == 1.0 and job.evidence.coverage(t, t + 0.35) == 0.0
