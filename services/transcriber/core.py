@@ -3,8 +3,9 @@
 The shell hands the session each audio message (`receive`), each decode result or failure (`complete`)
 and the passing of time (`tick`); every call returns a `Step` saying all the shell must do, in the one
 order `Step` documents. The parts: `segmenter` (utterances from the VAD), `evidence` (what the VAD heard
-under each job), `agreement` (word guards and LocalAgreement), `ledger` (which message is acked when). Decisions live here: admission, the buffer
-limit, the idle timeout, the decode retry budget and the checkpoint cadence.
+under each job), `agreement` (word guards and LocalAgreement), `ledger` (which message is acked when).
+Decisions live here: admission, the buffer limit, the idle timeout, the decode retry budget, the checkpoint
+cadence, and the totals of what the guards removed.
 
 Latency: a final is decoded speculatively once the speaker has paused for `speculate_after_s`, on exactly
 the audio the endpoint will cut; if the pause becomes an endpoint, that result is the final and no second
