@@ -199,3 +199,14 @@ def test_the_part_after_a_cut_drops_a_head_that_repeats_the_final_before_it(head
     assert " ".join(w.word.strip() for w in s.trim_start(words(head, start=2.9))) == kept
     late = words(head, start=3.5)  # a repeat said well after the cut is speech, not an echo
     assert s.trim_start(late) == late
+
+
+def test_a_session_handed_over_is_not_cut_at_a_sentence_end():
+    s = new_stream(commit_sentences_after_s=3.0, interim_every_s=1.0)
+    seq = feed(s, tone(4.5))
+    interim(s, "We", "sold", "forty", "trays", "of", "eggs.", "Then", "we")
+    feed(s, tone(1.0), first_seq=seq)
+    job = s.next_job()
+    s.hand_over()  # while the confirming interim decodes
+    step = s.complete(job, said("We", "sold", "forty", "trays", "of", "eggs.", "Then", "we", "went", step=0.5))
+    assert step.closed and not s.closed and s.open.start == 0  # the next owner decodes it whole
