@@ -168,9 +168,10 @@ class UtteranceSegmenter:
     def _force_cut(self, now: float) -> None:
         """A long run of speech with no pause: cut between the last two stable words if the interims
         agreed on some lately, else in the quietest frame of the last few seconds."""
-        utt = self.open
+        utt, frame = self.open, self.frame
         assert utt is not None
-        search_from, search_to = max(utt.start + self.frame, self.vad_pos - 4 * SAMPLE_RATE), self.vad_pos
+        search_from = max(utt.start + frame, self.vad_pos - 4 * SAMPLE_RATE)
+        search_to = self.vad_pos
         boundary = stable_boundary(utt)
         if boundary is not None and boundary > search_from:
             search_from, search_to = self._around(utt, boundary)
@@ -203,12 +204,12 @@ class UtteranceSegmenter:
         return max(utt.start + self.frame, boundary - reach), min(self.vad_pos, boundary + reach + self.frame)
 
     def _quietest(self, search_from: int, search_to: int) -> int:
-        """The middle of the quietest frame in [search_from, search_to); ties: the latest, for the longest window."""
+        """The middle of the quietest frame in [search_from, search_to)."""
         frame = self.frame
         best, best_energy = search_to, None
         for pos in range(search_from, search_to - frame + 1, frame // 2):
             energy = float(np.mean(self.samples(pos, pos + frame).astype(np.float32) ** 2))
-            if best_energy is None or energy <= best_energy:
+            if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
                 best, best_energy = pos + frame // 2, energy
         return best
 
