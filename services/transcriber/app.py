@@ -62,6 +62,7 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
         interim_beam_size=config.interim_beam_size,
         final_window=config.resolved_final_window(),
         sentence_endpoint_s=config.sentence_endpoint_s,
+        commit_sentences_after_s=config.commit_sentences_after_s,
     )
 
 

@@ -31,6 +31,7 @@ from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
+from jetscribe.services.transcriber.sentences import confirmed_sentence_end
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
@@ -354,11 +355,25 @@ class SessionStream(Generic[M]):
                 return self._final(words, dropped, job)
         if job.kind == "interim" or job.speculative:
             utt = self.open
-            if utt is None or utt.start != job.start_sample or not words:
-                return []  # that utterance closed meanwhile; its final is coming
-            words, stable = agree(utt.words, words)
-            return [self._segment(utt, "interim", words, job, stable)]
+            if utt is None or utt.start != job.start_sample or not (words := utt.own(words)):
+                return []  # that utterance closed meanwhile (its final is coming), or nothing new was said
+            shown, stable = agree(utt.words, words)
+            segments = [self._segment(utt, "interim", shown, job, stable)]
+            if job.kind == "interim":
+                self._commit_sentence(utt, words)
+            utt.last_hypothesis = words
+            return segments
         return self._final(words, dropped, job)
+
+    def _commit_sentence(self, utt: Utterance, hypothesis: list[Word]) -> None:
+        """Speech with no pause is cut at a sentence end the interims confirmed (`sentences`); the part
+        before gets its final as at any cut, and the part after goes on as a new utterance."""
+        if self.handing_over:
+            return  # the next owner decodes the open utterance whole
+        start_s, after_s = utt.start / SAMPLE_RATE, self.options.commit_sentences_after_s
+        cut = confirmed_sentence_end(utt.words, utt.last_hypothesis, hypothesis, start_s, after_s)
+        if cut is not None:
+            self.segmenter.cut_at_sentence(cut, self.clock.monotonic())
 
     def _ready_finals(self) -> list[Segment]:
         """Closed utterances whose final was decoded early, on exactly their audio: publish it now."""
@@ -377,6 +392,9 @@ class SessionStream(Generic[M]):
         show them."""
         utt = self.closed.popleft()
         self.finals_published += 1
+        words = utt.own(words)
+        if utt.seam_after is not None:
+            utt.seam_after.publish(words)  # the next utterance drops a head that repeats it
         self.words_dropped += len(dropped)
         start, end = job.start_sample / SAMPLE_RATE, job.end_sample / SAMPLE_RATE
         empty_over_speech = (

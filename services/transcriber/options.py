@@ -17,6 +17,8 @@ class CommitOptions:
     first_interim_s: float = 0.6  # speech heard before an utterance's first interim
     speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
     sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
+    # >0: speech with no pause is committed at a sentence end the interims confirmed, this long after its start
+    commit_sentences_after_s: float = 4.0
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
     preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
     tail_pad_s: float = 0.2  # silence kept after the last speech frame

@@ -14,8 +14,10 @@ import numpy as np
 
 from jetscribe.services.transcriber.agreement import Hypotheses
 from jetscribe.services.transcriber.evidence import SpeechRecord
+from jetscribe.services.transcriber.sentences import Seam, SentenceCut
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.wire import Word
 
 if TYPE_CHECKING:
     from jetscribe.services.transcriber.options import CommitOptions
@@ -35,6 +37,17 @@ class Utterance:
     speculate_end: int | None = None  # where the endpoint will cut if the current pause lasts
     speculation: tuple[Any, Any] | None = None  # (DecodeJob, Decoded): a final decoded ahead of the endpoint
     words: Hypotheses = field(default_factory=Hypotheses)  # its interim words, stable and not
+    last_hypothesis: list[Word] = field(default_factory=list)  # what its latest interim said
+    seam_before: Seam | None = None  # it began at a sentence cut
+    seam_after: Seam | None = None  # it ended at one
+
+    def own(self, words: list[Word]) -> list[Word]:
+        """Its decoded words without those heard across a sentence cut that the other side says."""
+        if self.seam_before is not None:
+            words = self.seam_before.trim_start(words)
+        if self.seam_after is not None:
+            words = self.seam_after.trim_end(words)
+        return words
 
 
 class SampleBuffer:
@@ -167,16 +180,44 @@ class UtteranceSegmenter:
         search_to = self.vad_pos
         boundary = stable_boundary(utt)
         if boundary is not None and boundary > search_from:
-            # Word times are only good to ~0.1 s: take the quietest frame around the boundary.
-            search_from = max(utt.start + frame, boundary - int(0.15 * SAMPLE_RATE))
-            search_to = min(self.vad_pos, boundary + int(0.15 * SAMPLE_RATE) + frame)
+            search_from, search_to = self._around(utt, boundary)
+        best = self._quietest(search_from, search_to)
+        self._close(best, now)
+        self.open = Utterance(start=best, speech_frames=1, speech_end=self.vad_pos, interim_at=self.vad_pos)
+
+    def cut_at_sentence(self, cut: SentenceCut, now: float) -> None:
+        """Commit the open utterance at a confirmed sentence end: close it in the quietest frame near the
+        boundary, and open the next one there, holding the words the interims heard after it."""
+        utt = self.open
+        assert utt is not None
+        end = self._quietest(*self._around(utt, int(cut.boundary_s * SAMPLE_RATE)))
+        seam = Seam(end / SAMPLE_RATE, cut.committed, cut.carried)
+        utt.seam_after = seam
+        self._close(end, now)
+        self.open = Utterance(
+            start=end,
+            speech_frames=max(1, (self.vad_pos - end) // self.frame),  # heard already: speech up to now
+            speech_end=max(end, utt.speech_end),
+            interim_at=self.vad_pos,
+            speculate_end=utt.speculate_end if (utt.speculate_end or 0) > end else None,  # in a pause: it goes on
+            words=cut.carried,
+            seam_before=seam,
+        )
+
+    def _around(self, utt: Utterance, boundary: int) -> tuple[int, int]:
+        """Where to cut near a word boundary: word times are only good to ~0.1 s."""
+        reach = int(0.15 * SAMPLE_RATE)
+        return max(utt.start + self.frame, boundary - reach), min(self.vad_pos, boundary + reach + self.frame)
+
+    def _quietest(self, search_from: int, search_to: int) -> int:
+        """The middle of the quietest frame in [search_from, search_to)."""
+        frame = self.frame
         best, best_energy = search_to, None
         for pos in range(search_from, search_to - frame + 1, frame // 2):
             energy = float(np.mean(self.samples(pos, pos + frame).astype(np.float32) ** 2))
             if best_energy is None or energy <= best_energy:  # ties: the latest, for the longest window
                 best, best_energy = pos + frame // 2, energy
-        self._close(best, now)
-        self.open = Utterance(start=best, speech_frames=1, speech_end=self.vad_pos, interim_at=self.vad_pos)
+        return best
 
     def _close(self, end: int, now: float) -> None:
         utt, self.open = self.open, None

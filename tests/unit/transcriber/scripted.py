@@ -120,3 +120,45 @@ def said(*words, start=0.0, step=0.3, no_speech=0.01, logprob=-0.2, ratio=1.2):
 def finish(stream, job, decoded):
     """Hand a decode result back; the segments the step says to publish."""
     return stream.complete(job, decoded).segments
+
+
+class Script:
+    """Scripted Whisper for one text spoken at known session times, one word every `step` seconds from
+    `start`: a decode says each word it holds more than `hear` seconds of (so a word straddling a cut is
+    heard from both sides), timed `skew` seconds off, and ends its last word with a period, as Whisper
+    punctuates where the audio stops. `decodes` keeps what each job was told."""
+
+    def __init__(self, text, start=0.3, step=0.3, hear=0.05, skew=0.0):
+        self.words = [(w, start + i * step, start + (i + 1) * step) for i, w in enumerate(text.split())]
+        self.hear, self.skew = hear, skew
+        self.decodes = []
+
+    def sentence_ends(self):
+        return [end for w, _, end in self.words if w.endswith(".")]
+
+    def decode(self, job):
+        a, b = job.start_sample / SAMPLE_RATE, job.end_sample / SAMPLE_RATE
+        heard = [(w, s, e) for w, s, e in self.words if min(e, b) - max(s, a) > self.hear]
+        words = [
+            Word(f" {w}", min(max(s - a + self.skew, 0.0), b - a), min(max(e - a + self.skew, 0.0), b - a), 0.9)
+            for w, s, e in heard
+        ]
+        if words and not words[-1].word.endswith("."):
+            last = words[-1]
+            words[-1] = Word(last.word + ".", last.start, last.end, last.probability)
+        self.decodes.append((job, words))
+        return Decoded([DecodedSegment(words)], "en", 0.99)
+
+
+def speak(stream, script, audio, first_seq=0):
+    """Feed `audio` in 100 ms chunks, answering each decode the core asks for at once from `script`;
+    returns the next seq and every segment published, with the audio heard (seconds) when it was."""
+    seq, published = first_seq, []
+    for off in range(0, len(audio), CHUNK):
+        steps = [stream.receive(chunk(seq, audio[off : off + CHUNK]), seq)]
+        seq += 1
+        while (job := stream.next_job()) is not None:
+            steps.append(stream.complete(job, script.decode(job)))
+        heard = stream.segmenter.vad_pos / SAMPLE_RATE
+        published += [(heard, g) for step in steps for g in step.segments]
+    return seq, published
