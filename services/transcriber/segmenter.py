@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import Hypotheses
+from jetscribe.services.transcriber.levels import FrameLevels, NoiseFloor, level_db
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 
@@ -74,6 +75,8 @@ class SampleBuffer:
 class UtteranceSegmenter:
     """One session's audio, the VAD's verdict per frame, and the utterances it makes."""
 
+    LEVEL_WINDOW_S = 0.2  # speech must stand above the noise floor over this long, not in one frame
+
     def __init__(self, vad: VoiceDetector, options: CommitOptions):
         self.vad = vad
         self.frame = vad.frame_samples
@@ -83,18 +86,26 @@ class UtteranceSegmenter:
         self.open: Utterance | None = None
         self.closed: deque[Utterance] = deque()
         self.silence_frames = 0
+        self.levels = FrameLevels(self.frame)  # each buffered frame's level, for questions about a span
+        self.noise_floor = NoiseFloor(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
 
     def restore(self, position: int) -> None:
         """Continue at session sample `position`, as if everything before it was heard and cut."""
         self.buffer.reset_to(position)
+        self.levels.restart(position)
         self.vad_pos = self._last_cut = self._last_speech_end = position
 
     @property
     def received(self) -> int:
         """Session samples received so far."""
         return self.buffer.end
+
+    @property
+    def noise_floor_db(self) -> float:
+        """The session's background level now, in dBFS (`levels.NoiseFloor`)."""
+        return self.noise_floor.db
 
     @property
     def silence_s(self) -> float:
@@ -129,7 +140,7 @@ class UtteranceSegmenter:
         speculate_frames = round(self._frames(max(opts.speculate_after_s, opts.tail_pad_s))) + 1
         frame_start = self.vad_pos
         self.vad_pos += self.frame
-        if self.vad.is_speech(self.samples(frame_start, self.vad_pos)):
+        if self._is_speech(self.samples(frame_start, self.vad_pos)):
             self._speech(frame_start)
         elif self.open is not None:
             self.silence_frames += 1
@@ -140,6 +151,21 @@ class UtteranceSegmenter:
                 self.open.speculate_end = cut
         if self.open is not None and self.vad_pos - self.open.start >= int(opts.max_utterance_s * SAMPLE_RATE):
             self._force_cut(now)
+
+    def _is_speech(self, frame: np.ndarray) -> bool:
+        """The detector's verdict, unless the last moment was barely louder than the background: babble
+        fools any VAD, but the speaker being transcribed is louder than the crowd behind them."""
+        level = level_db(frame)
+        self.levels.drop_before(self.buffer.start)
+        self.levels.add(level)
+        self.noise_floor.add(level)
+        speech = self.vad.is_speech(frame)  # always called: a detector's state follows every frame
+        gate = self.options.speech_above_floor_db
+        if not speech or gate <= 0:
+            return speech
+        frames = max(1, round(self._frames(self.LEVEL_WINDOW_S)))
+        recent = self.levels.span_db(self.vad_pos - frames * self.frame, self.vad_pos)
+        return recent >= self.noise_floor.db + gate
 
     def _speech(self, frame_start: int) -> None:
         self.silence_frames = 0
