@@ -21,7 +21,7 @@ from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
-from jetscribe.services.transcriber.vad import WebrtcVoiceDetector
+from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.clock import Clock, system_clock
@@ -55,6 +55,7 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
         interim_beam_size=config.interim_beam_size,
         final_window=config.resolved_final_window(),
         sentence_endpoint_s=config.sentence_endpoint_s,
+        speech_above_floor_db=config.vad_above_floor_db,
     )
 
 
@@ -93,6 +94,9 @@ class TranscriberWorker:
         self.model_name = config.model
         self.options = commit_options(config)
         self.limits = session_limits(config)
+        self.new_vad = detector_maker(  # one Silero model for all sessions; each session its own state
+            config.vad, threshold=config.vad_threshold, aggressiveness=config.vad_aggressiveness
+        )
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
         self.sessions: dict[SessionKey, SessionRecord] = {}
@@ -237,7 +241,7 @@ class TranscriberWorker:
             model=self.model_name,
             worker_id=self.config.worker_id,
             options=self.options,
-            vad=WebrtcVoiceDetector(self.config.vad_aggressiveness),
+            vad=self.new_vad(),
             clock=self.clock,
             limits=self.limits,
             checkpoint=checkpoint,
