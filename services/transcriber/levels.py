@@ -2,7 +2,7 @@
 
 Levels are RMS in dBFS relative to a full-scale int16 DC (32768), floored at `SILENCE_DB` so digital
 silence has a number. The noise floor is a low percentile of the last few seconds' frame levels: speech
-leaves short pauses between words, so the quietest tenth of any few seconds is background, whatever is said.
+leaves gaps between words, so the quietest fifth of any few seconds is background, whatever is said.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def level_db(samples: np.ndarray) -> float:
 
 class NoiseFloor:
     """A low percentile of the frame levels of the last `window_s`: steady noise (hum, line noise, babble)
-    sets it, and speech, which always pauses within a few seconds, does not lift it."""
+    sets it, and speech, which leaves gaps between words and turns, does not lift it."""
 
-    def __init__(self, frame_samples: int, window_s: float = 3.0, percentile: float = 10.0):
+    def __init__(self, frame_samples: int, window_s: float = 3.0, percentile: float = 20.0):
         self._levels: deque[float] = deque(maxlen=max(1, round(window_s * SAMPLE_RATE / frame_samples)))
         self.percentile = percentile
         self.db = SILENCE_DB
@@ -72,3 +72,24 @@ class FrameLevels:
             return SILENCE_DB
         power = sum(10 ** (db / 10) for db in levels) / len(levels)
         return max(SILENCE_DB, 10 * math.log10(power))
+
+
+class BackgroundTalk:
+    """Whether the VAD hears the background as speech: the share of the last `window_s`'s background frames
+    (within `near_db` of the noise floor) that it called speech. Steady noise, which a good VAD rejects,
+    stays near 0; babble, other people talking behind the speaker, is near 1."""
+
+    def __init__(self, frame_samples: int, window_s: float = 5.0, near_db: float = 2.0, share: float = 0.7):
+        self._verdicts: deque[bool] = deque(maxlen=max(1, round(window_s * SAMPLE_RATE / frame_samples)))
+        self._least = max(1, round(0.5 * SAMPLE_RATE / frame_samples))  # background heard before judging it
+        self.near_db, self.share = near_db, share
+
+    def add(self, level: float, floor: float, speech: bool) -> None:
+        if level <= floor + self.near_db and level > SILENCE_DB:
+            self._verdicts.append(speech)
+
+    @property
+    def heard(self) -> bool:
+        """True while most of the recent background was called speech."""
+        n = len(self._verdicts)
+        return n >= self._least and sum(self._verdicts) >= self.share * n

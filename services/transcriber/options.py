@@ -18,7 +18,8 @@ class CommitOptions:
     speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
     sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
-    # Speech must be this far above the session's noise floor (levels.NoiseFloor), whatever the VAD says; 0: no gate.
+    # Where the VAD hears the background as speech (levels.BackgroundTalk), speech must also be this far above
+    # the session's noise floor (levels.NoiseFloor); 0: never.
     speech_above_floor_db: float = 5.0
     preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
     tail_pad_s: float = 0.2  # silence kept after the last speech frame

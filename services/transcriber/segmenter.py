@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import Hypotheses
-from jetscribe.services.transcriber.levels import FrameLevels, NoiseFloor, level_db
+from jetscribe.services.transcriber.levels import BackgroundTalk, FrameLevels, NoiseFloor, level_db
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 
@@ -88,6 +88,7 @@ class UtteranceSegmenter:
         self.silence_frames = 0
         self.levels = FrameLevels(self.frame)  # each buffered frame's level, for questions about a span
         self.noise_floor = NoiseFloor(self.frame)
+        self.background_talk = BackgroundTalk(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
 
@@ -153,15 +154,16 @@ class UtteranceSegmenter:
             self._force_cut(now)
 
     def _is_speech(self, frame: np.ndarray) -> bool:
-        """The detector's verdict, unless the last moment was barely louder than the background: babble
-        fools any VAD, but the speaker being transcribed is louder than the crowd behind them."""
+        """The detector's verdict; but where it hears the background as speech (babble), only the speaker
+        being transcribed counts, who is louder than the crowd: the last moment must stand out from the floor."""
         level = level_db(frame)
         self.levels.drop_before(self.buffer.start)
         self.levels.add(level)
         self.noise_floor.add(level)
         speech = self.vad.is_speech(frame)  # always called: a detector's state follows every frame
+        self.background_talk.add(level, self.noise_floor.db, speech)
         gate = self.options.speech_above_floor_db
-        if not speech or gate <= 0:
+        if not speech or gate <= 0 or not self.background_talk.heard:
             return speech
         frames = max(1, round(self._frames(self.LEVEL_WINDOW_S)))
         recent = self.levels.span_db(self.vad_pos - frames * self.frame, self.vad_pos)

@@ -78,7 +78,7 @@ def new_stream(clock=None, checkpoint=None, limits=SessionLimits(), sessions_bef
         language="en",
         model="tiny.en",
         worker_id="w1",
-        # Scripted tones are steady: the noise-floor gate would take a long one for hum.
+        # A long scripted tone is its own noise floor: the babble gate would take it for background talk.
         options=CommitOptions(**{"speech_above_floor_db": 0.0, **options}),
         vad=LoudVoiceDetector(frame_samples),
         clock=clock or ManualClock(),
