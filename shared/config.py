@@ -108,7 +108,7 @@ class TranscriberConfig(FromEnv):
     max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
     interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
     vad: str = env("JETSCRIBE_VAD", "silero")  # "silero" or "webrtc"
-    vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.5)  # silero: speech from this probability on
+    vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.3)  # silero: speech from this probability on
     vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
     # speech must stand this far above the session's noise floor; 0 turns that gate off
     vad_above_floor_db: float = env("JETSCRIBE_VAD_ABOVE_FLOOR_DB", 5.0)

@@ -81,7 +81,7 @@ class SileroVoiceDetector:
     frame_samples = SileroModel.WINDOW
     RELEASE = 0.15  # Silero's get_speech_timestamps uses threshold - 0.15 as the end of speech
 
-    def __init__(self, model: SileroModel, threshold: float = 0.5):
+    def __init__(self, model: SileroModel, threshold: float = 0.3):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"the Silero threshold must be between 0 and 1, not {threshold}")
         self.model = model
@@ -108,7 +108,7 @@ class SileroVoiceDetector:
 VAD_KINDS = ("silero", "webrtc")
 
 
-def detector_maker(kind: str, *, threshold: float = 0.5, aggressiveness: int = 2) -> Callable[[], VoiceDetector]:
+def detector_maker(kind: str, *, threshold: float = 0.3, aggressiveness: int = 2) -> Callable[[], VoiceDetector]:
     """What makes each new session's detector: `kind` "silero" (one model loaded now, shared by all) or
     "webrtc" (`aggressiveness` 0-3)."""
     if kind == "silero":
