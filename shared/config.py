@@ -109,7 +109,11 @@ class TranscriberConfig(FromEnv):
     endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
     max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
     interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
-    vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)
+    vad: str = env("JETSCRIBE_VAD", "silero")  # "silero" or "webrtc"
+    vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.3)  # silero: speech from this probability on
+    vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
+    # speech must stand this far above the session's noise floor; 0 turns that gate off
+    vad_above_floor_db: float = env("JETSCRIBE_VAD_ABOVE_FLOOR_DB", 5.0)
     partitions: str = env("JETSCRIBE_WORKER_PARTITIONS", "all")  # "all" or a comma list like "0,1,5"
     # held audio is kept alive with in-progress acks; a new owner resets the consumer
     ack_wait_s: float = env("JETSCRIBE_ACK_WAIT_S", 30.0)

@@ -28,7 +28,7 @@ from jetscribe.services.transcriber.core import (
 )
 from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
-from jetscribe.services.transcriber.vad import WebrtcVoiceDetector
+from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.clock import Clock, system_clock
@@ -63,6 +63,7 @@ def commit_options(config: TranscriberConfig) -> CommitOptions:
         final_window=config.resolved_final_window(),
         sentence_endpoint_s=config.sentence_endpoint_s,
         commit_sentences_after_s=config.commit_sentences_after_s,
+        speech_above_floor_db=config.vad_above_floor_db,
     )
 
 
@@ -101,6 +102,9 @@ class TranscriberWorker:
         self.model_name = config.model
         self.options = commit_options(config)
         self.limits = session_limits(config)
+        self.new_vad = detector_maker(  # one Silero model for all sessions; each session its own state
+            config.vad, threshold=config.vad_threshold, aggressiveness=config.vad_aggressiveness
+        )
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
         self.sessions: dict[SessionKey, SessionRecord] = {}
@@ -245,7 +249,7 @@ class TranscriberWorker:
             model=self.model_name,
             worker_id=self.config.worker_id,
             options=self.options,
-            vad=WebrtcVoiceDetector(self.config.vad_aggressiveness),
+            vad=self.new_vad(),
             clock=self.clock,
             limits=self.limits,
             checkpoint=checkpoint,

@@ -20,6 +20,9 @@ class CommitOptions:
     # >0: speech with no pause is committed at a sentence end the interims confirmed, this long after its start
     commit_sentences_after_s: float = 4.0
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
+    # Where the VAD hears the background as speech (levels.BackgroundTalk), speech must also be this far above
+    # the session's noise floor (levels.NoiseFloor); 0: never.
+    speech_above_floor_db: float = 5.0
     preroll_s: float = 0.3  # audio kept before the first speech frame, so onsets aren't clipped
     tail_pad_s: float = 0.2  # silence kept after the last speech frame
     beam_size: int = 5

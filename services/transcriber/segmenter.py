@@ -14,6 +14,7 @@ import numpy as np
 
 from jetscribe.services.transcriber.agreement import Hypotheses
 from jetscribe.services.transcriber.evidence import SpeechRecord
+from jetscribe.services.transcriber.levels import BackgroundTalk, FrameLevels, NoiseFloor, level_db
 from jetscribe.services.transcriber.sentences import Seam, SentenceCut
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -88,6 +89,8 @@ class SampleBuffer:
 class UtteranceSegmenter:
     """One session's audio, the VAD's verdict per frame, and the utterances it makes."""
 
+    LEVEL_WINDOW_S = 0.2  # speech must stand above the noise floor over this long, not in one frame
+
     def __init__(self, vad: VoiceDetector, options: CommitOptions):
         self.vad = vad
         self.frame = vad.frame_samples
@@ -98,6 +101,9 @@ class UtteranceSegmenter:
         self.open: Utterance | None = None
         self.closed: deque[Utterance] = deque()
         self.silence_frames = 0
+        self.levels = FrameLevels(self.frame)  # each buffered frame's level, for questions about a span
+        self.noise_floor = NoiseFloor(self.frame)
+        self.background_talk = BackgroundTalk(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
 
@@ -105,12 +111,18 @@ class UtteranceSegmenter:
         """Continue at session sample `position`, as if everything before it was heard and cut."""
         self.buffer.reset_to(position)
         self.record.restore(position)
+        self.levels.restart(position)
         self.vad_pos = self._last_cut = self._last_speech_end = position
 
     @property
     def received(self) -> int:
         """Session samples received so far."""
         return self.buffer.end
+
+    @property
+    def noise_floor_db(self) -> float:
+        """The session's background level now, in dBFS (`levels.NoiseFloor`)."""
+        return self.noise_floor.db
 
     @property
     def silence_s(self) -> float:
@@ -146,7 +158,7 @@ class UtteranceSegmenter:
         frame_start = self.vad_pos
         self.vad_pos += self.frame
         frame = self.samples(frame_start, self.vad_pos)
-        speech = self.vad.is_speech(frame)
+        speech = self._is_speech(frame)
         self.record.add(frame, speech)
         if speech:
             self._speech(frame_start)
@@ -159,6 +171,22 @@ class UtteranceSegmenter:
                 self.open.speculate_end = cut
         if self.open is not None and self.vad_pos - self.open.start >= int(opts.max_utterance_s * SAMPLE_RATE):
             self._force_cut(now)
+
+    def _is_speech(self, frame: np.ndarray) -> bool:
+        """The detector's verdict; but where it hears the background as speech (babble), only the speaker
+        being transcribed counts, who is louder than the crowd: the last moment must stand out from the floor."""
+        level = level_db(frame)
+        self.levels.drop_before(self.buffer.start)
+        self.levels.add(level)
+        self.noise_floor.add(level)
+        speech = self.vad.is_speech(frame)  # always called: a detector's state follows every frame
+        self.background_talk.add(level, self.noise_floor.db, speech)
+        gate = self.options.speech_above_floor_db
+        if not speech or gate <= 0 or not self.background_talk.heard:
+            return speech
+        frames = max(1, round(self._frames(self.LEVEL_WINDOW_S)))
+        recent = self.levels.span_db(self.vad_pos - frames * self.frame, self.vad_pos)
+        return recent >= self.noise_floor.db + gate
 
     def _speech(self, frame_start: int) -> None:
         self.silence_frames = 0
