@@ -93,6 +93,9 @@ def holds_speech(evidence: AudioEvidence, t0: float, t1: float, min_coverage: fl
     return snr is None or snr >= MIN_SPEECH_SNR_DB
 
 
+MIN_SPOKEN_S_PER_WORD = 0.05  # a tail sentence shorter than this per word was not spoken
+
+
 def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> Verdict:
     """Whisper fills the silence after speech with stock phrases ("Thanks for watching!"): drop words
     that begin after the VAD heard the last speech, or right at its end with low confidence; and
@@ -104,7 +107,29 @@ def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> Verdict:
             break
         if is_word(w):
             verdict.kept.append(w)
+    squeezed = squeezed_tail(verdict.kept)
+    if squeezed:
+        verdict.dropped = dropped(verdict.kept[-squeezed:], "trailing") + verdict.dropped
+        del verdict.kept[-squeezed:]
     return verdict
+
+
+def squeezed_tail(words: list[Word]) -> int:
+    """How many words at the end form a sentence nobody could have said: several words Whisper timed
+    into almost no audio (under `MIN_SPOKEN_S_PER_WORD` each) with little confidence. That is how a
+    stock phrase it appends after the last real word looks ("arrives. Thank you for watching." with
+    "Thank you for" at zero length); spoken words, however fast, take time."""
+    start = len(words)
+    while start > 0 and not (start < len(words) and words[start - 1].word.rstrip().endswith((".", "?", "!"))):
+        start -= 1
+    tail = words[start:]
+    if start == 0 or len(tail) < 2:
+        return 0  # the whole final, or one word: not a tail after real speech
+    spoken_s = tail[-1].end - tail[0].start
+    confidence = sum(w.probability for w in tail) / len(tail)
+    if spoken_s < MIN_SPOKEN_S_PER_WORD * len(tail) and confidence < 0.6:
+        return len(tail)
+    return 0
 
 
 def is_word(w: Word) -> bool:

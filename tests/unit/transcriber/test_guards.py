@@ -219,3 +219,34 @@ def test_the_record_follows_the_vad_frames_across_trims_and_a_restore():
     job = nxt.next_job()
     t = restored_at / SAMPLE_RATE
     assert job.evidence.coverage(t + 0.5, t + 1.3) == 1.0 and job.evidence.coverage(t, t + 0.35) == 0.0
+
+
+def test_a_stock_phrase_squeezed_into_no_time_after_the_last_word_is_dropped_and_counted():
+    from jetscribe.services.transcriber.agreement import drop_trailing_inventions
+
+    words = [
+        Word(" the", 18.2, 18.32, 0.9),
+        Word(" train", 18.32, 18.48, 0.8),
+        Word(" arrives.", 18.48, 18.88, 0.97),
+        Word(" Thank", 18.88, 18.88, 0.002),
+        Word(" you", 18.88, 18.88, 0.975),
+        Word(" for", 18.88, 18.88, 0.179),
+        Word(" watching.", 18.88, 18.94, 0.724),
+    ]
+    verdict = drop_trailing_inventions(words, speech_end_s=19.04)
+    assert [w.word for w in verdict.kept] == [" the", " train", " arrives."]
+    assert [(d.word, d.reason) for d in verdict.dropped] == [
+        (" Thank", "trailing"),
+        (" you", "trailing"),
+        (" for", "trailing"),
+        (" watching.", "trailing"),
+    ]
+
+
+def test_a_quick_but_real_last_sentence_stays():
+    from jetscribe.services.transcriber.agreement import drop_trailing_inventions
+
+    words = [Word(" Fine.", 1.0, 1.3, 0.9), Word(" See", 1.4, 1.55, 0.8), Word(" you.", 1.55, 1.7, 0.9)]
+    assert len(drop_trailing_inventions(words, speech_end_s=1.8).kept) == 3
+    lone = [Word(" Okay.", 1.0, 1.0, 0.3)]  # one word alone is not a tail after speech: other guards judge it
+    assert len(drop_trailing_inventions(lone, speech_end_s=1.8).kept) == 1
