@@ -16,7 +16,8 @@ are cached in $JETSCRIBE_CACHE/realistic (default ~/.cache/jetscribe/realistic),
 hash, the condition, the seed, the versions of numpy, soxr and PyAV and, for the conditions that mix
 in other speech (babble noise, crosstalk), the hash of that other speech. With
 --out DIR the chosen files are also written there as <name>@<condition>.wav/.json, a devset-format
-folder. Conditions and their parameter ranges: listed at the end of --help, details in bench/conditions.py.
+folder. Conditions and their parameter ranges: listed at the end of --help, details in
+jetscribe/evaluation/conditions.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import conditions as C  # noqa: E402
+from jetscribe.evaluation import conditions as C  # noqa: E402
 
 RATE = 16000
 VERSION = 1  # bump when a condition's processing changes: old cache entries are then not used

@@ -1,4 +1,4 @@
-"""bench/conditions.py and the plan/realize of bench/make_realistic.py, on generated signals."""
+"""jetscribe/evaluation/conditions.py and the plan/realize of bench/make_realistic.py, on generated signals."""
 
 import json
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench import conditions as C
 from bench import make_realistic as M
+from jetscribe.evaluation import conditions as C
 
 RATE = 16000
 

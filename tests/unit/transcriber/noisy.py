@@ -1,4 +1,4 @@
-"""Generated noisy dialogs for the VAD tests: piper speech (cached) in bench/conditions.py's noises."""
+"""Generated noisy dialogs for the VAD tests: piper speech (cached) in jetscribe/evaluation/conditions.py's noises."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench import conditions as C
+from jetscribe.evaluation import conditions as C
 from jetscribe.evaluation.speech import dialog, synthesize
 from jetscribe.shared.audio import SAMPLE_RATE
 

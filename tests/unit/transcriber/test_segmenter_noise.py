@@ -2,7 +2,7 @@
 do in silence, a quiet speaker over hum is heard, and noise alone opens nothing that gets decoded.
 
 The audio is a piper dialog (jetscribe.evaluation.speech, cached) with 1 s pauses between turns, degraded by
-bench/conditions.py, the generators of the realistic benchmark; the noise runs through the pauses.
+jetscribe/evaluation/conditions.py, the generators of the realistic benchmark; the noise runs through the pauses.
 """
 
 import numpy as np
