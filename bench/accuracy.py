@@ -10,8 +10,8 @@ exists, else a small set made once with the project's Piper speech (jetscribe.ev
 $JETSCRIBE_CACHE/bench-devset; with --conditions the real recordings in bench/data/real are added to the default.
 
 --conditions runs the realistic set (bench/make_realistic.py, conditions in jetscribe/evaluation/conditions.py):
-each file is put in two of the listed conditions (rotating so that each condition meets each kind of speech as far as the
-files allow; --every: every file in every condition), made harder with --seed and cached. Streaming and offline
+each file is put in two of the listed conditions (rotating so that each condition meets each kind of speech as far
+as the files allow; --every: every file in every condition), made harder with --seed and cached. Streaming and offline
 then run on the same degraded audio, and a table per condition follows the table per file; the JSON gains
 `conditions` ({condition: the overall keys for its files}) and each file its `condition` and `source`.
 
