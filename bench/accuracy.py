@@ -60,6 +60,7 @@ from jetscribe.evaluation.metrics import (  # noqa: E402
     corpus_wer,
     dropped_losses,
     percentile,
+    repeated_passages,
     repeats_at_joins,
     send_time,
     words_in_silence,
@@ -314,6 +315,9 @@ def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, 
     words = [(w.word, w.start, w.end) for seg in finals for w in seg.words]
     silence = words_in_silence(words, item.turns) if item.turns else None
     repeats = repeats_at_joins([s.text for s in finals], item.reference)
+    repeats += [
+        {"passage": p["words"], "n": len(p["words"].split())} for p in repeated_passages(result.text, item.reference)
+    ]
     dropped = [d for seg in result.final_segments() for d in seg.dropped]  # empty finals carry some too
     lost = dropped_losses([(d.word, d.start, d.end) for d in dropped], words, item.turns) if item.turns else None
     lost_at = {(d["start"], d["word"]) for d in lost or []}

@@ -67,6 +67,30 @@ def repeats_at_joins(texts: list[str], reference: str, max_n: int = 3) -> list[d
     return found
 
 
+def repeated_passages(hypothesis: str, reference: str, n: int = 4) -> list[dict]:
+    """Passages the transcript has more often than the reference: a sentence published twice (by two
+    segments, or inside one) that `repeats_at_joins` cannot see. Counts each extra occurrence of an
+    n-word sequence once, merging overlapping ones into one passage: {"at": word index, "words": "..."}."""
+    hyp, ref = normalize(hypothesis).split(), normalize(reference).split()
+    in_ref: dict[tuple[str, ...], int] = {}
+    for k in range(len(ref) - n + 1):
+        gram = tuple(ref[k : k + n])
+        in_ref[gram] = in_ref.get(gram, 0) + 1
+    seen: dict[tuple[str, ...], int] = {}
+    found: list[dict] = []
+    last_end = -1
+    for k in range(len(hyp) - n + 1):
+        gram = tuple(hyp[k : k + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] > max(1, in_ref.get(gram, 0)):
+            if k <= last_end and found:
+                found[-1]["words"] += " " + " ".join(hyp[last_end + 1 : k + n])
+            else:
+                found.append({"at": k, "words": " ".join(gram)})
+            last_end = k + n - 1
+    return found
+
+
 def words_in_silence(words: list[tuple[str, float, float]], turns: list[dict], margin: float = 0.3) -> list[dict]:
     """Words whose middle lies more than `margin` seconds outside every speech turn ({start, end})."""
     out = []

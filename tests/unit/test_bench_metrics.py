@@ -93,3 +93,14 @@ def test_dropped_words_are_losses_only_where_the_reference_has_them_and_the_stre
     # within 0.5 s of it, a loss
     assert dropped_losses([(" Okay.", 4.6, 4.8)], [], turns) == [{"word": "Okay.", "start": 4.6, "end": 4.8}]
     assert dropped_losses(dropped, kept, []) == []
+
+
+def test_a_sentence_published_twice_is_a_repeated_passage():
+    from jetscribe.evaluation.metrics import repeated_passages
+
+    reference = "Will do. Thanks a lot for your help. You are welcome."
+    twice = "We'll do. Thanks a lot for your help. We'll do. Thanks a lot for your help. You are welcome."
+    assert [p["words"] for p in repeated_passages(twice, reference)] == ["well do thanks a lot for your help"]
+    assert repeated_passages(reference, reference) == []
+    said_twice = "the cat sat on the mat and the cat sat on the mat"
+    assert repeated_passages(said_twice, said_twice) == []  # the reference has it twice too
