@@ -67,28 +67,28 @@ def repeats_at_joins(texts: list[str], reference: str, max_n: int = 3) -> list[d
     return found
 
 
-def repeated_passages(hypothesis: str, reference: str, n: int = 4) -> list[dict]:
-    """Passages the transcript has more often than the reference: a sentence published twice (by two
-    segments, or inside one) that `repeats_at_joins` cannot see. Counts each extra occurrence of an
-    n-word sequence once, merging overlapping ones into one passage: {"at": word index, "words": "..."}."""
+def repeated_passages(hypothesis: str, reference: str, min_words: int = 4, max_words: int = 40) -> list[dict]:
+    """Passages published twice back to back (by two segments, or inside one) that `repeats_at_joins`
+    cannot see: a run of `min_words`..`max_words` words followed at once by the same run, where the
+    reference does not say it twice in a row. Returns one entry per repeat: {"at": word index, "words"}.
+    A phrase that recurs later in the talk is no repeat, whatever the reference spells."""
     hyp, ref = normalize(hypothesis).split(), normalize(reference).split()
-    in_ref: dict[tuple[str, ...], int] = {}
-    for k in range(len(ref) - n + 1):
-        gram = tuple(ref[k : k + n])
-        in_ref[gram] = in_ref.get(gram, 0) + 1
-    seen: dict[tuple[str, ...], int] = {}
     found: list[dict] = []
-    last_end = -1
-    for k in range(len(hyp) - n + 1):
-        gram = tuple(hyp[k : k + n])
-        seen[gram] = seen.get(gram, 0) + 1
-        if seen[gram] > max(1, in_ref.get(gram, 0)):
-            if k <= last_end and found:
-                found[-1]["words"] += " " + " ".join(hyp[last_end + 1 : k + n])
-            else:
-                found.append({"at": k, "words": " ".join(gram)})
-            last_end = k + n - 1
+    k = 0
+    while k < len(hyp):
+        for size in range(min(max_words, k, len(hyp) - k), min_words - 1, -1):
+            block = hyp[k - size : k]
+            if hyp[k : k + size] == block and not _said_twice(ref, block):
+                found.append({"at": k, "words": " ".join(block)})
+                k += size - 1
+                break
+        k += 1
     return found
+
+
+def _said_twice(words: list[str], block: list[str]) -> bool:
+    size = len(block)
+    return any(words[i : i + size] == block and words[i + size : i + 2 * size] == block for i in range(len(words)))
 
 
 def words_in_silence(words: list[tuple[str, float, float]], turns: list[dict], margin: float = 0.3) -> list[dict]:

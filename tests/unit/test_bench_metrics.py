@@ -104,3 +104,11 @@ def test_a_sentence_published_twice_is_a_repeated_passage():
     assert repeated_passages(reference, reference) == []
     said_twice = "the cat sat on the mat and the cat sat on the mat"
     assert repeated_passages(said_twice, said_twice) == []  # the reference has it twice too
+
+
+def test_a_phrase_that_recurs_later_is_no_repeated_passage():
+    from jetscribe.evaluation.metrics import repeated_passages
+
+    reference = "booked for Thursday at ten fifteen and then again Thursday at ten fifteen please"
+    hypothesis = "booked for Thursday at 10 15 and then again Thursday at 10 15 please"
+    assert repeated_passages(hypothesis, reference) == []
