@@ -103,7 +103,7 @@ class TranscriberConfig(FromEnv):
     # Off by default: bench/accuracy.py found it costs base accuracy (README, "Configuration").
     sentence_endpoint_s: float = env("JETSCRIBE_SENTENCE_ENDPOINT_S", 0.0)
     # speech with no pause is committed at sentence ends the interims confirmed, once this long; 0 = off
-    commit_sentences_after_s: float = env("JETSCRIBE_COMMIT_SENTENCES_AFTER_S", 4.0)
+    commit_sentences_after_s: float = env("JETSCRIBE_COMMIT_SENTENCES_AFTER_S", 0.0)
     # "full", "short" or "auto" (short for tiny models, full otherwise)
     final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
     endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)

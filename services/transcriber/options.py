@@ -18,7 +18,7 @@ class CommitOptions:
     speculate_after_s: float = 0.2  # pause after which the final is decoded ahead of the endpoint
     sentence_endpoint_s: float = 0.0  # >0: an early final this long that ends a sentence ends its utterance
     # >0: speech with no pause is committed at a sentence end the interims confirmed, this long after its start
-    commit_sentences_after_s: float = 4.0
+    commit_sentences_after_s: float = 0.0  # off by default: bench/accuracy.py found repeats and later finals (README)
     min_speech_s: float = 0.15  # shorter bursts (clicks, breaths) are dropped without decoding
     # Where the VAD hears the background as speech (levels.BackgroundTalk), speech must also be this far above
     # the session's noise floor (levels.NoiseFloor); 0: never.
