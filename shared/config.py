@@ -109,7 +109,7 @@ class TranscriberConfig(FromEnv):
     endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
     max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
     interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
-    vad: str = env("JETSCRIBE_VAD", "silero")  # "silero" or "webrtc"
+    vad: str = env("JETSCRIBE_VAD", "webrtc")  # "webrtc" (with the noise-floor gate) or "silero"
     vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.3)  # silero: speech from this probability on
     vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
     # speech must stand this far above the session's noise floor; 0 turns that gate off
