@@ -92,9 +92,10 @@ def test_the_environment_chooses_the_detector_and_the_gate(monkeypatch):
     from jetscribe.services.transcriber.app import commit_options
     from jetscribe.shared.config import TranscriberConfig
 
-    assert TranscriberConfig().vad == "silero" and commit_options(TranscriberConfig()).speech_above_floor_db == 5.0
-    monkeypatch.setenv("JETSCRIBE_VAD", "webrtc")
+    assert TranscriberConfig().vad == "webrtc" and commit_options(TranscriberConfig()).speech_above_floor_db == 5.0
+    assert isinstance(detector_maker(TranscriberConfig().vad)(), WebrtcVoiceDetector)
+    monkeypatch.setenv("JETSCRIBE_VAD", "silero")
     monkeypatch.setenv("JETSCRIBE_VAD_ABOVE_FLOOR_DB", "0")
     config = TranscriberConfig.from_env()
     assert commit_options(config).speech_above_floor_db == 0.0
-    assert isinstance(detector_maker(config.vad, aggressiveness=config.vad_aggressiveness)(), WebrtcVoiceDetector)
+    assert isinstance(detector_maker(config.vad, threshold=config.vad_threshold)(), SileroVoiceDetector)
