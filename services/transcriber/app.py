@@ -18,16 +18,10 @@ from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
 from jetscribe.services.transcriber import model as whisper
-from jetscribe.services.transcriber.core import (
-    CommitOptions,
-    FinalAudit,
-    SessionLimits,
-    SessionStream,
-    Step,
-    is_reused,
-)
+from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING

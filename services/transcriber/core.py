@@ -3,9 +3,10 @@
 The shell hands the session each audio message (`receive`), each decode result or failure (`complete`)
 and the passing of time (`tick`); every call returns a `Step` saying all the shell must do, in the one
 order `Step` documents. The parts: `segmenter` (utterances from the VAD), `evidence` (what the VAD heard
-under each job), `agreement` (word guards and LocalAgreement), `ledger` (which message is acked when).
-Decisions live here: admission, the buffer limit, the idle timeout, the decode retry budget, the checkpoint
-cadence, and the totals of what the guards removed.
+under each job), `transcript` (decode results into segments, with `agreement`'s word guards and
+LocalAgreement; the guard totals; the messages that report the session), `ledger` (which message is acked
+when). Decisions live here: admission, the buffer limit, the idle timeout, the decode retry budget, which
+decode comes next, and the checkpoint cadence.
 
 Latency: a final is decoded speculatively once the speaker has paused for `speculate_after_s`, on exactly
 the audio the endpoint will cut; if the pause becomes an endpoint, that result is the final and no second
@@ -15,59 +16,28 @@ decode is needed. Interims mark the words two consecutive hypotheses agree on as
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Generic, Literal, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
-from jetscribe.services.transcriber.agreement import (
-    agree,
-    drop_trailing_inventions,
-    ends_sentence,
-    holds_speech,
-    keep_trustworthy,
-)
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
-from jetscribe.services.transcriber.sentences import confirmed_sentence_end
+from jetscribe.services.transcriber.transcript import Clock, FinalAudit, Transcript
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
     AudioChunk,
-    DroppedWord,
     ErrorEvent,
     Segment,
-    SegmentStatus,
     SessionCheckpoint,
     SessionControl,
     SessionEvent,
-    SessionEventKind,
-    Word,
 )
 
 M = TypeVar("M")
-EventKind = SessionEventKind
-EMPTY_FINAL_COVERAGE = 0.4  # a final with no words over audio the VAD heard this much speech in is a loss
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def wall(self) -> float: ...
-
-
-@dataclass
-class FinalAudit:
-    """What the guards did to one final, for the shell's log: the words they removed, and whether it came
-    out empty over audio that held speech (`empty_over_speech`). `segment_id` is None if nothing was published."""
-
-    segment_id: int | None
-    start: float  # seconds of session audio: the utterance
-    end: float
-    dropped: list[DroppedWord]
-    empty_over_speech: bool
 
 
 @dataclass
@@ -119,15 +89,22 @@ class SessionStream(Generic[M]):
         sessions_before: int = 0,
     ):
         self.tenant, self.session_id = tenant, session_id
-        self.language, self.model, self.worker_id = language, model, worker_id
         self.options, self.limits, self.clock = options, limits, clock
         self.segmenter = UtteranceSegmenter(vad, options)
         self.ledger: AckLedger[M] = AckLedger()
-        self.next_segment_id = 0
-        self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
-        self.finals_published = 0
-        self.words_dropped = 0  # by the guards, from this session's finals
-        self.empty_finals = 0  # finals with no words over audio that held speech
+        if checkpoint is not None:  # replayed chunks up to its acked_seq are acked at once
+            self.ledger = AckLedger(checkpoint.acked_seq, checkpoint.acked_samples, checkpoint.chunks_received)
+        self.transcript = Transcript(
+            tenant,
+            session_id,
+            language=language,
+            model=model,
+            worker_id=worker_id,
+            options=options,
+            clock=clock,
+            segmenter=self.segmenter,
+            ledger=self.ledger,
+        )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False
         self.end_reason = ""  # "" (the bot ended it) or "idle_timeout"
@@ -136,7 +113,6 @@ class SessionStream(Generic[M]):
         self.gone = False  # closed here (ended, rejected, handed over, lost): nothing more to do
         self._after_close: Literal["ack", "nak", "drop"] = "ack"
         self._failures = 0
-        self._audits: list[FinalAudit] = []
         self._admission: int | None = sessions_before  # None once decided
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -189,14 +165,14 @@ class SessionStream(Generic[M]):
                 return step  # offered again by `next_job`
             # Give up on this utterance rather than block the session (and every session behind it).
             step.errors.append(
-                self._error(
+                self.transcript.error(
                     "decode_failed",
                     f"utterance at {job.start_sample / SAMPLE_RATE:.2f} s could not be decoded: {result}",
                 )
             )
             result = Decoded([])
         self._failures = 0
-        step.segments += self._apply(job, result)
+        step.segments += self.transcript.apply(job, result, commit_sentences=not self.handing_over)
         return self._settle(step)
 
     def tick(self) -> Step[M]:
@@ -244,6 +220,16 @@ class SessionStream(Generic[M]):
     def settled(self) -> bool:
         """Handing over: every closed utterance has its final out."""
         return not self.closed and not self.busy
+
+    @property
+    def words_dropped(self) -> int:
+        """Words the guards removed from this session's finals."""
+        return self.transcript.words_dropped
+
+    @property
+    def empty_finals(self) -> int:
+        """Finals that came out with no words over audio that held speech."""
+        return self.transcript.empty_finals
 
     @property
     def finished(self) -> bool:
@@ -309,7 +295,6 @@ class SessionStream(Generic[M]):
             return None
         assert end is not None  # a closed utterance has its end; speculation_due() checked speculate_end
         audio = self.segmenter.samples(utt.start, end).astype(np.float32) / 32768.0
-        prompt = " ".join(self.committed_words)
         self.busy = True
         interim = kind == "interim"
         return DecodeJob(
@@ -317,8 +302,8 @@ class SessionStream(Generic[M]):
             audio=audio,
             start_sample=utt.start,
             end_sample=end,
-            language=self.language,
-            prompt=prompt,
+            language=self.transcript.language,
+            prompt=self.transcript.prompt,
             beam_size=self.options.interim_beam_size if interim else self.options.beam_size,
             # an interim's words run to its end; a final's after the last speech frame are suspect
             speech_end_sample=end if interim else min(utt.speech_end, end),
@@ -327,140 +312,12 @@ class SessionStream(Generic[M]):
             evidence=self.segmenter.record.evidence(utt.start, end),
         )
 
-    # --- decode results --------------------------------------------------------------------------
-    def _apply(self, job: DecodeJob, decoded: Decoded) -> list[Segment]:
-        if self.language is None and decoded.language and decoded.language_probability >= 0.5:
-            self.language = decoded.language
-        timed = [replace(seg, words=self._session_words(job, seg.words)) for seg in decoded.segments]
-        trusted = keep_trustworthy(timed, job.evidence)
-        said = drop_trailing_inventions(trusted.kept, job.speech_end_sample / SAMPLE_RATE)
-        words, dropped = said.kept, sorted(trusted.dropped + said.dropped, key=lambda w: w.start)
-        if job.speculative:
-            closed = self.closed[0] if self.closed else None
-            if closed is not None and (closed.start, closed.end) == (job.start_sample, job.end_sample):
-                return self._final(words, dropped, job)  # the endpoint came while it decoded: it is the final
-            utt = self.open
-            if utt is None or utt.start != job.start_sample:
-                return []  # cut elsewhere meanwhile; that utterance gets its own final
-            utt.speculation = (job, decoded)  # the final, if this pause becomes an endpoint
-            if (
-                self.options.sentence_endpoint_s > 0
-                and utt.speculate_end == job.end_sample
-                and ends_sentence(words)
-                and job.end_sample - job.start_sample >= self.options.sentence_endpoint_s * SAMPLE_RATE
-            ):
-                # Still in the same pause, after a whole sentence: end the utterance here rather than
-                # wait for 0.5 s of silence that a quick speaker never leaves.
-                self.segmenter.close_at(job.end_sample, self.clock.monotonic())
-                return self._final(words, dropped, job)
-        if job.kind == "interim" or job.speculative:
-            utt = self.open
-            if utt is None or utt.start != job.start_sample or not (words := utt.own(words)):
-                return []  # that utterance closed meanwhile (its final is coming), or nothing new was said
-            shown, stable = agree(utt.words, words)
-            segments = [self._segment(utt, "interim", shown, job, stable)]
-            if job.kind == "interim":
-                self._commit_sentence(utt, words)
-            utt.last_hypothesis = words
-            return segments
-        return self._final(words, dropped, job)
-
-    def _commit_sentence(self, utt: Utterance, hypothesis: list[Word]) -> None:
-        """Speech with no pause is cut at a sentence end the interims confirmed (`sentences`); the part
-        before gets its final as at any cut, and the part after goes on as a new utterance."""
-        if self.handing_over:
-            return  # the next owner decodes the open utterance whole
-        start_s, after_s = utt.start / SAMPLE_RATE, self.options.commit_sentences_after_s
-        cut = confirmed_sentence_end(utt.words, utt.last_hypothesis, hypothesis, start_s, after_s)
-        if cut is not None:
-            self.segmenter.cut_at_sentence(cut, self.clock.monotonic())
-
-    def _ready_finals(self) -> list[Segment]:
-        """Closed utterances whose final was decoded early, on exactly their audio: publish it now."""
-        segments: list[Segment] = []
-        while not self.busy and self.closed and self.closed[0].speculation is not None:
-            job, decoded = self.closed[0].speculation
-            if job.end_sample != self.closed[0].end:
-                break
-            self.closed[0].speculation = None
-            segments += self._apply(replace(job, speculative=False), decoded)
-        return segments
-
-    def _final(self, words: list[Word], dropped: list[DroppedWord], job: DecodeJob) -> list[Segment]:
-        """Publish an utterance's final; count what the guards removed from it (only finals count: an
-        interim's words are decoded again). A final with removed words is published even if empty, to
-        show them."""
-        utt = self.closed.popleft()
-        self.finals_published += 1
-        words = utt.own(words)
-        if utt.seam_after is not None:
-            utt.seam_after.publish(words)  # the next utterance drops a head that repeats it
-        self.words_dropped += len(dropped)
-        start, end = job.start_sample / SAMPLE_RATE, job.end_sample / SAMPLE_RATE
-        empty_over_speech = (
-            not words and job.evidence is not None and holds_speech(job.evidence, start, end, EMPTY_FINAL_COVERAGE)
-        )
-        self.empty_finals += empty_over_speech
-        segments = []
-        if words or dropped or utt.segment_id is not None:
-            self.committed_words.extend(w.word.strip() for w in words)
-            segments.append(self._segment(utt, "final", words, job, dropped=dropped))
-        if dropped or empty_over_speech:
-            segment_id = segments[0].segment_id if segments else None
-            self._audits.append(FinalAudit(segment_id, start, end, dropped, empty_over_speech))
-        return segments
-
-    @staticmethod
-    def _session_words(job: DecodeJob, words: list[Word]) -> list[Word]:
-        offset, limit = job.start_sample / SAMPLE_RATE, job.end_sample / SAMPLE_RATE
-        out = []
-        for w in words:
-            start = min(offset + float(w.start), limit)
-            end = min(max(offset + float(w.end), start), limit)
-            out.append(Word(w.word, round(start, 3), round(end, 3), round(float(w.probability), 3)))
-        return out
-
-    def _segment(
-        self,
-        utt: Utterance,
-        status: SegmentStatus,
-        words: list[Word],
-        job: DecodeJob,
-        stable_words: int = 0,
-        dropped: list[DroppedWord] | None = None,
-    ) -> Segment:
-        if utt.segment_id is None:
-            utt.segment_id = self.next_segment_id
-            self.next_segment_id += 1
-        utt.revision += 1
-        start = words[0].start if words else job.start_sample / SAMPLE_RATE
-        end = words[-1].end if words else job.end_sample / SAMPLE_RATE
-        seqs = self.ledger.seqs_overlapping(job.start_sample, job.end_sample) or [self.ledger.last_seq]
-        return Segment(
-            tenant=self.tenant,
-            session_id=self.session_id,
-            segment_id=utt.segment_id,
-            revision=utt.revision,
-            status=status,
-            start=start,
-            end=end,
-            text="".join(w.word for w in words).strip(),
-            words=words,
-            stable_words=stable_words,
-            language=self.language,
-            model=self.model,
-            seq_first=seqs[0],
-            seq_last=seqs[-1],
-            worker_id=self.worker_id,
-            published_at=self.clock.wall(),
-            dropped=dropped or [],
-        )
-
     # --- acks, checkpoints and the session's end -------------------------------------------------
     def _settle(self, step: Step[M]) -> Step[M]:
         """Account for what is done, and say whether a checkpoint (and so which acks) is due."""
-        step.segments += self._ready_finals()
-        step.audits, self._audits = step.audits + self._audits, []  # the finals above, and any before them
+        if not self.busy:
+            step.segments += self.transcript.ready_finals()
+        step.audits += self.transcript.take_audits()  # the finals above, and any before them
         if self.finished:
             return self._finish(step)
         pending = [u.start for u in self.closed] + ([self.open.start] if self.open is not None else [])
@@ -470,30 +327,30 @@ class SessionStream(Generic[M]):
         self.segmenter.record.drop_before(min(boundary, self.segmenter.vad_pos))
         if self.handing_over and self.settled:
             return self._give_back(step)
-        if self.ledger.checkpoint_due(self.finals_published, self.limits.checkpoint_every_s):
-            step.ack += self.ledger.take_accounted(self.finals_published)
-            step.checkpoint = self._checkpoint()
+        if self.ledger.checkpoint_due(self.transcript.finals_published, self.limits.checkpoint_every_s):
+            step.ack += self.ledger.take_accounted(self.transcript.finals_published)
+            step.checkpoint = self.transcript.checkpoint()
         return step
 
     def _finish(self, step: Step[M]) -> Step[M]:
         step.ack += self.ledger.take_all()
-        step.events.append(self._event("ended", self.end_reason))
-        step.checkpoint = self._checkpoint(finished=True)
+        step.events.append(self.transcript.event("ended", self.end_reason))
+        step.checkpoint = self.transcript.checkpoint(finished=True)
         step.closed = self.gone = True
         return step
 
     def _reject(self, step: Step[M], code: str, message: str) -> Step[M]:
         step.ack += self.ledger.take_all()  # nobody will transcribe it: don't let it come back
-        step.errors.append(self._error(code, message))
-        step.events.append(self._event("rejected", code))
-        step.checkpoint = self._checkpoint(finished=True)
+        step.errors.append(self.transcript.error(code, message))
+        step.events.append(self.transcript.event("rejected", code))
+        step.checkpoint = self.transcript.checkpoint(finished=True)
         step.closed = self.gone = True
         return step
 
     def _give_back(self, step: Step[M]) -> Step[M]:
-        if self.ledger.checkpoint_due(self.finals_published, self.limits.checkpoint_every_s, force=True):
-            step.ack += self.ledger.take_accounted(self.finals_published)
-            step.checkpoint = self._checkpoint()
+        if self.ledger.checkpoint_due(self.transcript.finals_published, self.limits.checkpoint_every_s, force=True):
+            step.ack += self.ledger.take_accounted(self.transcript.finals_published)
+            step.checkpoint = self.transcript.checkpoint()
         step.nak += self.ledger.give_back()  # the next owner gets them at once
         step.closed = self.gone = True
         self._after_close = "nak"
@@ -516,60 +373,16 @@ class SessionStream(Generic[M]):
                 f"this worker already has {self.limits.max_sessions} sessions (JETSCRIBE_MAX_SESSIONS_PER_WORKER)",
             )
             return False
-        step.events.append(self._event("started"))
-        step.checkpoint = self._checkpoint()  # the language is known to whoever takes over
+        step.events.append(self.transcript.event("started"))
+        step.checkpoint = self.transcript.checkpoint()  # the language is known to whoever takes over
         return True
 
     def _restore(self, checkpoint: SessionCheckpoint) -> None:
-        """Continue from a checkpoint: replayed chunks up to its acked_seq are acked at once, and the next
-        one lands at the session sample where it was, so times, ids, totals and context carry on."""
+        """Continue from a checkpoint (the ledger starts at its acks): the next chunk lands at the session
+        sample where it was, so times, ids, totals and context carry on."""
         self._admission = None
-        self.ledger = AckLedger(checkpoint.acked_seq, checkpoint.acked_samples, checkpoint.chunks_received)
         self.segmenter.restore(checkpoint.acked_samples)
-        self.next_segment_id = checkpoint.next_segment_id
-        self.committed_words.extend(checkpoint.committed_tail)
-        self.language = self.language or checkpoint.language
-        self.words_dropped, self.empty_finals = checkpoint.words_dropped, checkpoint.empty_finals
-
-    def _checkpoint(self, finished: bool = False) -> SessionCheckpoint:
-        pending = [u.segment_id for u in [*self.closed, self.open] if u is not None and u.segment_id is not None]
-        return SessionCheckpoint(
-            tenant=self.tenant,
-            session_id=self.session_id,
-            acked_seq=self.ledger.acked_seq,
-            acked_samples=self.ledger.acked_samples,
-            chunks_received=self.ledger.acked_chunks,
-            next_segment_id=min(pending, default=self.next_segment_id),
-            committed_tail=list(self.committed_words),
-            language=self.language,
-            finished=finished,
-            worker_id=self.worker_id,
-            updated_at=self.clock.wall(),
-            words_dropped=self.words_dropped,
-            empty_finals=self.empty_finals,
-        )
-
-    def _event(self, event: EventKind, reason: str = "") -> SessionEvent:
-        return SessionEvent(
-            tenant=self.tenant,
-            session_id=self.session_id,
-            event=event,
-            at=self.clock.wall(),
-            reason=reason,
-            language=self.language,
-            model=self.model,
-            chunks_received=self.ledger.chunks_received,
-            audio_seconds=self.received / SAMPLE_RATE,
-            segments=self.next_segment_id,
-            worker_id=self.worker_id,
-            words_dropped=self.words_dropped,
-            empty_finals=self.empty_finals,
-        )
-
-    def _error(self, code: str, message: str) -> ErrorEvent:
-        return ErrorEvent(
-            tenant=self.tenant, session_id=self.session_id, code=code, message=message, at=self.clock.wall()
-        )
+        self.transcript.restore(checkpoint)
 
 
 def is_reused(message: AudioChunk | SessionControl) -> bool:
