@@ -95,15 +95,14 @@ class SessionStream(Generic[M]):
         if checkpoint is not None:  # replayed chunks up to its acked_seq are acked at once
             self.ledger = AckLedger(checkpoint.acked_seq, checkpoint.acked_samples, checkpoint.chunks_received)
         self.transcript = Transcript(
-            tenant,
-            session_id,
+            self.segmenter,
+            self.ledger,
+            clock,
+            tenant=tenant,
+            session_id=session_id,
             language=language,
             model=model,
             worker_id=worker_id,
-            options=options,
-            clock=clock,
-            segmenter=self.segmenter,
-            ledger=self.ledger,
         )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False

@@ -23,7 +23,6 @@ from jetscribe.services.transcriber.agreement import (
 )
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
 from jetscribe.services.transcriber.ledger import AckLedger
-from jetscribe.services.transcriber.options import CommitOptions
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
 from jetscribe.services.transcriber.sentences import confirmed_sentence_end
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -64,23 +63,22 @@ class Transcript:
 
     def __init__(
         self,
+        segmenter: UtteranceSegmenter,  # its utterances, and the options they are cut and decoded with
+        ledger: AckLedger[Any],  # read only: which chunks a segment covers, and where the acks stand
+        clock: Clock,
+        *,
         tenant: str,
         session_id: str,
-        *,
         language: str | None,
         model: str,
         worker_id: str,
-        options: CommitOptions,
-        clock: Clock,
-        segmenter: UtteranceSegmenter,
-        ledger: AckLedger[Any],  # read only: which chunks a segment covers, and where the acks stand
     ):
+        self.segmenter, self.ledger, self.clock = segmenter, ledger, clock
+        self.options = segmenter.options
         self.tenant, self.session_id = tenant, session_id
         self.language, self.model, self.worker_id = language, model, worker_id
-        self.options, self.clock = options, clock
-        self.segmenter, self.ledger = segmenter, ledger
         self.next_segment_id = 0
-        self.committed_words: deque[str] = deque(maxlen=options.prompt_words)
+        self.committed_words: deque[str] = deque(maxlen=self.options.prompt_words)
         self.finals_published = 0
         self.words_dropped = 0  # by the guards, from this session's finals
         self.empty_finals = 0  # finals with no words over audio that held speech
