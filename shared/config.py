@@ -94,39 +94,45 @@ class IngestConfig(FromEnv):
 
 @dataclass(frozen=True)
 class TranscriberConfig(FromEnv):
+    # The Whisper model and what it runs on.
     model: str = env("JETSCRIBE_MODEL", "base")  # "base", "tiny.en" or a folder holding a CTranslate2 Whisper model
     device: str = env("JETSCRIBE_DEVICE", "cpu")  # "cpu", "cuda" or "auto"
     compute_type: str = env("JETSCRIBE_COMPUTE_TYPE", "int8")  # "int8" on CPU; "float16" on a GPU
     cpu_threads: int = env("JETSCRIBE_CPU_THREADS", 0)  # 0: CTranslate2 decides
+    # How finals and interims are decoded.
     beam_size: int = env("JETSCRIBE_BEAM_SIZE", 5)
     interim_beam_size: int = env("JETSCRIBE_INTERIM_BEAM_SIZE", 1)
+    # "full", "short" or "auto" (short for tiny models, full otherwise)
+    final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
+    interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
+    # Where an utterance ends.
+    endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
+    max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
     # Off by default: bench/accuracy.py found it costs base accuracy (README, "Configuration").
     sentence_endpoint_s: float = env("JETSCRIBE_SENTENCE_ENDPOINT_S", 0.0)
     # speech with no pause is committed at sentence ends the interims confirmed, once this long; 0 = off
     commit_sentences_after_s: float = env("JETSCRIBE_COMMIT_SENTENCES_AFTER_S", 0.0)
-    # "full", "short" or "auto" (short for tiny models, full otherwise)
-    final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
-    endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
-    max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
-    interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
+    # What the VAD counts as speech.
     vad: str = env("JETSCRIBE_VAD", "webrtc")  # "webrtc" (with the noise-floor gate) or "silero"
     vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.3)  # silero: speech from this probability on
     vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
     # speech must stand this far above the session's noise floor; 0 turns that gate off
     vad_above_floor_db: float = env("JETSCRIBE_VAD_ABOVE_FLOOR_DB", 5.0)
-    partitions: str = env("JETSCRIBE_WORKER_PARTITIONS", "all")  # "all" or a comma list like "0,1,5"
-    # held audio is kept alive with in-progress acks; a new owner resets the consumer
-    ack_wait_s: float = env("JETSCRIBE_ACK_WAIT_S", 30.0)
+    # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)
     # audio held per session before it is rejected ("buffer_full")
     max_buffered_s: float = env("JETSCRIBE_MAX_BUFFERED_S", 120.0)
     # no audio for this long: the session is flushed and ended
     idle_timeout_s: float = env("JETSCRIBE_IDLE_TIMEOUT_S", 1800.0)
+    # The worker in its consumer group: which partitions it takes, and how they move.
+    worker_id: str = env("JETSCRIBE_WORKER_ID", "")
+    partitions: str = env("JETSCRIBE_WORKER_PARTITIONS", "all")  # "all" or a comma list like "0,1,5"
+    # held audio is kept alive with in-progress acks; a new owner resets the consumer
+    ack_wait_s: float = env("JETSCRIBE_ACK_WAIT_S", 30.0)
     # on SIGTERM or a rebalance, time to finalize before handing over anyway
     drain_timeout_s: float = env("JETSCRIBE_DRAIN_TIMEOUT_S", 60.0)
-    worker_id: str = env("JETSCRIBE_WORKER_ID", "")
-    # Consumer group: a crashed worker's partitions move after about lease_ttl_s + heartbeat_s.
+    # a crashed worker's partitions move after about lease_ttl_s + heartbeat_s
     heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
     lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # whole seconds (the server keeps message TTLs in seconds)
 
