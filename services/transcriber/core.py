@@ -211,24 +211,9 @@ class SessionStream(Generic[M]):
         return self.segmenter.closed
 
     @property
-    def received(self) -> int:
-        """Samples received so far."""
-        return self.segmenter.received
-
-    @property
     def settled(self) -> bool:
         """Handing over: every closed utterance has its final out."""
         return not self.closed and not self.busy
-
-    @property
-    def words_dropped(self) -> int:
-        """Words the guards removed from this session's finals."""
-        return self.transcript.words_dropped
-
-    @property
-    def empty_finals(self) -> int:
-        """Finals that came out with no words over audio that held speech."""
-        return self.transcript.empty_finals
 
     @property
     def finished(self) -> bool:

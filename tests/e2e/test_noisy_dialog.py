@@ -90,7 +90,7 @@ def test_each_final_closes_within_the_endpoint_silence_after_its_last_word(noisy
         # Decoding here is synchronous: no audio arrives meanwhile, so `received` is the audio position.
         while step is not None:
             for final in (s for s in step.segments if s.status == "final" and s.words):
-                lags.append((final.words[-1].end, stream.received / SAMPLE_RATE - final.words[-1].end))
+                lags.append((final.words[-1].end, stream.segmenter.received / SAMPLE_RATE - final.words[-1].end))
             job = stream.next_job()
             step = stream.complete(job, whisper.transcribe(tiny_model, job)) if job is not None else None
 

@@ -125,7 +125,7 @@ def test_redelivered_chunk_is_ignored():
     s = new_stream()
     s.receive(chunk(0, tone(0.1)), "first delivery")
     assert s.receive(chunk(0, tone(0.1)), "second delivery").empty  # held: the newest delivery waits instead
-    assert s.received == CHUNK
+    assert s.segmenter.received == CHUNK
     assert s.ledger.waiting() == ["second delivery"]
 
 
@@ -135,7 +135,7 @@ def test_redelivery_of_an_acked_chunk_is_acked_at_once_and_only_once():
     acked = s.acked
     assert acked
     step = s.receive(chunk(acked[-1], silence(0.1)), "again")
-    assert step.ack == ["again"] and s.received == 30 * CHUNK
+    assert step.ack == ["again"] and s.segmenter.received == 30 * CHUNK
     assert len(s.acked) == len(set(map(str, s.acked)))
 
 
@@ -144,7 +144,7 @@ def test_end_closes_open_speech_and_finishes_after_final():
     feed(s, tone(1.0))
     s.receive(end_message(), "end")
     job = s.next_job()
-    assert job.kind == "final" and job.end_sample == s.received
+    assert job.kind == "final" and job.end_sample == s.segmenter.received
     step = s.complete(job, said("bye"))
     assert step.closed and [e.event for e in step.events] == ["ended"]
     assert step.ack[-2:] == [9, "end"] and step.checkpoint.finished
@@ -366,7 +366,7 @@ def test_hand_over_keeps_the_open_utterance_whole_for_the_next_owner():
     replay = np.concatenate([tone(1.0), silence(0.8)])
     first_replayed = acked[-1] + 1
     offset = first_replayed * CHUNK
-    assert nxt.received == offset
+    assert nxt.segmenter.received == offset
     assert nxt.receive(chunk(acked[-1], tone(0.1)), "old").ack == ["old"]  # an acked chunk comes back
     all_audio = np.concatenate([tone(1.0), silence(0.8), replay])
     feed(nxt, all_audio[offset:], first_seq=first_replayed)

@@ -121,7 +121,7 @@ def test_the_hello_segment_keeps_its_words_and_counts_the_repeats():
     assert final.status == "final" and final.text.startswith("Hello. I didn't know you were there.")
     assert final.text.endswith("originally from Chicago.") and len(final.words) == 21
     assert [(d.word, d.reason) for d in final.dropped] == [(" Hello.", "loop")] * 4
-    assert s.words_dropped == 4 and s.empty_finals == 0
+    assert s.transcript.words_dropped == 4 and s.transcript.empty_finals == 0
     (audit,) = step.audits
     assert audit.segment_id == final.segment_id and len(audit.dropped) == 4 and not audit.empty_over_speech
     assert step.checkpoint.words_dropped == 4
@@ -153,21 +153,21 @@ def test_the_line_noise_okay_is_dropped_and_counted():
     s, step = okay_session(okay_at=0.0)  # over the pre-roll: noise
     (final,) = step.segments
     assert final.text == "" and [(d.word, d.reason) for d in final.dropped] == [(" Okay.", "silence")]
-    assert s.words_dropped == 1
+    assert s.transcript.words_dropped == 1
 
 
 def test_the_same_okay_over_speech_is_kept():
     s, step = okay_session(okay_at=0.5)  # over the tone
     (final,) = step.segments
     assert final.text == "Okay." and final.dropped == [] and step.audits == []
-    assert s.words_dropped == 0
+    assert s.transcript.words_dropped == 0
 
 
 def test_an_empty_final_over_speech_is_counted():
     s = new_stream()
     feed(s, np.concatenate([tone(2.0), silence(1.0)]))
     step = s.complete(s.next_job(), Decoded([], "en", 0.9))
-    assert step.segments == [] and s.empty_finals == 1
+    assert step.segments == [] and s.transcript.empty_finals == 1
     (audit,) = step.audits
     assert audit.segment_id is None and audit.empty_over_speech and audit.dropped == []
 
@@ -187,7 +187,7 @@ def test_interims_count_nothing():
     job = s.next_job()
     assert job.kind == "interim"
     finish(s, job, said(*["Hello."] * 6, step=0.1))
-    assert s.words_dropped == 0
+    assert s.transcript.words_dropped == 0
 
 
 def test_the_totals_survive_a_takeover():
