@@ -428,42 +428,26 @@ def print_table(files: list[dict], overall: dict) -> None:
         "lost",
         "empty",
     )
-    rows = [
-        (
-            f["name"],
-            fmt(f["duration_s"], ".1f"),
-            fmt(f["wer_streaming"], ".3f"),
-            fmt(f["wer_offline"], ".3f"),
-            fmt(f["latency_final_p50"], ".2f"),
-            fmt(f["latency_final_p95"], ".2f"),
-            fmt(f["latency_final_max"], ".2f"),
-            fmt(f["latency_first_interim_p50"], ".2f"),
-            str(f["repeated_words"]),
-            fmt(f["words_in_silence"], "d"),
-            str(f["words_dropped"]),
-            fmt(f["dropped_lost"], "d"),
-            fmt(f["empty_finals"], "d"),
+
+    def row(name: str, d: dict, audio_s: float) -> tuple[str, ...]:
+        return (
+            name,
+            fmt(audio_s, ".1f"),
+            fmt(d["wer_streaming"], ".3f"),
+            fmt(d["wer_offline"], ".3f"),
+            fmt(d["latency_final_p50"], ".2f"),
+            fmt(d["latency_final_p95"], ".2f"),
+            fmt(d["latency_final_max"], ".2f"),
+            fmt(d["latency_first_interim_p50"], ".2f"),
+            str(d["repeated_words"]),
+            fmt(d["words_in_silence"], "d"),
+            str(d["words_dropped"]),
+            fmt(d["dropped_lost"], "d"),
+            fmt(d["empty_finals"], "d"),
         )
-        for f in files
-    ]
-    o = overall
-    rows.append(
-        (
-            "OVERALL",
-            fmt(o["audio_s"], ".1f"),
-            fmt(o["wer_streaming"], ".3f"),
-            fmt(o["wer_offline"], ".3f"),
-            fmt(o["latency_final_p50"], ".2f"),
-            fmt(o["latency_final_p95"], ".2f"),
-            fmt(o["latency_final_max"], ".2f"),
-            fmt(o["latency_first_interim_p50"], ".2f"),
-            str(o["repeated_words"]),
-            fmt(o["words_in_silence"], "d"),
-            str(o["words_dropped"]),
-            fmt(o["dropped_lost"], "d"),
-            fmt(o["empty_finals"], "d"),
-        )
-    )
+
+    rows = [row(f["name"], f, f["duration_s"]) for f in files]
+    rows.append(row("OVERALL", overall, overall["audio_s"]))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(r):
@@ -472,8 +456,8 @@ def print_table(files: list[dict], overall: dict) -> None:
     rule = "  ".join("-" * w for w in widths)
     print("\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
     print(
-        f"wer_ratio (streaming / offline) = {fmt(o['wer_ratio'], '.3f')}; latencies in seconds, final "
-        f"received by the bot minus its last word's audio sent; offline compute {o['offline_compute_s']:.1f} s"
+        f"wer_ratio (streaming / offline) = {fmt(overall['wer_ratio'], '.3f')}; latencies in seconds, final "
+        f"received by the bot minus its last word's audio sent; offline compute {overall['offline_compute_s']:.1f} s"
     )
     print(
         "dropped: words the guards removed from finals; lost: those the reference had there (a loss, not an "
