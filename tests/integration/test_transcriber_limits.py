@@ -18,7 +18,8 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.model import load_model
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
-from jetscribe.shared.wire import AudioChunk, ErrorEvent, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from jetscribe.shared.wire import ErrorEvent, Segment, SessionControl, SessionEvent, decode, encode
+from tests.integration.test_ingest import ask, chunk
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +55,11 @@ async def pipeline(url, tiny, **transcriber):
         await asyncio.gather(*tasks)
 
 
-async def ask(nc, subject, message) -> Reply:
-    return decode((await nc.request(subject, encode(message), timeout=5)).data, Reply)
-
-
 async def send(nc, tenant, session, samples, first_seq=0):
     seq = first_seq
     for off in range(0, len(samples), 1600):
-        reply = await ask(
-            nc,
-            subjects.ingest_audio(tenant, session),
-            AudioChunk(
-                tenant=tenant,
-                session_id=session,
-                seq=seq,
-                sent_at=time.time(),
-                sample_rate=16000,
-                channels=1,
-                encoding="pcm_s16le",
-                payload=samples[off : off + 1600].astype("<i2").tobytes(),
-            ),
-        )
+        payload = samples[off : off + 1600].astype("<i2").tobytes()
+        reply = await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq, payload=payload))
         if not reply.ok:
             return reply
         seq += 1
@@ -196,19 +181,7 @@ async def test_audio_for_a_finished_session_is_reported_once(own_nats, tiny):
         js = nc.jetstream()
         # The same id used again, stored as a gateway that no longer remembers it would store it.
         again = [SessionControl(tenant="lim", session_id="reused", action="start", sent_at=time.time())]
-        again += [
-            AudioChunk(
-                tenant="lim",
-                session_id="reused",
-                seq=seq,
-                sent_at=time.time(),
-                sample_rate=16000,
-                channels=1,
-                encoding="pcm_s16le",
-                payload=bytes(3200),
-            )
-            for seq in range(3)
-        ]
+        again += [chunk("lim", "reused", seq) for seq in range(3)]
         for i, message in enumerate(again):
             await js.publish(
                 subjects.audio("lim", "reused"), encode(message), headers={"Nats-Msg-Id": f"lim:reused:again:{i}"}
