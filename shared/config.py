@@ -88,8 +88,19 @@ class IngestConfig(FromEnv):
     min_sample_rate: int = env("JETSCRIBE_MIN_SAMPLE_RATE", 8000)
     max_sample_rate: int = env("JETSCRIBE_MAX_SAMPLE_RATE", 192_000)
     max_channels: int = env("JETSCRIBE_MAX_CHANNELS", 8)
-    # active ones: started and not yet ended
+    # active ones: started and not yet ended, counted over all gateways
     max_sessions_per_tenant: int = env("JETSCRIBE_MAX_SESSIONS_PER_TENANT", 100)
+    # The gateways' group: each serves the sessions of the partitions it holds, as the transcribers do.
+    gateway_id: str = env("JETSCRIBE_GATEWAY_ID", "")
+    heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
+    lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # a dead gateway's sessions move after about ttl + heartbeat
+
+    @classmethod
+    def from_env(cls) -> Self:
+        cfg = super().from_env()
+        if not cfg.gateway_id:
+            cfg = replace(cfg, gateway_id=f"gateway-{socket.gethostname()}-{os.getpid()}")
+        return cfg
 
 
 @dataclass(frozen=True)

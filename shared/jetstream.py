@@ -22,6 +22,8 @@ API_PREFIX = "$JS.API"
 PIN_ID_HEADER = "Nats-Pin-Id"
 TTL_HEADER = "Nats-TTL"
 EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER = "Nats-Expected-Last-Subject-Sequence"
+# The subject (wildcards allowed) whose last sequence the header above names; by default the publish subject.
+EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER = "Nats-Expected-Last-Subject-Sequence-Subject"
 
 # JetStream's err_codes (the server's errors.json) this project acts on.
 ERR_CONSUMER_NOT_FOUND = 10014

@@ -62,6 +62,39 @@ def audio_of_session(tenant: str, session: str) -> str:
     return f"audio.{tenant}.{session}.*"
 
 
+def session_partition(tenant: str, session: str, partitions: int) -> int:
+    """The partition nats-server's `partition(N,1,2)` gives a session: FNV-1a (32 bit) of tenant + session, mod N.
+    Its audio is stored there, and the gateway holding that partition serves its requests."""
+    digest = 0x811C9DC5
+    for byte in f"{tenant}{session}".encode():
+        digest = ((digest ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return digest % partitions
+
+
+# The gateways' group: the transcribers' lease machinery (services/transcriber/group.py) without a consumer. Any
+# gateway takes a bot's request (queue group); the one holding the session's partition serves it, the others
+# forward it there.
+INGEST_QUEUE = "ingest"
+INGEST_MEMBERS_BUCKET = "ingest_members"
+INGEST_LEASES_BUCKET = "ingest_leases"
+
+
+def ingest_partition(partition: int, kind: str, tenant: str, session: str) -> str:
+    """A bot's request forwarded to the gateway holding `partition`; `kind` is "audio" or "session"."""
+    return f"ingest.partition.{partition}.{kind}.{tenant}.{session}"
+
+
+def ingest_partition_all(partition: int) -> str:
+    """What the gateway holding `partition` subscribes to."""
+    return f"ingest.partition.{partition}.>"
+
+
+# The per-tenant session limit, global across gateways: KV key <tenant> holds its open sessions, written only by
+# compare-and-set; a durable consumer of the transcribers' `ended` / `rejected` events frees their slots.
+TENANT_SESSIONS_BUCKET = "tenant_sessions"
+SESSION_ENDS_CONSUMER = "ingest-session-ends"
+
+
 # The transcribers' consumer group: live members and partition leases in KV buckets, and one
 # priority group (pinned_client) on every transcriber-p<N> consumer. Group names: at most 16 chars.
 TRANSCRIBER_MEMBERS_BUCKET = "transcriber_members"

@@ -1,21 +1,51 @@
 """The gateway's asyncio shell: request/reply with bots, publishing into the AUDIO stream, and hearing from the
-transcriber when it ends or rejects a session."""
+transcriber when it ends or rejects a session.
+
+Several gateways scale ingest out by partition, as the transcribers do. The choice, correctness first:
+- One gateway at a time sequences a session: the one holding the lease of the session's partition (the AUDIO
+  partition its audio is stored in, `subjects.session_partition`), through the transcribers' own lease
+  machinery (`services/transcriber/group.py`: membership, rendezvous, compare-and-set leases with a TTL), with
+  leases alone and no consumer. Its ledger (last seq, resampler) stays in its memory, so the common path costs
+  no more than one gateway: no look-up per chunk, and resampling stays continuous across chunks.
+- The stream fences it. Leases say who should serve; they cannot stop a gateway that froze past its lease from
+  storing late. So every store names the stream sequence of the session's last message as the gateway knows it
+  (`Nats-Expected-Last-Subject-Sequence` over `audio.<tenant>.<session>.*`): if any other gateway stored to the
+  session since, the stream refuses, and the gateway forgets the session, learns it again from the streams and
+  decides afresh (a repeat is answered ok, the next seq is stored). No chunk is stored out of order or after
+  a newer one, whatever the timing; `Nats-Msg-Id` still drops a repeat inside the duplicate window.
+- Routing needs no server configuration. Every gateway takes requests on `ingest.audio.*.*` and
+  `ingest.session.*.*` in queue group `ingest`; the one that holds the partition serves it, any other forwards
+  it as a request to `ingest.partition.<p>.<kind>.<tenant>.<session>`, which only the holder subscribes to, and
+  relays the answer. No holder (a takeover under way) is answered `unavailable` at once, and the bot resends.
+  The price is one more hop for the requests that land on a gateway not holding their partition ((N-1)/N of
+  them with N gateways; none with one). A server subject mapping (`partition()` on `ingest.>`) would save that
+  hop but needs every NATS the project runs on to carry it, and breaks a gateway that subscribes without it.
+- A dead gateway's partitions move after about lease TTL + heartbeat (JETSCRIBE_LEASE_TTL_S,
+  JETSCRIBE_HEARTBEAT_S); a stopping one hands them over at once, after the requests it is serving are done.
+- The per-tenant session limit is counted in KV, over all gateways (`slots.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
-from jetscribe.shared import subjects, telemetry
+from jetscribe.services.ingest.slots import TenantSlots
+from jetscribe.services.transcriber.group import PartitionGroup
+from jetscribe.services.transcriber.partitions import assigned_to
+from jetscribe.shared import jetstream, subjects, telemetry
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
 from jetscribe.shared.streams import connect, ensure_streams
@@ -37,58 +67,165 @@ _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 log = logging.getLogger(__name__)
 
 
+FORWARD_TIMEOUT_S = 4.0  # under the bot's 5 s request timeout, so the bot hears `unavailable` rather than nothing
+_KINDS: dict[str, type] = {"audio": AudioChunk, "session": SessionControl}
+
+
+class StaleLedger(RequestRefused):
+    """The stream refused a store: another gateway stored to the session since this one last did."""
+
+    code = "unavailable"
+
+
 class IngestGateway:
-    """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*`."""
+    """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*` for the partitions it holds, forwards the rest."""
 
     def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None):
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
+        self.partitions = settings.partitions
         self.book = IngestBook(config)
+        self.slots = TenantSlots(nc, config.max_sessions_per_tenant)
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
+        self.gateway_id = config.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
+        self.group = PartitionGroup(
+            nc,
+            self.gateway_id,
+            partitions=settings.partitions,
+            heartbeat_s=config.heartbeat_s,
+            lease_ttl_s=config.lease_ttl_s,
+            on_assigned=self._serve_partition,
+            on_revoked=self._leave_partition,
+            stream=None,
+            members_bucket=subjects.INGEST_MEMBERS_BUCKET,
+            leases_bucket=subjects.INGEST_LEASES_BUCKET,
+        )
+        self.forwarded = 0  # requests handed to the gateway holding their partition
+        self.relearned = 0  # sessions learned again after another gateway stored to them
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._inflight: set[asyncio.Task] = set()
+        self._serving: dict[int, set[asyncio.Task]] = {}  # partition -> its requests being served
+        self._served: dict[int, Any] = {}  # partition -> its subscription on ingest.partition.<p>.>
+        self._front: list[Any] = []
+        self._slots_task: asyncio.Task | None = None
         self._checkpoints = None  # the transcribers' KV bucket, once it exists
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
-        await self.nc.subscribe(subjects.INGEST_AUDIO_ALL, cb=self._spawn(self._on_audio))
-        await self.nc.subscribe(subjects.INGEST_SESSION_ALL, cb=self._spawn(self._on_session))
+        await self.slots.open()
+        await self.group.start()
+        await self._settle()
+        for subject in (subjects.INGEST_AUDIO_ALL, subjects.INGEST_SESSION_ALL):
+            self._front.append(await self.nc.subscribe(subject, queue=subjects.INGEST_QUEUE, cb=self._on_request))
         # Plain subscriptions: these events are also stored in TRANSCRIPTS, where `_recall` finds them after a restart.
         for event in ("ended", "rejected"):
             await self.nc.subscribe(subjects.session_event_all(event), cb=self._on_worker_event)
+        self._slots_task = asyncio.create_task(self.slots.free_ended())
 
-    def _spawn(self, handler):
-        """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions
-        proceed in parallel, while the per-session lock (FIFO) keeps each session's requests in order."""
+    async def stop(self) -> None:
+        """Take no new requests, finish those under way, hand the partitions over, stop freeing slots."""
+        for sub in self._front:
+            await sub.unsubscribe()
+        await self.group.stop(release=True)
+        if self._slots_task is not None:  # an event it was freeing is delivered again (acked only once freed)
+            self._slots_task.cancel()
+            await asyncio.gather(self._slots_task, return_exceptions=True)
+        await asyncio.gather(*self._inflight, return_exceptions=True)
 
-        async def callback(msg: Msg) -> None:
-            task = asyncio.create_task(handler(msg))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+    async def _settle(self) -> None:
+        """Wait until this gateway holds the partitions the group gives it (a dead predecessor's leases expire
+        first), so a lone gateway does not answer its first requests `unavailable`."""
+        deadline = time.monotonic() + self.group.takeover_s + 1.0
+        while time.monotonic() < deadline:
+            members = self.group.members
+            if members and assigned_to(self.gateway_id, self.partitions, members) <= self.group.owned:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("%s: serving while still waiting for partitions", self.gateway_id)
 
-        return callback
+    # --- requests ---------------------------------------------------------------------------------
+    async def _on_request(self, msg: Msg) -> None:
+        """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions proceed in
+        parallel, while the per-session lock (FIFO) keeps each session's requests in order."""
+        kind, tenant, session_id = _request_of(msg.subject)
+        partition = subjects.session_partition(tenant, session_id, self.partitions)
+        if partition in self._served and self.group.holds(partition):
+            task = self._spawn(self._serve(msg, kind, tenant, session_id))
+            serving = self._serving.setdefault(partition, set())
+            serving.add(task)
+            task.add_done_callback(serving.discard)
+        elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
+            self._spawn(self._unavailable(msg, tenant, session_id, partition))
+        else:
+            self._spawn(self._forward(msg, partition, kind, tenant, session_id))
 
-    async def _on_audio(self, msg: Msg) -> None:
-        await self._serve(msg, AudioChunk, self._accept_chunk, "ingest.audio")
+    def _spawn(self, work) -> asyncio.Task:
+        task = asyncio.create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
 
-    async def _on_session(self, msg: Msg) -> None:
-        await self._serve(msg, SessionControl, self._control, "ingest.session")
+    async def _forward(self, msg: Msg, partition: int, kind: str, tenant: str, session_id: str) -> None:
+        """Hand a request to the gateway holding its partition and relay its answer."""
+        self.forwarded += 1
+        try:
+            answer = await self.nc.request(
+                subjects.ingest_partition(partition, kind, tenant, session_id), msg.data, timeout=FORWARD_TIMEOUT_S
+            )
+        except _NATS_ERRORS:  # no responders (nobody holds it right now), or no answer in time
+            await self._unavailable(msg, tenant, session_id, partition)
+            return
+        if msg.reply:
+            await self.nc.publish(msg.reply, answer.data)
 
-    async def _serve(self, msg: Msg, kind: type, accept: Callable[[Any], Awaitable[Reply]], span: str) -> None:
-        """Decode a bot's request, check it names its own subject, run `accept` under the session's lock, answer."""
-        tenant, session_id = _ids_from_subject(msg.subject)
+    async def _unavailable(self, msg: Msg, tenant: str, session_id: str, partition: int) -> None:
+        refusal = RequestRefused(
+            "unavailable", f"no gateway serves partition {partition} right now (it is moving); send it again"
+        )
+        await self._answer(msg, await self._refuse(tenant, session_id, refusal))
+
+    async def _serve(self, msg: Msg, kind: str, tenant: str, session_id: str) -> None:
+        """Decode a bot's request, check it names its own subject, run it under the session's lock, answer."""
+        accept: Callable[[Any], Awaitable[Reply]] = self._accept_chunk if kind == "audio" else self._control
         message = None
-        with self.tracer.start_as_current_span(span):
+        with self.tracer.start_as_current_span(f"ingest.{kind}"):
             try:
-                message = decode(msg.data, kind)
+                message = decode(msg.data, _KINDS[kind])
                 check_subject_matches(message.tenant, message.session_id, tenant, session_id)
                 async with self._lock(tenant, session_id):
-                    reply = await accept(message)
+                    try:
+                        reply = await accept(message)
+                    except StaleLedger as exc:  # once: a second refusal is answered `unavailable`
+                        self.relearned += 1
+                        log.warning("%s/%s: %s; learning it again from the streams", tenant, session_id, exc)
+                        ledger = self.book.ledger(tenant, session_id)
+                        if ledger is not None:
+                            self.book.forget(ledger)
+                        reply = await accept(message)
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
+
+    # --- partitions -------------------------------------------------------------------------------
+    async def _serve_partition(self, partition: int, _puller: object) -> None:
+        self._served[partition] = await self.nc.subscribe(subjects.ingest_partition_all(partition), cb=self._on_request)
+
+    async def _leave_partition(self, partition: int, lost: bool) -> None:
+        """Stop serving a partition: take no more of its requests, let those under way finish (their stores are
+        fenced by the stream anyway), forget its sessions. The group hands the lease over after this."""
+        sub = self._served.pop(partition, None)
+        if sub is not None:
+            with contextlib.suppress(Exception):  # the connection is closing: nothing comes any more
+                await sub.unsubscribe()
+        serving = self._serving.pop(partition, set())
+        if serving:
+            await asyncio.wait(serving, timeout=FORWARD_TIMEOUT_S)
+        for key in self.book.forget_partition(partition, self.partitions):
+            self._locks.pop(key, None)
+        if lost:
+            log.warning("%s: lost partition %d", self.gateway_id, partition)
 
     async def _on_worker_event(self, msg: Msg) -> None:
         """The transcriber ended a session (e.g. idle timeout) or rejected it: refuse its further requests."""
@@ -111,7 +248,7 @@ class IngestGateway:
         verdict = self.book.check_chunk(chunk)
         if verdict.store is not None:
             try:
-                await self._store(verdict.store, verdict.store.seq)
+                await self._store(verdict.store, verdict.store.seq, verdict.ledger)
             except RequestRefused:
                 verdict.ledger.resampler = None  # it consumed this chunk; the bot's retry must not feed it twice
                 raise
@@ -127,7 +264,13 @@ class IngestGateway:
             # duplicate window, it would be the session's last message and hide its last seq from `_recall`.
             if not known:
                 try:
-                    await self._store(control, "start")
+                    # The slot first: a start stored over the limit would already be a session. A start that
+                    # then fails to be stored keeps its slot (it may be stored after all, its ack lost); the
+                    # bot's retry finds it, or the slot is freed as stale.
+                    await self.slots.take(control.tenant, control.session_id)
+                    await self._store(control, "start", ledger)
+                except StaleLedger:
+                    raise  # another gateway stored its start meanwhile: `_serve` learns it again
                 except RequestRefused:
                     self.book.forget(ledger)  # not stored, so not started: the bot's retry starts it afresh
                     raise
@@ -135,24 +278,42 @@ class IngestGateway:
         ledger, tail = self.book.end(control)
         if not ledger.ended:
             if tail is not None:  # the resampler's last few ms, stored after the bot's final chunk
-                await self._store(tail, tail.seq)
-            await self._store(control, "end")
+                await self._store(tail, tail.seq, ledger)
+            await self._store(control, "end", ledger)
             self.book.closed(ledger)
             self._locks.pop((control.tenant, control.session_id), None)
+            await self.slots.free_quietly(control.tenant, control.session_id)
         return Reply(ok=True, last_seq=ledger.last_seq)
 
-    async def _store(self, message: AudioMessage, seq: int | str) -> None:
-        """Publish into AUDIO and wait for the stream's ack; a repeat inside the duplicate window is dropped."""
+    async def _store(self, message: AudioMessage, seq: int | str, ledger: SessionLedger) -> None:
+        """Publish into AUDIO after the session's last message as the ledger knows it, and wait for the stream's
+        ack. Raises StaleLedger if another gateway stored to the session since; a repeat inside the duplicate
+        window is dropped by the stream."""
+        tenant, session_id = message.tenant, message.session_id
         try:
             ack = await self.js.publish(
-                subjects.audio(message.tenant, message.session_id),
+                subjects.audio(tenant, session_id),
                 encode(message),
-                headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
+                headers={
+                    "Nats-Msg-Id": subjects.message_id(tenant, session_id, seq),
+                    jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(ledger.stream_seq),
+                    jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER: subjects.audio_of_session(
+                        tenant, session_id
+                    ),
+                },
             )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == jetstream.ERR_WRONG_LAST_SEQUENCE:
+                raise StaleLedger(
+                    None, f"the stream holds a newer message of the session than stream seq {ledger.stream_seq}"
+                ) from None
+            raise RequestRefused("unavailable", f"could not store audio, send it again: {exc!r}") from None
         except Exception as exc:  # stream unreachable (NATS restarting): the bot resends the same seq
             raise RequestRefused("unavailable", f"could not store audio, send it again: {exc!r}") from None
         if ack.duplicate:
-            log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
+            log.info("stream dropped a repeat of %s/%s %s", tenant, session_id, seq)
+        else:
+            self.book.stored(ledger, ack.seq)
 
     async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
         """A session this gateway has not seen (it restarted, or the id is reused), as the streams know it.
@@ -179,7 +340,12 @@ class IngestGateway:
         # Should both be there, the one stored first closed the session.
         first_closing = min(filter(None, closings), key=lambda found: found[0], default=None)
         return self.book.recall(
-            tenant, session_id, audio[1] if audio else None, first_closing[1] if first_closing else None, checkpoint
+            tenant,
+            session_id,
+            audio[1] if audio else None,
+            first_closing[1] if first_closing else None,
+            checkpoint,
+            stream_seq=audio[0] if audio else 0,
         )
 
     async def _last_message(self, stream: str, subject: str, kind) -> tuple[int, object] | None:
@@ -235,9 +401,10 @@ class IngestGateway:
         return self._locks.setdefault((tenant, session_id), asyncio.Lock())
 
 
-def _ids_from_subject(subject: str) -> tuple[str, str]:
-    parts = subject.split(".")
-    return parts[2], parts[3]
+def _request_of(subject: str) -> tuple[str, str, str]:
+    """(kind, tenant, session) of a bot's subject, or of the same forwarded (`subjects.ingest_partition`)."""
+    kind, tenant, session_id = subject.split(".")[-3:]
+    return kind, tenant, session_id
 
 
 async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:
@@ -245,9 +412,16 @@ async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Even
     nc = await connect(settings, "jetscribe-ingest")
     gateway = IngestGateway(nc, settings, config, tracer)
     await gateway.start()
-    log.info("ingest gateway serving on %s", settings.nats_url)
+    log.info(
+        "ingest gateway serving on %s as %s; partitions %s",
+        settings.nats_url,
+        gateway.gateway_id,
+        sorted(gateway.group.owned),
+    )
     stop = stop or asyncio.Event()
     await stop.wait()
+    await gateway.stop()
+    log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
     await nc.drain()
 
 

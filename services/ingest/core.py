@@ -1,7 +1,12 @@
-"""The gateway's decisions, with no I/O: is a chunk acceptable, and what exactly gets stored.
+"""The gateway's decisions, with no I/O: is a chunk acceptable, what exactly gets stored, and may a tenant open
+another session.
 
 Audio is stored as 16 kHz mono pcm_s16le (shared/audio.py) whatever the bot sends; one soxr stream per
 session keeps resampling continuous across chunk joins.
+
+A ledger is this gateway's memory of a session, not the truth: the AUDIO stream is. Every store names the
+stream sequence of the session's last message as the ledger knows it (`SessionLedger.stream_seq`), and the
+stream refuses it if anyone stored to the session since; the gateway then learns the session afresh.
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ class RequestRefused(CodedError):
 class SessionLedger:
     """What the gateway knows of one session: the last seq it stored and the resampler state.
 
-    `ended` is set by the bot's end, or by the transcriber's `ended` / `rejected` event;
+    `stream_seq` is the AUDIO stream sequence of the session's last stored message (0: none), the one the
+    next store expects. `ended` is set by the bot's end, or by the transcriber's `ended` / `rejected` event;
     `rejection` is the transcriber's reason when it refused the session.
     """
 
     tenant: str
     session_id: str
     last_seq: int = -1
+    stream_seq: int = 0
     ended: bool = False
     rejection: str | None = None
     input_format: tuple[int, int] | None = None  # (sample_rate, channels) the resampler was built for
@@ -122,9 +129,9 @@ class IngestBook:
         ledger = self.ledger(tenant, session_id)
         return -1 if ledger is None else ledger.last_seq
 
-    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool) -> SessionLedger:
-        """Adopt a session found in the stream (after a gateway restart)."""
-        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended)
+    def remember(self, tenant: str, session_id: str, last_seq: int, ended: bool, stream_seq: int = 0) -> SessionLedger:
+        """Adopt a session found in the stream (after a gateway restart, or a partition moved here)."""
+        ledger = SessionLedger(tenant, session_id, last_seq=last_seq, ended=ended, stream_seq=stream_seq)
         self.sessions[(tenant, session_id)] = ledger
         return ledger
 
@@ -135,13 +142,15 @@ class IngestBook:
         last_stored: AudioMessage | None,
         closing: SessionEvent | None,
         checkpoint: SessionCheckpoint | None,
+        stream_seq: int = 0,
     ) -> SessionLedger | None:
         """Adopt a session this gateway has not seen (after a restart) from what the streams hold of it; None if
         they hold nothing, so it is new.
 
-        `last_stored` is its last message in AUDIO, `closing` the transcriber's `ended` or `rejected` from
-        TRANSCRIPTS and `checkpoint` its transcriber checkpoint. The last two outlive its audio, so a session
-        whose audio has aged out of AUDIO is still known, and an ended one is refused rather than started afresh.
+        `last_stored` is its last message in AUDIO (at stream sequence `stream_seq`), `closing` the transcriber's
+        `ended` or `rejected` from TRANSCRIPTS and `checkpoint` its transcriber checkpoint. The last two outlive its
+        audio, so a session whose audio has aged out of AUDIO is still known, and an ended one is refused rather
+        than started afresh.
         """
         if last_stored is None and closing is None and checkpoint is None:
             return None
@@ -151,7 +160,9 @@ class IngestBook:
             last_seq = checkpoint.acked_seq if checkpoint is not None else -1
         ended_by_bot = isinstance(last_stored, SessionControl) and last_stored.action == "end"
         finished = checkpoint is not None and checkpoint.finished
-        ledger = self.remember(tenant, session_id, last_seq=last_seq, ended=ended_by_bot or finished)
+        ledger = self.remember(
+            tenant, session_id, last_seq=last_seq, ended=ended_by_bot or finished, stream_seq=stream_seq
+        )
         if closing is not None:
             self.closed_by_worker(tenant, session_id, closing.event, closing.reason)
         return ledger
@@ -159,12 +170,18 @@ class IngestBook:
     def forget(self, ledger: SessionLedger) -> None:
         self.sessions.pop((ledger.tenant, ledger.session_id), None)
 
-    def active_sessions(self, tenant: str) -> int:
-        """Sessions of `tenant` started and not yet ended."""
-        return sum(1 for ledger in self.sessions.values() if ledger.tenant == tenant and not ledger.ended)
+    def forget_partition(self, partition: int, partitions: int) -> list[tuple[str, str]]:
+        """Drop every session of a partition this gateway no longer serves; returns their (tenant, session)."""
+        gone = [key for key in self.sessions if subjects.session_partition(*key, partitions) == partition]
+        for key in gone:
+            del self.sessions[key]
+        return gone
 
     def start(self, control: SessionControl) -> SessionLedger:
-        """A start opens a session, or answers a reconnecting bot with where it left off."""
+        """A start opens a session, or answers a reconnecting bot with where it left off.
+
+        A new session is only remembered here: the shell takes its tenant slot (`admit`) before storing it.
+        """
         check_ids(control.tenant, control.session_id)
         if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
             raise RequestRefused(
@@ -173,13 +190,6 @@ class IngestBook:
             )
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
-            limit = self.config.max_sessions_per_tenant
-            if self.active_sessions(control.tenant) >= limit:
-                raise RequestRefused(
-                    "too_many_sessions",
-                    f"tenant {control.tenant} already has {limit} active "
-                    f"sessions, its limit; end one, then start again",
-                )
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
         elif ledger.ended:
             _refuse_if_rejected(ledger)
@@ -270,6 +280,10 @@ class IngestBook:
         """Call once the stored chunk is acknowledged by JetStream."""
         ledger.last_seq = max(ledger.last_seq, seq)
 
+    def stored(self, ledger: SessionLedger, stream_seq: int) -> None:
+        """Call with the stream sequence JetStream acknowledged a store of this session at."""
+        ledger.stream_seq = max(ledger.stream_seq, stream_seq)
+
     def _open_ledger(self, tenant: str, session_id: str) -> SessionLedger:
         check_ids(tenant, session_id)
         ledger = self.ledger(tenant, session_id)
@@ -291,3 +305,44 @@ def _refuse_if_rejected(ledger: SessionLedger) -> None:
             "rejected",
             f"session {ledger.tenant}/{ledger.session_id} was rejected by the transcriber: {ledger.rejection}",
         )
+
+
+# --- the per-tenant session limit, over all gateways -------------------------------------------------------
+# A tenant's open sessions are one KV value (session id -> wall time its slot was taken), rewritten only by a
+# compare-and-set on the key's revision, so two gateways admitting at once cannot both take the last slot.
+TenantSessions = dict[str, float]
+_TENANT_SESSIONS = msgspec.msgpack.Decoder(dict[str, float])
+STALE_SLOT_S = 60.0  # a slot this old whose session left nothing in AUDIO was never stored (a gateway died)
+
+
+def decode_tenant_sessions(value: bytes | None) -> TenantSessions:
+    return _TENANT_SESSIONS.decode(value) if value else {}
+
+
+def encode_tenant_sessions(sessions: TenantSessions) -> bytes:
+    return msgspec.msgpack.encode(sessions)
+
+
+def admit(sessions: TenantSessions, tenant: str, session_id: str, limit: int, now: float) -> TenantSessions | None:
+    """The tenant's open sessions with `session_id` added, or None if it holds a slot already (nothing to
+    write). Raises `too_many_sessions` at the limit."""
+    if session_id in sessions:
+        return None
+    if len(sessions) >= limit:
+        raise RequestRefused(
+            "too_many_sessions",
+            f"tenant {tenant} already has {limit} active sessions, its limit; end one, then start again",
+        )
+    return {**sessions, session_id: now}
+
+
+def without(sessions: TenantSessions, *session_ids: str) -> TenantSessions | None:
+    """The tenant's open sessions less these, or None if none of them holds a slot (nothing to write)."""
+    if not any(s in sessions for s in session_ids):
+        return None
+    return {s: at for s, at in sessions.items() if s not in session_ids}
+
+
+def stale_candidates(sessions: TenantSessions, now: float, older_than_s: float = STALE_SLOT_S) -> list[str]:
+    """Slots old enough that their session should have left something in AUDIO; the shell checks which did not."""
+    return sorted(s for s, at in sessions.items() if now - at > older_than_s)

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 _KV_KEY = re.compile(r"[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*")
 
-OnAssigned = Callable[[int, "PartitionPuller"], Awaitable[None]]
+OnAssigned = Callable[[int, "PartitionPuller | None"], Awaitable[None]]  # no puller without a stream
 OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = taken away, not handed over
 
 
@@ -213,7 +213,8 @@ class _Held:
 
 class PartitionGroup:
     """Join the group as `member_id`, own the partitions rendezvous gives this member, and run
-    `on_assigned(partition, puller)` / `on_revoked(partition, lost)` as they come and go.
+    `on_assigned(partition, puller)` / `on_revoked(partition, lost)` as they come and go. With `stream` None the
+    group only leases partitions (no consumer, no puller): the ingest gateways use it so.
 
     `eligible` (None: all) restricts this member to a static subset (JETSCRIBE_WORKER_PARTITIONS).
     A crashed member's partitions move after at most lease_ttl_s + heartbeat_s (+ a request or two).
@@ -235,7 +236,7 @@ class PartitionGroup:
         lease_ttl_s: float = 5.0,
         on_assigned: OnAssigned | None = None,
         on_revoked: OnRevoked | None = None,
-        stream: str = subjects.AUDIO_STREAM,
+        stream: str | None = subjects.AUDIO_STREAM,
         consumer_name: Callable[[int], str] = subjects.transcriber_consumer,
         filter_subject: Callable[[int], str] = subjects.audio_partition_filter,
         priority_group: str = subjects.TRANSCRIBER_PRIORITY_GROUP,
@@ -515,19 +516,20 @@ class PartitionGroup:
         except WrongLastSequenceError:
             return  # someone else wrote first
         held = self._held[partition] = _Held(partition, revision, deadline)
-        try:
-            await self._ensure_consumer(partition)
-            await self.unpin(partition)  # fence whoever was pinned before us
-            # Redeliver everything unacked now, not after ack_wait: a dead owner's held audio included.
-            await self.api.reset(self.stream, self.consumer_name(partition))
-            held.puller = PartitionPuller(self, partition)
-            await held.puller._start()
-        except Exception:
-            log.exception("partition %d: could not set up its consumer; releasing", partition)
-            if held.puller is not None:
-                await held.puller._stop(give_back=False)
-            await self._delete_lease(held)
-            return
+        if self.stream is not None:  # a group of leases alone (the gateways') has no consumer
+            try:
+                await self._ensure_consumer(partition)
+                await self.unpin(partition)  # fence whoever was pinned before us
+                # Redeliver everything unacked now, not after ack_wait: a dead owner's held audio included.
+                await self.api.reset(self.stream, self.consumer_name(partition))
+                held.puller = PartitionPuller(self, partition)
+                await held.puller._start()
+            except Exception:
+                log.exception("partition %d: could not set up its consumer; releasing", partition)
+                if held.puller is not None:
+                    await held.puller._stop(give_back=False)
+                await self._delete_lease(held)
+                return
         log.info("%s: acquired partition %d", self.member_id, partition)
         held.told = True
         await self._callback(self.on_assigned, partition, held.puller)

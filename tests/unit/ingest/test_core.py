@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
 
-from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, to_mono_int16
+from jetscribe.services.ingest.core import (
+    IngestBook,
+    RequestRefused,
+    SessionLedger,
+    admit,
+    decode_tenant_sessions,
+    encode_tenant_sessions,
+    stale_candidates,
+    to_mono_int16,
+    without,
+)
+from jetscribe.shared.subjects import session_partition
 from jetscribe.shared.config import IngestConfig
 from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
 
@@ -140,21 +151,50 @@ def end(book, session="s1"):
     book.closed(ledger)
 
 
-def test_a_tenant_has_at_most_max_sessions_active():
-    book = IngestBook(IngestConfig(max_sessions_per_tenant=2))
-    start(book, "s1")
-    start(book, "s2")
+def test_a_tenant_has_at_most_max_sessions_open():
+    open_ = admit({}, "acme", "s1", limit=2, now=10.0)
+    open_ = admit(open_, "acme", "s2", limit=2, now=11.0)
+    assert open_ == {"s1": 10.0, "s2": 11.0}
     with pytest.raises(RequestRefused) as err:
-        start(book, "s3")
+        admit(open_, "acme", "s3", limit=2, now=12.0)
     assert err.value.code == "too_many_sessions" and "acme" in str(err.value)
-    assert start(book, "s2").session_id == "s2"  # a reconnecting bot's start is not a new session
-    book.start(SessionControl(tenant="other", session_id="s3", action="start"))  # the limit is per tenant
-    end(book, "s1")
-    start(book, "s3")  # an ended session frees its slot
+    assert admit(open_, "acme", "s2", limit=2, now=12.0) is None  # a reconnecting bot's start holds its slot already
+    open_ = without(open_, "s1")
+    assert open_ == {"s2": 11.0} and without(open_, "s1") is None  # freeing twice writes nothing
+    assert admit(open_, "acme", "s3", limit=2, now=13.0) == {"s2": 11.0, "s3": 13.0}  # an ended session frees its slot
 
 
-def test_a_session_the_transcriber_ended_frees_its_slot_and_takes_no_more_audio():
-    book = IngestBook(IngestConfig(max_sessions_per_tenant=1))
+def test_tenant_sessions_round_trip_and_old_slots_are_candidates_for_staleness():
+    open_ = {"s1": 100.0, "s2": 150.0}
+    assert decode_tenant_sessions(encode_tenant_sessions(open_)) == open_
+    assert decode_tenant_sessions(None) == {} and decode_tenant_sessions(b"") == {}
+    assert stale_candidates(open_, now=200.0, older_than_s=60.0) == ["s1"]
+    assert without(open_, "s1", "s2", "s9") == {}
+
+
+def test_a_store_moves_the_stream_seq_the_next_store_expects():
+    book = IngestBook(IngestConfig())
+    ledger = start(book)
+    assert ledger.stream_seq == 0  # nothing stored: the next store expects no message of the session
+    book.stored(ledger, 17)
+    book.stored(ledger, 12)  # an older ack (a repeat) never moves it back
+    assert ledger.stream_seq == 17
+    recalled = book.recall("acme", "s2", chunk(4, session="s2"), None, None, stream_seq=40)
+    assert (recalled.last_seq, recalled.stream_seq) == (4, 40)
+
+
+def test_a_partition_let_go_forgets_its_sessions_only():
+    book = IngestBook(IngestConfig())
+    for session in ("s1", "s2", "s3", "s4", "s5"):
+        start(book, session)
+    by_partition = {s: session_partition("acme", s, 4) for s in ("s1", "s2", "s3", "s4", "s5")}
+    gone = book.forget_partition(by_partition["s1"], 4)
+    assert sorted(s for _, s in gone) == sorted(s for s, p in by_partition.items() if p == by_partition["s1"])
+    assert all((book.ledger("acme", s) is None) == (p == by_partition["s1"]) for s, p in by_partition.items())
+
+
+def test_a_session_the_transcriber_ended_takes_no_more_audio():
+    book = IngestBook(IngestConfig())
     start(book, "s1")
     accept(book, chunk(0))
     assert book.closed_by_worker("acme", "s1", "ended", "idle_timeout").ended
@@ -166,7 +206,7 @@ def test_a_session_the_transcriber_ended_frees_its_slot_and_takes_no_more_audio(
 
 
 def test_a_rejected_session_refuses_every_further_request_with_the_reason():
-    book = IngestBook(IngestConfig(max_sessions_per_tenant=1))
+    book = IngestBook(IngestConfig())
     start(book, "s1")
     accept(book, chunk(0))
     book.closed_by_worker("acme", "s1", "rejected", "worker_full")
@@ -180,7 +220,7 @@ def test_a_rejected_session_refuses_every_further_request_with_the_reason():
         with pytest.raises(RequestRefused) as err:
             request()
         assert err.value.code == "rejected" and "worker_full" in str(err.value) and book.last_seq_of("acme", "s1") == 0
-    start(book, "s2")  # the rejected session holds no slot
+    start(book, "s2")  # other sessions go on
 
 
 def test_a_rejection_after_the_bots_end_still_tells_the_bot():

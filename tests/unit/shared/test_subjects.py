@@ -77,3 +77,9 @@ def test_every_built_subject_matches_its_wildcard():
     assert matches(subjects.errors("x", "t"), subjects.ERRORS_ALL)
     # The stream names stay distinct from each other's subjects.
     assert len({subjects.AUDIO_STREAM, subjects.TRANSCRIPTS_STREAM, subjects.ERRORS_STREAM}) == 3
+
+
+def test_session_partition_is_the_servers_partition_function():
+    # Values nats-server 2.15's `partition(16,1,2)` gave these sessions (the integration tests check more).
+    assert [subjects.session_partition(f"t{i}", f"sess-{i}", 16) for i in range(3)] == [2, 6, 14]
+    assert {subjects.session_partition("acme", f"s{i}", 4) for i in range(100)} == {0, 1, 2, 3}

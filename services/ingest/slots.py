@@ -1,0 +1,182 @@
+"""The per-tenant session limit over all gateways: KV bucket `tenant_sessions`, key <tenant>, value its open
+sessions. Every change is a compare-and-set on the key's revision (`core.admit` and `core.without` decide, this
+file reads and writes), so two gateways starting sessions of one tenant at once cannot both take its last slot.
+
+Slots are freed by the bot's end (the gateway that stored it) and by the transcriber's `ended` / `rejected`
+events, read from TRANSCRIPTS through one durable consumer the gateways share, so an event that comes while
+no gateway runs still frees its slot. A slot whose session never got stored (its gateway died in between)
+is found when the tenant hits its limit: older than a minute and nothing of it in AUDIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import nats.errors
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+
+from jetscribe.services.ingest.core import (
+    RequestRefused,
+    TenantSessions,
+    admit,
+    decode_tenant_sessions,
+    encode_tenant_sessions,
+    stale_candidates,
+    without,
+)
+from jetscribe.shared import jetstream, subjects
+from jetscribe.shared.jetstream import JetStreamAPI, JetStreamAPIError, WrongLastSequenceError
+from jetscribe.shared.wire import SessionEvent, WireError, decode
+
+log = logging.getLogger(__name__)
+
+_WRITE_ATTEMPTS = 50  # compare-and-set rounds before giving up (each lost round means another gateway wrote)
+_PRUNE_EVERY_S = 10.0  # a tenant at its limit is checked for stale slots at most this often per gateway
+_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, JetStreamAPIError)
+
+
+class TenantSlots:
+    """Takes and frees the slots of `tenant_sessions`; `limit` is JETSCRIBE_MAX_SESSIONS_PER_TENANT."""
+
+    def __init__(self, nc, limit: int):
+        self.js = nc.jetstream()
+        self.api = JetStreamAPI(nc)
+        self.limit = limit
+        self.freed_stale = 0  # slots found stale and freed by this gateway
+        self._kv = None
+        self._pruned_at: dict[str, float] = {}
+
+    async def open(self) -> None:
+        try:
+            self._kv = await self.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
+        except BucketNotFoundError:
+            try:
+                self._kv = await self.js.create_key_value(
+                    KeyValueConfig(bucket=subjects.TENANT_SESSIONS_BUCKET, history=1, storage=StorageType.FILE)
+                )
+            except BadRequestError:  # another gateway created it meanwhile
+                self._kv = await self.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
+
+    async def open_sessions(self, tenant: str) -> TenantSessions:
+        return (await self._read(tenant))[0]
+
+    async def take(self, tenant: str, session_id: str) -> None:
+        """A slot for a new session; raises `too_many_sessions` at the limit, `unavailable` if NATS cannot say."""
+        try:
+            try:
+                await self._update(tenant, lambda open_: admit(open_, tenant, session_id, self.limit, time.time()))
+            except RequestRefused as exc:
+                if exc.code != "too_many_sessions" or not await self._free_stale(tenant):
+                    raise
+                await self._update(tenant, lambda open_: admit(open_, tenant, session_id, self.limit, time.time()))
+        except _NATS_ERRORS as exc:
+            raise RequestRefused(
+                "unavailable", f"could not count the tenant's sessions, send it again: {exc!r}"
+            ) from None
+
+    async def free(self, *session_ids: str, tenant: str) -> bool:
+        """Free these sessions' slots; True if one was held. Raises NATS errors."""
+        return await self._update(tenant, lambda open_: without(open_, *session_ids))
+
+    async def free_quietly(self, tenant: str, session_id: str) -> None:
+        """Free a slot where failing must not fail the request: the transcriber's `ended` frees it later."""
+        try:
+            await self.free(session_id, tenant=tenant)
+        except Exception as exc:
+            log.warning("could not free the slot of %s/%s now (%r); its `ended` event will", tenant, session_id, exc)
+
+    async def _read(self, tenant: str) -> tuple[TenantSessions, int]:
+        """(open sessions, revision to compare-and-set against; 0 = the key has no entry)."""
+        try:
+            entry = await self._kv.get(tenant)
+        except KeyNotFoundError as err:
+            return {}, err.entry.revision if err.entry is not None else 0
+        return decode_tenant_sessions(entry.value), entry.revision
+
+    async def _update(self, tenant: str, change: Callable[[TenantSessions], TenantSessions | None]) -> bool:
+        """Apply `change` by compare-and-set until it sticks; False if it had nothing to change."""
+        for _ in range(_WRITE_ATTEMPTS):
+            current, revision = await self._read(tenant)
+            new = change(current)
+            if new is None:
+                return False
+            try:
+                await self.api.kv_put(
+                    subjects.TENANT_SESSIONS_BUCKET, tenant, encode_tenant_sessions(new), last_revision=revision
+                )
+                return True
+            except WrongLastSequenceError:
+                continue  # another gateway wrote since we read: read again
+        raise RequestRefused("unavailable", f"the session count of tenant {tenant} is changing too fast; send it again")
+
+    async def _free_stale(self, tenant: str) -> bool:
+        """Free the slots of sessions that were never stored; True if any was. At most every _PRUNE_EVERY_S."""
+        now = time.monotonic()
+        if now - self._pruned_at.get(tenant, -_PRUNE_EVERY_S) < _PRUNE_EVERY_S:
+            return False
+        self._pruned_at[tenant] = now
+        current, _ = await self._read(tenant)
+        stale = [s for s in stale_candidates(current, time.time()) if not await self._stored(tenant, s)]
+        if not stale or not await self.free(*stale, tenant=tenant):
+            return False
+        self.freed_stale += len(stale)
+        log.warning("tenant %s: freed %d slots of sessions never stored: %s", tenant, len(stale), ", ".join(stale))
+        return True
+
+    async def _stored(self, tenant: str, session_id: str) -> bool:
+        try:
+            await self.js.get_last_msg(subjects.AUDIO_STREAM, subjects.audio_of_session(tenant, session_id))
+        except NotFoundError:
+            return False
+        return True
+
+    async def free_ended(self) -> None:
+        """Free the slots of sessions the transcriber ended or rejected, from the shared durable consumer, until
+        cancelled. An event is acked once its slot is free, so none is lost to a crash."""
+        await self.api.create_consumer(
+            subjects.TRANSCRIPTS_STREAM,
+            {
+                "durable_name": subjects.SESSION_ENDS_CONSUMER,
+                "filter_subjects": [subjects.session_event_all("ended"), subjects.session_event_all("rejected")],
+                "ack_policy": "explicit",
+                "deliver_policy": "new",  # slots exist from the first gateway on; older events free nothing
+                "ack_wait": jetstream.nanoseconds(30),
+            },
+        )
+        pulls = await self.js.pull_subscribe_bind(
+            durable=subjects.SESSION_ENDS_CONSUMER, stream=subjects.TRANSCRIPTS_STREAM
+        )
+        try:
+            while True:
+                try:
+                    msgs = await pulls.fetch(64, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                except _NATS_ERRORS as exc:
+                    log.warning("reading session ends: %r", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    await self._free_for(msg)
+        finally:
+            with contextlib.suppress(Exception):  # a subscription left open would hold up the connection's drain
+                await pulls.unsubscribe()
+
+    async def _free_for(self, msg) -> None:
+        try:
+            event = decode(msg.data, SessionEvent)
+        except WireError as exc:
+            log.warning("ignoring a bad session event on %s: %s", msg.subject, exc)
+            await msg.term()
+            return
+        try:
+            await self.free(event.session_id, tenant=event.tenant)
+        except Exception as exc:  # redelivered after ack_wait
+            log.warning("could not free the slot of %s/%s: %r", event.tenant, event.session_id, exc)
+            return
+        await msg.ack()
