@@ -15,6 +15,7 @@ from faster_whisper import WhisperModel
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.null_model import NULL_MODEL, NullModel
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import cache_root
 from jetscribe.shared.wire import Word
@@ -96,7 +97,10 @@ def load_model(
     compute_type: str = "int8",
     cpu_threads: int = 0,
     cache_dir: str | Path | None = None,
-) -> ShortWindowWhisper:
+) -> ShortWindowWhisper | NullModel:
+    """The model `name` names: "base", "tiny.en", a model folder, or "null" (no Whisper: null_model.py)."""
+    if name == NULL_MODEL:
+        return NullModel()
     return ShortWindowWhisper(
         str(model_folder(name, cache_dir)), device=device, compute_type=compute_type, cpu_threads=cpu_threads
     )
@@ -136,10 +140,12 @@ def max_new_tokens(audio_samples: int) -> int:
     return min(MAX_TOKENS_PER_CALL, TOKENS_PER_CALL + int(TOKENS_PER_AUDIO_SECOND * audio_samples / SAMPLE_RATE))
 
 
-def transcribe(model: WhisperModel, job: DecodeJob) -> Decoded:
+def transcribe(model: WhisperModel | NullModel, job: DecodeJob) -> Decoded:
     """Decode one job's audio on the window it asks for (`job.window`). A short window that goes
     wrong is redone on the full 30 s one: with temperature fallback for a final, without for an
     interim (a cheap guess). Our own VAD already cut the audio, so faster-whisper's is off."""
+    if isinstance(model, NullModel):
+        return model.decode(job)
     fallback = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if job.kind == "final" else 0.0
     if job.window == "short" and isinstance(model, ShortWindowWhisper):
         model.encode_frames = window_frames(len(job.audio))
