@@ -61,3 +61,24 @@ def test_background_talk_is_heard_when_the_vad_calls_the_floor_speech():
     for _ in range(200):
         talk.add(SILENCE_DB, SILENCE_DB, True)  # digital silence is nobody talking
     assert not talk.heard
+
+
+def test_the_sorted_window_floor_equals_numpys_percentile_of_the_window():
+    rng = np.random.default_rng(7)
+    for frame, percentile in ((FRAME, 20.0), (480, 20.0), (480, 10.0), (1600, 50.0), (480, 100.0)):
+        floor = NoiseFloor(frame, percentile=percentile)
+        window = []
+        size = floor._levels.maxlen
+        # Levels as frames give them: continuous values, repeats (digital silence, clipping) and jumps.
+        levels = np.concatenate(
+            [
+                rng.normal(-45, 6, 400),
+                np.full(60, SILENCE_DB),
+                rng.choice([-30.0, -31.5, -30.0, -60.25], 300),
+                rng.uniform(-100, 0, 400),
+            ]
+        )
+        for level in levels:
+            floor.add(float(level))
+            window = [*window, float(level)][-size:]
+            assert floor.db == float(np.percentile(np.array(window), percentile))  # the same number, to the bit
