@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start NATS, PostgreSQL and the three services; Ctrl-C stops all")
-    up.add_argument("--model", help="Whisper model: base, tiny.en or a model folder (default $JETSCRIBE_MODEL or base)")
+    up.add_argument(
+        "--model", help="Whisper model: base, tiny.en, a model folder or null (default $JETSCRIBE_MODEL or base)"
+    )
+    up.add_argument(
+        "--gateways", type=_at_least_one, default=1, help="ingest gateway processes; they share the sessions (1)"
+    )
 
     stream = sub.add_parser("stream", help="publish an audio file as a bot would and show the live transcript")
     stream.add_argument("file")
@@ -85,12 +90,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 class Unreachable(RuntimeError):
     """A server the command needs does not answer."""
 
 
 def cmd_up(args) -> int:
-    local = stack.LocalStack(stack.home_dir(), model=args.model)
+    local = stack.LocalStack(stack.home_dir(), model=args.model, gateways=args.gateways)
     stopping = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.append(True))

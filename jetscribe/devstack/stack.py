@@ -20,7 +20,8 @@ from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("jetscribe.services.ingest", "jetscribe.services.transcriber", "jetscribe.services.persister")
+INGEST = "jetscribe.services.ingest"
+SERVICES = (INGEST, "jetscribe.services.transcriber", "jetscribe.services.persister")
 
 
 def home_dir() -> Path:
@@ -58,6 +59,7 @@ class LocalStack:
     home: Path
     model: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    gateways: int = 1  # ingest gateway processes; they share the sessions by partition (services/ingest/app.py)
     nats: NatsServer | None = field(default=None, init=False)
     postgres: PostgresServer | None = field(default=None, init=False)
     children: list[subprocess.Popen] = field(default_factory=list, init=False)
@@ -65,6 +67,8 @@ class LocalStack:
     database_url: str = field(default="", init=False)
 
     def start(self) -> LocalStack:
+        if self.gateways < 1:
+            raise ValueError(f"gateways must be at least 1, not {self.gateways}")
         self.home.mkdir(parents=True, exist_ok=True)
         self.nats_url = os.environ.get("NATS_URL", "")
         self.database_url = os.environ.get("DATABASE_URL", "")
@@ -83,7 +87,8 @@ class LocalStack:
         if self.model:
             env["JETSCRIBE_MODEL"] = self.model
         for module in SERVICES:
-            self.children.append(subprocess.Popen([sys.executable, "-m", module], env=env))
+            for _ in range(self.gateways if module == INGEST else 1):
+                self.children.append(subprocess.Popen([sys.executable, "-m", module], env=env))
         stack_file(self.home).write_text(
             json.dumps({"pid": os.getpid(), "nats_url": self.nats_url, "database_url": self.database_url})
         )

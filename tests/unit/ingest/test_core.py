@@ -12,8 +12,8 @@ from jetscribe.services.ingest.core import (
     to_mono_int16,
     without,
 )
-from jetscribe.shared.subjects import session_partition
 from jetscribe.shared.config import IngestConfig
+from jetscribe.shared.subjects import session_partition
 from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
 
 
