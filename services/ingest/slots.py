@@ -155,7 +155,7 @@ class TenantSlots:
             while True:
                 try:
                     msgs = await pulls.fetch(64, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (TimeoutError, nats.errors.TimeoutError):  # nothing came
                     continue
                 except _NATS_ERRORS as exc:
                     log.warning("reading session ends: %r", exc)
