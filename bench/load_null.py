@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,11 +172,13 @@ class Point:
     refused: dict[str, int]
     cpu_percent: dict[str, float]
     others_cpu_percent: float  # processes not of this bench (other work on the host)
+    pipeline_cpu_per_100: float  # % of a core per 100 sessions: servers and services, generators not counted
     host_cpu_percent: float
     left_audio: int
     left_transcripts: int
     drain_s: float
     bound: str
+    finals: list[tuple] = field(repr=False)  # every final measured: tenant, session, segment, closing seq, 4 times
 
 
 class Processes:
@@ -377,6 +380,7 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
     await nc.close()
 
     hops: dict[str, list[float]] = {"send->stored": [], "stored->final": [], "final->row": [], "total": []}
+    finals_seen: list[tuple] = []  # (tenant, session, segment, closing seq, sent, stored, final, row) for the JSON
     for (tenant, session, seq), key in closing.items():
         if (tenant, session, seq) not in stored or key not in row_at:
             continue
@@ -386,6 +390,7 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         hops["stored->final"].append(t_final - t_stored)
         hops["final->row"].append(t_row - t_final)
         hops["total"].append(t_row - t_sent)
+        finals_seen.append((tenant, session, key[2], seq, t_sent, t_stored, t_final, t_row))
     refused: dict[str, int] = {}
     for r in reports:
         for code, n in r.refused.items():
@@ -403,11 +408,13 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         refused=refused,
         cpu_percent={name: round(pct, 1) for name, pct in cpu.items()},
         others_cpu_percent=round(max(0.0, others), 1),
+        pipeline_cpu_per_100=round(100 * (sum(cpu.values()) - cpu["generators"]) / sessions, 1),
         host_cpu_percent=round(host, 1),
         left_audio=left_audio,
         left_transcripts=left_transcripts,
         drain_s=round(drain, 1),
         bound=first_bound(cpu, host),
+        finals=finals_seen,
     )
 
 
@@ -430,11 +437,24 @@ def show(point: Point) -> None:
         "% of all cores",
         flush=True,
     )
+    cores = os.cpu_count() or 1
+    generators = point.cpu_percent["generators"] * 100 / point.sessions
+    print(
+        f"  cost per 100 sessions: pipeline {point.pipeline_cpu_per_100:.0f} % of a core, generators "
+        f"{generators:.0f} %: this host ({cores} cores) alone would carry about "
+        f"{cores * 100 * 100 / point.pipeline_cpu_per_100:.0f} sessions with the generators elsewhere, "
+        f"{cores * 100 * 100 / (point.pipeline_cpu_per_100 + generators):.0f} with them here",
+        flush=True,
+    )
     print(
         f"  left when the bots stopped: AUDIO {point.left_audio}, TRANSCRIPTS {point.left_transcripts}; drained in "
         f"{point.drain_s:.1f} s; first bound: {point.bound}",
         flush=True,
     )
+
+
+def _stop_on_sigterm(*_) -> None:
+    raise KeyboardInterrupt  # so the stack's child processes are stopped too
 
 
 def main() -> None:
@@ -460,6 +480,8 @@ def main() -> None:
         raise SystemExit("--sessions, --gateways and --generators must be at least 1, --seconds at least 5")
 
     from jetscribe.devstack.stack import LocalStack
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     env = {
         "JETSCRIBE_LOG_LEVEL": "WARNING",

@@ -140,7 +140,8 @@ class IngestGateway:
         deadline = time.monotonic() + self.group.takeover_s + 1.0
         while time.monotonic() < deadline:
             members = self.group.members
-            if members and assigned_to(self.gateway_id, self.partitions, members) <= self.group.owned:
+            wanted = assigned_to(self.gateway_id, self.partitions, members) if members else None
+            if wanted is not None and wanted <= self.group.owned and wanted <= self._served.keys():
                 return
             await asyncio.sleep(0.05)
         log.warning("%s: serving while still waiting for partitions", self.gateway_id)

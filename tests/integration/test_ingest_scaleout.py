@@ -15,6 +15,7 @@ import numpy as np
 
 from jetscribe.client.bot import Audio, request, stream_audio
 from jetscribe.services.ingest.app import IngestGateway
+from jetscribe.services.ingest.core import encode_tenant_sessions
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings
@@ -197,6 +198,21 @@ async def test_the_tenant_limit_holds_over_two_gateways(nats_url):
                 break
             await asyncio.sleep(0.05)
         assert reply.ok
+        await bot.close()
+
+
+async def test_a_slot_whose_session_was_never_stored_is_freed_when_the_tenant_is_at_its_limit(nats_url):
+    tenant = f"t{uuid.uuid4().hex[:6]}"
+    async with gateways(nats_url, 1, max_sessions_per_tenant=2) as (gateway,):
+        # A gateway died after taking these slots and before storing the sessions' starts, two minutes ago.
+        kv = await gateway.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
+        await kv.put(tenant, encode_tenant_sessions({"ghost": time.time() - 120, "recent": time.time()}))
+        bot = await nats.connect(nats_url)
+        reply = await ask(bot, subjects.ingest_session(tenant, "s1"), control(tenant, "s1", "start"))
+        assert reply.ok and gateway.slots.freed_stale == 1
+        assert sorted(await gateway.slots.open_sessions(tenant)) == ["recent", "s1"]  # a recent slot is left alone
+        refused = await ask(bot, subjects.ingest_session(tenant, "s2"), control(tenant, "s2", "start"))
+        assert refused.code == "too_many_sessions"
         await bot.close()
 
 
