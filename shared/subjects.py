@@ -5,6 +5,7 @@ Tenant and session are subject tokens, so per-tenant permissions stay plain subj
 
 from __future__ import annotations
 
+import functools
 import re
 
 AUDIO_STREAM = "AUDIO"
@@ -62,6 +63,7 @@ def audio_of_session(tenant: str, session: str) -> str:
     return f"audio.{tenant}.{session}.*"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every request a gateway takes
 def session_partition(tenant: str, session: str, partitions: int) -> int:
     """The partition nats-server's `partition(N,1,2)` gives a session: FNV-1a (32 bit) of tenant + session, mod N.
     Its audio is stored there, and the gateway holding that partition serves its requests."""

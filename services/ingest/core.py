@@ -92,6 +92,8 @@ def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
             f"payload of {len(chunk.payload)} bytes is not a whole number of {chunk.channels}-channel "
             f"{chunk.encoding} frames ({frame} bytes each)",
         )
+    if (chunk.encoding, chunk.channels, chunk.sample_rate) == (STORED_ENCODING, STORED_CHANNELS, SAMPLE_RATE):
+        return np.frombuffer(chunk.payload, dtype="<i2")  # already the stored format: kept bit for bit
     if chunk.encoding == "pcm_s16le":
         samples = np.frombuffer(chunk.payload, dtype="<i2").astype(np.float32) / 32768.0
     else:

@@ -274,3 +274,9 @@ def test_a_rejected_session_whose_audio_aged_out_is_refused_with_the_reason():
     with pytest.raises(RequestRefused) as err:
         book.check_chunk(chunk(0))
     assert err.value.code == "rejected" and "buffer_full" in str(err.value)
+
+
+def test_audio_already_in_the_stored_format_is_kept_bit_for_bit():
+    samples = np.array([0, 1, -1, 999, 32767, -32768, 12345], dtype="<i2")
+    stored = to_mono_int16(chunk(0, samples=samples), SessionLedger("acme", "s1"))
+    assert stored.tobytes() == samples.tobytes()
