@@ -18,11 +18,12 @@ Per point it prints:
   in it), and the total;
 - the bots' request round trip p50/p99, how late the generators sent against their schedule (p99), and chunks/s
   answered ok against asked;
-- CPU per process over the steady part of the run (% of one core; 200 % is the whole 2-core host), and the host's;
-- what was left queued when the bots stopped (AUDIO not yet taken by the transcriber, TRANSCRIPTS not yet written by
-  the persister), and how long the pipeline took to drain;
-- the first bound: the first process that used >= 90 % of a core (each is one Python event loop, or Postgres /
-  NATS), else the host (>= 95 % of all cores), else none.
+- CPU per process over the steady part of the run (% of one core; 200 % is the whole 2-core host), what the rest
+  of the host used meanwhile, and the cost per 100 sessions over the idle stack (measured first, 5 s);
+- what was left queued when the bots stopped (AUDIO not yet delivered to the transcriber, TRANSCRIPTS not yet
+  written by the persister), how long the pipeline took to drain, the busiest process (>= 90 % of a core: each
+  service is one Python event loop) and who fell behind (`behind`).
+A bot that falls behind its schedule does not send what it could not send within --seconds.
 All clocks are this host's wall clock (bots, nats-server, PostgreSQL).
 """
 
@@ -85,6 +86,21 @@ def first_bound(cpu: dict[str, float], host_percent: float) -> str:
     return "host CPU" if host_percent >= BOUND_HOST else "none"
 
 
+def behind(sessions: int, left_audio: int, left_transcripts: int, late_p99_ms: float, rtt_p99_ms: float) -> list[str]:
+    """Who did not keep up: audio the transcriber had not taken when the bots stopped (over 0.1 s per session),
+    segments the persister had not written (over one per session), bots sending late (p99 over 100 ms: the
+    request round trip, or the generator itself when the round trips are short)."""
+    out = []
+    if left_audio > sessions:
+        out.append(f"transcriber (AUDIO backlog {left_audio})")
+    if left_transcripts > sessions:
+        out.append(f"persister (TRANSCRIPTS backlog {left_transcripts})")
+    if late_p99_ms > 100:
+        who = "gateways/NATS (round trips)" if rtt_p99_ms > 100 else "load generators"
+        out.append(f"{who}: bots late p99 {late_p99_ms:.0f} ms")
+    return out
+
+
 def cycle_payloads(speech: np.ndarray) -> list[bytes]:
     """One speech/silence cycle as 100 ms chunk payloads (16 kHz mono s16le)."""
     take = int(SPEECH_S * SAMPLE_RATE)
@@ -116,7 +132,6 @@ async def generate(url: str, sessions: list[tuple[str, str, int, float]], second
     from jetscribe.shared.wire import AudioChunk, SessionControl
 
     payloads = cycle_payloads(sample_speech().audio)
-    chunks = int(round(seconds / CHUNK_S))
     report = GeneratorReport()
     nc = await nats.connect(url, max_reconnect_attempts=-1)
 
@@ -129,10 +144,12 @@ async def generate(url: str, sessions: list[tuple[str, str, int, float]], second
             report.failed_sessions.append(name)
             return
         t0 = time.time()
-        for seq in range(chunks):
+        for seq in range(int(round(seconds / CHUNK_S))):
             due = t0 + seq * CHUNK_S
             await asyncio.sleep(max(0.0, due - time.time()))
             now = time.time()
+            if now >= t0 + seconds:  # fell behind: what it could not send in time is not sent
+                break
             report.late_s.append(now - due)
             chunk = AudioChunk(
                 tenant=tenant,
@@ -172,7 +189,9 @@ class Point:
     refused: dict[str, int]
     cpu_percent: dict[str, float]
     others_cpu_percent: float  # processes not of this bench (other work on the host)
-    pipeline_cpu_per_100: float  # % of a core per 100 sessions: servers and services, generators not counted
+    pipeline_cpu_per_100: float  # % of a core per 100 sessions over the idle stack: servers and services
+    generator_cpu_per_100: float
+    behind: list[str]
     host_cpu_percent: float
     left_audio: int
     left_transcripts: int
@@ -291,7 +310,16 @@ async def stored_times(nc, stream: str, subject: str, start_seq: int, keep) -> d
     return found
 
 
-async def run_point(local, sessions: int, generators: int, seconds: float, tmp: Path) -> Point:
+async def idle_cpu(local, seconds: float = 5.0) -> dict[str, float]:
+    """CPU % per process of the stack with no sessions (heartbeats, lease renewals, polling)."""
+    watch = Processes(local, [])
+    before, started = watch.times(), time.monotonic()
+    await asyncio.sleep(seconds)
+    after, elapsed = watch.times(), time.monotonic() - started
+    return {name: 100 * (after[name] - before[name]) / elapsed for name in after if name != "generators"}
+
+
+async def run_point(local, sessions: int, generators: int, seconds: float, tmp: Path, idle: dict[str, float]) -> Point:
     import nats
     from sqlalchemy import text
 
@@ -391,6 +419,8 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         hops["final->row"].append(t_row - t_final)
         hops["total"].append(t_row - t_sent)
         finals_seen.append((tenant, session, key[2], seq, t_sent, t_stored, t_final, t_row))
+    rtt = percentiles_ms([x for r in reports for x in r.rtt_s])
+    late_p99 = percentiles_ms([x for r in reports for x in r.late_s])[1]
     refused: dict[str, int] = {}
     for r in reports:
         for code, n in r.refused.items():
@@ -403,12 +433,14 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         chunks_ok_per_s=sum(r.ok for r in reports) / seconds,
         hops_ms={name: percentiles_ms(values) for name, values in hops.items()},
         finals_measured=len(hops["total"]),
-        rtt_ms=percentiles_ms([x for r in reports for x in r.rtt_s]),
-        late_p99_ms=percentiles_ms([x for r in reports for x in r.late_s])[1],
+        rtt_ms=rtt,
+        late_p99_ms=late_p99,
         refused=refused,
         cpu_percent={name: round(pct, 1) for name, pct in cpu.items()},
         others_cpu_percent=round(max(0.0, others), 1),
-        pipeline_cpu_per_100=round(100 * (sum(cpu.values()) - cpu["generators"]) / sessions, 1),
+        pipeline_cpu_per_100=round(100 * (sum(cpu.values()) - cpu["generators"] - sum(idle.values())) / sessions, 1),
+        generator_cpu_per_100=round(100 * cpu["generators"] / sessions, 1),
+        behind=behind(sessions, left_audio, left_transcripts, late_p99, rtt[1]),
         host_cpu_percent=round(host, 1),
         left_audio=left_audio,
         left_transcripts=left_transcripts,
@@ -437,18 +469,14 @@ def show(point: Point) -> None:
         "% of all cores",
         flush=True,
     )
-    cores = os.cpu_count() or 1
-    generators = point.cpu_percent["generators"] * 100 / point.sessions
     print(
-        f"  cost per 100 sessions: pipeline {point.pipeline_cpu_per_100:.0f} % of a core, generators "
-        f"{generators:.0f} %: this host ({cores} cores) alone would carry about "
-        f"{cores * 100 * 100 / point.pipeline_cpu_per_100:.0f} sessions with the generators elsewhere, "
-        f"{cores * 100 * 100 / (point.pipeline_cpu_per_100 + generators):.0f} with them here",
+        f"  cost per 100 sessions over the idle stack: pipeline {point.pipeline_cpu_per_100:.0f} % of a core, "
+        f"generators {point.generator_cpu_per_100:.0f} %",
         flush=True,
     )
     print(
         f"  left when the bots stopped: AUDIO {point.left_audio}, TRANSCRIPTS {point.left_transcripts}; drained in "
-        f"{point.drain_s:.1f} s; first bound: {point.bound}",
+        f"{point.drain_s:.1f} s; busiest: {point.bound}; fell behind: {', '.join(point.behind) or 'nobody'}",
         flush=True,
     )
 
@@ -499,8 +527,13 @@ def main() -> None:
             os.environ.pop(name, None)
         with LocalStack(Path(tmp) / "stack", model="null", gateways=args.gateways, extra_env=env) as local:
             asyncio.run(wait_ready(local, args.gateways))
+            idle = asyncio.run(idle_cpu(local))
+            print(
+                "idle stack, CPU % of a core: " + "  ".join(f"{name} {pct:.0f}" for name, pct in idle.items()),
+                flush=True,
+            )
             for sessions in points:
-                point = asyncio.run(run_point(local, sessions, args.generators, args.seconds, Path(tmp)))
+                point = asyncio.run(run_point(local, sessions, args.generators, args.seconds, Path(tmp), idle))
                 local.check()
                 show(point)
                 results.append(asdict(point))

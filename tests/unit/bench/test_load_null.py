@@ -51,3 +51,11 @@ def test_percentiles_and_the_first_bound(load_null):
     assert load_null.first_bound({"gateway-0": 95.0, "transcriber": 99.0, "postgres": 20.0}, 80.0) == "transcriber"
     assert load_null.first_bound({"gateway-0": 50.0}, 97.0) == "host CPU"
     assert load_null.first_bound({"gateway-0": 50.0}, 60.0) == "none"
+
+
+def test_who_fell_behind(load_null):
+    assert load_null.behind(100, left_audio=50, left_transcripts=3, late_p99_ms=40.0, rtt_p99_ms=30.0) == []
+    assert load_null.behind(100, 5000, 0, 40.0, 30.0) == ["transcriber (AUDIO backlog 5000)"]
+    assert load_null.behind(100, 0, 400, 40.0, 30.0) == ["persister (TRANSCRIPTS backlog 400)"]
+    assert load_null.behind(100, 0, 0, 900.0, 600.0) == ["gateways/NATS (round trips): bots late p99 900 ms"]
+    assert load_null.behind(100, 0, 0, 900.0, 20.0) == ["load generators: bots late p99 900 ms"]
