@@ -34,6 +34,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import nats.errors
@@ -67,6 +68,7 @@ _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 log = logging.getLogger(__name__)
 
 
+MAX_IN_FLIGHT = 256  # requests served at once (and as many forwarded): see `_on_request`
 FORWARD_TIMEOUT_S = 4.0  # under the bot's 5 s request timeout, so the bot hears `unavailable` rather than nothing
 _KINDS: dict[str, type] = {"audio": AudioChunk, "session": SessionControl}
 
@@ -106,6 +108,8 @@ class IngestGateway:
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._inflight: set[asyncio.Task] = set()
+        self._serve_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._forward_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._serving: dict[int, set[asyncio.Task]] = {}  # partition -> its requests being served
         self._served: dict[int, Any] = {}  # partition -> its subscription on ingest.partition.<p>.>
         self._front: list[Any] = []
@@ -149,24 +153,29 @@ class IngestGateway:
     # --- requests ---------------------------------------------------------------------------------
     async def _on_request(self, msg: Msg) -> None:
         """nats-py runs one subscription's callbacks one at a time; a task per request lets sessions proceed in
-        parallel, while the per-session lock (FIFO) keeps each session's requests in order."""
+        parallel, while the per-session lock (FIFO) keeps each session's requests in order.
+
+        At most MAX_IN_FLIGHT requests are served (and as many forwarded) at once: beyond that, requests wait in the
+        subscription's queue rather than as tasks in the event loop, so an overloaded gateway still renews its
+        leases on time. Served and forwarded requests count apart: a forward waits on another gateway's serving,
+        never on a forward, so two gateways forwarding to each other cannot hold each other's slots."""
         kind, tenant, session_id = _request_of(msg.subject)
         partition = subjects.session_partition(tenant, session_id, self.partitions)
         if partition in self._served and self.group.holds(partition):
-            task = self._spawn(self._serve(msg, kind, tenant, session_id))
+            work, slots = partial(self._serve, msg, kind, tenant, session_id), self._serve_slots
+        elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
+            work, slots = partial(self._unavailable, msg, tenant, session_id, partition), self._serve_slots
+        else:
+            work, slots = partial(self._forward, msg, partition, kind, tenant, session_id), self._forward_slots
+        await slots.acquire()
+        task = asyncio.create_task(work())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(lambda _: slots.release())
+        if slots is self._serve_slots:
             serving = self._serving.setdefault(partition, set())
             serving.add(task)
             task.add_done_callback(serving.discard)
-        elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
-            self._spawn(self._unavailable(msg, tenant, session_id, partition))
-        else:
-            self._spawn(self._forward(msg, partition, kind, tenant, session_id))
-
-    def _spawn(self, work) -> asyncio.Task:
-        task = asyncio.create_task(work)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        return task
 
     async def _forward(self, msg: Msg, partition: int, kind: str, tenant: str, session_id: str) -> None:
         """Hand a request to the gateway holding its partition and relay its answer."""

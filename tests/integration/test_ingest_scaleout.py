@@ -14,6 +14,7 @@ import nats
 import numpy as np
 
 from jetscribe.client.bot import Audio, request, stream_audio
+from jetscribe.services.ingest import app as ingest_app
 from jetscribe.services.ingest.app import IngestGateway
 from jetscribe.services.ingest.core import encode_tenant_sessions
 from jetscribe.services.transcriber.partitions import decode_lease
@@ -162,6 +163,31 @@ async def test_a_gateway_that_missed_a_store_learns_the_session_again_from_the_s
         assert (repeat.ok, repeat.last_seq, gateway.relearned) == (True, 4, 1)
         assert (await ask(bot, subjects.ingest_audio(tenant, session), chunk(tenant, session, 5))).last_seq == 5
         assert await chunk_seqs(bot, tenant, session) == [0, 1, 2, 3, 4, 5]
+        await bot.close()
+
+
+async def test_a_flooded_gateway_serves_a_bounded_number_of_requests_at_once(nats_url, monkeypatch):
+    monkeypatch.setattr(ingest_app, "MAX_IN_FLIGHT", 4)
+    tenant = f"t{uuid.uuid4().hex[:6]}"
+    async with gateways(nats_url, 1, max_sessions_per_tenant=1000) as (gateway,):
+        serve, running, most = gateway._serve, 0, 0
+
+        async def counted(*args):
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                await serve(*args)
+            finally:
+                running -= 1
+
+        gateway._serve = counted
+        bot = await nats.connect(nats_url)
+        replies = await asyncio.gather(
+            *(ask(bot, subjects.ingest_session(tenant, f"s{i}"), control(tenant, f"s{i}", "start")) for i in range(200))
+        )
+        assert all(r.ok for r in replies)  # every request answered, none dropped
+        assert most == 4  # the rest waited in the subscription's queue, not as tasks
         await bot.close()
 
 
