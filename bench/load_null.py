@@ -213,12 +213,13 @@ class Processes:
         postmaster = proc(local.postgres._proc.pid)
         self.groups["postgres"] = [postmaster]
         self.postmaster = postmaster
-        gateway = 0
+        counts: dict[str, int] = {}
         for child in local.children:
             module = child.args[-1].rsplit(".", 1)[-1]
-            if module == "ingest":
-                module, gateway = f"gateway-{gateway}", gateway + 1
-            self.groups[module] = [proc(child.pid)]
+            kind = {"ingest": "gateway"}.get(module, module)
+            counts[kind] = counts.get(kind, 0) + 1
+            name = kind if kind == "persister" else f"{kind}-{counts[kind] - 1}"
+            self.groups[name] = [proc(child.pid)]
         self.groups["generators"] = [proc(g.pid) for g in generators]
 
     def times(self) -> dict[str, float]:
@@ -481,6 +482,19 @@ def show(point: Point) -> None:
     )
 
 
+def add_transcribers(local, count: int, env: dict[str, str]) -> None:
+    """More transcriber processes beside the stack's one; the stack stops them with its own."""
+    child_env = {
+        **os.environ,
+        **env,
+        "NATS_URL": local.nats_url,
+        "DATABASE_URL": local.database_url,
+        "JETSCRIBE_MODEL": "null",
+    }
+    for _ in range(count):
+        local.children.append(subprocess.Popen([sys.executable, "-m", "jetscribe.services.transcriber"], env=child_env))
+
+
 def _stop_on_sigterm(*_) -> None:
     raise KeyboardInterrupt  # so the stack's child processes are stopped too
 
@@ -490,6 +504,7 @@ def main() -> None:
     parser.add_argument("--sessions", default="50,100,250,500,1000")
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--generators", type=int, default=2)
+    parser.add_argument("--transcribers", type=int, default=1, help="transcriber processes (they share partitions)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--json", help="write every point here")
     parser.add_argument("--generator", help=argparse.SUPPRESS)  # a generator process: its sessions (JSON file)
@@ -504,8 +519,10 @@ def main() -> None:
         points = [int(s) for s in args.sessions.split(",")]
     except ValueError:
         raise SystemExit(f"--sessions {args.sessions!r}: a comma list of whole numbers, like 50,100,250") from None
-    if min(points) < 1 or args.gateways < 1 or args.generators < 1 or args.seconds < 5:
-        raise SystemExit("--sessions, --gateways and --generators must be at least 1, --seconds at least 5")
+    if min(points) < 1 or min(args.gateways, args.generators, args.transcribers) < 1 or args.seconds < 5:
+        raise SystemExit(
+            "--sessions, --gateways, --generators and --transcribers must be at least 1, --seconds at least 5"
+        )
 
     from jetscribe.devstack.stack import LocalStack
 
@@ -518,7 +535,8 @@ def main() -> None:
     }
     results = []
     print(
-        f"null model, {args.gateways} gateways, 1 transcriber, {args.generators} load generators, {args.seconds:.0f} s "
+        f"null model, {args.gateways} gateways, {args.transcribers} transcribers, {args.generators} load generators, "
+        f"{args.seconds:.0f} s "
         f"per point, {os.cpu_count()} cores",
         flush=True,
     )
@@ -526,6 +544,7 @@ def main() -> None:
         for name in ("NATS_URL", "DATABASE_URL"):  # always a stack of its own: the bench purges AUDIO
             os.environ.pop(name, None)
         with LocalStack(Path(tmp) / "stack", model="null", gateways=args.gateways, extra_env=env) as local:
+            add_transcribers(local, args.transcribers - 1, env)
             asyncio.run(wait_ready(local, args.gateways))
             idle = asyncio.run(idle_cpu(local))
             print(
