@@ -82,7 +82,9 @@ class StaleLedger(RequestRefused):
 class IngestGateway:
     """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*` for the partitions it holds, forwards the rest."""
 
-    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None):
+    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None, group_nc=None):
+        """`group_nc`: the connection for the group's heartbeats and lease renewals (default `nc`). Its own
+        connection keeps a renewal's reply from queueing behind a flood of bots' requests on the socket."""
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
@@ -92,7 +94,7 @@ class IngestGateway:
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
         self.gateway_id = config.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
         self.group = PartitionGroup(
-            nc,
+            group_nc or nc,
             self.gateway_id,
             partitions=settings.partitions,
             heartbeat_s=config.heartbeat_s,
@@ -420,7 +422,8 @@ def _request_of(subject: str) -> tuple[str, str, str]:
 async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:
     tracer = telemetry.trace.get_tracer("jetscribe.ingest")
     nc = await connect(settings, "jetscribe-ingest")
-    gateway = IngestGateway(nc, settings, config, tracer)
+    group_nc = await connect(settings, "jetscribe-ingest-group")
+    gateway = IngestGateway(nc, settings, config, tracer, group_nc=group_nc)
     await gateway.start()
     log.info(
         "ingest gateway serving on %s as %s; partitions %s",
@@ -433,6 +436,7 @@ async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Even
     await gateway.stop()
     log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
     await nc.drain()
+    await group_nc.drain()
 
 
 def main() -> int:
