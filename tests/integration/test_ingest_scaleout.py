@@ -257,8 +257,8 @@ def start_gateway_process(nats_url, gateway_id, log_path):
 
 
 async def lease_owner(js, partition):
-    kv = await js.key_value(subjects.INGEST_LEASES_BUCKET)
-    try:
+    try:  # None until a gateway made the bucket and wrote the lease
+        kv = await js.key_value(subjects.INGEST_LEASES_BUCKET)
         entry = await kv.get(subjects.partition_lease_key(partition))
     except Exception:
         return None
