@@ -163,7 +163,9 @@ class IngestGateway:
         never on a forward, so two gateways forwarding to each other cannot hold each other's slots."""
         kind, tenant, session_id = _request_of(msg.subject)
         partition = subjects.session_partition(tenant, session_id, self.partitions)
-        if partition in self._served and self.group.holds(partition):
+        # Served while the group has not revoked it, even if a renewal is late (an overloaded event loop): the
+        # stream's compare-and-set, not the lease's timing, keeps two gateways from storing out of order.
+        if partition in self._served:
             work, slots = partial(self._serve, msg, kind, tenant, session_id), self._serve_slots
         elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
             work, slots = partial(self._unavailable, msg, tenant, session_id, partition), self._serve_slots
