@@ -118,6 +118,7 @@ class GeneratorReport:
     rtt_s: list[float] = field(default_factory=list)
     late_s: list[float] = field(default_factory=list)  # how late each send was against its schedule
     ok: int = 0
+    ok_by_session: dict[str, int] = field(default_factory=dict)  # chunks answered ok, by "tenant/session"
     refused: dict[str, int] = field(default_factory=dict)
     failed_sessions: list[str] = field(default_factory=list)
 
@@ -166,6 +167,7 @@ async def generate(url: str, sessions: list[tuple[str, str, int, float]], second
             sent.append(now)
             if reply.ok:
                 report.ok += 1
+                report.ok_by_session[name] = report.ok_by_session.get(name, 0) + 1
             else:
                 report.refused[reply.code] = report.refused.get(reply.code, 0) + 1
         end = SessionControl(tenant=tenant, session_id=session, action="end", sent_at=time.time())
@@ -198,6 +200,7 @@ class Point:
     drain_s: float
     bound: str
     finals: list[tuple] = field(repr=False)  # every final measured: tenant, session, segment, closing seq, 4 times
+    not_stored_once_in_order: list[str]  # sessions whose AUDIO is not exactly their ok chunks, once, in order
 
 
 class Processes:
@@ -388,9 +391,14 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         if seq < len(sent.get(f"{key[0]}/{key[1]}", [])):  # closed by audio the bot sent, not by its end
             closing[(key[0], key[1], seq)] = key
 
+    stored_seqs: dict[str, list[int]] = {}  # every chunk stored, by session, in stream order
+
     def audio_key(msg):
         tenant, session, seq = (msg.headers or {}).get("Nats-Msg-Id", "::").split(":")
-        key = (tenant, session, int(seq)) if seq.isdigit() else None
+        if not seq.isdigit():
+            return None  # a start or an end
+        stored_seqs.setdefault(f"{tenant}/{session}", []).append(int(seq))
+        key = (tenant, session, int(seq))
         return key if key in closing else None
 
     stored = await stored_times(nc, subjects.AUDIO_STREAM, "audio.>", audio_from, audio_key)
@@ -420,6 +428,8 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         hops["final->row"].append(t_row - t_final)
         hops["total"].append(t_row - t_sent)
         finals_seen.append((tenant, session, key[2], seq, t_sent, t_stored, t_final, t_row))
+    answered = {name: n for r in reports for name, n in r.ok_by_session.items()}
+    broken = [name for name in sent if stored_seqs.get(name, []) != list(range(answered.get(name, 0)))]
     rtt = percentiles_ms([x for r in reports for x in r.rtt_s])
     late_p99 = percentiles_ms([x for r in reports for x in r.late_s])[1]
     refused: dict[str, int] = {}
@@ -448,6 +458,7 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         drain_s=round(drain, 1),
         bound=first_bound(cpu, host),
         finals=finals_seen,
+        not_stored_once_in_order=broken,
     )
 
 
@@ -455,7 +466,8 @@ def show(point: Point) -> None:
     hops = "  ".join(f"{name} {p50:.0f}/{p99:.0f}" for name, (p50, p99) in point.hops_ms.items())
     print(
         f"\n{point.sessions} sessions: chunks/s {point.chunks_ok_per_s:.0f} of {point.chunks_asked_per_s:.0f} asked; "
-        f"{point.finals_measured} finals measured; refused {point.refused or 'none'}",
+        f"{point.finals_measured} finals measured; refused {point.refused or 'none'}; sessions not stored exactly "
+        f"once in order: {len(point.not_stored_once_in_order)}",
         flush=True,
     )
     print(f"  latency p50/p99 ms: {hops}", flush=True)

@@ -168,7 +168,8 @@ class IngestGateway:
         if partition in self._served:
             work, slots = partial(self._serve, msg, kind, tenant, session_id), self._serve_slots
         elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
-            work, slots = partial(self._unavailable, msg, tenant, session_id, partition), self._serve_slots
+            why = f"this gateway no longer serves partition {partition} (it is moving)"
+            work, slots = partial(self._unavailable, msg, tenant, session_id, why), self._serve_slots
         else:
             work, slots = partial(self._forward, msg, partition, kind, tenant, session_id), self._forward_slots
         await slots.acquire()
@@ -188,16 +189,18 @@ class IngestGateway:
             answer = await self.nc.request(
                 subjects.ingest_partition(partition, kind, tenant, session_id), msg.data, timeout=FORWARD_TIMEOUT_S
             )
-        except _NATS_ERRORS:  # no responders (nobody holds it right now), or no answer in time
-            await self._unavailable(msg, tenant, session_id, partition)
+        except nats.errors.NoRespondersError:
+            await self._unavailable(msg, tenant, session_id, f"no gateway serves partition {partition} (it is moving)")
+            return
+        except _NATS_ERRORS:
+            busy = f"the gateway serving partition {partition} did not answer within {FORWARD_TIMEOUT_S:g} s"
+            await self._unavailable(msg, tenant, session_id, busy)
             return
         if msg.reply:
             await self.nc.publish(msg.reply, answer.data)
 
-    async def _unavailable(self, msg: Msg, tenant: str, session_id: str, partition: int) -> None:
-        refusal = RequestRefused(
-            "unavailable", f"no gateway serves partition {partition} right now (it is moving); send it again"
-        )
+    async def _unavailable(self, msg: Msg, tenant: str, session_id: str, why: str) -> None:
+        refusal = RequestRefused("unavailable", f"{why}; send it again")
         await self._answer(msg, await self._refuse(tenant, session_id, refusal))
 
     async def _serve(self, msg: Msg, kind: str, tenant: str, session_id: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -100,7 +101,9 @@ class TenantSlots:
 
     async def _update(self, tenant: str, change: Callable[[TenantSessions], TenantSessions | None]) -> bool:
         """Apply `change` by compare-and-set until it sticks; False if it had nothing to change."""
-        for _ in range(_WRITE_ATTEMPTS):
+        for attempt in range(_WRITE_ATTEMPTS):
+            if attempt:  # another gateway wrote since we read: read again, after a jittered pause
+                await asyncio.sleep(random.uniform(0, 0.001 * attempt))
             current, revision = await self._read(tenant)
             new = change(current)
             if new is None:
@@ -111,7 +114,7 @@ class TenantSlots:
                 )
                 return True
             except WrongLastSequenceError:
-                continue  # another gateway wrote since we read: read again
+                continue
         raise RequestRefused("unavailable", f"the session count of tenant {tenant} is changing too fast; send it again")
 
     async def _free_stale(self, tenant: str) -> bool:
