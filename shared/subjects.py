@@ -81,14 +81,22 @@ INGEST_MEMBERS_BUCKET = "ingest_members"
 INGEST_LEASES_BUCKET = "ingest_leases"
 
 
+_INGEST_PARTITION = "ingest.partition."
+
+
 def ingest_partition(partition: int, kind: str, tenant: str, session: str) -> str:
     """A bot's request forwarded to the gateway holding `partition`; `kind` is "audio" or "session"."""
-    return f"ingest.partition.{partition}.{kind}.{tenant}.{session}"
+    return f"{_INGEST_PARTITION}{partition}.{kind}.{tenant}.{session}"
 
 
 def ingest_partition_all(partition: int) -> str:
     """What the gateway holding `partition` subscribes to."""
-    return f"ingest.partition.{partition}.>"
+    return f"{_INGEST_PARTITION}{partition}.>"
+
+
+def is_forwarded(subject: str) -> bool:
+    """A request one gateway forwarded to another (`ingest_partition`), not a bot's own."""
+    return subject.startswith(_INGEST_PARTITION)
 
 
 # The per-tenant session limit, global across gateways: KV key <tenant> holds its open sessions, written only by

@@ -158,16 +158,17 @@ class IngestGateway:
         parallel, while the per-session lock (FIFO) keeps each session's requests in order.
 
         At most MAX_IN_FLIGHT requests are served (and as many forwarded) at once: beyond that, requests wait in the
-        subscription's queue rather than as tasks in the event loop, so an overloaded gateway still renews its
-        leases on time. Served and forwarded requests count apart: a forward waits on another gateway's serving,
-        never on a forward, so two gateways forwarding to each other cannot hold each other's slots."""
+        subscription's queue rather than as tasks in the event loop, so an overloaded gateway's loop still runs its
+        timers (lease renewals) without waiting behind thousands of tasks. Served and forwarded requests count
+        apart: a forward waits on another gateway's serving, never on a forward, so two gateways forwarding to each
+        other cannot hold each other's slots."""
         kind, tenant, session_id = _request_of(msg.subject)
         partition = subjects.session_partition(tenant, session_id, self.partitions)
         # Served while the group has not revoked it, even if a renewal is late (an overloaded event loop): the
         # stream's compare-and-set, not the lease's timing, keeps two gateways from storing out of order.
         if partition in self._served:
             work, slots = partial(self._serve, msg, kind, tenant, session_id), self._serve_slots
-        elif msg.subject.startswith("ingest.partition."):  # forwarded here, but this gateway let the partition go
+        elif subjects.is_forwarded(msg.subject):  # forwarded here, but this gateway let the partition go
             why = f"this gateway no longer serves partition {partition} (it is moving)"
             work, slots = partial(self._unavailable, msg, tenant, session_id, why), self._serve_slots
         else:
