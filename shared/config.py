@@ -105,6 +105,10 @@ class TranscriberConfig(FromEnv):
     # "full", "short" or "auto" (short for tiny models, full otherwise)
     final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
     interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
+    # Jobs of several sessions decoded in one call (1 = one job at a time, the sequential path)
+    max_batch: int = env("JETSCRIBE_MAX_BATCH", 8)
+    # how long a batch that is not full may wait for more jobs; 0 = take what is due now
+    batch_wait_ms: float = env("JETSCRIBE_BATCH_WAIT_MS", 0.0)
     # Where an utterance ends.
     endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
     max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)

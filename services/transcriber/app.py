@@ -8,6 +8,7 @@ out each `Step` the core returns, in its one order (`_carry_out`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -17,9 +18,10 @@ from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 
+from jetscribe.services.transcriber import batched
 from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
-from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
@@ -105,6 +107,7 @@ class TranscriberWorker:
         self.finished: OrderedDict[SessionKey, FinishedSession] = OrderedDict()  # recently closed
         self.pullers: dict[int, asyncio.Task] = {}
         self.load = DecodeLoad()
+        self.batch_key = batched.plan_key_for(model, config.max_batch)  # what may share one decode call
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.checkpoints = None
@@ -367,49 +370,87 @@ class TranscriberWorker:
     async def _decode_loop(self) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()
-            stream = pick_next([r.stream for r in self.sessions.values()], self._interim_every())
-            if stream is None:
+            batch = await self._next_batch()
+            if not batch:
                 await self.wakeup.wait()
                 continue
             try:
-                await self._decode_one(self.sessions[(stream.tenant, stream.session_id)])
+                await self._decode(batch)
             except Stopped:
                 return
             except Exception:  # keep decoding other sessions whatever one of them does
-                log.exception("decode step failed for %s/%s", stream.tenant, stream.session_id)
+                log.exception("decode step failed for %s", ", ".join(_names(batch)))
                 await stopped_within(self.stopping, 0.5)
 
     def _interim_every(self) -> float:
         speaking = sum(1 for r in self.sessions.values() if r.stream.open is not None)
         return self.load.interim_every(self.options.interim_every_s, speaking)
 
-    async def _decode_one(self, record: SessionRecord) -> None:
-        stream = record.stream
-        job = stream.next_job(self._interim_every())
-        if job is None:
+    def _plan(self) -> list[SessionRecord]:
+        every = self._interim_every()
+        plans = [(r, plan) for r in self.sessions.values() if (plan := r.stream.peek_job(every)) is not None]
+        return plan_batch(plans, self.config.max_batch, self.batch_key)
+
+    async def _next_batch(self) -> list[SessionRecord]:
+        """The sessions to decode together next; a batch that is not full waits up to `batch_wait_ms` for
+        more jobs of its kind (0: it goes at once)."""
+        chosen = self._plan()
+        wait_s = self.config.batch_wait_ms / 1000
+        if not chosen or wait_s <= 0 or len(chosen) >= self.config.max_batch:
+            return chosen
+        deadline = self.clock.monotonic() + wait_s
+        while len(chosen) < self.config.max_batch and (left := deadline - self.clock.monotonic()) > 0:
+            self.wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), left)
+            chosen = self._plan()
+        return chosen
+
+    async def _decode(self, records: list[SessionRecord]) -> None:
+        every = self._interim_every()
+        work = [(r, job) for r in records if (job := r.stream.next_job(every)) is not None]
+        if not work:
             return
+        jobs = [job for _, job in work]
         with self.tracer.start_as_current_span("transcriber.decode") as span:
-            span.set_attribute("jetscribe.kind", job.kind)
-            span.set_attribute("jetscribe.audio_s", len(job.audio) / SAMPLE_RATE)
-            span.set_attribute("jetscribe.speculative", job.speculative)
+            span.set_attribute("jetscribe.kind", jobs[0].kind)
+            span.set_attribute("jetscribe.batch_size", len(jobs))
+            span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
+            span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            result: Decoded | BaseException
+            results = await self._decode_jobs(jobs)
+            seconds = time.perf_counter() - started
+        for job in jobs:
+            self.load.observe(job, seconds / len(jobs))
+        log.debug(
+            "%s: %d %s job(s), %.1f s of audio, decoded in %.2f s",
+            ", ".join(_names(records)),
+            len(jobs),
+            jobs[0].kind,
+            sum(len(job.audio) for job in jobs) / SAMPLE_RATE,
+            seconds,
+        )
+        for (record, job), result in zip(work, results, strict=True):
+            await self._carry_out(record, record.stream.complete(job, result))
+
+    async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
+        """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
+        job at fault fails (its session's retry budget counts it)."""
+        try:
+            return list(await asyncio.to_thread(batched.decode_jobs, self.model, jobs, self.config.max_batch))
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("decode of %s failed", _job_name(jobs[0]))
+                return [exc]
+            log.warning("a batch of %d jobs failed (%r); decoding them one by one", len(jobs), exc)
+        results: list[Decoded | BaseException] = []
+        for job in jobs:
             try:
-                result = await asyncio.to_thread(whisper.transcribe, self.model, job)
-                self.load.observe(job, time.perf_counter() - started)
-                log.debug(
-                    "%s/%s: %s%s of %.1f s audio decoded in %.2f s",
-                    stream.tenant,
-                    stream.session_id,
-                    job.kind,
-                    " (early)" if job.speculative else "",
-                    len(job.audio) / SAMPLE_RATE,
-                    time.perf_counter() - started,
-                )
+                results.append(await asyncio.to_thread(whisper.transcribe, self.model, job))
             except Exception as exc:
-                log.exception("decode of %s/%s failed", stream.tenant, stream.session_id)
-                result = exc
-        await self._carry_out(record, stream.complete(job, result))
+                log.exception("decode of %s failed", _job_name(job))
+                results.append(exc)
+        return results
 
     # --- out ------------------------------------------------------------------------------
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
@@ -427,6 +468,14 @@ class TranscriberWorker:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays
             log.warning("could not publish the %s report: %r", event.code, exc)
+
+
+def _names(records: list[SessionRecord]) -> list[str]:
+    return [f"{r.stream.tenant}/{r.stream.session_id}" for r in records]
+
+
+def _job_name(job: DecodeJob) -> str:
+    return f"a {job.kind} job at sample {job.start_sample}"
 
 
 def _log_audit(stream: SessionStream[Msg], audit: FinalAudit) -> None:

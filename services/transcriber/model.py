@@ -14,7 +14,14 @@ from pathlib import Path
 from faster_whisper import WhisperModel
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop
-from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.decoding import (  # noqa: F401  (window_frames: this module's API too)
+    FRAMES_PER_SECOND,
+    FULL_WINDOW_FRAMES,
+    SAMPLES_PER_FRAME,
+    Decoded,
+    DecodeJob,
+    window_frames,
+)
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import cache_root
 from jetscribe.shared.wire import Word
@@ -102,22 +109,11 @@ def load_model(
     )
 
 
-FULL_WINDOW_FRAMES = 3000
-FRAMES_PER_SECOND = 100
-SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
-
 # The token rule: one decode call may emit at most TOKENS_PER_CALL tokens plus TOKENS_PER_AUDIO_SECOND per second
 # of its audio, and never more than MAX_TOKENS_PER_CALL (Whisper's own cap is 224). See `max_new_tokens`.
 TOKENS_PER_CALL = 20
 TOKENS_PER_AUDIO_SECOND = 8
 MAX_TOKENS_PER_CALL = 200
-
-
-def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100, least: int = 1000) -> int:
-    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them, and
-    never fewer than `least` (10 s): on tiny windows Whisper loops more often, and saves little."""
-    needed = audio_samples / SAMPLES_PER_FRAME / fill
-    return min(FULL_WINDOW_FRAMES, max(least, int(-(-needed // step) * step)))
 
 
 def needs_full_window(decoded: Decoded) -> bool:
