@@ -36,7 +36,7 @@ from jetscribe.services.transcriber.decoding import (
     DecodeJob,
     JobPlan,
 )
-from jetscribe.services.transcriber.model import max_new_tokens, needs_full_window, transcribe
+from jetscribe.services.transcriber.model import ShortWindowWhisper, max_new_tokens, needs_full_window, transcribe
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import Word
 
@@ -107,7 +107,7 @@ def decode_jobs(model: Any, jobs: list[DecodeJob], max_batch: int) -> list[Decod
     """What the worker calls: with `max_batch` 1, the sequential path (`model.transcribe`, one job); else one
     batched call, even for one job, so that a job's window never depends on how many others came with it.
     A job with no `batch_key` (its language is detected first) is decoded alone on the sequential path."""
-    if max_batch <= 1 or not isinstance(model, WhisperModel) or prompts_of(model).job_key(jobs[0]) is None:
+    if max_batch <= 1 or not isinstance(model, ShortWindowWhisper) or prompts_of(model).job_key(jobs[0]) is None:
         return [transcribe(model, job) for job in jobs]
     return decode_batch(model, jobs).results
 
@@ -121,7 +121,7 @@ class Batched:
     reasons: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # items are told apart by identity
 class _Item:
     job: DecodeJob
     prompt: list[int]
@@ -145,7 +145,7 @@ class _Item:
         return min(FULL_WINDOW_FRAMES, self.content_frames)
 
 
-def decode_batch(model: WhisperModel, jobs: list[DecodeJob]) -> Batched:
+def decode_batch(model: ShortWindowWhisper, jobs: list[DecodeJob]) -> Batched:
     """Decode jobs that share one `batch_key` in one encode, one generate and one alignment."""
     if not jobs:
         return Batched([])
@@ -263,22 +263,34 @@ def _continues(item: _Item) -> None:
         item.redo = "speech after the last word"
 
 
-def _align(model: WhisperModel, tokenizer: Tokenizer, encoder_output, items: list[_Item]) -> None:
-    """Word timestamps for every item in one alignment call; items with nothing to align get a placeholder
-    (the call needs one row per encoder row), whose words are thrown away."""
-    if not any(item.segments and not item.redo for item in items):
+def _align(model: ShortWindowWhisper, tokenizer: Tokenizer, encoder_output, items: list[_Item]) -> None:
+    """Word timestamps: one alignment call for the whole batch, then faster-whisper's word rules for each item
+    on its own (called on a batch, they would carry one item's last word time into the next item's first)."""
+    todo = [item for item in items if item.segments and not item.redo]
+    if not todo:
         return
-    placeholder = [dict(seek=0, start=0.0, end=0.0, tokens=[tokenizer.eot - 1])]
-    rows = [item.segments if item.segments and not item.redo else placeholder for item in items]
-    model.add_word_timestamps(
-        rows,
-        tokenizer,
-        encoder_output,
-        [item.segment_frames for item in items],
-        PREPEND_PUNCTUATIONS,
-        APPEND_PUNCTUATIONS,
-        0.0,
-    )
+    text_tokens = [  # one row per encoder row; an item with nothing to align gets a placeholder row
+        [t for s in item.segments for t in s["tokens"] if t < tokenizer.eot] or [tokenizer.eot - 1]
+        if item in todo
+        else [tokenizer.eot - 1]
+        for item in items
+    ]
+    alignments = model.find_alignment(tokenizer, text_tokens, encoder_output, [i.segment_frames for i in items])
+    try:
+        for item, alignment in zip(items, alignments, strict=True):
+            if item in todo:
+                model.aligned = [alignment]
+                model.add_word_timestamps(
+                    [item.segments],
+                    tokenizer,
+                    encoder_output,
+                    item.segment_frames,
+                    PREPEND_PUNCTUATIONS,
+                    APPEND_PUNCTUATIONS,
+                    0.0,
+                )
+    finally:
+        model.aligned = None
 
 
 def _segments(item: _Item) -> list[DecodedSegment]:
@@ -301,6 +313,6 @@ def _segments(item: _Item) -> list[DecodedSegment]:
 def plan_key_for(model: Any, max_batch: int) -> Callable[[JobPlan], Hashable | None]:
     """The worker's batch key: a Whisper model with batching on groups by window, beam, language and prompt
     length; otherwise (one job at a time, or a model that is not Whisper) every job goes alone."""
-    if max_batch > 1 and isinstance(model, WhisperModel):
+    if max_batch > 1 and isinstance(model, ShortWindowWhisper):
         return prompts_of(model).plan_key
     return lambda plan: None

@@ -90,11 +90,17 @@ class ShortWindowWhisper(WhisperModel):
     """
 
     encode_frames: int | None = None  # set per call by `transcribe`; None = stock 3000 frames
+    aligned: list | None = None  # set per call by the batched path: word alignments it computed for a batch
 
     def encode(self, features):
         if self.encode_frames is not None:
             features = features[..., : self.encode_frames]
         return super().encode(features)
+
+    def find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width=7):
+        if self.aligned is not None:
+            return self.aligned
+        return super().find_alignment(tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
 
 
 def load_model(
