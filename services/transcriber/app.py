@@ -14,6 +14,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+import psutil
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
@@ -23,6 +24,7 @@ from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from jetscribe.services.transcriber.stats import DecodeCounters, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
 FINISHED_REMEMBERED = 10_000
+STATS_EVERY_S = 1.0
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
@@ -108,6 +111,7 @@ class TranscriberWorker:
         self.pullers: dict[int, asyncio.Task] = {}
         self.load = DecodeLoad()
         self.batch_key = batched.plan_key_for(model, config.max_batch)  # what may share one decode call
+        self.counters = DecodeCounters()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.checkpoints = None
@@ -119,6 +123,7 @@ class TranscriberWorker:
         self.checkpoints = await ensure_checkpoints(self.js, self.settings)
         self._tasks.append(asyncio.create_task(self._decode_loop()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._publish_stats()))
         self.group = PartitionGroup.from_config(
             self.nc, self.settings, self.config, on_assigned=self._assigned, on_revoked=self._revoked
         )
@@ -422,6 +427,7 @@ class TranscriberWorker:
             seconds = time.perf_counter() - started
         for job in jobs:
             self.load.observe(job, seconds / len(jobs))
+            self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
         log.debug(
             "%s: %d %s job(s), %.1f s of audio, decoded in %.2f s",
             ", ".join(_names(records)),
@@ -453,6 +459,25 @@ class TranscriberWorker:
         return results
 
     # --- out ------------------------------------------------------------------------------
+    async def _publish_stats(self) -> None:
+        """This worker's load every second on core NATS (`WorkerStats`, read by bench/load.py); best effort."""
+        process, subject = psutil.Process(), subjects.transcriber_stats(self.config.worker_id)
+        while not await stopped_within(self.stopping, STATS_EVERY_S):
+            cpu = process.cpu_times()
+            streams = [r.stream for r in self.sessions.values()]
+            stats = worker_stats(
+                self.config.worker_id,
+                streams,
+                self.counters,
+                at=self.clock.wall(),
+                cpu_s=cpu.user + cpu.system,
+                rss_bytes=process.memory_info().rss,
+            )
+            try:
+                await self.nc.publish(subject, encode(stats))
+            except Exception as exc:  # NATS reconnecting: the totals carry on in the next one
+                log.debug("could not publish the load stats: %r", exc)
+
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
         await retry(
