@@ -187,6 +187,7 @@ class WorkerStats(_Message, tag="worker_stats"):
     speaking: int = 0  # sessions with an utterance open
     backlog_s: float = 0.0  # audio received and not yet covered by a final, summed over the sessions
     backlog_max_s: float = 0.0  # the same, in the session with the most
+    finals_waiting_s: float = 0.0  # audio of ended utterances whose final is not out yet: grows if decoding lags
     decodes: dict[str, DecodeTotals] = {}  # by kind: "final", "interim", "speculative" (an early final)
     batches: int = 0  # decode calls; batch_items / batches is the mean batch size
     batch_items: int = 0

@@ -52,6 +52,12 @@ def backlog_samples(stream: SessionStream[Any]) -> int:
     return stream.segmenter.received - min(starts) if starts else 0
 
 
+def waiting_samples(stream: SessionStream[Any]) -> int:
+    """Audio of the session's ended utterances whose final is not out yet. Unlike the backlog it holds no speech
+    still going on: it stays near 0 while decoding keeps up, and grows when it does not."""
+    return sum(u.end - u.start for u in stream.closed if u.end is not None)
+
+
 def worker_stats(
     worker_id: str,
     streams: Iterable[SessionStream[Any]],
@@ -71,6 +77,7 @@ def worker_stats(
         speaking=sum(1 for s in live if s.open is not None),
         backlog_s=sum(backlogs),
         backlog_max_s=max(backlogs, default=0.0),
+        finals_waiting_s=sum(waiting_samples(s) for s in live) / SAMPLE_RATE,
         decodes={
             kind: DecodeTotals(count=t.count, seconds=t.seconds, audio_s=t.audio_s)
             for kind, t in counters.totals.items()

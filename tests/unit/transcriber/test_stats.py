@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jetscribe.services.transcriber.stats import DecodeCounters, backlog_samples, worker_stats
+from jetscribe.services.transcriber.stats import DecodeCounters, backlog_samples, waiting_samples, worker_stats
 from jetscribe.shared import subjects
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import WorkerStats, decode, encode
@@ -46,11 +46,13 @@ def test_backlog_is_the_audio_since_the_oldest_utterance_without_a_final():
     seq = feed(s, silence(1.0), first_seq=seq)
     assert s.open is None and len(s.closed) == 1  # closed, its final not decoded yet: still waiting
     assert backlog_samples(s) == s.segmenter.received - open_start
+    assert waiting_samples(s) == s.closed[0].end - open_start
     job = s.next_job()
     s.complete(job, said("hello", "world"))
-    assert backlog_samples(s) == 0
+    assert backlog_samples(s) == waiting_samples(s) == 0
     feed(s, tone(0.5), first_seq=seq)
     assert 0 < backlog_samples(s) <= 0.9 * SAMPLE_RATE  # a new utterance: its audio and pre-roll only
+    assert waiting_samples(s) == 0  # still spoken: nothing waits for a decoder yet
 
 
 def test_worker_stats_sum_the_live_sessions_and_round_trip_on_the_wire():
@@ -65,6 +67,7 @@ def test_worker_stats_sum_the_live_sessions_and_round_trip_on_the_wire():
     assert (stats.sessions, stats.speaking) == (2, 1)
     assert stats.backlog_s == pytest.approx(backlog_samples(speaking) / SAMPLE_RATE)
     assert stats.backlog_max_s == stats.backlog_s > 2.0
+    assert stats.finals_waiting_s == 0.0
     assert stats.decodes["interim"].count == 1 and stats.decodes["final"].count == 0
     assert (stats.batches, stats.batch_items, stats.cpu_s, stats.rss_bytes) == (1, 1, 12.5, 4096)
     assert decode(encode(stats), WorkerStats) == stats
