@@ -461,7 +461,9 @@ def usage_cell(usage: dict | None) -> str:
     return f"{fmt(usage.get('cpu_pct'), '.0f')}/{fmt(usage.get('rss_max_mb'), '.0f')}"
 
 
-def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=sys.stdout) -> None:
+def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=None) -> None:
+    """The variant's curve, one line per session count, the knee marked; then CPU and memory per service."""
+    out = out or sys.stdout
     head = (
         "sessions",
         "failed",
@@ -480,6 +482,7 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=sys.stdout) 
         "busy",
         "batch",
         "real time",
+        "knee",
     )
     best = knee(rows, rule.p95_bound_s)
     lines = [
@@ -500,7 +503,8 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=sys.stdout) 
             fmt(r["transcriber_cpu_pct"], ".0f"),
             fmt(r["decode_busy"], ".0%"),
             fmt(r["mean_batch"], ".1f"),
-            yes_no(r["sustained"]) + ("  <- knee" if r["sessions"] == best else ""),
+            yes_no(r["sustained"]),
+            "<-" if r["sessions"] == best else "",
         )
         for r in rows
     ]
