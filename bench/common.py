@@ -248,11 +248,19 @@ class Watchdog:
         return task.result() if task in done else self._task.result()
 
 
-async def warm_up(nc, watchdog: Watchdog, item: Item, tenant: str, language: str, run: str) -> None:
-    """Not measured: the transcriber loads its model, and its first decodes are slow."""
+async def warm_up(nc, watchdog: Watchdog, item: Item, tenant: str, language: str, run: str, sessions: int = 1) -> None:
+    """Not measured: the transcriber loads its model, and its first decodes are slow. Several `sessions` at once
+    spread over the partitions, so that several transcribers all get some."""
     warm = Audio(item.audio.samples[: item.audio.sample_rate * 3], item.audio.sample_rate)
     print("warming up the transcriber ...", file=sys.stderr, flush=True)
-    await watchdog.run(stream_audio(nc, warm, tenant=tenant, session_id=f"warmup-{run}", speed=0.0, language=language))
+    await watchdog.run(
+        asyncio.gather(
+            *[
+                stream_audio(nc, warm, tenant=tenant, session_id=f"warmup-{run}-{i}", speed=0.0, language=language)
+                for i in range(sessions)
+            ]
+        )
+    )
 
 
 # --- what a bot saw -----------------------------------------------------------------------------------

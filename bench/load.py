@@ -776,7 +776,7 @@ async def run_variant(
                     print(f"\nunreadable worker stats on {msg.subject}: {exc}", file=sys.stderr)
 
             sub = await nc.subscribe(subjects.TRANSCRIBER_STATS_ALL, cb=on_stats)
-            await warm_up(nc, watchdog, items[0], TENANT, args.language, run)
+            await warm_up(nc, watchdog, items[0], TENANT, args.language, run, sessions=3 * args.transcribers)
             alone = {}
             for item in {i.name: i for i in round_robin(items, max(counts))}.values():
                 key = alone_key(args.model, variant, args.speed, item)
@@ -871,7 +871,6 @@ def main(argv: list[str] | None = None) -> int:
         "--external", action="store_true", help="start nothing: load the services already running against --nats-url"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupted)
     try:
         counts = parse_sessions(args.sessions or (QUICK_SESSIONS if args.quick else "1,4,8,16,24,32"))
         variants = parse_variants(args.variants)
@@ -939,6 +938,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
