@@ -2,7 +2,7 @@
 
     python bench/load.py --model tiny.en --sessions 1,4,8,16,24,32 --json OUT.json \
         [--variants batched:JETSCRIBE_MAX_BATCH=8,unbatched:JETSCRIBE_MAX_BATCH=1] [--transcribers N] \
-        [--stagger 0.7] [--speed 1] [--p95-bound 2.5] [--alone-from OLD.json] [--quick] \
+        [--stagger 0.7] [--duration 60] [--speed 1] [--p95-bound 2.5] [--alone-from OLD.json] [--quick] \
         [--data DIR] [--files a,b] [--conditions clean,noise,...] [--nats-url URL] [--database-url URL]
 
 For each variant (a name and environment variables for the services; default one variant, `default`, with none) a
@@ -11,8 +11,10 @@ transcribers, persister; with --nats-url/--database-url or NATS_URL/DATABASE_URL
 every file the sweep uses is streamed ALONE once, at --speed, as the accuracy reference under no load (kept in the
 JSON under `alone`; --alone-from reuses a previous run's entries for the same model, variant environment, speed and
 file). Then for each N of --sessions, N bots stream concurrently, the i-th starting i x --stagger seconds after the
-first, files taken round robin, each session id unique; the step ends when every session's `ended` has arrived and
-the persister has caught up.
+first with file i (round robin). A bot whose file ends goes on at once with the next in turn (i + N, i + 2N, ...) as
+a new session, until all N have streamed together for --duration seconds, so the load holds steady whatever the
+files' lengths; every session id is unique. The step ends when every session's `ended` has arrived and the persister
+has caught up.
 
 Measured per step (one row of the curve): final latency p50/p95/p99 over every final of every session (received by
 the bot minus the send time of the chunk holding its last word's end, as bench/accuracy.py), first-interim latency,
@@ -84,6 +86,7 @@ LOAD_GENERATOR = "load generator"
 QUICK_SESSIONS = "1,2"
 QUICK_FILES = 2
 QUICK_SECONDS = 20.0
+DURATION_S = 60.0
 SETTLE_TIMEOUT_S = 120.0  # the persister must catch up within this after a step
 
 
@@ -142,9 +145,33 @@ def parse_variants(text: str | None) -> list[Variant]:
     return variants
 
 
-def round_robin(items: list[Item], n: int) -> list[Item]:
-    """The files of N sessions: the items in turn, again from the first when there are fewer than N."""
-    return [items[i % len(items)] for i in range(n)]
+@dataclass(frozen=True)
+class Planned:
+    """One session of a step: bot `bot`'s `turn`-th, streaming `item` from wall time `start_at`."""
+
+    bot: int
+    turn: int
+    item: Item
+    start_at: float
+
+
+def plan_sessions(
+    items: list[Item], n: int, first: float, stagger: float, speed: float, duration: float
+) -> list[Planned]:
+    """N bots, bot i starting at `first` + i x `stagger` with file i (round robin). With `duration`, each bot goes on
+    with the next file in turn (i + N, i + 2N, ...) as a new session when its audio ends, as long as that is before
+    all N have streamed together for `duration` seconds; 0: one file per bot."""
+    until = first + (n - 1) * stagger + duration
+    planned = []
+    for bot in range(n):
+        at, turn = first + bot * stagger, 0
+        while True:
+            item = items[(bot + turn * n) % len(items)]
+            planned.append(Planned(bot, turn, item, at))
+            at, turn = at + item.audio.duration_s / speed, turn + 1
+            if at >= until:
+                break
+    return planned
 
 
 def clip(item: Item, seconds: float) -> Item:
@@ -210,17 +237,18 @@ class Rule:
 
 
 def sustained(
-    sessions: int, failed: int, max_send_lag: float | None, growth: float | None, rule: Rule
+    bots: int, sessions: int, failed: int, max_send_lag: float | None, growth: float | None, rule: Rule
 ) -> tuple[bool | None, list[str]]:
-    """(True, False or None for unknown; the reasons it is not True)."""
+    """Whether `bots` concurrent bots ran in real time (True, False, or None: unknown), and the reasons it is not
+    True; `failed` of their `sessions` did not run to their end."""
     reasons = []
     if failed:
         reasons.append(f"{failed} of {sessions} sessions did not run to their end")
     if max_send_lag is not None and max_send_lag > rule.max_send_lag_s:
         reasons.append(f"a chunk was accepted {max_send_lag:.2f} s behind its schedule (> {rule.max_send_lag_s:g})")
-    if growth is not None and growth > rule.max_growth * sessions:
+    if growth is not None and growth > rule.max_growth * bots:
         reasons.append(
-            f"the audio waiting for finals grew {growth:.2f} s/s (> {rule.max_growth:g} per session x {sessions}): "
+            f"the audio waiting for finals grew {growth:.2f} s/s (> {rule.max_growth:g} per session x {bots}): "
             "decoding fell behind"
         )
     if reasons:
@@ -325,6 +353,7 @@ def session_report(run: SessionRun, alone: dict | None, speed: float) -> dict:
     """One session of a step: its latencies, WER and WER alone, and how late its chunks were accepted."""
     out = {
         "session_id": run.session_id,
+        "bot": run.bot,
         "file": run.item.name,
         "duration_s": round(run.item.audio.duration_s, 3),
         "started_at": round(run.began, 3),
@@ -357,10 +386,14 @@ def session_report(run: SessionRun, alone: dict | None, speed: float) -> dict:
 
 
 def full_load_window(sessions: list[dict]) -> tuple[float, float] | None:
-    """While every session was streaming: from the last one's start to the first one's last chunk."""
-    if any(s.get("last_sent_at") is None for s in sessions):
+    """While every bot was streaming: from the last bot's first start to the first bot's last chunk."""
+    if not sessions or any(s.get("last_sent_at") is None for s in sessions):
         return None
-    start, end = max(s["started_at"] for s in sessions), min(s["last_sent_at"] for s in sessions)
+    bots: dict[int, list[dict]] = defaultdict(list)
+    for s in sessions:
+        bots[s["bot"]].append(s)
+    start = max(min(s["started_at"] for s in b) for b in bots.values())
+    end = min(max(s["last_sent_at"] for s in b) for b in bots.values())
     return (start, end) if end > start else None
 
 
@@ -374,7 +407,7 @@ def curve_row(
     span: tuple[float, float],
     rule: Rule,
 ) -> dict:
-    """One step of the sweep: everything the table and the JSON say about N sessions."""
+    """One step of the sweep: everything the table and the JSON say about N concurrent bots and their `sessions`."""
     done = [s for s in sessions if s["error"] is None]
     latencies = [x for s in done for x in s["latencies"]]
     interims = [x for s in done for x in s["latencies_first_interim"]]
@@ -388,17 +421,19 @@ def curve_row(
     )
     deltas = [abs(s["wer_delta"]) for s in done if s["wer_delta"] is not None]
     lags = [s["send_lag_max"] for s in done if s["send_lag_max"] is not None]
-    window = full_load_window(done) if len(done) == n else None
+    failed = len(sessions) - len(done)
+    window = full_load_window(done) if not failed else None
     growth = waiting_growth(stats, window, rule.min_window_s)
     by_worker: dict[str, list[WorkerStats]] = defaultdict(list)
     for s in stats:
         by_worker[s.worker_id].append(s)
     workers = {w: worker_summary(samples, *span) for w, samples in sorted(by_worker.items())}
-    ok, reasons = sustained(n, n - len(done), max(lags, default=None), growth, rule)
+    ok, reasons = sustained(n, len(sessions), failed, max(lags, default=None), growth, rule)
     transcriber = usage.get("transcriber", {})
     return {
         "sessions": n,
-        "failed": n - len(done),
+        "sessions_run": len(sessions),
+        "failed": failed,
         "latency_final_p50": percentile(latencies, 50),
         "latency_final_p95": percentile(latencies, 95),
         "latency_final_p99": percentile(latencies, 99),
@@ -488,7 +523,7 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=None) -> Non
     lines = [
         (
             str(r["sessions"]),
-            str(r["failed"]),
+            f"{r['failed']}/{r['sessions_run']}",
             fmt(r["latency_final_p50"], ".2f"),
             fmt(r["latency_final_p95"], ".2f"),
             fmt(r["latency_final_p99"], ".2f"),
@@ -545,6 +580,7 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=None) -> Non
 class SessionRun:
     item: Item
     session_id: str
+    bot: int = 0
     began: float = 0.0
     result: StreamResult | None = None
     error: str | None = None
@@ -607,10 +643,10 @@ class Bench:
     run: str
     stats: list[WorkerStats] = field(default_factory=list)
 
-    async def stream(self, item: Item, sid: str, start_at: float) -> SessionRun:
-        """One bot: waits for its start, streams its file, never raises for what the pipeline refused."""
+    async def stream(self, item: Item, sid: str, start_at: float, bot: int = 0) -> SessionRun:
+        """One session of a bot: waits for its start, streams its file, never raises for what the pipeline refused."""
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        run = SessionRun(item, sid, time.time())
+        run = SessionRun(item, sid, bot, time.time())
         try:
             run.result = await stream_audio(
                 self.nc,
@@ -686,17 +722,17 @@ class Bench:
         }
 
     async def step(self, n: int, items: list[Item], alone: dict[str, dict], rule: Rule) -> dict:
-        """N sessions at once, staggered; the row of the curve."""
-        plan = round_robin(items, n)
-        ids = [session_id(item.name, f"{self.variant.name}-{n}x{i}-{self.run}") for i, item in enumerate(plan)]
+        """N bots at once, staggered; the row of the curve."""
         before = await self.stream_info()
         first = time.time() + 0.5
-        starts = [first + i * self.args.stagger for i in range(n)]
-        ends = [s + item.audio.duration_s / self.args.speed for s, item in zip(starts, plan, strict=True)]
+        plan = plan_sessions(items, n, first, self.args.stagger, self.args.speed, self.args.duration)
+        ids = [session_id(p.item.name, f"{self.variant.name}-{n}x{p.bot}t{p.turn}-{self.run}") for p in plan]
+        starts = [p.start_at for p in plan]
+        ends = [p.start_at + p.item.audio.duration_s / self.args.speed for p in plan]
         progress = asyncio.ensure_future(self._progress(n, starts, ends))
         try:
             runs = await self.watchdog.run(
-                asyncio.gather(*[self.stream(item, sid, s) for item, sid, s in zip(plan, ids, starts, strict=True)])
+                asyncio.gather(*[self.stream(p.item, sid, p.start_at, p.bot) for p, sid in zip(plan, ids, strict=True)])
             )
         finally:
             progress.cancel()
@@ -714,7 +750,7 @@ class Bench:
         return curve_row(n, sessions, alone, stats, usage, hops, span, rule)
 
     async def _progress(self, n: int, starts: list[float], ends: list[float]) -> None:
-        """A line on a terminal: sessions running and seconds of audio left; the resource samples meanwhile."""
+        """A line on a terminal: sessions streaming and seconds of audio left; the resource samples meanwhile."""
         while True:
             await asyncio.to_thread(self.sampler.sample)
             if sys.stderr.isatty():
@@ -723,7 +759,10 @@ class Bench:
                 left = max(0.0, max(ends) - now)
                 state = f"{left:.0f} s left" if left > 0 else "waiting for the last finals"
                 print(
-                    f"\r[{self.variant.name}] N={n}: {running} running, {state}   ", end="", file=sys.stderr, flush=True
+                    f"\r[{self.variant.name}] N={n}: {running} streaming, {state}   ",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
                 )
             await asyncio.sleep(1.0)
 
@@ -778,7 +817,8 @@ async def run_variant(
             sub = await nc.subscribe(subjects.TRANSCRIBER_STATS_ALL, cb=on_stats)
             await warm_up(nc, watchdog, items[0], TENANT, args.language, run, sessions=3 * args.transcribers)
             alone = {}
-            for item in {i.name: i for i in round_robin(items, max(counts))}.values():
+            planned = plan_sessions(items, max(counts), 0.0, args.stagger, args.speed, args.duration)
+            for item in {p.item.name: p.item for p in planned}.values():
                 key = alone_key(args.model, variant, args.speed, item)
                 entry = find_alone(cache, key)
                 if entry is None:
@@ -842,6 +882,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", help="name:VAR=value[,VAR=value][,name:...]: environments run side by side")
     parser.add_argument("--transcribers", type=int, default=1, help="transcriber processes in each stack")
     parser.add_argument("--stagger", type=float, default=0.7, help="seconds between two bots' starts")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds all N bots stream together, each going on with the next file as a new session "
+        f"(default {DURATION_S:g}; --quick 0: one file per bot)",
+    )
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time (the targets are for 1)")
     parser.add_argument("--language", default="auto", help="session language")
     parser.add_argument("--json", help="where to write the report (rewritten after every step)")
@@ -876,8 +922,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = parse_variants(args.variants)
     except ValueError as exc:
         parser.exit(2, f"load.py: {exc}\n")
-    if args.speed <= 0 or args.stagger < 0 or args.transcribers < 1:
-        parser.exit(2, "load.py: --speed must be above 0, --stagger 0 or more, --transcribers 1 or more\n")
+    if args.duration is None:
+        args.duration = 0.0 if args.quick else DURATION_S
+    if args.speed <= 0 or args.stagger < 0 or args.duration < 0 or args.transcribers < 1:
+        parser.exit(
+            2, "load.py: --speed must be above 0, --stagger and --duration 0 or more, --transcribers 1 or more\n"
+        )
     if args.external and (args.transcribers > 1 or any(v.env for v in variants)):
         parser.exit(
             2, "load.py: --external starts nothing, so --variants with an environment and --transcribers cannot apply\n"
@@ -909,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             "variants": [{"name": v.name, "env": v.env} for v in variants],
             "transcribers": args.transcribers,
             "stagger_s": args.stagger,
+            "duration_s": args.duration,
             "speed": args.speed,
             "language": args.language,
             "chunk_s": CHUNK_S,

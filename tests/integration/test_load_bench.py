@@ -33,14 +33,14 @@ def test_two_sessions_give_a_row_of_real_numbers(load, tmp_path, capsys):
     write_devset_file(data, "booking", "dialog", turns)
     out = tmp_path / "load.json"
     argv = ["--model", "tiny.en", "--data", str(data), "--sessions", "2", "--speed", "2", "--stagger", "0.3"]
-    assert load.main([*argv, "--min-window", "2", "--json", str(out)]) == 0
+    assert load.main([*argv, "--duration", "0", "--min-window", "2", "--json", str(out)]) == 0
 
     report = json.loads(out.read_text())
     (alone,) = report["alone"]
     assert alone["file"] == "booking" and alone["wer"] < 0.3 and alone["latency_final_p95"] > 0
     (variant,) = report["variants"]
     (row,) = variant["rows"]
-    assert (row["sessions"], row["failed"]) == (2, 0)
+    assert (row["sessions"], row["sessions_run"], row["failed"]) == (2, 2, 0)
     assert 0 < row["latency_final_p50"] <= row["latency_final_p95"] <= row["latency_final_p99"]
     assert row["latency_first_interim_p50"] > 0
     assert row["wer"] < 0.3 and row["wer_alone"] == pytest.approx(alone["wer"])

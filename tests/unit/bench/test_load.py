@@ -47,9 +47,22 @@ def item(load, name, seconds=10.0, turns=None, reference="one two three four"):
     return load.Item(name, Path(name), audio, reference, turns or [])
 
 
-def test_files_round_robin_and_quick_clips_at_a_turn_end(load):
-    a, b = item(load, "a"), item(load, "b")
-    assert [i.name for i in load.round_robin([a, b], 5)] == ["a", "b", "a", "b", "a"]
+def test_bots_take_the_files_in_turn_and_go_on_until_the_duration(load):
+    a, b, c = item(load, "a", 10.0), item(load, "b", 20.0), item(load, "c", 5.0)
+    once = load.plan_sessions([a, b, c], 5, 100.0, 0.5, 1.0, 0.0)
+    assert [(p.bot, p.turn, p.item.name, p.start_at) for p in once] == [
+        (0, 0, "a", 100.0), (1, 0, "b", 100.5), (2, 0, "c", 101.0), (3, 0, "a", 101.5), (4, 0, "b", 102.0)
+    ]  # fmt: skip
+    # Two bots together for 25 s (from 100.5 to 125.5): each goes on with the file N further, back to back.
+    steady = load.plan_sessions([a, b, c], 2, 100.0, 0.5, 1.0, 25.0)
+    by_bot = {bot: [(p.item.name, p.start_at) for p in steady if p.bot == bot] for bot in (0, 1)}
+    assert by_bot[0] == [("a", 100.0), ("c", 110.0), ("b", 115.0)]  # streams until 135 >= 125.5
+    assert by_bot[1] == [("b", 100.5), ("a", 120.5)]  # until 130.5
+    assert load.plan_sessions([a], 1, 0.0, 0.7, 2.0, 12.0)[-1].start_at == 10.0  # at double speed, 5 s a file
+
+
+def test_quick_clips_a_file_at_a_turn_end(load):
+    a = item(load, "a")
     turns = [
         {"start": 0.5, "end": 8.0, "text": "first turn."},
         {"start": 9.0, "end": 19.0, "text": "second turn."},
@@ -96,13 +109,13 @@ def test_waiting_growth_sums_the_workers_within_the_window(load):
 
 def test_sustained_names_every_reason(load):
     rule = load.Rule(max_send_lag_s=1.0, max_growth=0.1, min_window_s=10.0)
-    assert load.sustained(4, 0, 0.2, 0.35, rule) == (True, [])
-    ok, why = load.sustained(4, 1, 1.5, 0.5, rule)
+    assert load.sustained(4, 9, 0, 0.2, 0.35, rule) == (True, [])
+    ok, why = load.sustained(4, 9, 1, 1.5, 0.5, rule)
     assert ok is False and len(why) == 3
-    assert "1 of 4 sessions" in why[0] and "1.50 s behind" in why[1] and "grew 0.50 s/s" in why[2]
-    ok, why = load.sustained(4, 0, 0.2, None, rule)
+    assert "1 of 9 sessions" in why[0] and "1.50 s behind" in why[1] and "grew 0.50 s/s" in why[2]
+    ok, why = load.sustained(4, 4, 0, 0.2, None, rule)
     assert ok is None and "unknown" in why[0]
-    assert load.sustained(4, 0, 3.0, None, rule)[0] is False  # a known failure decides without the trend
+    assert load.sustained(4, 4, 0, 3.0, None, rule)[0] is False  # a known failure decides without the trend
 
 
 def test_knee_is_the_largest_n_within_the_bound_and_sustained(load):
@@ -181,9 +194,9 @@ def test_a_row_of_the_curve_from_sessions_workers_and_processes(load):
     a = item(load, "a", reference="one two three four")
     b = item(load, "b", reference="five six seven eight")
     runs = [
-        load.SessionRun(a, "a-1", 1000.0, bot_result([["one", "two"], ["three", "four"]], 1000.0, 1.0)),
-        load.SessionRun(b, "b-1", 1000.7, bot_result([["five", "six"], ["seven"]], 1000.7, 2.0)),
-        load.SessionRun(a, "a-2", 1001.4, None, "BotError: rejected: the transcriber rejected the session"),
+        load.SessionRun(a, "a-1", 0, 1000.0, bot_result([["one", "two"], ["three", "four"]], 1000.0, 1.0)),
+        load.SessionRun(b, "b-1", 1, 1000.7, bot_result([["five", "six"], ["seven"]], 1000.7, 2.0)),
+        load.SessionRun(a, "a-2", 2, 1001.4, None, "BotError: rejected: the transcriber rejected the session"),
     ]
     alone = {"a": {"wer": 0.0, "text": "one two three four"}, "b": {"wer": 0.25, "text": "five six seven"}}
     sessions = [load.session_report(r, alone.get(r.item.name), 1.0) for r in runs]
@@ -196,7 +209,7 @@ def test_a_row_of_the_curve_from_sessions_workers_and_processes(load):
     hops = load.hop_rates({"AUDIO": 10, "TRANSCRIPTS": 5}, {"AUDIO": 210, "TRANSCRIPTS": 45}, 200, 12, 10.0)
     assert hops["audio_per_s"] == 20.0 and hops["transcripts_per_s"] == 4.0 and hops["postgres_rows_per_s"] == 1.2
     row = load.curve_row(3, sessions, alone, workers, usage, hops, (1000.0, 1012.0), load.Rule())
-    assert (row["sessions"], row["failed"]) == (3, 1)
+    assert (row["sessions"], row["sessions_run"], row["failed"]) == (3, 3, 1)
     assert row["latency_final_p50"] == 1.5 and row["latency_final_p95"] == 2.0
     assert row["wer"] == pytest.approx(1 / 8) and row["wer_alone"] == pytest.approx(1 / 8)
     assert row["wer_delta"] == 0.0 and row["wer_delta_max_abs"] == 0.0
@@ -205,12 +218,25 @@ def test_a_row_of_the_curve_from_sessions_workers_and_processes(load):
     assert row["waiting_growth"] is None  # a session failed: no full-load window to judge
 
 
+def test_the_full_load_window_runs_while_every_bot_streams(load):
+    sessions = [
+        {"bot": 0, "started_at": 100.0, "last_sent_at": 129.9},
+        {"bot": 0, "started_at": 130.0, "last_sent_at": 160.0},
+        {"bot": 1, "started_at": 100.7, "last_sent_at": 104.0},  # a short file, then the next one
+        {"bot": 1, "started_at": 104.1, "last_sent_at": 150.0},
+    ]
+    assert load.full_load_window(sessions) == (100.7, 150.0)
+    assert load.full_load_window([{**sessions[0], "last_sent_at": None}]) is None
+    assert load.full_load_window([]) is None
+
+
 def test_the_curve_prints_the_knee_and_why_a_step_fell_short(load, capsys):
     base = {
-        "failed": 0, "latency_final_p50": 1.0, "latency_final_p99": 2.0, "latency_first_interim_p50": 0.8,
-        "wer": 0.1, "wer_delta": 0.0, "wer_delta_max_abs": 0.01, "backlog_max_s": 5.0, "waiting_max_s": 1.0,
-        "waiting_growth": 0.0, "send_lag_max": 0.1, "transcriber_cpu_pct": 90.0, "decode_busy": 0.5,
-        "mean_batch": 1.0, "not_sustained_because": [], "hops": {"audio_per_s": 10.0},
+        "failed": 0, "sessions_run": 4, "latency_final_p50": 1.0, "latency_final_p99": 2.0,
+        "latency_first_interim_p50": 0.8, "wer": 0.1, "wer_delta": 0.0, "wer_delta_max_abs": 0.01,
+        "backlog_max_s": 5.0, "waiting_max_s": 1.0, "waiting_growth": 0.0, "send_lag_max": 0.1,
+        "transcriber_cpu_pct": 90.0, "decode_busy": 0.5, "mean_batch": 1.0, "not_sustained_because": [],
+        "hops": {"audio_per_s": 10.0},
         "services": {"transcriber": {"cpu_pct": 90.0, "rss_max_mb": 250.0}},
     }  # fmt: skip
     rows = [
