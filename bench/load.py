@@ -77,6 +77,7 @@ from bench.common import (  # noqa: E402
 from jetscribe.client.bot import Audio, BotError, StreamResult, stream_audio  # noqa: E402
 from jetscribe.evaluation.metrics import corpus_wer, percentile  # noqa: E402
 from jetscribe.evaluation.wer import wer  # noqa: E402
+from jetscribe.services.transcriber.stats import STATS_EVERY_S  # noqa: E402
 from jetscribe.shared import subjects  # noqa: E402
 from jetscribe.shared.config import TranscriberConfig  # noqa: E402
 from jetscribe.shared.wire import WorkerStats, decode  # noqa: E402
@@ -91,7 +92,7 @@ SETTLE_TIMEOUT_S = 120.0  # the persister must catch up within this after a step
 
 
 # --- options -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass
 class Variant:
     """A named set of environment variables for the services; each variant runs on a fresh stack."""
 
@@ -169,7 +170,7 @@ def plan_sessions(
             item = items[(bot + turn * n) % len(items)]
             planned.append(Planned(bot, turn, item, at))
             at, turn = at + item.audio.duration_s / speed, turn + 1
-            if at >= until:
+            if duration <= 0 or at >= until:
                 break
     return planned
 
@@ -670,6 +671,17 @@ class Bench:
             out[stream] = info.state.last_seq
         return out
 
+    async def stats_after(self, moment: float, timeout_s: float = 3 * STATS_EVERY_S) -> None:
+        """Wait until every worker heard from has published after `moment`, so its totals cover the step."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            latest: dict[str, float] = {}
+            for s in self.stats:
+                latest[s.worker_id] = max(s.at, latest.get(s.worker_id, 0.0))
+            if all(at >= moment for at in latest.values()):
+                return
+            await asyncio.sleep(0.1)
+
     async def persister_settled(self) -> float | None:
         """Seconds until the persister has every TRANSCRIPTS message acked; None if it did not in time."""
         started = time.monotonic()
@@ -683,6 +695,9 @@ class Bench:
                     print(f"\nno persister consumer on TRANSCRIPTS ({exc!r}): rows not counted", file=sys.stderr)
                     return None
             await asyncio.sleep(0.2)
+        print(
+            f"\nthe persister did not catch up within {SETTLE_TIMEOUT_S:g} s: rows counted as they are", file=sys.stderr
+        )
         return None
 
     async def rows(self, session_ids: list[str]) -> int | None:
@@ -745,6 +760,7 @@ class Bench:
             await asyncio.gather(progress, return_exceptions=True)
         finished = time.time()
         settle_s = await self.watchdog.run(self.persister_settled())
+        await self.stats_after(finished)
         after = await self.stream_info()
         rows = await self.rows(ids)
         span = (first, finished)

@@ -24,7 +24,7 @@ from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
-from jetscribe.services.transcriber.stats import DecodeCounters, worker_stats
+from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
 FINISHED_REMEMBERED = 10_000
-STATS_EVERY_S = 1.0
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:

@@ -11,6 +11,7 @@ from jetscribe.services.transcriber.core import SessionStream
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import DecodeTotals, WorkerStats
 
+STATS_EVERY_S = 1.0  # a worker publishes its WorkerStats this often
 DECODE_KINDS = ("final", "interim", "speculative")  # speculative: a final decoded before its endpoint was certain
 
 

@@ -1,25 +1,18 @@
 """bench/load.py's runner in this process against a real local stack (nats-server, PostgreSQL and the three services
 as child processes, Whisper tiny.en): two staggered sessions of a short synthesised dialog at double speed."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench import load  # the script, as a module (pytest's pythonpath has the repo)
+
+    return load
 
 
 def test_two_sessions_give_a_row_of_real_numbers(load, tmp_path, capsys):

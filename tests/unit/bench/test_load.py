@@ -1,7 +1,5 @@
 """bench/load.py: the options, the measures and the report, without servers."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +8,12 @@ import pytest
 from jetscribe.client.bot import Audio, StreamResult
 from jetscribe.shared.wire import DecodeTotals, Segment, Word, WorkerStats
 
-REPO = Path(__file__).resolve().parents[3]
-
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench import load  # the script, as a module (pytest's pythonpath has the repo)
+
+    return load
 
 
 def test_session_counts(load):
@@ -59,6 +53,7 @@ def test_bots_take_the_files_in_turn_and_go_on_until_the_duration(load):
     assert by_bot[0] == [("a", 100.0), ("c", 110.0), ("b", 115.0)]  # streams until 135 >= 125.5
     assert by_bot[1] == [("b", 100.5), ("a", 120.5)]  # until 130.5
     assert load.plan_sessions([a], 1, 0.0, 0.7, 2.0, 12.0)[-1].start_at == 10.0  # at double speed, 5 s a file
+    assert len(load.plan_sessions([c], 8, 0.0, 1.0, 1.0, 0.0)) == 8  # one file a bot, even before the last starts
 
 
 def test_quick_clips_a_file_at_a_turn_end(load):
