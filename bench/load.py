@@ -588,11 +588,11 @@ class SessionRun:
 
 
 class ProcessSampler:
-    """CPU seconds and RSS per service, from the processes this one started after `since` (the stack's children
+    """CPU seconds and RSS per service, from the processes this one started besides `earlier` (the stack's children
     and theirs, by service) and this process itself (the load generator)."""
 
-    def __init__(self, since: float):
-        self.since = since
+    def __init__(self, earlier: set[int]):
+        self.earlier = earlier
         self.me = psutil.Process()
         self._mine = self._cpu(self.me)
         self._cpu_by_process: dict[tuple[int, float], tuple[str, float]] = {}  # kept after a process exits
@@ -607,7 +607,7 @@ class ProcessSampler:
         rss: dict[str, int] = defaultdict(int)
         for child in self.me.children():
             try:
-                if child.create_time() < self.since:
+                if child.pid in self.earlier:
                     continue
                 service = service_of(child.name(), child.cmdline())
                 family = [child, *child.children(recursive=True)]
@@ -819,7 +819,7 @@ async def run_variant(
     nats_url: str,
     database_url: str | None,
     local,
-    since: float,
+    earlier: set[int],
 ) -> dict:
     """The alone runs, then one step per session count, on one stack; the variant's part of `report`."""
     import nats
@@ -828,7 +828,7 @@ async def run_variant(
     nc = await nats.connect(nats_url, connect_timeout=5)
     try:
         async with Watchdog(local) as watchdog:
-            bench = Bench(args, variant, nc, nc.jetstream(), watchdog, ProcessSampler(since), database_url, run)
+            bench = Bench(args, variant, nc, nc.jetstream(), watchdog, ProcessSampler(earlier), database_url, run)
 
             async def on_stats(msg):
                 try:
@@ -864,14 +864,14 @@ def run_all(args, variants: list[Variant], items: list[Item], counts: list[int],
     """Each variant on its own fresh stack (or, with --external, on the running services), its curve printed."""
     use_servers(args.nats_url, args.database_url)
     for variant in variants:
-        since = time.time()  # the processes started from here on are the stack's
+        earlier = {p.pid for p in psutil.Process().children()}  # those started from here on are the stack's
         if args.external:
             from jetscribe.devstack.stack import database_url, nats_url
 
             result = asyncio.run(
                 run_variant(
                     args, variant, items, counts, cache, rule, report,
-                    nats_url=nats_url(), database_url=database_url(), local=None, since=since,
+                    nats_url=nats_url(), database_url=database_url(), local=None, earlier=earlier,
                 )
             )  # fmt: skip
         else:
@@ -883,7 +883,7 @@ def run_all(args, variants: list[Variant], items: list[Item], counts: list[int],
                 result = asyncio.run(
                     run_variant(
                         args, variant, items, counts, cache, rule, report,
-                        nats_url=local.nats_url, database_url=local.database_url, local=local, since=since,
+                        nats_url=local.nats_url, database_url=local.database_url, local=local, earlier=earlier,
                     )
                 )  # fmt: skip
         print_curve(variant, result["rows"], rule)
