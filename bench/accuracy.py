@@ -56,6 +56,7 @@ from bench.common import (  # noqa: E402
     Item,
     Watchdog,
     add_data_arguments,
+    add_server_arguments,
     fmt,
     git_commit,
     interrupted,
@@ -344,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time (latency targets are for 1)")
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--language", default="auto", help="session language, also given to the offline run")
-    parser.add_argument("--nats-url", help="use this NATS server (default $NATS_URL, else start one)")
-    parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
-    parser.add_argument(
-        "--external", action="store_true", help="start nothing: measure the services already running against --nats-url"
-    )
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupted)
     cfg = TranscriberConfig.from_env()  # what the transcriber child reads too: same beam, same endpointing

@@ -206,6 +206,15 @@ def local_stack(home: Path, model: str, extra_env: dict[str, str] | None = None,
         yield stack
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--nats-url, --database-url, --external: which servers and services a benchmark uses (`use_servers`)."""
+    parser.add_argument("--nats-url", help="use this NATS server (default $NATS_URL, else start one)")
+    parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
+    parser.add_argument(
+        "--external", action="store_true", help="start nothing: use the services already running against --nats-url"
+    )
+
+
 def use_servers(nats_url: str | None, database_url: str | None) -> None:
     """--nats-url / --database-url: LocalStack then uses those servers instead of starting its own."""
     for flag, var in ((nats_url, "NATS_URL"), (database_url, "DATABASE_URL")):

@@ -62,6 +62,7 @@ from bench.common import (  # noqa: E402
     Item,
     Watchdog,
     add_data_arguments,
+    add_server_arguments,
     fmt,
     git_commit,
     interrupted,
@@ -933,11 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Rule.min_window_s,
         help="seconds with all sessions streaming needed to judge growth",
     )
-    parser.add_argument("--nats-url", help="use this NATS server (default $NATS_URL, else start one)")
-    parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
-    parser.add_argument(
-        "--external", action="store_true", help="start nothing: load the services already running against --nats-url"
-    )
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     try:
         counts = parse_sessions(args.sessions or (QUICK_SESSIONS if args.quick else "1,4,8,16,24,32"))
