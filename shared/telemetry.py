@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
@@ -17,6 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from jetscribe.shared.config import ConfigError
 from jetscribe.shared.retry import Stopped, service_stop
 
 
@@ -33,13 +35,14 @@ def setup(service: str) -> None:
 
 
 def serve(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run a service's `run(stop)` until SIGTERM or SIGINT sets `stop`; the process then exits 0.
+    """Run a service's `run(stop)` until SIGTERM or SIGINT sets `stop`; the process then exits 0, or 2 after
+    a ConfigError (its message, one line on stderr).
 
     `stop` is also the task's `service_stop`, so a service still connecting to NATS stops too.
     """
     setup(service)
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         service_stop.set(stop)
         loop = asyncio.get_running_loop()
@@ -49,6 +52,9 @@ def serve(service: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
             await run(stop)
         except Stopped as exc:
             logging.getLogger(__name__).info("stopped before %s", exc)
+        except ConfigError as exc:  # a setting that cannot work here: one line that says what to set
+            print(f"jetscribe-{service}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        return 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())

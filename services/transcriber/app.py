@@ -540,10 +540,18 @@ async def run(
     settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None, model=None
 ) -> None:
     tracer = telemetry.trace.get_tracer("jetscribe.transcriber")
+    config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
     if model is None:
-        log.info("loading Whisper %s on %s (%s)", config.model, config.device, config.compute_type)
+        where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
+        threads = config.cpu_threads or "CTranslate2's default"
+        log.info("loading Whisper %s on %s (%s), CPU threads: %s", config.model, where, config.compute_type, threads)
         model = await asyncio.to_thread(
-            whisper.load_model, config.model, config.device, config.compute_type, config.cpu_threads
+            whisper.load_model,
+            config.model,
+            config.device,
+            config.compute_type,
+            config.cpu_threads,
+            device_index=config.device_index,
         )
     nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
     worker = TranscriberWorker(nc, settings, config, model, tracer)

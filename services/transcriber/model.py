@@ -23,14 +23,20 @@ from jetscribe.services.transcriber.decoding import (  # noqa: F401  (window_fra
     window_frames,
 )
 from jetscribe.shared.audio import SAMPLE_RATE
-from jetscribe.shared.config import cache_root
+from jetscribe.shared.config import (
+    ConfigError,
+    DeviceUnavailable,
+    cache_root,
+    resolve_compute_type,
+    resolve_device,
+)
 from jetscribe.shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
 
 
-class ModelNotFound(RuntimeError):
-    pass
+class ModelNotFound(ConfigError):
+    code = "model_not_found"
 
 
 def default_cache_dir() -> Path:
@@ -103,16 +109,39 @@ class ShortWindowWhisper(WhisperModel):
         return super().find_alignment(tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
 
 
+def cuda_device_count() -> int:
+    """GPUs CTranslate2 can use: 0 on a host without CUDA, or whose driver is too old for its runtime."""
+    import ctranslate2
+
+    return int(ctranslate2.get_cuda_device_count())
+
+
 def load_model(
     name: str,
-    device: str = "cpu",
-    compute_type: str = "int8",
+    device: str = "auto",
+    compute_type: str = "auto",
     cpu_threads: int = 0,
     cache_dir: str | Path | None = None,
+    device_index: int = 0,
 ) -> ShortWindowWhisper:
-    return ShortWindowWhisper(
-        str(model_folder(name, cache_dir)), device=device, compute_type=compute_type, cpu_threads=cpu_threads
-    )
+    """Load a Whisper model for decoding. `device` and `compute_type` may be "auto" (as in TranscriberConfig);
+    a device or compute type that cannot work here raises a ConfigError whose message says what to set."""
+    device = resolve_device(device, 0 if device == "cpu" else cuda_device_count(), device_index)
+    compute_type = resolve_compute_type(compute_type, device)
+    folder = model_folder(name, cache_dir)
+    try:
+        return ShortWindowWhisper(
+            str(folder), device=device, device_index=device_index, compute_type=compute_type, cpu_threads=cpu_threads
+        )
+    except ValueError as exc:  # CTranslate2's word for a compute type this device cannot run
+        raise ConfigError(f"JETSCRIBE_COMPUTE_TYPE={compute_type} does not work on {device}: {exc}") from None
+    except RuntimeError as exc:
+        if device != "cuda":
+            raise
+        raise DeviceUnavailable(
+            f"CTranslate2 could not load {name} on CUDA device {device_index} ({exc}): check the NVIDIA driver and "
+            "the CUDA 12 cuBLAS and cuDNN 9 libraries, or set JETSCRIBE_DEVICE=cpu"
+        ) from None
 
 
 # The token rule: one decode call may emit at most TOKENS_PER_CALL tokens plus TOKENS_PER_AUDIO_SECOND per second
