@@ -192,8 +192,8 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 def device_defaults(device: str) -> tuple[str, int]:
-    """(compute_type, max_batch) for a resolved device: int8 and batches of 8 on a CPU (batching gains
-    little there, and a batch delays its first final); float16 and batches of 32 on a GPU."""
+    """(compute_type, max_batch) defaults for a resolved device: int8 and JETSCRIBE_MAX_BATCH's 8 on a CPU;
+    float16 and 32 on a GPU, where a larger batch costs little more than one job."""
     if device == "cuda":
         return "float16", 32
     if device == "cpu":

@@ -26,7 +26,7 @@ from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
 from jetscribe.shared import subjects
-from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, resolve_device
+from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, device_defaults, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ class LocalStack:
         worker = {**env, **thread_env(self.plan.threads), "JETSCRIBE_WORKER_ID": self.transcriber_ids[index]}
         if self.plan.device == "cuda":
             worker.update(JETSCRIBE_DEVICE="cuda", JETSCRIBE_DEVICE_INDEX=str(self.plan.device_indexes[index]))
+            if not env.get("JETSCRIBE_MAX_BATCH"):  # a GPU decodes larger batches for about the cost of one job
+                worker["JETSCRIBE_MAX_BATCH"] = str(device_defaults("cuda")[1])
         return worker
 
     async def _wait_for_partitions(self, since_revision: int) -> dict[str, list[int]]:

@@ -1,6 +1,7 @@
 """jetscribe/devstack/stack.py's pure parts: worker names, who holds which partition, who has not settled yet."""
 
-from jetscribe.devstack.stack import holders, unsettled, worker_ids
+from jetscribe.devstack.sizing import plan_workers
+from jetscribe.devstack.stack import LocalStack, holders, unsettled, worker_ids
 from jetscribe.services.transcriber.partitions import assign
 
 
@@ -31,3 +32,21 @@ def test_other_members_of_a_shared_nats_count_in_the_split():
     split = assign(16, members)
     mine = sorted(p for p, o in split.items() if o == "h-t0")
     assert unsettled(["h-t0"], 16, members, {"h-t0": mine}) == {}
+
+
+def test_each_worker_gets_its_id_its_thread_share_and_on_cuda_its_gpu_and_batch(tmp_path):
+    stack = LocalStack(tmp_path)
+    stack.transcriber_ids = worker_ids("h", 2)
+    stack.plan = plan_workers(8, "cpu", transcribers=2)
+    cpu = stack._worker_env({"JETSCRIBE_MODEL": "base"}, 1)
+    assert cpu["JETSCRIBE_WORKER_ID"] == "h-t1" and cpu["JETSCRIBE_MODEL"] == "base"
+    assert [cpu[v] for v in ("JETSCRIBE_CPU_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")] == ["4"] * 3
+    assert "JETSCRIBE_DEVICE_INDEX" not in cpu and "JETSCRIBE_MAX_BATCH" not in cpu
+
+    stack.plan = plan_workers(8, "cuda", gpus=2)
+    gpu = [stack._worker_env({"JETSCRIBE_DEVICE": "auto"}, i) for i in range(2)]
+    assert [(e["JETSCRIBE_DEVICE"], e["JETSCRIBE_DEVICE_INDEX"], e["JETSCRIBE_MAX_BATCH"]) for e in gpu] == [
+        ("cuda", "0", "32"),
+        ("cuda", "1", "32"),
+    ]
+    assert stack._worker_env({"JETSCRIBE_MAX_BATCH": "16"}, 0)["JETSCRIBE_MAX_BATCH"] == "16"  # the user's stays
