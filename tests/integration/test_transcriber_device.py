@@ -1,4 +1,5 @@
-"""The transcriber on a device it cannot use: one clear line and exit code 2, never a traceback.
+"""The transcriber on a device it cannot use: one clear line and exit code 2, never a traceback; `jetscribe up`
+and LocalStack pass that line on.
 
 This machine has no GPU (the test skips on one that does), so JETSCRIBE_DEVICE=cuda must be refused
 before the worker touches NATS: the URL below points at a closed port and is never needed.
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from jetscribe.devstack.servers import free_port
+from jetscribe.devstack.stack import LocalStack, StackError
 from jetscribe.services.transcriber.model import cuda_device_count, load_model
 from jetscribe.shared.config import ConfigError
 
@@ -75,3 +77,34 @@ def test_auto_runs_on_the_cpu_here_with_int8_and_says_its_threads():
 def test_a_compute_type_the_cpu_cannot_run_is_one_clear_error():
     with pytest.raises(ConfigError, match="JETSCRIBE_COMPUTE_TYPE=float16 does not work on cpu"):
         load_model("tiny.en", "cpu", "float16")
+
+
+@NO_GPU
+def test_jetscribe_up_with_cuda_and_no_gpu_says_the_same_line(tmp_path):
+    env = service_env(JETSCRIBE_DEVICE="cuda", JETSCRIBE_HOME=str(tmp_path / "home"))
+    env.pop("NATS_URL")
+    done = subprocess.run(
+        [sys.executable, "-m", "jetscribe.cli.main", "up"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        "jetscribe up: JETSCRIBE_DEVICE=cuda but CTranslate2 sees no CUDA device (get_cuda_device_count() == 0): "
+        "use cpu or auto" in done.stderr.splitlines()
+    )
+
+
+def test_a_worker_that_exits_at_start_is_named_with_its_last_line(tmp_path, monkeypatch):
+    """What `jetscribe up` shows when a worker cannot load (e.g. a GPU whose CUDA libraries are missing):
+    here a compute type the CPU cannot run."""
+    for variable in ("NATS_URL", "DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    local = LocalStack(tmp_path / "home", model="tiny.en", extra_env={"JETSCRIBE_COMPUTE_TYPE": "float16"})
+    with pytest.raises(StackError) as caught, local:
+        pass
+    assert str(caught.value) == (
+        f"transcriber {local.transcriber_ids[0]} exited with code 2: jetscribe-transcriber: JETSCRIBE_COMPUTE_TYPE="
+        "float16 does not work on cpu: Requested float16 compute type, but the target device or backend do not "
+        "support efficient float16 computation."
+    )
+    assert not local.children  # everything it started is stopped
