@@ -186,12 +186,10 @@ class LocalStack:
         if self.model:
             env["JETSCRIBE_MODEL"] = self.model
         self.partitions = int(env.get("JETSCRIBE_PARTITIONS") or 16)
-        self.plan = plan_for_host(
-            env, self.transcribers, self.partitions
-        )  # a device or count that cannot work: before anything runs
-        self.transcriber_ids = worker_ids(
-            env.get("JETSCRIBE_WORKER_ID") or socket.gethostname(), self.plan.transcribers
-        )
+        # A device or count that cannot work is refused here, before anything runs.
+        self.plan = plan_for_host(env, self.transcribers, self.partitions)
+        prefix = env.get("JETSCRIBE_WORKER_ID") or socket.gethostname()
+        self.transcriber_ids = worker_ids(prefix, self.plan.transcribers)
         log.info("%s", self.plan.describe(cores_available()))
         self.home.mkdir(parents=True, exist_ok=True)
         self.nats_url = os.environ.get("NATS_URL", "")
