@@ -229,3 +229,22 @@ class PersisterConfig(FromEnv):
     database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
     batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
     retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig(FromEnv):
+    """Logs, metrics and traces of any service. The standard OTEL_* variables (OTEL_SERVICE_NAME,
+    OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_*, OTEL_METRICS_EXPORTER, ...) are read by OpenTelemetry itself."""
+
+    # HTTP /metrics, /healthz and /readyz; 0 = a free port, logged at start and announced by the service
+    metrics_port: int = env("JETSCRIBE_METRICS_PORT", 0)
+    metrics_host: str = env("JETSCRIBE_METRICS_HOST", "127.0.0.1")  # 0.0.0.0 in a container
+    log_level: str = env("JETSCRIBE_LOG_LEVEL", "INFO")
+    log_format: str = env("JETSCRIBE_LOG_FORMAT", "text")  # "text" or "json" (one object per line)
+    console: str = env("JETSCRIBE_OTEL_CONSOLE", "")  # "1": spans and metrics printed to stderr
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"JETSCRIBE_LOG_FORMAT is {self.log_format!r}: use text or json")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"JETSCRIBE_METRICS_PORT is {self.metrics_port}: use 0 (a free port) to 65535")

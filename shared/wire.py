@@ -63,6 +63,7 @@ class AudioChunk(_SessionMessage, tag="audio"):
     channels: int
     encoding: Encoding
     payload: bytes
+    received_at: float = 0.0  # wall time the gateway received it (0: unknown): final latency counts from it
 
 
 class SessionControl(_SessionMessage, tag="control"):

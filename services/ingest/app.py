@@ -13,11 +13,15 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.trace import SpanKind
 
 from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
 from jetscribe.shared import subjects, telemetry
+from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
+from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
 from jetscribe.shared.streams import connect, ensure_streams
 from jetscribe.shared.wire import (
     AudioChunk,
@@ -40,12 +44,13 @@ log = logging.getLogger(__name__)
 class IngestGateway:
     """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*`."""
 
-    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None):
+    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None, meter=None):
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.book = IngestBook(config)
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
+        self.metrics = IngestMetrics(meter or otel_metrics.get_meter("jetscribe.ingest"))
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._inflight: set[asyncio.Task] = set()
@@ -79,16 +84,24 @@ class IngestGateway:
     async def _serve(self, msg: Msg, kind: type, accept: Callable[[Any], Awaitable[Reply]], span: str) -> None:
         """Decode a bot's request, check it names its own subject, run `accept` under the session's lock, answer."""
         tenant, session_id = _ids_from_subject(msg.subject)
+        received_at, started = time.time(), time.perf_counter()
         message = None
-        with self.tracer.start_as_current_span(span):
+        with (
+            telemetry.log_context(tenant, session_id),
+            self.tracer.start_as_current_span(span, context=telemetry.extract(msg.headers), kind=SpanKind.SERVER),
+        ):
             try:
                 message = decode(msg.data, kind)
+                if isinstance(message, AudioChunk):
+                    message.received_at = received_at  # travels with the stored chunk: final latency starts here
                 check_subject_matches(message.tenant, message.session_id, tenant, session_id)
                 async with self._lock(tenant, session_id):
                     reply = await accept(message)
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
+        outcome = {SYSTEM: "nats", OPERATION: span, TENANT: tenant} | ({ERROR_TYPE: reply.code} if reply.code else {})
+        self.metrics.request_duration.record(time.perf_counter() - started, outcome)
 
     async def _on_worker_event(self, msg: Msg) -> None:
         """The transcriber ended a session (e.g. idle timeout) or rejected it: refuse its further requests."""
@@ -116,6 +129,7 @@ class IngestGateway:
                 verdict.ledger.resampler = None  # it consumed this chunk; the bot's retry must not feed it twice
                 raise
             self.book.accepted(verdict.ledger, chunk.seq)
+            self.metrics.chunks.add(1, {TENANT: chunk.tenant})
         return Reply(ok=True, last_seq=verdict.ledger.last_seq)
 
     async def _control(self, control: SessionControl) -> Reply:
@@ -147,12 +161,14 @@ class IngestGateway:
             ack = await self.js.publish(
                 subjects.audio(message.tenant, message.session_id),
                 encode(message),
-                headers={"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)},
+                headers=telemetry.inject({"Nats-Msg-Id": subjects.message_id(message.tenant, message.session_id, seq)}),
             )
         except Exception as exc:  # stream unreachable (NATS restarting): the bot resends the same seq
             raise RequestRefused("unavailable", f"could not store audio, send it again: {exc!r}") from None
         if ack.duplicate:
             log.info("stream dropped a repeat of %s/%s %s", message.tenant, message.session_id, seq)
+        elif isinstance(message, AudioChunk):
+            self.metrics.audio.add(len(message.payload) / (2 * SAMPLE_RATE), {TENANT: message.tenant})
 
     async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
         """A session this gateway has not seen (it restarted, or the id is reused), as the streams know it.
@@ -207,6 +223,7 @@ class IngestGateway:
             tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq, at=time.time()
         )
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
+        self.metrics.refusals.add(1, {TENANT: tenant, ERROR_TYPE: exc.code})
         try:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
@@ -240,16 +257,27 @@ def _ids_from_subject(subject: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:
-    tracer = telemetry.trace.get_tracer("jetscribe.ingest")
-    nc = await connect(settings, "jetscribe-ingest")
-    gateway = IngestGateway(nc, settings, config, tracer)
-    await gateway.start()
-    log.info("ingest gateway serving on %s", settings.nats_url)
-    stop = stop or asyncio.Event()
-    await stop.wait()
-    await nc.drain()
+async def run(
+    settings: StreamSettings,
+    config: IngestConfig,
+    stop: asyncio.Event | None = None,
+    tel: telemetry.Telemetry | None = None,
+) -> None:
+    async with telemetry.serving("ingest", tel) as tel:
+        tel.readiness.need("nats", "streams")
+        nc = await connect(settings, "jetscribe-ingest")
+        tel.readiness.up("nats")
+        gateway = IngestGateway(nc, settings, config, tel.tracer, tel.meter)
+        await gateway.start()
+        tel.readiness.up("streams")
+        log.info("ingest gateway serving on %s", settings.nats_url)
+        stop = stop or asyncio.Event()
+        await stop.wait()
+        tel.readiness.down("nats", "stopping")
+        await nc.drain()
 
 
 def main() -> int:
-    return telemetry.serve("ingest", lambda stop: run(StreamSettings.from_env(), IngestConfig.from_env(), stop))
+    return telemetry.serve(
+        "ingest", lambda stop, tel: run(StreamSettings.from_env(), IngestConfig.from_env(), stop, tel)
+    )

@@ -18,9 +18,13 @@ import psutil
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, set_span_in_context
 
 from jetscribe.services.transcriber import batched
 from jetscribe.services.transcriber import model as whisper
+from jetscribe.services.transcriber.arrivals import Arrival, ChunkArrivals
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
@@ -31,12 +35,28 @@ from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.metrics import (
+    BATCH_SIZE,
+    DECODE_KIND,
+    ERROR_TYPE,
+    EVENT,
+    GROUP,
+    PARTITION,
+    REASON,
+    STATUS,
+    STREAM,
+    SYSTEM,
+    TENANT,
+    WORKER,
+    TranscriberMetrics,
+)
 from jetscribe.shared.retry import Stopped, retry, stopped_within
 from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
 from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
     ErrorEvent,
+    Segment,
     SessionCheckpoint,
     SessionControl,
     WireError,
@@ -49,6 +69,7 @@ log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
 FINISHED_REMEMBERED = 10_000
+ARRIVALS_KEPT_BEHIND = 30 * SAMPLE_RATE  # chunk arrivals kept before a session's buffer, for late segments
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
@@ -79,6 +100,8 @@ class SessionRecord:
     stream: SessionStream[Msg]
     partition: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    arrivals: ChunkArrivals = field(default_factory=ChunkArrivals)  # for latencies and trace links
+    first_interim_measured: int = -1  # the last segment id whose first interim latency was recorded
 
 
 @dataclass
@@ -90,7 +113,14 @@ class FinishedSession:
 
 class TranscriberWorker:
     def __init__(
-        self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None, clock: Clock | None = None
+        self,
+        nc,
+        settings: StreamSettings,
+        config: TranscriberConfig,
+        model,
+        tracer=None,
+        clock: Clock | None = None,
+        meter=None,
     ):
         self.nc = nc
         self.js = nc.jetstream()
@@ -105,6 +135,9 @@ class TranscriberWorker:
         )
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
+        self.metrics = TranscriberMetrics(meter or otel_metrics.get_meter("jetscribe.transcriber"))
+        self.metrics.buffered.feed(self._buffered)
+        self.metrics.partitions_owned.feed(lambda: [(len(self.pullers), {WORKER: self.config.worker_id})])
         self.sessions: dict[SessionKey, SessionRecord] = {}
         self.finished: OrderedDict[SessionKey, FinishedSession] = OrderedDict()  # recently closed
         self.pullers: dict[int, asyncio.Task] = {}
@@ -123,6 +156,7 @@ class TranscriberWorker:
         self._tasks.append(asyncio.create_task(self._decode_loop()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._publish_stats()))
+        self._tasks.append(asyncio.create_task(self.metrics.lag.poll(self.js, self._own_consumers, self.stopping)))
         self.group = PartitionGroup.from_config(
             self.nc, self.settings, self.config, on_assigned=self._assigned, on_revoked=self._revoked
         )
@@ -144,6 +178,7 @@ class TranscriberWorker:
     # --- partitions -----------------------------------------------------------------------
     async def _assigned(self, partition: int, puller: PartitionPuller) -> None:
         self.pullers[partition] = asyncio.create_task(self._pull(partition, puller))
+        self.metrics.partition_acquisitions.add(1, {PARTITION: str(partition), WORKER: self.config.worker_id})
 
     async def _revoked(self, partition: int, lost: bool) -> None:
         task = self.pullers.pop(partition, None)
@@ -180,9 +215,18 @@ class TranscriberWorker:
         key = (record.stream.tenant, record.stream.session_id)
         if self.sessions.get(key) is record:
             del self.sessions[key]
+            self.metrics.sessions_active.add(-1, self._attrs(record.stream.tenant))
 
     # --- audio in -------------------------------------------------------------------------
     async def _pull(self, partition: int, puller: PartitionPuller) -> None:
+        consumed = {
+            SYSTEM: "nats",
+            STREAM: subjects.AUDIO_STREAM,
+            GROUP: subjects.TRANSCRIBER_PRIORITY_GROUP,
+            PARTITION: str(partition),
+            WORKER: self.config.worker_id,
+        }
+        redelivered = {PARTITION: str(partition), WORKER: self.config.worker_id}
         while not self.stopping.is_set():
             try:
                 msgs = await puller.fetch(256, timeout=1.0)
@@ -192,7 +236,11 @@ class TranscriberWorker:
                 log.warning("fetch on partition %d failed: %r", partition, exc)
                 await stopped_within(self.stopping, 0.5)
                 continue
+            if msgs:
+                self.metrics.consumed.add(len(msgs), consumed)
             for msg in msgs:
+                if msg.metadata.num_delivered > 1:
+                    self.metrics.redeliveries.add(1, redelivered)
                 try:
                     await self._receive(partition, msg)
                 except Stopped:
@@ -231,7 +279,22 @@ class TranscriberWorker:
         if record is None:
             await self._after_finished(key, message, msg)
             return
-        await self._carry_out(record, record.stream.receive(message, msg))
+        received = record.stream.segmenter.received
+        step = record.stream.receive(message, msg)
+        if isinstance(message, AudioChunk) and record.stream.segmenter.received > received:  # new audio
+            end = record.stream.segmenter.received
+            record.arrivals.add(
+                Arrival(
+                    message.seq,
+                    received,
+                    end,
+                    message.received_at,
+                    self.clock.monotonic(),
+                    telemetry.span_context_of(msg.headers),
+                )
+            )
+            self.metrics.audio.add((end - received) / SAMPLE_RATE, self._attrs(message.tenant))
+        await self._carry_out(record, step)
 
     async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
         """A session this worker has not seen: resume it from its checkpoint, or start it. None if its
@@ -258,7 +321,10 @@ class TranscriberWorker:
         )
         if checkpoint is not None:
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
+            if checkpoint.worker_id and checkpoint.worker_id != self.config.worker_id:
+                self.metrics.takeovers.add(1, self._attrs(key[0]))
         record = self.sessions[key] = SessionRecord(stream, partition)
+        self.metrics.sessions_active.add(1, self._attrs(key[0]))
         return record
 
     async def _after_finished(self, key: SessionKey, message: AudioMessage, msg: Msg) -> None:
@@ -286,10 +352,19 @@ class TranscriberWorker:
     # --- carrying out what the core decided -------------------------------------------------
     async def _carry_out(self, record: SessionRecord, step: Step[Msg]) -> None:
         """Do what `step` says, in the order `Step` documents, after every earlier step of the session."""
+        with telemetry.log_context(record.stream.tenant, record.stream.session_id):
+            await self._carry_out_step(record, step)
+
+    async def _carry_out_step(self, record: SessionRecord, step: Step[Msg]) -> None:
+        attrs = self._attrs(record.stream.tenant)
         for line in step.notes:
             log.info("%s", line)
         for audit in step.audits:
             _log_audit(record.stream, audit)
+            for reason, words in Counter(d.reason for d in audit.dropped).items():
+                self.metrics.words_dropped.add(words, attrs | {REASON: reason})
+            if audit.empty_over_speech:
+                self.metrics.empty_finals.add(1, attrs)
         if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
             self._forget(record)
             if step.checkpoint is not None and step.checkpoint.finished:
@@ -300,30 +375,101 @@ class TranscriberWorker:
             for error in step.errors:
                 await self._report(error)
             for segment in step.segments:
-                await self._publish(
-                    subjects.transcript(segment.tenant, segment.session_id),
-                    encode(segment),
-                    subjects.segment_message_id(
-                        segment.tenant,
-                        segment.session_id,
-                        segment.segment_id,
-                        segment.status,
-                        segment.revision,
-                        segment.worker_id,
-                    ),
-                )
+                with self._segment_span(record, segment):
+                    await self._publish(
+                        subjects.transcript(segment.tenant, segment.session_id),
+                        encode(segment),
+                        subjects.segment_message_id(
+                            segment.tenant,
+                            segment.session_id,
+                            segment.segment_id,
+                            segment.status,
+                            segment.revision,
+                            segment.worker_id,
+                        ),
+                    )
+                self._measure_segment(record, segment)
             for event in step.events:
                 await self._publish(
                     subjects.session_event(event.tenant, event.session_id, event.event),
                     encode(event),
                     subjects.event_message_id(event.tenant, event.session_id, event.event),
                 )
+                self.metrics.session_events.add(1, attrs | {EVENT: event.event, REASON: event.reason})
             if step.checkpoint is not None:
                 await self._save_checkpoint(step.checkpoint)
+                self.metrics.checkpoint_writes.add(1, attrs)
             for msg in step.ack:
                 await _settle_message(msg.ack, msg)
             for msg in step.nak:
                 await _settle_message(msg.nak, msg)
+            if step.segments:
+                record.arrivals.drop_before(record.stream.segmenter.buffer.start - ARRIVALS_KEPT_BEHIND)
+
+    # --- what an operator sees: metrics and traces ------------------------------------------
+    def _attrs(self, tenant: str) -> dict[str, str | int]:
+        return {TENANT: tenant, WORKER: self.config.worker_id}
+
+    def _segment_span(self, record: SessionRecord, segment: Segment):
+        """The span a segment is published in: it continues the trace of the chunk holding its last word (the
+        gateway's request that stored it), and a final links to every chunk it covers."""
+        last = (
+            record.arrivals.at_time(segment.words[-1].end)
+            if segment.words
+            else record.arrivals.of_seq(segment.seq_last)
+        )
+        parent = last.context if last is not None else None
+        links = []
+        if segment.status == "final":
+            links = [
+                Link(chunk.context)
+                for chunk in record.arrivals.between(segment.seq_first, segment.seq_last)
+                if chunk.context is not None and chunk is not last
+            ]
+        return self.tracer.start_as_current_span(
+            f"transcriber.{segment.status}",
+            context=set_span_in_context(NonRecordingSpan(parent)) if parent is not None else Context(),
+            kind=SpanKind.PRODUCER,
+            links=links,
+            attributes={
+                "jetscribe.tenant": segment.tenant,
+                "jetscribe.session": segment.session_id,
+                "jetscribe.segment_id": segment.segment_id,
+                "jetscribe.revision": segment.revision,
+                "jetscribe.seq_first": segment.seq_first,
+                "jetscribe.seq_last": segment.seq_last,
+                "jetscribe.worker": self.config.worker_id,
+            },
+        )
+
+    def _measure_segment(self, record: SessionRecord, segment: Segment) -> None:
+        """Count a published segment; a final's latency from the gateway receiving its last word, a segment's
+        first interim's from the gateway receiving its first word."""
+        attrs = self._attrs(segment.tenant)
+        self.metrics.segments.add(1, attrs | {STATUS: segment.status})
+        if not segment.words:
+            return
+        now = self.clock.wall()
+        if segment.status == "final":
+            chunk = record.arrivals.at_time(segment.words[-1].end)
+            if chunk is not None and chunk.received_at:
+                self.metrics.final_latency.record(max(0.0, now - chunk.received_at), attrs)
+        if segment.segment_id > record.first_interim_measured:
+            record.first_interim_measured = segment.segment_id
+            chunk = record.arrivals.at_time(segment.words[0].end)
+            if segment.status == "interim" and chunk is not None and chunk.received_at:
+                self.metrics.first_interim_latency.record(max(0.0, now - chunk.received_at), attrs)
+
+    def _buffered(self) -> list[tuple[float, dict[str, str | int]]]:
+        """Audio in the sessions' buffers, per tenant (read at each scrape)."""
+        samples: Counter[str] = Counter()
+        for record in list(self.sessions.values()):
+            samples[record.stream.tenant] += len(record.stream.segmenter.buffer)
+        return [(n / SAMPLE_RATE, self._attrs(tenant)) for tenant, n in samples.items()]
+
+    def _own_consumers(self) -> list[tuple[str, str, int | None]]:
+        """The AUDIO consumers of the partitions this worker holds, for their lag."""
+        return [(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p), p) for p in sorted(self.pullers)]
 
     # --- checkpoints ----------------------------------------------------------------------
     async def _load_checkpoint(self, key: SessionKey) -> SessionCheckpoint | None:
@@ -416,6 +562,11 @@ class TranscriberWorker:
         if not work:
             return
         jobs = [job for _, job in work]
+        now = self.clock.monotonic()
+        for record, job in work:  # the wait of each job's newest audio, here, before its decode starts
+            newest = record.arrivals.at(job.end_sample)
+            if newest is not None:
+                self.metrics.queue_delay.record(max(0.0, now - newest.arrived), self._decode_attrs(job))
         with self.tracer.start_as_current_span("transcriber.decode") as span:
             span.set_attribute("jetscribe.kind", jobs[0].kind)
             span.set_attribute("jetscribe.batch_size", len(jobs))
@@ -427,6 +578,12 @@ class TranscriberWorker:
         for job in jobs:
             self.load.observe(job, seconds / len(jobs))
             self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
+            self.metrics.decode_audio.add(len(job.audio) / SAMPLE_RATE, self._decode_attrs(job))
+        batch = self._decode_attrs(*jobs)
+        self.metrics.decode_duration.record(seconds, batch | {BATCH_SIZE: len(jobs)})
+        self.metrics.decode_batch.record(len(jobs), batch)
+        if audio_s := sum(len(job.audio) for job in jobs) / SAMPLE_RATE:
+            self.metrics.real_time_factor.record(seconds / audio_s, batch)
         log.debug(
             "%s: %d %s job(s), %.1f s of audio, decoded in %.2f s",
             ", ".join(_names(records)),
@@ -437,6 +594,11 @@ class TranscriberWorker:
         )
         for (record, job), result in zip(work, results, strict=True):
             await self._carry_out(record, record.stream.complete(job, result))
+
+    def _decode_attrs(self, *jobs: DecodeJob) -> dict[str, str | int]:
+        """A decode's kind: interim, final, or speculative (an early final, decoded before its endpoint)."""
+        kind = "speculative" if all(job.speculative for job in jobs) else jobs[0].kind
+        return {DECODE_KIND: kind, WORKER: self.config.worker_id}
 
     async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
         """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
@@ -480,7 +642,7 @@ class TranscriberWorker:
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
         await retry(
-            lambda: self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}),
+            lambda: self.js.publish(subject, data, headers=telemetry.inject({"Nats-Msg-Id": msg_id})),
             what=f"publish to {subject}",
             stop=self.stopping,
             logger=log,
@@ -488,6 +650,7 @@ class TranscriberWorker:
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
+        self.metrics.errors.add(1, self._attrs(event.tenant) | {ERROR_TYPE: event.code})
         try:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays
@@ -537,34 +700,45 @@ async def _settle_message(settle, msg: Msg) -> None:
 
 
 async def run(
-    settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None, model=None
+    settings: StreamSettings,
+    config: TranscriberConfig,
+    stop: asyncio.Event | None = None,
+    model=None,
+    tel: telemetry.Telemetry | None = None,
 ) -> None:
-    tracer = telemetry.trace.get_tracer("jetscribe.transcriber")
-    config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
-    if model is None:
-        where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
-        threads = config.cpu_threads or "CTranslate2's default"
-        log.info("loading Whisper %s on %s (%s), CPU threads: %s", config.model, where, config.compute_type, threads)
-        model = await asyncio.to_thread(
-            whisper.load_model,
-            config.model,
-            config.device,
-            config.compute_type,
-            config.cpu_threads,
-            device_index=config.device_index,
-        )
-    nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
-    worker = TranscriberWorker(nc, settings, config, model, tracer)
-    await worker.start()
-    log.info("transcriber %s ready; partitions: %s", config.worker_id, config.partitions)
-    stop = stop or asyncio.Event()
-    await stop.wait()
-    log.info("transcriber %s draining", config.worker_id)
-    await worker.drain()
-    await nc.close()
+    async with telemetry.serving("transcriber", tel, instance=config.worker_id) as tel:
+        tel.readiness.need("model", "streams", "consumer_group")
+        config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
+        if model is None:
+            where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
+            threads = config.cpu_threads or "CTranslate2's default"
+            log.info(
+                "loading Whisper %s on %s (%s), CPU threads: %s", config.model, where, config.compute_type, threads
+            )
+            model = await asyncio.to_thread(
+                whisper.load_model,
+                config.model,
+                config.device,
+                config.compute_type,
+                config.cpu_threads,
+                device_index=config.device_index,
+            )
+        tel.readiness.up("model")
+        nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
+        worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter)
+        await worker.start()
+        tel.readiness.up("streams")
+        tel.readiness.up("consumer_group")
+        log.info("transcriber %s ready; partitions: %s", config.worker_id, config.partitions)
+        stop = stop or asyncio.Event()
+        await stop.wait()
+        log.info("transcriber %s draining", config.worker_id)
+        tel.readiness.down("consumer_group", "draining")
+        await worker.drain()
+        await nc.close()
 
 
 def main() -> int:
     return telemetry.serve(
-        "transcriber", lambda stop: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop)
+        "transcriber", lambda stop, tel: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop, tel=tel)
     )
