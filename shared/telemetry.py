@@ -173,10 +173,13 @@ class Telemetry:
 
 
 @contextlib.asynccontextmanager
-async def serving(service: str, given: Telemetry | None, instance: str = "") -> AsyncIterator[Telemetry]:
-    """The service's telemetry (`given`, else one from the environment), its HTTP endpoint served meanwhile;
-    one made here is shut down after."""
+async def serving(
+    service: str, given: Telemetry | None, *, needs: tuple[str, ...] = (), instance: str = ""
+) -> AsyncIterator[Telemetry]:
+    """The service's telemetry (`given`, else one from the environment) with its readiness checks `needs`
+    declared, its HTTP endpoint served meanwhile; one made here is shut down after."""
     tel = given or Telemetry(service, instance=instance)
+    tel.readiness.need(*needs)  # before the endpoint answers, so /readyz never says ready too early
     await tel.start_http()
     try:
         yield tel
@@ -323,7 +326,6 @@ def serve(service: str, run: Callable[[asyncio.Event, Telemetry], Awaitable[None
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await tel.start_http()
             await run(stop, tel)
         except Stopped as exc:
             logging.getLogger(__name__).info("stopped before %s", exc)

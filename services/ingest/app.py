@@ -263,17 +263,15 @@ async def run(
     stop: asyncio.Event | None = None,
     tel: telemetry.Telemetry | None = None,
 ) -> None:
-    async with telemetry.serving("ingest", tel) as tel:
-        tel.readiness.need("nats", "streams")
+    async with telemetry.serving("ingest", tel, needs=("streams",)) as tel:
         nc = await connect(settings, "jetscribe-ingest")
-        tel.readiness.up("nats")
         gateway = IngestGateway(nc, settings, config, tel.tracer, tel.meter)
         await gateway.start()
         tel.readiness.up("streams")
         log.info("ingest gateway serving on %s", settings.nats_url)
         stop = stop or asyncio.Event()
         await stop.wait()
-        tel.readiness.down("nats", "stopping")
+        tel.readiness.down("streams", "stopping")
         await nc.drain()
 
 

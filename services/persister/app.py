@@ -226,14 +226,13 @@ async def run(
     tel: telemetry.Telemetry | None = None,
 ) -> None:
     """Persist the TRANSCRIPTS stream until `stop` is set; the batch in hand is finished first."""
-    async with telemetry.serving(SERVICE, tel) as tel:
+    async with telemetry.serving(SERVICE, tel, needs=("streams", "consumer", "database")) as tel:
         await _persist(settings, config, stop or asyncio.Event(), tel)
 
 
 async def _persist(
     settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event, tel: telemetry.Telemetry
 ) -> None:
-    tel.readiness.need("streams", "consumer", "database")
     engine = open_engine(config.database_url)
     nc = await connect(settings, SERVICE)
     tasks = [asyncio.create_task(_watch_database(engine, tel.readiness, stop))]

@@ -706,8 +706,8 @@ async def run(
     model=None,
     tel: telemetry.Telemetry | None = None,
 ) -> None:
-    async with telemetry.serving("transcriber", tel, instance=config.worker_id) as tel:
-        tel.readiness.need("model", "streams", "consumer_group")
+    needs = ("model", "streams", "consumer_group")
+    async with telemetry.serving("transcriber", tel, needs=needs, instance=config.worker_id) as tel:
         config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
         if model is None:
             where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
