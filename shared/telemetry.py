@@ -103,7 +103,7 @@ class Telemetry:
         self._registry: CollectorRegistry | None = None
         if "prometheus" in metric_exporters:
             self._registry = CollectorRegistry(auto_describe=False)
-            readers.append(PrometheusMetricReader(registry=self._registry))
+            readers.append(PrometheusMetricReader(registry=self._registry, scope_info_enabled=False))
         if "otlp" in metric_exporters:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 

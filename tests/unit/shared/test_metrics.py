@@ -110,3 +110,49 @@ def _points(reader, name):
         if metric.name == name
         for point in metric.data.data_points
     ]
+
+
+def test_every_metric_is_exported_to_prometheus_under_the_readme_name():
+    from opentelemetry.metrics import Histogram
+
+    from jetscribe.shared.config import TelemetryConfig
+    from jetscribe.shared.telemetry import Telemetry
+
+    tel = Telemetry("test", config=TelemetryConfig())
+    specs = {spec.name: spec for spec in ALL}
+    try:
+        for kind in (IngestMetrics, TranscriberMetrics, PersisterMetrics):
+            for name, instrument in vars(kind(tel.meter)).items():
+                if isinstance(instrument, metrics.ConsumerLag):
+                    attributes = {metrics.STREAM: "AUDIO", metrics.CONSUMER: "transcriber-p3", metrics.PARTITION: "3"}
+                    instrument._latest = {("AUDIO", "transcriber-p3"): (4, 2, attributes)}
+                elif isinstance(instrument, GaugeFeed):
+                    spec = metrics.BUFFERED if name == "buffered" else metrics.PARTITIONS_OWNED
+                    instrument.feed(lambda spec=spec: [(1.0, {key: "x" for key in spec.attributes})])
+                elif isinstance(instrument, Histogram):
+                    instrument.record(1, {key: "x" for key in specs[instrument.name].attributes})
+                else:
+                    instrument.add(1, {key: "x" for key in specs[instrument.name].attributes})
+        exposed = {line.split()[2] for line in tel.render_metrics().decode().splitlines() if line.startswith("# TYPE")}
+    finally:
+        tel.shutdown()
+    text = README.read_text()
+    listed = re.findall(r"^\| `([a-z_.]+)` \| `[^`]+` \| [^|]+ \| `([a-z_]+)` \|", text, re.MULTILINE)
+    assert {name for name, _ in listed} == set(specs)
+    for name, prometheus in listed:
+        family = prometheus.removesuffix("_total")
+        assert prometheus in exposed or family in exposed, f"{name}: README says {prometheus}, exposed {exposed}"
+
+
+def test_otel_sdk_disabled_records_nothing(monkeypatch):
+    from jetscribe.shared.config import TelemetryConfig
+    from jetscribe.shared.telemetry import Telemetry
+
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tel = Telemetry("test", config=TelemetryConfig())
+    try:
+        IngestMetrics(tel.meter).chunks.add(1, {metrics.TENANT: "acme"})
+        assert b"jetscribe" not in tel.render_metrics()
+        assert not tel.tracer.start_span("x").get_span_context().is_valid
+    finally:
+        tel.shutdown()

@@ -21,7 +21,12 @@ from jetscribe.shared.config import TelemetryConfig
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, "", {"prometheus", "otlp"}, {"otlp"}),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, "", {"prometheus"}, {"otlp"}),
         ({"OTEL_METRICS_EXPORTER": "none", "OTEL_TRACES_EXPORTER": "console"}, "", set(), {"console"}),
-        ({"OTEL_METRICS_EXPORTER": "otlp,prometheus", "OTEL_TRACES_EXPORTER": "none"}, "1", {"otlp", "prometheus"}, set()),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp,prometheus", "OTEL_TRACES_EXPORTER": "none"},
+            "1",
+            {"otlp", "prometheus"},
+            set(),
+        ),
     ],
 )
 def test_exporters_follow_the_standard_variables(environ, console, metrics, traces):
