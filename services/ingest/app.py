@@ -88,7 +88,12 @@ class IngestGateway:
         message = None
         with (
             telemetry.log_context(tenant, session_id),
-            self.tracer.start_as_current_span(span, context=telemetry.extract(msg.headers), kind=SpanKind.SERVER),
+            self.tracer.start_as_current_span(
+                span,
+                context=telemetry.extract(msg.headers),
+                kind=SpanKind.SERVER,
+                attributes={"jetscribe.tenant": tenant, "jetscribe.session": session_id},
+            ),
         ):
             try:
                 message = decode(msg.data, kind)
