@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from jetscribe.shared.health import Readiness
 
 log = logging.getLogger(__name__)
@@ -61,6 +59,8 @@ class HttpEndpoint:
         if path == "/metrics":
             if self.render_metrics is None:
                 return Page(404, "text/plain", b"metrics are not exported to Prometheus (OTEL_METRICS_EXPORTER)\n")
+            from prometheus_client import CONTENT_TYPE_LATEST
+
             return Page(200, CONTENT_TYPE_LATEST, self.render_metrics())
         if path == "/healthz":
             return Page(200, JSON, json.dumps({"service": self.readiness.service, "alive": True}).encode() + b"\n")

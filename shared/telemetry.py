@@ -26,24 +26,24 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Meter
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanContext, Tracer
-from prometheus_client import CollectorRegistry, generate_latest
 
 from jetscribe.shared.config import ConfigError, TelemetryConfig
 from jetscribe.shared.health import Readiness
 from jetscribe.shared.http_endpoint import HttpEndpoint
 from jetscribe.shared.retry import Stopped, service_stop
+
+if TYPE_CHECKING:  # the metrics SDK and the Prometheus exporter load when a Telemetry is made, after the signals
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ class Telemetry:
         span_exporter: SpanExporter | None = None,
         metric_reader: MetricReader | None = None,
     ):
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+        from prometheus_client import CollectorRegistry
+
         self.service = service
         self.config = config or TelemetryConfig.from_env()
         self.readiness = Readiness(service)
@@ -132,6 +137,8 @@ class Telemetry:
 
     def render_metrics(self) -> bytes:
         """The Prometheus text exposition of every metric now."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self._registry) if self._registry is not None else b""
 
     async def start_http(self) -> None:
@@ -297,27 +304,19 @@ def setup_logging(service: str, config: TelemetryConfig) -> None:
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
 
 
-def setup(service: str) -> Telemetry:
-    """Configure logging and telemetry for one service process, from the environment."""
-    config = TelemetryConfig.from_env()
-    setup_logging(service, config)
-    tel = Telemetry(service, config=config)
-    tel.install_global()
-    return tel
-
-
 def serve(service: str, run: Callable[[asyncio.Event, Telemetry], Awaitable[None]]) -> int:
     """Run a service's `run(stop, telemetry)` until SIGTERM or SIGINT sets `stop`; the process then exits 0.
-    A setting that cannot work (a ConfigError, a bad JETSCRIBE_LOG_FORMAT, a metrics port in use) is one line on
-    stderr, exit 2.
+    A setting that cannot work (a ConfigError, a bad JETSCRIBE_LOG_FORMAT or OTEL_*_EXPORTER, a metrics port in
+    use) is one line on stderr, exit 2.
 
     `stop` is also the task's `service_stop`, so a service still connecting to NATS stops too.
     """
     try:
-        tel = setup(service)
+        config = TelemetryConfig.from_env()
     except ValueError as exc:
         print(f"jetscribe-{service}: {exc}", file=sys.stderr, flush=True)
         return 2
+    setup_logging(service, config)
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -325,6 +324,12 @@ def serve(service: str, run: Callable[[asyncio.Event, Telemetry], Awaitable[None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        try:
+            tel = Telemetry(service, config=config)
+        except ValueError as exc:
+            print(f"jetscribe-{service}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        tel.install_global()
         try:
             await run(stop, tel)
         except Stopped as exc:
