@@ -34,6 +34,7 @@ from opentelemetry.metrics import Meter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanContext, Tracer
 
 from jetscribe.shared.config import ConfigError, TelemetryConfig
@@ -116,7 +117,6 @@ class Telemetry:
         if "console" in metric_exporters:
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
-        self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # sampler: OTEL_TRACES_SAMPLER
         processors: list[SpanProcessor] = [SimpleSpanProcessor(span_exporter)] if span_exporter is not None else []
         if "otlp" in trace_exporters:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -124,6 +124,10 @@ class Telemetry:
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
         if "console" in trace_exporters:
             processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        # The sampler is OTEL_TRACES_SAMPLER's. Unset, with nothing to export spans to, none is recorded: trace ids
+        # are still made and travel (the logs carry them), at a fraction of the cost.
+        sampler = None if processors or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
         for processor in processors:
             self.tracer_provider.add_span_processor(processor)
         self.meter: Meter = self.meter_provider.get_meter(f"jetscribe.{service}", VERSION)

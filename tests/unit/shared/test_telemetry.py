@@ -135,3 +135,25 @@ def test_text_log_lines_name_what_is_known_after_the_message():
     plain, session = stream.getvalue().splitlines()
     assert plain.endswith(" ingest INFO plain")
     assert session.endswith(" ingest INFO in a session [tenant=acme session=s1]")
+
+
+def test_without_an_exporter_spans_are_not_recorded_but_their_ids_travel(monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
+    try:
+        with tel.tracer.start_as_current_span("ingest.audio") as span:
+            headers = telemetry.inject({})
+        assert not span.is_recording()
+        assert telemetry.span_context_of(headers).trace_id == span.get_span_context().trace_id
+    finally:
+        tel.shutdown()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
+    try:
+        with tel.tracer.start_as_current_span("ingest.audio") as span:
+            assert span.is_recording()
+    finally:
+        tel.shutdown()
