@@ -46,7 +46,10 @@ class FromEnv:
             variable = item.metadata.get("env")
             raw = os.environ.get(variable) if variable else None
             if raw:
-                values[item.name] = _cast(raw, item.type)
+                try:
+                    values[item.name] = _cast(raw, item.type)
+                except ValueError:
+                    raise ValueError(f"{variable} is {raw!r}: not a valid {item.type}") from None
         return cls(**values)
 
 

@@ -207,7 +207,8 @@ class Persister:
     async def drop_unstorable(self, msg: Msg, problem: CodedError) -> None:
         """Report a message that can never be stored (Unstorable, or a WireError) and terminate it."""
         event = dropped_event(msg.subject, problem, time.time())
-        log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
+        with telemetry.log_context(event.tenant, event.session_id):
+            log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
         self.metrics.dropped.add(1, {TENANT: event.tenant, ERROR_TYPE: event.code})
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)

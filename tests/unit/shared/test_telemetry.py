@@ -157,3 +157,9 @@ def test_without_an_exporter_spans_are_not_recorded_but_their_ids_travel(monkeyp
             assert span.is_recording()
     finally:
         tel.shutdown()
+
+
+def test_a_bad_number_names_its_variable(monkeypatch):
+    monkeypatch.setenv("JETSCRIBE_METRICS_PORT", "ninety")
+    with pytest.raises(ValueError, match="^JETSCRIBE_METRICS_PORT is 'ninety': not a valid int$"):
+        TelemetryConfig.from_env()
