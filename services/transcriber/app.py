@@ -19,8 +19,6 @@ from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
 from opentelemetry import metrics as otel_metrics
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, set_span_in_context
 
 from jetscribe.services.transcriber import batched
 from jetscribe.services.transcriber import model as whisper
@@ -29,34 +27,19 @@ from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, Se
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
+from jetscribe.services.transcriber.instruments import WorkerInstruments
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
-from jetscribe.shared.metrics import (
-    BATCH_SIZE,
-    DECODE_KIND,
-    ERROR_TYPE,
-    EVENT,
-    GROUP,
-    PARTITION,
-    REASON,
-    STATUS,
-    STREAM,
-    SYSTEM,
-    TENANT,
-    WORKER,
-    TranscriberMetrics,
-)
 from jetscribe.shared.retry import Stopped, retry, stopped_within
 from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
 from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
     ErrorEvent,
-    Segment,
     SessionCheckpoint,
     SessionControl,
     WireError,
@@ -101,7 +84,6 @@ class SessionRecord:
     partition: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     arrivals: ChunkArrivals = field(default_factory=ChunkArrivals)  # for latencies and trace links
-    first_interim_measured: int = -1  # the last segment id whose first interim latency was recorded
 
 
 @dataclass
@@ -135,9 +117,12 @@ class TranscriberWorker:
         )
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
-        self.metrics = TranscriberMetrics(meter or otel_metrics.get_meter("jetscribe.transcriber"))
-        self.metrics.buffered.feed(self._buffered)
-        self.metrics.partitions_owned.feed(lambda: [(len(self.pullers), {WORKER: self.config.worker_id})])
+        meter = meter or otel_metrics.get_meter("jetscribe.transcriber")
+        self.instruments = WorkerInstruments(meter, self.tracer, config.worker_id)
+        self.instruments.watch(
+            lambda: [(r.stream.tenant, len(r.stream.segmenter.buffer)) for r in list(self.sessions.values())],
+            lambda: len(self.pullers),
+        )
         self.sessions: dict[SessionKey, SessionRecord] = {}
         self.finished: OrderedDict[SessionKey, FinishedSession] = OrderedDict()  # recently closed
         self.pullers: dict[int, asyncio.Task] = {}
@@ -156,7 +141,8 @@ class TranscriberWorker:
         self._tasks.append(asyncio.create_task(self._decode_loop()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._publish_stats()))
-        self._tasks.append(asyncio.create_task(self.metrics.lag.poll(self.js, self._own_consumers, self.stopping)))
+        lag = self.instruments.metrics.lag.poll(self.js, self._own_consumers, self.stopping)
+        self._tasks.append(asyncio.create_task(lag))
         self.group = PartitionGroup.from_config(
             self.nc, self.settings, self.config, on_assigned=self._assigned, on_revoked=self._revoked
         )
@@ -178,7 +164,7 @@ class TranscriberWorker:
     # --- partitions -----------------------------------------------------------------------
     async def _assigned(self, partition: int, puller: PartitionPuller) -> None:
         self.pullers[partition] = asyncio.create_task(self._pull(partition, puller))
-        self.metrics.partition_acquisitions.add(1, {PARTITION: str(partition), WORKER: self.config.worker_id})
+        self.instruments.acquired(partition)
 
     async def _revoked(self, partition: int, lost: bool) -> None:
         task = self.pullers.pop(partition, None)
@@ -215,18 +201,10 @@ class TranscriberWorker:
         key = (record.stream.tenant, record.stream.session_id)
         if self.sessions.get(key) is record:
             del self.sessions[key]
-            self.metrics.sessions_active.add(-1, self._attrs(record.stream.tenant))
+            self.instruments.closed(record.stream.tenant)
 
     # --- audio in -------------------------------------------------------------------------
     async def _pull(self, partition: int, puller: PartitionPuller) -> None:
-        consumed = {
-            SYSTEM: "nats",
-            STREAM: subjects.AUDIO_STREAM,
-            GROUP: subjects.TRANSCRIBER_PRIORITY_GROUP,
-            PARTITION: str(partition),
-            WORKER: self.config.worker_id,
-        }
-        redelivered = {PARTITION: str(partition), WORKER: self.config.worker_id}
         while not self.stopping.is_set():
             try:
                 msgs = await puller.fetch(256, timeout=1.0)
@@ -236,11 +214,8 @@ class TranscriberWorker:
                 log.warning("fetch on partition %d failed: %r", partition, exc)
                 await stopped_within(self.stopping, 0.5)
                 continue
-            if msgs:
-                self.metrics.consumed.add(len(msgs), consumed)
+            self.instruments.pulled(partition, (msg.metadata.num_delivered for msg in msgs))
             for msg in msgs:
-                if msg.metadata.num_delivered > 1:
-                    self.metrics.redeliveries.add(1, redelivered)
                 try:
                     await self._receive(partition, msg)
                 except Stopped:
@@ -282,18 +257,10 @@ class TranscriberWorker:
         received = record.stream.segmenter.received
         step = record.stream.receive(message, msg)
         if isinstance(message, AudioChunk) and record.stream.segmenter.received > received:  # new audio
-            end = record.stream.segmenter.received
-            record.arrivals.add(
-                Arrival(
-                    message.seq,
-                    received,
-                    end,
-                    message.received_at,
-                    self.clock.monotonic(),
-                    telemetry.span_context_of(msg.headers),
-                )
-            )
-            self.metrics.audio.add((end - received) / SAMPLE_RATE, self._attrs(message.tenant))
+            trace = telemetry.span_context_of(msg.headers)
+            end, now = record.stream.segmenter.received, self.clock.monotonic()
+            arrival = Arrival(message.seq, received, end, message.received_at, now, trace)
+            self.instruments.arrived(record.arrivals, message.tenant, arrival)
         await self._carry_out(record, step)
 
     async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
@@ -321,10 +288,8 @@ class TranscriberWorker:
         )
         if checkpoint is not None:
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
-            if checkpoint.worker_id and checkpoint.worker_id != self.config.worker_id:
-                self.metrics.takeovers.add(1, self._attrs(key[0]))
         record = self.sessions[key] = SessionRecord(stream, partition)
-        self.metrics.sessions_active.add(1, self._attrs(key[0]))
+        self.instruments.opened(key[0], checkpoint.worker_id if checkpoint is not None else None)
         return record
 
     async def _after_finished(self, key: SessionKey, message: AudioMessage, msg: Msg) -> None:
@@ -356,15 +321,11 @@ class TranscriberWorker:
             await self._carry_out_step(record, step)
 
     async def _carry_out_step(self, record: SessionRecord, step: Step[Msg]) -> None:
-        attrs = self._attrs(record.stream.tenant)
         for line in step.notes:
             log.info("%s", line)
         for audit in step.audits:
             _log_audit(record.stream, audit)
-            for reason, words in Counter(d.reason for d in audit.dropped).items():
-                self.metrics.words_dropped.add(words, attrs | {REASON: reason})
-            if audit.empty_over_speech:
-                self.metrics.empty_finals.add(1, attrs)
+            self.instruments.audited(record.stream.tenant, audit)
         if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
             self._forget(record)
             if step.checkpoint is not None and step.checkpoint.finished:
@@ -375,7 +336,7 @@ class TranscriberWorker:
             for error in step.errors:
                 await self._report(error)
             for segment in step.segments:
-                with self._segment_span(record, segment):
+                with self.instruments.segment_span(record.arrivals, segment):
                     await self._publish(
                         subjects.transcript(segment.tenant, segment.session_id),
                         encode(segment),
@@ -388,84 +349,23 @@ class TranscriberWorker:
                             segment.worker_id,
                         ),
                     )
-                self._measure_segment(record, segment)
+                self.instruments.segment_published(record.arrivals, segment, self.clock.wall())
             for event in step.events:
                 await self._publish(
                     subjects.session_event(event.tenant, event.session_id, event.event),
                     encode(event),
                     subjects.event_message_id(event.tenant, event.session_id, event.event),
                 )
-                self.metrics.session_events.add(1, attrs | {EVENT: event.event, REASON: event.reason})
+                self.instruments.event_published(event)
             if step.checkpoint is not None:
                 await self._save_checkpoint(step.checkpoint)
-                self.metrics.checkpoint_writes.add(1, attrs)
+                self.instruments.checkpoint_written(record.stream.tenant)
             for msg in step.ack:
                 await _settle_message(msg.ack, msg)
             for msg in step.nak:
                 await _settle_message(msg.nak, msg)
             if step.segments:
                 record.arrivals.drop_before(record.stream.segmenter.buffer.start - ARRIVALS_KEPT_BEHIND)
-
-    # --- what an operator sees: metrics and traces ------------------------------------------
-    def _attrs(self, tenant: str) -> dict[str, str | int]:
-        return {TENANT: tenant, WORKER: self.config.worker_id}
-
-    def _segment_span(self, record: SessionRecord, segment: Segment):
-        """The span a segment is published in: it continues the trace of the chunk holding its last word (the
-        gateway's request that stored it), and a final links to every chunk it covers."""
-        last = (
-            record.arrivals.at_time(segment.words[-1].end)
-            if segment.words
-            else record.arrivals.of_seq(segment.seq_last)
-        )
-        parent = last.context if last is not None else None
-        links = []
-        if segment.status == "final":
-            links = [
-                Link(chunk.context)
-                for chunk in record.arrivals.between(segment.seq_first, segment.seq_last)
-                if chunk.context is not None and chunk is not last
-            ]
-        return self.tracer.start_as_current_span(
-            f"transcriber.{segment.status}",
-            context=set_span_in_context(NonRecordingSpan(parent)) if parent is not None else Context(),
-            kind=SpanKind.PRODUCER,
-            links=links,
-            attributes={
-                "jetscribe.tenant": segment.tenant,
-                "jetscribe.session": segment.session_id,
-                "jetscribe.segment_id": segment.segment_id,
-                "jetscribe.revision": segment.revision,
-                "jetscribe.seq_first": segment.seq_first,
-                "jetscribe.seq_last": segment.seq_last,
-                "jetscribe.worker": self.config.worker_id,
-            },
-        )
-
-    def _measure_segment(self, record: SessionRecord, segment: Segment) -> None:
-        """Count a published segment; a final's latency from the gateway receiving its last word, a segment's
-        first interim's from the gateway receiving its first word."""
-        attrs = self._attrs(segment.tenant)
-        self.metrics.segments.add(1, attrs | {STATUS: segment.status})
-        if not segment.words:
-            return
-        now = self.clock.wall()
-        if segment.status == "final":
-            chunk = record.arrivals.at_time(segment.words[-1].end)
-            if chunk is not None and chunk.received_at:
-                self.metrics.final_latency.record(max(0.0, now - chunk.received_at), attrs)
-        if segment.segment_id > record.first_interim_measured:
-            record.first_interim_measured = segment.segment_id
-            chunk = record.arrivals.at_time(segment.words[0].end)
-            if segment.status == "interim" and chunk is not None and chunk.received_at:
-                self.metrics.first_interim_latency.record(max(0.0, now - chunk.received_at), attrs)
-
-    def _buffered(self) -> list[tuple[float, dict[str, str | int]]]:
-        """Audio in the sessions' buffers, per tenant (read at each scrape)."""
-        samples: Counter[str] = Counter()
-        for record in list(self.sessions.values()):
-            samples[record.stream.tenant] += len(record.stream.segmenter.buffer)
-        return [(n / SAMPLE_RATE, self._attrs(tenant)) for tenant, n in samples.items()]
 
     def _own_consumers(self) -> list[tuple[str, str, int | None]]:
         """The AUDIO consumers of the partitions this worker holds, for their lag."""
@@ -562,11 +462,7 @@ class TranscriberWorker:
         if not work:
             return
         jobs = [job for _, job in work]
-        now = self.clock.monotonic()
-        for record, job in work:  # the wait of each job's newest audio, here, before its decode starts
-            newest = record.arrivals.at(job.end_sample)
-            if newest is not None:
-                self.metrics.queue_delay.record(max(0.0, now - newest.arrived), self._decode_attrs(job))
+        self.instruments.decode_starts(((r.arrivals, job) for r, job in work), self.clock.monotonic())
         with self.tracer.start_as_current_span("transcriber.decode") as span:
             span.set_attribute("jetscribe.kind", jobs[0].kind)
             span.set_attribute("jetscribe.batch_size", len(jobs))
@@ -578,12 +474,7 @@ class TranscriberWorker:
         for job in jobs:
             self.load.observe(job, seconds / len(jobs))
             self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
-            self.metrics.decode_audio.add(len(job.audio) / SAMPLE_RATE, self._decode_attrs(job))
-        batch = self._decode_attrs(*jobs)
-        self.metrics.decode_duration.record(seconds, batch | {BATCH_SIZE: len(jobs)})
-        self.metrics.decode_batch.record(len(jobs), batch)
-        if audio_s := sum(len(job.audio) for job in jobs) / SAMPLE_RATE:
-            self.metrics.real_time_factor.record(seconds / audio_s, batch)
+        self.instruments.decoded(jobs, seconds)
         log.debug(
             "%s: %d %s job(s), %.1f s of audio, decoded in %.2f s",
             ", ".join(_names(records)),
@@ -594,11 +485,6 @@ class TranscriberWorker:
         )
         for (record, job), result in zip(work, results, strict=True):
             await self._carry_out(record, record.stream.complete(job, result))
-
-    def _decode_attrs(self, *jobs: DecodeJob) -> dict[str, str | int]:
-        """A decode's kind: interim, final, or speculative (an early final, decoded before its endpoint)."""
-        kind = "speculative" if all(job.speculative for job in jobs) else jobs[0].kind
-        return {DECODE_KIND: kind, WORKER: self.config.worker_id}
 
     async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
         """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
@@ -650,7 +536,7 @@ class TranscriberWorker:
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
-        self.metrics.errors.add(1, self._attrs(event.tenant) | {ERROR_TYPE: event.code})
+        self.instruments.reported(event.tenant, event.code)
         try:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays

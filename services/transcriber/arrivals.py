@@ -33,6 +33,7 @@ class ChunkArrivals:
 
     def __init__(self, keep: int = 4096):
         self.keep = keep
+        self.first_interim_seen = -1  # the last segment id whose first interim latency was measured
         self._chunks: list[Arrival] = []
         self._ends: list[int] = []
 
