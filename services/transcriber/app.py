@@ -26,8 +26,8 @@ from jetscribe.services.transcriber.arrivals import Arrival, ChunkArrivals
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
-from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
 from jetscribe.services.transcriber.instruments import WorkerInstruments
+from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
