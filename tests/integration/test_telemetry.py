@@ -1,5 +1,6 @@
-"""The gateway's telemetry against a real nats-server: /readyz says ready only once its streams are there, its
-/metrics counts what it stored and refused, and a bot's trace context carries into the AUDIO stream."""
+"""Telemetry against real servers: the gateway's /readyz says ready only once its streams are there, its /metrics
+counts what it stored and refused, and a bot's trace context carries into the AUDIO stream; the persister is not
+ready while PostgreSQL is unreachable."""
 
 import asyncio
 import time
@@ -13,10 +14,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from jetscribe.client.bot import request
-from jetscribe.devstack.servers import NatsServer
+from jetscribe.devstack.servers import NatsServer, free_port
 from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.persister.app import run as run_persister
 from jetscribe.shared import subjects, telemetry
-from jetscribe.shared.config import IngestConfig, StreamSettings, TelemetryConfig
+from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TelemetryConfig
 from jetscribe.shared.wire import AudioChunk, SessionControl, decode
 from tests.scrape import http_get, readiness, scrape, total, wait_until_ready
 
@@ -125,3 +127,25 @@ async def test_a_bots_trace_context_carries_into_the_audio_stream(nats_url):
     assert stored.headers["Nats-Msg-Id"] == subjects.message_id(tenant, session, 0)
     session_span = next(s for s in exporter.get_finished_spans() if s.name == "ingest.session")
     assert session_span.parent is None  # the start was sent outside any span: a trace of its own
+
+
+async def test_the_persister_is_not_ready_while_postgres_is_unreachable(nats_url):
+    tel = telemetry.Telemetry("persister", config=TelemetryConfig())
+    closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/jetscribe"
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_persister(StreamSettings(nats_url=nats_url), PersisterConfig(closed), stop, tel))
+    try:
+        port = await endpoint_port(tel)
+        deadline = time.monotonic() + 15
+        while True:  # the consumer comes up; the database never does
+            status, report = await readiness(port)
+            if report["checks"]["consumer"] == "ok" and report["checks"]["database"] not in ("starting", "ok"):
+                break
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.05)
+        assert status == 503 and not report["ready"]
+        assert "connection" in report["checks"]["database"].lower(), report
+    finally:
+        stop.set()
+        await task
+        tel.shutdown()
