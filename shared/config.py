@@ -49,7 +49,7 @@ class FromEnv:
                 try:
                     values[item.name] = _cast(raw, item.type)
                 except ValueError:
-                    raise ValueError(f"{variable} is {raw!r}: not a valid {item.type}") from None
+                    raise ConfigError(f"{variable} is {raw!r}: not a valid {item.type}") from None
         return cls(**values)
 
 
@@ -248,6 +248,6 @@ class TelemetryConfig(FromEnv):
 
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
-            raise ValueError(f"JETSCRIBE_LOG_FORMAT is {self.log_format!r}: use text or json")
+            raise ConfigError(f"JETSCRIBE_LOG_FORMAT is {self.log_format!r}: use text or json")
         if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"JETSCRIBE_METRICS_PORT is {self.metrics_port}: use 0 (a free port) to 65535")
+            raise ConfigError(f"JETSCRIBE_METRICS_PORT is {self.metrics_port}: use 0 (a free port) to 65535")
