@@ -158,12 +158,13 @@ class Telemetry:
                 f"(JETSCRIBE_METRICS_HOST / JETSCRIBE_METRICS_PORT): {exc.strerror or exc}"
             ) from None
         self._endpoint = endpoint
-        log.info(
-            "%s: metrics on http://%s:%d/metrics (also /healthz, /readyz)",
-            self.service,
-            self.config.metrics_host,
-            endpoint.port,
-        )
+        log.debug("%s: serving %s", self.service, self.endpoint_url)
+
+    @property
+    def endpoint_url(self) -> str:
+        """Where `/metrics`, `/healthz` and `/readyz` are, for the service's ready line in its log."""
+        port = self.metrics_port
+        return f"http://{self.config.metrics_host}:{port}/metrics" if port is not None else "(not serving)"
 
     async def stop_http(self) -> None:
         if self._endpoint is not None:

@@ -273,7 +273,7 @@ async def run(
         gateway = IngestGateway(nc, settings, config, tel.tracer, tel.meter)
         await gateway.start()
         tel.readiness.up("streams")
-        log.info("ingest gateway serving on %s", settings.nats_url)
+        log.info("ingest gateway serving on %s; metrics on %s", settings.nats_url, tel.endpoint_url)
         stop = stop or asyncio.Event()
         await stop.wait()
         tel.readiness.down("streams", "stopping")

@@ -247,7 +247,12 @@ async def _persist(
         lag = [(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER, None)]
         tasks.append(asyncio.create_task(persister.metrics.lag.poll(js, lambda: lag, stop)))
         reconnects = nc.stats["reconnects"]
-        log.info("persisting %s to Postgres in batches of up to %d", subjects.TRANSCRIPTS_STREAM, config.batch_size)
+        log.info(
+            "persisting %s to Postgres in batches of up to %d; metrics on %s",
+            subjects.TRANSCRIPTS_STREAM,
+            config.batch_size,
+            tel.endpoint_url,
+        )
         while not stop.is_set():
             if (persister.acks_in_doubt or nc.stats["reconnects"] != reconnects) and nc.is_connected:
                 # A NATS restart can come back holding messages it delivered to us as unacked: acks sent just

@@ -592,9 +592,9 @@ async def run(
     model=None,
     tel: telemetry.Telemetry | None = None,
 ) -> None:
+    config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
     needs = ("model", "streams", "consumer_group")
     async with telemetry.serving("transcriber", tel, needs=needs, instance=config.worker_id) as tel:
-        config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
         if model is None:
             where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
             threads = config.cpu_threads or "CTranslate2's default"
@@ -615,7 +615,9 @@ async def run(
         await worker.start()
         tel.readiness.up("streams")
         tel.readiness.up("consumer_group")
-        log.info("transcriber %s ready; partitions: %s", config.worker_id, config.partitions)
+        log.info(
+            "transcriber %s ready; partitions: %s; metrics on %s", config.worker_id, config.partitions, tel.endpoint_url
+        )
         stop = stop or asyncio.Event()
         await stop.wait()
         log.info("transcriber %s draining", config.worker_id)
