@@ -40,29 +40,42 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's code, whatever is installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code, whatever is installed
 
-from jetscribe.client.bot import Audio, StreamResult, read_audio, stream_audio  # noqa: E402
+from bench.common import (  # noqa: E402
+    CHUNK_S,
+    Item,
+    Watchdog,
+    add_data_arguments,
+    add_server_arguments,
+    fmt,
+    git_commit,
+    interrupted,
+    items_from_arguments,
+    local_stack,
+    segment_latencies,
+    session_id,
+    table,
+    transcriber_settings,
+    use_servers,
+    warm_up,
+)
+from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
 from jetscribe.evaluation.metrics import (  # noqa: E402
     corpus_wer,
     dropped_losses,
     percentile,
     repeated_passages,
     repeats_at_joins,
-    send_time,
     words_in_silence,
 )
 from jetscribe.evaluation.wer import wer  # noqa: E402
@@ -70,197 +83,53 @@ from jetscribe.shared.config import TranscriberConfig  # noqa: E402
 from jetscribe.shared.wire import language_for  # noqa: E402
 
 TENANT = "bench"
-CHUNK_S = 0.1
-
-
-@dataclass
-class Item:
-    name: str
-    path: Path
-    audio: Audio
-    reference: str
-    turns: list[dict]
-    condition: str | None = None  # with --conditions: the condition, and the source file's name
-    source: str | None = None
-
-
-def load_items(data: list[Path], files: str | None) -> list[Item]:
-    from bench.make_realistic import load_sources
-
-    items = []
-    for s in load_sources(data, files):
-        items.append(Item(s.name, s.wav, read_audio(s.wav), s.meta["text"], s.meta.get("turns") or []))
-    return items
-
-
-def load_condition_items(
-    data: list[Path], files: str | None, conditions: list[str], seed: int, every: bool
-) -> list[Item]:
-    """The realistic set: each file in two of `conditions` (all with `every`), made or read from the cache."""
-    from bench.make_realistic import load_sources, plan, print_coverage, realize, variants
-
-    everything = load_sources(data)  # also the other speech for babble and crosstalk
-    sources = load_sources(data, files) if files else everything
-    pairs = plan(sources, conditions, len(conditions) if every else 2)
-    print_coverage(pairs, conditions)
-    items = []
-    for (source, condition), options in zip(pairs, variants(pairs), strict=False):
-        print(f"preparing {source.name}@{condition} ...", file=sys.stderr, flush=True)
-        wav, js = realize(source, condition, seed, everything, options=options)
-        meta = json.loads(js.read_text())
-        items.append(
-            Item(
-                f"{source.name}@{condition}",
-                wav,
-                read_audio(wav),
-                meta["text"],
-                meta.get("turns") or [],
-                condition,
-                source.name,
-            )
-        )
-    return items
-
-
-def default_data(with_real: bool) -> list[Path]:
-    """$JETSCRIBE_DEVSET, else ../shared/devset beside the repo if it is there, else a small Piper set made
-    once in the cache."""
-    devset = Path(os.environ.get("JETSCRIBE_DEVSET") or REPO.parent / "shared" / "devset")
-    folders = [devset] if devset.is_dir() else [generated_devset()]
-    real = REPO / "bench" / "data" / "real"
-    return folders + ([real] if with_real and real.is_dir() else [])
-
-
-SMALL_SET = {
-    "mono_market": (
-        "mono",
-        [
-            ("A", t)
-            for t in (
-                "Every Saturday morning we walk to the farmers market near the old train station.",
-                "We usually buy two loaves of fresh bread and six brown eggs.",
-                "The woman at the fruit stand always saves us a basket of ripe peaches.",
-                "My brother likes to stop for a cup of coffee before we head back home.",
-            )
-        ],
-    ),
-    "dialog_library": (
-        "dialog",
-        [
-            ("A", "Good morning. I would like to renew the two books I borrowed last month."),
-            ("B", "Of course. Can I see your library card, please?"),
-            ("A", "Here it is. One of them is a cookbook and the other is a travel guide."),
-            ("B", "Both are renewed for three more weeks. Is there anything else?"),
-            ("A", "No, that is all. Thank you very much for your help."),
-            ("B", "You are welcome. Have a nice day."),
-        ],
-    ),
-}
-
-
-def generated_devset() -> Path:
-    """A small devset-format folder (a monologue and a dialog, Piper voices joe and joe-high), made once."""
-    from jetscribe.evaluation.speech import default_cache_dir, dialog, write_wav
-
-    folder = default_cache_dir().parent / "bench-devset"
-    for name, (kind, turns) in SMALL_SET.items():
-        if (folder / f"{name}.json").exists():
-            continue
-        print(f"no ../shared/devset: making {folder / name}.wav with Piper ...", file=sys.stderr, flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        speech = dialog(turns, gap_s=0.7, lead_s=0.6, tail_s=0.0)
-        write_wav(folder / f"{name}.wav", speech)
-        meta = {
-            "text": speech.text,
-            "kind": kind,
-            "synthetic": True,
-            "sample_rate": speech.sample_rate,
-            "duration": round(speech.duration_s, 3),
-            "voices": {"A": "piper joe", "B": "piper joe-high"},
-            "turns": [
-                {"speaker": t.speaker, "start": round(t.start_s, 3), "end": round(t.end_s, 3), "text": t.text}
-                for t in speech.turns
-            ],
-        }
-        (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
 
 
 # --- streaming: the real stack --------------------------------------------------------------------
 def run_streaming(args, items: list[Item]) -> dict[str, tuple[StreamResult, float]]:
-    for flag, var in ((args.nats_url, "NATS_URL"), (args.database_url, "DATABASE_URL")):
-        if flag:
-            os.environ[var] = flag  # LocalStack then uses that server instead of starting one
+    use_servers(args.nats_url, args.database_url)
     if args.external:
         from jetscribe.devstack.stack import nats_url
 
         return asyncio.run(stream_all(nats_url(), items, args, None))
-    from jetscribe.devstack.stack import LocalStack
-
-    quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}
-    with tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home:
-        print(f"starting the stack in {home} with model {args.model} ...", file=sys.stderr, flush=True)
-        with LocalStack(Path(home), model=args.model, extra_env=quiet) as local:  # stopped on any exit
-            return asyncio.run(stream_all(local.nats_url, items, args, local))
+    with (
+        tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home,
+        local_stack(Path(home), args.model) as local,  # stopped on any exit
+    ):
+        return asyncio.run(stream_all(local.nats_url, items, args, local))
 
 
 async def stream_all(url: str, items: list[Item], args, local) -> dict[str, tuple[StreamResult, float]]:
     import nats
 
-    async def watch():  # a service that dies must fail the run, not leave it waiting
-        while True:
-            local.check()
-            await asyncio.sleep(1.0)
-
-    async def guarded(coro):
-        task = asyncio.ensure_future(coro)
-        try:
-            done, _ = await asyncio.wait({task, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():  # a service died, or Ctrl-C: let the bot unsubscribe before NATS closes
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        return task.result() if task in done else watchdog.result()
-
     run = uuid.uuid4().hex[:6]
     nc = await nats.connect(url, connect_timeout=5)
-    watchdog = asyncio.ensure_future(watch() if local else asyncio.Event().wait())
     try:
-        # Not measured: the transcriber loads its model, and its first decodes are slow.
-        first = items[0].audio
-        warm = Audio(first.samples[: first.sample_rate * 3], first.sample_rate)
-        print("warming up the transcriber ...", file=sys.stderr, flush=True)
-        await guarded(
-            stream_audio(nc, warm, tenant=TENANT, session_id=f"warmup-{run}", speed=0.0, language=args.language)
-        )
-        results = {}
-        for item in items:
-            print(
-                f"streaming {item.name} ({item.audio.duration_s:.1f} s at speed {args.speed}) ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            started = time.time()
-            result = await guarded(
-                stream_audio(
-                    nc,
-                    item.audio,
-                    tenant=TENANT,
-                    session_id=session_id(item.name, run),
-                    speed=args.speed,
-                    chunk_s=CHUNK_S,
-                    language=args.language,
+        async with Watchdog(local) as watchdog:
+            await warm_up(nc, watchdog, items[0], TENANT, args.language, run)
+            results = {}
+            for item in items:
+                print(
+                    f"streaming {item.name} ({item.audio.duration_s:.1f} s at speed {args.speed}) ...",
+                    file=sys.stderr,
+                    flush=True,
                 )
-            )
-            results[item.name] = (result, time.time() - started)
-        return results
+                started = time.time()
+                result = await watchdog.run(
+                    stream_audio(
+                        nc,
+                        item.audio,
+                        tenant=TENANT,
+                        session_id=session_id(item.name, run),
+                        speed=args.speed,
+                        chunk_s=CHUNK_S,
+                        language=args.language,
+                    )
+                )
+                results[item.name] = (result, time.time() - started)
+            return results
     finally:
-        watchdog.cancel()
         await nc.close()
-
-
-def session_id(name: str, run: str) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:50]}-{run}"  # ids are 1-64 of [A-Za-z0-9_-]
 
 
 # --- offline: the same model in this process ------------------------------------------------------
@@ -286,31 +155,8 @@ def run_offline(args, cfg: TranscriberConfig, items: list[Item]) -> dict[str, tu
 
 # --- report ----------------------------------------------------------------------------------------
 def analyse(item: Item, result: StreamResult, wall_s: float, offline_text: str, offline_s: float) -> dict:
-    rate, per_chunk = item.audio.sample_rate, result.frames_per_chunk
-    final_at, first_interim = {}, {}
-    for received, seg in result.heard:
-        if seg.status == "final":
-            final_at.setdefault(seg.segment_id, received)
-        elif seg.words:
-            first_interim.setdefault(seg.segment_id, (received, seg))
+    segments, interim_latencies = segment_latencies(result, item.audio.sample_rate)
     finals = [s for s in result.final_segments() if s.words]
-    segments = []
-    for seg in finals:
-        sent = send_time(seg.words[-1].end, result.sent_by_seq, rate, per_chunk)
-        segments.append(
-            {
-                "id": seg.segment_id,
-                "start": seg.start,
-                "end": seg.end,
-                "text": seg.text,
-                "latency": round(final_at[seg.segment_id] - sent, 3),
-                "latency_published": round(seg.published_at - sent, 3),
-            }
-        )
-    interim_latencies = [
-        round(received - send_time(seg.words[0].end, result.sent_by_seq, rate, per_chunk), 3)
-        for received, seg in first_interim.values()
-    ]
     latencies = [s["latency"] for s in segments]
     words = [(w.word, w.start, w.end) for seg in finals for w in seg.words]
     silence = words_in_silence(words, item.turns) if item.turns else None
@@ -395,23 +241,6 @@ def summarise(files: list[dict], items: list[Item]) -> dict:
     }
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(files: list[dict], overall: dict) -> None:
     head = (
         "file",
@@ -447,14 +276,7 @@ def print_table(files: list[dict], overall: dict) -> None:
         )
 
     rows = [row(f["name"], f, f["duration_s"]) for f in files]
-    rows.append(row("OVERALL", overall, overall["audio_s"]))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
-
-    rule = "  ".join("-" * w for w in widths)
-    print("\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
+    print(table(head, rows, row("OVERALL", overall, overall["audio_s"])))
     print(
         f"wer_ratio (streaming / offline) = {fmt(overall['wer_ratio'], '.3f')}; latencies in seconds, final "
         f"received by the bot minus its last word's audio sent; offline compute {overall['offline_compute_s']:.1f} s"
@@ -513,66 +335,21 @@ def print_condition_table(per_condition: dict[str, dict], overall: dict) -> None
         )
 
     rows = [row(c, o, len(o["files"])) for c, o in per_condition.items()]
-    rows.append(row("OVERALL", overall, sum(len(o["files"]) for o in per_condition.values())))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
-
-    rule = "  ".join("-" * w for w in widths)
-    print("\n" + "\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])]))
-
-
-def interrupted(signum, frame):
-    raise KeyboardInterrupt  # like Ctrl-C: unwinds through LocalStack, which stops every child
+    print("\n" + table(head, rows, row("OVERALL", overall, sum(len(o["files"]) for o in per_condition.values()))))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data",
-        type=Path,
-        action="append",
-        help="folder of <name>.wav + <name>.json, repeatable (default: ../shared/devset if it "
-        "exists, else a small generated set; with --conditions also bench/data/real)",
-    )
+    add_data_arguments(parser)
     parser.add_argument("--model", required=True, help="base, tiny.en or a CTranslate2 Whisper model folder")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time (latency targets are for 1)")
     parser.add_argument("--json", required=True, help="where to write the results")
-    parser.add_argument("--files", help="comma list of names to run (default: all in --data)")
     parser.add_argument("--language", default="auto", help="session language, also given to the offline run")
-    parser.add_argument("--nats-url", help="use this NATS server (default $NATS_URL, else start one)")
-    parser.add_argument("--database-url", help="use this PostgreSQL (default $DATABASE_URL, else start one)")
-    parser.add_argument(
-        "--external", action="store_true", help="start nothing: measure the services already running against --nats-url"
-    )
-    parser.add_argument(
-        "--conditions",
-        help="comma list of clean, room, noise, phone, opus, quiet, crosstalk: "
-        "run the realistic set (each file in two of them)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the realistic set (with --conditions)")
-    parser.add_argument("--every", action="store_true", help="with --conditions: every file in every condition")
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupted)
     cfg = TranscriberConfig.from_env()  # what the transcriber child reads too: same beam, same endpointing
-    conditions = None
-    if args.conditions:
-        from bench.make_realistic import parse_conditions
-
-        conditions = parse_conditions(args.conditions)
-    if args.data:
-        missing = [str(d) for d in args.data if not d.is_dir()]
-        if missing:
-            sys.exit(
-                f"--data {', '.join(missing)}: no such folder (leave --data out to use ../shared/devset "
-                f"or a small generated set)"
-            )
-    args.data = args.data or default_data(with_real=conditions is not None)
-    if conditions:
-        items = load_condition_items(args.data, args.files, conditions, args.seed, args.every)
-    else:
-        items = load_items(args.data, args.files)
+    items, conditions = items_from_arguments(args)
     streamed = run_streaming(args, items)
     offline = run_offline(args, cfg, items)
     files = [analyse(i, *streamed[i.name], *offline[i.name]) for i in items]
@@ -587,18 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed": args.speed,
         "language": args.language,
         "chunk_s": CHUNK_S,
-        "beam_size": cfg.beam_size,
-        "interim_beam_size": cfg.interim_beam_size,
-        "endpoint_silence_s": cfg.endpoint_silence_s,
-        "max_utterance_s": cfg.max_utterance_s,
-        "interim_every_s": cfg.interim_every_s,
-        "vad": cfg.vad,
-        "vad_threshold": cfg.vad_threshold,
-        "vad_aggressiveness": cfg.vad_aggressiveness,
-        "vad_above_floor_db": cfg.vad_above_floor_db,
-        "device": cfg.device,
-        "compute_type": cfg.compute_type,
-        "cpu_threads": cfg.cpu_threads,
+        **transcriber_settings(cfg),
         "offline": {"beam_size": cfg.beam_size, "vad_filter": True, "language": offline_language(args)},
         "latency_clock": "receive time in the bench process (latency_published: worker published_at)",
         "external": args.external,

@@ -218,11 +218,11 @@ class Processes:
         self.postmaster = postmaster
         counts: dict[str, int] = {}
         for child in local.children:
-            module = child.args[-1].rsplit(".", 1)[-1]
+            module = child.proc.args[-1].rsplit(".", 1)[-1]
             kind = {"ingest": "gateway"}.get(module, module)
             counts[kind] = counts.get(kind, 0) + 1
             name = kind if kind == "persister" else f"{kind}-{counts[kind] - 1}"
-            self.groups[name] = [proc(child.pid)]
+            self.groups[name] = [proc(child.proc.pid)]
         self.groups["generators"] = [proc(g.pid) for g in generators]
 
     def times(self) -> dict[str, float]:
@@ -494,19 +494,6 @@ def show(point: Point) -> None:
     )
 
 
-def add_transcribers(local, count: int, env: dict[str, str]) -> None:
-    """More transcriber processes beside the stack's one; the stack stops them with its own."""
-    child_env = {
-        **os.environ,
-        **env,
-        "NATS_URL": local.nats_url,
-        "DATABASE_URL": local.database_url,
-        "JETSCRIBE_MODEL": "null",
-    }
-    for _ in range(count):
-        local.children.append(subprocess.Popen([sys.executable, "-m", "jetscribe.services.transcriber"], env=child_env))
-
-
 def _stop_on_sigterm(*_) -> None:
     raise KeyboardInterrupt  # so the stack's child processes are stopped too
 
@@ -555,8 +542,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="load-null-") as tmp:
         for name in ("NATS_URL", "DATABASE_URL"):  # always a stack of its own: the bench purges AUDIO
             os.environ.pop(name, None)
-        with LocalStack(Path(tmp) / "stack", model="null", gateways=args.gateways, extra_env=env) as local:
-            add_transcribers(local, args.transcribers - 1, env)
+        stack = LocalStack(
+            Path(tmp) / "stack", model="null", transcribers=args.transcribers, gateways=args.gateways, extra_env=env
+        )
+        with stack as local:
             asyncio.run(wait_ready(local, args.gateways))
             idle = asyncio.run(idle_cpu(local))
             print(

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
+from jetscribe.shared.errors import CodedError
+
 log = logging.getLogger(__name__)
 
 MIN_AUDIO_MAX_AGE_S = 30 * 60.0  # a bot or worker that reconnects within this finds its audio still stored
@@ -44,7 +46,10 @@ class FromEnv:
             variable = item.metadata.get("env")
             raw = os.environ.get(variable) if variable else None
             if raw:
-                values[item.name] = _cast(raw, item.type)
+                try:
+                    values[item.name] = _cast(raw, item.type)
+                except ValueError:
+                    raise ConfigError(f"{variable} is {raw!r}: not a valid {item.type}") from None
         return cls(**values)
 
 
@@ -107,8 +112,9 @@ class IngestConfig(FromEnv):
 class TranscriberConfig(FromEnv):
     # The Whisper model and what it runs on.
     model: str = env("JETSCRIBE_MODEL", "base")  # "base", "tiny.en" or a folder holding a CTranslate2 Whisper model
-    device: str = env("JETSCRIBE_DEVICE", "cpu")  # "cpu", "cuda" or "auto"
-    compute_type: str = env("JETSCRIBE_COMPUTE_TYPE", "int8")  # "int8" on CPU; "float16" on a GPU
+    device: str = env("JETSCRIBE_DEVICE", "auto")  # "cpu", "cuda" or "auto" (cuda when CTranslate2 sees a GPU)
+    device_index: int = env("JETSCRIBE_DEVICE_INDEX", 0)  # which GPU, on cuda
+    compute_type: str = env("JETSCRIBE_COMPUTE_TYPE", "auto")  # "auto": the device's default (`device_defaults`)
     cpu_threads: int = env("JETSCRIBE_CPU_THREADS", 0)  # 0: CTranslate2 decides
     # How finals and interims are decoded.
     beam_size: int = env("JETSCRIBE_BEAM_SIZE", 5)
@@ -116,6 +122,10 @@ class TranscriberConfig(FromEnv):
     # "full", "short" or "auto" (short for tiny models, full otherwise)
     final_window: str = env("JETSCRIBE_FINAL_WINDOW", "auto")
     interim_every_s: float = env("JETSCRIBE_INTERIM_EVERY_S", 1.0)
+    # Jobs of several sessions decoded in one call (1 = one job at a time, the sequential path)
+    max_batch: int = env("JETSCRIBE_MAX_BATCH", 8)
+    # how long a batch that is not full may wait for more jobs; 0 = take what is due now
+    batch_wait_ms: float = env("JETSCRIBE_BATCH_WAIT_MS", 0.0)
     # Where an utterance ends.
     endpoint_silence_s: float = env("JETSCRIBE_ENDPOINT_SILENCE_S", 0.5)
     max_utterance_s: float = env("JETSCRIBE_MAX_UTTERANCE_S", 15.0)
@@ -154,6 +164,12 @@ class TranscriberConfig(FromEnv):
             cfg = replace(cfg, worker_id=f"{socket.gethostname()}-{os.getpid()}")
         return cfg
 
+    def on_device(self, cuda_devices: int) -> Self:
+        """This config with `device` and `compute_type` resolved ("auto" no more), given how many CUDA
+        devices CTranslate2 sees; raises DeviceUnavailable for a GPU that is not there."""
+        device = resolve_device(self.device, cuda_devices, self.device_index)
+        return replace(self, device=device, compute_type=resolve_compute_type(self.compute_type, device))
+
     def resolved_final_window(self) -> str:
         """The encoder window for finals: short for tiny models, full otherwise, as bench/windows.py measured
         (a short window halves the cost per call; on base it costs accuracy)."""
@@ -173,8 +189,76 @@ class TranscriberConfig(FromEnv):
         return owned
 
 
+class ConfigError(CodedError, ValueError):
+    """A setting that cannot work on this host; the message names the variable and what to set instead."""
+
+    code = "bad_config"
+
+    def __init__(self, message: str):
+        super().__init__(None, message)
+
+
+class DeviceUnavailable(ConfigError):
+    code = "device_unavailable"
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def device_defaults(device: str) -> tuple[str, int]:
+    """(compute_type, max_batch) defaults for a resolved device: int8 and JETSCRIBE_MAX_BATCH's 8 on a CPU;
+    float16 and 32 on a GPU, where a larger batch costs little more than one job."""
+    if device == "cuda":
+        return "float16", 32
+    if device == "cpu":
+        return "int8", 8
+    raise ConfigError(f"device {device!r} is not resolved: cpu or cuda")
+
+
+def resolve_device(requested: str, cuda_devices: int, device_index: int = 0) -> str:
+    """JETSCRIBE_DEVICE to "cpu" or "cuda": auto takes a GPU when CTranslate2 sees one."""
+    if requested not in DEVICES:
+        raise ConfigError(f"JETSCRIBE_DEVICE is {requested!r}: use cpu, cuda or auto")
+    if requested == "auto":
+        requested = "cuda" if cuda_devices > 0 else "cpu"
+    if requested == "cuda" and cuda_devices == 0:
+        raise DeviceUnavailable(
+            "JETSCRIBE_DEVICE=cuda but CTranslate2 sees no CUDA device (get_cuda_device_count() == 0): use cpu or auto"
+        )
+    if requested == "cuda" and not 0 <= device_index < cuda_devices:
+        raise DeviceUnavailable(
+            f"JETSCRIBE_DEVICE_INDEX={device_index} but CTranslate2 sees {cuda_devices} CUDA device(s): "
+            f"use 0 to {cuda_devices - 1}"
+        )
+    return requested
+
+
+def resolve_compute_type(requested: str, device: str) -> str:
+    """JETSCRIBE_COMPUTE_TYPE, or the device's default when it is "auto" (or empty)."""
+    return device_defaults(device)[0] if requested in ("", "auto") else requested
+
+
 @dataclass(frozen=True)
 class PersisterConfig(FromEnv):
     database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
     batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
     retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig(FromEnv):
+    """Logs, metrics and traces of any service. The standard OTEL_* variables (OTEL_SERVICE_NAME,
+    OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_*, OTEL_METRICS_EXPORTER, ...) are read by OpenTelemetry itself."""
+
+    # HTTP /metrics, /healthz and /readyz; 0 = a free port, logged at start and announced by the service
+    metrics_port: int = env("JETSCRIBE_METRICS_PORT", 0)
+    metrics_host: str = env("JETSCRIBE_METRICS_HOST", "127.0.0.1")  # 0.0.0.0 in a container
+    log_level: str = env("JETSCRIBE_LOG_LEVEL", "INFO")
+    log_format: str = env("JETSCRIBE_LOG_FORMAT", "text")  # "text" or "json" (one object per line)
+    console: str = env("JETSCRIBE_OTEL_CONSOLE", "")  # "1": spans and metrics printed to stderr
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"JETSCRIBE_LOG_FORMAT is {self.log_format!r}: use text or json")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"JETSCRIBE_METRICS_PORT is {self.metrics_port}: use 0 (a free port) to 65535")

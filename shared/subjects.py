@@ -159,6 +159,16 @@ def session_event_all(event: str) -> str:
     return f"session.*.*.{event}"
 
 
+# Transcriber -> whoever watches its load (bench/load.py): core NATS, not stored
+def transcriber_stats(worker_id: str) -> str:
+    """Where a transcriber publishes its `WorkerStats` every second; the worker id as one subject token
+    (characters other than letters, digits, '_' and '-', such as the dots of a host name, become '_')."""
+    return f"jetscribe.stats.transcriber.{re.sub(r'[^A-Za-z0-9_-]', '_', worker_id) or '_'}"
+
+
+TRANSCRIBER_STATS_ALL = "jetscribe.stats.transcriber.*"
+
+
 # Errors, per service and tenant
 def errors(service: str, tenant: str) -> str:
     """Refusals and failures one service reports for a tenant ('_' when none is known)."""

@@ -63,6 +63,7 @@ class AudioChunk(_SessionMessage, tag="audio"):
     channels: int
     encoding: Encoding
     payload: bytes
+    received_at: float = 0.0  # wall time the gateway received it (0: unknown): final latency counts from it
 
 
 class SessionControl(_SessionMessage, tag="control"):
@@ -167,6 +168,32 @@ class ErrorEvent(_Message, tag="error"):
     message: str
     seq: int | None = None
     at: float = 0.0
+
+
+class DecodeTotals(msgspec.Struct, kw_only=True):
+    """A transcriber's decodes of one kind since it started (`WorkerStats.decodes`)."""
+
+    count: int = 0
+    seconds: float = 0.0  # their share of the decode calls' wall time: an item of a batch of n is charged 1/n
+    audio_s: float = 0.0  # audio seconds decoded
+
+
+class WorkerStats(_Message, tag="worker_stats"):
+    """A transcriber's load, published every second on core NATS (`jetscribe.stats.transcriber.<worker>`, not
+    stored). Totals run from the worker's start, so a message lost on the way only leaves a gap."""
+
+    worker_id: str
+    at: float  # wall time
+    sessions: int = 0
+    speaking: int = 0  # sessions with an utterance open
+    backlog_s: float = 0.0  # audio received and not yet covered by a final, summed over the sessions
+    backlog_max_s: float = 0.0  # the same, in the session with the most
+    finals_waiting_s: float = 0.0  # audio of ended utterances whose final is not out yet: grows if decoding lags
+    decodes: dict[str, DecodeTotals] = {}  # by kind: "final", "interim", "speculative" (an early final)
+    batches: int = 0  # decode calls; batch_items / batches is the mean batch size
+    batch_items: int = 0
+    cpu_s: float = 0.0  # the worker process's CPU seconds, user + system, since it started
+    rss_bytes: int = 0
 
 
 class Reply(_Message, tag="reply"):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from jetscribe.cli.formats import FORMATS, render, show_live
 from jetscribe.devstack import stack
+from jetscribe.shared.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start NATS, PostgreSQL and the three services; Ctrl-C stops all")
     up.add_argument(
         "--model", help="Whisper model: base, tiny.en, a model folder or null (default $JETSCRIBE_MODEL or base)"
+    )
+    up.add_argument(
+        "--transcribers",
+        type=transcriber_count,
+        default=None,
+        metavar="N|auto",
+        help="transcriber worker processes, each with its own model and an equal share of the cores "
+        "(auto, the default: one per core on a CPU host, one per GPU on a GPU host)",
     )
     up.add_argument(
         "--gateways", type=_at_least_one, default=1, help="ingest gateway processes; they share the sessions (1)"
@@ -68,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--format", choices=FORMATS, default="text")
     demo.add_argument("--model", help="Whisper model (default $JETSCRIBE_MODEL or base)")
     demo.add_argument("--speed", type=float, default=0.0)
+    demo.add_argument(
+        "--transcribers", type=transcriber_count, default=1, metavar="N|auto", help="as for up (default 1)"
+    )
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
@@ -88,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Unreachable, TimeoutError) as exc:  # TimeoutError: no ingest gateway answered the bot
         print(f"jetscribe: {exc}", file=sys.stderr)
         return 2
+    except (stack.StackError, ConfigError) as exc:  # a service exited, or a setting cannot work on this host
+        print(f"jetscribe {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _at_least_one(text: str) -> int:
@@ -104,22 +119,47 @@ class Unreachable(RuntimeError):
     """A server the command needs does not answer."""
 
 
+def transcriber_count(text: str) -> int | None:
+    """--transcribers: a count of at least 1, or auto (None: `jetscribe.devstack.sizing` chooses)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of workers (1 or more) or auto")
+    return int(text)
+
+
 def cmd_up(args) -> int:
-    local = stack.LocalStack(stack.home_dir(), model=args.model, gateways=args.gateways)
-    stopping = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.append(True))
+    local = stack.LocalStack(stack.home_dir(), model=args.model, transcribers=args.transcribers, gateways=args.gateways)
+    stopping: list[bool] = []
+
+    def stop_later() -> None:  # once up (and while stopping), a signal only asks the loop below to stop
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stopping.append(True))
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM interrupts as Ctrl-C does
     try:
         local.start()
+        stop_later()
         print(f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", flush=True)
+        print(_workers_line(local), flush=True)
         print("stream with: jetscribe stream FILE --session ID    (Ctrl-C stops everything)", flush=True)
         while not stopping:
             local.check()
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
+        stop_later()
         print("stopping...", flush=True)
         local.stop()
     return 0
+
+
+def _workers_line(local: stack.LocalStack) -> str:
+    """What runs the transcription: the plan, and the partitions each worker took."""
+    assert local.plan is not None
+    held = ", ".join(f"{w} {len(local.partitions_held.get(w, []))}" for w in local.transcriber_ids)
+    return f"{local.plan.describe(stack.cores_available())}; partitions held: {held}"
 
 
 def cmd_stream(args) -> int:
@@ -278,7 +318,7 @@ def cmd_demo(args) -> int:
     home = stack.home_dir() / "demo"
     print(f"starting NATS, PostgreSQL and the services in {home} ...", file=sys.stderr, flush=True)
     quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}  # the transcript is the output
-    with stack.LocalStack(home, model=args.model, extra_env=quiet) as local:
+    with stack.LocalStack(home, model=args.model, extra_env=quiet, transcribers=args.transcribers) as local:
         # Live lines go to stderr so that stdout holds only the stored transcript, in the format asked for.
         live = asyncio.run(_stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr))
         segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))

@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from opentelemetry import propagate
 
 from jetscribe.shared import subjects
 from jetscribe.shared.retry import backoff_delay
@@ -67,10 +68,15 @@ class StreamResult:
 
 
 async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int = 20) -> Reply:
-    """Request/reply with the gateway, retrying while it is unreachable (a restart, a reconnect)."""
+    """Request/reply with the gateway, retrying while it is unreachable (a restart, a reconnect).
+
+    Called inside an OpenTelemetry span, the request carries its W3C trace context (`traceparent` header), so
+    the gateway's span, and the chunk's path through the pipeline, join the caller's trace."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
     for attempt in range(attempts):
         try:
-            response = await nc.request(subject, encode(message), timeout=timeout)
+            response = await nc.request(subject, encode(message), timeout=timeout, headers=headers or None)
             reply = decode(response.data, Reply)
             if reply.code != "unavailable":
                 return reply

@@ -41,14 +41,18 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.trace import SpanKind
 
 from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
 from jetscribe.services.transcriber.partitions import assigned_to
 from jetscribe.shared import jetstream, subjects, telemetry
+from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
+from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
 from jetscribe.shared.streams import connect, ensure_streams
 from jetscribe.shared.wire import (
     AudioChunk,
@@ -70,6 +74,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256  # requests served at once (and as many forwarded): see `_on_request`
 FORWARD_TIMEOUT_S = 4.0  # under the bot's 5 s request timeout, so the bot hears `unavailable` rather than nothing
+RECEIVED_AT_HEADER = "Jetscribe-Received-At"  # on a forwarded request: when the first gateway took it
 _KINDS: dict[str, type] = {"audio": AudioChunk, "session": SessionControl}
 
 
@@ -82,7 +87,7 @@ class StaleLedger(RequestRefused):
 class IngestGateway:
     """Answers bots on `ingest.audio.*.*` and `ingest.session.*.*` for the partitions it holds, forwards the rest."""
 
-    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None, group_nc=None):
+    def __init__(self, nc, settings: StreamSettings, config: IngestConfig, tracer=None, meter=None, group_nc=None):
         """`group_nc`: the connection for the group's heartbeats and lease renewals (default `nc`). Its own
         connection keeps a renewal's reply from queueing behind a flood of bots' requests on the socket."""
         self.nc = nc
@@ -92,6 +97,7 @@ class IngestGateway:
         self.book = IngestBook(config)
         self.slots = TenantSlots(nc, config.max_sessions_per_tenant)
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
+        self.metrics = IngestMetrics(meter or otel_metrics.get_meter("jetscribe.ingest"))
         self.gateway_id = config.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
         self.group = PartitionGroup(
             group_nc or nc,
@@ -186,9 +192,13 @@ class IngestGateway:
     async def _forward(self, msg: Msg, partition: int, kind: str, tenant: str, session_id: str) -> None:
         """Hand a request to the gateway holding its partition and relay its answer."""
         self.forwarded += 1
+        headers = {**(msg.headers or {}), RECEIVED_AT_HEADER: repr(time.time())}  # the trace context goes along
         try:
             answer = await self.nc.request(
-                subjects.ingest_partition(partition, kind, tenant, session_id), msg.data, timeout=FORWARD_TIMEOUT_S
+                subjects.ingest_partition(partition, kind, tenant, session_id),
+                msg.data,
+                timeout=FORWARD_TIMEOUT_S,
+                headers=headers,
             )
         except nats.errors.NoRespondersError:
             await self._unavailable(msg, tenant, session_id, f"no gateway serves partition {partition} (it is moving)")
@@ -207,10 +217,22 @@ class IngestGateway:
     async def _serve(self, msg: Msg, kind: str, tenant: str, session_id: str) -> None:
         """Decode a bot's request, check it names its own subject, run it under the session's lock, answer."""
         accept: Callable[[Any], Awaitable[Reply]] = self._accept_chunk if kind == "audio" else self._control
+        received_at, started = _received_at(msg), time.perf_counter()
+        span = f"ingest.{kind}"
         message = None
-        with self.tracer.start_as_current_span(f"ingest.{kind}"):
+        with (
+            telemetry.log_context(tenant, session_id),
+            self.tracer.start_as_current_span(
+                span,
+                context=telemetry.extract(msg.headers),
+                kind=SpanKind.SERVER,
+                attributes={"jetscribe.tenant": tenant, "jetscribe.session": session_id},
+            ),
+        ):
             try:
                 message = decode(msg.data, _KINDS[kind])
+                if isinstance(message, AudioChunk):
+                    message.received_at = received_at  # travels with the stored chunk: final latency starts here
                 check_subject_matches(message.tenant, message.session_id, tenant, session_id)
                 async with self._lock(tenant, session_id):
                     try:
@@ -225,6 +247,8 @@ class IngestGateway:
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
+        outcome = {SYSTEM: "nats", OPERATION: span, TENANT: tenant} | ({ERROR_TYPE: reply.code} if reply.code else {})
+        self.metrics.request_duration.record(time.perf_counter() - started, outcome)
 
     # --- partitions -------------------------------------------------------------------------------
     async def _serve_partition(self, partition: int, _puller: object) -> None:
@@ -271,6 +295,7 @@ class IngestGateway:
                 verdict.ledger.resampler = None  # it consumed this chunk; the bot's retry must not feed it twice
                 raise
             self.book.accepted(verdict.ledger, chunk.seq)
+            self.metrics.chunks.add(1, {TENANT: chunk.tenant})
         return Reply(ok=True, last_seq=verdict.ledger.last_seq)
 
     async def _control(self, control: SessionControl) -> Reply:
@@ -312,13 +337,15 @@ class IngestGateway:
             ack = await self.js.publish(
                 subjects.audio(tenant, session_id),
                 encode(message),
-                headers={
-                    "Nats-Msg-Id": subjects.message_id(tenant, session_id, seq),
-                    jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(ledger.stream_seq),
-                    jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER: subjects.audio_of_session(
-                        tenant, session_id
-                    ),
-                },
+                headers=telemetry.inject(
+                    {
+                        "Nats-Msg-Id": subjects.message_id(tenant, session_id, seq),
+                        jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(ledger.stream_seq),
+                        jetstream.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER: subjects.audio_of_session(
+                            tenant, session_id
+                        ),
+                    }
+                ),
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code == jetstream.ERR_WRONG_LAST_SEQUENCE:
@@ -330,8 +357,10 @@ class IngestGateway:
             raise RequestRefused("unavailable", f"could not store audio, send it again: {exc!r}") from None
         if ack.duplicate:
             log.info("stream dropped a repeat of %s/%s %s", tenant, session_id, seq)
-        else:
-            self.book.stored(ledger, ack.seq)
+            return
+        self.book.stored(ledger, ack.seq)
+        if isinstance(message, AudioChunk):
+            self.metrics.audio.add(len(message.payload) / (2 * SAMPLE_RATE), {TENANT: tenant})
 
     async def _recall(self, tenant: str, session_id: str) -> SessionLedger | None:
         """A session this gateway has not seen (it restarted, or the id is reused), as the streams know it.
@@ -391,6 +420,7 @@ class IngestGateway:
             tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq, at=time.time()
         )
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
+        self.metrics.refusals.add(1, {TENANT: tenant, ERROR_TYPE: exc.code})
         try:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
@@ -425,25 +455,44 @@ def _request_of(subject: str) -> tuple[str, str, str]:
     return kind, tenant, session_id
 
 
-async def run(settings: StreamSettings, config: IngestConfig, stop: asyncio.Event | None = None) -> None:
-    tracer = telemetry.trace.get_tracer("jetscribe.ingest")
-    nc = await connect(settings, "jetscribe-ingest")
-    group_nc = await connect(settings, "jetscribe-ingest-group")
-    gateway = IngestGateway(nc, settings, config, tracer, group_nc=group_nc)
-    await gateway.start()
-    log.info(
-        "ingest gateway serving on %s as %s; partitions %s",
-        settings.nats_url,
-        gateway.gateway_id,
-        sorted(gateway.group.owned),
-    )
-    stop = stop or asyncio.Event()
-    await stop.wait()
-    await gateway.stop()
-    log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
-    await nc.drain()
-    await group_nc.drain()
+def _received_at(msg: Msg) -> float:
+    """When the first gateway took the request: now, or what the gateway that forwarded it said."""
+    forwarded = (msg.headers or {}).get(RECEIVED_AT_HEADER)
+    try:
+        return float(forwarded) if forwarded else time.time()
+    except ValueError:
+        return time.time()
+
+
+async def run(
+    settings: StreamSettings,
+    config: IngestConfig,
+    stop: asyncio.Event | None = None,
+    tel: telemetry.Telemetry | None = None,
+) -> None:
+    async with telemetry.serving("ingest", tel, needs=("streams",)) as tel:
+        nc = await connect(settings, "jetscribe-ingest")
+        group_nc = await connect(settings, "jetscribe-ingest-group")
+        gateway = IngestGateway(nc, settings, config, tel.tracer, tel.meter, group_nc=group_nc)
+        await gateway.start()
+        tel.readiness.up("streams")
+        log.info(
+            "ingest gateway serving on %s as %s, partitions %s; metrics on %s",
+            settings.nats_url,
+            gateway.gateway_id,
+            sorted(gateway.group.owned),
+            tel.endpoint_url,
+        )
+        stop = stop or asyncio.Event()
+        await stop.wait()
+        tel.readiness.down("streams", "stopping")
+        await gateway.stop()
+        log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
+        await nc.drain()
+        await group_nc.drain()
 
 
 def main() -> int:
-    return telemetry.serve("ingest", lambda stop: run(StreamSettings.from_env(), IngestConfig.from_env(), stop))
+    return telemetry.serve(
+        "ingest", lambda stop, tel: run(StreamSettings.from_env(), IngestConfig.from_env(), stop, tel)
+    )

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 
 import nats.errors
 import nats.js.errors
@@ -18,16 +19,32 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind, set_span_in_context
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from jetscribe.services.persister.core import Delivered, Unstorable, check, dropped_event, plan_batch
+from jetscribe.services.persister.core import BatchWrite, Delivered, Unstorable, check, dropped_event, plan_batch
 from jetscribe.services.persister.store import is_message_fault, open_engine, write_batch
 from jetscribe.shared import subjects, telemetry, wire
 from jetscribe.shared.config import PersisterConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
+from jetscribe.shared.health import Readiness
 from jetscribe.shared.jetstream import JetStreamAPI, JetStreamAPIError
+from jetscribe.shared.metrics import (
+    DB_OPERATION,
+    DB_SYSTEM,
+    DB_TABLE,
+    ERROR_TYPE,
+    GROUP,
+    STATUS,
+    STREAM,
+    SYSTEM,
+    TENANT,
+    PersisterMetrics,
+)
 from jetscribe.shared.retry import Stopped, backoff_delay, retry, stopped_within
 from jetscribe.shared.streams import connect, ensure_streams
 
@@ -37,6 +54,8 @@ ACK_WAIT_S = 60.0
 
 log = logging.getLogger(__name__)
 _DATABASE_ERRORS = (SQLAlchemyError, psycopg.Error, OSError)
+_CONSUMED = {SYSTEM: "nats", STREAM: subjects.TRANSCRIPTS_STREAM, GROUP: subjects.PERSISTER_CONSUMER}
+_WRITE = {DB_SYSTEM: "postgresql", DB_OPERATION: "write_batch"}
 
 
 def consumer_config(config: PersisterConfig) -> ConsumerConfig:
@@ -60,14 +79,25 @@ class Persister:
     """Moves one fetched batch into Postgres: drop what can't be stored, write the rest, then ack."""
 
     def __init__(
-        self, nc: Client, js: JetStreamContext, engine: AsyncEngine, config: PersisterConfig, stop: asyncio.Event
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        engine: AsyncEngine,
+        config: PersisterConfig,
+        stop: asyncio.Event,
+        tel: telemetry.Telemetry | None = None,
     ):
         self.nc, self.js, self.engine, self.config, self.stop = nc, js, engine, config, stop
-        self.tracer = trace.get_tracer(f"jetscribe.{SERVICE}")
+        self.tracer = tel.tracer if tel is not None else trace.get_tracer(f"jetscribe.{SERVICE}")
+        self.metrics = PersisterMetrics(
+            tel.meter if tel is not None else otel_metrics.get_meter(f"jetscribe.{SERVICE}")
+        )
+        self.readiness = tel.readiness if tel is not None else Readiness(SERVICE)
         # Set when an ack may not have reached the server; `run` then has the consumer redeliver at once.
         self.acks_in_doubt = False
 
     async def handle(self, msgs: list[Msg]) -> None:
+        self.metrics.consumed.add(len(msgs), _CONSUMED)
         accepted: list[tuple[Msg, Delivered]] = []
         for msg in msgs:
             try:
@@ -104,6 +134,7 @@ class Persister:
         batch = plan_batch(delivered for _, delivered in items)
         attempt = 0
         while True:
+            started, started_ns = time.perf_counter(), time.time_ns()
             try:
                 with self.tracer.start_as_current_span("persister.write_batch") as span:
                     span.set_attribute("jetscribe.messages", len(items))
@@ -111,10 +142,16 @@ class Persister:
                     span.set_attribute("jetscribe.session_events", len(batch.session_events))
                     span.set_attribute("jetscribe.attempt", attempt)
                     await write_batch(self.engine, batch)
+                self.metrics.write_duration.record(time.perf_counter() - started, _WRITE)
+                self._written(items, batch, started_ns, span.get_span_context())
                 return True
             except _DATABASE_ERRORS as exc:
+                error = {ERROR_TYPE: type(getattr(exc, "orig", None) or exc).__name__}
+                self.metrics.write_duration.record(time.perf_counter() - started, _WRITE | error)
                 if is_message_fault(exc):
                     raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
+                self.readiness.down("database", _first_line(exc))
+                self.metrics.retries.add(1, error)
                 delay = backoff_delay(attempt, max_s=self.config.retry_max_s)
                 attempt += 1
                 log.warning(
@@ -128,6 +165,32 @@ class Persister:
             if await stopped_within(self.stop, delay):
                 log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
                 return False
+
+    def _written(self, items: list[tuple[Msg, Delivered]], batch: BatchWrite, started_ns: int, span: SpanContext):
+        """Count a committed batch, and give each message that came with a trace context its own span in that
+        trace (the transcriber's publish), linked to the batch's write."""
+        self.readiness.up("database")
+        self.metrics.batch_size.record(len(items))
+        rows: Counter[tuple[str, str, str]] = Counter()
+        for row in batch.segments:
+            rows["segments", row["tenant"], row["status"]] += 1
+        for row in (*batch.session_touches, *batch.session_events):
+            rows["sessions", row["tenant"], ""] += 1
+        for (table, tenant, status), n in rows.items():
+            self.metrics.rows.add(n, {DB_TABLE: table, TENANT: tenant} | ({STATUS: status} if status else {}))
+        for msg, delivered in items:
+            parent = telemetry.span_context_of(msg.headers)
+            if parent is None:
+                continue
+            message = delivered.message
+            self.tracer.start_span(
+                "persister.store",
+                context=set_span_in_context(trace.NonRecordingSpan(parent)),
+                kind=SpanKind.CONSUMER,
+                links=[Link(span)] if span.is_valid else [],
+                start_time=started_ns,
+                attributes={"jetscribe.tenant": message.tenant, "jetscribe.session": message.session_id},
+            ).end()
 
     async def ack(self, msgs: list[Msg]) -> None:
         """Ack committed messages. A flush proves the server read the acks, not that it kept them: a nats-server
@@ -144,7 +207,9 @@ class Persister:
     async def drop_unstorable(self, msg: Msg, problem: CodedError) -> None:
         """Report a message that can never be stored (Unstorable, or a WireError) and terminate it."""
         event = dropped_event(msg.subject, problem, time.time())
-        log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
+        with telemetry.log_context(event.tenant, event.session_id):
+            log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
+        self.metrics.dropped.add(1, {TENANT: event.tenant, ERROR_TYPE: event.code})
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -155,18 +220,39 @@ class Persister:
             log.warning("could not terminate the message on %s (%s)", msg.subject, exc)
 
 
-async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event | None = None) -> None:
+async def run(
+    settings: StreamSettings,
+    config: PersisterConfig,
+    stop: asyncio.Event | None = None,
+    tel: telemetry.Telemetry | None = None,
+) -> None:
     """Persist the TRANSCRIPTS stream until `stop` is set; the batch in hand is finished first."""
-    stop = stop or asyncio.Event()
+    async with telemetry.serving(SERVICE, tel, needs=("streams", "consumer", "database")) as tel:
+        await _persist(settings, config, stop or asyncio.Event(), tel)
+
+
+async def _persist(
+    settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event, tel: telemetry.Telemetry
+) -> None:
     engine = open_engine(config.database_url)
     nc = await connect(settings, SERVICE)
+    tasks = [asyncio.create_task(_watch_database(engine, tel.readiness, stop))]
     try:
         js = nc.jetstream()
         sub = await _subscribe(js, settings, config)
+        tel.readiness.up("streams")
+        tel.readiness.up("consumer")
         await _redeliver_unacked(nc)
-        persister = Persister(nc, js, engine, config, stop)
+        persister = Persister(nc, js, engine, config, stop, tel)
+        lag = [(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER, None)]
+        tasks.append(asyncio.create_task(persister.metrics.lag.poll(js, lambda: lag, stop)))
         reconnects = nc.stats["reconnects"]
-        log.info("persisting %s to Postgres in batches of up to %d", subjects.TRANSCRIPTS_STREAM, config.batch_size)
+        log.info(
+            "persisting %s to Postgres in batches of up to %d; metrics on %s",
+            subjects.TRANSCRIPTS_STREAM,
+            config.batch_size,
+            tel.endpoint_url,
+        )
         while not stop.is_set():
             if (persister.acks_in_doubt or nc.stats["reconnects"] != reconnects) and nc.is_connected:
                 # A NATS restart can come back holding messages it delivered to us as unacked: acks sent just
@@ -191,12 +277,31 @@ async def run(settings: StreamSettings, config: PersisterConfig, stop: asyncio.E
                 continue
             await persister.handle(msgs)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         # Not drain(): the pull subscription's queue is read only by fetch, so drain would wait it out.
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await nc.flush(timeout=2)
         await nc.close()
         await engine.dispose()
     log.info("stopped")
+
+
+async def _watch_database(engine: AsyncEngine, readiness: Readiness, stop: asyncio.Event) -> None:
+    """Ready once PostgreSQL answers; afterwards the writes themselves say whether it is up."""
+    attempt = 0
+    while not stop.is_set():
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except _DATABASE_ERRORS as exc:
+            readiness.down("database", _first_line(exc))
+            await stopped_within(stop, backoff_delay(attempt, max_s=5.0))
+            attempt += 1
+            continue
+        readiness.up("database")
+        return
 
 
 async def _redeliver_unacked(nc) -> bool:
@@ -265,4 +370,6 @@ def _hint(exc: BaseException) -> str:
 
 def main() -> int:
     """`python -m jetscribe.services.persister`: run until SIGTERM or SIGINT, then exit 0."""
-    return telemetry.serve(SERVICE, lambda stop: run(StreamSettings.from_env(), PersisterConfig.from_env(), stop))
+    return telemetry.serve(
+        SERVICE, lambda stop, tel: run(StreamSettings.from_env(), PersisterConfig.from_env(), stop, tel)
+    )

@@ -8,19 +8,26 @@ out each `Step` the core returns, in its one order (`_carry_out`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+import psutil
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import KeyNotFoundError
+from opentelemetry import metrics as otel_metrics
 
+from jetscribe.services.transcriber import batched
 from jetscribe.services.transcriber import model as whisper
+from jetscribe.services.transcriber.arrivals import Arrival, ChunkArrivals
 from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
-from jetscribe.services.transcriber.decoding import Decoded, DecodeLoad, pick_next
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from jetscribe.services.transcriber.instruments import WorkerInstruments
+from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import subjects, telemetry
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SessionKey = tuple[str, str]
 FINISHED_REMEMBERED = 10_000
+ARRIVALS_KEPT_BEHIND = 30 * SAMPLE_RATE  # chunk arrivals kept before a session's buffer, for late segments
 
 
 def commit_options(config: TranscriberConfig) -> CommitOptions:
@@ -75,6 +83,7 @@ class SessionRecord:
     stream: SessionStream[Msg]
     partition: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    arrivals: ChunkArrivals = field(default_factory=ChunkArrivals)  # for latencies and trace links
 
 
 @dataclass
@@ -86,7 +95,14 @@ class FinishedSession:
 
 class TranscriberWorker:
     def __init__(
-        self, nc, settings: StreamSettings, config: TranscriberConfig, model, tracer=None, clock: Clock | None = None
+        self,
+        nc,
+        settings: StreamSettings,
+        config: TranscriberConfig,
+        model,
+        tracer=None,
+        clock: Clock | None = None,
+        meter=None,
     ):
         self.nc = nc
         self.js = nc.jetstream()
@@ -101,10 +117,18 @@ class TranscriberWorker:
         )
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
+        meter = meter or otel_metrics.get_meter("jetscribe.transcriber")
+        self.instruments = WorkerInstruments(meter, self.tracer, config.worker_id)
+        self.instruments.watch(
+            lambda: [(r.stream.tenant, len(r.stream.segmenter.buffer)) for r in list(self.sessions.values())],
+            lambda: len(self.pullers),
+        )
         self.sessions: dict[SessionKey, SessionRecord] = {}
         self.finished: OrderedDict[SessionKey, FinishedSession] = OrderedDict()  # recently closed
         self.pullers: dict[int, asyncio.Task] = {}
         self.load = DecodeLoad()
+        self.batch_key = batched.plan_key_for(model, config.max_batch)  # what may share one decode call
+        self.counters = DecodeCounters()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.checkpoints = None
@@ -116,6 +140,9 @@ class TranscriberWorker:
         self.checkpoints = await ensure_checkpoints(self.js, self.settings)
         self._tasks.append(asyncio.create_task(self._decode_loop()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._publish_stats()))
+        lag = self.instruments.metrics.lag.poll(self.js, self._own_consumers, self.stopping)
+        self._tasks.append(asyncio.create_task(lag))
         self.group = PartitionGroup.from_config(
             self.nc, self.settings, self.config, on_assigned=self._assigned, on_revoked=self._revoked
         )
@@ -137,6 +164,7 @@ class TranscriberWorker:
     # --- partitions -----------------------------------------------------------------------
     async def _assigned(self, partition: int, puller: PartitionPuller) -> None:
         self.pullers[partition] = asyncio.create_task(self._pull(partition, puller))
+        self.instruments.acquired(partition)
 
     async def _revoked(self, partition: int, lost: bool) -> None:
         task = self.pullers.pop(partition, None)
@@ -173,6 +201,7 @@ class TranscriberWorker:
         key = (record.stream.tenant, record.stream.session_id)
         if self.sessions.get(key) is record:
             del self.sessions[key]
+            self.instruments.closed(record.stream.tenant)
 
     # --- audio in -------------------------------------------------------------------------
     async def _pull(self, partition: int, puller: PartitionPuller) -> None:
@@ -185,6 +214,7 @@ class TranscriberWorker:
                 log.warning("fetch on partition %d failed: %r", partition, exc)
                 await stopped_within(self.stopping, 0.5)
                 continue
+            self.instruments.pulled(partition, (msg.metadata.num_delivered for msg in msgs))
             for msg in msgs:
                 try:
                     await self._receive(partition, msg)
@@ -224,7 +254,14 @@ class TranscriberWorker:
         if record is None:
             await self._after_finished(key, message, msg)
             return
-        await self._carry_out(record, record.stream.receive(message, msg))
+        received = record.stream.segmenter.received
+        step = record.stream.receive(message, msg)
+        if isinstance(message, AudioChunk) and record.stream.segmenter.received > received:  # new audio
+            trace = telemetry.span_context_of(msg.headers)
+            end, now = record.stream.segmenter.received, self.clock.monotonic()
+            arrival = Arrival(message.seq, received, end, message.received_at, now, trace)
+            self.instruments.arrived(record.arrivals, message.tenant, arrival)
+        await self._carry_out(record, step)
 
     async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
         """A session this worker has not seen: resume it from its checkpoint, or start it. None if its
@@ -252,6 +289,7 @@ class TranscriberWorker:
         if checkpoint is not None:
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
         record = self.sessions[key] = SessionRecord(stream, partition)
+        self.instruments.opened(key[0], checkpoint.worker_id if checkpoint is not None else None)
         return record
 
     async def _after_finished(self, key: SessionKey, message: AudioMessage, msg: Msg) -> None:
@@ -279,10 +317,15 @@ class TranscriberWorker:
     # --- carrying out what the core decided -------------------------------------------------
     async def _carry_out(self, record: SessionRecord, step: Step[Msg]) -> None:
         """Do what `step` says, in the order `Step` documents, after every earlier step of the session."""
+        with telemetry.log_context(record.stream.tenant, record.stream.session_id):
+            await self._carry_out_step(record, step)
+
+    async def _carry_out_step(self, record: SessionRecord, step: Step[Msg]) -> None:
         for line in step.notes:
             log.info("%s", line)
         for audit in step.audits:
             _log_audit(record.stream, audit)
+            self.instruments.audited(record.stream.tenant, audit)
         if step.closed:  # forgotten first, so new messages see it closed while the last step goes out
             self._forget(record)
             if step.checkpoint is not None and step.checkpoint.finished:
@@ -293,30 +336,40 @@ class TranscriberWorker:
             for error in step.errors:
                 await self._report(error)
             for segment in step.segments:
-                await self._publish(
-                    subjects.transcript(segment.tenant, segment.session_id),
-                    encode(segment),
-                    subjects.segment_message_id(
-                        segment.tenant,
-                        segment.session_id,
-                        segment.segment_id,
-                        segment.status,
-                        segment.revision,
-                        segment.worker_id,
-                    ),
-                )
+                with self.instruments.segment_span(record.arrivals, segment):
+                    await self._publish(
+                        subjects.transcript(segment.tenant, segment.session_id),
+                        encode(segment),
+                        subjects.segment_message_id(
+                            segment.tenant,
+                            segment.session_id,
+                            segment.segment_id,
+                            segment.status,
+                            segment.revision,
+                            segment.worker_id,
+                        ),
+                    )
+                self.instruments.segment_published(record.arrivals, segment, self.clock.wall())
             for event in step.events:
                 await self._publish(
                     subjects.session_event(event.tenant, event.session_id, event.event),
                     encode(event),
                     subjects.event_message_id(event.tenant, event.session_id, event.event),
                 )
+                self.instruments.event_published(event)
             if step.checkpoint is not None:
                 await self._save_checkpoint(step.checkpoint)
+                self.instruments.checkpoint_written(record.stream.tenant)
             for msg in step.ack:
                 await _settle_message(msg.ack, msg)
             for msg in step.nak:
                 await _settle_message(msg.nak, msg)
+            if step.segments:
+                record.arrivals.drop_before(record.stream.segmenter.buffer.start - ARRIVALS_KEPT_BEHIND)
+
+    def _own_consumers(self) -> list[tuple[str, str, int | None]]:
+        """The AUDIO consumers of the partitions this worker holds, for their lag."""
+        return [(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p), p) for p in sorted(self.pullers)]
 
     # --- checkpoints ----------------------------------------------------------------------
     async def _load_checkpoint(self, key: SessionKey) -> SessionCheckpoint | None:
@@ -367,55 +420,115 @@ class TranscriberWorker:
     async def _decode_loop(self) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()
-            stream = pick_next([r.stream for r in self.sessions.values()], self._interim_every())
-            if stream is None:
+            batch = await self._next_batch()
+            if not batch:
                 await self.wakeup.wait()
                 continue
             try:
-                await self._decode_one(self.sessions[(stream.tenant, stream.session_id)])
+                await self._decode(batch)
             except Stopped:
                 return
             except Exception:  # keep decoding other sessions whatever one of them does
-                log.exception("decode step failed for %s/%s", stream.tenant, stream.session_id)
+                log.exception("decode step failed for %s", ", ".join(_names(batch)))
                 await stopped_within(self.stopping, 0.5)
 
     def _interim_every(self) -> float:
         speaking = sum(1 for r in self.sessions.values() if r.stream.open is not None)
         return self.load.interim_every(self.options.interim_every_s, speaking)
 
-    async def _decode_one(self, record: SessionRecord) -> None:
-        stream = record.stream
-        job = stream.next_job(self._interim_every())
-        if job is None:
+    def _plan(self) -> list[SessionRecord]:
+        every = self._interim_every()
+        plans = [(r, plan) for r in self.sessions.values() if (plan := r.stream.peek_job(every)) is not None]
+        return plan_batch(plans, self.config.max_batch, self.batch_key)
+
+    async def _next_batch(self) -> list[SessionRecord]:
+        """The sessions to decode together next; a batch that is not full waits up to `batch_wait_ms` for
+        more jobs of its kind (0: it goes at once)."""
+        chosen = self._plan()
+        wait_s = self.config.batch_wait_ms / 1000
+        if not chosen or wait_s <= 0 or len(chosen) >= self.config.max_batch:
+            return chosen
+        deadline = self.clock.monotonic() + wait_s
+        while len(chosen) < self.config.max_batch and (left := deadline - self.clock.monotonic()) > 0:
+            self.wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), left)
+            chosen = self._plan()
+        return chosen
+
+    async def _decode(self, records: list[SessionRecord]) -> None:
+        every = self._interim_every()
+        work = [(r, job) for r in records if (job := r.stream.next_job(every)) is not None]
+        if not work:
             return
+        jobs = [job for _, job in work]
+        self.instruments.decode_starts(((r.arrivals, job) for r, job in work), self.clock.monotonic())
         with self.tracer.start_as_current_span("transcriber.decode") as span:
-            span.set_attribute("jetscribe.kind", job.kind)
-            span.set_attribute("jetscribe.audio_s", len(job.audio) / SAMPLE_RATE)
-            span.set_attribute("jetscribe.speculative", job.speculative)
+            span.set_attribute("jetscribe.kind", jobs[0].kind)
+            span.set_attribute("jetscribe.batch_size", len(jobs))
+            span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
+            span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            result: Decoded | BaseException
+            results = await self._decode_jobs(jobs)
+            seconds = time.perf_counter() - started
+        for job in jobs:
+            self.load.observe(job, seconds / len(jobs))
+            self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
+        self.instruments.decoded(jobs, seconds)
+        log.debug(
+            "%s: %d %s job(s), %.1f s of audio, decoded in %.2f s",
+            ", ".join(_names(records)),
+            len(jobs),
+            jobs[0].kind,
+            sum(len(job.audio) for job in jobs) / SAMPLE_RATE,
+            seconds,
+        )
+        for (record, job), result in zip(work, results, strict=True):
+            await self._carry_out(record, record.stream.complete(job, result))
+
+    async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
+        """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
+        job at fault fails (its session's retry budget counts it)."""
+        try:
+            return list(await asyncio.to_thread(batched.decode_jobs, self.model, jobs, self.config.max_batch))
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("decode of %s failed", _job_name(jobs[0]))
+                return [exc]
+            log.warning("a batch of %d jobs failed (%r); decoding them one by one", len(jobs), exc)
+        results: list[Decoded | BaseException] = []
+        for job in jobs:
             try:
-                result = await asyncio.to_thread(whisper.transcribe, self.model, job)
-                self.load.observe(job, time.perf_counter() - started)
-                log.debug(
-                    "%s/%s: %s%s of %.1f s audio decoded in %.2f s",
-                    stream.tenant,
-                    stream.session_id,
-                    job.kind,
-                    " (early)" if job.speculative else "",
-                    len(job.audio) / SAMPLE_RATE,
-                    time.perf_counter() - started,
-                )
+                results.append(await asyncio.to_thread(whisper.transcribe, self.model, job))
             except Exception as exc:
-                log.exception("decode of %s/%s failed", stream.tenant, stream.session_id)
-                result = exc
-        await self._carry_out(record, stream.complete(job, result))
+                log.exception("decode of %s failed", _job_name(job))
+                results.append(exc)
+        return results
 
     # --- out ------------------------------------------------------------------------------
+    async def _publish_stats(self) -> None:
+        """This worker's load every second on core NATS (`WorkerStats`, read by bench/load.py); best effort."""
+        process, subject = psutil.Process(), subjects.transcriber_stats(self.config.worker_id)
+        while not await stopped_within(self.stopping, STATS_EVERY_S):
+            cpu = process.cpu_times()
+            streams = [r.stream for r in self.sessions.values()]
+            stats = worker_stats(
+                self.config.worker_id,
+                streams,
+                self.counters,
+                at=self.clock.wall(),
+                cpu_s=cpu.user + cpu.system,
+                rss_bytes=process.memory_info().rss,
+            )
+            try:
+                await self.nc.publish(subject, encode(stats))
+            except Exception as exc:  # NATS reconnecting: the totals carry on in the next one
+                log.debug("could not publish the load stats: %r", exc)
+
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
         await retry(
-            lambda: self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}),
+            lambda: self.js.publish(subject, data, headers=telemetry.inject({"Nats-Msg-Id": msg_id})),
             what=f"publish to {subject}",
             stop=self.stopping,
             logger=log,
@@ -423,10 +536,19 @@ class TranscriberWorker:
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
+        self.instruments.reported(event.tenant, event.code)
         try:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays
             log.warning("could not publish the %s report: %r", event.code, exc)
+
+
+def _names(records: list[SessionRecord]) -> list[str]:
+    return [f"{r.stream.tenant}/{r.stream.session_id}" for r in records]
+
+
+def _job_name(job: DecodeJob) -> str:
+    return f"a {job.kind} job at sample {job.start_sample}"
 
 
 def _log_audit(stream: SessionStream[Msg], audit: FinalAudit) -> None:
@@ -464,26 +586,47 @@ async def _settle_message(settle, msg: Msg) -> None:
 
 
 async def run(
-    settings: StreamSettings, config: TranscriberConfig, stop: asyncio.Event | None = None, model=None
+    settings: StreamSettings,
+    config: TranscriberConfig,
+    stop: asyncio.Event | None = None,
+    model=None,
+    tel: telemetry.Telemetry | None = None,
 ) -> None:
-    tracer = telemetry.trace.get_tracer("jetscribe.transcriber")
-    if model is None:
-        log.info("loading Whisper %s on %s (%s)", config.model, config.device, config.compute_type)
-        model = await asyncio.to_thread(
-            whisper.load_model, config.model, config.device, config.compute_type, config.cpu_threads
+    config = config.on_device(0 if config.device == "cpu" else whisper.cuda_device_count())
+    needs = ("model", "streams", "consumer_group")
+    async with telemetry.serving("transcriber", tel, needs=needs, instance=config.worker_id) as tel:
+        if model is None:
+            where = f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device
+            threads = config.cpu_threads or "CTranslate2's default"
+            log.info(
+                "loading Whisper %s on %s (%s), CPU threads: %s", config.model, where, config.compute_type, threads
+            )
+            model = await asyncio.to_thread(
+                whisper.load_model,
+                config.model,
+                config.device,
+                config.compute_type,
+                config.cpu_threads,
+                device_index=config.device_index,
+            )
+        tel.readiness.up("model")
+        nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
+        worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter)
+        await worker.start()
+        tel.readiness.up("streams")
+        tel.readiness.up("consumer_group")
+        log.info(
+            "transcriber %s ready; partitions: %s; metrics on %s", config.worker_id, config.partitions, tel.endpoint_url
         )
-    nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
-    worker = TranscriberWorker(nc, settings, config, model, tracer)
-    await worker.start()
-    log.info("transcriber %s ready; partitions: %s", config.worker_id, config.partitions)
-    stop = stop or asyncio.Event()
-    await stop.wait()
-    log.info("transcriber %s draining", config.worker_id)
-    await worker.drain()
-    await nc.close()
+        stop = stop or asyncio.Event()
+        await stop.wait()
+        log.info("transcriber %s draining", config.worker_id)
+        tel.readiness.down("consumer_group", "draining")
+        await worker.drain()
+        await nc.close()
 
 
 def main() -> int:
     return telemetry.serve(
-        "transcriber", lambda stop: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop)
+        "transcriber", lambda stop, tel: run(StreamSettings.from_env(), TranscriberConfig.from_env(), stop, tel=tel)
     )

@@ -21,7 +21,7 @@ from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
-from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind
+from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind, JobPlan
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
@@ -258,29 +258,59 @@ class SessionStream(Generic[M]):
         """Samples heard since the last interim."""
         return self.segmenter.vad_pos - self.open.interim_at if self.open is not None else 0
 
+    def _due(self, interim_every_s: float | None) -> tuple[Utterance, JobKind, int, bool] | None:
+        """The decode this session needs most, without taking it: (utterance, kind, end sample, speculative)."""
+        if self.busy or self.gone:
+            return None
+        if self.closed:
+            utt = self.closed[0]
+            assert utt.end is not None  # a closed utterance has its end
+            return utt, "final", utt.end, False
+        if self.speculation_due():
+            assert self.open is not None and self.open.speculate_end is not None  # speculation_due() checked them
+            return self.open, "final", self.open.speculate_end, True
+        if self.interim_due(interim_every_s):
+            assert self.open is not None  # interim_due() checked it
+            return self.open, "interim", self.segmenter.vad_pos, False
+        return None
+
+    def peek_job(self, interim_every_s: float | None = None) -> JobPlan | None:
+        """What `next_job` would return now, described but not taken (the batch scheduler groups sessions by it)."""
+        due = self._due(interim_every_s)
+        if due is None:
+            return None
+        utt, kind, end, speculative = due
+        interim = kind == "interim"
+        if kind == "final" and not speculative:
+            urgency: tuple[int, float] = (0, utt.closed_at)  # the oldest final first
+        elif speculative:
+            urgency = (1, 0.0)  # paused sessions in the order given
+        else:
+            urgency = (2, -float(self.interim_backlog))  # the most starved interim first
+        return JobPlan(
+            kind=kind,
+            speculative=speculative,
+            samples=end - utt.start,
+            beam_size=self.options.interim_beam_size if interim else self.options.beam_size,
+            window="short" if interim else self.options.final_window,
+            language=self.transcript.language,
+            urgency=urgency,
+            prompt=self.transcript.prompt,
+        )
+
     def next_job(self, interim_every_s: float | None = None) -> DecodeJob | None:
         """The decode this session needs most: its oldest final, else a speculative final of a paused
         utterance, else an interim of the open one. Its result goes back through `complete`."""
-        if self.busy or self.gone:
+        due = self._due(interim_every_s)
+        if due is None:
             return None
-        kind: JobKind
-        end: int | None
-        if self.closed:
-            utt, kind, end, speculative = self.closed[0], "final", self.closed[0].end, False
-        elif self.speculation_due():
-            assert self.open is not None  # speculation_due() checked it, and its speculate_end
-            utt, kind, end, speculative = self.open, "final", self.open.speculate_end, True
-        elif self.interim_due(interim_every_s):
-            assert self.open is not None  # interim_due() checked it
-            utt, kind, end, speculative = self.open, "interim", self.segmenter.vad_pos, False
+        utt, kind, end, speculative = due
+        interim = kind == "interim"
+        if interim:
             utt.interim_at = end
             utt.interim_jobs += 1
-        else:
-            return None
-        assert end is not None  # a closed utterance has its end; speculation_due() checked speculate_end
         audio = self.segmenter.samples(utt.start, end).astype(np.float32) / 32768.0
         self.busy = True
-        interim = kind == "interim"
         return DecodeJob(
             kind=kind,
             audio=audio,

@@ -3,19 +3,51 @@ session decodes next."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment
 from jetscribe.services.transcriber.evidence import AudioEvidence
+from jetscribe.shared.audio import SAMPLE_RATE
 
-if TYPE_CHECKING:
-    from jetscribe.services.transcriber.core import SessionStream
-
-M = TypeVar("M")  # the message handle of the streams (see core.SessionStream)
+T = TypeVar("T")  # whatever the caller schedules (a session, its record)
 JobKind = Literal["final", "interim"]
+
+FULL_WINDOW_FRAMES = 3000
+FRAMES_PER_SECOND = 100
+SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
+
+# Encoder windows a batch may use, in frames (10 ms each). A short-window job takes the smallest that holds
+# `window_frames` of its audio, so that jobs of similar length share a call and each job's window depends on
+# its own audio only, never on its neighbours in a batch.
+BATCH_WINDOWS = (1000, 1500, 2000, 2500, FULL_WINDOW_FRAMES)
+
+
+def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100, least: int = 1000) -> int:
+    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them, and
+    never fewer than `least` (10 s): on tiny windows Whisper loops more often, and saves little."""
+    needed = audio_samples / SAMPLES_PER_FRAME / fill
+    return min(FULL_WINDOW_FRAMES, max(least, int(-(-needed // step) * step)))
+
+
+def batch_frames(audio_samples: int, window: str) -> int:
+    """The encoder frames a job gets in a batch: the full 30 s window, or the smallest of `BATCH_WINDOWS`
+    that holds the short window its audio needs."""
+    if window == "full":
+        return FULL_WINDOW_FRAMES
+    needed = window_frames(audio_samples)
+    return next(w for w in BATCH_WINDOWS if w >= needed)
+
+
+class BatchKey(NamedTuple):
+    """Jobs that can share one call: the same encoder frames, beam and language."""
+
+    frames: int
+    beam_size: int
+    language: str
 
 
 @dataclass
@@ -59,16 +91,41 @@ class DecodeLoad:
         return max(fastest_s, 2.0 * speaking_sessions * self.interim_s)
 
 
-def pick_next(streams: list[SessionStream[M]], interim_every_s: float | None = None) -> SessionStream[M] | None:
-    """Which session decodes next: the oldest pending final first, then a paused utterance's
-    speculative final, then the most starved interim."""
-    finals = [(s.final_due_since(), i) for i, s in enumerate(streams) if s.final_due_since() is not None]
-    if finals:
-        return streams[min(finals)[1]]
-    paused = [s for s in streams if s.speculation_due()]
-    if paused:
-        return paused[0]
-    interims = [s for s in streams if s.interim_due(interim_every_s)]
-    if interims:
-        return max(interims, key=lambda s: s.interim_backlog)
-    return None
+@dataclass(frozen=True)
+class JobPlan:
+    """The job a session would hand out next (`SessionStream.peek_job`), described but not taken."""
+
+    kind: JobKind
+    speculative: bool
+    samples: int  # audio length
+    beam_size: int
+    window: Literal["full", "short"]
+    language: str | None
+    urgency: tuple[int, float]  # lower first: (0, closed at) finals, (1, 0) early finals, (2, -backlog) interims
+    prompt: str = ""  # the context words the job will carry
+
+    @property
+    def key(self) -> BatchKey | None:
+        """Jobs with equal keys can share one decode call; None: this job is decoded alone."""
+        if self.language is None:  # its language is detected first, per job
+            return None
+        return BatchKey(batch_frames(self.samples, self.window), self.beam_size, self.language)
+
+
+def plan_batch(
+    plans: Sequence[tuple[T, JobPlan]], max_batch: int, key: Callable[[JobPlan], Hashable | None] | None = None
+) -> list[T]:
+    """Which sessions decode together next: the most urgent job (the oldest final, else a paused utterance's
+    early final, else the most starved interim) and, up to `max_batch` in all, the next most urgent jobs that
+    share its key (`JobPlan.key` unless `key` says more, as the decoder does: its prompts must be of one length
+    in tokens). Finals and interims use different beams, so they never share a call: finals go first. A None
+    key decodes alone."""
+    if not plans:
+        return []
+    key_of = key or (lambda plan: plan.key)
+    ordered = sorted(plans, key=lambda entry: entry[1].urgency)  # stable: ties keep the given order
+    first, plan = ordered[0]
+    wanted = key_of(plan)
+    if wanted is None:
+        return [first]
+    return [who for who, other in ordered if key_of(other) == wanted][: max(1, max_batch)]

@@ -14,17 +14,30 @@ from pathlib import Path
 from faster_whisper import WhisperModel
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop
-from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
+from jetscribe.services.transcriber.decoding import (  # noqa: F401  (window_frames: this module's API too)
+    FRAMES_PER_SECOND,
+    FULL_WINDOW_FRAMES,
+    SAMPLES_PER_FRAME,
+    Decoded,
+    DecodeJob,
+    window_frames,
+)
 from jetscribe.services.transcriber.null_model import NULL_MODEL, NullModel
 from jetscribe.shared.audio import SAMPLE_RATE
-from jetscribe.shared.config import cache_root
+from jetscribe.shared.config import (
+    ConfigError,
+    DeviceUnavailable,
+    cache_root,
+    resolve_compute_type,
+    resolve_device,
+)
 from jetscribe.shared.wire import Word
 
 PACKAGED_MODELS = ("base", "tiny.en")
 
 
-class ModelNotFound(RuntimeError):
-    pass
+class ModelNotFound(ConfigError):
+    code = "model_not_found"
 
 
 def default_cache_dir() -> Path:
@@ -84,44 +97,62 @@ class ShortWindowWhisper(WhisperModel):
     """
 
     encode_frames: int | None = None  # set per call by `transcribe`; None = stock 3000 frames
+    aligned: list | None = None  # set per call by the batched path: word alignments it computed for a batch
 
     def encode(self, features):
         if self.encode_frames is not None:
             features = features[..., : self.encode_frames]
         return super().encode(features)
 
+    def find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width=7):
+        if self.aligned is not None:
+            return self.aligned
+        return super().find_alignment(tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
+
+
+def cuda_device_count() -> int:
+    """GPUs CTranslate2 can use: 0 on a host without CUDA, or whose driver is too old for its runtime."""
+    import ctranslate2
+
+    return int(ctranslate2.get_cuda_device_count())
+
 
 def load_model(
     name: str,
-    device: str = "cpu",
-    compute_type: str = "int8",
+    device: str = "auto",
+    compute_type: str = "auto",
     cpu_threads: int = 0,
     cache_dir: str | Path | None = None,
+    device_index: int = 0,
 ) -> ShortWindowWhisper | NullModel:
-    """The model `name` names: "base", "tiny.en", a model folder, or "null" (no Whisper: null_model.py)."""
+    """Load a Whisper model for decoding, or the null model for "null" (no Whisper: null_model.py). `device` and
+    `compute_type` may be "auto" (as in TranscriberConfig); a device or compute type that cannot work here raises
+    a ConfigError whose message says what to set."""
     if name == NULL_MODEL:
         return NullModel()
-    return ShortWindowWhisper(
-        str(model_folder(name, cache_dir)), device=device, compute_type=compute_type, cpu_threads=cpu_threads
-    )
+    device = resolve_device(device, 0 if device == "cpu" else cuda_device_count(), device_index)
+    compute_type = resolve_compute_type(compute_type, device)
+    folder = model_folder(name, cache_dir)
+    try:
+        return ShortWindowWhisper(
+            str(folder), device=device, device_index=device_index, compute_type=compute_type, cpu_threads=cpu_threads
+        )
+    except ValueError as exc:  # CTranslate2's word for a compute type this device cannot run
+        raise ConfigError(f"JETSCRIBE_COMPUTE_TYPE={compute_type} does not work on {device}: {exc}") from None
+    except RuntimeError as exc:
+        if device != "cuda":
+            raise
+        raise DeviceUnavailable(
+            f"CTranslate2 could not load {name} on CUDA device {device_index} ({exc}): check the NVIDIA driver and "
+            "the CUDA 12 cuBLAS and cuDNN 9 libraries, or set JETSCRIBE_DEVICE=cpu"
+        ) from None
 
-
-FULL_WINDOW_FRAMES = 3000
-FRAMES_PER_SECOND = 100
-SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
 
 # The token rule: one decode call may emit at most TOKENS_PER_CALL tokens plus TOKENS_PER_AUDIO_SECOND per second
 # of its audio, and never more than MAX_TOKENS_PER_CALL (Whisper's own cap is 224). See `max_new_tokens`.
 TOKENS_PER_CALL = 20
 TOKENS_PER_AUDIO_SECOND = 8
 MAX_TOKENS_PER_CALL = 200
-
-
-def window_frames(audio_samples: int, fill: float = 2 / 3, step: int = 100, least: int = 1000) -> int:
-    """Encoder frames for this much audio: enough that the audio fills at most `fill` of them, and
-    never fewer than `least` (10 s): on tiny windows Whisper loops more often, and saves little."""
-    needed = audio_samples / SAMPLES_PER_FRAME / fill
-    return min(FULL_WINDOW_FRAMES, max(least, int(-(-needed // step) * step)))
 
 
 def needs_full_window(decoded: Decoded) -> bool:

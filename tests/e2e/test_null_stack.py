@@ -26,38 +26,41 @@ async def lease_owners(nc):
     return owners
 
 
-async def test_two_gateways_and_the_null_model_store_one_final_per_utterance(tmp_path, monkeypatch):
+def test_two_gateways_and_the_null_model_store_one_final_per_utterance(tmp_path, monkeypatch):
     monkeypatch.delenv("NATS_URL", raising=False)
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    stack = LocalStack(tmp_path / "stack", model="null", gateways=2, extra_env={"JETSCRIBE_LOG_LEVEL": "WARNING"})
+    with stack as local:  # it starts in this thread: LocalStack.start runs event loops of its own
+        asyncio.run(stream_and_check(local))
+
+
+async def stream_and_check(local):
     speech = sample_speech()
-    with LocalStack(
-        tmp_path / "stack", model="null", gateways=2, extra_env={"JETSCRIBE_LOG_LEVEL": "WARNING"}
-    ) as local:
-        nc = await nats.connect(local.nats_url)
-        for _ in range(100):  # both gateways up and sharing the partitions
-            try:
-                owners = await lease_owners(nc)
-            except Exception:
-                owners = {}
-            if len(set(owners.values())) == 2:
-                break
-            await asyncio.sleep(0.2)
-        assert len(set(owners.values())) == 2
-        sessions = [f"s{i}" for i in range(6)]
-        assert len({owners[subjects.session_partition("e2e", s, 16)] for s in sessions}) == 2  # both serve some
-        results = await asyncio.gather(
-            *(
-                stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant="e2e", session_id=s, speed=0)
-                for s in sessions
-            )
-        )
-        await nc.close()
-        engine = open_engine(local.database_url)
+    nc = await nats.connect(local.nats_url)
+    for _ in range(100):  # both gateways up and sharing the partitions
         try:
-            for session, live in zip(sessions, results, strict=True):
-                await wait_until_ended(engine, "e2e", session, timeout_s=30.0)
-                stored = await final_segments(engine, "e2e", session)
-                assert stored and {s.text.strip() for s in stored} == {NULL_WORD}
-                assert len(stored) == len(live.finals)  # every final published was stored
-        finally:
-            await engine.dispose()
+            owners = await lease_owners(nc)
+        except Exception:
+            owners = {}
+        if len(set(owners.values())) == 2:
+            break
+        await asyncio.sleep(0.2)
+    assert len(set(owners.values())) == 2
+    sessions = [f"s{i}" for i in range(6)]
+    assert len({owners[subjects.session_partition("e2e", s, 16)] for s in sessions}) == 2  # both serve some
+    results = await asyncio.gather(
+        *(
+            stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant="e2e", session_id=s, speed=0)
+            for s in sessions
+        )
+    )
+    await nc.close()
+    engine = open_engine(local.database_url)
+    try:
+        for session, live in zip(sessions, results, strict=True):
+            await wait_until_ended(engine, "e2e", session, timeout_s=30.0)
+            stored = await final_segments(engine, "e2e", session)
+            assert stored and {s.text.strip() for s in stored} == {NULL_WORD}
+            assert len(stored) == len(live.finals)  # every final published was stored
+    finally:
+        await engine.dispose()

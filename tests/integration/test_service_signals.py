@@ -1,6 +1,7 @@
 """Every service exits at once, with 0, on SIGTERM or SIGINT, even while it cannot reach NATS or Postgres."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -30,6 +31,26 @@ def _start(module: str, **env: str) -> subprocess.Popen:
     )
 
 
+def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 30.0) -> str:
+    """Read stderr until a line holds `marker`: the service is then past its imports and start, with its signal
+    handlers set (a fixed sleep raced a slow import on a loaded machine). Returns what was read."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            pytest.fail(f"{proc.args} exited before saying {marker!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    pytest.fail(f"{proc.args} did not say {marker!r} within {timeout:g} s:\n{''.join(seen)}")
+
+
 def _stop(proc: subprocess.Popen, signum: int) -> tuple[float, str]:
     """Send signum; return how long the process took to exit, and its stderr."""
     proc.send_signal(signum)
@@ -52,8 +73,7 @@ def test_a_service_that_cannot_reach_nats_stops_on_a_signal(module, signum):
         NATS_URL=f"nats://127.0.0.1:{closed}",
         DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{closed}/jetscribe",
     )
-    time.sleep(1)
-    assert proc.poll() is None, proc.communicate()[1]
+    _wait_for(proc, "NATS error")  # it is trying, and retrying, to connect
     _, stderr = _stop(proc, signum)
     assert proc.returncode == 0, stderr
     assert "stopped before connecting to NATS" in stderr
@@ -65,8 +85,7 @@ def test_a_persister_that_cannot_reach_postgres_stops_on_sigterm(nats_url):
         NATS_URL=nats_url,
         DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/jetscribe",
     )
-    time.sleep(1.5)
-    assert proc.poll() is None, proc.communicate()[1]
+    _wait_for(proc, "persisting TRANSCRIPTS")  # running, with nothing it can write to
     _, stderr = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 0, stderr
     assert "stopped" in stderr

@@ -52,3 +52,67 @@ def test_every_field_reads_its_variable_with_its_type(monkeypatch):
             assert getattr(cls.from_env(), item.name) == default or item.name in ("worker_id", "gateway_id")
             assert type(getattr(cls.from_env(), item.name)) is type(default)
             monkeypatch.delenv(variable)
+
+
+def test_auto_device_takes_a_gpu_when_ctranslate2_sees_one():
+    from jetscribe.shared.config import resolve_device
+
+    assert resolve_device("auto", cuda_devices=0) == "cpu"
+    assert resolve_device("auto", cuda_devices=2) == "cuda"
+    assert resolve_device("cpu", cuda_devices=2) == "cpu"
+    assert resolve_device("cuda", cuda_devices=1) == "cuda"
+
+
+def test_cuda_without_a_gpu_is_one_clear_error():
+    from jetscribe.shared.config import DeviceUnavailable, resolve_device
+
+    with pytest.raises(DeviceUnavailable) as caught:
+        resolve_device("cuda", cuda_devices=0)
+    message = str(caught.value)
+    assert message == (
+        "JETSCRIBE_DEVICE=cuda but CTranslate2 sees no CUDA device (get_cuda_device_count() == 0): use cpu or auto"
+    )
+    assert "\n" not in message and caught.value.code == "device_unavailable"
+
+
+def test_a_device_index_beyond_the_gpus_is_refused():
+    from jetscribe.shared.config import DeviceUnavailable, resolve_device
+
+    assert resolve_device("cuda", cuda_devices=2, device_index=1) == "cuda"
+    with pytest.raises(DeviceUnavailable, match="JETSCRIBE_DEVICE_INDEX=2 .* 2 CUDA device.*use 0 to 1"):
+        resolve_device("cuda", cuda_devices=2, device_index=2)
+    with pytest.raises(DeviceUnavailable, match="JETSCRIBE_DEVICE_INDEX=1"):
+        resolve_device("auto", cuda_devices=1, device_index=1)
+
+
+def test_an_unknown_device_names_the_choices():
+    from jetscribe.shared.config import ConfigError, resolve_device
+
+    with pytest.raises(ConfigError, match="JETSCRIBE_DEVICE is 'gpu': use cpu, cuda or auto"):
+        resolve_device("gpu", cuda_devices=1)
+
+
+def test_compute_type_and_batch_follow_the_device_unless_set():
+    from jetscribe.shared.config import device_defaults, resolve_compute_type
+
+    assert device_defaults("cpu") == ("int8", 8)
+    assert device_defaults("cuda") == ("float16", 32)
+    assert resolve_compute_type("auto", "cuda") == "float16"
+    assert resolve_compute_type("auto", "cpu") == "int8"
+    assert resolve_compute_type("int8_float16", "cuda") == "int8_float16"  # set explicitly: kept
+
+
+def test_transcriber_config_resolves_device_and_compute_type_from_the_environment(monkeypatch):
+    from jetscribe.shared.config import DeviceUnavailable, TranscriberConfig
+
+    config = TranscriberConfig.from_env()
+    assert (config.device, config.compute_type, config.device_index) == ("auto", "auto", 0)
+    assert (config.on_device(0).device, config.on_device(0).compute_type) == ("cpu", "int8")
+    monkeypatch.setenv("JETSCRIBE_DEVICE_INDEX", "1")
+    on_gpu = TranscriberConfig.from_env().on_device(2)
+    assert (on_gpu.device, on_gpu.compute_type, on_gpu.device_index) == ("cuda", "float16", 1)
+    monkeypatch.setenv("JETSCRIBE_DEVICE", "cuda")
+    monkeypatch.setenv("JETSCRIBE_COMPUTE_TYPE", "int8_float16")
+    assert TranscriberConfig.from_env().on_device(2).compute_type == "int8_float16"
+    with pytest.raises(DeviceUnavailable):
+        TranscriberConfig.from_env().on_device(0)

@@ -6,7 +6,7 @@ Message handles are plain values (the seq, or "end"), so the acks each step asks
 import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop, keep_trustworthy
-from jetscribe.services.transcriber.decoding import Decoded, pick_next
+from jetscribe.services.transcriber.decoding import Decoded, plan_batch
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import ManualClock
 from jetscribe.shared.wire import Word
@@ -151,18 +151,40 @@ def test_end_closes_open_speech_and_finishes_after_final():
     assert sorted(s.acked[:-1]) == list(range(10))  # every chunk once, then the end
 
 
-def test_pick_next_prefers_oldest_final_over_interims():
+def pick(streams, max_batch=1):
+    return plan_batch([(s, p) for s in streams if (p := s.peek_job()) is not None], max_batch)
+
+
+def test_the_scheduler_takes_the_oldest_final_before_interims():
     clock = ManualClock()
     a, b, c = new_stream(clock), new_stream(clock), new_stream(clock)
     feed(a, tone(3.0))  # only an interim due
     feed(c, np.concatenate([tone(1.0), silence(1.0)]))
     clock.advance(3.0)
     feed(b, np.concatenate([tone(1.0), silence(1.0)]))
-    assert pick_next([a, b, c]) is c
+    assert pick([a, b, c]) == [c]
+    assert pick([a, b, c], max_batch=8) == [c, b]  # both finals, same window: one call; the interim waits
     c.next_job()  # c now busy
-    assert pick_next([a, b, c]) is b
+    assert pick([a, b, c]) == [b]
     b.next_job()
-    assert pick_next([a, b, c]) is a
+    assert pick([a, b, c]) == [a]
+
+
+def test_peek_job_describes_the_job_next_job_hands_out():
+    s = new_stream()
+    feed(s, np.concatenate([tone(2.0), silence(1.0)]))
+    plan = s.peek_job()
+    assert s.peek_job() == plan and not s.busy  # peeking takes nothing
+    job = s.next_job()
+    assert (plan.kind, plan.speculative, plan.samples, plan.beam_size, plan.window, plan.language) == (
+        job.kind,
+        job.speculative,
+        len(job.audio),
+        job.beam_size,
+        job.window,
+        job.language,
+    )
+    assert s.peek_job() is None  # busy until its result comes back
 
 
 def test_audio_is_acked_in_the_step_that_publishes_its_segment_behind_a_checkpoint():
