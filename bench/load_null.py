@@ -1,14 +1,14 @@
 """The messaging and persistence path alone, at up to 1,000 sessions: the null model (no Whisper) behind N gateways.
 
-    python bench/load_null.py [--sessions 50,100,250,500,1000] [--gateways 2] [--generators 2] [--seconds 30]
-        [--json OUT.json]
+    python bench/load_null.py [--sessions 50,100,250,500,1000] [--gateways 2] [--transcribers 1] [--generators 2]
+        [--seconds 30] [--json OUT.json]
 
-Starts the local stack in a temporary folder (nats-server, PostgreSQL, --gateways ingest gateways, one transcriber
-with JETSCRIBE_MODEL=null, the persister; jetscribe.devstack.stack.LocalStack), then for each point of --sessions
-runs --generators load-generator processes (this file with --generator), which share the sessions: each session
-starts, sends 10 chunks of 100 ms a second in real time for --seconds (speech from jetscribe.evaluation.speech, then
-digital silence, so utterances close), and ends. Sessions are spread over 10 tenants and start staggered over the
-first 100 ms, each at its own point of the speech/silence cycle.
+Starts the local stack in a temporary folder (nats-server, PostgreSQL, --gateways ingest gateways, --transcribers
+transcribers with JETSCRIBE_MODEL=null, the persister; jetscribe.devstack.stack.LocalStack), then for each point
+of --sessions runs --generators load-generator processes (this file with --generator), which share the sessions:
+each session starts, sends 10 chunks of 100 ms a second in real time for --seconds (speech from
+jetscribe.evaluation.speech, then digital silence, so utterances close), and ends. Sessions are spread over 10
+tenants and start staggered over the first 100 ms, each at its own point of the speech/silence cycle.
 
 Per point it prints:
 - hop latencies, p50/p99 in ms, for every final whose utterance closed during the run: the bot sends the chunk that
