@@ -483,8 +483,17 @@ class TranscriberWorker:
             sum(len(job.audio) for job in jobs) / SAMPLE_RATE,
             seconds,
         )
-        for (record, job), result in zip(work, results, strict=True):
-            await self._carry_out(record, record.stream.complete(job, result))
+        # Each session's step in its own order (its lock), the sessions' publishes and checkpoints side by side:
+        # one at a time, a batch of eight waited for eight round trips to the stream before the next decode.
+        steps = [
+            (record, record.stream.complete(job, result)) for (record, job), result in zip(work, results, strict=True)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._carry_out(record, step) for record, step in steps), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
         """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
