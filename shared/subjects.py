@@ -124,6 +124,12 @@ def transcriber_consumer(partition: int) -> str:
     return f"transcriber-p{partition}"
 
 
+def partition_of_consumer(name: str) -> int | None:
+    """The partition a `transcriber-p<N>` consumer reads; None for any other consumer."""
+    found = re.fullmatch(r"transcriber-p(\d+)", name)
+    return int(found.group(1)) if found else None
+
+
 SESSION_CHECKPOINTS_BUCKET = "session_checkpoints"
 
 
@@ -167,6 +173,12 @@ def transcriber_stats(worker_id: str) -> str:
 
 
 TRANSCRIBER_STATS_ALL = "jetscribe.stats.transcriber.*"
+
+
+# NATS micro-services ($SRV.PING|INFO|STATS are the micro API's own): each instance's endpoints
+def service_endpoint(service: str, instance_id: str, endpoint: str) -> str:
+    """An endpoint ("health", "stats") of one running instance of a service (ingest, transcriber, persister)."""
+    return f"jetscribe.svc.{service}.{instance_id}.{endpoint}"
 
 
 # Errors, per service and tenant

@@ -48,8 +48,10 @@ from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLe
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
 from jetscribe.services.transcriber.partitions import assigned_to
-from jetscribe.shared import jetstream, subjects, telemetry
+from jetscribe.shared import discovery, jetstream, subjects, telemetry
+from jetscribe.shared.activity import GatewayActivity
 from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.clock import system_clock
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
 from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
@@ -70,6 +72,8 @@ from jetscribe.shared.wire import (
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
 
 log = logging.getLogger(__name__)
+
+INGEST_DESCRIPTION = "jetscribe ingest gateway: checks, resamples and sequences bots' audio into the AUDIO stream"
 
 
 MAX_IN_FLIGHT = 256  # requests served at once (and as many forwarded): see `_on_request`
@@ -113,6 +117,7 @@ class IngestGateway:
         )
         self.forwarded = 0  # requests handed to the gateway holding their partition
         self.relearned = 0  # sessions learned again after another gateway stored to them
+        self.activity = GatewayActivity(system_clock().monotonic)  # for its micro-service stats
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._inflight: set[asyncio.Task] = set()
@@ -296,6 +301,7 @@ class IngestGateway:
                 raise
             self.book.accepted(verdict.ledger, chunk.seq)
             self.metrics.chunks.add(1, {TENANT: chunk.tenant})
+            self.activity.accepted(len(verdict.store.payload) / (2 * SAMPLE_RATE))  # stored: 16 kHz mono s16le
         return Reply(ok=True, last_seq=verdict.ledger.last_seq)
 
     async def _control(self, control: SessionControl) -> Reply:
@@ -421,6 +427,7 @@ class IngestGateway:
         )
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
         self.metrics.refusals.add(1, {TENANT: tenant, ERROR_TYPE: exc.code})
+        self.activity.refused(exc.code)
         try:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
@@ -444,6 +451,23 @@ class IngestGateway:
     async def _answer(self, msg: Msg, reply: Reply) -> None:
         if msg.reply:
             await msg.respond(encode(reply))
+
+    def stats(self) -> dict[str, object]:
+        """This gateway's numbers for its micro-service `stats` endpoint."""
+        open_sessions = [
+            (ledger.tenant, ledger.session_id) for ledger in self.book.sessions.values() if not ledger.ended
+        ]
+        return self.activity.report(
+            open_sessions,
+            gateway_id=self.gateway_id,
+            partitions=sorted(self.group.owned),
+            forwarded=self.forwarded,
+            relearned=self.relearned,
+        )
+
+    def metadata(self) -> dict[str, str]:
+        """Micro-service metadata that changes while the gateway runs: the partitions it serves."""
+        return {"partitions": ",".join(str(p) for p in sorted(self.group.owned))}
 
     def _lock(self, tenant: str, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault((tenant, session_id), asyncio.Lock())
@@ -474,6 +498,16 @@ async def run(
         nc = await connect(settings, "jetscribe-ingest")
         group_nc = await connect(settings, "jetscribe-ingest-group")
         gateway = IngestGateway(nc, settings, config, tel.tracer, tel.meter, group_nc=group_nc)
+        registration = await discovery.register(
+            nc,
+            "ingest",
+            description=INGEST_DESCRIPTION,
+            readiness=tel.readiness,
+            stats=gateway.stats,
+            metadata={"gateway_id": gateway.gateway_id},
+            live_metadata=gateway.metadata,
+            metrics_port=tel.metrics_port,
+        )
         await gateway.start()
         tel.readiness.up("streams")
         log.info(
@@ -487,6 +521,7 @@ async def run(
         await stop.wait()
         tel.readiness.down("streams", "stopping")
         await gateway.stop()
+        await registration.stop()
         log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
         await nc.drain()
         await group_nc.drain()

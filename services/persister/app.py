@@ -28,7 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from jetscribe.services.persister.core import BatchWrite, Delivered, Unstorable, check, dropped_event, plan_batch
 from jetscribe.services.persister.store import is_message_fault, open_engine, write_batch
-from jetscribe.shared import subjects, telemetry, wire
+from jetscribe.shared import discovery, subjects, telemetry, wire
+from jetscribe.shared.activity import PersisterActivity
+from jetscribe.shared.clock import system_clock
 from jetscribe.shared.config import PersisterConfig, StreamSettings
 from jetscribe.shared.errors import CodedError
 from jetscribe.shared.health import Readiness
@@ -86,8 +88,10 @@ class Persister:
         config: PersisterConfig,
         stop: asyncio.Event,
         tel: telemetry.Telemetry | None = None,
+        activity: PersisterActivity | None = None,
     ):
         self.nc, self.js, self.engine, self.config, self.stop = nc, js, engine, config, stop
+        self.activity = activity or PersisterActivity(system_clock().monotonic, time.time)  # micro-service stats
         self.tracer = tel.tracer if tel is not None else trace.get_tracer(f"jetscribe.{SERVICE}")
         self.metrics = PersisterMetrics(
             tel.meter if tel is not None else otel_metrics.get_meter(f"jetscribe.{SERVICE}")
@@ -98,6 +102,13 @@ class Persister:
 
     async def handle(self, msgs: list[Msg]) -> None:
         self.metrics.consumed.add(len(msgs), _CONSUMED)
+        self.activity.fetched([msg.metadata.timestamp.timestamp() for msg in msgs], _pending_after(msgs))
+        try:
+            await self._handle(msgs)
+        finally:
+            self.activity.handled()
+
+    async def _handle(self, msgs: list[Msg]) -> None:
         accepted: list[tuple[Msg, Delivered]] = []
         for msg in msgs:
             try:
@@ -143,6 +154,8 @@ class Persister:
                     span.set_attribute("jetscribe.attempt", attempt)
                     await write_batch(self.engine, batch)
                 self.metrics.write_duration.record(time.perf_counter() - started, _WRITE)
+                rows = len(batch.segments) + len(batch.session_touches) + len(batch.session_events)
+                self.activity.written(len(items), rows, time.perf_counter() - started)
                 self._written(items, batch, started_ns, span.get_span_context())
                 return True
             except _DATABASE_ERRORS as exc:
@@ -152,6 +165,7 @@ class Persister:
                     raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
                 self.readiness.down("database", _first_line(exc))
                 self.metrics.retries.add(1, error)
+                self.activity.retried()
                 delay = backoff_delay(attempt, max_s=self.config.retry_max_s)
                 attempt += 1
                 log.warning(
@@ -210,6 +224,7 @@ class Persister:
         with telemetry.log_context(event.tenant, event.session_id):
             log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
         self.metrics.dropped.add(1, {TENANT: event.tenant, ERROR_TYPE: event.code})
+        self.activity.poison(event.code)
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -236,6 +251,15 @@ async def _persist(
 ) -> None:
     engine = open_engine(config.database_url)
     nc = await connect(settings, SERVICE)
+    activity = PersisterActivity(system_clock().monotonic, time.time)
+    registration = await discovery.register(
+        nc,
+        SERVICE,
+        description="jetscribe persister: the TRANSCRIPTS stream into PostgreSQL, idempotently",
+        readiness=tel.readiness,
+        stats=activity.report,
+        metrics_port=tel.metrics_port,
+    )
     tasks = [asyncio.create_task(_watch_database(engine, tel.readiness, stop))]
     try:
         js = nc.jetstream()
@@ -243,7 +267,7 @@ async def _persist(
         tel.readiness.up("streams")
         tel.readiness.up("consumer")
         await _redeliver_unacked(nc)
-        persister = Persister(nc, js, engine, config, stop, tel)
+        persister = Persister(nc, js, engine, config, stop, tel, activity)
         lag = [(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER, None)]
         tasks.append(asyncio.create_task(persister.metrics.lag.poll(js, lambda: lag, stop)))
         reconnects = nc.stats["reconnects"]
@@ -280,6 +304,7 @@ async def _persist(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await registration.stop()
         # Not drain(): the pull subscription's queue is read only by fetch, so drain would wait it out.
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await nc.flush(timeout=2)
@@ -302,6 +327,11 @@ async def _watch_database(engine: AsyncEngine, readiness: Readiness, stop: async
             continue
         readiness.up("database")
         return
+
+
+def _pending_after(msgs: list[Msg]) -> int:
+    """What the consumer still had for us after this batch (JetStream says it in each message's metadata)."""
+    return msgs[-1].metadata.num_pending if msgs else 0
 
 
 async def _redeliver_unacked(nc) -> bool:

@@ -27,10 +27,11 @@ from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, Se
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.instruments import WorkerInstruments
-from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, worker_stats
+from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, backlog_samples, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
-from jetscribe.shared import subjects, telemetry
+from jetscribe.shared import discovery, subjects, telemetry
+from jetscribe.shared.activity import SessionLoad
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
@@ -43,6 +44,7 @@ from jetscribe.shared.wire import (
     SessionCheckpoint,
     SessionControl,
     WireError,
+    WorkerStats,
     decode,
     encode,
     language_for,
@@ -118,7 +120,7 @@ class TranscriberWorker:
         self.clock = clock or system_clock()
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.transcriber")
         meter = meter or otel_metrics.get_meter("jetscribe.transcriber")
-        self.instruments = WorkerInstruments(meter, self.tracer, config.worker_id)
+        self.instruments = WorkerInstruments(meter, self.tracer, config.worker_id, self.clock.monotonic)
         self.instruments.watch(
             lambda: [(r.stream.tenant, len(r.stream.segmenter.buffer)) for r in list(self.sessions.values())],
             lambda: len(self.pullers),
@@ -129,6 +131,7 @@ class TranscriberWorker:
         self.load = DecodeLoad()
         self.batch_key = batched.plan_key_for(model, config.max_batch)  # what may share one decode call
         self.counters = DecodeCounters()
+        self._process = psutil.Process()  # its CPU time and memory go into the WorkerStats
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.checkpoints = None
@@ -515,20 +518,23 @@ class TranscriberWorker:
         return results
 
     # --- out ------------------------------------------------------------------------------
+    def _worker_stats(self) -> WorkerStats:
+        """This worker's load now: what it publishes every second, and the base of its micro-service stats."""
+        cpu = self._process.cpu_times()
+        return worker_stats(
+            self.config.worker_id,
+            [r.stream for r in self.sessions.values()],
+            self.counters,
+            at=self.clock.wall(),
+            cpu_s=cpu.user + cpu.system,
+            rss_bytes=self._process.memory_info().rss,
+        )
+
     async def _publish_stats(self) -> None:
         """This worker's load every second on core NATS (`WorkerStats`, read by bench/load.py); best effort."""
-        process, subject = psutil.Process(), subjects.transcriber_stats(self.config.worker_id)
+        subject = subjects.transcriber_stats(self.config.worker_id)
         while not await stopped_within(self.stopping, STATS_EVERY_S):
-            cpu = process.cpu_times()
-            streams = [r.stream for r in self.sessions.values()]
-            stats = worker_stats(
-                self.config.worker_id,
-                streams,
-                self.counters,
-                at=self.clock.wall(),
-                cpu_s=cpu.user + cpu.system,
-                rss_bytes=process.memory_info().rss,
-            )
+            stats = self._worker_stats()
             try:
                 await self.nc.publish(subject, encode(stats))
             except Exception as exc:  # NATS reconnecting: the totals carry on in the next one
@@ -550,6 +556,25 @@ class TranscriberWorker:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays
             log.warning("could not publish the %s report: %r", event.code, exc)
+
+    # --- discovery ------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        """This worker's numbers for its micro-service `stats` endpoint: its `WorkerStats`, each session's backlog,
+        and the last minute's finals, latency and decode time."""
+        sessions = [
+            SessionLoad(key[0], key[1], record.partition, backlog_samples(record.stream) / SAMPLE_RATE)
+            for key, record in list(self.sessions.items())
+            if not record.stream.gone
+        ]
+        partitions = self.group.owned if self.group is not None else ()
+        return self.instruments.activity.report(
+            self._worker_stats(), sessions, partitions, model=self.model_name, device=self.config.device
+        )
+
+    def metadata(self) -> dict[str, str]:
+        """Micro-service metadata that changes while the worker runs."""
+        owned = self.group.owned if self.group is not None else ()
+        return {"partitions": ",".join(str(p) for p in sorted(owned))}
 
 
 def _names(records: list[SessionRecord]) -> list[str]:
@@ -621,6 +646,21 @@ async def run(
         tel.readiness.up("model")
         nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
         worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter)
+        registration = await discovery.register(
+            nc,
+            "transcriber",
+            description="jetscribe transcriber worker: Whisper on the AUDIO partitions it holds, into TRANSCRIPTS",
+            readiness=tel.readiness,
+            stats=worker.stats,
+            metadata={
+                "worker_id": config.worker_id,
+                "model": config.model,
+                "device": f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device,
+                "compute_type": config.compute_type,
+            },
+            live_metadata=worker.metadata,
+            metrics_port=tel.metrics_port,
+        )
         await worker.start()
         tel.readiness.up("streams")
         tel.readiness.up("consumer_group")
@@ -632,6 +672,7 @@ async def run(
         log.info("transcriber %s draining", config.worker_id)
         tel.readiness.down("consumer_group", "draining")
         await worker.drain()
+        await registration.stop()
         await nc.close()
 
 

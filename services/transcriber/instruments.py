@@ -1,6 +1,6 @@
-"""What a transcriber worker tells its operators: its metrics (declared in shared/metrics.py) and the spans its
-segments are published in. `app.py` calls one method per thing that happened; the attributes, the latencies
-and the trace links are worked out here.
+"""What a transcriber worker tells its operators: its metrics (declared in shared/metrics.py), the spans its
+segments are published in, and the tally its micro-service stats answer with (`activity`). `app.py` calls one
+method per thing that happened; the attributes, the latencies and the trace links are worked out here.
 
 Latencies run from the gateway's receive time of a chunk (`AudioChunk.received_at`) to the segment published;
 the queue delay from a job's newest audio arriving at this worker to its decode starting. A segment's span
@@ -9,6 +9,7 @@ continues the trace of the chunk holding its last word; a final's span links to 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -21,6 +22,7 @@ from jetscribe.services.transcriber.arrivals import Arrival, ChunkArrivals
 from jetscribe.services.transcriber.decoding import DecodeJob
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.shared import subjects
+from jetscribe.shared.activity import WorkerActivity
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.metrics import (
     BATCH_SIZE,
@@ -45,10 +47,11 @@ Attributes = dict[str, str | int]
 class WorkerInstruments:
     """One worker's metrics and segment spans."""
 
-    def __init__(self, meter: Meter, tracer: Tracer, worker_id: str):
+    def __init__(self, meter: Meter, tracer: Tracer, worker_id: str, now: Callable[[], float] = time.monotonic):
         self.metrics = TranscriberMetrics(meter)
         self.tracer = tracer
         self.worker_id = worker_id
+        self.activity = WorkerActivity(now)  # `now`: the worker's monotonic clock
 
     def attrs(self, tenant: str) -> Attributes:
         return {TENANT: tenant, WORKER: self.worker_id}
@@ -108,12 +111,15 @@ class WorkerInstruments:
 
     def event_published(self, event: SessionEvent) -> None:
         self.metrics.session_events.add(1, self.attrs(event.tenant) | {EVENT: event.event, REASON: event.reason})
+        if event.event == "rejected":
+            self.activity.rejection(event.reason)
 
     def checkpoint_written(self, tenant: str) -> None:
         self.metrics.checkpoint_writes.add(1, self.attrs(tenant))
 
     def reported(self, tenant: str, code: str) -> None:
         self.metrics.errors.add(1, self.attrs(tenant) | {ERROR_TYPE: code})
+        self.activity.error(code)
 
     # --- segments ----------------------------------------------------------------------------------------------
     def segment_span(self, arrivals: ChunkArrivals, segment: Segment) -> AbstractContextManager[Span]:
@@ -148,12 +154,14 @@ class WorkerInstruments:
         word, a segment's first interim's from the gateway receiving its first word."""
         attrs = self.attrs(segment.tenant)
         self.metrics.segments.add(1, attrs | {STATUS: segment.status})
+        if segment.status == "final":
+            chunk = arrivals.at_time(segment.words[-1].end) if segment.words else None
+            latency = max(0.0, now - chunk.received_at) if chunk is not None and chunk.received_at else None
+            if latency is not None:
+                self.metrics.final_latency.record(latency, attrs)
+            self.activity.final(latency)
         if not segment.words:
             return
-        if segment.status == "final":
-            chunk = arrivals.at_time(segment.words[-1].end)
-            if chunk is not None and chunk.received_at:
-                self.metrics.final_latency.record(max(0.0, now - chunk.received_at), attrs)
         if segment.segment_id > arrivals.first_interim_seen:
             arrivals.first_interim_seen = segment.segment_id
             chunk = arrivals.at_time(segment.words[0].end)
@@ -177,6 +185,7 @@ class WorkerInstruments:
         self.metrics.decode_batch.record(len(jobs), batch)
         if audio_s := sum(len(job.audio) for job in jobs) / SAMPLE_RATE:
             self.metrics.real_time_factor.record(seconds / audio_s, batch)
+        self.activity.decoded([str(self._kind(job)[DECODE_KIND]) for job in jobs], seconds)
 
     def _kind(self, *jobs: DecodeJob) -> Attributes:
         """A decode's kind: interim, final, or speculative (an early final, decoded before its endpoint)."""
