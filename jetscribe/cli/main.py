@@ -81,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         "--transcribers", type=transcriber_count, default=1, metavar="N|auto", help="as for up (default 1)"
     )
 
+    status = sub.add_parser(
+        "status", help="live view of the running services, workers, sessions, lag and latency, from NATS alone"
+    )
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument(
+        "--format", choices=("text", "json"), default="text", help="json: one snapshot for scripts (implies --once)"
+    )
+    status.add_argument("--every", type=float, default=2.0, metavar="S", help="live view: seconds between updates")
+    status.add_argument(
+        "--wait", type=float, default=1.0, metavar="S", help="how long to collect the services' answers"
+    )
+
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
 
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "transcript": cmd_transcript,
         "sessions": cmd_sessions,
         "demo": cmd_demo,
+        "status": cmd_status,
         "db": cmd_db,
     }[args.command]
     try:
@@ -293,6 +306,23 @@ async def _sessions(url: str, tenant: str | None):
 
     async with _engine(url) as engine:
         return await list_sessions(engine, tenant)
+
+
+def cmd_status(args) -> int:
+    from jetscribe.cli import status
+
+    if args.every <= 0 or args.wait <= 0:
+        print("jetscribe status: --every and --wait must be positive", file=sys.stderr)
+        return 2
+    url = stack.nats_url()
+    try:
+        return asyncio.run(
+            status.run(
+                lambda: _connect_nats(url), once=args.once, fmt=args.format, every_s=args.every, wait_s=args.wait
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_db(args) -> int:
