@@ -101,10 +101,6 @@ class Registration(Service):
         )
         return self
 
-    def set(self, key: str, value: str) -> None:
-        """Add or change one metadata entry (e.g. the metrics port once it is bound)."""
-        self.metadata[key] = value
-
     def info(self) -> ServiceInfo:
         self._refresh()
         return super().info()
@@ -166,10 +162,5 @@ async def register(
         static["metrics_port"] = str(metrics_port)
     registration = Registration(nc, service, description, readiness, stats, static, live_metadata)
     await registration.open()
-    log.info(
-        "registered as NATS micro-service %s %s (id %s)",
-        service_name(service),
-        registration.metadata.get("worker_id", ""),
-        registration.id,
-    )
+    log.info("registered as NATS micro-service %s, id %s", service_name(service), registration.id)
     return registration
