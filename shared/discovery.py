@@ -86,7 +86,7 @@ class Registration(Service):
         )
 
     async def open(self) -> Registration:
-        await self.start()
+        """Endpoints first, then the `$SRV` verbs: an instance never answers INFO or STATS without its endpoints."""
         await self.add_endpoint(
             name=HEALTH_ENDPOINT,
             handler=self._on_health,
@@ -99,6 +99,7 @@ class Registration(Service):
             subject=subjects.service_endpoint(self.service, self.id, STATS_ENDPOINT),
             metadata={"description": "what this instance did lately (jetscribe status reads it)"},
         )
+        await self.start()
         return self
 
     def info(self) -> ServiceInfo:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 
 import nats
 
@@ -14,6 +15,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 
 NAMES = ("jetscribe-ingest", "jetscribe-persister", "jetscribe-transcriber")
+PARTITIONS = StreamSettings().partitions
 
 
 async def gather_replies(nc, subject: str, wait_s: float = 0.5) -> list[dict]:
@@ -35,9 +37,9 @@ def endpoint_data(stats_reply: dict, endpoint: str) -> dict:
     return next(e["data"] for e in stats_reply["endpoints"] if e["name"] == endpoint)
 
 
-async def wait_all_ready(nc, tasks=(), deadline_s: float = 60.0) -> list[dict]:
-    """$SRV.STATS until one instance of each service answers and its health says ready (a service task that
-    ended meanwhile raises its error)."""
+async def wait_all_ready(nc, tasks=(), workers: int = 1, deadline_s: float = 60.0) -> list[dict]:
+    """$SRV.STATS until a gateway, a persister and `workers` transcribers answer ready, and the workers hold every
+    partition between them, each once (a service task that ended meanwhile raises its error)."""
     deadline = time.monotonic() + deadline_s
     while True:
         for task in tasks:
@@ -45,28 +47,30 @@ async def wait_all_ready(nc, tasks=(), deadline_s: float = 60.0) -> list[dict]:
                 task.result()
                 raise AssertionError(f"a service stopped before it was ready: {task}")
         replies = await gather_replies(nc, "$SRV.STATS", 0.3)
-        ready = {r["name"] for r in replies if endpoint_data(r, "health").get("ready")}
-        if ready >= set(NAMES):
+        ready = Counter(r["name"] for r in replies if endpoint_data(r, "health").get("ready"))
+        held = [p for r in replies if r["name"] == NAMES[2] for p in endpoint_data(r, "stats").get("partitions", [])]
+        if set(ready) >= set(NAMES) and ready[NAMES[2]] == workers and sorted(held) == list(range(PARTITIONS)):
             return replies
         assert time.monotonic() < deadline, f"not ready in {deadline_s} s: {replies}"
 
 
 @contextlib.asynccontextmanager
-async def running_services(nats_url: str, database_url: str, model, worker_id: str):
-    """Ingest, one transcriber (`worker_id`, the given tiny.en model) and the persister; yields a client once
-    all three report ready."""
+async def running_services(nats_url: str, database_url: str, model, *worker_ids: str):
+    """Ingest, a transcriber per worker id (all on the given tiny.en model) and the persister; yields a client
+    once all report ready and the workers have shared out the partitions."""
     upgrade(database_url)
     settings = StreamSettings(nats_url=nats_url)
-    config = TranscriberConfig(model="tiny.en", worker_id=worker_id, heartbeat_s=0.5, lease_ttl_s=2)
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
-        asyncio.create_task(run_transcriber(settings, config, stop, model=model)),
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
     ]
+    for worker_id in worker_ids:
+        config = TranscriberConfig(model="tiny.en", worker_id=worker_id, heartbeat_s=0.5, lease_ttl_s=2)
+        tasks.append(asyncio.create_task(run_transcriber(settings, config, stop, model=model)))
     nc = await nats.connect(nats_url)
     try:
-        await wait_all_ready(nc, tasks)
+        await wait_all_ready(nc, tasks, workers=len(worker_ids))
         yield nc
     finally:
         await nc.close()

@@ -32,23 +32,25 @@ def _start(module: str, **env: str) -> subprocess.Popen:
 
 
 def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 30.0) -> str:
-    """Read stderr until a line holds `marker`: the service is then past its imports and start, with its signal
-    handlers set (a fixed sleep raced a slow import on a loaded machine). Returns what was read."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
+    """Read stderr until it holds `marker`: the service is then past its imports and start, with its signal
+    handlers set (a fixed sleep raced a slow import on a loaded machine). Returns what was read. Reads the pipe's
+    file descriptor itself: select() on the buffered text stream would miss lines already in its buffer (several
+    lines often arrive in one read)."""
     assert proc.stderr is not None
+    fd, read = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             break
-        line = proc.stderr.readline()
-        if not line:
-            pytest.fail(f"{proc.args} exited before saying {marker!r}:\n{''.join(seen)}")
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            pytest.fail(f"{proc.args} exited before saying {marker!r}:\n{read.decode(errors='replace')}")
+        read += chunk
+        if marker.encode() in read:
+            return read.decode(errors="replace")
     proc.kill()
-    pytest.fail(f"{proc.args} did not say {marker!r} within {timeout:g} s:\n{''.join(seen)}")
+    pytest.fail(f"{proc.args} did not say {marker!r} within {timeout:g} s:\n{read.decode(errors='replace')}")
 
 
 def _stop(proc: subprocess.Popen, signum: int) -> tuple[float, str]:

@@ -54,9 +54,10 @@ async def worker_holds(nc, tenant: str, session: str, deadline_s: float = 30.0) 
 
 
 async def test_status_once_json_shows_the_streaming_session_and_its_worker(own_nats, database_url, tiny):
-    worker_id = f"w-{uuid.uuid4().hex[:6]}"
-    tenant, session = "acme", f"st-{uuid.uuid4().hex[:6]}"
-    async with running_services(own_nats.url, database_url, tiny, worker_id) as nc:
+    run = uuid.uuid4().hex[:6]
+    worker_ids = [f"wa-{run}", f"wb-{run}"]
+    tenant, session = "acme", f"st-{run}"
+    async with running_services(own_nats.url, database_url, tiny, *worker_ids) as nc:
         speech = sample_speech()
         streaming = asyncio.create_task(
             stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session, speed=1.0)
@@ -68,15 +69,20 @@ async def test_status_once_json_shows_the_streaming_session_and_its_worker(own_n
             view = json.loads(out)
 
             assert view["missing"] == [] and all(s["ready"] for s in view["services"])
-            assert sorted(s["service"] for s in view["services"]) == ["ingest", "persister", "transcriber"]
-            [worker] = view["workers"]
-            assert worker["worker_id"] == worker_id and worker["partitions"] == list(range(16))
-            assert worker["sessions"] == 1 and worker["tenants"] == {tenant: 1}
+            services = sorted(s["service"] for s in view["services"])
+            assert services == ["ingest", "persister", "transcriber", "transcriber"]
+            workers = {w["worker_id"]: w for w in view["workers"]}
+            assert sorted(workers) == worker_ids
+            owner = {p: w for w in workers for p in workers[w]["partitions"]}  # each partition held once
+            assert sorted(owner) == list(range(16)) and sum(len(w["partitions"]) for w in workers.values()) == 16
             [listed] = view["sessions"]
-            assert (listed["tenant"], listed["session"], listed["worker_id"]) == (tenant, session, worker_id)
-            assert view["tenants"] == [{"tenant": tenant, "sessions": 1, "workers": {worker_id: 1}}]
-            assert [p["partition"] for p in view["partitions"]] == list(range(16))
-            assert {p["worker_id"] for p in view["partitions"]} == {worker_id}
+            holder = owner[listed["partition"]]
+            assert (listed["tenant"], listed["session"], listed["worker_id"]) == (tenant, session, holder)
+            assert workers[holder]["sessions"] == 1 and workers[holder]["tenants"] == {tenant: 1}
+            [idle] = set(workers) - {holder}
+            assert workers[idle]["sessions"] == 0
+            assert view["tenants"] == [{"tenant": tenant, "sessions": 1, "workers": {holder: 1}}]
+            assert [(p["partition"], p["worker_id"]) for p in view["partitions"]] == sorted(owner.items())
             [gateway] = view["gateways"]
             assert gateway["sessions"] == 1 and gateway["chunks_last_min"] > 0
             [persister] = view["persisters"]
@@ -84,7 +90,7 @@ async def test_status_once_json_shows_the_streaming_session_and_its_worker(own_n
 
             code, out, err = await jetscribe(own_nats.url, "status", "--once")
             assert code == 0, err
-            assert "transcriber workers" in out and worker_id in out and session in out
+            assert "transcriber workers" in out and all(w in out for w in worker_ids) and session in out
         finally:
             streaming.cancel()
             await asyncio.gather(streaming, return_exceptions=True)
