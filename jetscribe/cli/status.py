@@ -316,9 +316,13 @@ def _services_table(view: Json) -> Table:
     rows = []
     for i in view["services"]:
         failing = ", ".join(f"{name}: {why}" for name, why in i["checks"].items() if why != "ok")
-        up = _duration(i["uptime_s"])
-        rows.append([i["service"], _who(i), i["metadata"].get("host", ""), i["version"], _yes(i["ready"]), up, failing])
-    return _table("services", ["service", "instance", "host", "version", "ready", "up", "checks not ok"], rows)
+        meta = i["metadata"]
+        rows.append(
+            [i["service"], _who(i), meta.get("host", ""), meta.get("metrics_port", "-"), i["version"]]
+            + [_yes(i["ready"]), _duration(i["uptime_s"]), failing]
+        )
+    columns = ["service", "instance", "host", "metrics port", "version", "ready", "up", "checks not ok"]
+    return _table("services", columns, rows)
 
 
 def _workers_table(workers: list[Json]) -> Table:

@@ -1,9 +1,11 @@
 """NATS micro-service discovery: the three services answer `$SRV.PING|INFO|STATS` with their names, version,
 endpoints and numbers, their health endpoints answer from their readiness, and they leave when they stop."""
 
+import asyncio
 import importlib.metadata
 import json
 import time
+import urllib.request
 import uuid
 
 import nats
@@ -36,6 +38,18 @@ def tiny():
     return load_model("tiny.en")
 
 
+def read_url(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return answer.read()
+
+
+async def metric_total(info: dict, name: str) -> float:
+    """The sum of a counter's series on the /metrics of the instance `info` describes."""
+    url = f"http://127.0.0.1:{info['metadata']['metrics_port']}/metrics"
+    text = (await asyncio.to_thread(read_url, url)).decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def by_name(replies: list[dict]) -> dict[str, dict]:
     named = {r["name"]: r for r in replies}
     assert sorted(named) == sorted(NAMES) and len(replies) == len(NAMES), replies
@@ -52,6 +66,7 @@ async def test_the_three_services_answer_ping_info_and_stats(own_nats, database_
         assert pings["jetscribe-transcriber"]["metadata"]["worker_id"] == worker_id
 
         infos = by_name(await gather_replies(nc, "$SRV.INFO"))
+        ports = set()
         for name, info in infos.items():
             service = name.removeprefix("jetscribe-")
             assert info["type"] == "io.nats.micro.v1.info_response" and info["description"]
@@ -60,6 +75,11 @@ async def test_the_three_services_answer_ping_info_and_stats(own_nats, database_
                 "stats": subjects.service_endpoint(service, info["id"], "stats"),
             }
             assert info["metadata"]["pid"] and info["metadata"]["host"]
+            # JETSCRIBE_METRICS_PORT is 0 here: each picked a free port, announced here, where /readyz answers
+            ports.add(port := int(info["metadata"]["metrics_port"]))
+            readyz = await asyncio.to_thread(read_url, f"http://127.0.0.1:{port}/readyz")  # served on this loop
+            assert json.loads(readyz)["service"] == service
+        assert len(ports) == 3 and 0 not in ports
         worker = infos["jetscribe-transcriber"]["metadata"]
         assert worker["model"] == "tiny.en" and worker["device"] == "cpu"
         assert worker["partitions"] == ",".join(str(p) for p in range(16))
@@ -109,7 +129,10 @@ async def test_the_three_services_answer_ping_info_and_stats(own_nats, database_
         )["messages"] < stored:
             assert time.monotonic() < deadline, persister
         assert persister["messages"] == stored and persister["dropped"] == {} and persister["behind_s"] == 0
-        assert 0 < persister["rows"] <= stored and persister["write_latency_s"]["p50"] > 0
+        assert persister["rows"] > 0 and persister["write_latency_s"]["p50"] > 0
+        # The same counts as the services' Prometheus metrics, read from the port each announced.
+        assert await metric_total(infos["jetscribe-persister"], "jetscribe_persister_rows_total") == persister["rows"]
+        assert await metric_total(infos["jetscribe-ingest"], "jetscribe_ingest_chunks_total") == gateway["chunks"]
 
         # The stats endpoint, asked directly, answers the same report.
         direct = next(e["subject"] for e in infos["jetscribe-ingest"]["endpoints"] if e["name"] == "stats")
