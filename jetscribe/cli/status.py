@@ -186,7 +186,10 @@ def _gateway(instance: Json) -> Json:
     stats = instance["stats"]
     return {
         "id": instance["id"],
+        "gateway_id": _who(instance),
         "ready": instance["ready"],
+        "partitions": stats.get("partitions", []),
+        "forwarded": stats.get("forwarded", 0),
         "sessions": stats.get("sessions", 0),
         "tenants": stats.get("tenants", {}),
         "chunks_last_min": stats.get("chunks_last_min", 0),
@@ -277,7 +280,12 @@ def _errors(instances: list[Json]) -> list[Json]:
 
 
 def _who(instance: Json) -> str:
-    return instance["stats"].get("worker_id") or instance["metadata"].get("worker_id") or instance["id"]
+    """A worker's or gateway's own id, else the micro-service instance id."""
+    stats, meta = instance["stats"], instance["metadata"]
+    for key in ("worker_id", "gateway_id"):
+        if found := stats.get(key) or meta.get(key):
+            return str(found)
+    return str(instance["id"])
 
 
 # --- drawing ----------------------------------------------------------------------------------------
@@ -359,10 +367,10 @@ def _partitions_tables(partitions: list[Json], workers: list[Json]) -> list[Tabl
 
 
 def _gateways_table(gateways: list[Json]) -> Table:
-    columns = ["gateway", "ready", "sessions", "chunks/min", "audio s/min", "refusals"]
+    columns = ["gateway", "ready", "partitions", "sessions", "chunks/min", "audio s/min", "forwarded", "refusals"]
     rows = [
-        [g["id"], _yes(g["ready"]), g["sessions"], g["chunks_last_min"], f"{g['audio_s_last_min']:.1f}"]
-        + [sum(g["refusals"].values())]
+        [g["gateway_id"], _yes(g["ready"]), _ranges(g["partitions"]), g["sessions"], g["chunks_last_min"]]
+        + [f"{g['audio_s_last_min']:.1f}", g["forwarded"], sum(g["refusals"].values())]
         for g in gateways
     ]
     return _table("ingest gateways", columns, rows)

@@ -83,6 +83,8 @@ async def test_the_three_services_answer_ping_info_and_stats(own_nats, database_
         worker = infos["jetscribe-transcriber"]["metadata"]
         assert worker["model"] == "tiny.en" and worker["device"] == "cpu"
         assert worker["partitions"] == ",".join(str(p) for p in range(16))
+        gateway_meta = infos["jetscribe-ingest"]["metadata"]  # a lone gateway serves every partition
+        assert gateway_meta["gateway_id"] and gateway_meta["partitions"] == worker["partitions"]
 
         # Every health endpoint, asked directly, says ready with no error header.
         for info in infos.values():

@@ -76,6 +76,9 @@ def observation() -> Observation:
                 "jetscribe-ingest",
                 "G1",
                 {
+                    "gateway_id": "gw-1",
+                    "partitions": list(range(16)),
+                    "forwarded": 5,
                     "sessions": 3,
                     "tenants": {"acme": 2, "beta": 1},
                     "chunks_last_min": 600,
@@ -129,10 +132,12 @@ def test_snapshot_joins_services_workers_sessions_tenants_and_partitions():
         (3, "w1,w2", 30),
         (4, "", 40),
     ]  # 3: mid hand-over; 4: nobody
+    [gateway] = view["gateways"]
+    assert (gateway["id"], gateway["gateway_id"], gateway["forwarded"]) == ("G1", "gw-1", 5)
     [persister] = view["persisters"]
     assert (persister["ready"], persister["consumer_pending"], persister["consumer_unacked"]) == (False, 7, 2)
     assert view["errors"] == [
-        {"service": "ingest", "instance": "G1", "code": "seq_gap", "count": 4},
+        {"service": "ingest", "instance": "gw-1", "code": "seq_gap", "count": 4},
         {"service": "transcriber", "instance": "w2", "code": "malformed", "count": 1},
         {"service": "transcriber", "instance": "w2", "code": "rejected: worker_full", "count": 2},
     ]
@@ -160,7 +165,7 @@ def test_render_draws_every_table():
     ):
         assert title in text, title
     assert "4 of 5 ready" not in text and "3 of 4 ready" in text
-    assert "0-1,3" in text  # w1's partitions
+    assert "0-1,3" in text and "0-15" in text  # w1's and the gateway's partitions
     assert "streams: starting" in text  # the persister's failing check
 
 
