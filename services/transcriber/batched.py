@@ -47,14 +47,16 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # 1.0 s / 0.02 s
 UNHEARD_SPEECH_S = 0.3
 PROMPT_TOKENS = 48  # about the last 40 words the session core hands over
+PROMPT_STEP = 16  # shorter prompts are cut to a multiple of this, so that jobs early in a session batch too
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 
 class PromptTokens:
-    """A job's context in tokens: the last `PROMPT_TOKENS` of its prompt. CTranslate2 decodes a batch only if
-    every prompt has the same length, so the batched path cuts every prompt to this many tokens (fewer only
-    at a session's start, when there are fewer); the length joins the batch key."""
+    """A job's context in tokens. CTranslate2 decodes a batch only if every prompt has the same length, so the
+    batched path cuts every prompt to its last `PROMPT_TOKENS` tokens, or, early in a session when there are
+    fewer, to the largest multiple of `PROMPT_STEP` there are: prompts come in a few lengths, each job's length
+    depends on its own prompt only, and the length joins the batch key."""
 
     def __init__(self, model: WhisperModel, cached: int = 4096):
         self.model = model
@@ -71,7 +73,9 @@ class PromptTokens:
     def _tokens(self, language: str | None, prompt: str) -> tuple[int, ...]:
         if not prompt.strip():
             return ()
-        return tuple(self.tokenizer(language).encode(" " + prompt.strip())[-PROMPT_TOKENS:])
+        tokens = self.tokenizer(language).encode(" " + prompt.strip())
+        keep = min(PROMPT_TOKENS, len(tokens) // PROMPT_STEP * PROMPT_STEP)
+        return tuple(tokens[len(tokens) - keep :]) if keep else ()
 
     def plan_key(self, plan: JobPlan) -> tuple[BatchKey, int] | None:
         """The key `decoding.plan_batch` groups by: the plan's own, and its prompt's length in tokens."""

@@ -78,3 +78,18 @@ def test_a_job_gets_the_smallest_batch_window_that_holds_its_short_window(second
     smaller = [w for w in BATCH_WINDOWS if w < frames]
     assert not smaller or smaller[-1] < window_frames(samples)
     assert batch_frames(samples, "full") == FULL_WINDOW_FRAMES
+
+
+def test_prompts_come_in_a_few_token_lengths_each_from_its_own_text():
+    from jetscribe.services.transcriber.batched import PROMPT_STEP, PROMPT_TOKENS, PromptTokens
+
+    class Tok:
+        def encode(self, text):
+            return list(range(len(text.split())))  # one token per word
+
+    prompts = PromptTokens.__new__(PromptTokens)
+    prompts.tokenizer = lambda language: Tok()
+    lengths = {n: len(prompts._tokens("en", " ".join(["w"] * n))) for n in range(0, 80)}
+    assert set(lengths.values()) == set(range(0, PROMPT_TOKENS + 1, PROMPT_STEP))
+    assert all(length <= n and n - length < PROMPT_STEP or length == PROMPT_TOKENS for n, length in lengths.items())
+    assert prompts._tokens("en", "a b c d e f g h i j k l m n o p q r") == tuple(range(2, 18))  # the last 16
