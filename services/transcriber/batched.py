@@ -37,6 +37,7 @@ from jetscribe.services.transcriber.decoding import (
     JobPlan,
 )
 from jetscribe.services.transcriber.model import ShortWindowWhisper, max_new_tokens, needs_full_window, transcribe
+from jetscribe.services.transcriber.null_model import NullModel
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import Word
 
@@ -111,6 +112,8 @@ def decode_jobs(model: Any, jobs: list[DecodeJob], max_batch: int) -> list[Decod
     """What the worker calls: with `max_batch` 1, the sequential path (`model.transcribe`, one job); else one
     batched call, even for one job, so that a job's window never depends on how many others came with it.
     A job with no `batch_key` (its language is detected first) is decoded alone on the sequential path."""
+    if isinstance(model, NullModel) and max_batch > 1:
+        return model.decode_batch(jobs)
     if max_batch <= 1 or not isinstance(model, ShortWindowWhisper) or prompts_of(model).job_key(jobs[0]) is None:
         return [transcribe(model, job) for job in jobs]
     return decode_batch(model, jobs).results
@@ -316,7 +319,10 @@ def _segments(item: _Item) -> list[DecodedSegment]:
 
 def plan_key_for(model: Any, max_batch: int) -> Callable[[JobPlan], Hashable | None]:
     """The worker's batch key: a Whisper model with batching on groups by window, beam, language and prompt
-    length; otherwise (one job at a time, or a model that is not Whisper) every job goes alone."""
+    length; the null model groups any jobs of one kind (it has no encoder); with one job at a time every job goes
+    alone."""
     if max_batch > 1 and isinstance(model, ShortWindowWhisper):
         return prompts_of(model).plan_key
+    if max_batch > 1 and isinstance(model, NullModel):  # no encoder: any jobs of one kind can go together
+        return lambda plan: (plan.kind, plan.speculative)
     return lambda plan: None
