@@ -84,18 +84,7 @@ class PromptTokens:
         return None if key is None else (key, len(self.tokens(plan.language, plan.prompt)))
 
     def job_key(self, job: DecodeJob) -> tuple[BatchKey, int] | None:
-        return self.plan_key(
-            JobPlan(
-                job.kind,
-                job.speculative,
-                len(job.audio),
-                job.beam_size,
-                job.window,
-                job.language,
-                (0, 0.0),
-                job.prompt,
-            )
-        )
+        return self.plan_key(JobPlan.of(job))
 
 
 _PROMPTS: dict[int, PromptTokens] = {}

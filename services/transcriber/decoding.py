@@ -104,6 +104,13 @@ class JobPlan:
     urgency: tuple[int, float]  # lower first: (0, closed at) finals, (1, 0) early finals, (2, -backlog) interims
     prompt: str = ""  # the context words the job will carry
 
+    @classmethod
+    def of(cls, job: DecodeJob) -> JobPlan:
+        """The plan of a job already handed out (its urgency no longer matters)."""
+        return cls(
+            job.kind, job.speculative, len(job.audio), job.beam_size, job.window, job.language, (0, 0.0), job.prompt
+        )
+
     @property
     def key(self) -> BatchKey | None:
         """Jobs with equal keys can share one decode call; None: this job is decoded alone."""

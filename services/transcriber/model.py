@@ -14,10 +14,8 @@ from pathlib import Path
 from faster_whisper import WhisperModel
 
 from jetscribe.services.transcriber.agreement import DecodedSegment, has_loop
-from jetscribe.services.transcriber.decoding import (  # noqa: F401  (window_frames: this module's API too)
-    FRAMES_PER_SECOND,
+from jetscribe.services.transcriber.decoding import (  # noqa: F401  (FULL_WINDOW_FRAMES: this module's API too)
     FULL_WINDOW_FRAMES,
-    SAMPLES_PER_FRAME,
     Decoded,
     DecodeJob,
     window_frames,
