@@ -367,7 +367,7 @@ def _partitions_tables(partitions: list[Json], workers: list[Json]) -> list[Tabl
 
 
 def _gateways_table(gateways: list[Json]) -> Table:
-    columns = ["gateway", "ready", "partitions", "sessions", "chunks/min", "audio s/min", "forwarded", "refusals"]
+    columns = ["gateway", "ready", "partitions", "streaming", "chunks/min", "audio s/min", "forwarded", "refusals"]
     rows = [
         [g["gateway_id"], _yes(g["ready"]), _ranges(g["partitions"]), g["sessions"], g["chunks_last_min"]]
         + [f"{g['audio_s_last_min']:.1f}", g["forwarded"], sum(g["refusals"].values())]
