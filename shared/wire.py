@@ -23,6 +23,9 @@ WHISPER_LANGUAGES = frozenset(
     "ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue".split()
 )
 SegmentStatus = Literal["interim", "final"]
+# Who said a speaker label: "bot" (the platform told the bot: a track's participant, a speaker change, a channel)
+# or "audio" (diarization from the audio itself, not built yet).
+SpeakerSource = Literal["bot", "audio"]
 SessionEventKind = Literal["started", "ended", "rejected"]
 
 
@@ -54,8 +57,20 @@ class _SessionMessage(_Message):
     session_id: str
 
 
+class SpeakerChange(msgspec.Struct, array_like=True):
+    """The bot's word that `speaker` talks from `offset_s` seconds into its chunk on (None: nobody it knows)."""
+
+    offset_s: float
+    speaker: str | None
+
+
 class AudioChunk(_SessionMessage, tag="audio"):
-    """A piece of a session's audio. `seq` counts from 0, +1 per chunk."""
+    """A piece of a session's audio. `seq` counts from 0, +1 per chunk.
+
+    Speakers the bot knows (all optional; a reader that does not know them transcribes without speakers):
+    `speaker` talks from the chunk's first sample on (None: whoever talked before), `speaker_changes` say
+    who talks from a point inside the chunk. `channel_speakers` names one participant per channel: the
+    gateway then stores each channel as a track of its own (README, "Speakers")."""
 
     seq: int
     sent_at: float
@@ -64,16 +79,28 @@ class AudioChunk(_SessionMessage, tag="audio"):
     encoding: Encoding
     payload: bytes
     received_at: float = 0.0  # wall time the gateway received it (0: unknown): final latency counts from it
+    speaker: str | None = None
+    speaker_changes: list[SpeakerChange] = []
+    channel_speakers: list[str] = []
 
 
 class SessionControl(_SessionMessage, tag="control"):
-    """Starts or ends a session. `language` is a code like "en", or "auto"."""
+    """Starts or ends a session. `language` is a code like "en", or "auto".
+
+    A meeting sent as one session per participant's track: each start names the `meeting_id`, the track's
+    `speaker` and `track_start` (wall time of its first sample), so readers merge the tracks' finals in
+    time order. `channel_speakers` (on the start and the end): one participant per channel of the audio,
+    each channel stored as its own track session `<session_id>-ch<N>` of meeting `<session_id>`."""
 
     action: Literal["start", "end"]
     language: str = "auto"
     model: str | None = None
     options: dict[str, str | int | float | bool] = {}
     sent_at: float = 0.0
+    speaker: str | None = None
+    meeting_id: str | None = None
+    track_start: float = 0.0
+    channel_speakers: list[str] = []
 
 
 class Word(msgspec.Struct, array_like=True):
@@ -81,6 +108,7 @@ class Word(msgspec.Struct, array_like=True):
     start: float
     end: float
     probability: float
+    speaker: str | None = None  # an old reader ignores this fifth item
 
 
 DropReason = Literal["loop", "silence", "trailing"]
@@ -117,6 +145,9 @@ class Segment(_SessionMessage, tag="segment"):
     worker_id: str = ""
     published_at: float = 0.0
     dropped: list[DroppedWord] = []  # finals: the words the guards removed (session times), to audit them
+    speaker_source: SpeakerSource | None = None  # who said `speaker` (None: no speaker)
+    meeting_id: str | None = None  # the meeting this session is a track of
+    track_start: float = 0.0  # wall time of the session's first sample (0: unknown): meeting time = track_start + start
 
 
 class SessionEvent(_SessionMessage, tag="session_event"):
@@ -157,6 +188,9 @@ class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     updated_at: float = 0.0
     words_dropped: int = 0  # the session's running totals (SessionEvent), so a takeover carries them on
     empty_finals: int = 0
+    speaker: str | None = None  # who the bot said talks at acked_samples: the replayed chunks carry the rest
+    meeting_id: str | None = None
+    track_start: float = 0.0
 
 
 class ErrorEvent(_Message, tag="error"):

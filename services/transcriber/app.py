@@ -288,6 +288,9 @@ class TranscriberWorker:
             limits=self.limits,
             checkpoint=checkpoint,
             sessions_before=len(self.sessions),
+            speaker=start.speaker if start else None,
+            meeting_id=start.meeting_id if start else None,
+            track_start=start.track_start if start else 0.0,
         )
         if checkpoint is not None:
             log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)

@@ -25,6 +25,7 @@ from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, JobKind,
 from jetscribe.services.transcriber.ledger import AckLedger, Receipt
 from jetscribe.services.transcriber.options import CommitOptions, SessionLimits
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
+from jetscribe.services.transcriber.speakers import SpeakerTimeline
 from jetscribe.services.transcriber.transcript import Clock, FinalAudit, Transcript
 from jetscribe.services.transcriber.vad import VoiceDetector
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -87,7 +88,11 @@ class SessionStream(Generic[M]):
         limits: SessionLimits = SessionLimits(),
         checkpoint: SessionCheckpoint | None = None,
         sessions_before: int = 0,
+        speaker: str | None = None,
+        meeting_id: str | None = None,
+        track_start: float = 0.0,
     ):
+        """`speaker`, `meeting_id`, `track_start`: the bot's start of a participant's track (a checkpoint's win)."""
         self.tenant, self.session_id = tenant, session_id
         self.options, self.limits, self.clock = options, limits, clock
         self.segmenter = UtteranceSegmenter(vad, options)
@@ -103,6 +108,9 @@ class SessionStream(Generic[M]):
             language=language,
             model=model,
             worker_id=worker_id,
+            speakers=SpeakerTimeline(speaker),
+            meeting_id=meeting_id,
+            track_start=track_start,
         )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False
@@ -142,6 +150,7 @@ class SessionStream(Generic[M]):
         if receipt is not Receipt.NEW:
             return step
         self.last_audio_at = self.clock.monotonic()
+        self.transcript.speakers.hear(message, self.segmenter.received, len(samples))
         self.segmenter.add(samples, self.last_audio_at)
         if len(self.segmenter.buffer) > self.limits.max_buffered_s * SAMPLE_RATE:
             return self._reject(
@@ -344,6 +353,7 @@ class SessionStream(Generic[M]):
         if self.ledger.checkpoint_due(self.transcript.finals_published, self.limits.checkpoint_every_s):
             step.ack += self.ledger.take_accounted(self.transcript.finals_published)
             step.checkpoint = self.transcript.checkpoint()
+        self.transcript.speakers.forget_before(self.ledger.acked_samples)  # no word before it is decoded again
         return step
 
     def _finish(self, step: Step[M]) -> Step[M]:

@@ -10,6 +10,7 @@ the session (segments, events, errors, checkpoints), so they all name it and cou
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from jetscribe.services.transcriber.decoding import Decoded, DecodeJob
 from jetscribe.services.transcriber.ledger import AckLedger
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
 from jetscribe.services.transcriber.sentences import confirmed_sentence_end
+from jetscribe.services.transcriber.speakers import SpeakerTimeline, runs
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
     DroppedWord,
@@ -72,8 +74,13 @@ class Transcript:
         language: str | None,
         model: str,
         worker_id: str,
+        speakers: SpeakerTimeline | None = None,
+        meeting_id: str | None = None,
+        track_start: float = 0.0,
     ):
         self.segmenter, self.ledger, self.clock = segmenter, ledger, clock
+        self.speakers = speakers or SpeakerTimeline()  # who the bot said talks when: words are labelled from it
+        self.meeting_id, self.track_start = meeting_id, track_start
         self.options = segmenter.options
         self.tenant, self.session_id = tenant, session_id
         self.language, self.model, self.worker_id = language, model, worker_id
@@ -90,6 +97,9 @@ class Transcript:
         self.committed_words.extend(checkpoint.committed_tail)
         self.language = self.language or checkpoint.language
         self.words_dropped, self.empty_finals = checkpoint.words_dropped, checkpoint.empty_finals
+        self.speakers = SpeakerTimeline(checkpoint.speaker, checkpoint.acked_samples)
+        self.meeting_id = self.meeting_id or checkpoint.meeting_id
+        self.track_start = self.track_start or checkpoint.track_start
 
     @property
     def prompt(self) -> str:
@@ -176,7 +186,14 @@ class Transcript:
         segments = []
         if words or dropped or utt.segment_id is not None:
             self.committed_words.extend(w.word.strip() for w in words)
-            segments.append(self._segment(utt, "final", words, job, dropped=dropped))
+            # A change of the bot-known speaker inside the utterance splits its final: one segment per turn,
+            # the first keeping the utterance's id, the others taking the next ids (nothing else holds one yet:
+            # a later utterance gets no segment before this final).
+            parts = runs(self.speakers.label(words)) or [[]]
+            starts = [p[0].start for p in parts[1:]]
+            for i, part in enumerate(parts):
+                mine = [d for d in dropped if bisect.bisect_right(starts, d.start) == i]
+                segments.append(self._segment(utt, "final", part, job, dropped=mine, part=(i, len(parts))))
         if dropped or empty_over_speech:
             segment_id = segments[0].segment_id if segments else None
             self._audits.append(FinalAudit(segment_id, start, end, dropped, empty_over_speech))
@@ -191,19 +208,31 @@ class Transcript:
         job: DecodeJob,
         stable_words: int = 0,
         dropped: list[DroppedWord] | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> Segment:
+        """`part`: (index, count) of a final split at speaker changes; a part after the first takes a new id."""
+        index, count = part
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
             self.next_segment_id += 1
-        utt.revision += 1
+        if index == 0:
+            utt.revision += 1
+            segment_id, revision = utt.segment_id, utt.revision
+        else:
+            segment_id, revision = self.next_segment_id, 1
+            self.next_segment_id += 1
+        words = self.speakers.label(words)
         start = words[0].start if words else job.start_sample / SAMPLE_RATE
         end = words[-1].end if words else job.end_sample / SAMPLE_RATE
-        seqs = self.ledger.seqs_overlapping(job.start_sample, job.end_sample) or [self.ledger.last_seq]
+        first = job.start_sample if index == 0 else int(start * SAMPLE_RATE)
+        last = job.end_sample if index == count - 1 else round(end * SAMPLE_RATE)
+        seqs = self.ledger.seqs_overlapping(first, last) or [self.ledger.last_seq]
+        speaker = words[0].speaker if words else self.speakers.speaker_at(job.start_sample)
         return Segment(
             tenant=self.tenant,
             session_id=self.session_id,
-            segment_id=utt.segment_id,
-            revision=utt.revision,
+            segment_id=segment_id,
+            revision=revision,
             status=status,
             start=start,
             end=end,
@@ -217,6 +246,10 @@ class Transcript:
             worker_id=self.worker_id,
             published_at=self.clock.wall(),
             dropped=dropped or [],
+            speaker=speaker,
+            speaker_source="bot" if speaker is not None else None,
+            meeting_id=self.meeting_id,
+            track_start=self.track_start,
         )
 
     def checkpoint(self, finished: bool = False) -> SessionCheckpoint:
@@ -237,6 +270,9 @@ class Transcript:
             updated_at=self.clock.wall(),
             words_dropped=self.words_dropped,
             empty_finals=self.empty_finals,
+            speaker=self.speakers.speaker_at(self.ledger.acked_samples),
+            meeting_id=self.meeting_id,
+            track_start=self.track_start,
         )
 
     def event(self, event: SessionEventKind, reason: str = "") -> SessionEvent:
