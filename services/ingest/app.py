@@ -44,7 +44,13 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.trace import SpanKind
 
-from jetscribe.services.ingest.core import IngestBook, RequestRefused, SessionLedger, check_subject_matches
+from jetscribe.services.ingest.core import (
+    IngestBook,
+    RequestRefused,
+    SessionLedger,
+    check_subject_matches,
+    split_channels,
+)
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
 from jetscribe.services.transcriber.partitions import assigned_to
@@ -239,21 +245,58 @@ class IngestGateway:
                 if isinstance(message, AudioChunk):
                     message.received_at = received_at  # travels with the stored chunk: final latency starts here
                 check_subject_matches(message.tenant, message.session_id, tenant, session_id)
-                async with self._lock(tenant, session_id):
-                    try:
-                        reply = await accept(message)
-                    except StaleLedger as exc:  # once: a second refusal is answered `unavailable`
-                        self.relearned += 1
-                        log.warning("%s/%s: %s; learning it again from the streams", tenant, session_id, exc)
-                        ledger = self.book.ledger(tenant, session_id)
-                        if ledger is not None:
-                            self.book.forget(ledger)
-                        reply = await accept(message)
+                if message.channel_speakers:
+                    reply = await self._split(message, kind, received_at)
+                else:
+                    reply = await self._accept_locked(accept, message, tenant, session_id)
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
         outcome = {SYSTEM: "nats", OPERATION: span, TENANT: tenant} | ({ERROR_TYPE: reply.code} if reply.code else {})
         self.metrics.request_duration.record(time.perf_counter() - started, outcome)
+
+    async def _accept_locked(
+        self, accept: Callable[[Any], Awaitable[Reply]], message: AudioMessage, tenant: str, session_id: str
+    ) -> Reply:
+        """Run a request under its session's lock; a stale ledger is learned again from the streams, once."""
+        async with self._lock(tenant, session_id):
+            try:
+                return await accept(message)
+            except StaleLedger as exc:  # once: a second refusal is answered `unavailable`
+                self.relearned += 1
+                log.warning("%s/%s: %s; learning it again from the streams", tenant, session_id, exc)
+                ledger = self.book.ledger(tenant, session_id)
+                if ledger is not None:
+                    self.book.forget(ledger)
+                return await accept(message)
+
+    async def _split(self, message: AudioMessage, kind: str, received_at: float) -> Reply:
+        """A session whose channels are its participants: each channel goes, as a request of its own, to its
+        track session (`core.split_channels`), served like any bot's (its partition's gateway, its seqs, its
+        resampler). Answered ok once every track took it; the last seq is the lowest of the tracks', so a
+        bot's resend after a partial failure repeats what some tracks have (they answer it ok) and fills the rest.
+        """
+        tracks = split_channels(message)
+        subject = subjects.ingest_audio if kind == "audio" else subjects.ingest_session
+        answers = await asyncio.gather(
+            *(self._ask_track(subject(t.tenant, t.session_id), t, received_at) for t in tracks)
+        )
+        last_seq = min(a.last_seq for a in answers)
+        for track, answer in zip(tracks, answers, strict=True):
+            if not answer.ok:  # the track's own refusal is already reported on errors.ingest.<tenant>
+                return Reply(
+                    ok=False, last_seq=last_seq, code=answer.code, message=f"track {track.session_id}: {answer.message}"
+                )
+        return Reply(ok=True, last_seq=last_seq)
+
+    async def _ask_track(self, subject: str, track: AudioMessage, received_at: float) -> Reply:
+        headers = telemetry.inject({RECEIVED_AT_HEADER: repr(received_at)})
+        try:
+            answer = await self.nc.request(subject, encode(track), timeout=FORWARD_TIMEOUT_S, headers=headers)
+            return decode(answer.data, Reply)
+        except (*_NATS_ERRORS, WireError) as exc:
+            why = f"track {track.session_id} did not answer, send it again: {exc!r}"
+            return Reply(ok=False, code="unavailable", message=why)
 
     # --- partitions -------------------------------------------------------------------------------
     async def _serve_partition(self, partition: int, _puller: object) -> None:

@@ -11,6 +11,7 @@ stream refuses it if anyone stored to the session since; the gateway then learns
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import msgspec
@@ -80,6 +81,105 @@ def check_subject_matches(message_tenant: str, message_session: str, tenant: str
             "subject_mismatch",
             f"message is for {message_tenant}/{message_session} but was sent on the subject of {tenant}/{session_id}",
         )
+
+
+MAX_SPEAKER_CHARS = 128
+MAX_SPEAKER_CHANGES = 64  # per chunk
+
+
+def check_speaker(name: str | None, what: str = "speaker") -> None:
+    if name is not None and not (0 < len(name) <= MAX_SPEAKER_CHARS and name.isprintable()):
+        raise RequestRefused(
+            "bad_speaker", f"{what} {name[:80]!r} must be 1-{MAX_SPEAKER_CHARS} printable characters (a name)"
+        )
+
+
+def chunk_seconds(chunk: AudioChunk) -> float:
+    return len(chunk.payload) / (_SAMPLE_WIDTH[chunk.encoding] * max(chunk.channels, 1) * max(chunk.sample_rate, 1))
+
+
+def check_chunk_speakers(chunk: AudioChunk) -> None:
+    """A chunk's speakers: names, and changes at offsets inside the chunk, at most MAX_SPEAKER_CHANGES of them."""
+    check_speaker(chunk.speaker)
+    if len(chunk.speaker_changes) > MAX_SPEAKER_CHANGES:
+        raise RequestRefused(
+            "bad_speaker", f"{len(chunk.speaker_changes)} speaker changes in one chunk; at most {MAX_SPEAKER_CHANGES}"
+        )
+    seconds = chunk_seconds(chunk)
+    for change in chunk.speaker_changes:
+        check_speaker(change.speaker)
+        if not (math.isfinite(change.offset_s) and 0.0 <= change.offset_s <= seconds + 0.001):
+            raise RequestRefused(
+                "bad_speaker",
+                f"speaker change at {change.offset_s!r} s is outside its chunk (0..{seconds:.3f} s of audio)",
+            )
+
+
+def check_track(control: SessionControl) -> None:
+    """A start's track of a meeting: who speaks on it, the meeting's id, when its first sample was heard."""
+    check_speaker(control.speaker)
+    if control.meeting_id is not None and not subjects.is_valid_token(control.meeting_id):
+        raise RequestRefused("bad_id", f"meeting_id {control.meeting_id!r} must be 1-64 letters, digits, '_' or '-'")
+    if not (math.isfinite(control.track_start) and control.track_start >= 0):
+        raise RequestRefused("bad_track_start", f"track_start {control.track_start!r} must be wall time in seconds")
+
+
+# --- multichannel audio: one participant per channel, each channel its own track session ------------------
+def track_id(session_id: str, channel: int) -> str:
+    """The session a channel of a split session is stored as (the split session itself is the meeting)."""
+    return f"{session_id}-ch{channel}"
+
+
+def split_channels(message: AudioMessage) -> list[AudioMessage]:
+    """A message of a session whose channels are its participants (`channel_speakers`), as one message per
+    channel's track: each track is a plain session (its own seqs, resampler, partition, transcriber, checkpoint)
+    of the meeting named by the split session's id. Raises RequestRefused for what cannot be split."""
+    names = message.channel_speakers
+    if len(names) < 2:
+        raise RequestRefused("bad_channels", f"channel_speakers names {len(names)} channel(s); a split needs 2 or more")
+    for name in names:
+        check_speaker(name, "channel speaker")
+    for channel in range(len(names)):
+        check_ids(message.tenant, track_id(message.session_id, channel))
+    if isinstance(message, SessionControl):
+        check_track(message)
+        meeting = message.meeting_id or message.session_id
+        return [
+            msgspec.structs.replace(
+                message,
+                session_id=track_id(message.session_id, channel),
+                channel_speakers=[],
+                speaker=name,
+                meeting_id=meeting,
+                track_start=message.track_start or message.sent_at,
+            )
+            for channel, name in enumerate(names)
+        ]
+    if message.channels != len(names):
+        raise RequestRefused(
+            "bad_channels", f"chunk has {message.channels} channels but channel_speakers names {len(names)}"
+        )
+    if message.speaker is not None or message.speaker_changes:
+        raise RequestRefused("bad_speaker", "a split chunk's speakers are its channels': leave speaker unset")
+    width = _SAMPLE_WIDTH.get(message.encoding, 0)
+    frame = width * message.channels
+    if not frame or len(message.payload) % frame:
+        raise RequestRefused(
+            "bad_payload",
+            f"payload of {len(message.payload)} bytes is not a whole number of {message.channels}-channel "
+            f"{message.encoding} frames",
+        )
+    frames = np.frombuffer(message.payload, dtype=np.uint8).reshape(-1, message.channels, width)
+    return [
+        msgspec.structs.replace(
+            message,
+            session_id=track_id(message.session_id, channel),
+            channels=1,
+            channel_speakers=[],
+            payload=frames[:, channel, :].tobytes(),
+        )
+        for channel in range(len(names))
+    ]
 
 
 def to_mono_int16(chunk: AudioChunk, ledger: SessionLedger) -> np.ndarray:
@@ -185,6 +285,7 @@ class IngestBook:
         A new session is only remembered here: the shell takes its tenant slot (`admit`) before storing it.
         """
         check_ids(control.tenant, control.session_id)
+        check_track(control)
         if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
             raise RequestRefused(
                 "bad_language",
@@ -262,6 +363,7 @@ class IngestBook:
             raise RequestRefused("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}")
         if chunk.seq < 0:
             raise RequestRefused("bad_seq", f"seq {chunk.seq} is negative; seq counts from 0")
+        check_chunk_speakers(chunk)
         if chunk.seq <= ledger.last_seq:
             return ChunkVerdict(store=None, ledger=ledger)
         if chunk.seq != ledger.last_seq + 1:
