@@ -14,7 +14,15 @@ from typing import Any, Final, Literal
 
 from jetscribe.shared import subjects
 from jetscribe.shared.errors import CodedError
-from jetscribe.shared.wire import ErrorEvent, Segment, SegmentStatus, SessionEvent, SessionEventKind, TranscriptMessage
+from jetscribe.shared.wire import (
+    ErrorEvent,
+    Segment,
+    SegmentStatus,
+    SessionEvent,
+    SessionEventKind,
+    TranscriptMessage,
+    Word,
+)
 
 SessionKey = tuple[str, str]  # (tenant, session_id)
 Row = dict[str, Any]  # a database row: column name -> value
@@ -67,8 +75,11 @@ def segment_row(segment: Segment) -> Row:
         "start_s": segment.start,
         "end_s": segment.end,
         "text": segment.text,
-        "words": [[w.word, w.start, w.end, w.probability] for w in segment.words],
+        "words": [word_row(w) for w in segment.words],
         "speaker": segment.speaker,
+        "speaker_source": segment.speaker_source,
+        "meeting_id": segment.meeting_id,
+        "track_start": segment.track_start,
         "language": _or_none(segment.language),
         "model": _or_none(segment.model),
         "seq_first": segment.seq_first,
@@ -76,6 +87,12 @@ def segment_row(segment: Segment) -> Row:
         "worker_id": _or_none(segment.worker_id),
         "published_at": timestamp(segment.published_at),
     }
+
+
+def word_row(word: Word) -> list[Any]:
+    """A word in `segments.words`: [word, start, end, probability], and its speaker fifth when it has one."""
+    row: list[Any] = [word.word, word.start, word.end, word.probability]
+    return row if word.speaker is None else [*row, word.speaker]
 
 
 def next_status(current: SessionStatus | None, event: EventKind) -> SessionStatus:
@@ -217,12 +234,12 @@ def _segment_problem(segment: Segment) -> str | None:
     for name in ("segment_id", "revision", "seq_first", "seq_last"):
         if getattr(segment, name) not in _INT64:
             return f"{name} is out of the 64-bit range"
-    numbers = [segment.start, segment.end, segment.published_at]
+    numbers = [segment.start, segment.end, segment.published_at, segment.track_start]
     numbers += [x for w in segment.words for x in (w.start, w.end, w.probability)]
     if not all(math.isfinite(x) for x in numbers):
         return "times and probabilities must be finite numbers"
-    texts = [segment.text, segment.speaker, segment.language, segment.model, segment.worker_id]
-    texts += [w.word for w in segment.words]
+    texts = [segment.text, segment.speaker, segment.language, segment.model, segment.worker_id, segment.meeting_id]
+    texts += [w.word for w in segment.words] + [w.speaker for w in segment.words]
     return _nul_problem(texts)
 
 

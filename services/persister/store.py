@@ -152,6 +152,18 @@ async def final_segments(engine: AsyncEngine, tenant: str, session_id: str) -> l
         return list(await session.scalars(query))
 
 
+async def meeting_segments(engine: AsyncEngine, tenant: str, meeting_id: str) -> list[SegmentRow]:
+    """A meeting's final segments, every track's, merged in the order they were spoken: by wall time
+    (the track's start plus the segment's start), then track and segment id for a stable order."""
+    query = (
+        select(SegmentRow)
+        .where(SegmentRow.tenant == tenant, SegmentRow.meeting_id == meeting_id, SegmentRow.status == "final")
+        .order_by(SegmentRow.track_start + SegmentRow.start_s, SegmentRow.session_id, SegmentRow.segment_id)
+    )
+    async with AsyncSession(engine) as session:
+        return list(await session.scalars(query))
+
+
 async def wait_until_ended(engine: AsyncEngine, tenant: str, session_id: str, timeout_s: float = 60.0) -> SessionRow:
     """Poll until the session's end is stored, `ended` or `rejected` (its finals are in by then); raise TimeoutError."""
     deadline = asyncio.get_running_loop().time() + timeout_s

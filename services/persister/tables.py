@@ -44,6 +44,7 @@ class SegmentRow(Base):
     __table_args__ = (
         CheckConstraint("status IN ('interim', 'final')", name="segments_status"),
         Index("segments_by_start", "tenant", "session_id", "start_s"),
+        Index("segments_by_meeting", "tenant", "meeting_id", postgresql_where=sql("meeting_id IS NOT NULL")),
     )
 
     tenant: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -54,8 +55,12 @@ class SegmentRow(Base):
     start_s: Mapped[float] = mapped_column(Double)
     end_s: Mapped[float] = mapped_column(Double)
     text: Mapped[str] = mapped_column(Text)
-    words: Mapped[list] = mapped_column(JSONB, server_default=sql("'[]'::jsonb"))  # [[word, start, end, probability]]
+    # [[word, start, end, probability]], a labelled word with its speaker fifth
+    words: Mapped[list] = mapped_column(JSONB, server_default=sql("'[]'::jsonb"))
     speaker: Mapped[str | None] = mapped_column(Text)
+    speaker_source: Mapped[str | None] = mapped_column(Text)  # "bot" (the bot said it), "audio" (diarization)
+    meeting_id: Mapped[str | None] = mapped_column(Text)  # the meeting the session is a track of
+    track_start: Mapped[float] = mapped_column(Double, server_default=sql("0"))  # wall time of the track's start
     language: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
     seq_first: Mapped[int] = mapped_column(BigInteger)

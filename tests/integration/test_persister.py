@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jetscribe.cli import main as cli
 from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.services.persister import store
 from jetscribe.services.persister.app import Persister, run
 from jetscribe.services.persister.core import Delivered, next_status, plan_batch
 from jetscribe.services.persister.migrate import current, downgrade, upgrade
@@ -323,7 +324,7 @@ def test_migrations_go_up_and_down(database_url):
     assert current(database_url) is None
     upgrade(database_url)
     upgrade(database_url)  # again: nothing to do
-    assert current(database_url) == "0003"
+    assert current(database_url) == "0004"
     downgrade(database_url, "base")
     assert current(database_url) is None
 
@@ -367,7 +368,7 @@ def test_migration_0002_down_and_up_keeps_sessions(database_url):
                 ("r1", "ended"),
             ]
         upgrade(database_url)
-        assert current(database_url) == "0003"
+        assert current(database_url) == "0004"
     finally:
         engine.dispose()
 
@@ -392,7 +393,7 @@ def test_migration_0003_adds_the_guard_totals_and_takes_them_away(database_url):
         with engine.begin() as conn:
             assert conn.execute(text("SELECT session_id FROM sessions")).all() == [("old",)]
         upgrade(database_url)
-        assert current(database_url) == "0003"
+        assert current(database_url) == "0004"
     finally:
         engine.dispose()
 
@@ -601,3 +602,67 @@ async def test_any_order_of_events_ends_as_core_next_status_says(engine, tenant,
             assert row[total] == (getattr(first_closing, total) if first_closing else 0), order
         assert row["worker_id"] == (first_closing or events["started"]).worker_id, order
         assert row["created_at"].timestamp() == min(events[kind].at for kind in order), order
+
+
+def test_migration_0004_adds_the_meeting_columns_and_takes_them_away(database_url):
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    columns = lambda: {c["name"] for c in inspect(engine).get_columns("segments")}  # noqa: E731
+    try:
+        upgrade(database_url, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO segments (tenant, session_id, segment_id, revision, status, start_s, end_s, text, "
+                    "seq_first, seq_last) VALUES ('t', 'old', 0, 1, 'final', 0, 1, 'hi', 0, 0)"
+                )
+            )
+        upgrade(database_url)
+        with engine.begin() as conn:  # a segment stored before 0004 is no meeting's, its speaker nobody's word
+            assert conn.execute(text("SELECT speaker_source, meeting_id, track_start FROM segments")).all() == [
+                (None, None, 0.0)
+            ]
+        downgrade(database_url, "0003")
+        assert not {"speaker_source", "meeting_id", "track_start"} & columns()
+        upgrade(database_url)
+        assert current(database_url) == "0004"
+    finally:
+        engine.dispose()
+
+
+async def test_speakers_and_a_meetings_tracks_are_stored_and_merged(nats_url, js, schema, engine, tenant):
+    """Two tracks of one meeting, started 10 s apart: their finals merge by wall time, with their speakers."""
+
+    def track(session, speaker, track_start, segment_id, start, text_):
+        return msgspec.structs.replace(
+            segment(tenant, session, segment_id, 1, "final", text_, start=start),
+            words=[Word(" " + text_, start, start + 0.5, 0.9, speaker)],
+            speaker=speaker,
+            speaker_source="bot",
+            meeting_id="m1",
+            track_start=track_start,
+        )
+
+    messages = [
+        track("m1-ann", "Ann", T0, 0, 1.0, "first"),
+        track("m1-ann", "Ann", T0, 1, 12.0, "third"),
+        track("m1-bob", "Bob", T0 + 10.0, 0, 0.5, "second"),  # 10.5 s into the meeting
+        track("m1-bob", "Bob", T0 + 10.0, 1, 5.0, "fourth"),  # 15 s
+        segment(tenant, "other", 0, 1, "final", "not in the meeting"),
+    ]
+    await publish(js, *messages)
+    async with running_persister(nats_url, js, schema):
+
+        async def merged():
+            found = await store.meeting_segments(engine, tenant, "m1")
+            return found if len(found) == 4 else None
+
+        found = await eventually(merged)
+    assert [(r.text, r.speaker, r.speaker_source, r.session_id) for r in found] == [
+        ("first", "Ann", "bot", "m1-ann"),
+        ("second", "Bob", "bot", "m1-bob"),
+        ("third", "Ann", "bot", "m1-ann"),
+        ("fourth", "Bob", "bot", "m1-bob"),
+    ]
+    assert found[1].words == [[" second", 0.5, 1.0, 0.9, "Bob"]] and found[1].track_start == T0 + 10.0
+    plain = await rows(engine, SegmentRow, tenant, "other")
+    assert plain[0]["words"] == [["w", 0.0, 0.5, 0.75]] and plain[0]["meeting_id"] is None
