@@ -23,6 +23,12 @@ def is_valid_token(value: str) -> bool:
 
 
 # Bots -> ingest gateway (request/reply)
+def channel_track(session: str, channel: int) -> str:
+    """The session a channel of a multichannel session is stored as (`channel_speakers`): the split session's
+    id is the meeting's, each channel a track of it."""
+    return f"{session}-ch{channel}"
+
+
 def ingest_audio(tenant: str, session: str) -> str:
     """A bot's audio chunks, as requests the gateway answers."""
     return f"ingest.audio.{tenant}.{session}"

@@ -19,7 +19,16 @@ from opentelemetry import propagate
 
 from jetscribe.shared import subjects
 from jetscribe.shared.retry import backoff_delay
-from jetscribe.shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, decode, encode
+from jetscribe.shared.wire import (
+    AudioChunk,
+    Reply,
+    Segment,
+    SessionControl,
+    SessionEvent,
+    SpeakerChange,
+    decode,
+    encode,
+)
 
 
 class BotError(RuntimeError):
@@ -52,7 +61,8 @@ def read_audio(path: str | Path) -> Audio:
 
 @dataclass
 class StreamResult:
-    finals: dict[int, Segment] = field(default_factory=dict)
+    finals: dict[int, Segment] = field(default_factory=dict)  # by segment id (one session; see `tracks`)
+    tracks: dict[str, dict[int, Segment]] = field(default_factory=dict)  # every track's finals, by session id
     sent_at: list[float] = field(default_factory=list)  # wall time each chunk was accepted
     sent_by_seq: dict[int, float] = field(default_factory=dict)  # wall time each accepted chunk was sent
     frames_per_chunk: int = 0  # input frames per chunk: seq n holds frames [n * this, (n + 1) * this)
@@ -60,7 +70,11 @@ class StreamResult:
     ended: SessionEvent | None = None  # the session's `ended` event (its totals), once it arrived
 
     def final_segments(self) -> list[Segment]:
-        return [self.finals[k] for k in sorted(self.finals)]
+        """The finals in the order they were spoken; a multichannel session's tracks merged by wall time."""
+        if len(self.tracks) <= 1:
+            return [self.finals[k] for k in sorted(self.finals)]
+        merged = [s for finals in self.tracks.values() for s in finals.values()]
+        return sorted(merged, key=lambda s: (s.track_start + s.start, s.session_id, s.segment_id))
 
     @property
     def text(self) -> str:
@@ -97,8 +111,19 @@ async def stream_audio(
     language: str = "auto",
     on_segment: Callable[[Segment], None] | None = None,
     wait_s: float = 300.0,
+    speaker: str | None = None,
+    meeting_id: str | None = None,
+    track_start: float | None = None,
+    speaker_turns: list[tuple[float, str | None]] | None = None,
+    channel_speakers: list[str] | None = None,
 ) -> StreamResult:
     """Stream `audio` as a bot would; returns once the session's `ended` event arrives.
+
+    Speakers the bot knows: `speaker` is this session's participant (one track per participant, of meeting
+    `meeting_id`, whose first sample was heard at wall time `track_start`, default now); `speaker_turns` are
+    (seconds into the audio, who talks from there) as a platform's active-speaker events say, sent on the chunk
+    holding each; `channel_speakers` names one participant per channel of `audio`: the gateway stores each
+    channel as track `<session_id>-ch<N>` of meeting `session_id`, and this waits until every track ended.
 
     Raises BotError when the gateway refuses the session, or when the transcriber rejects it
     after the bot's last request (before that, the gateway's answer says so).
@@ -107,12 +132,17 @@ async def stream_audio(
     """
     result = StreamResult()
     ended = asyncio.Event()
+    names = list(channel_speakers or [])
+    tracks = [subjects.channel_track(session_id, i) for i in range(len(names))] or [session_id]
+    closed: set[str] = set()
 
     async def on_transcript(msg):
         segment = decode(msg.data, Segment)
         result.heard.append((time.time(), segment))
         if segment.status == "final":
-            result.finals[segment.segment_id] = segment
+            result.tracks.setdefault(segment.session_id, {})[segment.segment_id] = segment
+            if len(tracks) == 1:
+                result.finals[segment.segment_id] = segment
         if on_segment:
             on_segment(segment)
 
@@ -120,21 +150,34 @@ async def stream_audio(
 
     async def on_ended(msg):
         result.ended = decode(msg.data, SessionEvent)
-        ended.set()
+        closed.add(result.ended.session_id)
+        if closed >= set(tracks):
+            ended.set()
 
     async def on_rejected(msg):
         rejected.append(decode(msg.data, SessionEvent))
         ended.set()
 
-    subs = [
-        await nc.subscribe(subjects.transcript(tenant, session_id), cb=on_transcript),
-        await nc.subscribe(subjects.session_event(tenant, session_id, "ended"), cb=on_ended),
-        await nc.subscribe(subjects.session_event(tenant, session_id, "rejected"), cb=on_rejected),
-    ]
+    subs = []
+    for track in tracks:
+        subs += [
+            await nc.subscribe(subjects.transcript(tenant, track), cb=on_transcript),
+            await nc.subscribe(subjects.session_event(tenant, track, "ended"), cb=on_ended),
+            await nc.subscribe(subjects.session_event(tenant, track, "rejected"), cb=on_rejected),
+        ]
     await nc.flush()
     try:
+        now = time.time()
         start = SessionControl(
-            tenant=tenant, session_id=session_id, action="start", language=language, sent_at=time.time()
+            tenant=tenant,
+            session_id=session_id,
+            action="start",
+            language=language,
+            sent_at=now,
+            speaker=speaker,
+            meeting_id=meeting_id,
+            track_start=(track_start or now) if meeting_id or names else 0.0,
+            channel_speakers=names,
         )
         reply = await request(nc, subjects.ingest_session(tenant, session_id), start)
         if not reply.ok:
@@ -156,6 +199,12 @@ async def stream_audio(
                 channels=audio.channels,
                 encoding="pcm_s16le",
                 payload=np.ascontiguousarray(piece).astype("<i2").tobytes(),
+                speaker_changes=changes_in(
+                    speaker_turns or [],
+                    seq * frames_per_chunk / audio.sample_rate,
+                    (seq * frames_per_chunk + len(piece)) / audio.sample_rate,
+                ),
+                channel_speakers=names,
             )
             reply = await request(nc, subjects.ingest_audio(tenant, session_id), chunk)
             if not reply.ok and reply.code != "seq_gap":
@@ -164,7 +213,9 @@ async def stream_audio(
                 result.sent_at.append(time.time())
                 result.sent_by_seq[seq] = chunk.sent_at
             seq = reply.last_seq + 1
-        end = SessionControl(tenant=tenant, session_id=session_id, action="end", sent_at=time.time())
+        end = SessionControl(
+            tenant=tenant, session_id=session_id, action="end", sent_at=time.time(), channel_speakers=names
+        )
         reply = await request(nc, subjects.ingest_session(tenant, session_id), end)
         if not reply.ok:
             raise BotError(reply)
@@ -183,3 +234,9 @@ async def stream_audio(
     finally:
         for sub in subs:
             await sub.unsubscribe()
+
+
+def changes_in(turns: list[tuple[float, str | None]], start_s: float, end_s: float) -> list[SpeakerChange]:
+    """The speaker turns (seconds into the audio, speaker) that begin in [start_s, end_s), relative to start_s:
+    what the chunk holding that audio says."""
+    return [SpeakerChange(round(at - start_s, 6), who) for at, who in turns if start_s <= at < end_s]

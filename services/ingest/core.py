@@ -125,11 +125,6 @@ def check_track(control: SessionControl) -> None:
 
 
 # --- multichannel audio: one participant per channel, each channel its own track session ------------------
-def track_id(session_id: str, channel: int) -> str:
-    """The session a channel of a split session is stored as (the split session itself is the meeting)."""
-    return f"{session_id}-ch{channel}"
-
-
 def split_channels(message: AudioMessage) -> list[AudioMessage]:
     """A message of a session whose channels are its participants (`channel_speakers`), as one message per
     channel's track: each track is a plain session (its own seqs, resampler, partition, transcriber, checkpoint)
@@ -140,14 +135,14 @@ def split_channels(message: AudioMessage) -> list[AudioMessage]:
     for name in names:
         check_speaker(name, "channel speaker")
     for channel in range(len(names)):
-        check_ids(message.tenant, track_id(message.session_id, channel))
+        check_ids(message.tenant, subjects.channel_track(message.session_id, channel))
     if isinstance(message, SessionControl):
         check_track(message)
         meeting = message.meeting_id or message.session_id
         return [
             msgspec.structs.replace(
                 message,
-                session_id=track_id(message.session_id, channel),
+                session_id=subjects.channel_track(message.session_id, channel),
                 channel_speakers=[],
                 speaker=name,
                 meeting_id=meeting,
@@ -173,7 +168,7 @@ def split_channels(message: AudioMessage) -> list[AudioMessage]:
     return [
         msgspec.structs.replace(
             message,
-            session_id=track_id(message.session_id, channel),
+            session_id=subjects.channel_track(message.session_id, channel),
             channels=1,
             channel_speakers=[],
             payload=frames[:, channel, :].tobytes(),

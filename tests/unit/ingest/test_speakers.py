@@ -4,8 +4,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from jetscribe.services.ingest.core import IngestBook, RequestRefused, split_channels, track_id
+from jetscribe.services.ingest.core import IngestBook, RequestRefused, split_channels
 from jetscribe.shared.config import IngestConfig
+from jetscribe.shared.subjects import channel_track
 from jetscribe.shared.wire import AudioChunk, SessionControl, SpeakerChange
 
 
@@ -76,7 +77,7 @@ def test_each_channel_becomes_a_track_of_the_meeting():
     left, right = np.arange(0, 100, dtype="<i2"), -np.arange(0, 100, dtype="<i2")
     stereo = chunk(np.stack([left, right], axis=1).reshape(-1), channels=2, channel_speakers=["Ann", "Bob"])
     parts = split_channels(stereo)
-    assert [p.session_id for p in parts] == [track_id("m1", 0), track_id("m1", 1)]
+    assert [p.session_id for p in parts] == [channel_track("m1", 0), channel_track("m1", 1)]
     assert np.array_equal(np.frombuffer(parts[0].payload, "<i2"), left)
     assert np.array_equal(np.frombuffer(parts[1].payload, "<i2"), right)
     assert all(p.channels == 1 and p.seq == 0 for p in parts)
