@@ -168,6 +168,7 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     worker_id: str = ""
     words_dropped: int = 0  # words the guards removed from the session's finals (Segment.dropped)
     empty_finals: int = 0  # finals that came out empty although the VAD heard speech in their audio
+    meeting_id: str | None = None  # the meeting this session is a track of (its readers follow the tracks)
 
 
 class SessionCheckpoint(_SessionMessage, tag="checkpoint"):

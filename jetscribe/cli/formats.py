@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 FORMATS = ("text", "json", "srt", "vtt")
+WORD_FIELDS = ("word", "start", "end", "probability", "speaker")  # a word's items in segments.words and on the wire
 
 
 def show_live(segment, out) -> None:
@@ -13,7 +15,7 @@ def show_live(segment, out) -> None:
     interactive = out.isatty()
     if segment.status == "final":
         if segment.text:
-            line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {segment.text}"
+            line = f"[{segment.start:7.2f} - {segment.end:7.2f}] {_speaker_prefix(segment)}{segment.text}"
             print(("\r\033[K" if interactive else "") + line, file=out, flush=True)
     elif interactive:
         print(f"\r\033[K  … {segment.text[-100:]}", end="", file=out, flush=True)
@@ -33,8 +35,9 @@ def render(segments, fmt: str) -> str:
                     "end": s.end_s,
                     "text": s.text,
                     "speaker": s.speaker,
-                    "words": [dict(zip(("word", "start", "end", "probability"), w, strict=False)) for w in s.words],
+                    "words": [dict(zip(WORD_FIELDS, w, strict=False)) for w in s.words],
                 }
+                | ({"track": s.track} if getattr(s, "track", None) else {})
                 for s in spoken
             ],
             indent=2,
@@ -63,4 +66,32 @@ def _speaker_prefix(segment) -> str:
 
 
 def _voice(segment) -> str:
-    return f"<v {segment.speaker}>" if segment.speaker else ""
+    """A WebVTT voice tag; the name escaped as cue text must be (no '<', '>', '&' or line break inside a tag)."""
+    if not segment.speaker:
+        return ""
+    name = " ".join(segment.speaker.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return f"<v {name}>"
+
+
+def meeting_rows(rows) -> list[SimpleNamespace]:
+    """A meeting's final rows (every track's, in spoken order) with times from the first track's start, so the
+    formats above show the meeting as one transcript; `track` says which session each came from."""
+    if not rows:
+        return []
+    t0 = min(r.track_start for r in rows)
+    out = []
+    for r in rows:
+        shift = r.track_start - t0
+        words = [[w[0], round(w[1] + shift, 3), round(w[2] + shift, 3), *w[3:]] for w in r.words]
+        out.append(
+            SimpleNamespace(
+                segment_id=r.segment_id,
+                track=r.session_id,
+                start_s=round(r.start_s + shift, 3),
+                end_s=round(r.end_s + shift, 3),
+                text=r.text,
+                speaker=r.speaker,
+                words=words,
+            )
+        )
+    return out

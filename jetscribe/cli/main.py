@@ -13,7 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from jetscribe.cli.formats import FORMATS, render, show_live
+from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.shared.config import ConfigError
 
@@ -44,12 +44,31 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--tenant", default="default")
     stream.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
     stream.add_argument("--language", default="auto")
+    stream.add_argument("--speaker", metavar="NAME", help="the participant this session is the track of")
+    stream.add_argument("--meeting", metavar="M", help="the meeting this session is a track of (its tracks merge)")
+    stream.add_argument(
+        "--track-start", type=float, metavar="T", help="wall time (epoch s) of the file's first sample (default: now)"
+    )
+    stream.add_argument(
+        "--turns",
+        type=speaker_turns,
+        metavar="S=NAME,...",
+        help="who talks from when, seconds into the file, e.g. 0=Ann,4.2=Bob (as a platform's speaker events say)",
+    )
+    stream.add_argument(
+        "--channel-speakers",
+        type=names,
+        metavar="A,B,...",
+        help="one participant per channel of the file: each channel is transcribed as track SESSION-chN of "
+        "meeting SESSION",
+    )
 
     follow = sub.add_parser(
         "follow",
         help="print a session's transcript from the TRANSCRIPTS stream as it comes; exits after the session ends",
     )
-    follow.add_argument("session")
+    follow.add_argument("session", nargs="?")
+    follow.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
     follow.add_argument("--tenant", default="default")
     start = follow.add_mutually_exclusive_group()
     start.add_argument("--from-start", action="store_true", help="replay everything the stream holds of it first")
@@ -65,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     follow.add_argument("--keep", action="store_true", help="keep following after the session's end")
 
     transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
-    transcript.add_argument("session")
+    transcript.add_argument("session", nargs="?")
+    transcript.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
     transcript.add_argument("--tenant", default="default")
     transcript.add_argument("--format", choices=FORMATS, default="text")
 
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     db.add_argument("action", choices=["upgrade"])
 
     args = parser.parse_args(argv)
+    if args.command in ("follow", "transcript") and (args.session is None) == (args.meeting is None):
+        parser.error(f"{args.command}: give a session id or --meeting M (one of them)")
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     command = {
         "up": cmd_up,
@@ -179,12 +201,66 @@ def cmd_stream(args) -> int:
     from jetscribe.client.bot import read_audio
 
     audio = read_audio(args.file)
-    asyncio.run(_stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language))
+    channel_speakers = args.channel_speakers or []
+    if channel_speakers and len(channel_speakers) != audio.channels:
+        print(
+            f"jetscribe stream: --channel-speakers names {len(channel_speakers)} but {args.file} has "
+            f"{audio.channels} channel(s)",
+            file=sys.stderr,
+        )
+        return 2
+    if channel_speakers and (args.speaker or args.turns):
+        print(
+            "jetscribe stream: --channel-speakers names the speakers; leave out --speaker and --turns", file=sys.stderr
+        )
+        return 2
+    speakers = {
+        "speaker": args.speaker,
+        "meeting_id": args.meeting,
+        "track_start": args.track_start,
+        "speaker_turns": args.turns,
+        "channel_speakers": channel_speakers,
+    }
+    asyncio.run(
+        _stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language, speakers=speakers)
+    )
     return 0
 
 
-async def _stream_live(url: str, audio, tenant: str, session: str, speed: float, language: str = "auto", out=None):
-    """Stream as a bot and show the transcript live: interims rewrite one line, finals stay."""
+def speaker_turns(text: str) -> list[tuple[float, str]]:
+    """`--turns 0=Ann,4.2=Bob`: (seconds into the file, who talks from there)."""
+    turns = []
+    for item in text.split(","):
+        at, sep, name = item.partition("=")
+        try:
+            seconds = float(at)
+        except ValueError:
+            seconds = -1.0
+        if not sep or not name.strip() or not 0 <= seconds < float("inf"):
+            raise argparse.ArgumentTypeError(f"{item!r} is not SECONDS=NAME (e.g. 4.2=Bob)")
+        turns.append((seconds, name.strip()))
+    return sorted(turns)
+
+
+def names(text: str) -> list[str]:
+    found = [n.strip() for n in text.split(",")]
+    if len(found) < 2 or not all(found):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one name per channel, comma-separated (e.g. Ann,Bob)")
+    return found
+
+
+async def _stream_live(
+    url: str,
+    audio,
+    tenant: str,
+    session: str,
+    speed: float,
+    language: str = "auto",
+    out=None,
+    speakers: dict | None = None,
+):
+    """Stream as a bot and show the transcript live: interims rewrite one line, finals stay. `speakers`: the
+    bot's speaker options of `stream_audio` (speaker, meeting_id, track_start, speaker_turns, channel_speakers)."""
     from jetscribe.client.bot import stream_audio
 
     out = out or sys.stdout
@@ -198,6 +274,7 @@ async def _stream_live(url: str, audio, tenant: str, session: str, speed: float,
             speed=speed,
             language=language,
             on_segment=lambda segment: show_live(segment, out),
+            **(speakers or {}),
         )
     finally:
         await nc.close()
@@ -221,13 +298,22 @@ async def _connect_nats(url: str):
 def cmd_follow(args) -> int:
     from nats.errors import ConnectionClosedError
 
-    from jetscribe.client.follow import NoStream, consumer_config, follow, parse_since
+    from jetscribe.client.follow import (
+        NoStream,
+        consumer_config,
+        follow,
+        follow_meeting,
+        meeting_consumer_config,
+        parse_since,
+    )
 
     try:
         since = parse_since(args.since, datetime.now(UTC)) if args.since else None
-        config = consumer_config(
-            args.tenant, args.session, from_start=args.from_start, since=since, from_seq=args.from_seq
-        )
+        start = {"from_start": args.from_start, "since": since, "from_seq": args.from_seq}
+        if args.meeting:
+            config = meeting_consumer_config(args.tenant, args.meeting, **start)
+        else:
+            config = consumer_config(args.tenant, args.session, **start)
     except ValueError as exc:
         print(f"jetscribe follow: {exc}", file=sys.stderr)
         return 2
@@ -235,6 +321,8 @@ def cmd_follow(args) -> int:
     async def run():
         nc = await _connect_nats(stack.nats_url())
         try:
+            if args.meeting:
+                return await follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
             return await follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
         except NoStream as exc:
             raise Unreachable(str(exc)) from None
@@ -250,6 +338,13 @@ def cmd_follow(args) -> int:
 
 
 def cmd_transcript(args) -> int:
+    if args.meeting:
+        segments = meeting_rows(asyncio.run(_meeting(stack.database_url(), args.tenant, args.meeting)))
+        if not segments:
+            print(f"no transcript for meeting {args.tenant}/{args.meeting}", file=sys.stderr)
+            return 1
+        print(render(segments, args.format))
+        return 0
     segments = asyncio.run(_transcript(stack.database_url(), args.tenant, args.session))
     if not segments:
         print(f"no transcript for session {args.tenant}/{args.session}", file=sys.stderr)
@@ -299,6 +394,14 @@ async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
         return await final_segments(engine, tenant, session)
+
+
+async def _meeting(url: str, tenant: str, meeting: str):
+    """A meeting's final segments, every track's, in spoken order."""
+    from jetscribe.services.persister.store import meeting_segments
+
+    async with _engine(url) as engine:
+        return await meeting_segments(engine, tenant, meeting)
 
 
 async def _sessions(url: str, tenant: str | None):

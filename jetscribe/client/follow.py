@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from jetscribe.cli.formats import show_live
+from jetscribe.cli.formats import WORD_FIELDS, show_live
+from jetscribe.client.meeting import MeetingMerge
 from jetscribe.shared import subjects
 from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, WireError, decode
 
@@ -78,7 +81,7 @@ def as_json(message: TranscriptMessage, stream_seq: int) -> str:
     (resume with `--from-seq` one above it)."""
     data = msgspec.to_builtins(message)
     if isinstance(message, Segment):
-        data["words"] = [dict(zip(("word", "start", "end", "probability"), w, strict=False)) for w in data["words"]]
+        data["words"] = [dict(zip(WORD_FIELDS, w, strict=False)) for w in data["words"]]
     data["stream_seq"] = stream_seq
     return json.dumps(data, ensure_ascii=False)
 
@@ -128,5 +131,79 @@ async def follow(
                 print(describe(message), file=err, flush=True)
             if isinstance(message, SessionEvent) and message.event in ("ended", "rejected") and not keep:
                 return 0 if message.event == "ended" else 1
+    finally:
+        await sub.unsubscribe()
+
+
+def meeting_consumer_config(tenant: str, meeting: str, **start) -> ConsumerConfig:
+    """The consumer for a meeting: every session of the tenant (a track names its meeting in its messages),
+    from where `consumer_config` would start."""
+    config = consumer_config(tenant, meeting, **start)
+    config.filter_subjects = [subjects.transcript(tenant, "*"), subjects.session_events_of(tenant, "*")]
+    return config
+
+
+async def follow_meeting(
+    nc,
+    tenant: str,
+    meeting: str,
+    config: ConsumerConfig,
+    *,
+    fmt: str = "text",
+    keep: bool = False,
+    hold_s: float = 3.0,
+    out=None,
+    err=None,
+) -> int:
+    """Print a meeting's finals, every track's, in spoken order (`MeetingMerge`), times from the first track's
+    start; json: its tracks' segments and events as they come. Returns 0 once every track seen has ended."""
+    out, err = out or sys.stdout, err or sys.stderr
+    config = dataclasses.replace(config)
+    try:
+        sub = await nc.jetstream().subscribe(
+            config.filter_subjects[0], stream=subjects.TRANSCRIPTS_STREAM, config=config, ordered_consumer=True
+        )
+    except NotFoundError:
+        raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
+    config.opt_start_time = None
+    merge = MeetingMerge(meeting, hold_s=hold_s)
+    t0: float | None = None
+
+    def show(finals: list[Segment]) -> None:
+        nonlocal t0
+        for final in finals:
+            t0 = final.track_start if t0 is None else min(t0, final.track_start)
+            shift = final.track_start - t0
+            show_live(msgspec.structs.replace(final, start=final.start + shift, end=final.end + shift), out)
+
+    try:
+        while True:
+            try:
+                wait = merge.wait_s(time.monotonic())
+                msg = await sub.next_msg(timeout=None if wait is None else max(wait, 0.01))
+            except TimeoutError:
+                show(merge.due(time.monotonic()))
+                continue
+            try:
+                message = decode(msg.data, TranscriptMessage)
+            except WireError as exc:
+                print(f"jetscribe: skipping a message on {msg.subject}: {exc}", file=err, flush=True)
+                continue
+            if message.meeting_id != meeting:
+                continue
+            now = time.monotonic()
+            if isinstance(message, Segment):
+                due = merge.segment(message, now)
+            else:
+                due = merge.event(message, now)
+                if fmt == "text":
+                    print(describe(message), file=err, flush=True)
+            if fmt == "json":
+                print(as_json(message, msg.metadata.sequence.stream), file=out, flush=True)
+            else:
+                show(due)
+            if merge.over and not keep:
+                show(merge.due(math.inf))
+                return 0
     finally:
         await sub.unsubscribe()

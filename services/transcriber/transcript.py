@@ -290,6 +290,7 @@ class Transcript:
             worker_id=self.worker_id,
             words_dropped=self.words_dropped,
             empty_finals=self.empty_finals,
+            meeting_id=self.meeting_id,
         )
 
     def error(self, code: str, message: str) -> ErrorEvent:

@@ -73,7 +73,7 @@ def test_json_lines_carry_type_words_as_objects_and_stream_seq():
     )
     line = json.loads(as_json(segment, 7))
     assert (line["type"], line["status"], line["stream_seq"]) == ("segment", "interim", 7)
-    assert line["words"] == [{"word": "hello", "start": 0.0, "end": 0.5, "probability": 0.9}]
+    assert line["words"] == [{"word": "hello", "start": 0.0, "end": 0.5, "probability": 0.9, "speaker": None}]
     event = json.loads(as_json(SessionEvent(tenant="acme", session_id="s1", event="ended", at=1.0), 8))
     assert (event["type"], event["event"]) == ("session_event", "ended")
 
