@@ -10,13 +10,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 
-def bot_turns(turns: Sequence[Any]) -> list[tuple[float, str]]:
-    """(seconds into the audio, speaker) for each change of speaker in a dialog's turns (`DialogTurn`s)."""
+def bot_turns(turns: Sequence[Any], into_pause: float = 0.5) -> list[tuple[float, str]]:
+    """(seconds into the audio, speaker) for each change of speaker in a dialog's turns (`DialogTurn`s), placed
+    `into_pause` of the way through the pause before the turn (0.5: halfway)."""
     out: list[tuple[float, str]] = []
     for before, turn in zip([None, *turns], turns, strict=False):
         if before is not None and before.speaker == turn.speaker:
             continue
-        at = 0.0 if before is None else (before.end_s + turn.start_s) / 2
+        at = 0.0 if before is None else before.end_s + (turn.start_s - before.end_s) * into_pause
         out.append((round(at, 3), turn.speaker))
     return out
 

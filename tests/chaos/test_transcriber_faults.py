@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from jetscribe.evaluation.speakers import bot_turns, speaker_errors, words_split_wrongly
 from tests.chaos.harness import (
     ACK_WAIT_S,
     PARTITIONS,
@@ -67,10 +68,15 @@ async def watch_leases(js, survivor: str, since: float, until: asyncio.Event) ->
     return None
 
 
-async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, fault: str) -> Findings:
+async def hand_over(
+    make_stack, chaos_nats, chaos_db, summary, tenant, baseline, fault: str, speakers: bool = False
+) -> Findings:
     """Two workers; the dialog streams at speed 2; in the middle of an utterance the worker that owns
     the session gets `fault` ("kill": SIGKILL, "term": SIGTERM). The other must finish the session with
-    nothing lost, nothing twice, and no moment where both worked on it."""
+    nothing lost, nothing twice, and no moment where both worked on it.
+
+    With `speakers` the bot says who talks, each change early in the pause before a turn: the change to the
+    turn under way at the fault is in audio acked before it, so only the checkpoint tells the next owner."""
     speech = dialog_speech()
     workers = ["w1", "w2"]
     stack = group_stack(make_stack, chaos_nats, chaos_db, workers)
@@ -84,7 +90,10 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
         summary.extra["partitions_before"] = dict(Counter(before.values()))
         tap = await Tap(nc, tenant).start()
         live = Live(SPEED, speech.duration_s).start()
-        bot = asyncio.create_task(stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=60))
+        said = {"speaker_turns": bot_turns(speech.turns, into_pause=0.1)} if speakers else {}
+        bot = asyncio.create_task(
+            stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=60, **said)
+        )
         # Halfway through the third turn ("We sold forty trays ..."): the owner has that utterance open.
         latest, interim_open = await live.inside_turn(speech.turns[2])
         victim = latest.worker_id  # the worker that owns the session now
@@ -150,6 +159,11 @@ async def hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline,
         if summary.wer_vs_reference > MAX_WER_VS_REFERENCE:
             findings.add(f"WER vs the script {summary.wer_vs_reference:.3f} > {MAX_WER_VS_REFERENCE}")
         summary.extra["segments"] = [(r.segment_id, r.seq_first, r.seq_last, r.worker_id) for r in found.finals]
+        if speakers:
+            finals = [(r.start_s, r.end_s, r.speaker, r.text) for r in found.finals]
+            findings.problems += speaker_errors(speech.turns, finals)
+            findings.problems += words_split_wrongly(speech.turns, [(r.speaker, r.words) for r in found.finals])
+            summary.extra["speakers"] = [(r.segment_id, r.speaker, r.worker_id) for r in found.finals]
         stack.check_alive(*(n for n in stack.services if n != f"transcriber-{victim}"))
     finally:
         done.set()
@@ -164,6 +178,15 @@ async def test_transcriber_killed_mid_utterance(chaos_nats, chaos_db, make_stack
     """kill -9 the worker owning the session mid-utterance: the other takes its partitions over within
     10 s; the Postgres transcript has no gap and no duplicate; WER vs the no-fault run <= 0.03."""
     findings = await hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, "kill")
+    summary.problems = list(findings.problems)
+    assert not findings, "\n".join(findings.problems)
+
+
+@pytest.mark.timeout(150)
+async def test_transcriber_killed_keeps_the_speakers(chaos_nats, chaos_db, make_stack, summary, tenant, baseline):
+    """kill -9 the session's worker mid-utterance while the bot says who talks: the other worker carries the
+    speaker on from the checkpoint, and every stored final and word has the script's speaker."""
+    findings = await hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, "kill", speakers=True)
     summary.problems = list(findings.problems)
     assert not findings, "\n".join(findings.problems)
 
