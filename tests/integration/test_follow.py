@@ -152,3 +152,62 @@ async def test_the_cli_follows_from_the_start(transcribed, nats_url):
         timeout=30,
     )
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+async def test_follow_meeting_merges_its_tracks_in_spoken_order(nats_url):
+    """Two tracks of a meeting, stored out of spoken order (each track's finals in its own order), plus a
+    session of another meeting: `follow --meeting` prints the meeting's finals merged by wall time, with
+    speakers and times from the first track's start, and exits once both tracks ended."""
+    from jetscribe.client.follow import follow_meeting, meeting_consumer_config
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings(nats_url=nats_url))
+    tenant, meeting = "acme", f"m{uuid.uuid4().hex[:8]}"
+    t0 = 1_700_000_000.0
+
+    def said(track, speaker, segment_id, start, text, track_start=t0, meeting_id=meeting):
+        return Segment(
+            tenant=tenant,
+            session_id=f"{meeting}-{track}",
+            segment_id=segment_id,
+            revision=1,
+            status="final",
+            start=start,
+            end=start + 1.0,
+            text=text,
+            speaker=speaker,
+            speaker_source="bot",
+            meeting_id=meeting_id,
+            track_start=track_start,
+        )
+
+    def track_event(track, name, meeting_id=meeting):
+        return SessionEvent(tenant=tenant, session_id=f"{meeting}-{track}", event=name, at=t0, meeting_id=meeting_id)
+
+    try:
+        for message in (
+            track_event("a", "started"),
+            track_event("b", "started"),
+            said("a", "Ann", 0, 1.0, "one"),
+            said("a", "Ann", 1, 9.0, "four"),  # 9 s
+            said("b", "Bob", 0, 0.0, "two", track_start=t0 + 3),  # 3 s
+            said("b", "Bob", 1, 2.0, "three", track_start=t0 + 3),  # 5 s
+            said("x", "Xi", 0, 0.5, "elsewhere", meeting_id="other"),
+            track_event("a", "ended"),
+            track_event("b", "ended"),
+        ):
+            await publish(js, message)
+        out, err = io.StringIO(), io.StringIO()
+        config = meeting_consumer_config(tenant, meeting, from_start=True)
+        code = await asyncio.wait_for(follow_meeting(nc, tenant, meeting, config, out=out, err=err), 10)
+    finally:
+        await nc.close()
+    assert code == 0
+    assert out.getvalue().splitlines() == [
+        "[   1.00 -    2.00] Ann: one",
+        "[   3.00 -    4.00] Bob: two",
+        "[   5.00 -    6.00] Bob: three",
+        "[   9.00 -   10.00] Ann: four",
+    ]
+    assert len(err.getvalue().splitlines()) == 4  # the tracks' started and ended

@@ -629,7 +629,9 @@ def test_migration_0004_adds_the_meeting_columns_and_takes_them_away(database_ur
         engine.dispose()
 
 
-async def test_speakers_and_a_meetings_tracks_are_stored_and_merged(nats_url, js, schema, engine, tenant):
+async def test_speakers_and_a_meetings_tracks_are_stored_and_merged(
+    nats_url, js, schema, engine, tenant, monkeypatch, capsys
+):
     """Two tracks of one meeting, started 10 s apart: their finals merge by wall time, with their speakers."""
 
     def track(session, speaker, track_start, segment_id, start, text_):
@@ -666,3 +668,14 @@ async def test_speakers_and_a_meetings_tracks_are_stored_and_merged(nats_url, js
     assert found[1].words == [[" second", 0.5, 1.0, 0.9, "Bob"]] and found[1].track_start == T0 + 10.0
     plain = await rows(engine, SegmentRow, tenant, "other")
     assert plain[0]["words"] == [["w", 0.0, 0.5, 0.75]] and plain[0]["meeting_id"] is None
+    # `jetscribe transcript --meeting`: one transcript, timed from the first track's start, with voice tags.
+    monkeypatch.setenv("DATABASE_URL", schema)
+    assert (
+        await asyncio.to_thread(cli.main, ["transcript", "--meeting", "m1", "--tenant", tenant, "--format", "vtt"]) == 0
+    )
+    vtt = capsys.readouterr().out
+    assert (
+        "00:00:10.500 --> 00:00:11.400\n<v Bob>second" in vtt and "00:00:01.000 --> 00:00:01.900\n<v Ann>first" in vtt
+    )
+    assert vtt.index("<v Ann>first") < vtt.index("<v Bob>second") < vtt.index("<v Ann>third")
+    assert await asyncio.to_thread(cli.main, ["transcript", "--meeting", "nope", "--tenant", tenant]) == 1

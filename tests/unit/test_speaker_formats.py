@@ -74,3 +74,13 @@ def test_a_turn_goes_on_the_chunk_that_holds_it():
     assert changes_in(turns, 0.0, 0.1) == [SpeakerChange(0.0, "Ann")]
     assert changes_in(turns, 0.2, 0.3) == [SpeakerChange(0.05, "Bob")]
     assert changes_in(turns, 0.3, 0.4) == [SpeakerChange(0.0, None)]
+
+
+@pytest.mark.parametrize("argv", [["transcript"], ["follow"], ["transcript", "s1", "--meeting", "m1"]])
+def test_transcript_and_follow_take_a_session_or_a_meeting(argv, capsys):
+    from jetscribe.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "give a session id or --meeting M" in capsys.readouterr().err
