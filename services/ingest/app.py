@@ -276,7 +276,7 @@ class IngestGateway:
         resampler). Answered ok once every track took it; the last seq is the lowest of the tracks', so a
         bot's resend after a partial failure repeats what some tracks have (they answer it ok) and fills the rest.
         """
-        tracks = split_channels(message)
+        tracks = split_channels(message, self.book.config.max_chunk_bytes)
         subject = subjects.ingest_audio if kind == "audio" else subjects.ingest_session
         answers = await asyncio.gather(
             *(self._ask_track(subject(t.tenant, t.session_id), t, received_at) for t in tracks)

@@ -125,10 +125,11 @@ def check_track(control: SessionControl) -> None:
 
 
 # --- multichannel audio: one participant per channel, each channel its own track session ------------------
-def split_channels(message: AudioMessage) -> list[AudioMessage]:
+def split_channels(message: AudioMessage, max_chunk_bytes: int | None = None) -> list[AudioMessage]:
     """A message of a session whose channels are its participants (`channel_speakers`), as one message per
     channel's track: each track is a plain session (its own seqs, resampler, partition, transcriber, checkpoint)
-    of the meeting named by the split session's id. Raises RequestRefused for what cannot be split."""
+    of the meeting named by the split session's id. Raises RequestRefused for what cannot be split; a chunk
+    over `max_chunk_bytes` is refused whole (each track's share would pass)."""
     names = message.channel_speakers
     if len(names) < 2:
         raise RequestRefused("bad_channels", f"channel_speakers names {len(names)} channel(s); a split needs 2 or more")
@@ -153,6 +154,12 @@ def split_channels(message: AudioMessage) -> list[AudioMessage]:
     if message.channels != len(names):
         raise RequestRefused(
             "bad_channels", f"chunk has {message.channels} channels but channel_speakers names {len(names)}"
+        )
+    if max_chunk_bytes is not None and len(message.payload) > max_chunk_bytes:
+        raise RequestRefused(
+            "too_large",
+            f"payload of {len(message.payload)} bytes exceeds the limit of {max_chunk_bytes} bytes per chunk; "
+            "send shorter chunks",
         )
     if message.speaker is not None or message.speaker_changes:
         raise RequestRefused("bad_speaker", "a split chunk's speakers are its channels': leave speaker unset")

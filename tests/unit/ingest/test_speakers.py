@@ -91,5 +91,8 @@ def test_what_cannot_be_split_is_refused():
     assert refused(lambda: split_channels(odd)) == "bad_payload"
     labelled = chunk(np.zeros(4), channels=2, channel_speakers=two, speaker="Ann")
     assert refused(lambda: split_channels(labelled)) == "bad_speaker"
+    big = chunk(np.zeros(1000), channels=2, channel_speakers=two)
+    assert refused(lambda: split_channels(big, max_chunk_bytes=1999)) == "too_large"
+    assert len(split_channels(big, max_chunk_bytes=2000)) == 2
     long_id = SessionControl(tenant="acme", session_id="m" * 62, action="start", channel_speakers=two)
     assert refused(lambda: split_channels(long_id)) == "bad_id"
