@@ -6,6 +6,7 @@ through the pauses), so nothing is tuned to a recording.
 
 import uuid
 
+import jiwer
 import nats
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.evaluation import conditions as C
 from jetscribe.evaluation.speech import dialog
-from jetscribe.evaluation.wer import wer
+from jetscribe.evaluation.wer import normalize, wer
 from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.app import commit_options
 from jetscribe.services.transcriber.core import SessionStream
@@ -64,9 +65,20 @@ async def test_a_noisy_reverberant_dialog_is_transcribed_without_loss(pipeline, 
             0
         ]
     )
-    # tiny.en itself mishears noisy, reverberant speech: streaming, which decodes each utterance alone, must
-    # stay within four words (of 47) of the same model on the whole file.
-    assert wer(speech.text, text) <= wer(speech.text, offline) + 4 / len(speech.text.split()), (text, offline)
+    reference = normalize(speech.text)
+    streamed, whole = (
+        jiwer.process_words(reference, normalize(text)),
+        jiwer.process_words(reference, normalize(offline)),
+    )
+    # No loss: streaming, which decodes each utterance alone, deletes no more reference words than the same model
+    # on the whole file, give or take one at an utterance's edge.
+    assert streamed.deletions <= whole.deletions + 1, (text, offline)
+    # Mishearing is another matter. tiny.en's int8 kernels differ by CPU (CTranslate2 picks AVX2, AVX-512 or generic
+    # code), and on this noisy dialog that alone moves the whole file's WER between 0.19 and 0.30 and streaming's
+    # between 0.28 and 0.36 (one AMD EPYC, CT2_FORCE_CPU_ISA=AVX2/AVX512/GENERIC; streaming was 5, 0 and 4 words
+    # behind). So one 47-word dialog bounds streaming at 6 words behind the whole file; bench/accuracy.py measures
+    # the WER ratio over many files.
+    assert wer(speech.text, text) <= wer(speech.text, offline) + 6 / len(reference.split()), (text, offline)
     assert text == live.text
     assert row.empty_finals == 0  # no final came out empty over audio that held speech
     assert live.ended is not None and live.ended.empty_finals == 0
