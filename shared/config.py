@@ -31,6 +31,12 @@ def env(variable: str, default: Any) -> Any:
     return field(default=default, metadata={"env": variable})
 
 
+def env_secret(variable: str) -> Any:
+    """A field read from `variable` also when the settings are made in code (`StreamSettings(nats_url=...)`):
+    credentials come from the environment (or a file it names) and are never written in code or logged."""
+    return field(default_factory=lambda: os.environ.get(variable, ""), metadata={"env": variable}, repr=False)
+
+
 def _cast(raw: str, kind: Any) -> Any:
     kind = {"str": str, "int": int, "float": float}.get(kind, kind)
     return kind(raw)
@@ -58,6 +64,12 @@ class StreamSettings(FromEnv):
     """Where NATS is and how the streams are shaped; every service reads the same."""
 
     nats_url: str = env("NATS_URL", DEFAULT_NATS_URL)
+    # Who this process is on NATS, and TLS (shared/natsauth.py): a file holding the user's nkey seed, the CA that
+    # signed the server's certificate (set, or a tls:// URL, means TLS) and a client certificate and key.
+    nats_creds: str = env_secret("NATS_CREDS")
+    nats_tls_ca: str = env_secret("JETSCRIBE_NATS_TLS_CA")
+    nats_tls_cert: str = env_secret("JETSCRIBE_NATS_TLS_CERT")
+    nats_tls_key: str = env_secret("JETSCRIBE_NATS_TLS_KEY")
     partitions: int = env("JETSCRIBE_PARTITIONS", 16)
     audio_max_age_s: float = env("JETSCRIBE_AUDIO_MAX_AGE_S", 3600.0)
     transcripts_max_age_s: float = env("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", 7 * 24 * 3600.0)

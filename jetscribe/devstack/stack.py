@@ -6,6 +6,7 @@ With NATS_URL / DATABASE_URL set, those servers are used.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.devstack.keys import Keyring
+from jetscribe.devstack.servers import NatsServer, PostgresServer, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
 from jetscribe.shared import subjects
 from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, device_defaults, resolve_device
+from jetscribe.shared.natsauth import SERVICE_ROLES, ClientAuth, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,49 @@ def running_stack_urls(home: Path | None = None) -> dict[str, str]:
 
 def nats_url() -> str:
     return os.environ.get("NATS_URL") or running_stack_urls().get("nats_url") or DEFAULT_NATS_URL
+
+
+def keyring(home: Path | None = None) -> Keyring:
+    """The NATS users of the stack in `home`: $JETSCRIBE_NATS_KEYS, else <home>/nats-keys."""
+    return Keyring(nats_keys_dir((home or home_dir()) / "nats-keys"))
+
+
+def nats_auth(creds: str | None = None, env: Mapping[str, str] | None = None) -> ClientAuth:
+    """How a command connects: `creds` (its --creds), else NATS_CREDS, else the operator's key of a stack
+    running in this folder; TLS from JETSCRIBE_NATS_TLS_*."""
+    found = ClientAuth.from_env(os.environ if env is None else env)
+    if creds:
+        return ClientAuth(creds, found.tls_ca, found.tls_cert, found.tls_key)
+    if not found.creds and not (env or os.environ).get("NATS_URL"):
+        operator = running_stack_urls().get("nats_creds", "")
+        return ClientAuth(operator, found.tls_ca, found.tls_cert, found.tls_key)
+    return found
+
+
+def server_tls(env: Mapping[str, str]) -> ServerTLS | None:
+    """The local nats-server's TLS: JETSCRIBE_NATS_SERVER_CERT and _KEY (and _CLIENT_CA to verify clients)."""
+    cert, key = env.get("JETSCRIBE_NATS_SERVER_CERT", ""), env.get("JETSCRIBE_NATS_SERVER_KEY", "")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise StackError("set both JETSCRIBE_NATS_SERVER_CERT and JETSCRIBE_NATS_SERVER_KEY, or neither")
+    return ServerTLS(cert, key, env.get("JETSCRIBE_NATS_SERVER_CLIENT_CA", ""))
+
+
+def reload_nats(home: Path | None = None) -> bool:
+    """Have the nats-server of a stack running in `home` reload its users from the keyring; False if none runs."""
+    info = running_stack_urls(home)
+    if not info.get("nats_pid"):
+        return False
+    server = NatsServer(
+        (home or home_dir()) / "nats",
+        port=int(info["nats_port"]),
+        host=info["nats_host"],
+        keyring=keyring(home),
+        tls=ServerTLS(**info["nats_tls"]) if info.get("nats_tls") else None,
+    )
+    server.reload(pid=int(info["nats_pid"]))
+    return True
 
 
 def database_url() -> str:
@@ -180,6 +226,7 @@ class LocalStack:
     transcriber_ids: list[str] = field(default_factory=list, init=False)
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
     partitions_held: dict[str, list[int]] = field(default_factory=dict, init=False)
+    auth: ClientAuth = field(default_factory=ClientAuth, init=False)  # how the stack itself (the operator) connects
 
     def start(self) -> LocalStack:
         """Start the servers and the services; return once every transcriber holds its partitions."""
@@ -197,10 +244,16 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.nats_url = os.environ.get("NATS_URL", "")
         self.database_url = os.environ.get("DATABASE_URL", "")
+        self.auth = ClientAuth.from_env(env)
+        service_auth: dict[str, dict[str, str]] = {}
         if not self.nats_url:
-            self.nats = NatsServer(self.home / "nats")
+            self.nats = NatsServer(self.home / "nats", keyring=keyring(self.home), tls=server_tls(env))
             self.nats.start()
             self.nats_url = self.nats.url
+            assert self.nats.keyring is not None
+            self.auth = ClientAuth(str(self.nats.keyring.path("operator")), self.auth.tls_ca)
+            # Each service connects as its own user (shared/natsauth.py says what each may do).
+            service_auth = {role: {"NATS_CREDS": str(self.nats.keyring.path(role))} for role in SERVICE_ROLES}
         if not self.database_url:
             self.postgres = PostgresServer(self.home / "postgres")
             self.postgres.start()
@@ -209,14 +262,16 @@ class LocalStack:
         log.info("NATS at %s, PostgreSQL at %s", self.nats_url, self.database_url)
         upgrade(self.database_url)
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
-        since = asyncio.run(_lease_revision(self.nats_url))
+        since = asyncio.run(_lease_revision(self.nats_url, self.auth))
         for gateway in range(self.gateways):
-            self.children.append(
-                ServiceProcess.start(f"ingest {gateway}" if self.gateways > 1 else "ingest", SERVICES[0], env)
-            )
+            name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
+            self.children.append(ServiceProcess.start(name, SERVICES[0], {**env, **service_auth.get("ingest", {})}))
         for i, worker in enumerate(self.transcriber_ids):
-            self.children.append(ServiceProcess.start(f"transcriber {worker}", TRANSCRIBER, self._worker_env(env, i)))
-        self.children.append(ServiceProcess.start("persister", SERVICES[2], env))
+            worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
+            self.children.append(ServiceProcess.start(f"transcriber {worker}", TRANSCRIBER, worker_env))
+        self.children.append(
+            ServiceProcess.start("persister", SERVICES[2], {**env, **service_auth.get("persister", {})})
+        )
         stack_file(self.home).write_text(
             json.dumps(
                 {
@@ -227,6 +282,18 @@ class LocalStack:
                     "transcriber_ids": self.transcriber_ids,
                     "cpu_threads": self.plan.threads,
                     "device": self.plan.device,
+                    # the operator's key: commands run in this folder connect with it unless given their own
+                    "nats_creds": self.auth.creds,
+                    **(
+                        {
+                            "nats_pid": self.nats.pid,
+                            "nats_host": self.nats.host,
+                            "nats_port": self.nats.port,
+                            "nats_tls": dataclasses.asdict(self.nats.tls) if self.nats.tls else None,
+                        }
+                        if self.nats is not None
+                        else {}
+                    ),
                 }
             )
         )
@@ -246,7 +313,7 @@ class LocalStack:
         import nats
 
         assert self.plan is not None
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(self.nats_url, **self.auth.connect_options(self.nats_url))
         try:
             deadline = time.monotonic() + self.ready_timeout_s
             while True:
@@ -302,12 +369,12 @@ class LocalStack:
         self.stop()
 
 
-async def _lease_revision(url: str) -> int:
+async def _lease_revision(url: str, auth: ClientAuth) -> int:
     """The partition lease bucket's last revision now (0 before any worker made it)."""
     import nats
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **auth.connect_options(url))
     try:
         info = await nc.jetstream().stream_info(f"KV_{subjects.PARTITION_LEASES_BUCKET}")
         return int(info.state.last_seq)

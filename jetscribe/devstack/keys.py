@@ -1,0 +1,122 @@
+"""The local stack's NATS users: one nkey per service, the operator and each tenant, kept as seed files.
+
+A folder (`<home>/nats-keys` for `jetscribe up`, `JETSCRIBE_NATS_KEYS` to put it elsewhere) holds
+`<name>.nk` seed files (0600) and `tenants.json` (each tenant's public key and whether it is revoked).
+The nats-server config is made from it (shared/natsauth.py); a revoked tenant's user leaves the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import nkeys
+
+from jetscribe.shared import subjects
+from jetscribe.shared.natsauth import SERVICE_ROLES, NatsUser
+
+OPERATOR = "operator"
+ROOT = "root"
+
+
+def new_seed() -> bytes:
+    """A fresh user nkey seed (`SU...`)."""
+    return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
+
+
+def public_key(seed: bytes) -> str:
+    pair = nkeys.from_seed(bytearray(seed))
+    try:
+        return pair.public_key.decode()
+    finally:
+        pair.wipe()
+
+
+class TenantError(ValueError):
+    """A tenant name that cannot be used, or one the keys do not know."""
+
+
+class Keyring:
+    """The seed files of one stack's NATS users."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        """The seed file of `name`: a service role, `operator`, `root` or `tenant-<T>`."""
+        return self.folder / f"{name}.nk"
+
+    def tenant_path(self, tenant: str) -> Path:
+        return self.path(f"tenant-{tenant}")
+
+    def _ensure_folder(self) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.chmod(0o700)
+
+    def _ensure(self, name: str) -> Path:
+        path = self.path(name)
+        if not path.exists():
+            self._ensure_folder()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(new_seed() + b"\n")
+        return path
+
+    def ensure_services(self) -> Keyring:
+        """Seeds for the three services and the operator, made once."""
+        for name in (*SERVICE_ROLES, OPERATOR):
+            self._ensure(name)
+        return self
+
+    def ensure_root(self) -> Path:
+        """A user allowed everything: only the test fixtures make one (their tests publish into the streams)."""
+        return self._ensure(ROOT)
+
+    def _tenants(self) -> dict[str, dict[str, object]]:
+        path = self.folder / "tenants.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save_tenants(self, tenants: dict[str, dict[str, object]]) -> None:
+        self._ensure_folder()
+        path = self.folder / "tenants.json"
+        path.with_suffix(".tmp").write_text(json.dumps(tenants, indent=2, sort_keys=True))
+        path.with_suffix(".tmp").replace(path)
+
+    def add_tenant(self, tenant: str) -> Path:
+        """Make tenant's user (a new key if it was revoked); returns its seed file."""
+        if not subjects.is_valid_token(tenant):
+            raise TenantError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
+        tenants = self._tenants()
+        if tenants.get(tenant, {}).get("revoked"):
+            self.tenant_path(tenant).unlink(missing_ok=True)
+        path = self._ensure(f"tenant-{tenant}")
+        tenants[tenant] = {"nkey": public_key(path.read_bytes().strip()), "revoked": False}
+        self._save_tenants(tenants)
+        return path
+
+    def revoke_tenant(self, tenant: str) -> None:
+        """Take tenant's user out of the server config (at the next reload) and delete its seed."""
+        tenants = self._tenants()
+        if tenant not in tenants:
+            raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant list` shows them")
+        tenants[tenant]["revoked"] = True
+        self._save_tenants(tenants)
+        self.tenant_path(tenant).unlink(missing_ok=True)
+
+    def tenants(self) -> dict[str, bool]:
+        """Every tenant made here, and whether it is revoked."""
+        return {name: bool(info.get("revoked")) for name, info in sorted(self._tenants().items())}
+
+    def users(self) -> list[NatsUser]:
+        """The users the server config lists: services, operator, root if made, tenants not revoked."""
+        users = []
+        for name in (*SERVICE_ROLES, OPERATOR, ROOT):
+            path = self.path(name)
+            if path.exists():
+                users.append(NatsUser(public_key(path.read_bytes().strip()), name))
+        for tenant, info in sorted(self._tenants().items()):
+            if not info.get("revoked"):
+                users.append(NatsUser(str(info["nkey"]), "tenant", tenant))
+        return users

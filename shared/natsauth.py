@@ -1,0 +1,259 @@
+"""Who may do what on NATS: one nkey user per service, per tenant and for the operator, each with subject
+permissions, and the nats-server config that holds them; plus the options a client connects with.
+
+Tenant isolation is enforced by nats-server itself: every subject carries its tenant (subjects.py), so a
+tenant's user is allowed only subjects with its own tenant token. JetStream reads go through the `$JS.API`
+subjects, so a tenant may create a consumer on TRANSCRIPTS only with the filter in the create subject
+(`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, nats-server 2.10+), a filter on its own tenant.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jetscribe.shared import subjects
+
+ROLES = ("ingest", "transcriber", "persister", "operator", "tenant", "root")
+SERVICE_ROLES = ("ingest", "transcriber", "persister")
+
+_SERVICE_INBOX = "_INBOX.>"  # nats-py's default inbox prefix: the services' and the operator's replies
+_MICRO = ("$SRV.>",)  # the micro-services API every service answers (discovery.py)
+
+
+def tenant_inbox_prefix(tenant: str) -> str:
+    """A tenant's reply inboxes: `_INBOX_<tenant>.<id>`; its user may subscribe to these and no others', so one
+    tenant cannot read another's replies (nor the services', on `_INBOX.>`)."""
+    if not subjects.is_valid_token(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
+    return f"_INBOX_{tenant}"
+
+
+def tenant_consumer_filters(tenant: str) -> list[str]:
+    """The filters a tenant's own consumers on TRANSCRIPTS may have: its transcripts, its events, or both."""
+    return [f"transcript.{tenant}.>", f"session.{tenant}.>", f"*.{tenant}.>"]
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """A user's subject permissions: allow lists (everything else is denied) and whether it may answer
+    requests it received (`allow_responses`: publish once to each received message's reply subject)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+    def as_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "publish": {"allow": list(self.publish)},
+            "subscribe": {"allow": list(self.subscribe)},
+        }
+        if self.allow_responses:
+            config["allow_responses"] = True
+        return config
+
+
+def _consumer_create(stream: str, filters: Iterable[str]) -> list[str]:
+    return [f"$JS.API.CONSUMER.CREATE.{stream}.*.{f}" for f in filters]
+
+
+def permissions(role: str, tenant: str | None = None) -> Permissions:
+    """What a user of `role` may do; `tenant` for the tenant role (a bot or a downstream reader of it)."""
+    if role == "tenant":
+        if tenant is None:
+            raise ValueError("a tenant user needs its tenant")
+        inbox = tenant_inbox_prefix(tenant)
+        return Permissions(
+            publish=(
+                f"ingest.audio.{tenant}.>",
+                f"ingest.session.{tenant}.>",
+                # Its own consumers, push only in practice: the deliver subject must be one it may subscribe to.
+                *_consumer_create(subjects.TRANSCRIPTS_STREAM, tenant_consumer_filters(tenant)),
+                *_consumer_create(subjects.ERRORS_STREAM, [subjects.errors("*", tenant)]),
+            ),
+            subscribe=(f"transcript.{tenant}.>", f"session.{tenant}.>", subjects.errors("*", tenant), f"{inbox}.>"),
+            allow_responses=True,  # acks and flow control of its own consumers' deliveries
+        )
+    if tenant is not None:
+        raise ValueError(f"role {role} has no tenant")
+    if role == "ingest":
+        return Permissions(
+            publish=(
+                subjects.AUDIO_PUBLISHED,
+                subjects.ingest_partition_all(0).replace(".0.", ".*."),  # forwarding to the partition's holder
+                subjects.errors("ingest", "*"),
+                "$JS.API.>",
+                "$JS.ACK.TRANSCRIPTS.>",  # its consumer of the transcribers' ended/rejected events
+                *(f"$KV.{b}.>" for b in (subjects.INGEST_MEMBERS_BUCKET, subjects.INGEST_LEASES_BUCKET)),
+                f"$KV.{subjects.TENANT_SESSIONS_BUCKET}.>",
+            ),
+            subscribe=(
+                subjects.INGEST_AUDIO_ALL,
+                subjects.INGEST_SESSION_ALL,
+                subjects.ingest_partition_all(0).replace(".0.", ".*."),
+                subjects.SESSION_EVENTS_ALL,
+                _SERVICE_INBOX,
+                *_MICRO,
+                subjects.service_endpoint("ingest", "*", "*"),
+            ),
+            allow_responses=True,  # the bots' replies, on their tenants' inboxes
+        )
+    if role == "transcriber":
+        return Permissions(
+            publish=(
+                subjects.TRANSCRIPTS_ALL,
+                subjects.SESSION_EVENTS_ALL,
+                subjects.errors("transcriber", "*"),
+                subjects.TRANSCRIBER_STATS_ALL,
+                "$JS.API.>",
+                "$JS.ACK.AUDIO.>",
+                *(
+                    f"$KV.{b}.>"
+                    for b in (
+                        subjects.PARTITION_LEASES_BUCKET,
+                        subjects.TRANSCRIBER_MEMBERS_BUCKET,
+                        subjects.SESSION_CHECKPOINTS_BUCKET,
+                    )
+                ),
+            ),
+            subscribe=(_SERVICE_INBOX, *_MICRO, subjects.service_endpoint("transcriber", "*", "*")),
+            allow_responses=True,
+        )
+    if role == "persister":
+        return Permissions(
+            publish=(subjects.errors("persister", "*"), "$JS.API.>", "$JS.ACK.TRANSCRIPTS.>"),
+            subscribe=(_SERVICE_INBOX, *_MICRO, subjects.service_endpoint("persister", "*", "*")),
+            allow_responses=True,
+        )
+    if role == "operator":
+        # Reads everything and manages consumers; writes nothing the services trust (no stream, no KV).
+        return Permissions(
+            publish=(
+                "ingest.audio.*.>",
+                "ingest.session.*.>",  # `jetscribe stream` / `demo` as any tenant
+                "$SRV.>",
+                "$JS.API.INFO",
+                "$JS.API.STREAM.NAMES",
+                "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.INFO.>",
+                "$JS.API.STREAM.MSG.GET.>",
+                "$JS.API.DIRECT.GET.>",
+                "$JS.API.CONSUMER.>",
+                "$JS.FC.>",
+            ),
+            subscribe=(">",),
+            allow_responses=True,
+        )
+    if role == "root":  # only where a test fixture asks for it (tests/conftest.py): publishes test data directly
+        return Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
+    raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """One nkey user of the server: its public key (`U...`), its role and, for a tenant, the tenant."""
+
+    nkey: str
+    role: str
+    tenant: str | None = None
+
+    def as_config(self) -> dict[str, Any]:
+        return {"nkey": self.nkey, "permissions": permissions(self.role, self.tenant).as_config()}
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The server's certificate and key; with `ca_file`, clients must show a certificate that CA signed."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str = ""
+
+    def as_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"cert_file": self.cert_file, "key_file": self.key_file}
+        if self.ca_file:
+            config.update(ca_file=self.ca_file, verify=True)
+        return config
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A node's cluster block: its name, where it listens for routes and the routes to its peers."""
+
+    name: str
+    listen: str  # host:port
+    routes: tuple[str, ...] = field(default_factory=tuple)  # nats-route://host:port of every node
+
+
+def server_config(
+    *,
+    host: str,
+    port: int,
+    store_dir: str,
+    users: Iterable[NatsUser] | None,
+    server_name: str = "",
+    cluster: Cluster | None = None,
+    tls: ServerTLS | None = None,
+    max_payload: int = 16 * 1024 * 1024,
+) -> str:
+    """The nats-server config of one node: JetStream, its users and their permissions (None: no auth, for a
+    server nobody else can reach), TLS and the cluster routes. Every node of a cluster gets the same users."""
+    config: dict[str, Any] = {
+        "listen": f"{host}:{port}",
+        # An oversized audio chunk then reaches the gateway's own size check (clear error) instead of failing
+        # inside the client.
+        "max_payload": max_payload,
+        "jetstream": {"store_dir": store_dir},
+    }
+    if server_name:
+        config["server_name"] = server_name
+    if users is not None:
+        config["authorization"] = {"users": [user.as_config() for user in users]}
+    if tls is not None:
+        config["tls"] = tls.as_config()
+    if cluster is not None:
+        config["cluster"] = {"name": cluster.name, "listen": cluster.listen, "routes": list(cluster.routes)}
+    # nats-server reads JSON values; quoted, `$JS...` is a string, not a variable.
+    return "".join(f"{key}: {json.dumps(value, indent=2)}\n" for key, value in config.items())
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """How a client proves who it is and checks the server: an nkey seed file and TLS files."""
+
+    creds: str = ""  # a file holding the user's nkey seed (`S...`); empty: connect without a user
+    tls_ca: str = ""  # CA bundle that signed the server's certificate; set, or a tls:// URL, means TLS
+    tls_cert: str = ""  # a client certificate, where the server verifies clients
+    tls_key: str = ""
+
+    @classmethod
+    def of(cls, settings: Any) -> ClientAuth:
+        """From a StreamSettings (config.py), whose fields read NATS_CREDS and JETSCRIBE_NATS_TLS_*."""
+        return cls(settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ClientAuth:
+        return cls(
+            env.get("NATS_CREDS", ""),
+            env.get("JETSCRIBE_NATS_TLS_CA", ""),
+            env.get("JETSCRIBE_NATS_TLS_CERT", ""),
+            env.get("JETSCRIBE_NATS_TLS_KEY", ""),
+        )
+
+    def connect_options(self, url: str, tenant: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for nats-py's connect: the seed file (read by nats-py to sign the server's nonce,
+        never kept or logged here), a tenant's own inbox prefix, and an SSL context when TLS is asked for."""
+        options: dict[str, Any] = {}
+        if self.creds:
+            options["nkeys_seed"] = self.creds
+        if tenant is not None:
+            options["inbox_prefix"] = tenant_inbox_prefix(tenant)
+        if self.tls_ca or self.tls_cert or url.startswith("tls://"):
+            context = ssl.create_default_context(cafile=self.tls_ca or None)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key or None)
+            options["tls"] = context
+        return options
