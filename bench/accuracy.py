@@ -80,6 +80,7 @@ from jetscribe.evaluation.metrics import (  # noqa: E402
 )
 from jetscribe.evaluation.wer import wer  # noqa: E402
 from jetscribe.shared.config import TranscriberConfig  # noqa: E402
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import language_for  # noqa: E402
 
 TENANT = "bench"
@@ -103,7 +104,7 @@ async def stream_all(url: str, items: list[Item], args, local) -> dict[str, tupl
     import nats
 
     run = uuid.uuid4().hex[:6]
-    nc = await nats.connect(url, connect_timeout=5)
+    nc = await nats.connect(url, **env_connect_options(url), connect_timeout=5)
     try:
         async with Watchdog(local) as watchdog:
             await warm_up(nc, watchdog, items[0], TENANT, args.language, run)

@@ -81,6 +81,7 @@ from jetscribe.evaluation.wer import wer  # noqa: E402
 from jetscribe.services.transcriber.stats import STATS_EVERY_S  # noqa: E402
 from jetscribe.shared import subjects  # noqa: E402
 from jetscribe.shared.config import TranscriberConfig  # noqa: E402
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import WorkerStats, decode  # noqa: E402
 
 TENANT = "load"
@@ -826,7 +827,7 @@ async def run_variant(
     import nats
 
     run = uuid.uuid4().hex[:6]
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url), connect_timeout=5)
     try:
         async with Watchdog(local) as watchdog:
             bench = Bench(args, variant, nc, nc.jetstream(), watchdog, ProcessSampler(earlier), database_url, run)

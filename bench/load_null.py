@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
+from jetscribe.shared.natsauth import env_connect_options  # noqa: E402
 
 CHUNK_S = 0.1
 CHUNK_SAMPLES = int(SAMPLE_RATE * CHUNK_S)
@@ -134,7 +135,7 @@ async def generate(url: str, sessions: list[tuple[str, str, int, float]], second
 
     payloads = cycle_payloads(sample_speech().audio)
     report = GeneratorReport()
-    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    nc = await nats.connect(url, **env_connect_options(url), max_reconnect_attempts=-1)
 
     async def bot(tenant: str, session: str, phase: int, start_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -249,7 +250,7 @@ async def wait_ready(local, gateways: int, timeout_s: float = 120.0) -> None:
     from jetscribe.services.transcriber.partitions import decode_lease
     from jetscribe.shared import subjects
 
-    nc = await nats.connect(local.nats_url)
+    nc = await nats.connect(local.nats_url, **env_connect_options(local.nats_url))
     deadline = time.monotonic() + timeout_s
     while True:
         local.check()
@@ -331,7 +332,7 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
     from jetscribe.shared import subjects
     from jetscribe.shared.wire import Segment, decode
 
-    nc = await nats.connect(local.nats_url)
+    nc = await nats.connect(local.nats_url, **env_connect_options(local.nats_url))
     js = nc.jetstream()
     audio_from = (await js.stream_info(subjects.AUDIO_STREAM)).state.last_seq + 1
     transcripts_from = (await js.stream_info(subjects.TRANSCRIPTS_STREAM)).state.last_seq + 1

@@ -257,3 +257,11 @@ class ClientAuth:
                 context.load_cert_chain(self.tls_cert, self.tls_key or None)
             options["tls"] = context
         return options
+
+
+def env_connect_options(url: str) -> dict[str, Any]:
+    """nats-py connect options from NATS_CREDS and JETSCRIBE_NATS_TLS_* (scripts and tests that connect
+    with what the environment says)."""
+    import os
+
+    return ClientAuth.from_env(os.environ).connect_options(url)

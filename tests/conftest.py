@@ -3,6 +3,12 @@
 They run on free ports in pytest's temporary folders and stop when the session
 ends. A test that stops, kills or restarts a server must start its own instead
 of using these shared ones.
+
+Every nats-server in the tests (these, the ones tests start themselves, `jetscribe up`'s) runs with
+authentication on, with the users of one keyring made for the session (JETSCRIBE_NATS_KEYS): the services'
+and the operator's, as `jetscribe up` makes them, plus a `root` user allowed everything, which the tests
+connect as (NATS_CREDS) because they publish test data into the streams the services trust. Services the
+tests start in-process connect as root too; `jetscribe up` (LocalStack) gives each service its own user.
 """
 
 import os
@@ -10,6 +16,7 @@ import uuid
 
 import pytest
 
+from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import NatsServer, PostgresServer
 
 TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)  # ten days: a clock read compared with a zero default shows at once
@@ -26,6 +33,21 @@ def offset_clock():
         os.environ.pop("JETSCRIBE_CLOCK_OFFSET_S", None)
     else:
         os.environ["JETSCRIBE_CLOCK_OFFSET_S"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nats_keys(tmp_path_factory):
+    """The session's NATS users (services, operator, root); the tests connect as root."""
+    keys = Keyring(tmp_path_factory.mktemp("nats-keys") / "keys").ensure_services()
+    root = keys.ensure_root()
+    saved = {name: os.environ.get(name) for name in ("JETSCRIBE_NATS_KEYS", "NATS_CREDS")}
+    os.environ.update(JETSCRIBE_NATS_KEYS=str(keys.folder), NATS_CREDS=str(root))
+    yield keys
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

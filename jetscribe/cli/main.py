@@ -17,7 +17,6 @@ from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.shared.config import ConfigError
 
-
 CREDS_HELP = "nkey seed file to connect to NATS with (default $NATS_CREDS, else the operator key of a stack here)"
 
 

@@ -1,21 +1,28 @@
 """`jetscribe follow`: replay and follow one session's transcript from the TRANSCRIPTS stream.
 
-An ordered consumer (ephemeral, no acks, the client recreates it after a gap) filtered to the
-session's segments and events. The README shows the same consumer made with the `nats` CLI.
+An ordered reader (ephemeral push consumers, no acks, recreated after a gap) of the tenant's segments and
+events, `*.<tenant>.>`, keeping the session's. One filter in the consumer's create subject is what a tenant's
+NATS user may ask for (shared/natsauth.py): two filters (segments and events of one session) would need the
+create subject without a filter, which permissions cannot tie to a tenant. The README shows the consumer made
+with the `nats` CLI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 import re
+import secrets
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import msgspec
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from jetscribe.cli.formats import WORD_FIELDS, show_live
@@ -59,10 +66,7 @@ def consumer_config(
             raise ValueError(f"{name} {value!r} must be 1-64 letters, digits, '_' or '-'")
     if sum((from_start, since is not None, from_seq is not None)) > 1:
         raise ValueError("give at most one of --from-start, --since, --from-seq")
-    config = ConsumerConfig(
-        filter_subjects=[subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)],
-        deliver_policy=DeliverPolicy.NEW,
-    )
+    config = ConsumerConfig(filter_subject=tenant_filter(tenant), deliver_policy=DeliverPolicy.NEW)
     if from_start:
         config.deliver_policy = DeliverPolicy.ALL
     elif since is not None:
@@ -74,6 +78,110 @@ def consumer_config(
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = from_seq
     return config
+
+
+def tenant_filter(tenant: str) -> str:
+    """Every segment and event of a tenant in TRANSCRIPTS (`transcript.<t>.<s>`, `session.<t>.<s>.<event>`)."""
+    return f"*.{tenant}.>"
+
+
+def session_of(subject: str) -> str:
+    """The session token of a TRANSCRIPTS subject."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+HEARTBEAT_S = 5.0  # the server's idle heartbeat; three missed and the consumer is made again
+INACTIVE_S = 30.0  # a consumer nobody reads is removed by the server after this (a tenant may not delete one)
+
+
+class OrderedReader:
+    """One filter of TRANSCRIPTS in stream order, as nats-py's ordered consumer but with a consumer name (so the
+    filter is in the create subject, where a tenant's permissions can check it) and a new name after a gap."""
+
+    def __init__(self, nc, config: ConsumerConfig):
+        self.nc = nc
+        self.config = config
+        self.sub = None
+        self.expected = 1  # the consumer sequence of the next message
+        self.last_stream_seq = 0
+
+    async def start(self, from_seq: int | None = None) -> int:
+        """Create the consumer (from stream seq `from_seq` if given); returns how many messages it has pending."""
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+        inbox = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(inbox)
+        config = dataclasses.replace(
+            self.config,
+            name=f"follow_{secrets.token_hex(8)}",
+            deliver_subject=inbox,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            idle_heartbeat=HEARTBEAT_S,
+            inactive_threshold=INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        if from_seq is not None:
+            config.deliver_policy, config.opt_start_seq, config.opt_start_time = (
+                DeliverPolicy.BY_START_SEQUENCE,
+                from_seq,
+                None,
+            )
+        try:
+            info = await self.nc.jetstream().add_consumer(subjects.TRANSCRIPTS_STREAM, config=config)
+        except NotFoundError:
+            raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
+        self.expected = 1
+        return int(info.num_pending or 0)
+
+    async def next(self, timeout: float | None = None) -> Msg:
+        """The next message in stream order; raises asyncio.TimeoutError after `timeout` seconds without one."""
+        assert self.sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            wait = 3 * HEARTBEAT_S if deadline is None else min(3 * HEARTBEAT_S, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError
+            try:
+                msg = await self.sub.next_msg(timeout=wait)
+            except NatsTimeout:
+                if deadline is not None and loop.time() >= deadline:
+                    raise TimeoutError from None
+                await self._restart()  # no heartbeat: the consumer is gone (a NATS restart)
+                continue
+            if msg.headers and msg.headers.get("Status"):  # an idle heartbeat
+                continue
+            sequence = msg.metadata.sequence
+            if sequence.consumer != self.expected:  # lost on the way (a slow client, a reconnect)
+                await self._restart()
+                continue
+            self.expected += 1
+            self.last_stream_seq = sequence.stream
+            return msg
+
+    async def _restart(self) -> None:
+        await self.start(self.last_stream_seq + 1 if self.last_stream_seq else None)
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+            self.sub = None
+
+
+async def first_seq(nc, tenant: str, session: str) -> int | None:
+    """The stream seq of the session's first segment or event in TRANSCRIPTS; None if it has none yet."""
+    found = []
+    for subject in (subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)):
+        probe = OrderedReader(nc, ConsumerConfig(filter_subject=subject, deliver_policy=DeliverPolicy.ALL))
+        try:
+            if await probe.start():
+                found.append((await probe.next(timeout=10)).metadata.sequence.stream)
+        finally:
+            await probe.stop()
+    return min(found, default=None)
 
 
 def as_json(message: TranscriptMessage, stream_seq: int) -> str:
@@ -105,19 +213,13 @@ async def follow(
     """Print the session's segments and events as they come. Returns 0 after its `ended` event
     (1 after `rejected`); with `keep`, follows until cancelled."""
     out, err = out or sys.stdout, err or sys.stderr
-    config = dataclasses.replace(config)  # the client keeps and changes it
+    reader = OrderedReader(nc, dataclasses.replace(config))
     try:
-        sub = await nc.jetstream().subscribe(
-            config.filter_subjects[0], stream=subjects.TRANSCRIPTS_STREAM, config=config, ordered_consumer=True
-        )
-    except NotFoundError:
-        raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
-    # nats-py recreates an ordered consumer after a gap by start sequence but keeps opt_start_time, which
-    # the server refuses together (the bug nats.go fixed in #1281); the time was needed only once.
-    config.opt_start_time = None
-    try:
+        await _start(reader, nc, tenant, session, config)
         while True:
-            msg = await sub.next_msg(timeout=None)
+            msg = await reader.next()
+            if session_of(msg.subject) != session:
+                continue
             try:
                 message = decode(msg.data, TranscriptMessage)
             except WireError as exc:
@@ -132,15 +234,30 @@ async def follow(
             if isinstance(message, SessionEvent) and message.event in ("ended", "rejected") and not keep:
                 return 0 if message.event == "ended" else 1
     finally:
-        await sub.unsubscribe()
+        await reader.stop()
+
+
+async def _start(reader: OrderedReader, nc, tenant: str, session: str, config: ConsumerConfig) -> None:
+    """From the start means from the session's first message (not the tenant's): found by two probes, and
+    again once the reader waits for new messages, in case the session began in between."""
+    if config.deliver_policy != DeliverPolicy.ALL:
+        await reader.start()
+        return
+    first = await first_seq(nc, tenant, session)
+    if first is not None:
+        await reader.start(first)
+        return
+    reader.config.deliver_policy = DeliverPolicy.NEW
+    await reader.start()
+    first = await first_seq(nc, tenant, session)
+    if first is not None:
+        await reader.start(first)
 
 
 def meeting_consumer_config(tenant: str, meeting: str, **start) -> ConsumerConfig:
     """The consumer for a meeting: every session of the tenant (a track names its meeting in its messages),
     from where `consumer_config` would start."""
-    config = consumer_config(tenant, meeting, **start)
-    config.filter_subjects = [subjects.transcript(tenant, "*"), subjects.session_events_of(tenant, "*")]
-    return config
+    return consumer_config(tenant, meeting, **start)  # already every session of the tenant: `tenant_filter`
 
 
 async def follow_meeting(
@@ -158,14 +275,8 @@ async def follow_meeting(
     """Print a meeting's finals, every track's, in spoken order (`MeetingMerge`), times from the first track's
     start; json: its tracks' segments and events as they come. Returns 0 once every track seen has ended."""
     out, err = out or sys.stdout, err or sys.stderr
-    config = dataclasses.replace(config)
-    try:
-        sub = await nc.jetstream().subscribe(
-            config.filter_subjects[0], stream=subjects.TRANSCRIPTS_STREAM, config=config, ordered_consumer=True
-        )
-    except NotFoundError:
-        raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
-    config.opt_start_time = None
+    reader = OrderedReader(nc, dataclasses.replace(config))
+    await reader.start()  # from the start: the tenant's whole stream (a meeting's tracks are sessions of their own)
     merge = MeetingMerge(meeting, hold_s=hold_s)
     t0: float | None = None
 
@@ -180,7 +291,7 @@ async def follow_meeting(
         while True:
             try:
                 wait = merge.wait_s(time.monotonic())
-                msg = await sub.next_msg(timeout=None if wait is None else max(wait, 0.01))
+                msg = await reader.next(timeout=None if wait is None else max(wait, 0.01))
             except TimeoutError:
                 show(merge.due(time.monotonic()))
                 continue
@@ -206,4 +317,4 @@ async def follow_meeting(
                 show(merge.due(math.inf))
                 return 0
     finally:
-        await sub.unsubscribe()
+        await reader.stop()

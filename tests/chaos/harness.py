@@ -42,6 +42,7 @@ from jetscribe.services.persister.store import open_engine
 from jetscribe.services.persister.tables import SegmentRow, SessionRow
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, decode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -313,7 +314,12 @@ class ChaosStack:
 async def connect(url: str):
     """A test client that rides out a NATS restart, as the services do."""
     return await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2, allow_reconnect=True
+        url,
+        **env_connect_options(url),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        connect_timeout=2,
+        allow_reconnect=True,
     )
 
 

@@ -21,6 +21,7 @@ from jetscribe.evaluation.wer import wer
 from jetscribe.services.transcriber.batched import decode_batch, decode_jobs, prompts_of
 from jetscribe.services.transcriber.decoding import DecodeJob
 from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.natsauth import env_connect_options
 from tests.e2e.test_pipeline import assert_all_audio_acked, persisted
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +115,7 @@ async def test_eight_sessions_stream_at_once_through_batched_decoding(pipeline, 
     # each bot speaks the sentences in its own order, so sessions are not in lockstep
     orders = [SENTENCES[i:] + SENTENCES[:i] for i in range(8)]
     speeches = [synthesize(order, gap_s=0.8) for order in orders]
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
 
         async def bot(i):

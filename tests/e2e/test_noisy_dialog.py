@@ -22,6 +22,7 @@ from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import ManualClock
 from jetscribe.shared.config import TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import AudioChunk, SessionControl
 from tests.e2e.test_pipeline import assert_all_audio_acked, persisted
 
@@ -51,7 +52,7 @@ def noisy():
 async def test_a_noisy_reverberant_dialog_is_transcribed_without_loss(pipeline, noisy, tiny_model):
     speech, audio = noisy
     tenant, session = "e2e", f"noisy-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         live = await stream_audio(nc, Audio(audio, SAMPLE_RATE), tenant=tenant, session_id=session, speed=2.0)
     finally:

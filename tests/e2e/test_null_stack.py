@@ -13,6 +13,7 @@ from jetscribe.services.persister.store import final_segments, open_engine, wait
 from jetscribe.services.transcriber.null_model import NULL_WORD
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +37,7 @@ def test_two_gateways_and_the_null_model_store_one_final_per_utterance(tmp_path,
 
 async def stream_and_check(local):
     speech = sample_speech()
-    nc = await nats.connect(local.nats_url)
+    nc = await nats.connect(local.nats_url, **env_connect_options(local.nats_url))
     for _ in range(100):  # both gateways up and sharing the partitions
         try:
             owners = await lease_owners(nc)

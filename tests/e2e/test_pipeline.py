@@ -14,6 +14,7 @@ from jetscribe.evaluation.speech import dialog, sample_speech
 from jetscribe.evaluation.wer import normalize, wer
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
 from jetscribe.shared import subjects
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,7 @@ async def persisted(database_url, tenant, session):
 
 async def assert_all_audio_acked(url):
     """Once a session has ended, no audio may be left unacknowledged or undelivered on any partition."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         jsm = nc.jetstream()
         for _attempt in range(30):  # acks are asynchronous: give the last ones a moment
@@ -49,7 +50,7 @@ async def assert_all_audio_acked(url):
 async def test_speech_is_transcribed_and_persisted(pipeline, speed):
     speech = sample_speech()
     tenant, session = "e2e", f"sample-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         live = await stream_audio(
             nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session, speed=speed
@@ -109,7 +110,7 @@ async def test_two_voice_dialog_streams_live_without_repeats(pipeline):
     speech = dialog(DIALOG, gap_s=0.7)
     tenant, session = "e2e", f"dialog-{uuid.uuid4().hex[:8]}"
     heard = []
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         live = await stream_audio(
             nc,

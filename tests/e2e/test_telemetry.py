@@ -21,6 +21,7 @@ from jetscribe.services.persister.store import SessionRow, final_segments, open_
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared import metrics
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.telemetry import Telemetry
 from tests.scrape import scrape, total, wait_until_ready
 
@@ -83,7 +84,7 @@ async def streamed(observed):
     observed, database_url = observed
     speech = sample_speech()
     tenant, session = f"obs{uuid.uuid4().hex[:6]}", f"s-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(observed.nats_url)
+    nc = await nats.connect(observed.nats_url, **env_connect_options(observed.nats_url))
     try:
         live = await stream_audio(
             nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session, speed=0

@@ -13,6 +13,7 @@ from jetscribe.services.persister.app import run as run_persister
 from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 
 NAMES = ("jetscribe-ingest", "jetscribe-persister", "jetscribe-transcriber")
 PARTITIONS = StreamSettings().partitions
@@ -68,7 +69,7 @@ async def running_services(nats_url: str, database_url: str, model, *worker_ids:
     for worker_id in worker_ids:
         config = TranscriberConfig(model="tiny.en", worker_id=worker_id, heartbeat_s=0.5, lease_ttl_s=2)
         tasks.append(asyncio.create_task(run_transcriber(settings, config, stop, model=model)))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         await wait_all_ready(nc, tasks, workers=len(worker_ids))
         yield nc

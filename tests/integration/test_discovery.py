@@ -19,6 +19,7 @@ from jetscribe.services.transcriber.model import load_model
 from jetscribe.shared import subjects
 from jetscribe.shared.discovery import register
 from jetscribe.shared.health import Readiness
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import Reply, decode, encode
 from tests.integration.running import NAMES, endpoint_data, gather_replies, running_services
 from tests.integration.test_ingest import chunk
@@ -141,12 +142,12 @@ async def test_the_three_services_answer_ping_info_and_stats(own_nats, database_
         assert json.loads((await nc.request(direct, b"", timeout=2)).data)["chunks"] == gateway["chunks"]
 
     # Stopped services leave the registry.
-    async with await nats.connect(own_nats.url) as nc:
+    async with await nats.connect(own_nats.url, **env_connect_options(own_nats.url)) as nc:
         assert await gather_replies(nc, "$SRV.PING") == []
 
 
 async def test_health_answers_not_ready_with_a_503_until_every_check_is_up(nats_url):
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     readiness = Readiness("probe").need("database")
     registration = await register(nc, "probe", description="a test", readiness=readiness, stats=lambda: {"n": 1})
     try:
@@ -172,7 +173,7 @@ async def test_a_failing_stats_report_still_answers_stats_with_the_error(nats_ur
     def broken() -> dict:
         raise RuntimeError("boom")
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     registration = await register(nc, "broken", description="a test", readiness=Readiness("broken"), stats=broken)
     try:
         reply = (await gather_replies(nc, f"$SRV.STATS.jetscribe-broken.{registration.id}"))[0]

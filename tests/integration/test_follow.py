@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import nats
 import pytest
 
-from jetscribe.client.follow import consumer_config, follow
+from jetscribe.client.follow import consumer_config, follow, tenant_filter
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
 from jetscribe.shared.wire import Segment, SessionEvent, encode
 
@@ -54,7 +55,7 @@ async def publish(js, message) -> int:
 async def transcribed(nats_url):
     """A session in TRANSCRIPTS: two segments with a pause between them, then `ended`.
     Yields (connection, tenant, session, a time inside the pause, stream seq of the second segment)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings(nats_url=nats_url))
     tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
@@ -112,15 +113,14 @@ async def test_json_from_a_seq_has_every_segment_and_event_with_its_seq(transcri
 
 
 async def test_without_a_start_it_follows_what_comes_next(nats_url):
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings(nats_url=nats_url))
-    tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
+    tenant, session = f"t{uuid.uuid4().hex[:8]}", f"s{uuid.uuid4().hex[:8]}"
     await publish(js, segment(tenant, session, 0, "final", "before"))
     following = asyncio.create_task(run_follow(nc, tenant, session))
     while not any(
-        c.config.filter_subjects and subjects.transcript(tenant, session) in c.config.filter_subjects
-        for c in await js.consumers_info(subjects.TRANSCRIPTS_STREAM)
+        c.config.filter_subject == tenant_filter(tenant) for c in await js.consumers_info(subjects.TRANSCRIPTS_STREAM)
     ):
         await asyncio.sleep(0.05)  # until its consumer exists
     await publish(js, segment(tenant, session, 1, "final", "after"))

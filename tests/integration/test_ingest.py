@@ -16,6 +16,7 @@ from jetscribe.devstack.servers import NatsServer
 from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_checkpoints
 from jetscribe.shared.wire import (
     AudioChunk,
@@ -35,7 +36,7 @@ async def running_gateway(nats_url, config=IngestConfig(), settings=None):
     """A gateway in this process, and a client connection once it answers."""
     stop = asyncio.Event()
     task = asyncio.create_task(run_ingest(settings or StreamSettings(nats_url=nats_url), config, stop))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     for _ in range(50):  # wait until the gateway answers
         try:
             await nc.request(subjects.ingest_session("probe", "probe"), b"", timeout=0.2)
@@ -179,7 +180,7 @@ async def test_bad_input_gets_a_clear_error_and_the_gateway_keeps_serving(gatewa
 
 async def test_restarted_gateway_learns_last_seq_from_the_stream(nats_url):
     settings, tenant, session = StreamSettings(nats_url=nats_url), "acme", f"s{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     for round_ in range(2):
         stop = asyncio.Event()
         task = asyncio.create_task(run_ingest(settings, IngestConfig(), stop))
@@ -280,7 +281,7 @@ async def test_restarted_gateway_learns_a_rejection_from_transcripts(nats_url):
     async with running_gateway(nats_url) as nc:
         assert (await ask(nc, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
         assert (await ask(nc, subjects.ingest_audio(tenant, session), chunk(tenant, session, 0))).ok
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     await worker_says(nc, tenant, session, "rejected", "buffer_full")  # while no gateway runs
     await nc.close()
     async with running_gateway(nats_url) as nc:
@@ -322,7 +323,7 @@ async def test_a_bot_that_crashed_resumes_where_the_gateway_left_off(gateway, na
             stored_ten.set()
 
     watch = await observer.subscribe(subjects.audio(tenant, session), cb=on_stored)
-    bot = await nats.connect(nats_url)
+    bot = await nats.connect(nats_url, **env_connect_options(nats_url))
     streaming = asyncio.create_task(stream_audio(bot, audio, tenant=tenant, session_id=session, speed=0))
     await asyncio.wait_for(stored_ten.wait(), 10)
     streaming.cancel()  # no end is sent
@@ -332,7 +333,7 @@ async def test_a_bot_that_crashed_resumes_where_the_gateway_left_off(gateway, na
     await watch.unsubscribe()
 
     # A new connection: the reply it never got is answered again, and nothing is stored twice.
-    bot = await nats.connect(nats_url)
+    bot = await nats.connect(nats_url, **env_connect_options(nats_url))
     resent = await ask(bot, subjects.ingest_audio(tenant, session), chunk(tenant, session, 10))
     assert resent.ok and resent.last_seq >= 10
 
@@ -364,7 +365,7 @@ async def test_a_bot_hears_of_a_rejection_that_comes_after_its_end(gateway, nats
             await worker_says(observer, tenant, session, "rejected", "buffer_full")
 
     fake = await observer.subscribe(subjects.audio(tenant, session), cb=transcriber)
-    bot = await nats.connect(nats_url)
+    bot = await nats.connect(nats_url, **env_connect_options(nats_url))
     with pytest.raises(BotError) as err:
         await stream_audio(
             bot, Audio(np.zeros(3200, "<i2"), 16000), tenant=tenant, session_id=session, speed=0, wait_s=10
@@ -376,7 +377,7 @@ async def test_a_bot_hears_of_a_rejection_that_comes_after_its_end(gateway, nats
 
 async def age_out_audio(nats_url, tenant, session):
     """What AUDIO's max age does to a session's audio, at once."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     await nc.jetstream().purge_stream(subjects.AUDIO_STREAM, subject=subjects.audio_of_session(tenant, session))
     await nc.close()
 
@@ -392,7 +393,7 @@ async def stream_ended_session(nats_url, tenant, session, chunks=3):
 async def test_a_reused_session_id_is_refused_after_its_audio_aged_out_and_the_gateway_restarted(nats_url):
     tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
     await stream_ended_session(nats_url, tenant, session)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     await worker_says(nc, tenant, session, "ended")
     await nc.close()
     await age_out_audio(nats_url, tenant, session)
@@ -407,7 +408,7 @@ async def test_a_reused_session_id_is_refused_after_its_audio_aged_out_and_the_g
 async def test_a_reused_session_id_is_refused_from_the_transcribers_checkpoint_alone(nats_url):
     tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
     await stream_ended_session(nats_url, tenant, session)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     checkpoints = await ensure_checkpoints(nc.jetstream(), StreamSettings(nats_url=nats_url))
     await checkpoints.put(
         subjects.checkpoint_key(tenant, session),

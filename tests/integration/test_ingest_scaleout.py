@@ -20,6 +20,7 @@ from jetscribe.services.ingest.core import encode_tenant_sessions
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import AudioChunk, AudioMessage, SessionControl, decode, encode
 from tests.integration.test_ingest import ask, chunk, control, stored_audio, worker_says
 
@@ -28,7 +29,7 @@ FAST = dict(heartbeat_s=0.3, lease_ttl_s=1.0)  # a dead gateway's partitions mov
 
 async def start_gateway(nats_url, gateway_id, **config):
     """A gateway in this process, on its own connection; `stop()` it and close its `nc`."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     gateway = IngestGateway(
         nc, StreamSettings(nats_url=nats_url), IngestConfig(gateway_id=gateway_id, **{**FAST, **config})
     )
@@ -82,7 +83,7 @@ async def test_two_gateways_share_the_sessions_and_store_every_chunk_once_in_ord
     tenant = f"t{uuid.uuid4().hex[:6]}"
     sessions = [f"s{i}" for i in range(12)]
     async with gateways(nats_url, 2) as gws:
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
 
         async def one_session(session):
             assert (await ask(bot, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
@@ -108,7 +109,7 @@ async def test_two_gateways_share_the_sessions_and_store_every_chunk_once_in_ord
 
 async def test_sessions_go_on_while_a_gateway_joins_and_another_leaves(nats_url):
     tenant, sessions, chunks = f"t{uuid.uuid4().hex[:6]}", [f"s{i}" for i in range(8)], 30
-    bot = await nats.connect(nats_url)
+    bot = await nats.connect(nats_url, **env_connect_options(nats_url))
     progress = dict.fromkeys(sessions, 0)
 
     async def one_session(session):
@@ -146,7 +147,7 @@ async def test_sessions_go_on_while_a_gateway_joins_and_another_leaves(nats_url)
 async def test_a_gateway_that_missed_a_store_learns_the_session_again_from_the_stream(nats_url):
     tenant, session = "acme", f"s{uuid.uuid4().hex[:8]}"
     async with gateways(nats_url, 1) as (gateway,):
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
         assert (await ask(bot, subjects.ingest_session(tenant, session), control(tenant, session, "start"))).ok
         for seq in range(3):
             assert (await ask(bot, subjects.ingest_audio(tenant, session), chunk(tenant, session, seq))).ok
@@ -182,7 +183,7 @@ async def test_a_flooded_gateway_serves_a_bounded_number_of_requests_at_once(nat
                 running -= 1
 
         gateway._serve = counted
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
         replies = await asyncio.gather(
             *(ask(bot, subjects.ingest_session(tenant, f"s{i}"), control(tenant, f"s{i}", "start")) for i in range(200))
         )
@@ -198,7 +199,7 @@ async def test_the_tenant_limit_holds_over_two_gateways(nats_url):
         candidates = [f"s{i}" for i in range(40)]
         by_owner = {g.gateway_id: [s for s in candidates if owner_of(gws, tenant, s) is g][:4] for g in gws}
         sessions = [s for group in by_owner.values() for s in group]
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
         replies = await asyncio.gather(
             *(ask(bot, subjects.ingest_session(tenant, s), control(tenant, s, "start")) for s in sessions)
         )
@@ -233,7 +234,7 @@ async def test_a_slot_whose_session_was_never_stored_is_freed_when_the_tenant_is
         # A gateway died after taking these slots and before storing the sessions' starts, two minutes ago.
         kv = await gateway.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
         await kv.put(tenant, encode_tenant_sessions({"ghost": time.time() - 120, "recent": time.time()}))
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
         reply = await ask(bot, subjects.ingest_session(tenant, "s1"), control(tenant, "s1", "start"))
         assert reply.ok and gateway.slots.freed_stale == 1
         assert sorted(await gateway.slots.open_sessions(tenant)) == ["recent", "s1"]  # a recent slot is left alone
@@ -269,7 +270,7 @@ async def test_a_killed_gateways_session_goes_on_through_the_other(nats_url, tmp
     run = uuid.uuid4().hex[:6]
     tenant, ids = "acme", (f"gwa-{run}", f"gwb-{run}")
     procs = {gid: start_gateway_process(nats_url, gid, tmp_path / f"{gid}.log") for gid in ids}
-    observer = await nats.connect(nats_url)
+    observer = await nats.connect(nats_url, **env_connect_options(nats_url))
     js = observer.jetstream()
     try:
         # Both up and sharing the partitions.
@@ -297,7 +298,7 @@ async def test_a_killed_gateways_session_goes_on_through_the_other(nats_url, tmp
 
         watch = await observer.subscribe(subjects.audio(tenant, session), cb=on_stored)
         tone = (3000 * np.sin(np.arange(total * 1600) * 0.05)).astype("<i2")
-        bot = await nats.connect(nats_url)
+        bot = await nats.connect(nats_url, **env_connect_options(nats_url))
         result = await stream_audio(bot, Audio(tone, 16000), tenant=tenant, session_id=session, speed=2.0, wait_s=30)
         await bot.close()
         await watch.unsubscribe()

@@ -27,13 +27,14 @@ from jetscribe.shared.jetstream import (
     pin_id,
     pull_status,
 )
+from jetscribe.shared.natsauth import env_connect_options
 
 GROUP = "workers"
 
 
 @pytest.fixture
 async def nc(nats_url):
-    conn = await nats.connect(nats_url)
+    conn = await nats.connect(nats_url, **env_connect_options(nats_url))
     yield conn
     await conn.close()
 

@@ -16,6 +16,7 @@ from nats.js.api import StreamConfig, SubjectTransform
 
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 
 P = 16
 TTL_S = 2
@@ -167,7 +168,7 @@ async def env(nats_url):
     conns = []
 
     async def connect():
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, **env_connect_options(nats_url))
         conns.append(nc)
         return nc
 
@@ -178,7 +179,7 @@ async def env(nats_url):
     for nc in conns:
         if not nc.is_closed:
             await nc.close()
-    js = (await nats.connect(nats_url)).jetstream()
+    js = (await nats.connect(nats_url, **env_connect_options(nats_url))).jetstream()
     await js.delete_stream(setup.stream)
     for bucket in (setup.members_bucket, setup.leases_bucket):
         await js.delete_key_value(bucket)

@@ -31,6 +31,7 @@ from jetscribe.services.persister.store import final_segments, list_sessions, op
 from jetscribe.services.persister.tables import Base, SegmentRow, SessionRow
 from jetscribe.shared import subjects, wire
 from jetscribe.shared.config import PersisterConfig, StreamSettings
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
 from jetscribe.shared.wire import ErrorEvent, Segment, SessionEvent, Word
 
@@ -73,7 +74,7 @@ async def engine(schema):
 
 @pytest.fixture
 async def js(nats_url):
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings(nats_url=nats_url))  # so a test may publish before the persister runs
     yield js
@@ -452,7 +453,9 @@ async def test_the_service_exits_0_on_sigterm(nats_url, engine, schema, js, tena
 async def test_a_nats_restart_only_pauses_the_persister(engine, schema, tenant, tmp_path):
     # This test restarts its NATS, so it runs its own rather than the session's.
     with NatsServer(tmp_path / "nats") as server:
-        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await nats.connect(
+            server.url, **env_connect_options(server.url), max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
         js = nc.jetstream()
         try:
             messages = lifecycle(tenant)
@@ -477,7 +480,9 @@ async def test_an_ack_a_nats_restart_lost_is_redelivered_at_once(engine, schema,
     died in the socket, or in consumer state not yet on disk), with nobody holding it: without help it waits out
     the consumer's ack_wait (60 s). Here the ack is lost on purpose, then NATS restarts for real."""
     with NatsServer(tmp_path / "nats") as server:
-        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await nats.connect(
+            server.url, **env_connect_options(server.url), max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
         js = nc.jetstream()
         ack = Persister.ack
         lost: list[str] = []

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +29,7 @@ def _refuses_tcp(host: str, port: int) -> bool:
 
 @pytest.mark.asyncio
 async def test_session_nats_has_jetstream_and_16mb_payloads(nats_url):
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         assert nc.max_payload == 16 * 1024 * 1024
         js = nc.jetstream()
@@ -43,7 +44,7 @@ async def test_session_nats_has_jetstream_and_16mb_payloads(nats_url):
 @pytest.mark.asyncio
 async def test_jetstream_data_survives_restart_and_kill(tmp_path):
     with NatsServer(tmp_path) as server:
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(server.url, **env_connect_options(server.url))
         js = nc.jetstream()
         await js.add_stream(name="AUDIO", subjects=["audio.>"])
         acks = [await js.publish("audio.s1", f"chunk {i}".encode()) for i in range(3)]
@@ -53,7 +54,7 @@ async def test_jetstream_data_survives_restart_and_kill(tmp_path):
         server.restart()
         assert server.port == port
 
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(server.url, **env_connect_options(server.url))
         msgs = [await nc.jetstream().get_msg("AUDIO", ack.seq) for ack in acks]
         assert [m.data for m in msgs] == [b"chunk 0", b"chunk 1", b"chunk 2"]
         await nc.close()
@@ -63,7 +64,7 @@ async def test_jetstream_data_survives_restart_and_kill(tmp_path):
         assert _refuses_tcp(server.host, server.port)
 
         server.start()
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(server.url, **env_connect_options(server.url))
         info = await nc.jetstream().stream_info("AUDIO")
         assert info.state.messages == 3
         await nc.close()

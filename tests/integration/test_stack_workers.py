@@ -17,13 +17,14 @@ from jetscribe.evaluation.speech import sample_speech
 from jetscribe.evaluation.wer import wer
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
 from jetscribe.shared import subjects
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.timeout(240)
 
 
 async def lease_owners(url: str) -> dict[int, str]:
     """Partition -> worker id, as the leases name it (`<worker id>#<incarnation>`)."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         kv = await nc.jetstream().key_value(subjects.PARTITION_LEASES_BUCKET)
         owners = {}
@@ -40,7 +41,7 @@ async def stream_one(url: str, database_url: str, session: str) -> tuple[str, st
     """Stream the demo sample; return the stored transcript, the worker id stored with the session, and the
     AUDIO partition its chunks went to."""
     speech = sample_speech()
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant="t", session_id=session, speed=0.0)
         info = await nc.jetstream().stream_info(

@@ -19,6 +19,7 @@ from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.persister.app import run as run_persister
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TelemetryConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import AudioChunk, SessionControl, decode
 from tests.scrape import http_get, readiness, scrape, total, wait_until_ready
 
@@ -58,7 +59,7 @@ async def test_ready_only_once_its_streams_exist_and_metrics_count_what_was_stor
 
         await asyncio.to_thread(server.start)
         await wait_until_ready(tel)
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(server.url, **env_connect_options(server.url))
         try:
             start = SessionControl(tenant=tenant, session_id=session, action="start")
             assert (await request(nc, subjects.ingest_session(tenant, session), start)).ok
@@ -102,7 +103,7 @@ async def test_a_bots_trace_context_carries_into_the_audio_stream(nats_url):
     tenant, session = "obs", f"t-{uuid.uuid4().hex[:8]}"
     try:
         await wait_until_ready(tel)
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, **env_connect_options(nats_url))
         try:
             start = SessionControl(tenant=tenant, session_id=session, action="start")
             assert (await request(nc, subjects.ingest_session(tenant, session), start)).ok

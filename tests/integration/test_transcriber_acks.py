@@ -9,6 +9,7 @@ import nats
 from jetscribe.services.transcriber.app import TranscriberWorker
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_checkpoints, ensure_streams
 from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, decode, encode
 
@@ -72,7 +73,7 @@ async def test_a_second_settle_during_a_slow_checkpoint_acks_nothing_twice(nats_
     """Regression: `_settle` ran from `_receive` and `_decode_one` at once, both acked the same messages
     across the checkpoint write, and nats-py raised MsgAlreadyAckdError."""
     settings = StreamSettings(nats_url=nats_url)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)

@@ -18,6 +18,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.model import load_model
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import ErrorEvent, Segment, SessionControl, SessionEvent, decode, encode
 from tests.integration.test_ingest import ask, chunk
 
@@ -45,7 +46,7 @@ async def pipeline(url, tiny, **transcriber):
         asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
         asyncio.create_task(run_transcriber(settings, config, stop, model=tiny)),
     ]
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         await asyncio.sleep(1.0)  # the worker takes its partitions
         yield nc

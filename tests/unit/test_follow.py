@@ -6,7 +6,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from jetscribe.cli.formats import show_live
-from jetscribe.client.follow import as_json, consumer_config, describe, parse_since
+from jetscribe.client.follow import as_json, consumer_config, describe, parse_since, session_of
 from jetscribe.shared.wire import Segment, SessionEvent, Word
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -31,9 +31,10 @@ def test_since_refuses_what_it_cannot_read(text):
         parse_since(text, NOW)
 
 
-def test_consumer_is_filtered_to_the_sessions_segments_and_events():
+def test_consumer_is_filtered_to_the_tenants_segments_and_events_and_keeps_the_sessions():
     config = consumer_config("acme", "s1")
-    assert config.filter_subjects == ["transcript.acme.s1", "session.acme.s1.*"]
+    assert config.filter_subject == "*.acme.>" and not config.filter_subjects
+    assert [session_of(s) for s in ("transcript.acme.s1", "session.acme.s1.ended")] == ["s1", "s1"]
     assert config.deliver_policy == DeliverPolicy.NEW  # without a start: only what comes next
 
 
