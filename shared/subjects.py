@@ -69,6 +69,12 @@ def audio_of_session(tenant: str, session: str) -> str:
     return f"audio.{tenant}.{session}.*"
 
 
+def is_audio_of(subject: str, tenant: str, session: str) -> bool:
+    """Whether a stored audio subject (`audio.<tenant>.<session>.<partition>`) is that session's."""
+    parts = subject.split(".")
+    return len(parts) == 4 and parts[0] == "audio" and (parts[1], parts[2]) == (tenant, session)
+
+
 @functools.lru_cache(maxsize=1 << 16)  # asked for every request a gateway takes
 def session_partition(tenant: str, session: str, partitions: int) -> int:
     """The partition nats-server's `partition(N,1,2)` gives a session: FNV-1a (32 bit) of tenant + session, mod N.

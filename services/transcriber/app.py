@@ -237,6 +237,12 @@ class TranscriberWorker:
                 len(message.payload) % 2,
             ) != (SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING, 0):
                 raise WireError("malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)")
+            # Permissions are subject rules, so the subject is what vouches for the tenant (and the session).
+            if not subjects.is_audio_of(msg.subject, message.tenant, message.session_id):
+                raise WireError(
+                    "subject_mismatch",
+                    f"audio for {message.tenant}/{message.session_id} arrived on {msg.subject!r}",
+                )
         except WireError as exc:
             parts = msg.subject.split(".")
             await self._report(

@@ -192,3 +192,30 @@ async def test_audio_for_a_finished_session_is_reported_once(own_nats, tiny):
         with pytest.raises(nats.errors.TimeoutError):
             await errors.next_msg(timeout=2)  # once per session, not per chunk
         await errors.unsubscribe()
+
+
+async def test_audio_whose_tenant_differs_from_its_subject_is_refused_and_the_session_goes_on(own_nats, tiny):
+    """The transcriber trusts the subject (what NATS permissions check), not the payload: audio stored on
+    tenant `lim`'s subject but claiming tenant `other` is reported on errors.transcriber.lim and dropped, and the
+    session's own audio around it is still transcribed to its end."""
+    async with pipeline(own_nats.url, tiny) as nc:
+        errors = await nc.subscribe(subjects.errors("transcriber", "lim"))
+        ended = await watch_event(nc, "lim", "mixed", "ended")
+        await start(nc, "lim", "mixed")
+        assert await send(nc, "lim", "mixed", np.zeros(6400, np.int16)) is None
+        # Stored as a client allowed to write AUDIO directly would: another tenant's session in the payload.
+        forged = chunk("other", "mixed", 4)
+        await nc.jetstream().publish(
+            subjects.audio("lim", "mixed"), encode(forged), headers={"Nats-Msg-Id": "lim:mixed:forged"}
+        )
+        error = decode((await errors.next_msg(timeout=20)).data, ErrorEvent)
+        assert error.code == "subject_mismatch" and "other/mixed" in error.message
+        reply = await ask(
+            nc,
+            subjects.ingest_session("lim", "mixed"),
+            SessionControl(tenant="lim", session_id="mixed", action="end", sent_at=time.time()),
+        )
+        assert reply.ok
+        event = await ended(20)
+        assert event.chunks_received == 4  # the session's own four, not the forged one
+        await errors.unsubscribe()
