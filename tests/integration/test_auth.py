@@ -1,0 +1,324 @@
+"""Tenant isolation enforced by nats-server: a real server with the generated config (shared/natsauth.py), the
+gateway and a transcriber (null model) each as its own user, and tenants `a` and `b`. Every refusal is a
+permissions violation the client sees; `a`'s own paths work; a revoked tenant is cut off at the reload."""
+
+import asyncio
+import contextlib
+import shutil
+import uuid
+
+import nats
+import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from jetscribe.client.bot import Audio, stream_audio
+from jetscribe.client.follow import consumer_config, follow
+from jetscribe.devstack.keys import Keyring
+from jetscribe.devstack.servers import NatsServer
+from jetscribe.evaluation.speech import sample_speech
+from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.transcriber.app import run as run_transcriber
+from jetscribe.services.transcriber.null_model import NULL_WORD, NullModel
+from jetscribe.shared import subjects
+from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import ClientAuth
+from jetscribe.shared.wire import AudioChunk, SessionControl, encode
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Its own users: services, operator, root (to look at what is stored) and tenants a and b."""
+    keys = Keyring(tmp_path_factory.mktemp("auth-keys") / "keys").ensure_services()
+    keys.ensure_root()
+    for tenant in ("a", "b"):
+        keys.add_tenant(tenant)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, keys):
+    with NatsServer(tmp_path_factory.mktemp("auth-nats"), keyring=keys) as server:
+        yield server
+
+
+class Client:
+    """A connection that records what the server refused (nats-py reports a violation to error_cb)."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.changed = asyncio.Event()
+        self.nc = None
+
+    async def on_error(self, exc):
+        self.errors.append(str(exc).lower())
+        self.changed.set()
+
+    async def connect(self, url, creds, tenant=None, **options):
+        self.nc = await nats.connect(
+            url,
+            error_cb=self.on_error,
+            **ClientAuth(str(creds)).connect_options(url, tenant),
+            **options,
+        )
+        return self
+
+    async def refused(self, what: str, subject: str, timeout: float = 5.0) -> None:
+        """Wait until the server reports `permissions violation for <what> to "<subject>"`."""
+        wanted = f'permissions violation for {what} to "{subject.lower()}"'
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any(wanted in e for e in self.errors):
+            self.changed.clear()
+            assert loop.time() < deadline, f"no violation {wanted!r}; errors: {self.errors}"
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
+
+    async def close(self):
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+
+@pytest.fixture
+async def tenant_a(server, keys):
+    client = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def root(server, keys):
+    nc = await nats.connect(server.url, **ClientAuth(str(keys.path("root"))).connect_options(server.url))
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+async def services(server, keys):
+    """The gateway and a null-model transcriber, each connected as its own user."""
+
+    def settings(role):
+        return StreamSettings(nats_url=server.url, nats_creds=str(keys.path(role)))
+
+    stop = asyncio.Event()
+    worker = TranscriberConfig(model="null", worker_id=f"auth-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2)
+    tasks = [
+        asyncio.create_task(run_ingest(settings("ingest"), IngestConfig(), stop)),
+        asyncio.create_task(run_transcriber(settings("transcriber"), worker, stop, model=NullModel())),
+    ]
+    nc = await nats.connect(server.url, **ClientAuth(str(keys.path("operator"))).connect_options(server.url))
+    try:
+        kv = None
+        for _ in range(200):  # until the worker holds every partition
+            with contextlib.suppress(Exception):
+                kv = kv or await nc.jetstream().key_value(subjects.PARTITION_LEASES_BUCKET)
+                if len(await kv.keys()) == 16:
+                    break
+            for task in tasks:
+                if task.done():
+                    task.result()
+            await asyncio.sleep(0.1)
+        yield
+    finally:
+        await nc.close()
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_a_streams_a_session_and_follows_its_transcript_with_its_own_credentials(services, server, keys):
+    speech = sample_speech()
+    bot = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
+    reader = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
+    try:
+        session = f"s{uuid.uuid4().hex[:6]}"
+        result = await stream_audio(
+            bot.nc, Audio(speech.audio, speech.sample_rate), tenant="a", session_id=session, speed=0, wait_s=60
+        )
+        assert result.ended is not None and result.final_segments()
+        assert {s.text for s in result.final_segments()} == {NULL_WORD}
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        config = consumer_config("a", session, from_start=True)
+        code = await asyncio.wait_for(follow(reader.nc, "a", session, config, fmt="json", out=out, err=err), 30)
+        assert code == 0
+        lines = out.getvalue().splitlines()
+        assert lines and lines[-1].startswith('{"type": "session_event"') and '"ended"' in lines[-1]
+        assert sum('"final"' in line for line in lines) == len(result.final_segments())
+        assert bot.errors == [] and reader.errors == []
+    finally:
+        await bot.close()
+        await reader.close()
+
+
+async def test_a_cannot_publish_to_bs_ingest_subjects(tenant_a, root):
+    heard = await root.subscribe("ingest.*.b.>")
+    await root.flush()
+    chunk = AudioChunk(
+        tenant="b",
+        session_id="s1",
+        seq=0,
+        sent_at=0.0,
+        sample_rate=16000,
+        channels=1,
+        encoding="pcm_s16le",
+        payload=b"",
+    )
+    await tenant_a.nc.publish(subjects.ingest_audio("b", "s1"), encode(chunk))
+    await tenant_a.refused("publish", "ingest.audio.b.s1")
+    with pytest.raises(nats.errors.TimeoutError):  # a request is refused the same way: no gateway hears it
+        await tenant_a.nc.request(
+            subjects.ingest_session("b", "s1"),
+            encode(SessionControl(tenant="b", session_id="s1", action="start", sent_at=0.0)),
+            timeout=1,
+        )
+    await tenant_a.refused("publish", "ingest.session.b.s1")
+    with pytest.raises(nats.errors.TimeoutError):
+        await heard.next_msg(timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    "subject", ["transcript.b.s1", "transcript.>", "session.b.s1.ended", "errors.ingest.b", "audio.a.s1.*", ">"]
+)
+async def test_a_cannot_subscribe_to_what_is_not_its_own(tenant_a, subject):
+    await tenant_a.nc.subscribe(subject)
+    await tenant_a.refused("subscription", subject)
+
+
+@pytest.mark.parametrize("subject", ["_INBOX_b.>", "_INBOX.>", "_INBOX_b.abc.*"])
+async def test_a_cannot_see_other_replies(tenant_a, subject):
+    """b's replies come to _INBOX_b.…, the services' to _INBOX.…: a may subscribe to neither."""
+    await tenant_a.nc.subscribe(subject)
+    await tenant_a.refused("subscription", subject)
+
+
+async def test_bs_replies_go_to_bs_inbox_only(services, server, keys, tenant_a):
+    b = await Client().connect(server.url, keys.tenant_path("b"), tenant="b")
+    try:
+        assert b.nc.new_inbox().startswith("_INBOX_b.")
+        reply = await b.nc.request(
+            subjects.ingest_session("b", f"s{uuid.uuid4().hex[:6]}"),
+            encode(SessionControl(tenant="b", session_id="x", action="start", sent_at=0.0)),
+            timeout=5,
+        )
+        assert reply.data  # answered (a subject_mismatch refusal), on b's inbox
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ConsumerConfig(name="peek", filter_subject="transcript.b.>"),  # b's filter, in the create subject
+        ConsumerConfig(name="peek", filter_subject="*.b.>"),
+        ConsumerConfig(name="peek", filter_subject=">"),  # no filter in the subject: refused whatever the body
+        ConsumerConfig(filter_subjects=["transcript.a.>", "transcript.b.>"]),
+        ConsumerConfig(durable_name="peek", filter_subject="transcript.a.>"),  # the legacy durable subject
+    ],
+)
+async def test_a_cannot_create_a_consumer_that_reads_bs_messages(tenant_a, config):
+    config.deliver_policy = DeliverPolicy.ALL
+    with pytest.raises(nats.errors.TimeoutError):
+        await tenant_a.nc.jetstream(timeout=1).add_consumer(subjects.TRANSCRIPTS_STREAM, config=config)
+    assert any('permissions violation for publish to "$js.api.consumer.' in e for e in tenant_a.errors)
+
+
+async def test_a_may_create_a_consumer_filtered_to_itself(tenant_a, root):
+    await root.jetstream().publish(subjects.transcript("a", "own"), b"x")  # root: the stream exists (services made it)
+    info = await tenant_a.nc.jetstream().add_consumer(
+        subjects.TRANSCRIPTS_STREAM,
+        config=ConsumerConfig(
+            name=f"own_{uuid.uuid4().hex[:6]}",
+            filter_subject="transcript.a.>",
+            deliver_subject=tenant_a.nc.new_inbox(),
+            inactive_threshold=5,
+        ),
+    )
+    assert info.config.filter_subject == "transcript.a.>" and tenant_a.errors == []
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "STREAM.MSG.GET.TRANSCRIPTS",
+        "DIRECT.GET.TRANSCRIPTS",
+        "STREAM.MSG.GET.AUDIO",
+        "DIRECT.GET.KV_session_checkpoints",
+        "STREAM.INFO.TRANSCRIPTS",
+        "CONSUMER.LIST.TRANSCRIPTS",
+        "CONSUMER.MSG.NEXT.TRANSCRIPTS.persister",
+        "STREAM.PURGE.TRANSCRIPTS",
+    ],
+)
+async def test_a_cannot_read_or_manage_streams_directly(tenant_a, endpoint):
+    with pytest.raises(nats.errors.TimeoutError):
+        await tenant_a.nc.request(f"$JS.API.{endpoint}", b'{"seq": 1}', timeout=1)
+    await tenant_a.refused("publish", f"$JS.API.{endpoint}")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["audio.a.s1", "transcript.a.s1", "session.a.s1.ended", "$KV.session_checkpoints.a.s1", "$KV.partition_leases.p0"],
+)
+async def test_a_cannot_write_into_the_streams_the_services_trust(tenant_a, root, subject):
+    stream = {"audio": "AUDIO", "transcript": "TRANSCRIPTS", "session": "TRANSCRIPTS"}.get(
+        subject.split(".")[0], f"KV_{subject.split('.')[1]}"
+    )
+    js = root.jetstream()
+    with contextlib.suppress(Exception):  # the buckets exist once the services ran; the streams always here
+        before = (await js.stream_info(stream)).state.last_seq
+    await tenant_a.nc.publish(subject, b"forged")
+    await tenant_a.refused("publish", subject)
+    with contextlib.suppress(Exception):
+        assert (await js.stream_info(stream)).state.last_seq == before
+
+
+async def test_the_operator_reads_but_does_not_write_the_streams(server, keys):
+    operator = await Client().connect(server.url, keys.path("operator"))
+    try:
+        await operator.nc.jetstream().stream_info(subjects.TRANSCRIPTS_STREAM)  # reads
+        for subject in ("audio.a.s1", "transcript.a.s1", "$KV.partition_leases.p0"):
+            await operator.nc.publish(subject, b"forged")
+            await operator.refused("publish", subject)
+    finally:
+        await operator.close()
+
+
+async def test_a_revoked_tenant_is_cut_off_at_the_reload_without_a_restart(server, keys, tmp_path):
+    keys.add_tenant("gone")
+    server.reload()
+    seed = tmp_path / "gone.nk"
+    shutil.copy(keys.tenant_path("gone"), seed)  # what the tenant kept: revoking deletes the stack's copy
+    disconnected = asyncio.Event()
+
+    async def on_disconnect():
+        disconnected.set()
+
+    client = await Client().connect(
+        server.url,
+        seed,
+        tenant="gone",
+        disconnected_cb=on_disconnect,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+    )
+    pid = server.pid
+    try:
+        await client.nc.subscribe("transcript.gone.>")
+        await client.nc.flush()
+        keys.revoke_tenant("gone")
+        server.reload()
+        await asyncio.wait_for(disconnected.wait(), 10)  # the server dropped the live connection
+        # and refuses it when it tries again
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not any("authorization violation" in e for e in client.errors):
+            assert loop.time() < deadline, client.errors
+            await asyncio.sleep(0.05)
+        assert not client.nc.is_connected
+    finally:
+        await client.close()
+    with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+        await nats.connect(server.url, nkeys_seed=str(seed), max_reconnect_attempts=0, allow_reconnect=False)
+    assert server.pid == pid  # reloaded, not restarted
