@@ -299,15 +299,19 @@ async def _stream_live(
     out = out or sys.stdout
     nc = await _connect_nats(url, auth, tenant=tenant)
     try:
-        return await stream_audio(
+        return await _until_refused(
             nc,
-            audio,
-            tenant=tenant,
-            session_id=session,
-            speed=speed,
-            language=language,
-            on_segment=lambda segment: show_live(segment, out),
-            **(speakers or {}),
+            stream_audio(
+                nc,
+                audio,
+                tenant=tenant,
+                session_id=session,
+                speed=speed,
+                language=language,
+                on_segment=lambda segment: show_live(segment, out),
+                **(speakers or {}),
+            ),
+            tenant,
         )
     finally:
         await nc.close()
@@ -316,22 +320,41 @@ async def _stream_live(
 async def _connect_nats(url: str, auth=None, tenant: str | None = None):
     """A connection as `auth`'s user (the operator of a stack running here by default); with `tenant`, replies
     come to that tenant's own inboxes, the only ones a tenant's user may read."""
+    import ssl
+
     import nats
     from nats.errors import Error as NatsError
 
     from jetscribe.shared.natsauth import ClientAuth
 
+    fatal: asyncio.Future = asyncio.get_running_loop().create_future()
+
     async def on_error(exc):  # nats-py would log each failed connection attempt with a traceback
-        if not isinstance(exc, OSError):
+        if isinstance(exc, ssl.SSLError) and not fatal.done():  # nats-py stalls after a failed TLS handshake
+            fatal.set_exception(Unreachable(f"TLS with NATS at {url} failed: {exc}; is JETSCRIBE_NATS_TLS_CA set?"))
+        elif "permissions violation" in str(exc).lower():
+            refusals.append(str(exc))
+            print(f"jetscribe: NATS refused: {exc}", file=sys.stderr, flush=True)
+        elif not isinstance(exc, OSError):
             print(f"jetscribe: NATS error: {exc!r}", file=sys.stderr, flush=True)
 
+    refusals: list[str] = []
     auth = auth if auth is not None else ClientAuth()
     try:
         options = auth.connect_options(url, tenant)
     except (OSError, ValueError) as exc:  # a TLS file that is not there, or a tenant that is no subject token
         raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from None
+    connecting = asyncio.ensure_future(
+        nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error, **options)
+    )
     try:
-        return await nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error, **options)
+        await asyncio.wait([connecting, fatal], return_when=asyncio.FIRST_COMPLETED)
+        if fatal.done():
+            connecting.cancel()
+            fatal.result()
+        nc = connecting.result()
+        nc.refusals = refusals  # what the server refused on it: `_until_refused` stops a command on the first
+        return nc
     except NatsError as exc:
         if "authorization" in str(exc).lower():
             raise Unreachable(
@@ -341,10 +364,30 @@ async def _connect_nats(url: str, auth=None, tenant: str | None = None):
         raise Unreachable(
             f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this folder, or set NATS_URL"
         ) from None
+    except Unreachable:
+        raise
     except Exception as exc:
         raise Unreachable(
             f"cannot reach NATS at {url} ({exc!r}); start the stack with `jetscribe up` in this folder, or set NATS_URL"
         ) from None
+
+
+async def _until_refused(nc, work, tenant: str):
+    """Run `work`; if NATS refuses one of its subjects meanwhile (a permissions violation: the credentials are
+    not tenant's), stop it and say so rather than wait for answers that cannot come."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait([task], timeout=0.1)
+        if done:
+            return task.result()
+        if nc.refusals:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise Unreachable(
+                f"NATS refused it ({nc.refusals[0]}): are these the credentials of tenant {tenant}? "
+                "(--creds or NATS_CREDS; `jetscribe tenant list`)"
+            )
 
 
 def cmd_follow(args) -> int:
@@ -374,8 +417,10 @@ def cmd_follow(args) -> int:
         nc = await _connect_nats(stack.nats_url(), stack.nats_auth(args.creds), tenant=args.tenant)
         try:
             if args.meeting:
-                return await follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
-            return await follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
+                watching = follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
+            else:
+                watching = follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
+            return await _until_refused(nc, watching, args.tenant)
         except NoStream as exc:
             raise Unreachable(str(exc)) from None
         except ConnectionClosedError:

@@ -265,11 +265,16 @@ class ChaosStack:
         self.services[name] = service
         return service
 
+    def creds(self, role: str) -> dict[str, str]:
+        """Each service connects as its own NATS user, as under `jetscribe up`."""
+        keyring = self.nats.keyring
+        return {"NATS_CREDS": str(keyring.path(role))} if keyring is not None else {}
+
     def start_ingest(self, **env) -> Service:
-        return self.add("ingest", "jetscribe.services.ingest", **env).start()
+        return self.add("ingest", "jetscribe.services.ingest", **{**self.creds("ingest"), **env}).start()
 
     def start_persister(self, **env) -> Service:
-        return self.add("persister", "jetscribe.services.persister", **env).start()
+        return self.add("persister", "jetscribe.services.persister", **{**self.creds("persister"), **env}).start()
 
     def start_transcriber(self, worker_id: str, **env) -> Service:
         # $JETSCRIBE_CHAOS_TRANSCRIBER runs another module in its place (a variant under test).
@@ -279,7 +284,7 @@ class ChaosStack:
             module,
             READY["jetscribe.services.transcriber"],
             JETSCRIBE_WORKER_ID=worker_id,
-            **env,
+            **{**self.creds("transcriber"), **env},
         ).start()
 
     def transcriber(self, worker_id: str) -> Service:
