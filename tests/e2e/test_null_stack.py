@@ -13,7 +13,7 @@ from jetscribe.services.persister.store import final_segments, open_engine, wait
 from jetscribe.services.transcriber.null_model import NULL_WORD
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
-from jetscribe.shared.natsauth import env_connect_options
+from jetscribe.shared.natsauth import ClientAuth, env_connect_options
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +49,20 @@ async def stream_and_check(local):
     assert len(set(owners.values())) == 2
     sessions = [f"s{i}" for i in range(6)]
     assert len({owners[subjects.session_partition("e2e", s, 16)] for s in sessions}) == 2  # both serve some
+    await nc.close()
+    # The bots connect as tenant e2e's user, as `jetscribe tenant add e2e` makes it, to services each running
+    # as its own user.
+    local.nats.keyring.add_tenant("e2e")
+    local.nats.reload()
+    bot_auth = ClientAuth(str(local.nats.keyring.tenant_path("e2e")))
+    bot = await nats.connect(local.nats_url, **bot_auth.connect_options(local.nats_url, tenant="e2e"))
     results = await asyncio.gather(
         *(
-            stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant="e2e", session_id=s, speed=0)
+            stream_audio(bot, Audio(speech.audio, speech.sample_rate), tenant="e2e", session_id=s, speed=0)
             for s in sessions
         )
     )
-    await nc.close()
+    await bot.close()
     engine = open_engine(local.database_url)
     try:
         for session, live in zip(sessions, results, strict=True):
