@@ -1,0 +1,36 @@
+"""The stack's NATS keys: seed files only their owner reads, tenants added, listed and revoked."""
+
+import stat
+
+import pytest
+
+from jetscribe.devstack.keys import Keyring, TenantError, public_key
+
+
+def test_seeds_are_private_and_made_once(tmp_path):
+    keys = Keyring(tmp_path / "keys").ensure_services()
+    seed = keys.path("ingest").read_bytes()
+    assert seed.startswith(b"SU") and stat.S_IMODE(keys.path("ingest").stat().st_mode) == 0o600
+    assert stat.S_IMODE(keys.folder.stat().st_mode) == 0o700
+    keys.ensure_services()
+    assert keys.path("ingest").read_bytes() == seed
+    assert {u.role for u in keys.users()} == {"ingest", "transcriber", "persister", "operator"}
+
+
+def test_a_revoked_tenant_leaves_the_users_and_comes_back_with_a_new_key(tmp_path):
+    keys = Keyring(tmp_path / "keys").ensure_services()
+    first = public_key(keys.add_tenant("acme").read_bytes().strip())
+    assert [(u.nkey, u.tenant) for u in keys.users() if u.role == "tenant"] == [(first, "acme")]
+    keys.revoke_tenant("acme")
+    assert keys.tenants() == {"acme": True} and not keys.tenant_path("acme").exists()
+    assert [u for u in keys.users() if u.role == "tenant"] == []
+    again = public_key(keys.add_tenant("acme").read_bytes().strip())
+    assert again != first and keys.tenants() == {"acme": False}
+
+
+def test_bad_or_unknown_tenants_are_refused(tmp_path):
+    keys = Keyring(tmp_path / "keys")
+    with pytest.raises(TenantError):
+        keys.add_tenant("a.b")
+    with pytest.raises(TenantError):
+        keys.revoke_tenant("nobody")
