@@ -141,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     tenant_revoke.add_argument("tenant")
 
+    config = sub.add_parser(
+        "nats-config", help="print a nats-server config holding the stack's users (for a NATS you run yourself)"
+    )
+    config.add_argument("--listen", default="0.0.0.0:4222", metavar="HOST:PORT")
+    config.add_argument("--store-dir", default="/data/jetstream", metavar="DIR")
+    config.add_argument("--server-name", default="", help="this node's name (needed in a cluster)")
+    config.add_argument("--cluster-listen", metavar="HOST:PORT", help="where this node listens for routes")
+    config.add_argument("--route", action="append", default=[], metavar="URL", help="nats-route://host:port, each node")
+
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
 
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "status": cmd_status,
         "tenant": cmd_tenant,
+        "nats-config": cmd_nats_config,
         "db": cmd_db,
     }[args.command]
     try:
@@ -550,6 +560,29 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    return 0
+
+
+def cmd_nats_config(args) -> int:
+    from jetscribe.shared.natsauth import Cluster, server_config
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"jetscribe nats-config: --listen {args.listen!r} is not HOST:PORT", file=sys.stderr)
+        return 2
+    cluster = Cluster("jetscribe", args.cluster_listen, tuple(args.route)) if args.cluster_listen else None
+    users = stack.keyring().ensure_services().users()
+    print(
+        server_config(
+            host=host,
+            port=int(port),
+            store_dir=args.store_dir,
+            users=users,
+            server_name=args.server_name,
+            cluster=cluster,
+        ),
+        end="",
+    )
     return 0
 
 
