@@ -203,7 +203,17 @@ def local_stack(home: Path, model: str, extra_env: dict[str, str] | None = None,
     env = {"JETSCRIBE_LOG_LEVEL": os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), **(extra_env or {})}
     print(f"starting the stack in {home} with model {model} ...", file=sys.stderr, flush=True)
     with LocalStack(home, model=model, extra_env=env, **options) as stack:
+        connect_as_root(stack)
         yield stack
+
+
+def connect_as_root(stack) -> None:
+    """The benchmark's own connections (bots of many tenants, purges, stats) use a user allowed everything, made in
+    the stack's keys for it (NATS_CREDS, so generator processes inherit it); the services keep their own users."""
+    if stack.nats is None or stack.nats.keyring is None:
+        return  # NATS of someone else's: NATS_CREDS is the user they gave
+    os.environ["NATS_CREDS"] = str(stack.nats.keyring.ensure_root())
+    stack.nats.reload()
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import connect_as_root  # noqa: E402
 from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
 from jetscribe.shared.natsauth import env_connect_options  # noqa: E402
 
@@ -547,6 +548,7 @@ def main() -> None:
             Path(tmp) / "stack", model="null", transcribers=args.transcribers, gateways=args.gateways, extra_env=env
         )
         with stack as local:
+            connect_as_root(local)
             asyncio.run(wait_ready(local, args.gateways))
             idle = asyncio.run(idle_cpu(local))
             print(
