@@ -10,12 +10,14 @@ subjects, so a tenant may create a consumer on TRANSCRIPTS only with the filter 
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from jetscribe.shared import subjects
+from jetscribe.shared.config import StreamSettings
 
 ROLES = ("ingest", "transcriber", "persister", "operator", "tenant", "root")
 SERVICE_ROLES = ("ingest", "transcriber", "persister")
@@ -83,7 +85,7 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
         return Permissions(
             publish=(
                 subjects.AUDIO_PUBLISHED,
-                subjects.ingest_partition_all(0).replace(".0.", ".*."),  # forwarding to the partition's holder
+                subjects.INGEST_PARTITIONS_ALL,  # forwarding to the partition's holder
                 subjects.errors("ingest", "*"),
                 "$JS.API.>",
                 "$JS.ACK.TRANSCRIPTS.>",  # its consumer of the transcribers' ended/rejected events
@@ -93,7 +95,7 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
             subscribe=(
                 subjects.INGEST_AUDIO_ALL,
                 subjects.INGEST_SESSION_ALL,
-                subjects.ingest_partition_all(0).replace(".0.", ".*."),
+                subjects.INGEST_PARTITIONS_ALL,
                 subjects.SESSION_EVENTS_ALL,
                 _SERVICE_INBOX,
                 *_MICRO,
@@ -230,7 +232,7 @@ class ClientAuth:
     tls_key: str = ""
 
     @classmethod
-    def of(cls, settings: Any) -> ClientAuth:
+    def of(cls, settings: StreamSettings) -> ClientAuth:
         """From a StreamSettings (config.py), whose fields read NATS_CREDS and JETSCRIBE_NATS_TLS_*."""
         return cls(settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
 
@@ -262,6 +264,4 @@ class ClientAuth:
 def env_connect_options(url: str) -> dict[str, Any]:
     """nats-py connect options from NATS_CREDS and JETSCRIBE_NATS_TLS_* (scripts and tests that connect
     with what the environment says)."""
-    import os
-
     return ClientAuth.from_env(os.environ).connect_options(url)

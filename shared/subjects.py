@@ -106,6 +106,9 @@ def ingest_partition_all(partition: int) -> str:
     return f"{_INGEST_PARTITION}{partition}.>"
 
 
+INGEST_PARTITIONS_ALL = f"{_INGEST_PARTITION}*.>"  # every forwarded request (the gateways' NATS permissions)
+
+
 def is_forwarded(subject: str) -> bool:
     """A request one gateway forwarded to another (`ingest_partition`), not a bot's own."""
     return subject.startswith(_INGEST_PARTITION)

@@ -216,6 +216,11 @@ def cmd_up(args) -> int:
         stop_later()
         print(f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", flush=True)
         print(_workers_line(local), flush=True)
+        if local.nats is not None and local.nats.keyring is not None:
+            print(
+                f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T",
+                flush=True,
+            )
         print("stream with: jetscribe stream FILE --session ID    (Ctrl-C stops everything)", flush=True)
         while not stopping:
             local.check()
