@@ -19,6 +19,7 @@ from jetscribe.evaluation.wer import wer
 from jetscribe.services.persister.store import meeting_segments, open_engine, wait_until_ended
 from jetscribe.shared import subjects
 from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import Reply, decode
 from tests.e2e.test_pipeline import assert_all_audio_acked, persisted
 
@@ -65,7 +66,7 @@ def check_against_script(speech, rows, shift=lambda row: 0.0):
 
 async def test_speaker_changes_split_finals_and_label_their_words(pipeline, speech):
     tenant, session = "e2e", f"turns-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         live = await stream_audio(
             nc,
@@ -98,7 +99,7 @@ async def meeting(database_url, tenant, meeting_id, tracks):
 async def test_a_meeting_sent_as_one_track_per_participant(pipeline, speech):
     tenant, meeting_id = "e2e", f"meet-{uuid.uuid4().hex[:8]}"
     tracks = tracks_of(speech)
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         await asyncio.gather(
             *(
@@ -129,7 +130,7 @@ async def test_a_two_channel_recording_is_split_into_labelled_tracks(pipeline, s
     tenant, session = "e2e", f"stereo-{uuid.uuid4().hex[:8]}"
     tracks = tracks_of(speech)
     stereo = np.stack([tracks["A"], tracks["B"]], axis=1)
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
         live = await stream_audio(
             nc, Audio(stereo, SAMPLE_RATE), tenant=tenant, session_id=session, speed=0.0, channel_speakers=["A", "B"]
@@ -171,7 +172,7 @@ class OldChunk(msgspec.Struct, kw_only=True, tag="audio"):
 
 async def test_an_old_bot_without_speakers_still_works(pipeline, speech):
     tenant, session = "e2e", f"old-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(pipeline.nats_url)
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
 
     async def ask(subject, message):
         reply = decode((await nc.request(subject, msgspec.msgpack.encode(message), timeout=10)).data, Reply)

@@ -160,7 +160,7 @@ async def test_follow_meeting_merges_its_tracks_in_spoken_order(nats_url):
     speakers and times from the first track's start, and exits once both tracks ended."""
     from jetscribe.client.follow import follow_meeting, meeting_consumer_config
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings(nats_url=nats_url))
     tenant, meeting = "acme", f"m{uuid.uuid4().hex[:8]}"
