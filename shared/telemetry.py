@@ -301,12 +301,27 @@ class JsonFormat(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# Libraries whose INFO lines are per call or per step (faster-whisper: one per decode; alembic: one per migration
+# step; nats: connection chatter): WARNING and above unless the service logs at DEBUG.
+CHATTY_LIBRARIES = ("faster_whisper", "alembic", "nats", "ctranslate2")
+
+
+def quiet_libraries(level: int | str) -> None:
+    """Hold `CHATTY_LIBRARIES` to WARNING unless `level` (the process's) is DEBUG or finer, then let them through."""
+    numeric = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
+    verbose = isinstance(numeric, int) and numeric <= logging.DEBUG
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
 def setup_logging(service: str, config: TelemetryConfig) -> None:
-    """Configure the process's logging: one line per event, text or JSON (JETSCRIBE_LOG_FORMAT)."""
+    """Configure the process's logging: one line per event, text or JSON (JETSCRIBE_LOG_FORMAT); chatty libraries
+    at WARNING unless JETSCRIBE_LOG_LEVEL=DEBUG."""
     handler = logging.StreamHandler()
     handler.addFilter(LogContext(service))
     handler.setFormatter(JsonFormat() if config.log_format == "json" else TextFormat())
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    quiet_libraries(config.log_level)
 
 
 def serve(service: str, run: Callable[[asyncio.Event, Telemetry], Awaitable[None]]) -> int:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.shared.config import ConfigError
+from jetscribe.shared.telemetry import quiet_libraries
 
 CREDS_HELP = "nkey seed file to connect to NATS with (default $NATS_CREDS, else the operator key of a stack here)"
 
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("follow", "transcript") and (args.session is None) == (args.meeting is None):
         parser.error(f"{args.command}: give a session id or --meeting M (one of them)")
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
     command = {
         "up": cmd_up,
         "stream": cmd_stream,

@@ -27,6 +27,7 @@ from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, Se
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.instruments import WorkerInstruments
+from jetscribe.services.transcriber.session_log import event_line, handed_over_line, takeover_line
 from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, backlog_samples, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
@@ -86,6 +87,8 @@ class SessionRecord:
     partition: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     arrivals: ChunkArrivals = field(default_factory=ChunkArrivals)  # for latencies and trace links
+    words: int = 0  # words of the finals published here, for the session's end line
+    resumed: bool = False  # taken over from a checkpoint: `words` counts only since then
 
 
 @dataclass
@@ -298,9 +301,10 @@ class TranscriberWorker:
             meeting_id=start.meeting_id if start else None,
             track_start=start.track_start if start else 0.0,
         )
+        record = self.sessions[key] = SessionRecord(stream, partition, resumed=checkpoint is not None)
         if checkpoint is not None:
-            log.info("%s/%s resumed from its checkpoint after seq %d", *key, checkpoint.acked_seq)
-        record = self.sessions[key] = SessionRecord(stream, partition)
+            with telemetry.log_context(*key):
+                log.info("%s", takeover_line(checkpoint, self.config.worker_id, partition))
         self.instruments.opened(key[0], checkpoint.worker_id if checkpoint is not None else None)
         return record
 
@@ -362,6 +366,8 @@ class TranscriberWorker:
                         ),
                     )
                 self.instruments.segment_published(record.arrivals, segment, self.clock.wall())
+                if segment.status == "final":
+                    record.words += len(segment.words)
             for event in step.events:
                 await self._publish(
                     subjects.session_event(event.tenant, event.session_id, event.event),
@@ -369,6 +375,7 @@ class TranscriberWorker:
                     subjects.event_message_id(event.tenant, event.session_id, event.event),
                 )
                 self.instruments.event_published(event)
+                log.info("%s", event_line(event, record.partition, record.words, record.resumed))
             if step.checkpoint is not None:
                 await self._save_checkpoint(step.checkpoint)
                 self.instruments.checkpoint_written(record.stream.tenant)
@@ -378,6 +385,13 @@ class TranscriberWorker:
                 await _settle_message(msg.nak, msg)
             if step.segments:
                 record.arrivals.drop_before(record.stream.segmenter.buffer.start - ARRIVALS_KEPT_BEHIND)
+            if step.closed and not step.events:  # neither ended nor rejected here: handed over
+                stream = record.stream
+                acked = step.checkpoint.acked_seq if step.checkpoint is not None else stream.ledger.acked_seq
+                log.info(
+                    "%s",
+                    handed_over_line(stream.tenant, stream.session_id, self.config.worker_id, record.partition, acked),
+                )
 
     def _own_consumers(self) -> list[tuple[str, str, int | None]]:
         """The AUDIO consumers of the partitions this worker holds, for their lag."""

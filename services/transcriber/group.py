@@ -49,6 +49,7 @@ from jetscribe.services.transcriber.partitions import (
     decode_member,
     encode_lease,
     encode_member,
+    holding_line,
     lease_deadline,
     lease_ttl_seconds,
     may_acquire,
@@ -277,6 +278,7 @@ class PartitionGroup:
         self._last_plan = None
         self._stopping = False
         self._held: dict[int, _Held] = {}
+        self._announced: frozenset[int] = frozenset()  # what the log last said this member holds
         self._members_kv = None
         self._leases_kv = None
         self._wake = asyncio.Event()
@@ -345,6 +347,7 @@ class PartitionGroup:
             if held.puller is not None:
                 await held.puller._stop(give_back=False)
         self._held.clear()
+        self._announce()
 
     def wake(self) -> None:
         self._wake.set()
@@ -495,7 +498,7 @@ class PartitionGroup:
         self.members = await self._read_members()
         step = plan(self.member_id, self.partitions, self.members, self._held.keys())
         if (step.release or step.acquire) and step != self._last_plan:
-            log.info(
+            log.debug(
                 "%s: members %s; releasing %s, acquiring %s",
                 self.member_id,
                 sorted(self.members),
@@ -506,6 +509,15 @@ class PartitionGroup:
         await asyncio.gather(*(self._release(self._held[p]) for p in step.release))
         for partition in step.acquire:
             await self._acquire(partition)
+        self._announce()
+
+    def _announce(self) -> None:
+        """One INFO line when what this member holds changed since the last one (the single partitions at DEBUG)."""
+        owned = self.owned
+        line = holding_line(self._announced, owned)
+        if line is not None:
+            log.info("%s: %s; %d members", self.member_id, line, len(self.members))
+        self._announced = owned
 
     async def _acquire(self, partition: int) -> None:
         lease, revision = await self._read_lease(partition)
@@ -530,7 +542,7 @@ class PartitionGroup:
                     await held.puller._stop(give_back=False)
                 await self._delete_lease(held)
                 return
-        log.info("%s: acquired partition %d", self.member_id, partition)
+        log.debug("%s: acquired partition %d", self.member_id, partition)
         held.told = True
         await self._callback(self.on_assigned, partition, held.puller)
 
@@ -543,7 +555,7 @@ class PartitionGroup:
             held.done = True
             await self._callback(self.on_revoked, held.partition, False)
         await self._delete_lease(held)
-        log.info("%s: released partition %d", self.member_id, held.partition)
+        log.debug("%s: released partition %d", self.member_id, held.partition)
 
     async def _drop(self, held: _Held) -> None:
         """The lease is gone (taken, or expired for want of renewals): stop at once, tell the worker."""

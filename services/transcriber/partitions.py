@@ -70,6 +70,29 @@ def plan(member: str, partitions: int, members: Members, held: Collection[int]) 
     return Plan(release=tuple(sorted(set(held) - wanted)), acquire=tuple(sorted(wanted - set(held))))
 
 
+# --- what a member holds, for its log -------------------------------------------------------------
+def spans(partitions: Iterable[int]) -> str:
+    """Partitions as runs: {0, 1, 2, 3, 5, 7, 8} -> "0-3,5,7-8"."""
+    runs: list[list[int]] = []
+    for p in sorted(set(partitions)):
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def holding_line(before: Collection[int], after: Collection[int]) -> str | None:
+    """One line per change of what a member holds ("holds partitions 0-7 (+4-7, -8-15)"), None if nothing
+    changed: a member taking 16 partitions says so once, not 16 times."""
+    gained, lost = set(after) - set(before), set(before) - set(after)
+    if not gained and not lost:
+        return None
+    change = ", ".join(f"{sign}{spans(ps)}" for sign, ps in (("+", gained), ("-", lost)) if ps)
+    held = f"holds partitions {spans(after)}" if after else "holds no partitions"
+    return f"{held} ({change})"
+
+
 # --- leases ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Lease:

@@ -163,3 +163,23 @@ def test_a_bad_number_names_its_variable(monkeypatch):
     monkeypatch.setenv("JETSCRIBE_METRICS_PORT", "ninety")
     with pytest.raises(ValueError, match="^JETSCRIBE_METRICS_PORT is 'ninety': not a valid int$"):
         TelemetryConfig.from_env()
+
+
+@pytest.mark.parametrize(("level", "chatty_info"), [("INFO", False), ("WARNING", False), ("DEBUG", True)])
+def test_library_chatter_is_held_to_warning_unless_debug(level, chatty_info):
+    """faster-whisper logs one INFO line per decode, alembic one per migration step: off unless DEBUG."""
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        telemetry.setup_logging("transcriber", TelemetryConfig(log_level=level))
+        for name in telemetry.CHATTY_LIBRARIES:
+            library = logging.getLogger(f"{name}.inner")
+            assert library.isEnabledFor(logging.INFO) is chatty_info, name
+            assert library.isEnabledFor(logging.WARNING) is True, name
+        assert logging.getLogger("jetscribe.services.transcriber.app").isEnabledFor(logging.INFO) is (
+            level != "WARNING"
+        )
+    finally:
+        telemetry.quiet_libraries("WARNING")
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]

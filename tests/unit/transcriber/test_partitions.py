@@ -150,3 +150,21 @@ def test_values_round_trip():
     assert decode_lease(encode_lease("a", 5, 1.0), 3) == Lease("a", 3)
     assert decode_member(encode_member("a", {2, 1}, 1.0)) == ("a", frozenset({1, 2}))
     assert decode_member(encode_member("a", None, 1.0)) == ("a", None)
+
+
+def test_spans_write_runs_of_partitions():
+    from jetscribe.services.transcriber.partitions import spans
+
+    assert spans([]) == ""
+    assert spans([3]) == "3"
+    assert spans([7, 0, 1, 2, 3, 5, 8]) == "0-3,5,7-8"
+
+
+def test_one_holding_line_per_change_not_per_partition():
+    from jetscribe.services.transcriber.partitions import holding_line
+
+    assert holding_line(set(), set(range(16))) == "holds partitions 0-15 (+0-15)"
+    assert holding_line(set(range(16)), set(range(8))) == "holds partitions 0-7 (-8-15)"
+    assert holding_line({0, 1}, {1, 2}) == "holds partitions 1-2 (+2, -0)"
+    assert holding_line(set(range(4)), set()) == "holds no partitions (-0-3)"
+    assert holding_line({1, 2}, {2, 1}) is None
