@@ -53,7 +53,7 @@ from jetscribe.services.ingest.core import (
 )
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
-from jetscribe.services.transcriber.partitions import assigned_to
+from jetscribe.services.transcriber.partitions import assigned_to, spans
 from jetscribe.shared import discovery, jetstream, subjects, telemetry
 from jetscribe.shared.activity import GatewayActivity
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -557,7 +557,7 @@ async def run(
             "ingest gateway serving on %s as %s, partitions %s; metrics on %s",
             settings.nats_url,
             gateway.gateway_id,
-            sorted(gateway.group.owned),
+            spans(gateway.group.owned) or "none yet",
             tel.endpoint_url,
         )
         stop = stop or asyncio.Event()

@@ -516,7 +516,7 @@ class PartitionGroup:
         owned = self.owned
         line = holding_line(self._announced, owned)
         if line is not None:
-            log.info("%s: %s; %d members", self.member_id, line, len(self.members))
+            log.info("%s: %s; %d in the group", self.member_id, line, len(self.members))
         self._announced = owned
 
     async def _acquire(self, partition: int) -> None:

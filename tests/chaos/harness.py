@@ -101,9 +101,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 READY = {
     "jetscribe.services.ingest": r"ingest gateway serving on",
     "jetscribe.services.persister": r"persisting TRANSCRIPTS to Postgres",
-    # The static worker says "transcriber w1 ready on partitions all"; a group member also logs
-    # "w1: acquired partition N". Either one means the model is loaded and it is consuming.
-    "jetscribe.services.transcriber": r"transcriber \S+ ready|: acquired partition \d+",
+    # The worker says "transcriber w1 ready; partitions: all"; a group member also logs
+    # "w1: holds partitions 0-7 (+0-7)". Either one means the model is loaded and it is consuming.
+    "jetscribe.services.transcriber": r"transcriber \S+ ready|: holds partitions \d",
 }
 
 
