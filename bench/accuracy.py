@@ -1,13 +1,14 @@
 """Streaming accuracy and latency of jetscribe, against offline faster-whisper on the same files.
 
-    python bench/accuracy.py [--data ../shared/devset] --model tiny.en --speed 1.0 --json OUT.json \
+    python bench/accuracy.py [--data DIR] --model tiny.en --speed 1.0 --json OUT.json \
         [--files mono_standup,dialog_doctor] [--language auto] [--nats-url URL] [--database-url URL] [--external] \
         [--conditions clean,room,noise,phone,opus,quiet,crosstalk [--seed 0] [--every]]
 
 --data DIR holds <name>.wav and <name>.json ({"text": reference, "turns": [{speaker, start, end, text}]}); repeat
-it for more folders. Default: $JETSCRIBE_DEVSET, else ../shared/devset beside the repo (the project's devset) if it
-exists, else a small set made once with the project's Piper speech (jetscribe.evaluation.speech) in
-$JETSCRIBE_CACHE/bench-devset; with --conditions the real recordings in bench/data/real are added to the default.
+it for more folders. Default: $JETSCRIBE_DEVSET if set, else ../shared/devset beside the clone if it is there (the
+team's devset, not in the repository), else a small set synthesised once with the project's Piper speech
+(jetscribe.evaluation.speech) in $JETSCRIBE_CACHE/bench-devset; with --conditions the real recordings in
+bench/data/real are added to the default.
 
 --conditions runs the realistic set (bench/make_realistic.py, conditions in jetscribe/evaluation/conditions.py):
 each file is put in two of the listed conditions (rotating so that each condition meets each kind of speech as far

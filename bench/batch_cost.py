@@ -1,7 +1,7 @@
 """What batching saves: decode cost per job at batch sizes 1, 2, 4, 8 (and the sequential path), on the jobs
 a live session really hands out, with text equality against the same jobs decoded alone.
 
-    python bench/batch_cost.py --model tiny.en|base|PATH [--data ../shared/devset] [--files a,b] [--sizes 1,2,4,8]
+    python bench/batch_cost.py --model tiny.en|base|PATH [--data DIR] [--files a,b] [--sizes 1,2,4,8]
                                [--json OUT]
 
 No servers: each file goes through the transcriber's session core in 100 ms chunks (VAD, endpoints, early finals,
@@ -77,11 +77,22 @@ def words(decoded) -> list[tuple[str, float, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "devset")
-    parser.add_argument("--files", default="dialog_doctor,mono_product_demo,meeting_long")
+    parser.add_argument("--data", type=Path, help="devset-format folder (default: as bench/accuracy.py's)")
+    parser.add_argument(
+        "--files",
+        help="comma list (default: dialog_doctor,mono_product_demo,meeting_long if the folder has them, else all)",
+    )
     parser.add_argument("--sizes", default="1,2,4,8")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.data is None:
+        from bench.common import default_data
+
+        args.data = default_data(with_real=False)[0]
+    if args.files is None:
+        usual = "dialog_doctor,mono_product_demo,meeting_long"
+        have = all((args.data / f"{name}.wav").exists() for name in usual.split(","))
+        args.files = usual if have else ",".join(sorted(p.stem for p in args.data.glob("*.wav")))
     sizes = [int(s) for s in args.sizes.split(",")]
     config = TranscriberConfig(model=args.model)
     options = CommitOptions(

@@ -40,14 +40,22 @@ class Item:
 
 
 # --- the files -------------------------------------------------------------------------------------
+# Where a benchmark's files come from without --data; --help, the errors and the README say the same.
+DEFAULT_DATA = (
+    "$JETSCRIBE_DEVSET if set, else ../shared/devset beside the clone if it is there (the team's devset, not in "
+    "the repository), else a small set synthesised once with Piper into $JETSCRIBE_CACHE/bench-devset "
+    "(~/.cache/jetscribe/bench-devset)"
+)
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--data, --files, --conditions, --seed, --every: which files a benchmark streams (`items_from_arguments`)."""
     parser.add_argument(
         "--data",
         type=Path,
         action="append",
-        help="folder of <name>.wav + <name>.json, repeatable (default: ../shared/devset if it "
-        "exists, else a small generated set; with --conditions also bench/data/real)",
+        help=f"folder of <name>.wav + <name>.json, repeatable (default: {DEFAULT_DATA}; with --conditions also "
+        "bench/data/real)",
     )
     parser.add_argument("--files", help="comma list of names to run (default: all in --data)")
     parser.add_argument(
@@ -70,10 +78,7 @@ def items_from_arguments(args: argparse.Namespace) -> tuple[list[Item], list[str
     if args.data:
         missing = [str(d) for d in args.data if not d.is_dir()]
         if missing:
-            sys.exit(
-                f"--data {', '.join(missing)}: no such folder (leave --data out to use ../shared/devset "
-                f"or a small generated set)"
-            )
+            sys.exit(f"--data {', '.join(missing)}: no such folder (leave --data out to use {DEFAULT_DATA})")
     args.data = args.data or default_data(with_real=conditions is not None)
     if conditions:
         return load_condition_items(args.data, args.files, conditions, args.seed, args.every), conditions
@@ -119,9 +124,11 @@ def load_condition_items(
 
 
 def default_data(with_real: bool) -> list[Path]:
-    """$JETSCRIBE_DEVSET, else ../shared/devset beside the repo if it is there, else a small Piper set made
-    once in the cache."""
-    devset = Path(os.environ.get("JETSCRIBE_DEVSET") or REPO.parent / "shared" / "devset")
+    """The folders a benchmark reads without --data: see DEFAULT_DATA (with_real: also bench/data/real)."""
+    named = os.environ.get("JETSCRIBE_DEVSET")
+    if named and not Path(named).is_dir():
+        sys.exit(f"JETSCRIBE_DEVSET={named}: no such folder")
+    devset = Path(named) if named else REPO.parent / "shared" / "devset"
     folders = [devset] if devset.is_dir() else [generated_devset()]
     real = REPO / "bench" / "data" / "real"
     return folders + ([real] if with_real and real.is_dir() else [])
@@ -161,7 +168,7 @@ def generated_devset() -> Path:
     folder = default_cache_dir().parent / "bench-devset"
     for name, (kind, turns) in SMALL_SET.items():
         if not (folder / f"{name}.json").exists():
-            print(f"no ../shared/devset: making {folder / name}.wav with Piper ...", file=sys.stderr, flush=True)
+            print(f"no devset: making {folder / name}.wav with Piper (once) ...", file=sys.stderr, flush=True)
             write_devset_file(folder, name, kind, turns)
     return folder
 

@@ -1,10 +1,10 @@
 """Make a devset-format folder harder: reverberation, noise, a phone line, Opus, a quiet speaker, crosstalk.
 
-    python bench/make_realistic.py --data ../shared/devset [--data bench/data/real] \
+    python bench/make_realistic.py [--data DIR] [--data bench/data/real] \
         [--conditions room,noise,phone,opus,quiet,crosstalk] [--seed 0] [--files a,b] [--every] [--out DIR]
 
-Each source <name>.wav + <name>.json (16 kHz mono s16, JSON with `text` and `turns`, see
-../shared/devset/README.md) gives <name>@<condition>: a WAV of the same length (turn timings stay
+Each source <name>.wav + <name>.json (16 kHz mono s16, JSON with `text` and `turns` of
+{speaker, start, end, text}) gives <name>@<condition>: a WAV of the same length (turn timings stay
 valid) and a JSON with the reference unchanged plus `condition`, `seed`, the condition's parameters
 (`snr_db`, `noise`, `rt60_s`, `bitrate_kbps`, `level_dbfs`, `mains_hz`, `overlaps`, ...),
 `source_file` and `source_sha256`.
@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         type=Path,
         action="append",
-        required=True,
-        help="folder of <name>.wav + <name>.json (repeat for more folders)",
+        help="folder of <name>.wav + <name>.json (repeat for more folders; default: the benchmarks' default set, "
+        "see bench/accuracy.py --help)",
     )
     parser.add_argument("--conditions", default=",".join(DEGRADED), help=f"comma list of {', '.join(CONDITIONS)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -362,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="cache folder (default $JETSCRIBE_CACHE/realistic)")
     args = parser.parse_args(argv)
     conditions = parse_conditions(args.conditions)
+    if not args.data:
+        from bench.common import default_data
+
+        args.data = default_data(with_real=False)
     everything = load_sources(args.data)
     sources = load_sources(args.data, args.files) if args.files else everything
     pairs = plan(sources, conditions, len(conditions) if args.every else 2)

@@ -1,7 +1,7 @@
 """Does a short encoder window keep accuracy? Finals decoded on the full 30 s window vs one just big
 enough for the audio, side by side in one run, with decode cost per call.
 
-    python bench/windows.py --data ../shared/devset --model base|tiny.en|PATH [--files a,b] [--json OUT]
+    python bench/windows.py [--data DIR] --model base|tiny.en|PATH [--files a,b] [--json OUT]
 
 No servers: each file is fed in 100 ms chunks through the transcriber's own session core
 (services/transcriber/core.py: VAD, endpoints, early finals, through its one-step API), and every final job is
@@ -88,11 +88,15 @@ def transcribe_file(model, path: Path, window: str, language: str | None) -> tup
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--data", type=Path, help="devset-format folder (default: as bench/accuracy.py's)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--files", default="")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.data is None:
+        from bench.common import default_data
+
+        args.data = default_data(with_real=False)[0]
     wanted = {f for f in args.files.split(",") if f}
     paths = [
         p

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from jetscribe.cli.formats import WORD_FIELDS, show_live
 from jetscribe.client.meeting import MeetingMerge
 from jetscribe.shared import subjects
-from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, WireError, decode
+from jetscribe.shared.wire import DroppedWord, Segment, SessionEvent, TranscriptMessage, WireError, decode
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -188,8 +188,9 @@ def as_json(message: TranscriptMessage, stream_seq: int) -> str:
     """One line of `--format json`: the message's fields, words as objects, and its stream seq
     (resume with `--from-seq` one above it)."""
     data = msgspec.to_builtins(message)
-    if isinstance(message, Segment):
+    if isinstance(message, Segment):  # arrays on the wire (array_like), objects with their field names here
         data["words"] = [dict(zip(WORD_FIELDS, w, strict=False)) for w in data["words"]]
+        data["dropped"] = [dict(zip(DroppedWord.__struct_fields__, w, strict=True)) for w in data["dropped"]]
     data["stream_seq"] = stream_seq
     return json.dumps(data, ensure_ascii=False)
 
