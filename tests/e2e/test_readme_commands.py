@@ -45,9 +45,11 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,14 +298,19 @@ class Workspace:
 
 
 @pytest.fixture
-def workspace(tmp_path):
-    space = Workspace(tmp_path / "clone")
+def workspace():
+    # Not under pytest's tmp_path (0700 as root): PostgreSQL runs as its own user and must reach the binaries
+    # through `.venv` here, as in a clone.
+    root = Path(tempfile.mkdtemp(prefix="jetscribe-readme-"))
+    root.chmod(0o755)
+    space = Workspace(root / "clone")
     try:
         yield space
     finally:
         space.stop_stack()
         if space.stack_running():  # a block started one that outlived it (`up -d`): ours to stop
             space.run("jetscribe down || true", "cleanup", timeout_s=60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_readme_blocks_run_against_a_running_stack(workspace):
