@@ -14,16 +14,19 @@ Markers: an HTML comment (invisible on GitHub) on the lines just before a block'
     <!-- doc-test: live-session TENANT/ID -->  before the block, `jetscribe stream` sends the speech sample as that
                                                session in real time (TRANSCRIPTS first holds 1234 messages, so that
                                                `--from-seq 1234` lands in it); after it, the stream must exit 0
+    <!-- doc-test: files NAME[:CHANNELS] ... -> the audio files the block reads: the first CLIP_S seconds of the
+                                               speech sample, written under those names (CHANNELS copies of it)
 
 How a block runs (`test_readme_blocks_run_against_a_running_stack`): line by line (a trailing `\\` continues it),
 each command with `bash -o pipefail` and JETSCRIBE_MODEL=null, NATS_URL and DATABASE_URL unset (the CLI finds the
-stack through `.jetscribe/stack.json`); it must exit 0 within COMMAND_TIMEOUT_S. A command whose comment says
-`Ctrl-C` is live: it runs LIVE_S seconds, is interrupted with SIGINT and must exit 0 having printed something.
+stack through `.jetscribe/stack.json`); it must exit 0 within COMMAND_TIMEOUT_S. A command ending in `&` runs in one
+shell with the next one, which then waits for it; it must exit 0 too. A command whose comment says `Ctrl-C` is live:
+it runs on a terminal (a pty) until it has drawn something, LIVE_S seconds more, then gets SIGINT and must exit 0.
 `jetscribe up` (without `-d`) is started in the background and becomes the stack (the one before is stopped); a
 stack that a block stopped (`jetscribe down`) is started again before the next block. `PORT` is the metrics port of
 the worker that served the live session. Where a command's comment shows a JSON object, its output must be one with
-those keys; `jetscribe follow` must print the live session's finals and end at its `ended`. SQL blocks run on the
-stack's PostgreSQL. Then the CLI table's commands that no block holds (TABLE_COMMANDS) run the same way; of the
+those keys; `jetscribe follow` of the live session must print its finals and end at its `ended`. SQL blocks run on
+the stack's PostgreSQL. Then the CLI table's commands that no block holds (TABLE_COMMANDS) run the same way; of the
 others, `jetscribe up` is the stack this test starts and `jetscribe stream` sends the live session.
 
 Commands of the README run by other tests, not here:
@@ -64,7 +67,8 @@ SHELL = ("sh", "bash", "shell", "console")
 COMMAND_TIMEOUT_S = 180.0
 LIVE_S = 2.0  # a live command runs this long after its first output, then gets Ctrl-C
 PADDED_TO_SEQ = 1234
-DIRECTIVES = ("skip", "covered-by", "shorten", "live-session")
+DIRECTIVES = ("skip", "covered-by", "shorten", "live-session", "files")
+CLIP_S = 12.0  # seconds of the speech sample in the files a block reads
 # The CLI table's commands (README "The CLI") that no block shows, with the live session's names.
 TABLE_COMMANDS = [
     "jetscribe transcript s1 --tenant acme --format srt",
@@ -99,6 +103,25 @@ class Block:
             if line.strip() and not line.lstrip().startswith("#"):
                 commands.append(line.strip())
         return commands
+
+    @property
+    def steps(self) -> list[str]:
+        """`commands`, those sent to the background (`cmd &`) joined to the next into one shell script that waits
+        for them and fails if one failed."""
+        steps, background = [], []
+        for command in self.commands:
+            code = command.split(" #", 1)[0].strip()
+            if code.endswith("&"):
+                background.append(code[:-1].strip())
+                continue
+            if background:
+                started = "; ".join(f"{{ {b} ; }} & p{i}=$!" for i, b in enumerate(background))
+                waits = " && ".join(f"wait $p{i}" for i in range(len(background)))
+                command = f"set -e; {started}; {code}; {waits}"
+                background = []
+            steps.append(command)
+        assert not background, f"a block ends with a command in the background: {background}"
+        return steps
 
 
 def readme_blocks(text: str | None = None) -> list[Block]:
@@ -325,11 +348,14 @@ def test_readme_blocks_run_against_a_running_stack(workspace):
         if not workspace.stack_running():
             workspace.start_stack()
         where = f"README.md:{block.line}"
+        for spec in (block.directive("files") or "").split():
+            name, _, channels = spec.partition(":")
+            write_clip(workspace.root / name, int(channels or 1))
         live = block.directive("live-session")
         streaming = start_live_session(workspace, live) if live else None
         if block.lang == "sql":
             run_sql(workspace, block, where)
-        for command in block.commands if block.lang != "sql" else []:
+        for command in block.steps if block.lang != "sql" else []:
             run_command(workspace, command, where)
             ran += 1
         if streaming is not None:
@@ -384,8 +410,21 @@ def top_level_keys(shown: str) -> set[str]:
     return keys
 
 
+def write_clip(path: Path, channels: int) -> None:
+    import numpy as np
+    import soundfile
+
+    from jetscribe.evaluation.speech import sample_speech
+
+    speech = sample_speech()
+    clip = speech.audio[: int(CLIP_S * speech.sample_rate)]
+    soundfile.write(str(path), np.stack([clip] * channels, axis=1) if channels > 1 else clip, speech.sample_rate)
+
+
 def check_follow(words: list[str], output: str, where: str) -> None:
     """The live session's finals were printed and the command ended at its `ended` event."""
+    if "s1" not in words:  # only the live session's output is known here
+        return
     if "--format" in words and words[words.index("--format") + 1] == "json":
         lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
         assert any(m["type"] == "segment" and m["status"] == "final" and m["words"] for m in lines), where

@@ -94,7 +94,7 @@ def test_arrays_in_the_table_are_the_array_like_structs_in_order():
             assert shown, f"`{tag}`.{field}: the README shows no array for it"
             assert [s.strip() for s in shown[1].split(",")] == list(inner.__struct_fields__), f"`{tag}`.{field}"
             checked += 1
-    assert checked == 2  # Segment.words and Segment.dropped
+    assert checked >= 3  # at least Segment.words, Segment.dropped, AudioChunk.speaker_changes
 
 
 def test_follow_json_prints_the_table_names_with_words_as_objects():
@@ -113,5 +113,5 @@ def test_follow_json_prints_the_table_names_with_words_as_objects():
     line = json.loads(as_json(segment, 5))
     assert set(line) == {*wire.Segment.__struct_fields__, "type", "stream_seq"}
     assert set(line) >= set(named(wire_table()["segment"][1]))
-    assert line["words"] == [{"word": "hi", "start": 0.1, "end": 0.4, "probability": 0.9}]
+    assert line["words"] == [{"word": "hi", "start": 0.1, "end": 0.4, "probability": 0.9, "speaker": None}]
     assert line["dropped"] == [{"word": "hi", "start": 0.5, "end": 0.9, "probability": 0.2, "reason": "trailing"}]
