@@ -1,6 +1,6 @@
 """A session that moves between workers, as the log tells it: the first worker logs its start and its hand-over,
 the second its takeover (from the first one's checkpoint) and its end, with the whole session's totals. Real
-nats-server, the gateway and two transcribers in this process with the null model."""
+nats-server of its own, the gateway and two transcribers in this process with the null model."""
 
 import asyncio
 import logging
@@ -11,6 +11,7 @@ import pytest
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from jetscribe.client.bot import Audio, stream_audio
+from jetscribe.devstack.servers import NatsServer
 from jetscribe.evaluation.speech import sample_speech
 from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.transcriber.app import run as run_transcriber
@@ -39,7 +40,16 @@ async def lease_owners(nc, partitions: int) -> dict[int, str]:
     return owners
 
 
-async def test_start_hand_over_takeover_and_end_are_one_line_each(nats_url, caplog):
+@pytest.fixture
+def own_nats(tmp_path):
+    """A nats-server of this test's own: the shared one's AUDIO stream holds other tests' unacked sessions, which
+    workers joining the group would take over (and log) first."""
+    with NatsServer(tmp_path / "nats") as server:
+        yield server.url
+
+
+async def test_start_hand_over_takeover_and_end_are_one_line_each(own_nats, caplog):
+    nats_url = own_nats
     caplog.set_level(logging.INFO, logger="jetscribe")
     settings = StreamSettings(nats_url=nats_url)
     stops = {name: asyncio.Event() for name in ("ingest", "wa", "wb")}
@@ -80,7 +90,7 @@ async def test_start_hand_over_takeover_and_end_are_one_line_each(nats_url, capl
                 wait_s=60,
             )
         )
-        await asyncio.wait_for(first_final.wait(), 30)
+        await asyncio.wait_for(first_final.wait(), 60)
         stops["wa"].set()  # a graceful stop: it hands its partitions, this session's too, to wb
         result = await streaming
     finally:
