@@ -211,7 +211,16 @@ class Workspace:
         (root / "bench").symlink_to(REPO / "bench")
         from bench.common import generated_devset
 
-        drop = ("NATS_URL", "DATABASE_URL", "JETSCRIBE_HOME", "JETSCRIBE_LOG_LEVEL", "JETSCRIBE_LOG_FORMAT")
+        # NATS_CREDS too: the commands connect as a user's do, as the operator of the stack running here. The
+        # stack keeps the session's keyring (JETSCRIBE_NATS_KEYS), whose root user this test's own connections use.
+        drop = (
+            "NATS_URL",
+            "DATABASE_URL",
+            "NATS_CREDS",
+            "JETSCRIBE_HOME",
+            "JETSCRIBE_LOG_LEVEL",
+            "JETSCRIBE_LOG_FORMAT",
+        )
         self.env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_")}
         self.env.update(
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -447,9 +456,10 @@ async def fill_transcripts(url: str, to_seq: int) -> None:
     import nats
 
     from jetscribe.shared import subjects
+    from jetscribe.shared.natsauth import env_connect_options
     from jetscribe.shared.wire import Segment, encode
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         js = nc.jetstream()
         last = (await js.stream_info(subjects.TRANSCRIPTS_STREAM)).state.last_seq
@@ -466,10 +476,12 @@ def served_port(workspace: Workspace) -> int:
     """The metrics port of the worker that served the live session (its final latency is recorded there)."""
     import nats
 
+    from jetscribe.shared.natsauth import env_connect_options
     from tests.integration.running import gather_replies
 
     async def ports() -> dict[str, int]:
-        nc = await nats.connect(workspace.urls()["nats_url"])
+        url = workspace.urls()["nats_url"]
+        nc = await nats.connect(url, **env_connect_options(url))  # the tests' root user (NATS_CREDS)
         try:
             replies = await gather_replies(nc, "$SRV.INFO.jetscribe-transcriber", 1.0)
         finally:

@@ -18,6 +18,7 @@ import pytest
 
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.evaluation.speech import sample_speech
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.telemetry import CHATTY_LIBRARIES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -102,7 +103,7 @@ def test_one_start_and_one_end_line_per_session_with_its_totals(tmp_path):
 
 async def stream_sample(url: str):
     speech = sample_speech()
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     try:
         return await stream_audio(
             nc, Audio(speech.audio, speech.sample_rate), tenant="logs", session_id="s1", speed=0, wait_s=120

@@ -18,6 +18,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.partitions import decode_lease
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,7 +58,7 @@ async def test_start_hand_over_takeover_and_end_are_one_line_each(own_nats, capl
     for worker in ("wa", "wb"):
         config = TranscriberConfig(model="null", worker_id=f"{worker}-movelog", heartbeat_s=0.5, lease_ttl_s=2)
         tasks.append(asyncio.create_task(run_transcriber(settings, config, stops[worker])))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         for _ in range(300):  # until the two workers share the partitions
             owners = await lease_owners(nc, settings.partitions)
