@@ -86,6 +86,8 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
             publish=(
                 subjects.AUDIO_PUBLISHED,
                 subjects.INGEST_PARTITIONS_ALL,  # forwarding to the partition's holder
+                subjects.INGEST_AUDIO_ALL,  # a multichannel chunk split: each channel a request of its track session
+                subjects.INGEST_SESSION_ALL,
                 subjects.errors("ingest", "*"),
                 "$JS.API.>",
                 "$JS.ACK.TRANSCRIPTS.>",  # its consumer of the transcribers' ended/rejected events
