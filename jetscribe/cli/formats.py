@@ -24,7 +24,7 @@ def show_live(segment, out) -> None:
 def render(segments, fmt: str) -> str:
     """`segments`: objects with segment_id, start_s, end_s, text, speaker, words (final, in order)."""
     spoken = [s for s in segments if s.text]
-    if fmt == "text":
+    if fmt == "text":  # no finals: an empty transcript (json `[]`, vtt its header alone)
         return "\n".join(_speaker_prefix(s) + s.text for s in spoken)
     if fmt == "json":
         return json.dumps(
@@ -51,6 +51,60 @@ def render(segments, fmt: str) -> str:
         cues = [f"{_clock(s.start_s, '.')} --> {_clock(s.end_s, '.')}\n{_voice(s)}{s.text}\n" for s in spoken]
         return "WEBVTT\n\n" + "\n".join(cues)
     raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+# `jetscribe sessions`: (heading, attribute, right-aligned); dropped: words the guards removed; empty: finals
+# that came out empty over speech.
+_SESSION_COLUMNS = (
+    ("tenant", "tenant", False),
+    ("session", "session_id", False),
+    ("status", "status", False),
+    ("reason", "reason", False),
+    ("audio s", "audio_seconds", True),
+    ("segments", "segment_count", True),
+    ("dropped", "words_dropped", True),
+    ("empty", "empty_finals", True),
+    ("started", "created_at", False),
+)
+
+
+def _session_cell(row, attribute: str) -> str:
+    value = getattr(row, attribute)
+    if attribute == "audio_seconds":
+        return f"{value or 0:.1f}"
+    if attribute == "created_at":
+        return f"{value:%Y-%m-%d %H:%M:%S}" if value else "-"
+    if attribute in ("segment_count", "words_dropped", "empty_finals"):
+        return str(value or 0)
+    return str(value) if value else "-"
+
+
+def sessions_table(rows) -> str:
+    """Sessions as a table whose columns are as wide as their widest cell (a session id may be 64 characters)."""
+    cells = [[heading for heading, _, _ in _SESSION_COLUMNS]]
+    cells += [[_session_cell(row, attribute) for _, attribute, _ in _SESSION_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_SESSION_COLUMNS))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, (_, _, right) in zip(line, widths, _SESSION_COLUMNS, strict=True)
+        ).rstrip()
+        for line in cells
+    )
+
+
+def sessions_json(rows) -> str:
+    """Sessions as a JSON list, one object per session with every stored field (times in ISO 8601)."""
+    fields = (
+        "tenant session_id status reason language model created_at ended_at last_activity chunks_received "
+        "audio_seconds segment_count words_dropped empty_finals worker_id"
+    ).split()
+
+    def value(row, name: str):
+        item = getattr(row, name, None)
+        return item.isoformat() if hasattr(item, "isoformat") else item
+
+    return json.dumps([{name: value(row, name) for name in fields} for row in rows], indent=2)
 
 
 def _clock(seconds: float, separator: str) -> str:

@@ -10,19 +10,47 @@ import os
 import signal
 import sys
 import time
+import traceback
 import uuid
 from datetime import UTC, datetime
 
+from jetscribe.cli import servers
+from jetscribe.cli.errors import CliError, NotFound, Unreachable, UsageError, as_cli_error
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
-from jetscribe.shared.config import ConfigError
 from jetscribe.shared.telemetry import quiet_libraries
+from jetscribe.shared.wire import WHISPER_LANGUAGES
 
 CREDS_HELP = "nkey seed file to connect to NATS with (default $NATS_CREDS, else the operator key of a stack here)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jetscribe", description=__doc__)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("follow", "transcript") and (args.session is None) == (args.meeting is None):
+        parser.error(f"{args.command}: give a session id or --meeting M (one of them)")
+    logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
+    quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
+    command = {
+        "up": cmd_up,
+        "stream": cmd_stream,
+        "follow": cmd_follow,
+        "transcript": cmd_transcript,
+        "sessions": cmd_sessions,
+        "demo": cmd_demo,
+        "status": cmd_status,
+        "tenant": cmd_tenant,
+        "nats-config": cmd_nats_config,
+        "db": cmd_db,
+    }[args.command]
+    return run_command(command, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option, each with its help."""
+    parser = OneLineParser(prog="jetscribe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure, not only its line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start NATS, PostgreSQL and the three services; Ctrl-C stops all")
@@ -42,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     stream = sub.add_parser("stream", help="publish an audio file as a bot would and show the live transcript")
-    stream.add_argument("file")
-    stream.add_argument("--session", required=True)
-    stream.add_argument("--tenant", default="default")
+    stream.add_argument("file", help="a WAV, FLAC, OGG or MP3 file, at any rate and channel count")
+    stream.add_argument(
+        "--session", required=True, help="session id; the same id again resumes an open session where it stopped"
+    )
+    stream.add_argument("--tenant", default="default", help="tenant the session belongs to (default)")
     stream.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
-    stream.add_argument("--language", default="auto")
+    stream.add_argument(
+        "--language", type=language, default="auto", help="a Whisper language code (en, de, fr, ...) or auto"
+    )
+    stream.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="on Ctrl-C leave the session open to resume with the same --session (default: end it)",
+    )
     stream.add_argument("--speaker", metavar="NAME", help="the participant this session is the track of")
     stream.add_argument("--meeting", metavar="M", help="the meeting this session is a track of (its tracks merge)")
     stream.add_argument(
@@ -75,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         "follow",
         help="print a session's transcript from the TRANSCRIPTS stream as it comes; exits after the session ends",
     )
-    follow.add_argument("session", nargs="?")
+    follow.add_argument("session", nargs="?", help="session id (or --meeting)")
     follow.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
-    follow.add_argument("--tenant", default="default")
+    follow.add_argument("--tenant", default="default", help="tenant the session belongs to (default)")
     start = follow.add_mutually_exclusive_group()
     start.add_argument("--from-start", action="store_true", help="replay everything the stream holds of it first")
     start.add_argument("--since", metavar="T", help="replay from a time: 90s, 5m, 2h, 1d ago, or an ISO time")
@@ -91,25 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     follow.add_argument("--keep", action="store_true", help="keep following after the session's end")
     follow.add_argument(
+        "--wait", action="store_true", help="wait for a session the stream does not hold yet (default: exit 1)"
+    )
+    follow.add_argument(
         "--creds",
         metavar="FILE",
         help=CREDS_HELP,
     )
 
     transcript = sub.add_parser("transcript", help="print a session's final transcript from PostgreSQL")
-    transcript.add_argument("session", nargs="?")
+    transcript.add_argument("session", nargs="?", help="session id (or --meeting)")
     transcript.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
-    transcript.add_argument("--tenant", default="default")
-    transcript.add_argument("--format", choices=FORMATS, default="text")
+    transcript.add_argument("--tenant", default="default", help="tenant the session belongs to (default)")
+    transcript.add_argument("--format", choices=FORMATS, default="text", help="output format (text)")
 
     sessions = sub.add_parser("sessions", help="list sessions stored in PostgreSQL")
-    sessions.add_argument("--tenant")
+    sessions.add_argument("--tenant", help="only this tenant's sessions (default: all)")
+    sessions.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text: a table; json: one object per session"
+    )
 
     demo = sub.add_parser("demo", help="up + stream a file fast + print its transcript + stop")
     demo.add_argument("file", nargs="?", help="audio file (default: a speech sample made on first run)")
-    demo.add_argument("--format", choices=FORMATS, default="text")
+    demo.add_argument("--format", choices=FORMATS, default="text", help="format of the transcript printed (text)")
     demo.add_argument("--model", help="Whisper model (default $JETSCRIBE_MODEL or base)")
-    demo.add_argument("--speed", type=float, default=0.0)
+    demo.add_argument("--speed", type=float, default=0.0, help="0 = the whole file as fast as possible, 1 = real time")
     demo.add_argument(
         "--transcribers", type=transcriber_count, default=1, metavar="N|auto", help="as for up (default 1)"
     )
@@ -135,50 +178,77 @@ def main(argv: list[str] | None = None) -> int:
     tenant = sub.add_parser("tenant", help="NATS users of tenants: add (prints its credentials), list, revoke")
     tenant_sub = tenant.add_subparsers(dest="action", required=True)
     tenant_add = tenant_sub.add_parser("add", help="make tenant T's NATS user and print its seed file")
-    tenant_add.add_argument("tenant")
+    tenant_add.add_argument("tenant", help="tenant name: letters, digits, '_' or '-'")
     tenant_sub.add_parser("list", help="tenants and whether they are revoked")
     tenant_revoke = tenant_sub.add_parser(
         "revoke", help="remove tenant T's user; a running stack reloads NATS at once and disconnects it"
     )
-    tenant_revoke.add_argument("tenant")
+    tenant_revoke.add_argument("tenant", help="tenant name")
 
     config = sub.add_parser(
         "nats-config", help="print a nats-server config holding the stack's users (for a NATS you run yourself)"
     )
-    config.add_argument("--listen", default="0.0.0.0:4222", metavar="HOST:PORT")
-    config.add_argument("--store-dir", default="/data/jetstream", metavar="DIR")
+    config.add_argument("--listen", default="0.0.0.0:4222", metavar="HOST:PORT", help="client address (0.0.0.0:4222)")
+    config.add_argument(
+        "--store-dir", default="/data/jetstream", metavar="DIR", help="JetStream store (/data/jetstream)"
+    )
     config.add_argument("--server-name", default="", help="this node's name (needed in a cluster)")
     config.add_argument("--cluster-listen", metavar="HOST:PORT", help="where this node listens for routes")
     config.add_argument("--route", action="append", default=[], metavar="URL", help="nats-route://host:port, each node")
 
-    db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["upgrade"])
+    db = sub.add_parser("db", help="database schema: upgrade, downgrade, or say where it is")
+    db.add_argument(
+        "action",
+        choices=["upgrade", "downgrade", "current"],
+        help="upgrade (to the newest, or REV), downgrade (one revision back, or to REV), current",
+    )
+    db.add_argument("revision", nargs="?", metavar="REV", help="a revision (0001, 0002, ...; base: no tables)")
+    db.add_argument("--format", choices=("text", "json"), default="text", help="current: text or one JSON object")
 
-    args = parser.parse_args(argv)
-    if args.command in ("follow", "transcript") and (args.session is None) == (args.meeting is None):
-        parser.error(f"{args.command}: give a session id or --meeting M (one of them)")
-    logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
-    quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
-    command = {
-        "up": cmd_up,
-        "stream": cmd_stream,
-        "follow": cmd_follow,
-        "transcript": cmd_transcript,
-        "sessions": cmd_sessions,
-        "demo": cmd_demo,
-        "status": cmd_status,
-        "tenant": cmd_tenant,
-        "nats-config": cmd_nats_config,
-        "db": cmd_db,
-    }[args.command]
+    return parser
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where the help is), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(UsageError.exit_code, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def run_command(command, args) -> int:
+    """The one place an expected failure becomes one line on stderr and an exit code (the traceback with --debug);
+    an unexpected one keeps its traceback."""
     try:
         return command(args)
-    except (Unreachable, TimeoutError) as exc:  # TimeoutError: no ingest gateway answered the bot
-        print(f"jetscribe: {exc}", file=sys.stderr)
-        return 2
-    except (stack.StackError, ConfigError) as exc:  # a service exited, or a setting cannot work on this host
-        print(f"jetscribe {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if args.debug:
+            traceback.print_exc()
+        print(f"jetscribe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        error = as_cli_error(exc)
+        if error is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"jetscribe {args.command}: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jetscribe")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def language(text: str) -> str:
+    """--language: auto or a code Whisper knows."""
+    if text != "auto" and text not in WHISPER_LANGUAGES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Whisper language code (en, de, fr, zh, yue, ...) or auto")
+    return text
 
 
 def _at_least_one(text: str) -> int:
@@ -189,10 +259,6 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
-
-
-class Unreachable(RuntimeError):
-    """A server the command needs does not answer."""
 
 
 def transcriber_count(text: str) -> int | None:
@@ -244,22 +310,16 @@ def _workers_line(local: stack.LocalStack) -> str:
 
 
 def cmd_stream(args) -> int:
-    from jetscribe.client.bot import read_audio
+    from jetscribe.cli import stream
 
-    audio = read_audio(args.file)
+    audio = stream.read_audio_file(args.file)  # a bad file is a usage error, whatever the servers
     channel_speakers = args.channel_speakers or []
     if channel_speakers and len(channel_speakers) != audio.channels:
-        print(
-            f"jetscribe stream: --channel-speakers names {len(channel_speakers)} but {args.file} has "
-            f"{audio.channels} channel(s)",
-            file=sys.stderr,
+        raise UsageError(
+            f"--channel-speakers names {len(channel_speakers)} but {args.file} has {audio.channels} channel(s)"
         )
-        return 2
     if channel_speakers and (args.speaker or args.turns):
-        print(
-            "jetscribe stream: --channel-speakers names the speakers; leave out --speaker and --turns", file=sys.stderr
-        )
-        return 2
+        raise UsageError("--channel-speakers names the speakers; leave out --speaker and --turns")
     speakers = {
         "speaker": args.speaker,
         "meeting_id": args.meeting,
@@ -267,13 +327,7 @@ def cmd_stream(args) -> int:
         "speaker_turns": args.turns,
         "channel_speakers": channel_speakers,
     }
-    auth = stack.nats_auth(args.creds)
-    asyncio.run(
-        _stream_live(
-            stack.nats_url(), audio, args.tenant, args.session, args.speed, args.language, speakers=speakers, auth=auth
-        )
-    )
-    return 0
+    return stream.run(servers.nats_url(), audio, args, speakers, stack.nats_auth(args.creds))
 
 
 def speaker_turns(text: str) -> list[tuple[float, str]]:
@@ -411,12 +465,14 @@ def cmd_follow(args) -> int:
     from nats.errors import ConnectionClosedError
 
     from jetscribe.client.follow import (
+        FollowPlan,
         NoStream,
         consumer_config,
         follow,
         follow_meeting,
         meeting_consumer_config,
         parse_since,
+        plan_follow,
     )
 
     try:
@@ -427,101 +483,126 @@ def cmd_follow(args) -> int:
         else:
             config = consumer_config(args.tenant, args.session, **start)
     except ValueError as exc:
-        print(f"jetscribe follow: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
+    url = servers.nats_url()
 
     async def run():
-        nc = await _connect_nats(stack.nats_url(), stack.nats_auth(args.creds), tenant=args.tenant)
+        nc = await _connect_nats(url, stack.nats_auth(args.creds), tenant=args.tenant)
         try:
             if args.meeting:
+                print(
+                    f"following meeting {args.meeting} of tenant {args.tenant} (NATS {url}); Ctrl-C stops",
+                    file=sys.stderr,
+                )
                 watching = follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
-            else:
-                watching = follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
+                return await _until_refused(nc, watching, args.tenant)
+            seen = await _look_up(nc, args.tenant, args.session)
+            plan = (
+                plan_follow(seen, args.tenant, args.session, config, keep=args.keep, wait=args.wait)
+                if seen is not None
+                else FollowPlan(f"following session {args.session} of tenant {args.tenant}; Ctrl-C stops")
+            )
+            if plan.exit_code is not None:
+                if plan.exit_code == 1 and seen is not None and seen.messages == 0:
+                    raise NotFound(plan.message + await _stored_note(args.tenant, args.session))
+                print(plan.message, file=sys.stderr, flush=True)
+                return plan.exit_code
+            print(f"{plan.message} (NATS {url})", file=sys.stderr, flush=True)  # stdout stays the transcript
+            watching = follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
             return await _until_refused(nc, watching, args.tenant)
         except NoStream as exc:
             raise Unreachable(str(exc)) from None
         except ConnectionClosedError:
-            raise Unreachable("lost the connection to NATS") from None
+            raise Unreachable(f"lost the connection to NATS at {url}") from None
         finally:
             await nc.close()
 
+    return asyncio.run(run())
+
+
+async def _look_up(nc, tenant: str, session: str):
+    """What TRANSCRIPTS holds of the session, or None when these credentials may not ask (a tenant's user reads
+    through its consumer only): following then starts without the checks."""
+    from jetscribe.client.follow import NoStream, look_up
+
     try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return 130
+        return await asyncio.wait_for(look_up(nc.jetstream(), tenant, session), 5)
+    except NoStream:
+        raise
+    except Exception:
+        nc.refusals.clear()  # the refused stream request is not the follow's
+        return None
+
+
+async def _stored_note(tenant: str, session: str) -> str:
+    """For a session TRANSCRIPTS does not hold: whether PostgreSQL has it (it keeps what the stream aged out)."""
+    from jetscribe.cli.database import reading
+    from jetscribe.services.persister.store import find_session
+
+    try:
+        async with reading(servers.database_url()) as engine:
+            row = await find_session(engine, tenant, session)
+    except CliError:
+        return ""  # no database to ask: the stream's answer stands
+    if row is None:
+        return " (PostgreSQL has no such session either)"
+    return f" (PostgreSQL has it, {row.status}: see `jetscribe transcript {session} --tenant {tenant}`)"
 
 
 def cmd_transcript(args) -> int:
     if args.meeting:
-        segments = meeting_rows(asyncio.run(_meeting(stack.database_url(), args.tenant, args.meeting)))
+        segments = meeting_rows(asyncio.run(_meeting(servers.database_url(), args.tenant, args.meeting)))
         if not segments:
-            print(f"no transcript for meeting {args.tenant}/{args.meeting}", file=sys.stderr)
-            return 1
+            raise NotFound(f"no transcript for meeting {args.meeting} of tenant {args.tenant} in PostgreSQL")
         print(render(segments, args.format))
         return 0
-    segments = asyncio.run(_transcript(stack.database_url(), args.tenant, args.session))
-    if not segments:
-        print(f"no transcript for session {args.tenant}/{args.session}", file=sys.stderr)
-        return 1
-    print(render(segments, args.format))
+    row, segments = asyncio.run(_transcript(servers.database_url(), args.tenant, args.session))
+    if row is None:
+        raise NotFound(
+            f"no session {args.session} of tenant {args.tenant} in PostgreSQL: see `jetscribe sessions` for the ids"
+        )
+    if row.status == "active":
+        print(f"session {args.session} is still active: its transcript so far", file=sys.stderr)
+    text = render(segments, args.format)
+    if text:
+        print(text)
     return 0
 
 
 def cmd_sessions(args) -> int:
-    rows = asyncio.run(_sessions(stack.database_url(), args.tenant))
-    print(
-        f"{'tenant':<12} {'session':<28} {'status':<8} {'reason':<12} {'audio s':>8} {'segments':>8} "
-        f"{'dropped':>7} {'empty':>5}  started"
-    )
-    for row in rows:  # dropped: words the guards removed; empty: finals that came out empty over speech
-        print(
-            f"{row.tenant:<12} {row.session_id:<28} {row.status:<8} {row.reason or '-':<12} "
-            f"{row.audio_seconds or 0:>8.1f} {row.segment_count or 0:>8} {row.words_dropped or 0:>7} "
-            f"{row.empty_finals or 0:>5}  {row.created_at:%Y-%m-%d %H:%M:%S}"
-        )
+    from jetscribe.cli.formats import sessions_json, sessions_table
+
+    rows = asyncio.run(_sessions(servers.database_url(), args.tenant))
+    print(sessions_json(rows) if args.format == "json" else sessions_table(rows))
     return 0
 
 
-@contextlib.asynccontextmanager
-async def _engine(url: str):
-    from sqlalchemy.exc import OperationalError
-
-    from jetscribe.services.persister.store import open_engine
-
-    engine = open_engine(url)
-    try:
-        yield engine
-    except OperationalError as exc:
-        raise Unreachable(
-            f"cannot use PostgreSQL at {url}: {str(exc.orig).strip().splitlines()[-1]}\n"
-            "start the stack with `jetscribe up` in this folder, or set DATABASE_URL"
-        ) from None
-    finally:
-        await engine.dispose()
-
-
 async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
-    """A session's final segments; with wait_s, first wait until its end is stored (the persister lags a bit)."""
-    from jetscribe.services.persister.store import final_segments, wait_until_ended
+    """A session's row (None if PostgreSQL has none) and its final segments; with wait_s, first wait until its end
+    is stored (the persister lags a bit)."""
+    from jetscribe.cli.database import reading
+    from jetscribe.services.persister.store import final_segments, find_session, wait_until_ended
 
-    async with _engine(url) as engine:
+    async with reading(url) as engine:
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
-        return await final_segments(engine, tenant, session)
+        return await find_session(engine, tenant, session), await final_segments(engine, tenant, session)
 
 
 async def _meeting(url: str, tenant: str, meeting: str):
     """A meeting's final segments, every track's, in spoken order."""
+    from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import meeting_segments
 
-    async with _engine(url) as engine:
+    async with reading(url) as engine:
         return await meeting_segments(engine, tenant, meeting)
 
 
 async def _sessions(url: str, tenant: str | None):
+    from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import list_sessions
 
-    async with _engine(url) as engine:
+    async with reading(url) as engine:
         return await list_sessions(engine, tenant)
 
 
@@ -529,9 +610,8 @@ def cmd_status(args) -> int:
     from jetscribe.cli import status
 
     if args.every <= 0 or args.wait <= 0:
-        print("jetscribe status: --every and --wait must be positive", file=sys.stderr)
-        return 2
-    url, auth = stack.nats_url(), stack.nats_auth(args.creds)
+        raise UsageError("--every and --wait must be positive")
+    url, auth = servers.nats_url(), stack.nats_auth(args.creds)
     try:
         return asyncio.run(
             status.run(
@@ -594,18 +674,26 @@ def cmd_nats_config(args) -> int:
 
 
 def cmd_db(args) -> int:
-    from jetscribe.services.persister.migrate import upgrade
+    from jetscribe.cli import database
 
-    upgrade(stack.database_url())
-    print("database schema is up to date")
+    if args.action == "current" and args.revision:
+        raise UsageError("`db current` takes no revision")
+    url = servers.database_url()
+    if args.action == "upgrade":
+        print(database.upgrade(url, args.revision))
+    elif args.action == "downgrade":
+        print(database.downgrade(url, args.revision))
+    else:
+        print(database.current(url, args.format))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from jetscribe.client.bot import Audio, read_audio
+    from jetscribe.cli.stream import read_audio_file
+    from jetscribe.client.bot import Audio
 
     if args.file:
-        audio = read_audio(args.file)
+        audio = read_audio_file(args.file)
     else:
         from jetscribe.evaluation.speech import sample_speech
 
@@ -621,17 +709,34 @@ def cmd_demo(args) -> int:
         live = asyncio.run(
             _stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr, auth=local.auth)
         )
-        segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
+        _, segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
-        print(
-            f"\n--- transcript of {session} from PostgreSQL: {audio.duration_s:.1f} s of audio, "
-            f"{stored - live.sent_at[0]:.1f} s from first chunk to last final stored; last final stored "
-            f"{stored - live.sent_at[-1]:.2f} s after the last audio was sent ---",
-            file=sys.stderr,
-            flush=True,
-        )
+        timing = demo_timing(audio.duration_s, args.speed, live, stored)
+        print(f"\n--- transcript of {session} from PostgreSQL ---\n{timing}", file=sys.stderr, flush=True)
         print(render(segments, args.format))
     return 0
+
+
+def demo_timing(duration_s: float, speed: float, live, stored: float) -> str:
+    """The demo's numbers, each named for what it is: with the whole file sent at once (speed 0) the wait after
+    the last chunk is the backlog of transcribing the file, not the latency a live speaker would see."""
+    first, last = live.sent_at[0], live.sent_at[-1]
+    lines = [
+        f"{duration_s:.1f} s of audio sent in {last - first:.1f} s; "
+        f"{stored - first:.1f} s from the first chunk sent to the last final stored"
+    ]
+    if speed <= 0 or speed > 1:
+        lines.append(
+            f"last final stored {stored - last:.2f} s after the last chunk: the backlog of transcribing audio sent "
+            f"{'all at once' if speed <= 0 else f'at {speed:g}x real time'}, not a live latency "
+            "(run `jetscribe demo --speed 1` for that)"
+        )
+    else:
+        lines.append(
+            f"last final stored {stored - last:.2f} s after the last chunk was sent: the final latency of the last "
+            "utterance, plus the persister's write"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ class StreamResult:
     frames_per_chunk: int = 0  # input frames per chunk: seq n holds frames [n * this, (n + 1) * this)
     heard: list[tuple[float, Segment]] = field(default_factory=list)  # every segment, with its wall receive time
     ended: SessionEvent | None = None  # the session's `ended` event (its totals), once it arrived
+    resumed_after: int = -1  # the gateway already had chunks 0..this when the bot started (-1: a new session)
+    total_chunks: int = 0  # chunks the whole audio makes
+    stopped: bool = False  # `stop` was set before all the audio was sent and its end arrived
+    end_sent: bool = False  # the bot sent the session's `end`
 
     def final_segments(self) -> list[Segment]:
         """The finals in the order they were spoken; a multichannel session's tracks merged by wall time."""
@@ -97,7 +101,9 @@ async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int
         except (NatsTimeout, NoRespondersError):
             pass
         await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
-    raise TimeoutError(f"no answer from the ingest gateway on {subject} after {attempts} tries")
+    raise TimeoutError(
+        f"no answer from the ingest gateway on {subject} after {attempts} tries: is `jetscribe up` running there?"
+    )
 
 
 async def stream_audio(
@@ -110,12 +116,16 @@ async def stream_audio(
     chunk_s: float = 0.1,
     language: str = "auto",
     on_segment: Callable[[Segment], None] | None = None,
+    on_start: Callable[[StreamResult], None] | None = None,
     wait_s: float = 300.0,
     speaker: str | None = None,
     meeting_id: str | None = None,
     track_start: float | None = None,
     speaker_turns: list[tuple[float, str | None]] | None = None,
     channel_speakers: list[str] | None = None,
+    stop: asyncio.Event | None = None,
+    end_on_stop: bool = True,
+    stop_wait_s: float = 10.0,
 ) -> StreamResult:
     """Stream `audio` as a bot would; returns once the session's `ended` event arrives.
 
@@ -128,10 +138,16 @@ async def stream_audio(
     Raises BotError when the gateway refuses the session, or when the transcriber rejects it
     after the bot's last request (before that, the gateway's answer says so).
 
-    speed 1.0 paces chunks in real time; 0 sends as fast as the gateway answers.
+    speed 1.0 paces chunks in real time; 0 sends as fast as the gateway answers. `on_start` is called once the
+    gateway accepted the session (`resumed_after` says whether it had some of it already).
+
+    Setting `stop` stops sending: with `end_on_stop` the bot ends the session and waits up to `stop_wait_s` for
+    its `ended`; without it, it returns at once and the session stays open (stream again with the same id to
+    resume). Either way the result has `stopped` set.
     """
     result = StreamResult()
     ended = asyncio.Event()
+    stop = stop or asyncio.Event()
     names = list(channel_speakers or [])
     tracks = [subjects.channel_track(session_id, i) for i in range(len(names))] or [session_id]
     closed: set[str] = set()
@@ -183,12 +199,15 @@ async def stream_audio(
         if not reply.ok:
             raise BotError(reply)
         frames_per_chunk = result.frames_per_chunk = max(1, int(audio.sample_rate * chunk_s))
-        total = (len(audio.samples) + frames_per_chunk - 1) // frames_per_chunk
+        total = result.total_chunks = (len(audio.samples) + frames_per_chunk - 1) // frames_per_chunk
         seq = reply.last_seq + 1  # a reconnecting bot resumes after what the gateway already has
+        result.resumed_after = reply.last_seq
+        if on_start:
+            on_start(result)
         t0 = time.monotonic() - seq * chunk_s / speed if speed > 0 else 0.0
-        while seq < total:
-            if speed > 0:
-                await asyncio.sleep(max(0.0, t0 + seq * chunk_s / speed - time.monotonic()))
+        while seq < total and not stop.is_set():
+            if speed > 0 and await _stopped_within(stop, t0 + seq * chunk_s / speed - time.monotonic()):
+                break
             piece = audio.samples[seq * frames_per_chunk : (seq + 1) * frames_per_chunk]
             chunk = AudioChunk(
                 tenant=tenant,
@@ -213,13 +232,19 @@ async def stream_audio(
                 result.sent_at.append(time.time())
                 result.sent_by_seq[seq] = chunk.sent_at
             seq = reply.last_seq + 1
+        if stop.is_set() and not end_on_stop:
+            result.stopped = True
+            return result
         end = SessionControl(
             tenant=tenant, session_id=session_id, action="end", sent_at=time.time(), channel_speakers=names
         )
         reply = await request(nc, subjects.ingest_session(tenant, session_id), end)
         if not reply.ok:
             raise BotError(reply)
-        await asyncio.wait_for(ended.wait(), wait_s)
+        result.end_sent = True
+        if not await _ended_or_stopped(ended, stop, wait_s, stop_wait_s):
+            result.stopped = True
+            return result
         if rejected:
             raise BotError(
                 Reply(
@@ -230,10 +255,44 @@ async def stream_audio(
                 )
             )
         await asyncio.sleep(0.2)  # let the last segments' callbacks run
+        result.stopped = stop.is_set()
         return result
     finally:
         for sub in subs:
             await sub.unsubscribe()
+
+
+async def _stopped_within(stop: asyncio.Event, delay_s: float) -> bool:
+    """Wait `delay_s` (at most); True if `stop` was set meanwhile."""
+    if delay_s > 0:
+        try:
+            await asyncio.wait_for(stop.wait(), delay_s)
+        except TimeoutError:
+            pass
+    return stop.is_set()
+
+
+async def _ended_or_stopped(ended: asyncio.Event, stop: asyncio.Event, wait_s: float, stop_wait_s: float) -> bool:
+    """Wait for the session's end: up to `wait_s`, or `stop_wait_s` once `stop` is set. False if `stop` came and
+    the end did not follow in time; TimeoutError if it never came without a stop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    if not stop.is_set():
+        waiters = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if ended.is_set():
+            return True
+        if not stop.is_set():
+            raise TimeoutError(f"the session did not end within {wait_s:.0f} s of the bot's end")
+    try:
+        await asyncio.wait_for(ended.wait(), max(0.0, min(deadline, loop.time() + stop_wait_s) - loop.time()))
+    except TimeoutError:
+        return False
+    return True
 
 
 def changes_in(turns: list[tuple[float, str | None]], start_s: float, end_s: float) -> list[SpeakerChange]:

@@ -38,6 +38,92 @@ class NoStream(RuntimeError):
     """The server has no TRANSCRIPTS stream: no jetscribe service ever ran against it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionSeen:
+    """What TRANSCRIPTS holds of one session before following it."""
+
+    messages: int  # the session's segments and events in the stream
+    last_stream_seq: int  # the stream's last seq (any session)
+    closed_event: str | None = None  # "ended" or "rejected", if the stream holds one
+    closed_seq: int = 0  # its stream seq
+    closed_at: datetime | None = None  # when the stream stored it
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowPlan:
+    """What to tell the user before following, and whether following is pointless (`exit_code` set)."""
+
+    message: str
+    exit_code: int | None = None
+
+
+def plan_follow(
+    seen: SessionSeen, tenant: str, session: str, config: ConsumerConfig, *, keep: bool, wait: bool
+) -> FollowPlan:
+    """Decide, from what the stream holds, whether following can show anything, and say what it waits for."""
+    name = f"session {session} of tenant {tenant}"
+    if seen.messages == 0 and not wait:
+        return FollowPlan(
+            f"no {name} in {subjects.TRANSCRIPTS_STREAM}: check the id and --tenant, or add --wait to wait for it to "
+            "start",
+            exit_code=1,
+        )
+    policy = config.deliver_policy
+    start = {
+        DeliverPolicy.ALL: "from its start",
+        DeliverPolicy.BY_START_TIME: f"from {config.opt_start_time:%Y-%m-%d %H:%M:%S} UTC"
+        if config.opt_start_time
+        else "",
+        DeliverPolicy.BY_START_SEQUENCE: f"from stream seq {config.opt_start_seq}",
+    }.get(policy, "from now on")
+    if seen.closed_event and not keep:
+        code = 0 if seen.closed_event == "ended" else 1
+        after_start = (
+            policy == DeliverPolicy.ALL
+            or (policy == DeliverPolicy.BY_START_SEQUENCE and (config.opt_start_seq or 0) <= seen.closed_seq)
+            or (
+                policy == DeliverPolicy.BY_START_TIME
+                and seen.closed_at is not None
+                and config.opt_start_time is not None
+                and config.opt_start_time <= seen.closed_at
+            )
+        )
+        if not after_start:
+            return FollowPlan(
+                f"{name} already {seen.closed_event} (stream seq {seen.closed_seq}), before the point asked for: "
+                "nothing more will come; replay it with --from-start",
+                exit_code=code,
+            )
+    waiting = "" if seen.messages else " (not started yet: waiting for it)"
+    past_end = ""
+    if policy == DeliverPolicy.BY_START_SEQUENCE and (config.opt_start_seq or 0) > seen.last_stream_seq + 1:
+        past_end = (
+            f"; --from-seq {config.opt_start_seq} is past the end of {subjects.TRANSCRIPTS_STREAM} (last seq "
+            f"{seen.last_stream_seq}): only what comes after it will show"
+        )
+    return FollowPlan(f"following {name} {start}{waiting}{past_end}; Ctrl-C stops")
+
+
+async def look_up(js, tenant: str, session: str) -> SessionSeen:
+    """What TRANSCRIPTS holds of the session: counts by subject, and its closing event if there is one."""
+    counts = 0
+    last_seq = 0
+    try:
+        for pattern in (subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)):
+            info = await js.stream_info(subjects.TRANSCRIPTS_STREAM, subjects_filter=pattern)
+            counts += sum((info.state.subjects or {}).values())
+            last_seq = info.state.last_seq
+    except NotFoundError:
+        raise NoStream(f"NATS has no {subjects.TRANSCRIPTS_STREAM} stream; is jetscribe running there?") from None
+    for event in ("ended", "rejected"):
+        try:
+            msg = await js.get_last_msg(subjects.TRANSCRIPTS_STREAM, subjects.session_event(tenant, session, event))
+        except NotFoundError:
+            continue
+        return SessionSeen(counts, last_seq, event, msg.seq or 0, msg.time)
+    return SessionSeen(counts, last_seq)
+
+
 def parse_since(text: str, now: datetime) -> datetime:
     """`--since`: a duration back from `now` (`90s`, `5m`, `2h`, `1d`) or an ISO time
     (`2025-06-01T10:00:00Z`; without a zone it is local time). Returns an aware UTC time."""

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from jetscribe.services.persister.core import BatchWrite, Delivered, Unstorable, check, dropped_event, plan_batch
+from jetscribe.services.persister.migrate import SchemaBehind, check_schema
 from jetscribe.services.persister.store import is_message_fault, open_engine, write_batch
 from jetscribe.shared import discovery, subjects, telemetry, wire
 from jetscribe.shared.activity import PersisterActivity
@@ -161,6 +162,8 @@ class Persister:
             except _DATABASE_ERRORS as exc:
                 error = {ERROR_TYPE: type(getattr(exc, "orig", None) or exc).__name__}
                 self.metrics.write_duration.record(time.perf_counter() - started, _WRITE | error)
+                if _may_be_the_schema(exc):  # a schema stepped back under us fails every write: stop, don't retry
+                    await self.check_schema()
                 if is_message_fault(exc):
                     raise RefusedByDatabase(message=_first_line(getattr(exc, "orig", None) or exc)) from exc
                 self.readiness.down("database", _first_line(exc))
@@ -179,6 +182,15 @@ class Persister:
             if await stopped_within(self.stop, delay):
                 log.warning("stopping with %d messages unwritten; they stay unacked for redelivery", len(items))
                 return False
+
+    async def check_schema(self) -> None:
+        """Raise SchemaBehind if the database's schema is older than this code's; a database that does not
+        answer is left to the caller's retry."""
+        try:
+            async with self.engine.connect() as conn:
+                await check_schema(conn)
+        except _DATABASE_ERRORS:
+            pass
 
     def _written(self, items: list[tuple[Msg, Delivered]], batch: BatchWrite, started_ns: int, span: SpanContext):
         """Count a committed batch, and give each message that came with a trace context its own span in that
@@ -278,6 +290,8 @@ async def _persist(
             tel.endpoint_url,
         )
         while not stop.is_set():
+            if tasks[0].done():
+                tasks[0].result()  # the database watch found the schema behind: SchemaBehind
             if (persister.acks_in_doubt or nc.stats["reconnects"] != reconnects) and nc.is_connected:
                 # A NATS restart can come back holding messages it delivered to us as unacked: acks sent just
                 # before a kill (lost in the socket, or not yet in the server's consumer state on disk) and
@@ -300,10 +314,11 @@ async def _persist(
                 await stopped_within(stop, FETCH_WAIT_S)
                 continue
             await persister.handle(msgs)
+    except SchemaBehind as exc:
+        await _report_schema_behind(nc, exc)
+        raise
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel(tasks)
         await registration.stop()
         # Not drain(): the pull subscription's queue is read only by fetch, so drain would wait it out.
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
@@ -313,13 +328,29 @@ async def _persist(
     log.info("stopped")
 
 
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    """Cancel the background tasks and wait for them, cancelling again any still running: Python 3.11's wait_for
+    drops a cancel that arrives as its awaited result does (a NATS reply, in the lag poll), and a loop that only
+    ends on `stop` would then run on after an error ended the service."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), SchemaBehind):
+            log.warning("background task ended with %r", task.exception())
+
+
 async def _watch_database(engine: AsyncEngine, readiness: Readiness, stop: asyncio.Event) -> None:
-    """Ready once PostgreSQL answers; afterwards the writes themselves say whether it is up."""
+    """Ready once PostgreSQL answers with the schema this code needs (else SchemaBehind); afterwards the writes
+    themselves say whether it is up."""
     attempt = 0
     while not stop.is_set():
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
+                await check_schema(conn)
         except _DATABASE_ERRORS as exc:
             readiness.down("database", _first_line(exc))
             await stopped_within(stop, backoff_delay(attempt, max_s=5.0))
@@ -327,6 +358,17 @@ async def _watch_database(engine: AsyncEngine, readiness: Readiness, stop: async
             continue
         readiness.up("database")
         return
+
+
+async def _report_schema_behind(nc: Client, exc: SchemaBehind) -> None:
+    """Say why the persister stops: logged, and an ErrorEvent on errors.persister._ (nothing was acked)."""
+    log.error("stopping: %s", exc)
+    event = wire.ErrorEvent(tenant="_", session_id=None, code=exc.code, message=str(exc), at=time.time())
+    try:
+        await nc.publish(subjects.errors(SERVICE, ""), wire.encode(event))
+        await nc.flush(timeout=2)
+    except (TimeoutError, nats.errors.Error) as exc2:
+        log.warning("could not publish the error event (%s)", exc2)
 
 
 def _pending_after(msgs: list[Msg]) -> int:
@@ -386,6 +428,13 @@ async def _resubscribe(
         )
     except Stopped:
         return sub
+
+
+def _may_be_the_schema(exc: BaseException) -> bool:
+    """A write refused for its SQL (an unknown column or table: class 42) or its rows (a constraint an older
+    schema has): worth asking the schema's revision. Not an outage: the database would not answer that either."""
+    cause = getattr(exc, "orig", None) or exc
+    return is_message_fault(exc) or (getattr(cause, "sqlstate", None) or "").startswith("42")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,9 +7,12 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, pool
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jetscribe.services.persister.store import sqlalchemy_url
+from jetscribe.shared.config import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -21,6 +24,26 @@ def alembic_config(database_url: str) -> Config:
     # Passed as an attribute, not a main option: ini interpolation would mangle a '%' in a password.
     config.attributes["database_url"] = sqlalchemy_url(database_url)
     return config
+
+
+class SchemaBehind(ConfigError):
+    """The database's schema is older than the one this code writes and reads: `jetscribe db upgrade` fixes it."""
+
+    code = "schema_behind"
+
+    def __init__(self, current: str | None, needed: str):
+        super().__init__(
+            f"the database schema is at {current or 'no revision (an empty database)'}, this jetscribe needs "
+            f"{needed}: "
+            "run `jetscribe db upgrade`"
+        )
+        self.current, self.needed = current, needed
+
+
+def revisions() -> list[str]:
+    """Every revision in migrations/versions, oldest first; the last is the schema this code needs."""
+    scripts = ScriptDirectory.from_config(alembic_config("postgresql://"))
+    return [script.revision for script in reversed(list(scripts.walk_revisions()))]
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
@@ -40,3 +63,20 @@ def current(database_url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+async def schema_revision(connection: AsyncConnection) -> str | None:
+    """The revision recorded in the database (alembic_version), or None before the first migration."""
+    exists = await connection.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))
+    if not exists:
+        return None
+    return await connection.scalar(text("SELECT version_num FROM alembic_version"))
+
+
+async def check_schema(connection: AsyncConnection) -> None:
+    """Raise SchemaBehind when the database is at an older revision than this code needs. An empty database (no
+    revision yet) passes: `jetscribe db upgrade` is on its way, and writes wait for it. A revision this code does
+    not know is newer than it: left to whoever migrated it."""
+    current, known = await schema_revision(connection), revisions()
+    if current in known and current != known[-1]:
+        raise SchemaBehind(current, known[-1])

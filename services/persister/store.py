@@ -137,6 +137,13 @@ async def list_sessions(engine: AsyncEngine, tenant: str | None = None) -> list[
         return list(await session.scalars(query))
 
 
+async def find_session(engine: AsyncEngine, tenant: str, session_id: str) -> SessionRow | None:
+    """The session's row, or None if PostgreSQL has none."""
+    query = select(SessionRow).where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+    async with AsyncSession(engine) as session:
+        return await session.scalar(query)
+
+
 async def final_segments(engine: AsyncEngine, tenant: str, session_id: str) -> list[SegmentRow]:
     """A session's final segments in the order they were spoken: its transcript."""
     query = (
