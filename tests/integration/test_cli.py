@@ -27,6 +27,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.null_model import NullModel
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from tests.integration.running import wait_all_ready
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,7 +78,7 @@ async def stack(cli_nats, postgres_server, tmp_path_factory):
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
         asyncio.create_task(run_transcriber(settings, worker, stop, model=NullModel())),
     ]
-    nc = await nats.connect(cli_nats.url)
+    nc = await nats.connect(cli_nats.url, **env_connect_options(cli_nats.url))
     try:
         await wait_all_ready(nc, tasks)
     finally:
@@ -157,7 +158,7 @@ def new_session() -> str:
 
 async def audio_stored(nats_url: str, tenant: str, session: str) -> None:
     """Until the AUDIO stream holds a chunk of the session: the bot is sending."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         js = nc.jetstream()
         for _ in range(600):

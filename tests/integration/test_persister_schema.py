@@ -15,6 +15,7 @@ from jetscribe.services.persister.app import run
 from jetscribe.services.persister.migrate import SchemaBehind, downgrade, revisions, upgrade
 from jetscribe.shared import subjects, wire
 from jetscribe.shared.config import PersisterConfig, StreamSettings
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,7 +30,7 @@ def own_nats(tmp_path):
 
 
 async def connected(url: str):
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **env_connect_options(url))
     await ensure_streams(nc.jetstream(), StreamSettings(nats_url=url))
     errors: asyncio.Queue[wire.ErrorEvent] = asyncio.Queue()
 
