@@ -525,12 +525,20 @@ async def _look_up(nc, tenant: str, session: str):
     through its consumer only): following then starts without the checks."""
     from jetscribe.client.follow import NoStream, look_up
 
+    asking = asyncio.ensure_future(look_up(nc.jetstream(), tenant, session))
+    deadline = asyncio.get_running_loop().time() + 5
+    while not asking.done() and not nc.refusals and asyncio.get_running_loop().time() < deadline:
+        await asyncio.wait([asking], timeout=0.05)  # a refusal comes as an error, not as the request's answer
+    if not asking.done():
+        asking.cancel()
+        nc.refusals.clear()  # the refused stream request is not the follow's
+        return None
     try:
-        return await asyncio.wait_for(look_up(nc.jetstream(), tenant, session), 5)
+        return asking.result()
     except NoStream:
         raise
     except Exception:
-        nc.refusals.clear()  # the refused stream request is not the follow's
+        nc.refusals.clear()
         return None
 
 
