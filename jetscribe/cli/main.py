@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "tenant": cmd_tenant,
         "nats-config": cmd_nats_config,
         "db": cmd_db,
+        "schema": cmd_schema,
     }[args.command]
     return run_command(command, args)
 
@@ -204,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_argument("revision", nargs="?", metavar="REV", help="a revision (0001, 0002, ...; base: no tables)")
     db.add_argument("--format", choices=("text", "json"), default="text", help="current: text or one JSON object")
+
+    schema = sub.add_parser(
+        "schema", help="write the JSON Schemas of the transcript.* and session.* messages (the downstream contract)"
+    )
+    schema.add_argument("--out", default="docs/schema", metavar="DIR", help="folder to write them to (docs/schema)")
+    schema.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the files in DIR differ from the models"
+    )
 
     return parser
 
@@ -694,6 +703,35 @@ def cmd_db(args) -> int:
     else:
         print(database.current(url, args.format))
     return 0
+
+
+def cmd_schema(args) -> int:
+    """Write (or with --check compare) docs/schema/*.json, the downstream contract, from the wire models."""
+    from pathlib import Path
+
+    from jetscribe.shared.schema import downstream_files
+
+    folder = Path(args.out)
+    files = downstream_files()
+    if args.check:
+        stale = [name for name, text in files.items() if _read_or_none(folder / name) != text]
+        for name in stale:
+            print(f"jetscribe schema: {folder / name} differs from the wire models", file=sys.stderr)
+        if stale:
+            print(f"regenerate with: jetscribe schema --out {folder}", file=sys.stderr)
+        return 1 if stale else 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        print(folder / name)
+    return 0
+
+
+def _read_or_none(path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
 
 
 def cmd_demo(args) -> int:
