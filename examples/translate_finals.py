@@ -1,0 +1,235 @@
+"""A translation-style subscriber: one tenant's finals from the TRANSCRIPTS stream, each handled once, in order.
+
+This is how a service downstream of jetscribe (a translator, say) reads transcripts. It holds a durable JetStream
+pull consumer on `transcript.<tenant>.>` (every session of the tenant; docs/schema/transcript.json describes the
+messages), skips interims, "translates" each final and acks it only after the translation is written. Stop it
+(Ctrl-C, SIGTERM: it finishes the final in hand) or kill it, start it again with the same --durable, and it goes
+on from the first final it had not acked: the consumer is kept by the server.
+
+THE TRANSLATION IS A STAND-IN: pig latin, so that the output is visibly transformed. Put a real model call in
+`translate()`.
+
+Exactly once, in order:
+- `max_ack_pending=1`: the server hands out the next message only once the one before is acked, so a message
+  redelivered after a crash (when its `--ack-wait` runs out) comes before any later one.
+- A crash after a final was written but before its ack would hand it out again: every line of `--out` carries its
+  TRANSCRIPTS stream sequence, and a final at or below the last one written is acked and not handled again. A
+  real service does the same with its own store (or an idempotency key: tenant, session_id, segment_id).
+
+    python examples/translate_finals.py --tenant acme [--nats nats://host:4222] [--creds acme.creds]
+
+`--creds FILE` connects with a NATS credentials file (JWT + nkey seed: nats-py's `user_credentials`), `--nkey FILE`
+with a bare nkey seed file; the tenant's user needs to subscribe to its deliveries and to create and read its
+consumer (`$JS.API.CONSUMER.CREATE.TRANSCRIPTS.<durable>.>`, `$JS.API.CONSUMER.INFO.TRANSCRIPTS.<durable>`,
+`$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.<durable>`, `$JS.ACK.TRANSCRIPTS.<durable>.>`) and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from jetscribe.shared import subjects
+from jetscribe.shared.config import DEFAULT_NATS_URL
+from jetscribe.shared.wire import Segment, WireError, decode
+
+# --- the pure part -------------------------------------------------------------------------------------------------
+
+
+def consumer_config(tenant: str, durable: str, ack_wait_s: float) -> ConsumerConfig:
+    """The durable consumer of one tenant's transcript: from the start of what TRANSCRIPTS holds, one message
+    in flight at a time (so a redelivery keeps the order), acked explicitly after handling."""
+    if not subjects.is_valid_token(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=f"transcript.{tenant}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_ack_pending=1,
+    )
+
+
+def translate(text: str) -> str:
+    """STAND-IN for a translation model: pig latin ("hello there" -> "ellohay erethay")."""
+    return " ".join(_pig_latin(word) for word in text.split())
+
+
+def _pig_latin(word: str) -> str:
+    core = word.strip(".,;:!?\"'")
+    if not core.isalpha():
+        return word
+    head = next((i for i, c in enumerate(core.lower()) if c in "aeiou"), len(core))
+    moved = core[head:] + core[:head] + ("way" if head == 0 else "ay")
+    return word.replace(core, moved.capitalize() if core[0].isupper() else moved.lower())
+
+
+def record(final: Segment, stream_seq: int) -> str:
+    """One line of --out: the final, its translation, and its stream sequence (the resume point)."""
+    return json.dumps(
+        {
+            "stream_seq": stream_seq,
+            "tenant": final.tenant,
+            "session_id": final.session_id,
+            "segment_id": final.segment_id,
+            "start": final.start,
+            "end": final.end,
+            "text": final.text,
+            "translation": translate(final.text),
+            "translation_is_a_stand_in": True,
+        },
+        ensure_ascii=False,
+    )
+
+
+def last_handled(lines: list[str]) -> int:
+    """The stream sequence of the last final written to --out (0: none). A torn last line (killed while writing)
+    does not count: that final was not handled."""
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["stream_seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def next_step(segment: Segment, stream_seq: int, last_done: int) -> str:
+    """What to do with a message: "interim" (ack, not ours), "repeat" (a final written before a crash and handed
+    out again: ack, do not translate twice) or "translate"."""
+    if segment.status != "final":
+        return "interim"
+    return "repeat" if stream_seq <= last_done else "translate"
+
+
+def show(final: Segment) -> str:
+    """The line printed for a final."""
+    return (
+        f"{final.tenant}/{final.session_id} #{final.segment_id} [{final.start:.2f}-{final.end:.2f}] "
+        f"{final.text.strip()}  =>  [stand-in translation] {translate(final.text)}"
+    )
+
+
+@dataclass
+class Tally:
+    handled: int = 0
+    interims: int = 0  # acked without handling: not finals
+    repeats: int = 0  # finals handled before a crash and handed out again: acked, not handled twice
+    refused: int = 0  # messages that are not a Segment: reported and terminated
+
+    def __str__(self) -> str:
+        return (
+            f"{self.handled} finals translated, {self.interims} interims skipped, {self.repeats} repeats skipped, "
+            f"{self.refused} refused"
+        )
+
+
+# --- the asyncio shell ---------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> int:
+    out_path = Path(args.out or f"translations-{args.tenant}.jsonl")
+    done = last_handled(out_path.read_text(encoding="utf-8").splitlines()) if out_path.exists() else 0
+    config = consumer_config(args.tenant, args.durable or f"translate-{args.tenant}", args.ack_wait)
+    options: dict[str, object] = {"name": f"translate-example-{args.tenant}"}
+    if args.creds:
+        options["user_credentials"] = args.creds
+    if args.nkey:
+        options["nkeys_seed"] = args.nkey
+
+    async def on_error(exc: Exception) -> None:  # nats-py would log each failed attempt with a traceback
+        if not isinstance(exc, OSError):  # a refused connection is retried, and said once if it stays refused
+            print(f"translate: NATS: {exc!r}", file=sys.stderr, flush=True)
+
+    try:
+        # A few attempts, then it exits 1: run it under a supervisor (compose's `restart:`); the consumer resumes.
+        nc = await nats.connect(
+            args.nats, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=5, error_cb=on_error, **options
+        )
+    except Exception as exc:
+        print(f"translate: cannot connect to {args.nats}: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    tally = Tally()
+    try:
+        sub = await nc.jetstream().pull_subscribe(
+            config.filter_subject, durable=config.durable_name, stream=subjects.TRANSCRIPTS_STREAM, config=config
+        )
+        print(
+            f"translate: consumer {config.durable_name} on {config.filter_subject}, after stream seq {done}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with out_path.open("a", encoding="utf-8") as out:
+            while not stop.is_set():
+                try:
+                    [msg] = await sub.fetch(1, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                seq = msg.metadata.sequence.stream
+                try:
+                    segment = decode(msg.data, Segment)
+                except WireError as exc:
+                    tally.refused += 1
+                    print(f"translate: refused stream seq {seq} on {msg.subject}: {exc}", file=sys.stderr, flush=True)
+                    await msg.term()  # it will never decode: not handed out again
+                    continue
+                step = next_step(segment, seq, done)
+                if step == "interim":
+                    tally.interims += 1
+                elif step == "repeat":
+                    tally.repeats += 1
+                    print(f"translate: stream seq {seq} was translated before: skipped", file=sys.stderr, flush=True)
+                else:
+                    await asyncio.sleep(args.work_s)  # the stand-in's "model call"
+                    out.write(record(segment, seq) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    done = seq
+                    tally.handled += 1
+                    print(show(segment), flush=True)
+                await msg.ack_sync()
+    except Exception as exc:
+        print(f"translate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print(f"translate: stopped; {tally}", file=sys.stderr, flush=True)
+        await nc.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tenant", required=True)
+    parser.add_argument("--nats", default=os.environ.get("NATS_URL") or DEFAULT_NATS_URL, help="NATS URL ($NATS_URL)")
+    parser.add_argument("--creds", metavar="FILE", help="NATS credentials file of the tenant's user")
+    parser.add_argument("--nkey", metavar="FILE", help="nkey seed file of the tenant's user (no JWT)")
+    parser.add_argument("--durable", help="consumer name (translate-<tenant>); the same name resumes")
+    parser.add_argument("--out", metavar="FILE", help="translations, one JSON line each (translations-<tenant>.jsonl)")
+    parser.add_argument(
+        "--ack-wait", type=float, default=30.0, metavar="S", help="redelivery after a crash comes this late (30)"
+    )
+    parser.add_argument(
+        "--work-s", type=float, default=0.0, metavar="S", help="seconds each stand-in translation takes"
+    )
+    args = parser.parse_args(argv)
+    try:
+        consumer_config(args.tenant, "check", args.ack_wait)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
