@@ -1,7 +1,7 @@
 """A translation-style subscriber: one tenant's finals from the TRANSCRIPTS stream, each handled once, in order.
 
 This is how a service downstream of jetscribe (a translator, say) reads transcripts. It holds a durable JetStream
-pull consumer on `transcript.<tenant>.>` (every session of the tenant; docs/schema/transcript.json describes the
+consumer on `transcript.<tenant>.>` (every session of the tenant; docs/schema/transcript.json describes the
 messages), skips interims, "translates" each final and acks it only after the translation is written. Stop it
 (Ctrl-C, SIGTERM: it finishes the final in hand) or kill it, start it again with the same --durable, and it goes
 on from the first final it had not acked: the consumer is kept by the server.
@@ -15,13 +15,15 @@ Exactly once, in order:
 - A crash after a final was written but before its ack would hand it out again: every line of `--out` carries its
   TRANSCRIPTS stream sequence, and a final at or below the last one written is acked and not handled again. A
   real service does the same with its own store (or an idempotency key: tenant, session_id, segment_id).
+- Run one instance per --durable: a second one on the same consumer would receive the same deliveries.
 
-    python examples/translate_finals.py --tenant acme [--nats nats://host:4222] [--creds acme.creds]
+    python examples/translate_finals.py --tenant acme [--nats nats://host:4222] [--creds acme.nk]
 
-`--creds FILE` connects with a NATS credentials file (JWT + nkey seed: nats-py's `user_credentials`), `--nkey FILE`
-with a bare nkey seed file; the tenant's user needs to subscribe to its deliveries and to create and read its
-consumer (`$JS.API.CONSUMER.CREATE.TRANSCRIPTS.<durable>.>`, `$JS.API.CONSUMER.INFO.TRANSCRIPTS.<durable>`,
-`$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.<durable>`, `$JS.ACK.TRANSCRIPTS.<durable>.>`) and nothing else.
+`--creds FILE`: the tenant's NATS credentials, an nkey seed file (what `jetscribe tenant add` makes) or a JWT
+credentials file (nats-py's `user_credentials`). A tenant's user may only create consumers with a filter on its
+own tenant (`$JS.API.CONSUMER.CREATE.TRANSCRIPTS.<name>.transcript.<tenant>.>`), read its own inboxes
+(`_INBOX_<tenant>.>`) and ack what it receives, so this is a push consumer created with exactly that request,
+delivering to `_INBOX_<tenant>.<durable>`: no consumer info, no pull requests.
 """
 
 from __future__ import annotations
@@ -46,18 +48,34 @@ from jetscribe.shared.wire import Segment, WireError, decode
 
 
 def consumer_config(tenant: str, durable: str, ack_wait_s: float) -> ConsumerConfig:
-    """The durable consumer of one tenant's transcript: from the start of what TRANSCRIPTS holds, one message
-    in flight at a time (so a redelivery keeps the order), acked explicitly after handling."""
+    """The durable consumer of one tenant's transcript: from the start of what TRANSCRIPTS holds, pushed to the
+    tenant's own inbox space, one message in flight at a time (so a redelivery keeps the order), acked explicitly
+    after handling."""
     if not subjects.is_valid_token(tenant):
         raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
+    if not subjects.is_valid_token(durable):
+        raise ValueError(f"durable {durable!r} must be 1-64 letters, digits, '_' or '-'")
     return ConsumerConfig(
+        name=durable,  # with a name, nats-py creates it on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>
         durable_name=durable,
         filter_subject=f"transcript.{tenant}.>",
+        deliver_subject=f"{inbox_prefix(tenant)}.{durable}",
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_ack_pending=1,
     )
+
+
+def inbox_prefix(tenant: str) -> str:
+    """The reply subjects a tenant's user may read (jetscribe's NATS permissions): `_INBOX_<tenant>`."""
+    return f"_INBOX_{tenant}"
+
+
+def credentials_option(text: str) -> str:
+    """The nats-py connect option for a credentials file with this content: a JWT credentials file is
+    `user_credentials`, a bare nkey seed `nkeys_seed`."""
+    return "user_credentials" if "BEGIN NATS USER JWT" in text else "nkeys_seed"
 
 
 def translate(text: str) -> str:
@@ -140,11 +158,13 @@ async def run(args: argparse.Namespace) -> int:
     out_path = Path(args.out or f"translations-{args.tenant}.jsonl")
     done = last_handled(out_path.read_text(encoding="utf-8").splitlines()) if out_path.exists() else 0
     config = consumer_config(args.tenant, args.durable or f"translate-{args.tenant}", args.ack_wait)
-    options: dict[str, object] = {"name": f"translate-example-{args.tenant}"}
+    options: dict[str, object] = {"name": f"translate-example-{args.tenant}", "inbox_prefix": inbox_prefix(args.tenant)}
     if args.creds:
-        options["user_credentials"] = args.creds
-    if args.nkey:
-        options["nkeys_seed"] = args.nkey
+        try:
+            options[credentials_option(Path(args.creds).read_text(encoding="utf-8"))] = args.creds
+        except OSError as exc:
+            print(f"translate: cannot read --creds {args.creds}: {exc.strerror}", file=sys.stderr)
+            return 2
 
     async def on_error(exc: Exception) -> None:  # nats-py would log each failed attempt with a traceback
         if not isinstance(exc, OSError):  # a refused connection is retried, and said once if it stays refused
@@ -163,9 +183,9 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     tally = Tally()
     try:
-        sub = await nc.jetstream().pull_subscribe(
-            config.filter_subject, durable=config.durable_name, stream=subjects.TRANSCRIPTS_STREAM, config=config
-        )
+        assert config.deliver_subject is not None
+        sub = await nc.subscribe(config.deliver_subject)  # before the consumer exists: nothing it pushes is missed
+        await nc.jetstream().add_consumer(subjects.TRANSCRIPTS_STREAM, config)  # or the same one again
         print(
             f"translate: consumer {config.durable_name} on {config.filter_subject}, after stream seq {done}",
             file=sys.stderr,
@@ -174,7 +194,7 @@ async def run(args: argparse.Namespace) -> int:
         with out_path.open("a", encoding="utf-8") as out:
             while not stop.is_set():
                 try:
-                    [msg] = await sub.fetch(1, timeout=1.0)
+                    msg = await sub.next_msg(timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
                 seq = msg.metadata.sequence.stream
@@ -213,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tenant", required=True)
     parser.add_argument("--nats", default=os.environ.get("NATS_URL") or DEFAULT_NATS_URL, help="NATS URL ($NATS_URL)")
-    parser.add_argument("--creds", metavar="FILE", help="NATS credentials file of the tenant's user")
-    parser.add_argument("--nkey", metavar="FILE", help="nkey seed file of the tenant's user (no JWT)")
+    parser.add_argument(
+        "--creds", metavar="FILE", help="the tenant's NATS credentials: an nkey seed file or a JWT credentials file"
+    )
     parser.add_argument("--durable", help="consumer name (translate-<tenant>); the same name resumes")
     parser.add_argument("--out", metavar="FILE", help="translations, one JSON line each (translations-<tenant>.jsonl)")
     parser.add_argument(
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        consumer_config(args.tenant, "check", args.ack_wait)
+        consumer_config(args.tenant, args.durable or f"translate-{args.tenant}", args.ack_wait)
     except ValueError as exc:
         parser.error(str(exc))
     return asyncio.run(run(args))

@@ -27,8 +27,9 @@ def segment(status="final", text="hello there", segment_id=3):
 
 def test_the_consumer_is_durable_on_the_tenants_transcripts_one_message_in_flight():
     config = example.consumer_config("acme", "translate-acme", 10.0)
-    assert config.durable_name == "translate-acme"
+    assert config.durable_name == config.name == "translate-acme"
     assert config.filter_subject == "transcript.acme.>"
+    assert config.deliver_subject == "_INBOX_acme.translate-acme"  # the tenant's user may read only _INBOX_acme.>
     assert config.deliver_policy == DeliverPolicy.ALL and config.ack_policy == AckPolicy.EXPLICIT
     assert config.max_ack_pending == 1 and config.ack_wait == 10.0
 
@@ -37,6 +38,12 @@ def test_the_consumer_is_durable_on_the_tenants_transcripts_one_message_in_fligh
 def test_a_tenant_that_is_not_one_subject_token_is_refused(tenant):
     with pytest.raises(ValueError, match="must be 1-64 letters"):
         example.consumer_config(tenant, "d", 1.0)
+
+
+def test_a_jwt_credentials_file_and_a_bare_seed_are_told_apart():
+    jwt = "-----BEGIN NATS USER JWT-----\neyJ0...\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n"
+    assert example.credentials_option(jwt) == "user_credentials"
+    assert example.credentials_option("SUAM2CJ3Q7ZJ4LDTZ6P3GRXZP3X5TJ2O\n") == "nkeys_seed"
 
 
 def test_it_resumes_after_the_last_whole_line_written():
