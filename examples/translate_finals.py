@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tenant", required=True)
     parser.add_argument("--nats", default=os.environ.get("NATS_URL") or DEFAULT_NATS_URL, help="NATS URL ($NATS_URL)")
     parser.add_argument(
-        "--creds", metavar="FILE", help="the tenant's NATS credentials: an nkey seed file or a JWT credentials file"
+        "--creds",
+        metavar="FILE",
+        default=os.environ.get("NATS_CREDS") or None,
+        help="the tenant's NATS credentials: an nkey seed file or a JWT credentials file ($NATS_CREDS)",
     )
     parser.add_argument("--durable", help="consumer name (translate-<tenant>); the same name resumes")
     parser.add_argument("--out", metavar="FILE", help="translations, one JSON line each (translations-<tenant>.jsonl)")
