@@ -105,15 +105,35 @@ async def test_the_compose_nats_cluster_keeps_three_replicas_and_serves_a_tenant
     transcriber = await nats.connect(list(urls.values()), **auth.connect_options(urls["nats-1"]))
     js = transcriber.jetstream()
     await ensure_streams(js, settings)
-    info = await js.stream_info(subjects.TRANSCRIPTS_STREAM)
-    assert info.config.num_replicas == 3
-    assert info.cluster is not None and 1 + len(info.cluster.replicas or []) == 3
+    deadline = time.monotonic() + 30
+    while True:  # a leader and two current replicas, on three different nodes
+        info = await js.stream_info(subjects.TRANSCRIPTS_STREAM)
+        assert info.config.num_replicas == 3
+        peers = [p.name for p in (info.cluster.replicas or []) if p.current] if info.cluster else []
+        if info.cluster and info.cluster.leader and len({info.cluster.leader, *peers}) == 3:
+            break
+        assert time.monotonic() < deadline, info.cluster
+        await asyncio.sleep(0.2)
 
     async def final(session: str, segment_id: int, text: str) -> int:
+        """Published as a transcriber does: again until stored (a node's loss moves the stream's leader)."""
         segment = Segment(
-            tenant="acme", session_id=session, segment_id=segment_id, revision=1, status="final", start=0, end=1, text=text
+            tenant="acme",
+            session_id=session,
+            segment_id=segment_id,
+            revision=1,
+            status="final",
+            start=0,
+            end=1,
+            text=text,
         )
-        return (await js.publish(subjects.transcript("acme", session), encode(segment))).seq
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return (await js.publish(subjects.transcript("acme", session), encode(segment), timeout=2)).seq
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
+                assert time.monotonic() < deadline, "TRANSCRIPTS took no message for 30 s with two nodes of three up"
+                await asyncio.sleep(0.2)
 
     first = await final("s1", 0, "hello there")
     out, log = tmp_path / "translations.jsonl", tmp_path / "example.log"
