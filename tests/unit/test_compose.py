@@ -183,6 +183,8 @@ def test_the_services_use_every_node_and_keep_three_replicas(services):
             database.hostname == "postgres"
             and database.path == f"/{services['postgres']['environment']['POSTGRES_DB']}"
         )
+    keys = services["nats-auth"]["environment"]["JETSCRIBE_NATS_KEYS"]  # where nats-auth makes the seeds
+    assert f"nats-keys:{keys}" in services["nats-auth"]["volumes"]
     for name in ("ingest", "transcriber", "persister"):
         creds = services[name]["environment"]["NATS_CREDS"]
         assert creds == f"/keys/{name}.nk", "each service connects as its own nkey user"
