@@ -109,8 +109,9 @@ async def test_the_translation_example_handles_every_final_once_in_order_across_
         before = written(out)
         assert len(before) >= 2
         info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, durable)
-        if len(before) < len(first.finals):  # killed while translating the next final: it is delivered, not acked
-            assert info.num_ack_pending == 1, info
+        # Killed while translating a final (or just after writing one): that one is delivered and not acked, and it
+        # is the only one, so it comes again before any later final.
+        assert info.num_ack_pending <= 1, info
 
         second = await stream_audio(nc, audio, tenant=tenant, session_id="s2", speed=0)  # while it is down
         expected = await finals_in_stream(js, tenant)
