@@ -39,8 +39,9 @@ DOWNSTREAM = (
         subjects.TRANSCRIPTS_STREAM,
         "A segment of a session's transcript. Interims (status `interim`) of one segment_id are replaced by its "
         "final (status `final`); a final is published once (its Nats-Msg-Id is `<tenant>:<session>:seg:<id>:final`, "
-        "so the stream drops a repeat). `words` items are arrays [word, start, end, probability] and `dropped` items "
-        "[word, start, end, probability, reason]; times are seconds of session audio.",
+        "so the stream drops a repeat). `words` items are arrays [word, start, end, probability, speaker] (speaker "
+        "optional) and `dropped` items [word, start, end, probability, reason]; times are seconds of session audio. "
+        "A reader ignores fields and trailing array items it does not know: new optional ones keep the version.",
     ),
     Published(
         "session.json",

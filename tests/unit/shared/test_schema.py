@@ -1,14 +1,13 @@
 """The downstream contract: docs/schema/*.json are what the wire models generate, and they hold real messages."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import msgspec
 import pytest
 
+from jetscribe.cli.main import main as jetscribe
 from jetscribe.shared.schema import DOWNSTREAM, SCHEMA_FOLDER, downstream_files
 from jetscribe.shared.wire import DroppedWord, Segment, SessionEvent, Word, encode
 
@@ -26,21 +25,17 @@ def test_the_committed_schemas_are_what_the_wire_models_generate():
         )
 
 
-def test_jetscribe_schema_check_fails_on_a_changed_file_and_rewrites_it(tmp_path):
-    def schema(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "jetscribe.cli.main", "schema", "--out", str(tmp_path), *args],
-            capture_output=True,
-            text=True,
-        )
+def test_jetscribe_schema_check_fails_on_a_changed_file_and_rewrites_it(tmp_path, capsys):
+    def schema(*args) -> int:
+        return jetscribe(["schema", "--out", str(tmp_path), *args])
 
-    assert schema("--check").returncode == 1  # nothing written yet
-    assert schema().returncode == 0
-    assert schema("--check").returncode == 0
+    assert schema("--check") == 1  # nothing written yet
+    assert schema() == 0
+    assert schema("--check") == 0
     (tmp_path / "session.json").write_text("{}\n")
-    checked = schema("--check")
-    assert checked.returncode == 1 and "session.json differs" in checked.stderr
-    assert schema().returncode == 0 and (tmp_path / "session.json").read_text() == downstream_files()["session.json"]
+    capsys.readouterr()
+    assert schema("--check") == 1 and "session.json differs" in capsys.readouterr().err
+    assert schema() == 0 and (tmp_path / "session.json").read_text() == downstream_files()["session.json"]
 
 
 def schema_of(model) -> dict:
