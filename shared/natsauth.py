@@ -224,6 +224,12 @@ def server_config(
     return "".join(f"{key}: {json.dumps(value, indent=2)}\n" for key, value in config.items())
 
 
+def users_config(users: Iterable[NatsUser]) -> str:
+    """The `authorization` block alone, for a file a cluster's nodes include (`deploy/nats/nats.conf`, written by
+    `jetscribe nats-users`): the same users and permissions `server_config` gives a single server."""
+    return f"authorization: {json.dumps({'users': [user.as_config() for user in users]}, indent=2)}\n"
+
+
 @dataclass(frozen=True)
 class ClientAuth:
     """How a client proves who it is and checks the server: an nkey seed file and TLS files."""

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": cmd_status,
         "tenant": cmd_tenant,
         "nats-config": cmd_nats_config,
+        "nats-users": cmd_nats_users,
         "db": cmd_db,
         "schema": cmd_schema,
     }[args.command]
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--server-name", default="", help="this node's name (needed in a cluster)")
     config.add_argument("--cluster-listen", metavar="HOST:PORT", help="where this node listens for routes")
     config.add_argument("--route", action="append", default=[], metavar="URL", help="nats-route://host:port, each node")
+    nats_users = sub.add_parser(
+        "nats-users",
+        help="write the NATS users file a cluster's nodes include (compose's nats-auth): the services', the "
+        "operator's and the tenants' nkey users with their permissions, from $JETSCRIBE_NATS_KEYS",
+    )
+    nats_users.add_argument("--out", required=True, metavar="FILE", help="where to write it (e.g. /auth/users.conf)")
 
     db = sub.add_parser("db", help="database schema: upgrade, downgrade, or say where it is")
     db.add_argument(
@@ -687,6 +694,27 @@ def cmd_nats_config(args) -> int:
         ),
         end="",
     )
+    return 0
+
+
+def cmd_nats_users(args) -> int:
+    """Make the services' and the operator's seeds if missing, then write every user not revoked (public keys and
+    permissions only: no secret goes into the file) where the NATS nodes include it. Run again after a tenant is
+    added or revoked, then have the nodes reload (SIGHUP)."""
+    from pathlib import Path
+
+    from jetscribe.shared.natsauth import users_config
+
+    keys = stack.keyring()
+    users = keys.ensure_services().users()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(users_config(users))
+    tmp.chmod(0o644)  # the nodes may run as another user; the file holds public keys only
+    tmp.replace(out)  # a node reloading meanwhile reads the old file or the new one, never half of one
+    tenants = [u.tenant for u in users if u.role == "tenant"]
+    print(f"{out}: {len(users)} NATS users (keys in {keys.folder}); tenants: {', '.join(tenants) or 'none'}")
     return 0
 
 

@@ -16,16 +16,16 @@ from pathlib import Path
 import nats
 import pytest
 
+from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import _nats_server_binary, free_port
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.streams import ensure_streams
 from jetscribe.shared.wire import Segment, encode
 
-# NATS users and replicated streams are issue 14's work beside this test's (tests/unit/test_compose.py, ARRIVING):
-# until both are on main it waits for them, and says so.
-Keyring = pytest.importorskip("jetscribe.devstack.keys", reason="NATS users (auth) not on main yet").Keyring
-ClientAuth = pytest.importorskip("jetscribe.shared.natsauth", reason="NATS users (auth) not on main yet").ClientAuth
+# Replicated streams are issue 14's work beside this test's (tests/unit/test_compose.py, ARRIVING): until they are
+# on main it waits for them, and says so.
 if "replicas" not in StreamSettings.__dataclass_fields__:
     pytest.skip("JETSCRIBE_REPLICAS (streams in replicas) not on main yet", allow_module_level=True)
 

@@ -32,7 +32,7 @@ def own_nats(tmp_path_factory):
         yield server
 
 
-async def start_example(nats_url: str, tenant: str, durable: str, out: Path, log: Path):
+async def start_example(nats_url: str, tenant: str, durable: str, out: Path, log: Path, creds: Path):
     return await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLE),
@@ -40,6 +40,8 @@ async def start_example(nats_url: str, tenant: str, durable: str, out: Path, log
         nats_url,
         "--tenant",
         tenant,
+        "--creds",  # the tenant's own NATS user: only its subjects, its consumers, its inboxes
+        str(creds),
         "--durable",
         durable,
         "--out",
@@ -87,16 +89,18 @@ async def finals_in_stream(js, tenant: str) -> list[tuple[int, str, int, str]]:
 
 
 async def test_the_translation_example_handles_every_final_once_in_order_across_a_kill(
-    own_nats, database_url, tmp_path
+    own_nats, database_url, tmp_path, nats_keys
 ):
     tenant, other = f"tr{uuid.uuid4().hex[:6]}", f"ot{uuid.uuid4().hex[:6]}"
+    creds = nats_keys.add_tenant(tenant)  # `jetscribe tenant add`
+    own_nats.reload()
     durable = f"translate-{tenant}"
     out, log = tmp_path / "translations.jsonl", tmp_path / "example.log"
     speech = sample_speech()
     audio = Audio(speech.audio, speech.sample_rate)
     async with running_services(own_nats.url, database_url, NullModel(), "translate-w1") as nc:
         js = nc.jetstream()
-        example = await start_example(own_nats.url, tenant, durable, out, log)
+        example = await start_example(own_nats.url, tenant, durable, out, log, creds)
         first, _ = await asyncio.gather(  # the tenant's session, and another tenant's that it must not see
             stream_audio(nc, audio, tenant=tenant, session_id="s1", speed=0),
             stream_audio(nc, audio, tenant=other, session_id="s1", speed=0),
@@ -118,7 +122,7 @@ async def test_the_translation_example_handles_every_final_once_in_order_across_
         assert len(expected) == len(first.finals) + len(second.finals)
         assert len(before) < len(expected)
 
-        example = await start_example(own_nats.url, tenant, durable, out, log)
+        example = await start_example(own_nats.url, tenant, durable, out, log, creds)
         await wait_written(out, len(expected), example, log)
         deadline = time.monotonic() + 30
         while True:  # every message of the filter acked: nothing is left to hand out again

@@ -27,14 +27,10 @@ COMPOSE = ROOT / "compose.yaml"
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 PROJECT_IMAGE = "jetscribe:local"
 SOURCES = ("jetscribe", "services", "shared")  # where the project's code reads its environment
-# What compose.yaml names that arrives with work of issue 14 not on main when this was written: NATS users (the
-# services' NATS_CREDS seed files, the keyring in JETSCRIBE_NATS_KEYS, and `jetscribe nats-users`, which writes the
-# users file from that keyring) and the streams' JETSCRIBE_REPLICAS. Each is checked as any other once the code
-# has it; until then its absence is allowed, and only its absence. Delete an entry once it is on main.
+# What compose.yaml names that arrives with work of issue 14 not on main when this was written: the streams'
+# JETSCRIBE_REPLICAS. Each is checked as any other once the code has it; until then its absence is allowed, and
+# only its absence. Delete an entry once it is on main.
 ARRIVING = {
-    "NATS_CREDS": "NATS users (auth)",
-    "JETSCRIBE_NATS_KEYS": "NATS users (auth)",
-    "nats-users": "NATS users (auth): writes the users file from the keyring",
     "JETSCRIBE_REPLICAS": "streams in replicas on a cluster",
 }
 
