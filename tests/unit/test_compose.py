@@ -21,6 +21,7 @@ import yaml
 
 from jetscribe.cli.main import main as jetscribe_main
 from jetscribe.devstack.servers import _nats_server_binary
+from jetscribe.shared import config
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -32,6 +33,7 @@ SOURCES = ("jetscribe", "services", "shared")  # where the project's code reads 
 # only its absence. Delete an entry once it is on main.
 ARRIVING = {
     "JETSCRIBE_REPLICAS": "streams in replicas on a cluster",
+    "nats_servers": "NATS_URL naming several servers (shared/config.py)",
 }
 
 
@@ -194,6 +196,8 @@ def test_the_services_use_every_node_and_keep_three_replicas(services):
         env = services[name]["environment"]
         hosts = [urlsplit(url).hostname for url in env["NATS_URL"].split(",")]
         assert sorted(hosts) == sorted(nats_nodes(services)), name
+        if hasattr(config, "nats_servers") or "nats_servers" not in ARRIVING:  # the services read the list
+            assert [urlsplit(url).hostname for url in config.nats_servers(env["NATS_URL"])] == hosts
         assert env["JETSCRIBE_REPLICAS"] == str(len(hosts))
         database = urlsplit(env["DATABASE_URL"])
         assert (
