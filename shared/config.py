@@ -107,10 +107,24 @@ class IngestConfig(FromEnv):
     max_channels: int = env("JETSCRIBE_MAX_CHANNELS", 8)
     # active ones: started and not yet ended, counted over all gateways
     max_sessions_per_tenant: int = env("JETSCRIBE_MAX_SESSIONS_PER_TENANT", 100)
+    # Rate limits (token buckets holding rate_burst_s of their rate; 0 = no limit): far above a real-time bot's
+    # 10 chunks/s, so only a client sending several times faster than real time for a long while meets them.
+    session_chunks_per_s: float = env("JETSCRIBE_SESSION_CHUNKS_PER_S", 50.0)
+    session_bytes_per_s: float = env("JETSCRIBE_SESSION_BYTES_PER_S", 8 * 1024 * 1024.0)
+    tenant_chunks_per_s: float = env("JETSCRIBE_TENANT_CHUNKS_PER_S", 5000.0)  # per gateway
+    tenant_bytes_per_s: float = env("JETSCRIBE_TENANT_BYTES_PER_S", 128 * 1024 * 1024.0)  # per gateway
+    rate_burst_s: float = env("JETSCRIBE_RATE_BURST_S", 60.0)
     # The gateways' group: each serves the sessions of the partitions it holds, as the transcribers do.
     gateway_id: str = env("JETSCRIBE_GATEWAY_ID", "")
     heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
     lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # a dead gateway's sessions move after about ttl + heartbeat
+
+    def __post_init__(self) -> None:
+        for name in ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"JETSCRIBE_{name.upper()} is {getattr(self, name)}: use 0 (no limit) or more")
+        if self.rate_burst_s <= 0:
+            raise ConfigError(f"JETSCRIBE_RATE_BURST_S is {self.rate_burst_s}: use a number of seconds above 0")
 
     @classmethod
     def from_env(cls) -> Self:

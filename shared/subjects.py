@@ -197,9 +197,13 @@ def service_endpoint(service: str, instance_id: str, endpoint: str) -> str:
 
 
 # Errors, per service and tenant
+UNKNOWN_TENANT = "_"  # the error subjects' tenant token when the tenant is unknown or not a valid id
+
+
 def errors(service: str, tenant: str) -> str:
-    """Refusals and failures one service reports for a tenant ('_' when none is known)."""
-    return f"errors.{service}.{tenant or '_'}"
+    """Refusals and failures one service reports for a tenant: `errors.<service>._` when none is known or it is not
+    a valid id (what a subject or payload named may be any bytes)."""
+    return f"errors.{service}.{tenant if is_valid_token(tenant) else UNKNOWN_TENANT}"
 
 
 ERRORS_ALL = "errors.>"

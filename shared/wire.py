@@ -203,6 +203,7 @@ class ErrorEvent(_Message, tag="error"):
     message: str
     seq: int | None = None
     at: float = 0.0
+    retry_after_s: float = 0.0  # `rate_limited`: when the same request would pass
 
 
 class DecodeTotals(msgspec.Struct, kw_only=True):
@@ -238,6 +239,7 @@ class Reply(_Message, tag="reply"):
     last_seq: int = -1  # -1: nothing accepted yet
     code: str = ""
     message: str = ""
+    retry_after_s: float = 0.0  # `rate_limited`: send the same request again after this many seconds
 
 
 AudioMessage = AudioChunk | SessionControl

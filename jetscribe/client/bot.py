@@ -85,22 +85,33 @@ class StreamResult:
         return " ".join(s.text for s in self.final_segments() if s.text)
 
 
+RATE_LIMITED_MIN_WAIT_S = 0.01
+
+
 async def request(nc, subject: str, message, timeout: float = 5.0, attempts: int = 20) -> Reply:
-    """Request/reply with the gateway, retrying while it is unreachable (a restart, a reconnect).
+    """Request/reply with the gateway, retrying while it is unreachable (a restart, a reconnect), and sending the
+    same message again after the wait a `rate_limited` answer names (those waits do not count as attempts: the
+    gateway is there and says when it will take the message, so nothing is lost by waiting).
 
     Called inside an OpenTelemetry span, the request carries its W3C trace context (`traceparent` header), so
     the gateway's span, and the chunk's path through the pipeline, join the caller's trace."""
     headers: dict[str, str] = {}
     propagate.inject(headers)
-    for attempt in range(attempts):
+    data = encode(message)
+    attempt = 0
+    while attempt < attempts:
         try:
-            response = await nc.request(subject, encode(message), timeout=timeout, headers=headers or None)
+            response = await nc.request(subject, data, timeout=timeout, headers=headers or None)
             reply = decode(response.data, Reply)
+            if reply.code == "rate_limited":
+                await asyncio.sleep(max(reply.retry_after_s, RATE_LIMITED_MIN_WAIT_S))
+                continue
             if reply.code != "unavailable":
                 return reply
         except (NatsTimeout, NoRespondersError):
             pass
         await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
+        attempt += 1
     raise TimeoutError(
         f"no answer from the ingest gateway on {subject} after {attempts} tries: is `jetscribe up` running there?"
     )

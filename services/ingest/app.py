@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -48,6 +49,7 @@ from jetscribe.services.ingest.core import (
     IngestBook,
     RequestRefused,
     SessionLedger,
+    check_request_size,
     check_subject_matches,
     split_channels,
 )
@@ -241,6 +243,7 @@ class IngestGateway:
             ),
         ):
             try:
+                check_request_size(kind, len(msg.data), self.book.config)
                 message = decode(msg.data, _KINDS[kind])
                 if isinstance(message, AudioChunk):
                     message.received_at = received_at  # travels with the stored chunk: final latency starts here
@@ -464,9 +467,16 @@ class IngestGateway:
 
     async def _refuse(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> Reply:
         """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
-        last_seq = await self._last_seq(tenant, session_id, look_up=exc.code != "unavailable")
+        last_seq = await self._last_seq(tenant, session_id, look_up=exc.code not in ("unavailable", "rate_limited"))
+        retry_after_s = getattr(exc, "retry_after_s", 0.0)
         event = ErrorEvent(
-            tenant=tenant, session_id=session_id, code=exc.code, message=str(exc), seq=seq, at=time.time()
+            tenant=tenant,
+            session_id=session_id,
+            code=exc.code,
+            message=str(exc),
+            seq=seq,
+            at=time.time(),
+            retry_after_s=retry_after_s,
         )
         log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
         self.metrics.refusals.add(1, {TENANT: tenant, ERROR_TYPE: exc.code})
@@ -475,7 +485,7 @@ class IngestGateway:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
             log.exception("could not publish error event")
-        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc))
+        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc), retry_after_s=retry_after_s)
 
     async def _last_seq(self, tenant: str, session_id: str, look_up: bool = True) -> int:
         """The last accepted seq of the session a subject names, even when the request itself was garbage;
@@ -524,11 +534,12 @@ def _request_of(subject: str) -> tuple[str, str, str]:
 
 def _received_at(msg: Msg) -> float:
     """When the first gateway took the request: now, or what the gateway that forwarded it said."""
-    forwarded = (msg.headers or {}).get(RECEIVED_AT_HEADER)
+    forwarded = (msg.headers or {}).get(RECEIVED_AT_HEADER) if subjects.is_forwarded(msg.subject) else None
     try:
-        return float(forwarded) if forwarded else time.time()
+        at = float(forwarded) if forwarded else time.time()
     except ValueError:
         return time.time()
+    return at if math.isfinite(at) else time.time()  # a bot's own header must not make latencies NaN
 
 
 async def run(

@@ -12,14 +12,17 @@ stream refuses it if anyone stored to the session since; the gateway then learns
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
 import soxr
 
+from jetscribe.services.ingest.rates import Allowance, RateLimiter, RateLimits
 from jetscribe.shared import subjects
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
+from jetscribe.shared.clock import system_clock
 from jetscribe.shared.config import IngestConfig
 from jetscribe.shared.errors import CodedError
 from jetscribe.shared.wire import (
@@ -32,6 +35,8 @@ from jetscribe.shared.wire import (
 )
 
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
+MAX_CONTROL_BYTES = 16 * 1024  # a start or end request: ids, language, model and a few options
+AUDIO_ENVELOPE_BYTES = 4096  # an audio request's fields besides its payload
 
 
 class RequestRefused(CodedError):
@@ -59,6 +64,7 @@ class SessionLedger:
     rejection: str | None = None
     input_format: tuple[int, int] | None = None  # (sample_rate, channels) the resampler was built for
     resampler: soxr.ResampleStream | None = field(default=None, repr=False)
+    allowance: Allowance | None = field(default=None, repr=False)  # its rate limit buckets, from its first chunk
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,20 @@ def check_ids(tenant: str, session_id: str) -> None:
     for name, value in (("tenant", tenant), ("session_id", session_id)):
         if not subjects.is_valid_token(value):
             raise RequestRefused("bad_id", f"{name} {value!r} must be 1-64 letters, digits, '_' or '-'")
+
+
+def check_request_size(kind: str, size: int, config: IngestConfig) -> None:
+    """Refuse a request too large for what it can hold before decoding it: an audio request is its payload plus
+    a small envelope, a start or end a few short fields."""
+    limit = config.max_chunk_bytes + AUDIO_ENVELOPE_BYTES if kind == "audio" else MAX_CONTROL_BYTES
+    if size > limit:
+        what = "an audio request" if kind == "audio" else "a session request"
+        raise RequestRefused("too_large", f"request of {size} bytes exceeds the limit of {limit} bytes for {what}")
+
+
+def check_sent_at(sent_at: float) -> None:
+    if not math.isfinite(sent_at):
+        raise RequestRefused("malformed", f"sent_at {sent_at} is not a finite number of epoch seconds")
 
 
 def check_subject_matches(message_tenant: str, message_session: str, tenant: str, session_id: str) -> None:
@@ -221,9 +241,20 @@ def _to_int16(samples: np.ndarray) -> np.ndarray:
 class IngestBook:
     """All sessions this gateway has seen, and the rules for accepting their audio."""
 
-    def __init__(self, config: IngestConfig):
+    def __init__(self, config: IngestConfig, monotonic: Callable[[], float] | None = None):
+        """`monotonic`: the clock the rate limits run on (default: the system's)."""
         self.config = config
         self.sessions: dict[tuple[str, str], SessionLedger] = {}
+        self.monotonic = monotonic or system_clock().monotonic
+        self.rates = RateLimiter(
+            RateLimits(
+                session_chunks_per_s=config.session_chunks_per_s,
+                session_bytes_per_s=config.session_bytes_per_s,
+                tenant_chunks_per_s=config.tenant_chunks_per_s,
+                tenant_bytes_per_s=config.tenant_bytes_per_s,
+                burst_s=config.rate_burst_s,
+            )
+        )
 
     def ledger(self, tenant: str, session_id: str) -> SessionLedger | None:
         return self.sessions.get((tenant, session_id))
@@ -288,6 +319,7 @@ class IngestBook:
         """
         check_ids(control.tenant, control.session_id)
         check_track(control)
+        check_sent_at(control.sent_at)
         if control.language != "auto" and control.language not in WHISPER_LANGUAGES:
             raise RequestRefused(
                 "bad_language",
@@ -307,6 +339,7 @@ class IngestBook:
         A repeated end finds `ledger.ended` already true: answer it ok and store nothing.
         """
         check_ids(control.tenant, control.session_id)
+        check_sent_at(control.sent_at)
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             raise RequestRefused("unknown_session", f"session {control.tenant}/{control.session_id} was never started")
@@ -363,6 +396,12 @@ class IngestBook:
             )
         if not 1 <= chunk.channels <= cfg.max_channels:
             raise RequestRefused("bad_channels", f"channels {chunk.channels} is outside 1..{cfg.max_channels}")
+        check_sent_at(chunk.sent_at)
+        # Every well-formed chunk of an open session costs, repeats and gaps too; a refused one costs nothing.
+        now = self.monotonic()
+        if ledger.allowance is None:
+            ledger.allowance = self.rates.session_allowance(now)
+        self.rates.admit(chunk.tenant, ledger.allowance, len(chunk.payload), now)
         if chunk.seq < 0:
             raise RequestRefused("bad_seq", f"seq {chunk.seq} is negative; seq counts from 0")
         check_chunk_speakers(chunk)
