@@ -30,6 +30,19 @@ SessionStatus = Literal["active", "ended", "rejected"]  # sessions.status
 EventKind = SessionEventKind
 
 _INT64 = range(-(2**63), 2**63)
+
+
+class _Interval:
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+# Wire times become datetimes (years 1-9999); one outside them would fail the whole batch's write, every time.
+_EPOCH_RANGE = _Interval(datetime(1, 1, 2, tzinfo=UTC).timestamp(), datetime(9999, 12, 30, tzinfo=UTC).timestamp())
+_EPOCH_PROBLEM = "{name} must be epoch seconds between the years 1 and 9999"
 _RANK: Final[dict[SegmentStatus, int]] = {"interim": 0, "final": 1}
 _EVENT_STATUS: Final[dict[EventKind, SessionStatus]] = {"started": "active", "ended": "ended", "rejected": "rejected"}
 CLOSED: Final[tuple[SessionStatus, ...]] = ("ended", "rejected")  # the terminal session states
@@ -238,6 +251,8 @@ def _segment_problem(segment: Segment) -> str | None:
     numbers += [x for w in segment.words for x in (w.start, w.end, w.probability)]
     if not all(math.isfinite(x) for x in numbers):
         return "times and probabilities must be finite numbers"
+    if segment.published_at not in _EPOCH_RANGE:
+        return _EPOCH_PROBLEM.format(name="published_at")
     texts = [segment.text, segment.speaker, segment.language, segment.model, segment.worker_id, segment.meeting_id]
     texts += [w.word for w in segment.words] + [w.speaker for w in segment.words]
     return _nul_problem(texts)
@@ -249,6 +264,8 @@ def _event_problem(event: SessionEvent) -> str | None:
             return f"{name} is out of the 64-bit range"
     if not (math.isfinite(event.at) and math.isfinite(event.audio_seconds)):
         return "at and audio_seconds must be finite numbers"
+    if event.at not in _EPOCH_RANGE:
+        return _EPOCH_PROBLEM.format(name="at")
     return _nul_problem([event.reason, event.language, event.model, event.worker_id])
 
 

@@ -23,7 +23,14 @@ from opentelemetry import metrics as otel_metrics
 from jetscribe.services.transcriber import batched
 from jetscribe.services.transcriber import model as whisper
 from jetscribe.services.transcriber.arrivals import Arrival, ChunkArrivals
-from jetscribe.services.transcriber.core import CommitOptions, SessionLimits, SessionStream, Step, is_reused
+from jetscribe.services.transcriber.core import (
+    CommitOptions,
+    SessionLimits,
+    SessionStream,
+    Step,
+    is_reused,
+    stored_message_problem,
+)
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
 from jetscribe.services.transcriber.instruments import WorkerInstruments
@@ -33,7 +40,7 @@ from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
 from jetscribe.shared import discovery, subjects, telemetry
 from jetscribe.shared.activity import SessionLoad
-from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
+from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
 from jetscribe.shared.retry import Stopped, retry, stopped_within
@@ -233,27 +240,23 @@ class TranscriberWorker:
     async def _receive(self, partition: int, msg: Msg) -> None:
         try:
             message = decode(msg.data, AudioMessage)
-            if isinstance(message, AudioChunk) and (
-                message.sample_rate,
-                message.channels,
-                message.encoding,
-                len(message.payload) % 2,
-            ) != (SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING, 0):
-                raise WireError("malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)")
             # Permissions are subject rules, so the subject is what vouches for the tenant (and the session).
             if not subjects.is_audio_of(msg.subject, message.tenant, message.session_id):
                 raise WireError(
                     "subject_mismatch",
                     f"audio for {message.tenant}/{message.session_id} arrived on {msg.subject!r}",
                 )
+            problem = stored_message_problem(message)
+            if problem is not None:
+                raise WireError(*problem)
         except WireError as exc:
             parts = msg.subject.split(".")
             await self._report(
                 ErrorEvent(
                     tenant=parts[1] if len(parts) > 1 else "",
-                    session_id=None,
+                    session_id=parts[2] if len(parts) > 2 else None,
                     code=exc.code,
-                    message=str(exc),
+                    message=f"{msg.subject}: {exc}",
                     at=self.clock.wall(),
                 )
             )
@@ -574,7 +577,8 @@ class TranscriberWorker:
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)
-        self.instruments.reported(event.tenant, event.code)
+        tenant = event.tenant if subjects.is_valid_token(event.tenant) else subjects.UNKNOWN_TENANT
+        self.instruments.reported(tenant, event.code)  # a bounded label: not whatever a subject named
         try:
             await self.nc.publish(subjects.errors("transcriber", event.tenant), encode(event))
         except Exception as exc:  # a report is best effort: the log line above stays

@@ -15,6 +15,7 @@ decode is needed. Interims mark the words two consecutive hypotheses agree on as
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -28,8 +29,10 @@ from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegment
 from jetscribe.services.transcriber.speakers import SpeakerTimeline
 from jetscribe.services.transcriber.transcript import Clock, FinalAudit, Transcript
 from jetscribe.services.transcriber.vad import VoiceDetector
-from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared import subjects
+from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.wire import (
+    WHISPER_LANGUAGES,
     AudioChunk,
     ErrorEvent,
     Segment,
@@ -144,11 +147,24 @@ class SessionStream(Generic[M]):
             self.end()
             return self._settle(step)
         samples = np.frombuffer(message.payload, dtype="<i2")
+        expected = self.ledger.last_seq + 1
         receipt = self.ledger.receive(message.seq, len(samples), handle)
-        if receipt is Receipt.ACK_NOW:
+        if receipt in (Receipt.ACK_NOW, Receipt.LATE):
             step.ack.append(handle)
+        if receipt is Receipt.LATE:
+            step.errors.append(
+                self.transcript.error(
+                    "late_seq", f"chunk seq {message.seq} arrived after seq {self.ledger.last_seq}; it was skipped"
+                )
+            )
         if receipt is not Receipt.NEW:
             return step
+        if message.seq > expected:
+            step.errors.append(
+                self.transcript.error(
+                    "seq_gap", f"seqs {expected}..{message.seq - 1} are missing; transcribing on from seq {message.seq}"
+                )
+            )
         self.last_audio_at = self.clock.monotonic()
         self.transcript.speakers.hear(message, self.segmenter.received, len(samples))
         self.segmenter.add(samples, self.last_audio_at)
@@ -407,6 +423,35 @@ class SessionStream(Generic[M]):
         self._admission = None
         self.segmenter.restore(checkpoint.acked_samples)
         self.transcript.restore(checkpoint)
+
+
+MAX_SEQ = 2**63 - 1  # seqs are stored as 64-bit integers
+
+
+def stored_message_problem(message: AudioChunk | SessionControl) -> tuple[str, str] | None:
+    """(code, message) if a message taken from AUDIO is one the gateway would never have stored, else None: the
+    worker refuses it (reports and terminates it) rather than open a session for it or let it move one's seqs."""
+    for name in ("tenant", "session_id"):
+        if not subjects.is_valid_token(getattr(message, name)):
+            return "bad_id", f"{name} must be 1-64 letters, digits, '_' or '-'"
+    if not math.isfinite(message.sent_at):
+        return "malformed", "sent_at must be a finite number"
+    if isinstance(message, SessionControl):
+        if message.language not in ("", "auto") and message.language not in WHISPER_LANGUAGES:
+            return "bad_language", f"language {message.language[:64]!r} is not a Whisper language code or 'auto'"
+        return None
+    if (message.sample_rate, message.channels, message.encoding, len(message.payload) % 2) != (
+        SAMPLE_RATE,
+        STORED_CHANNELS,
+        STORED_ENCODING,
+        0,
+    ):
+        return "malformed", "stored audio must be 16 kHz mono pcm_s16le (did the gateway store it?)"
+    if not 0 <= message.seq <= MAX_SEQ:
+        return "bad_seq", f"seq {message.seq} is outside 0..{MAX_SEQ}"
+    if not math.isfinite(message.received_at):
+        return "malformed", "received_at must be a finite number"
+    return None
 
 
 def is_reused(message: AudioChunk | SessionControl) -> bool:

@@ -6,6 +6,10 @@ here is done" was taken, and the step that saves it acks the chunk after the sav
 leaves the ledger exactly once (to be acked or nak'd), so no message is ever acked twice, whoever asks.
 A redelivery of an acked seq is acked at once; a redelivery of a held or accounted seq replaces the older
 delivery, which is then dropped unacked (the newest delivery is the one JetStream waits for).
+
+Seqs come in order from the gateway; a jump (audio aged out of AUDIO, or a publisher other than the gateway) is
+transcribed on from the new seq, and the seqs it skipped are remembered, so that one arriving later is known as
+late (`Receipt.LATE`: acked unused, and the shell reports it) rather than taken for a redelivery.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ class Receipt(Enum):
     NEW = "new"  # fresh audio: hand it to the segmenter
     ACK_NOW = "ack_now"  # already acked (or never to be used): ack this delivery at once
     REPLACED = "replaced"  # a redelivery of audio still held: kept instead of the older delivery
+    LATE = "late"  # a seq the session skipped, arriving after a later one: acked unused
+
+
+SKIPPED_KEPT = 64  # seq ranges a session skipped, remembered to recognise their chunks arriving late
 
 
 @dataclass
@@ -47,6 +55,7 @@ class AckLedger(Generic[M]):
         self._accounted: list[Chunk[M]] = []
         self._end: M | None = None
         self._saved_finals = 0  # finals published at the newest checkpoint
+        self.skipped: deque[tuple[int, int]] = deque(maxlen=SKIPPED_KEPT)  # (first, last) seqs jumped over
 
     @property
     def chunks_received(self) -> int:
@@ -61,17 +70,22 @@ class AckLedger(Generic[M]):
     def receive(self, seq: int, samples: int, message: M) -> Receipt:
         """Record a delivery of chunk `seq` holding `samples` samples."""
         if seq <= self.acked_seq:
-            return Receipt.ACK_NOW
+            return Receipt.LATE if self.was_skipped(seq) else Receipt.ACK_NOW
         if seq <= self.last_seq:
             for chunk in (*self._held, *self._accounted):
                 if chunk.seq == seq:
                     chunk.message = message
                     return Receipt.REPLACED
-            return Receipt.ACK_NOW  # a seq the session skipped: nothing waits for it
+            return Receipt.LATE  # a seq the session skipped: nothing waits for it
+        if seq > self.last_seq + 1:
+            self.skipped.append((self.last_seq + 1, seq - 1))
         self._held.append(Chunk(seq, self.received, self.received + samples, message))
         self.last_seq = seq
         self.received += samples
         return Receipt.NEW
+
+    def was_skipped(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self.skipped)
 
     def hold_end(self, message: M) -> None:
         """The session's `end` message: acked with the last audio, when the session is over."""

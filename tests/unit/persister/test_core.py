@@ -324,3 +324,10 @@ def test_dropped_event_names_tenant_session_and_cause():
     assert "transcript.t1.s1" in event.message and "boom" in event.message
     event = dropped_event("transcript.t1.s1", Unstorable("subject_mismatch", "nope"), T0)
     assert (event.code, event.message) == ("subject_mismatch", "transcript.t1.s1: nope")
+
+
+@pytest.mark.parametrize("at", [1e20, -1e20, 2.6e11])
+def test_check_refuses_times_no_datetime_holds(at):
+    # Before: plan_batch raised OverflowError/ValueError on them, out of the persister's loop, and the service died.
+    assert check(subjects.transcript("t1", "s1"), seg(published_at=at)).code == "malformed"
+    assert check(subjects.session_event("t1", "s1", "ended"), ended(at=at)).code == "malformed"

@@ -76,3 +76,15 @@ def test_totals_count_each_chunk_once(acked_seq):
     ledger = AckLedger(acked_seq=acked_seq, acked_samples=(acked_seq + 1) * 1600, acked_chunks=acked_seq + 1)
     receive_all(ledger, range(acked_seq + 1, acked_seq + 6))
     assert ledger.chunks_received == acked_seq + 6
+
+
+def test_a_seq_the_session_jumped_over_arrives_late_whether_or_not_it_was_acked_past():
+    ledger = AckLedger()
+    receive_all(ledger, [0, 1, 5])
+    assert list(ledger.skipped) == [(2, 4)]
+    assert ledger.receive(3, 1600, Delivery(3)) is Receipt.LATE
+    ledger.account(3 * 1600)
+    ledger.take_accounted(finals=0)  # acked up to seq 5 now
+    assert ledger.receive(4, 1600, Delivery(4)) is Receipt.LATE
+    assert ledger.receive(1, 1600, Delivery(1)) is Receipt.ACK_NOW  # a plain redelivery
+    assert ledger.chunks_received == 3
