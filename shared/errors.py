@@ -20,3 +20,13 @@ class CodedError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+MAX_MESSAGE_CHARS = 500
+
+
+def brief(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A refusal's message as one line of at most `limit` characters: it may quote what a client sent, which can be
+    any size (a 200 kB id), and it goes into a reply, an error event and a log line."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else f"{line[: limit - 15]}... ({len(line)} chars)"

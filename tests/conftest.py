@@ -19,7 +19,25 @@ import pytest
 from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import NatsServer, PostgresServer
 
-TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)  # ten days: a clock read compared with a zero default shows at once
+TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)
+DEFAULT_FUZZ_COUNT = 1000
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-count",
+        type=int,
+        default=None,
+        help=f"messages per entry point in tests/fuzz (default: $JETSCRIBE_FUZZ_COUNT, else {DEFAULT_FUZZ_COUNT})",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_count(request) -> int:
+    """Hostile messages per entry point in tests/fuzz: --fuzz-count, else $JETSCRIBE_FUZZ_COUNT, else 1000."""
+    return request.config.getoption("--fuzz-count") or int(
+        os.environ.get("JETSCRIBE_FUZZ_COUNT") or DEFAULT_FUZZ_COUNT
+    )  # ten days: a clock read compared with a zero default shows at once
 
 
 @pytest.fixture(scope="session", autouse=True)

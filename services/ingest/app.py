@@ -61,7 +61,7 @@ from jetscribe.shared.activity import GatewayActivity
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import system_clock
 from jetscribe.shared.config import IngestConfig, StreamSettings
-from jetscribe.shared.errors import CodedError
+from jetscribe.shared.errors import CodedError, brief
 from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
 from jetscribe.shared.streams import connect, ensure_streams
 from jetscribe.shared.wire import (
@@ -107,7 +107,7 @@ class IngestGateway:
         self.settings = settings
         self.partitions = settings.partitions
         self.book = IngestBook(config)
-        self.slots = TenantSlots(nc, config.max_sessions_per_tenant)
+        self.slots = TenantSlots(nc, config.max_sessions_per_tenant, report=self._report_bad_event)
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
         self.metrics = IngestMetrics(meter or otel_metrics.get_meter("jetscribe.ingest"))
         self.gateway_id = config.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
@@ -128,6 +128,7 @@ class IngestGateway:
         self.activity = GatewayActivity(system_clock().monotonic)  # for its micro-service stats
         # One lock per session keeps a session's requests in order while other sessions proceed.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lock_users: dict[tuple[str, str], int] = {}  # requests holding or waiting for each session's lock
         self._inflight: set[asyncio.Task] = set()
         self._serve_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._forward_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -255,14 +256,15 @@ class IngestGateway:
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
         await self._answer(msg, reply)
-        outcome = {SYSTEM: "nats", OPERATION: span, TENANT: tenant} | ({ERROR_TYPE: reply.code} if reply.code else {})
+        outcome = {SYSTEM: "nats", OPERATION: span, TENANT: _tenant_label(tenant)}
+        outcome |= {ERROR_TYPE: reply.code} if reply.code else {}
         self.metrics.request_duration.record(time.perf_counter() - started, outcome)
 
     async def _accept_locked(
         self, accept: Callable[[Any], Awaitable[Reply]], message: AudioMessage, tenant: str, session_id: str
     ) -> Reply:
         """Run a request under its session's lock; a stale ledger is learned again from the streams, once."""
-        async with self._lock(tenant, session_id):
+        async with self._session_lock(tenant, session_id):
             try:
                 return await accept(message)
             except StaleLedger as exc:  # once: a second refusal is answered `unavailable`
@@ -288,7 +290,11 @@ class IngestGateway:
         for track, answer in zip(tracks, answers, strict=True):
             if not answer.ok:  # the track's own refusal is already reported on errors.ingest.<tenant>
                 return Reply(
-                    ok=False, last_seq=last_seq, code=answer.code, message=f"track {track.session_id}: {answer.message}"
+                    ok=False,
+                    last_seq=last_seq,
+                    code=answer.code,
+                    message=f"track {track.session_id}: {answer.message}",
+                    retry_after_s=answer.retry_after_s,
                 )
         return Reply(ok=True, last_seq=last_seq)
 
@@ -469,23 +475,24 @@ class IngestGateway:
         """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
         last_seq = await self._last_seq(tenant, session_id, look_up=exc.code not in ("unavailable", "rate_limited"))
         retry_after_s = getattr(exc, "retry_after_s", 0.0)
+        message = brief(str(exc))
         event = ErrorEvent(
             tenant=tenant,
             session_id=session_id,
             code=exc.code,
-            message=str(exc),
+            message=message,
             seq=seq,
             at=time.time(),
             retry_after_s=retry_after_s,
         )
-        log.warning("refused %s/%s seq=%s: %s", tenant, session_id, seq, exc)
-        self.metrics.refusals.add(1, {TENANT: tenant, ERROR_TYPE: exc.code})
+        log.warning("refused %s/%s seq=%s: %s", brief(tenant, 80), brief(session_id, 80), seq, message)
+        self.metrics.refusals.add(1, {TENANT: _tenant_label(tenant), ERROR_TYPE: exc.code})
         self.activity.refused(exc.code)
         try:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
             log.exception("could not publish error event")
-        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=str(exc), retry_after_s=retry_after_s)
+        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=message, retry_after_s=retry_after_s)
 
     async def _last_seq(self, tenant: str, session_id: str, look_up: bool = True) -> int:
         """The last accepted seq of the session a subject names, even when the request itself was garbage;
@@ -497,9 +504,24 @@ class IngestGateway:
             and subjects.is_valid_token(session_id)
         ):
             with contextlib.suppress(CodedError):  # the streams cannot say now: -1, as for a session never seen
-                async with self._lock(tenant, session_id):
+                async with self._session_lock(tenant, session_id):
                     await self._recall(tenant, session_id)
         return self.book.last_seq_of(tenant, session_id)
+
+    async def _report_bad_event(self, subject: str, exc: CodedError) -> None:
+        """A session event in TRANSCRIPTS that the gateways' slot keeping refused (`TenantSlots`): counted and
+        reported like a refused request."""
+        tokens = subject.split(".")
+        tenant, session_id = (tokens[1], tokens[2]) if len(tokens) > 2 else ("", None)
+        self.metrics.refusals.add(1, {TENANT: _tenant_label(tenant), ERROR_TYPE: exc.code})
+        self.activity.refused(exc.code)
+        event = ErrorEvent(
+            tenant=tenant, session_id=session_id, code=exc.code, message=brief(f"{subject}: {exc}"), at=time.time()
+        )
+        try:
+            await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
+        except Exception:
+            log.exception("could not publish error event")
 
     async def _answer(self, msg: Msg, reply: Reply) -> None:
         if msg.reply:
@@ -522,8 +544,22 @@ class IngestGateway:
         """Micro-service metadata that changes while the gateway runs: the partitions it serves."""
         return {"partitions": ",".join(str(p) for p in sorted(self.group.owned))}
 
-    def _lock(self, tenant: str, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault((tenant, session_id), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _session_lock(self, tenant: str, session_id: str):
+        """The session's lock, held; dropped after its last user if the gateway keeps no ledger of the session (a
+        request for a session that never started must not leave a lock behind: ids are whatever bots send)."""
+        key = (tenant, session_id)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._lock_users.pop(key) - 1
+            if users:
+                self._lock_users[key] = users
+            elif self.book.ledger(tenant, session_id) is None and self._locks.get(key) is lock:
+                del self._locks[key]
 
 
 def _request_of(subject: str) -> tuple[str, str, str]:
@@ -532,9 +568,14 @@ def _request_of(subject: str) -> tuple[str, str, str]:
     return kind, tenant, session_id
 
 
+def _tenant_label(tenant: str) -> str:
+    """A metric's tenant: what a bot's subject named if it is a valid id, else '_' (series stay bounded)."""
+    return tenant if subjects.is_valid_token(tenant) else subjects.UNKNOWN_TENANT
+
+
 def _received_at(msg: Msg) -> float:
     """When the first gateway took the request: now, or what the gateway that forwarded it said."""
-    forwarded = (msg.headers or {}).get(RECEIVED_AT_HEADER) if subjects.is_forwarded(msg.subject) else None
+    forwarded = (msg.headers or {}).get(RECEIVED_AT_HEADER)
     try:
         at = float(forwarded) if forwarded else time.time()
     except ValueError:

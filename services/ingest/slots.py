@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
@@ -44,7 +44,10 @@ _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, JetStreamAPIError)
 class TenantSlots:
     """Takes and frees the slots of `tenant_sessions`; `limit` is JETSCRIBE_MAX_SESSIONS_PER_TENANT."""
 
-    def __init__(self, nc, limit: int):
+    def __init__(self, nc, limit: int, report: Callable[[str, WireError], Awaitable[None]] | None = None):
+        """`report(subject, error)`: how a session event that frees nothing (unreadable, or not its subject's) is
+        reported; it is terminated either way."""
+        self.report = report
         self.js = nc.jetstream()
         self.api = JetStreamAPI(nc)
         self.limit = limit
@@ -173,9 +176,17 @@ class TenantSlots:
     async def _free_for(self, msg) -> None:
         try:
             event = decode(msg.data, SessionEvent)
+            if msg.subject != subjects.session_event(event.tenant, event.session_id, event.event):
+                raise WireError("subject_mismatch", f"a {event.event} event of {event.tenant}/{event.session_id}")
+            if not (subjects.is_valid_token(event.tenant) and subjects.is_valid_token(event.session_id)):
+                raise WireError("bad_id", "tenant and session_id must be 1-64 letters, digits, '_' or '-'")
         except WireError as exc:
+            # Never redelivered: it could only fail again (an invalid tenant is not even a KV key) or free the slot
+            # of a session its subject does not name.
             log.warning("ignoring a bad session event on %s: %s", msg.subject, exc)
             await msg.term()
+            if self.report is not None:
+                await self.report(msg.subject, exc)
             return
         try:
             await self.free(event.session_id, tenant=event.tenant)

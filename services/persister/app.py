@@ -235,7 +235,8 @@ class Persister:
         event = dropped_event(msg.subject, problem, time.time())
         with telemetry.log_context(event.tenant, event.session_id):
             log.error("dropping message on %s: %s: %s", msg.subject, event.code, event.message)
-        self.metrics.dropped.add(1, {TENANT: event.tenant, ERROR_TYPE: event.code})
+        tenant = event.tenant if subjects.is_valid_token(event.tenant) else subjects.UNKNOWN_TENANT
+        self.metrics.dropped.add(1, {TENANT: tenant, ERROR_TYPE: event.code})  # a bounded label
         self.activity.poison(event.code)
         try:
             await self.js.publish(subjects.errors(SERVICE, event.tenant), wire.encode(event), timeout=2)

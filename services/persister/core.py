@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from jetscribe.shared import subjects
-from jetscribe.shared.errors import CodedError
+from jetscribe.shared.errors import CodedError, brief
 from jetscribe.shared.wire import (
     ErrorEvent,
     Segment,
@@ -279,5 +279,5 @@ def dropped_event(subject: str, problem: CodedError, at: float) -> ErrorEvent:
     """The ErrorEvent reporting a message the persister dropped: Unstorable, or a WireError from decoding it."""
     tenant, session_id = subject_route(subject)
     return ErrorEvent(
-        tenant=tenant, session_id=session_id, code=problem.code, message=f"{subject}: {problem.message}", at=at
+        tenant=tenant, session_id=session_id, code=problem.code, message=brief(f"{subject}: {problem.message}"), at=at
     )

@@ -43,6 +43,7 @@ from jetscribe.shared.activity import SessionLoad
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import Clock, system_clock
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.errors import brief
 from jetscribe.shared.retry import Stopped, retry, stopped_within
 from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
 from jetscribe.shared.wire import (
@@ -256,7 +257,7 @@ class TranscriberWorker:
                     tenant=parts[1] if len(parts) > 1 else "",
                     session_id=parts[2] if len(parts) > 2 else None,
                     code=exc.code,
-                    message=f"{msg.subject}: {exc}",
+                    message=brief(f"{msg.subject}: {exc}"),
                     at=self.clock.wall(),
                 )
             )
