@@ -514,7 +514,9 @@ def transcripts(draw: st.DrawFn) -> Case:
     else:
         event = "ended"
         fields = event_fields(TENANT, session)
-        kind = draw(st.sampled_from(["unknown_event", "not_finite", "time_range", "int_range", "nul", "mismatch"]))
+        kind = draw(
+            st.sampled_from(["unknown_event", "not_finite", "time_range", "int_range", "nul", "mismatch", "bad_id"])
+        )
         if kind == "unknown_event":
             event = draw(
                 st.from_regex(r"[a-z]{1,12}", fullmatch=True).filter(
@@ -530,8 +532,14 @@ def transcripts(draw: st.DrawFn) -> Case:
             fields["chunks_received"] = draw(st.integers(2**63, UINT64_MAX))
         elif kind == "nul":
             fields["reason"] = "idle\x00"
-        else:
+        elif kind == "bad_id":  # also read by the gateways' slot keeping (ended, rejected): not a KV key
+            event = fields["event"] = draw(st.sampled_from(["ended", "rejected"]))
+            tenant, session = draw(st.sampled_from([(draw(bad_tokens), session), (TENANT, draw(bad_tokens))]))
+            fields |= {"tenant": tenant, "session_id": session}
+        elif draw(st.booleans()):
             event = "started"  # an `ended` on the subject of a `started`
+        else:
+            fields["tenant"] = draw(valid_tokens.filter(lambda t: t != TENANT))  # another tenant's, on ours
         codes = {"subject_mismatch"} if kind == "mismatch" else {"malformed"}
         subject = subjects.session_event(tenant, session, event)
         types, required, keep = EVENT_FIELDS, EVENT_REQUIRED, ("reason",)

@@ -39,7 +39,8 @@ class FuzzStack:
 
 
 @pytest.fixture(scope="module")
-async def fuzz_stack(tmp_path_factory, postgres_server):
+async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases):
+    """`fuzz_cases` first: they are generated before the services start (see there)."""
     postgres_server.create_database(name := f"fuzz_{tmp_path_factory.mktemp('db').name.replace('-', '_')}")
     database_url = postgres_server.url(name)
     upgrade(database_url)

@@ -52,10 +52,27 @@ def speech():
     return Audio(sample.audio, sample.sample_rate)
 
 
-async def generated(strategy, count: int, seed: int) -> list[Case]:
-    """The cases, generated in a thread: the services run on this event loop, and a generation of several seconds
-    on it would stall their lease renewals (they would lose their partitions: a test artefact, not a finding)."""
-    return await asyncio.to_thread(draw_cases, strategy, count, seed)
+RUN = uuid.uuid4().hex[:6]
+GATEWAY_SESSIONS = {
+    entry: GatewaySessions(
+        victims=tuple(f"v{entry[0]}{RUN}{i}" for i in range(4)),
+        ended=f"e{entry[0]}{RUN}",
+        max_chunk_bytes=MAX_CHUNK_BYTES,
+    )
+    for entry in ("audio", "session")
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_cases(fuzz_count) -> dict[str, list[Case]]:
+    """Every entry point's cases, generated before the services start: generating takes seconds, and on their event
+    loop it would stall their lease renewals (a test artefact, not a finding)."""
+    return {
+        "audio": draw_cases(gateway_audio(GATEWAY_SESSIONS["audio"]), fuzz_count, seed=14),
+        "session": draw_cases(gateway_session(GATEWAY_SESSIONS["session"]), fuzz_count, seed=15),
+        "stored_audio": draw_cases(stored_audio(), fuzz_count, seed=16),
+        "transcripts": draw_cases(transcripts(), fuzz_count, seed=17),
+    }
 
 
 class ErrorTally:
@@ -167,17 +184,14 @@ def wrong_answers(cases: list[Case], replies: list[Reply]) -> list[tuple[Case, s
 
 
 # --- the gateway ------------------------------------------------------------------------------------------------
-async def prepare_gateway_sessions(stack: FuzzStack) -> GatewaySessions:
+async def prepare_gateway_sessions(stack: FuzzStack, sessions: GatewaySessions) -> None:
     """Victim sessions (started, never a chunk) and an ended one, of the fuzz tenant."""
-    run = uuid.uuid4().hex[:6]
-    victims = tuple(f"v{run}{i}" for i in range(4))
-    ended = f"e{run}"
+    victims, ended = sessions.victims, sessions.ended
     for session in (*victims, ended):
         start = SessionControl(tenant=TENANT, session_id=session, action="start")
         assert (await ask(stack, subjects.ingest_session(TENANT, session), encode(start))).ok
     end = SessionControl(tenant=TENANT, session_id=ended, action="end")
     assert (await ask(stack, subjects.ingest_session(TENANT, ended), encode(end))).ok
-    return GatewaySessions(victims=victims, ended=ended, max_chunk_bytes=MAX_CHUNK_BYTES)
 
 
 async def ask(stack: FuzzStack, subject: str, data: bytes) -> Reply:
@@ -191,11 +205,11 @@ def the_gateway():
 
 
 @pytest.mark.parametrize("entry", ["audio", "session"])
-async def test_the_gateway_refuses_and_reports_every_hostile_request(fuzz_stack, speech, fuzz_count, entry):
+async def test_the_gateway_refuses_and_reports_every_hostile_request(fuzz_cases, fuzz_stack, speech, entry):
     stack = fuzz_stack
-    sessions = await prepare_gateway_sessions(stack)
-    strategy = gateway_audio(sessions) if entry == "audio" else gateway_session(sessions)
-    cases = await generated(strategy, fuzz_count, seed=14 if entry == "audio" else 15)
+    sessions = GATEWAY_SESSIONS[entry]
+    await prepare_gateway_sessions(stack, sessions)
+    cases = fuzz_cases[entry]
     before = await scrape(stack.port("ingest"))
     async with ErrorTally(stack.nc, "ingest") as tally:
         good = asyncio.create_task(stream_good(stack, speech))
@@ -233,10 +247,10 @@ def silence(seq: int, session: str) -> AudioChunk:
     )
 
 
-async def test_the_transcriber_refuses_and_reports_what_the_gateway_never_stores(fuzz_stack, speech, fuzz_count):
+async def test_the_transcriber_refuses_and_reports_what_the_gateway_never_stores(fuzz_cases, fuzz_stack, speech):
     stack = fuzz_stack
     js = stack.nc.jetstream()
-    cases = await generated(stored_audio(), fuzz_count, seed=16)
+    cases = fuzz_cases["stored_audio"]
     jump = f"jump{uuid.uuid4().hex[:6]}"  # seqs that jump: transcribed on, each jump and late seq reported
     script = [SessionControl(tenant=TENANT, session_id=jump, action="start")]
     script += [silence(seq, jump) for seq in (0, 5, 3, 2**62, 6)]
@@ -282,10 +296,10 @@ async def test_the_transcriber_refuses_audio_whose_tenant_is_not_its_subjects(fu
 
 
 # --- the persister, for a client that writes to TRANSCRIPTS --------------------------------------------------------
-async def test_the_persister_refuses_and_reports_what_no_transcriber_publishes(fuzz_stack, speech, fuzz_count):
+async def test_the_persister_refuses_and_reports_what_no_transcriber_publishes(fuzz_cases, fuzz_stack, speech):
     stack = fuzz_stack
     js = stack.nc.jetstream()
-    cases = await generated(transcripts(), fuzz_count, seed=17)
+    cases = fuzz_cases["transcripts"]
     before = await scrape(stack.port("persister"))
     async with ErrorTally(stack.nc, "persister") as tally:
         good = asyncio.create_task(stream_good(stack, speech))
