@@ -36,7 +36,7 @@ from jetscribe.shared.wire import (
 
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
 MAX_CONTROL_BYTES = 16 * 1024  # a start or end request: ids, language, model and a few options
-AUDIO_ENVELOPE_BYTES = 4096  # an audio request's fields besides its payload
+AUDIO_ENVELOPE_BYTES = 64 * 1024  # an audio request's fields besides its payload (64 speaker changes of 128 chars...)
 
 
 class RequestRefused(CodedError):

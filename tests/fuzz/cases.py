@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as with_seed
 from hypothesis import strategies as st
 
+from jetscribe.services.ingest.core import AUDIO_ENVELOPE_BYTES
 from jetscribe.shared import subjects
 from jetscribe.shared.wire import WHISPER_LANGUAGES
 
@@ -218,7 +219,7 @@ def audio_fields(tenant: str, session: str, **overrides: Any) -> dict[str, Any]:
 def gateway_audio(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
     victim = draw(st.sampled_from(sessions.victims))
     subject = subjects.ingest_audio(TENANT, victim)
-    limit = sessions.max_chunk_bytes + 4096
+    limit = sessions.max_chunk_bytes + AUDIO_ENVELOPE_BYTES
     if draw(st.integers(0, 9)) == 0:
         return draw(garbage(subject, TENANT, audio_fields(TENANT, victim), limit))
     kind = draw(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jetscribe.services.ingest.core import IngestBook, RequestRefused, check_request_size
+from jetscribe.services.ingest.core import AUDIO_ENVELOPE_BYTES, IngestBook, RequestRefused, check_request_size
 from jetscribe.services.ingest.rates import Allowance, RateLimited, RateLimiter, RateLimits, TokenBucket
 from jetscribe.shared.clock import ManualClock
 from jetscribe.shared.config import ConfigError, IngestConfig
@@ -132,9 +132,9 @@ def test_a_rate_limited_chunk_leaves_the_session_as_it_was():
 
 def test_a_request_too_large_for_its_kind_is_refused_before_decoding():
     config = IngestConfig(max_chunk_bytes=1000)
-    check_request_size("audio", 1000 + 4096, config)
+    check_request_size("audio", 1000 + AUDIO_ENVELOPE_BYTES, config)
     with pytest.raises(RequestRefused) as refused:
-        check_request_size("audio", 1000 + 4097, config)
+        check_request_size("audio", 1000 + AUDIO_ENVELOPE_BYTES + 1, config)
     assert refused.value.code == "too_large"
     with pytest.raises(RequestRefused):
         check_request_size("session", 16 * 1024 + 1, config)
