@@ -198,8 +198,11 @@ async def ask(stack: FuzzStack, subject: str, data: bytes) -> Reply:
     return decode((await stack.nc.request(subject, data, timeout=30)).data, Reply)
 
 
-def the_gateway():
-    found = [o for o in gc.get_objects() if type(o).__name__ == "IngestGateway"]
+def the_gateway(stack: FuzzStack):
+    """This stack's gateway object (other tests' stacks may run in this process too)."""
+    found = [
+        o for o in gc.get_objects() if type(o).__name__ == "IngestGateway" and o.settings.nats_url == stack.nats_url
+    ]
     assert len(found) == 1, found
     return found[0]
 
@@ -226,7 +229,7 @@ async def test_the_gateway_refuses_and_reports_every_hostile_request(fuzz_cases,
         assert refusal_total(after, refused, bucket) - refusal_total(before, refused, bucket) == count, bucket
     await assert_alive(stack)
     await assert_complete(stack, speech, session, result)
-    gateway = the_gateway()  # requests for sessions it never knew leave nothing behind
+    gateway = the_gateway(stack)  # requests for sessions it never knew leave nothing behind
     assert set(gateway._locks) <= set(gateway.book.sessions), len(gateway._locks)
     for victim in sessions.victims:
         assert gateway.book.last_seq_of(TENANT, victim) == -1  # no hostile chunk got in
