@@ -19,6 +19,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.null_model import NullModel
 from jetscribe.shared import telemetry
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from tests.integration.running import wait_all_ready
 
 MAX_CHUNK_BYTES = 64 * 1024  # small, so that `too_large` chunks are cheap to make
@@ -63,7 +64,7 @@ async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases):
                 run_persister(settings, PersisterConfig(database_url=database_url), stop, tels["persister"])
             ),
         ]
-        nc = await nats.connect(server.url, max_reconnect_attempts=0)
+        nc = await nats.connect(server.url, max_reconnect_attempts=0, **env_connect_options(server.url))
         engine = open_engine(database_url)
         try:
             await wait_all_ready(nc, tasks, workers=1)

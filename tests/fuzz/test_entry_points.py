@@ -286,7 +286,6 @@ async def test_the_transcriber_refuses_and_reports_what_the_gateway_never_stores
     assert not opened, opened[:5]  # no refused message opened a session
 
 
-@pytest.mark.xfail(strict=True, reason="auth14")
 async def test_the_transcriber_refuses_audio_whose_tenant_is_not_its_subjects(fuzz_stack):
     stack = fuzz_stack
     session = f"wt{uuid.uuid4().hex[:6]}"

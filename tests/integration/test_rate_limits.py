@@ -16,6 +16,7 @@ from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.null_model import NullModel
 from jetscribe.shared import subjects, telemetry
 from jetscribe.shared.config import IngestConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import AudioChunk, ErrorEvent, SessionControl, decode
 from tests.integration.test_ingest import ask, chunk, running_gateway, stored_audio
 from tests.scrape import scrape, total, wait_until_ready
@@ -64,7 +65,7 @@ async def test_the_bot_client_backs_off_when_rate_limited_and_loses_nothing(tmp_
             asyncio.create_task(run_ingest(settings, gateway, stop, tel)),
             asyncio.create_task(run_transcriber(settings, worker, stop, model=NullModel())),
         ]
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(server.url, **env_connect_options(server.url))
         try:
             await wait_until_ready(tel)
             tenant, session = "rl", f"b{uuid.uuid4().hex[:8]}"
