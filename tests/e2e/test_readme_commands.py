@@ -439,6 +439,8 @@ def check_follow(words: list[str], output: str, where: str) -> None:
     """The live session's finals were printed and the command ended at its `ended` event."""
     if "s1" not in words:  # only the live session's output is known here
         return
+    if not {"--from-start", "--since", "--from-seq"} & set(words) and "already ended" in output:
+        return  # "from now on", run after the live session ended: it says so and exits (README: Following a session)
     if "--format" in words and words[words.index("--format") + 1] == "json":
         lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
         assert any(m["type"] == "segment" and m["status"] == "final" and m["words"] for m in lines), where
@@ -453,7 +455,33 @@ def start_live_session(workspace: Workspace, spec: str) -> subprocess.Popen:
     tenant, _, session = spec.partition("/")
     asyncio.run(fill_transcripts(workspace.urls()["nats_url"], PADDED_TO_SEQ))
     command = f"jetscribe stream sample.wav --session {session} --tenant {tenant}"
-    return workspace.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    streaming = workspace.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The block's commands start once the session has: `follow` without --wait says "no such session" otherwise.
+    asyncio.run(wait_for_start(workspace.urls()["nats_url"], tenant, session))
+    return streaming
+
+
+async def wait_for_start(url: str, tenant: str, session: str, timeout_s: float = 60.0) -> None:
+    """Until TRANSCRIPTS holds the session's `started` event."""
+    import nats
+
+    from jetscribe.shared import subjects
+    from jetscribe.shared.natsauth import env_connect_options
+
+    nc = await nats.connect(url, **env_connect_options(url))
+    try:
+        js = nc.jetstream()
+        subject = subjects.session_event(tenant, session, "started")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await js.get_last_msg(subjects.TRANSCRIPTS_STREAM, subject)
+                return
+            except nats.js.errors.NotFoundError:
+                assert time.monotonic() < deadline, f"{tenant}/{session} did not start within {timeout_s:g} s"
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
 
 
 async def fill_transcripts(url: str, to_seq: int) -> None:
