@@ -85,9 +85,9 @@ def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> Non
     forever = float("inf")
     audio, transcripts = (age or forever for age in (audio_max_age_s, transcripts_max_age_s))
     if audio < 0 or transcripts < 0:
-        raise ValueError("JETSCRIBE_AUDIO_MAX_AGE_S and JETSCRIBE_TRANSCRIPTS_MAX_AGE_S must not be negative")
+        raise ConfigError("JETSCRIBE_AUDIO_MAX_AGE_S and JETSCRIBE_TRANSCRIPTS_MAX_AGE_S must not be negative")
     if transcripts <= audio and transcripts != forever:
-        raise ValueError(
+        raise ConfigError(
             f"JETSCRIBE_TRANSCRIPTS_MAX_AGE_S ({transcripts_max_age_s:g} s) must be longer than "
             f"JETSCRIBE_AUDIO_MAX_AGE_S ({audio_max_age_s:g} s): transcripts outlive their audio"
         )

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -18,6 +19,8 @@ from jetscribe.cli import servers
 from jetscribe.cli.errors import CliError, NotFound, Unreachable, UsageError, as_cli_error
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
+from jetscribe.devstack.servers import ServerFailed
+from jetscribe.shared.config import ConfigError
 from jetscribe.shared.telemetry import quiet_libraries
 from jetscribe.shared.wire import WHISPER_LANGUAGES
 
@@ -29,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("follow", "transcript") and (args.session is None) == (args.meeting is None):
         parser.error(f"{args.command}: give a session id or --meeting M (one of them)")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `up --detach` starts `up` again with them
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
     command = {
         "up": cmd_up,
+        "down": cmd_down,
         "stream": cmd_stream,
         "follow": cmd_follow,
         "transcript": cmd_transcript,
@@ -70,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--gateways", type=_at_least_one, default=1, help="ingest gateway processes; they share the sessions (1)"
     )
+    up.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="run in the background: return once the stack is ready (its output goes to $JETSCRIBE_HOME/up.log); "
+        "`jetscribe down` stops it",
+    )
+
+    down = sub.add_parser("down", help="stop the stack `jetscribe up` runs in this folder (detached or not)")
+    down.add_argument("--timeout", type=float, default=60.0, metavar="S", help="how long to wait for it to stop (60)")
 
     stream = sub.add_parser("stream", help="publish an audio file as a bot would and show the live transcript")
     stream.add_argument("file", help="a WAV, FLAC, OGG or MP3 file, at any rate and channel count")
@@ -286,35 +301,145 @@ def transcriber_count(text: str) -> int | None:
     return int(text)
 
 
+UP_NOTIFY_FD = "JETSCRIBE_UP_NOTIFY_FD"  # set by `up --detach` for the background `up`: where to say ready or not
+
+
 def cmd_up(args) -> int:
-    local = stack.LocalStack(stack.home_dir(), model=args.model, transcribers=args.transcribers, gateways=args.gateways)
+    if args.detach:
+        return _up_detached(args)
+    notify = _UpNotice.from_env()
+    local = stack.LocalStack(
+        stack.home_dir(),
+        model=args.model,
+        transcribers=args.transcribers,
+        gateways=args.gateways,
+        hold_output=True,
+    )
     stopping: list[bool] = []
 
+    # SIGHUP too: the terminal went away, and the children (in process groups of their own) would outlive us.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
     def stop_later() -> None:  # once up (and while stopping), a signal only asks the loop below to stop
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in stop_signals:
             signal.signal(signum, lambda *_: stopping.append(True))
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # while starting, SIGTERM interrupts as Ctrl-C does
+    for signum in stop_signals[1:]:  # while starting, they interrupt as Ctrl-C does
+        signal.signal(signum, signal.default_int_handler)
+    started = False
     try:
-        local.start()
+        try:
+            local.start()
+        except stack.StackRunning as exc:
+            return notify.failed(f"jetscribe up: {exc}", 1)
+        except (stack.StackError, ConfigError, ServerFailed) as exc:  # one line: which part, and why
+            return notify.failed(f"jetscribe up: {getattr(exc, 'line', exc)}", 2)
+        started = True
         stop_later()
-        print(f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", flush=True)
-        print(_workers_line(local), flush=True)
+        lines = [f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", _workers_line(local)]
         if local.nats is not None and local.nats.keyring is not None:
-            print(
-                f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T",
-                flush=True,
-            )
-        print("stream with: jetscribe stream FILE --session ID    (Ctrl-C stops everything)", flush=True)
+            lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
+        lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
+        notify.ready(lines)
         while not stopping:
             local.check()
-            time.sleep(0.5)
+            time.sleep(0.1)  # a signal only sets `stopping`: this is how soon we act on it
     except KeyboardInterrupt:
-        pass
+        if not started:
+            notify.failed("jetscribe up: interrupted while starting", 130)
     finally:
         stop_later()
-        print("stopping...", flush=True)
-        local.stop()
+        if started:
+            _say("stopping...")
+        began = time.monotonic()
+        stopped = local.stop()
+        if started:
+            _say(f"stopped in {time.monotonic() - began:.1f} s: {', '.join(stopped) or 'nothing was running'}")
+    return 0 if started else 130
+
+
+def _say(line: str) -> None:
+    """Print, unless the terminal is gone (a hangup): stopping the stack matters more than saying so."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
+
+
+class _UpNotice:
+    """How `up` says it is ready, or why it is not: on stdout/stderr, and to a detaching `up --detach` waiting on
+    the other end of a pipe (then closed, so that one returns)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    @classmethod
+    def from_env(cls) -> _UpNotice:
+        fd = os.environ.pop(UP_NOTIFY_FD, "")
+        return cls(int(fd) if fd.isdigit() else None)
+
+    def ready(self, lines: list[str]) -> None:
+        for line in lines:
+            print(line, flush=True)
+        self._send("ready", lines)
+
+    def failed(self, line: str, code: int) -> int:
+        print(line, file=sys.stderr, flush=True)
+        self._send("failed", [line])
+        return code
+
+    def _send(self, status: str, lines: list[str]) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError), os.fdopen(self.fd, "w") as pipe:
+            pipe.write("\n".join([status, *lines]) + "\n")
+        self.fd = None
+
+
+def _up_detached(args) -> int:
+    """`up --detach`: run `up` in a session of its own, its output to up.log, and return once it says it is ready
+    (its lines, exit 0) or why it is not (that line, its exit code)."""
+    home = stack.home_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "up.log"
+    argv = [a for a in args.argv if a not in ("-d", "--detach")]
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, "JETSCRIBE_HOME": str(home), UP_NOTIFY_FD: str(write_fd)}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jetscribe.cli.main", *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            start_new_session=True,  # no terminal: neither its Ctrl-C nor its hangup reaches the stack
+        )
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as pipe:
+            status, *lines = pipe.read().splitlines() or [""]  # until it is ready, or gave up (or died)
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        print("jetscribe up: interrupted; the background stack is stopped", file=sys.stderr)
+        return 130
+    if status == "ready":
+        for line in lines[:-1]:
+            print(line)
+        print(f"running in the background as pid {proc.pid}, its log in {log_path}; stop it with: jetscribe down")
+        return 0
+    code = proc.wait()
+    print(
+        lines[0] if lines else f"jetscribe up: exited with code {code} while starting; see {log_path}", file=sys.stderr
+    )
+    return code or 2
+
+
+def cmd_down(args) -> int:
+    try:
+        print(stack.stop_stack(stack.home_dir(), timeout_s=args.timeout))
+    except stack.NoStack as exc:
+        print(f"jetscribe down: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

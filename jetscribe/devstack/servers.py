@@ -1,7 +1,8 @@
 """Real NATS (JetStream) and PostgreSQL servers run as child processes.
 
-For tests and local runs. The servers stay in our process group and are not
-daemonized: stop() or killing our process group stops them.
+For tests and local runs. The servers are not daemonized: stop() stops them. By default they stay in
+our process group, so killing that group stops them too; with `own_group=True` (what `jetscribe up` uses) each
+runs in a process group of its own, so the terminal's Ctrl-C reaches only us and we stop them in order.
 """
 
 from __future__ import annotations
@@ -91,6 +92,23 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+class ServerFailed(RuntimeError):
+    """A server exited or did not answer during startup. `str()` carries its log's tail; `line` says it in one."""
+
+    def __init__(self, message: str, line: str):
+        super().__init__(message)
+        self.line = line
+
+
+class ServerTimeout(ServerFailed, TimeoutError):
+    """A server still not answering at the end of its startup timeout."""
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in _tail(path, 5).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no log)"
+
+
 def _dead(proc: psutil.Process) -> bool:
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -104,12 +122,18 @@ class _ChildServer:
     name = "server"
     stop_signal = signal.SIGTERM
 
-    def __init__(self, data_dir: Path, port: int | None, host: str, log_name: str):
+    def __init__(self, data_dir: Path, port: int | None, host: str, log_name: str, own_group: bool = False):
         self.data_dir = Path(data_dir).resolve()
+        self.own_group = own_group
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.log_path = self.data_dir / log_name
         self._proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -125,7 +149,10 @@ class _ChildServer:
             raise RuntimeError(f"{self.name} already running on port {self.port}")
         if not _port_is_free(self.host, self.port):
             # Otherwise the readiness check could succeed against a stranger.
-            raise RuntimeError(f"{self.name}: port {self.host}:{self.port} is already in use")
+            busy = f"{self.name}: port {self.host}:{self.port} is already in use"
+            raise ServerFailed(busy, busy)
+        if self.own_group:
+            popen_kwargs["process_group"] = 0
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen_kwargs
@@ -135,26 +162,39 @@ class _ChildServer:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
-                raise RuntimeError(
+                raise ServerFailed(
                     f"{self.name} exited with code {code} during startup; "
-                    f"{self.log_path} ends with:\n{_tail(self.log_path)}"
+                    f"{self.log_path} ends with:\n{_tail(self.log_path)}",
+                    f"{self.name} exited with code {code} during startup: {_last_line(self.log_path)} "
+                    f"(log: {self.log_path})",
                 )
             if ready():
                 return
             if time.monotonic() > deadline:
                 self.kill()
-                raise TimeoutError(
+                raise ServerTimeout(
                     f"{self.name} not ready on {self.host}:{self.port} after {timeout} s; "
-                    f"{self.log_path} ends with:\n{_tail(self.log_path)}"
+                    f"{self.log_path} ends with:\n{_tail(self.log_path)}",
+                    f"{self.name} not ready on {self.host}:{self.port} after {timeout} s: "
+                    f"{_last_line(self.log_path)} (log: {self.log_path})",
                 )
             time.sleep(0.05)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut down cleanly; SIGKILL if that takes longer than timeout seconds."""
-        if not self.running:
-            self._proc = None
+        self.ask_to_stop()
+        self.wait_stopped(timeout)
+
+    def ask_to_stop(self) -> None:
+        """Send the clean-shutdown signal and return at once (`wait_stopped` then waits): servers stop side by side."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(self.stop_signal)
+
+    def wait_stopped(self, timeout: float = 15.0) -> None:
+        """Wait for a server asked to stop; SIGKILL if it takes longer than timeout seconds."""
+        if self._proc is None:
             return
-        self._proc.send_signal(self.stop_signal)
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -233,8 +273,9 @@ class NatsServer(_ChildServer):
         keyring: Keyring | None = None,
         auth: bool = True,
         tls: ServerTLS | None = None,
+        own_group: bool = False,
     ):
-        super().__init__(data_dir, port, host, "nats.log")
+        super().__init__(data_dir, port, host, "nats.log", own_group)
         self.store_dir = self.data_dir / "js"
         self.config_path = self.data_dir / "nats.conf"
         self.keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
@@ -325,8 +366,15 @@ class PostgresServer(_ChildServer):
     name = "postgres"
     stop_signal = signal.SIGINT  # Postgres "fast" shutdown
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1", fast: bool = False):
-        super().__init__(data_dir, port, host, "postgres.log")
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        fast: bool = False,
+        own_group: bool = False,
+    ):
+        super().__init__(data_dir, port, host, "postgres.log", own_group)
         self.fast = fast
         self.pgdata = self.data_dir / "pgdata"
         self.socket_dir = self.data_dir / "socket"
@@ -386,11 +434,15 @@ class PostgresServer(_ChildServer):
         ]  # fmt: skip
         if self.fast:
             argv.append("--no-sync")
+        group = {"process_group": 0} if self.own_group else {}
         with open(self.log_path, "ab") as log:
-            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **as_user)
+            result = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **as_user, **group
+            )
         if result.returncode != 0:
-            raise RuntimeError(
-                f"initdb failed with code {result.returncode}; {self.log_path} ends with:\n{_tail(self.log_path)}"
+            raise ServerFailed(
+                f"initdb failed with code {result.returncode}; {self.log_path} ends with:\n{_tail(self.log_path)}",
+                f"initdb failed with code {result.returncode}: {_last_line(self.log_path)} (log: {self.log_path})",
             )
 
     def _connect(self) -> psycopg.Connection:

@@ -1,12 +1,19 @@
 """The whole pipeline on one machine: real nats-server and PostgreSQL from pip packages, plus
 the three services as child processes (the transcriber as N workers, sized by `sizing.py`).
 With NATS_URL / DATABASE_URL set, those servers are used.
+
+Each child runs in a process group of its own, so a terminal's Ctrl-C reaches only the process that started
+them, which stops them in order: services first, then the servers they need. One stack per home: a running
+one holds `up.lock` there (an flock, gone with its process however it ends) and describes itself in
+`stack.json`, which other commands (and `jetscribe down`) read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -18,14 +25,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import NatsServer, PostgresServer, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
-from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
 from jetscribe.shared import subjects
 from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, device_defaults, resolve_device
@@ -37,8 +45,31 @@ SERVICES = ("jetscribe.services.ingest", "jetscribe.services.transcriber", "jets
 TRANSCRIBER = "jetscribe.services.transcriber"
 
 
+CONFIG_EXIT = 2  # a service's exit code for a setting that cannot work (telemetry.serve), with one line on stderr
+
+
 class StackError(RuntimeError):
-    """A service of the local stack exited, or its transcribers did not take their partitions."""
+    """A service of the local stack exited, or did not get ready (its transcribers, their partitions) in time."""
+
+
+class StackRunning(RuntimeError):
+    """Another `jetscribe up` holds this home: its pid and URLs, in one line."""
+
+    def __init__(self, home: Path, pid: int | None, info: Mapping[str, Any]):
+        self.home, self.pid = home, pid
+        where = (
+            f": NATS {info['nats_url']}, PostgreSQL {info['database_url']}"
+            if info.get("nats_url") and info.get("pid") == pid
+            else " (still starting)"
+        )
+        super().__init__(
+            f"a stack is already running in {home} (pid {pid if pid is not None else '?'}){where}; "
+            "stop it with `jetscribe down`"
+        )
+
+
+class NoStack(RuntimeError):
+    """`jetscribe down` found no running stack in its home."""
 
 
 def home_dir() -> Path:
@@ -48,6 +79,159 @@ def home_dir() -> Path:
 
 def stack_file(home: Path | None = None) -> Path:
     return (home or home_dir()) / "stack.json"
+
+
+def lock_file(home: Path) -> Path:
+    return home / "up.lock"
+
+
+class HomeLock:
+    """The lock a `jetscribe up` holds on its home while it lives. An flock: the kernel drops it when the process
+    ends, however it ends, so a lock is never stale (a stack.json can be: see `stop_leftovers`)."""
+
+    def __init__(self, home: Path):
+        self.path = lock_file(home)
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock and write our pid in it; False if another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock; the file stays (unlinking it would race a new `up` opening it)
+            self._fd = None
+
+    def holder(self) -> int | None:
+        """The pid written by whoever holds the lock (None if unreadable: it is just taking it)."""
+        for _ in range(20):
+            with contextlib.suppress(OSError, ValueError):
+                return int(self.path.read_text().strip())
+            time.sleep(0.05)
+        return None
+
+
+def read_stack_file(home: Path) -> dict[str, Any]:
+    """What stack.json says ({} if there is none, or it is half written)."""
+    try:
+        info = json.loads(stack_file(home).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A process a stack started, as stack.json records it: enough to find it again, and not a stranger that
+    reused its pid (the creation time tells them apart)."""
+
+    name: str
+    pid: int
+    created: float
+    stop_signal: int = signal.SIGTERM
+    role: str = "service"  # or "server": stopped after the services, which need it to stop cleanly
+
+    @classmethod
+    def of(cls, name: str, pid: int, stop_signal: int = signal.SIGTERM, role: str = "service") -> Recorded | None:
+        try:
+            return cls(name, pid, psutil.Process(pid).create_time(), int(stop_signal), role)
+        except psutil.NoSuchProcess:
+            return None
+
+    def alive(self) -> psutil.Process | None:
+        """The process if it is still ours and running."""
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.created) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.NoSuchProcess:
+            return None
+
+
+def recorded_processes(info: Mapping[str, Any]) -> list[Recorded]:
+    """The processes listed in a stack.json, in stop order (services, then servers)."""
+    rows = []
+    for row in info.get("processes") or []:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            rows.append(
+                Recorded(
+                    str(row["name"]), int(row["pid"]), float(row["created"]), int(row["stop_signal"]), str(row["role"])
+                )
+            )
+    return rows
+
+
+def stop_processes(group: Iterable[Recorded], timeout_s: float = 15.0) -> list[str]:
+    """Ask each still-running process of `group` to stop, all at once; SIGKILL those left after timeout_s.
+    Returns the names of the ones that were running."""
+    running = [(rec, proc) for rec in group if (proc := rec.alive()) is not None]
+    for rec, proc in running:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(rec.stop_signal)
+    _, left = psutil.wait_procs([proc for _, proc in running], timeout=timeout_s)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+    return [rec.name for rec, _ in running]
+
+
+def stop_leftovers(home: Path) -> tuple[int | None, list[str]]:
+    """With the home's lock held: a stack.json left by a `jetscribe up` that died (SIGKILL, a crash) is stale.
+    Stop what it started that still runs (services, then servers: a live Postgres would refuse the next
+    start) and remove the file. Returns the dead `up`'s pid and the names stopped."""
+    info = read_stack_file(home)
+    if not stack_file(home).exists():
+        return None, []
+    processes = recorded_processes(info)
+    stopped = stop_processes([p for p in processes if p.role != "server"])
+    stopped += stop_processes([p for p in processes if p.role == "server"])
+    stack_file(home).unlink(missing_ok=True)
+    pid = info.get("pid")
+    return (pid if isinstance(pid, int) else None), stopped
+
+
+def stop_stack(home: Path, timeout_s: float = 60.0) -> str:
+    """`jetscribe down`: stop the stack running in `home` (a detached one, or one in another terminal) and wait
+    until it has stopped all it started. Returns what it stopped, in one line; raises NoStack if none runs."""
+    lock = HomeLock(home)
+    if not lock.path.exists() and not stack_file(home).exists():  # no `up` ever ran here: nothing to make
+        raise NoStack(f"no stack is running in {home}")
+    if lock.acquire():
+        try:
+            pid, leftovers = stop_leftovers(home)
+        finally:
+            lock.release()
+        left = f"; stopped what a dead `jetscribe up` (pid {pid}) left running: {', '.join(leftovers)}"
+        raise NoStack(f"no stack is running in {home}" + (left if leftovers else ""))
+    pid = lock.holder()
+    if pid is None:
+        raise StackError(f"{lock.path} is locked but names no process; is a `jetscribe up` just starting?")
+    info = read_stack_file(home)
+    names = [p.name for p in recorded_processes(info)] if info.get("pid") == pid else []
+    up = Recorded.of("jetscribe up", pid)
+    started = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):  # it may have just ended on its own
+        os.kill(pid, signal.SIGTERM)  # `up` stops its services, then its servers, lets go of the lock and exits
+    while not lock.acquire() or (up is not None and up.alive() is not None):
+        lock.release()
+        if time.monotonic() - started > timeout_s:
+            raise StackError(f"the stack in {home} (pid {pid}) is still stopping after {timeout_s:g} s")
+        time.sleep(0.05)
+    lock.release()
+    what = ", ".join(names) if names else "it had started nothing yet"
+    return f"stopped the stack in {home} (pid {pid}) in {time.monotonic() - started:.1f} s: {what}"
 
 
 def running_stack_urls(home: Path | None = None) -> dict[str, str]:
@@ -174,19 +358,29 @@ def unsettled(
 
 @dataclass
 class ServiceProcess:
-    """One child process; its stderr is passed on to ours, and the last lines are kept to say why it exited."""
+    """One child process, in a process group of its own; its stderr is passed on to ours (or held back while the
+    stack starts: see `release`), and the last lines are kept to say why it exited."""
 
     name: str
     proc: subprocess.Popen[str]
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     reader: threading.Thread | None = None
+    held: deque[str] | None = None  # lines kept back until `release` (None: passed on as they come)
+    muted: bool = False  # lines dropped (a start that failed says why in one line of its own)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def start(cls, name: str, module: str, env: Mapping[str, str]) -> ServiceProcess:
+    def start(cls, name: str, module: str, env: Mapping[str, str], hold: bool = False) -> ServiceProcess:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=dict(env), stderr=subprocess.PIPE, text=True, errors="replace"
+            [sys.executable, "-m", module],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            process_group=0,  # the terminal's Ctrl-C is for whoever started us; it stops us in order
         )
-        child = cls(name, proc)
+        child = cls(name, proc, held=deque(maxlen=10_000) if hold else None)
         child.reader = threading.Thread(target=child._pass_on, name=f"stderr-{name}", daemon=True)
         child.reader.start()
         return child
@@ -194,10 +388,32 @@ class ServiceProcess:
     def _pass_on(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            with self._lock:
+                if self.held is not None:
+                    self.held.append(line)
+                elif not self.muted:
+                    self._write([line])
             if line.strip():
                 self.tail.append(line.rstrip())
+
+    def release(self) -> None:
+        """Pass on the lines held back so far, and every later one as it comes."""
+        with self._lock:
+            held, self.held = self.held, None
+            if held and not self.muted:
+                self._write(held)
+
+    def _write(self, lines: Iterable[str]) -> None:
+        try:
+            sys.stderr.writelines(lines)
+            sys.stderr.flush()
+        except OSError:  # our terminal is gone (a hangup): keep reading, or the child blocks on a full pipe
+            self.muted = True
+
+    def mute(self) -> None:
+        """Drop its output from now on, held lines included."""
+        with self._lock:
+            self.held, self.muted = None, True
 
     def exited(self) -> str | None:
         """None while it runs; else what to tell the user: its exit code and its last line."""
@@ -216,7 +432,8 @@ class LocalStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     transcribers: int | None = 1  # transcriber workers; None: as many as suit this host (`sizing.py`)
     gateways: int = 1  # ingest gateways; they share the sessions by partition (services/ingest/app.py)
-    ready_timeout_s: float = 120.0  # for every transcriber to load its model and take its partitions
+    ready_timeout_s: float = 120.0  # for every service to report ready (transcribers: model loaded, partitions taken)
+    hold_output: bool = False  # keep the services' stderr back until all are ready: a failed start is one line
     nats: NatsServer | None = field(default=None, init=False)
     postgres: PostgresServer | None = field(default=None, init=False)
     children: list[ServiceProcess] = field(default_factory=list, init=False)
@@ -227,11 +444,14 @@ class LocalStack:
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
     partitions_held: dict[str, list[int]] = field(default_factory=dict, init=False)
     auth: ClientAuth = field(default_factory=ClientAuth, init=False)  # how the stack itself (the operator) connects
+    lock: HomeLock | None = field(default=None, init=False)  # held from start to the end of stop
 
     def start(self) -> LocalStack:
-        """Start the servers and the services; return once every transcriber holds its partitions."""
+        """Start the servers and the services; return once every service reports ready and every transcriber
+        holds its partitions. Raises StackRunning, before anything starts, if a stack runs in this home."""
         if self.gateways < 1:
             raise ValueError(f"gateways must be at least 1, not {self.gateways}")
+        self._take_home()
         env = {**os.environ, **self.extra_env}
         if self.model:
             env["JETSCRIBE_MODEL"] = self.model
@@ -241,13 +461,12 @@ class LocalStack:
         prefix = env.get("JETSCRIBE_WORKER_ID") or socket.gethostname()
         self.transcriber_ids = worker_ids(prefix, self.plan.transcribers)
         log.info("%s", self.plan.describe(cores_available()))
-        self.home.mkdir(parents=True, exist_ok=True)
         self.nats_url = os.environ.get("NATS_URL", "")
         self.database_url = os.environ.get("DATABASE_URL", "")
         self.auth = ClientAuth.from_env(env)
         service_auth: dict[str, dict[str, str]] = {}
         if not self.nats_url:
-            self.nats = NatsServer(self.home / "nats", keyring=keyring(self.home), tls=server_tls(env))
+            self.nats = NatsServer(self.home / "nats", keyring=keyring(self.home), tls=server_tls(env), own_group=True)
             self.nats.start()
             self.nats_url = self.nats.url
             assert self.nats.keyring is not None
@@ -255,50 +474,100 @@ class LocalStack:
             # Each service connects as its own user (shared/natsauth.py says what each may do).
             service_auth = {role: {"NATS_CREDS": str(self.nats.keyring.path(role))} for role in SERVICE_ROLES}
         if not self.database_url:
-            self.postgres = PostgresServer(self.home / "postgres")
+            self.postgres = PostgresServer(self.home / "postgres", own_group=True)
             self.postgres.start()
             self.postgres.create_database("jetscribe")
             self.database_url = self.postgres.url("jetscribe")
         log.info("NATS at %s, PostgreSQL at %s", self.nats_url, self.database_url)
-        upgrade(self.database_url)
+        self._write_stack_file()  # the servers are on record before anything else can fail
+        migrate(self.database_url)
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
         since = asyncio.run(_lease_revision(self.nats_url, self.auth))
-        for gateway in range(self.gateways):
-            name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
-            self.children.append(ServiceProcess.start(name, SERVICES[0], {**env, **service_auth.get("ingest", {})}))
-        for i, worker in enumerate(self.transcriber_ids):
-            worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
-            self.children.append(ServiceProcess.start(f"transcriber {worker}", TRANSCRIBER, worker_env))
-        self.children.append(
-            ServiceProcess.start("persister", SERVICES[2], {**env, **service_auth.get("persister", {})})
-        )
-        stack_file(self.home).write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "nats_url": self.nats_url,
-                    "database_url": self.database_url,
-                    "transcribers": self.plan.transcribers,
-                    "transcriber_ids": self.transcriber_ids,
-                    "cpu_threads": self.plan.threads,
-                    "device": self.plan.device,
-                    # the operator's key: commands run in this folder connect with it unless given their own
-                    "nats_creds": self.auth.creds,
-                    **(
-                        {
-                            "nats_pid": self.nats.pid,
-                            "nats_host": self.nats.host,
-                            "nats_port": self.nats.port,
-                            "nats_tls": dataclasses.asdict(self.nats.tls) if self.nats.tls else None,
-                        }
-                        if self.nats is not None
-                        else {}
-                    ),
-                }
-            )
-        )
-        self.partitions_held = asyncio.run(self._wait_for_partitions(since))
+        try:
+            for gateway in range(self.gateways):
+                name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
+                gateway_env = {**env, **service_auth.get("ingest", {})}
+                self.children.append(ServiceProcess.start(name, SERVICES[0], gateway_env, self.hold_output))
+            for i, worker in enumerate(self.transcriber_ids):
+                worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
+                self.children.append(
+                    ServiceProcess.start(f"transcriber {worker}", TRANSCRIBER, worker_env, self.hold_output)
+                )
+            persister_env = {**env, **service_auth.get("persister", {})}
+            self.children.append(ServiceProcess.start("persister", SERVICES[2], persister_env, self.hold_output))
+            self._write_stack_file()
+            self.partitions_held = asyncio.run(self._wait_until_ready(since))
+        except BaseException:
+            self._quiet_failed_start()
+            raise
+        for child in self.children:
+            child.release()
         return self
+
+    def _take_home(self) -> None:
+        """Hold the home's lock, or refuse; clear what a `jetscribe up` that died left behind."""
+        lock = HomeLock(self.home)
+        if not lock.acquire():
+            pid = lock.holder()
+            raise StackRunning(self.home, pid, read_stack_file(self.home))
+        try:
+            pid, stopped = stop_leftovers(self.home)
+        except BaseException:  # interrupted: the stale stack.json stays, for the next `up` or `down` to finish
+            lock.release()
+            raise
+        self.lock = lock
+        if stopped:
+            log.warning(
+                "a `jetscribe up` (pid %s) died and left these running; stopped them: %s", pid, ", ".join(stopped)
+            )
+
+    def _write_stack_file(self) -> None:
+        """stack.json: our pid, the URLs other commands use, and every process we started (`jetscribe down`, and
+        the next `up` if we die without stopping them). Written whole, then renamed: readers never see half."""
+        assert self.plan is not None
+        processes = [Recorded.of(child.name, child.proc.pid) for child in self.children]
+        for server in self.servers():
+            if server.pid is not None:
+                processes.append(Recorded.of(server.name, server.pid, server.stop_signal, role="server"))
+        info = {
+            "pid": os.getpid(),
+            "nats_url": self.nats_url,
+            "database_url": self.database_url,
+            "transcribers": self.plan.transcribers,
+            "transcriber_ids": self.transcriber_ids,
+            "cpu_threads": self.plan.threads,
+            "device": self.plan.device,
+            "processes": [asdict(p) for p in processes if p is not None],
+            # the operator's key: commands run in this folder connect with it unless given their own
+            "nats_creds": self.auth.creds,
+            **(
+                {
+                    "nats_pid": self.nats.pid,
+                    "nats_host": self.nats.host,
+                    "nats_port": self.nats.port,
+                    "nats_tls": dataclasses.asdict(self.nats.tls) if self.nats.tls else None,
+                }
+                if self.nats is not None
+                else {}
+            ),
+        }
+        path = stack_file(self.home)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(info))
+        partial.replace(path)
+
+    def _quiet_failed_start(self) -> None:
+        """A start that failed says why in one line (the StackError): a service that exited with a setting that
+        cannot work already said it in that line, so only a crash's own lines (its traceback) are passed on."""
+        for child in self.children:
+            crashed = child.proc.poll() not in (None, 0, CONFIG_EXIT)
+            if crashed and child.held is not None:
+                child.release()
+            child.mute()
+
+    def servers(self) -> list[NatsServer | PostgresServer]:
+        """The servers this stack started (none of those it was given by URL): stopped after the services."""
+        return [server for server in (self.nats, self.postgres) if server is not None]
 
     def _worker_env(self, env: Mapping[str, str], index: int) -> dict[str, str]:
         assert self.plan is not None
@@ -309,25 +578,31 @@ class LocalStack:
                 worker["JETSCRIBE_MAX_BATCH"] = str(device_defaults("cuda")[1])
         return worker
 
-    async def _wait_for_partitions(self, since_revision: int) -> dict[str, list[int]]:
+    async def _wait_until_ready(self, since_revision: int) -> dict[str, list[int]]:
+        """Until every service answers ready on the NATS micro API (its `health`, the same Readiness as its
+        `/readyz`) and every transcriber holds what the group assigns it; returns who holds which partition."""
         import nats
 
+        async def quiet(exc: Exception) -> None:  # a refused connect is retried; the deadline below says it all
+            pass
+
         assert self.plan is not None
-        nc = await nats.connect(self.nats_url, **self.auth.connect_options(self.nats_url))
+        nc = await nats.connect(self.nats_url, error_cb=quiet, **self.auth.connect_options(self.nats_url))
         try:
             deadline = time.monotonic() + self.ready_timeout_s
+            names = {child.proc.pid: child.name for child in self.children}
             while True:
                 self.check()
+                waiting = not_ready(names, await _health_by_pid(nc, set(names)))
                 held = holders(await _leases(nc), since_revision)
                 behind = unsettled(self.transcriber_ids, self.partitions, await _members(nc), held)
-                if not behind:
+                if not waiting and not behind:
                     return held
                 if time.monotonic() > deadline:
-                    raise StackError(
-                        f"after {self.ready_timeout_s:g} s, these transcribers have not taken their partitions: "
-                        + ", ".join(f"{w} (holds {n} of {m})" for w, (n, m) in behind.items())
-                        + "; see their log lines above"
-                    )
+                    for child in self.children:
+                        if child.name in waiting:
+                            child.release()  # their own lines say best why they are not ready
+                    raise StackError(not_ready_message(self.ready_timeout_s, waiting, behind))
                 await asyncio.sleep(0.2)
         finally:
             await nc.close()
@@ -339,10 +614,14 @@ class LocalStack:
             if reason:
                 raise StackError(reason)
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop the services, then the servers they need (services first: a service whose NATS went away first
+        retries and complains until it is killed); return the names of what was still running."""
+        stopped = []
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
+                stopped.append(child.name)
         deadline = time.monotonic() + 20
         for child in self.children:
             try:
@@ -353,10 +632,17 @@ class LocalStack:
             if child.reader is not None:
                 child.reader.join(2.0)
         self.children.clear()
-        for server in (self.postgres, self.nats):
-            if server is not None:
-                server.stop()
-        stack_file(self.home).unlink(missing_ok=True)
+        servers = [server for server in self.servers() if server.running]
+        for server in servers:
+            server.ask_to_stop()
+            stopped.append(server.name)
+        for server in servers:
+            server.wait_stopped()
+        if self.lock is not None:  # only the stack that holds the home owns its stack.json
+            stack_file(self.home).unlink(missing_ok=True)
+            self.lock.release()
+            self.lock = None
+        return stopped
 
     def __enter__(self) -> LocalStack:
         try:
@@ -367,6 +653,79 @@ class LocalStack:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def not_ready(names: Mapping[int, str], reports: Mapping[int, Mapping[str, Any]]) -> dict[str, str]:
+    """Our services (pid -> name) that are not ready yet, each with why, from their readiness reports by pid."""
+    waiting = {}
+    for pid, name in names.items():
+        report = reports.get(pid)
+        if report is None:
+            waiting[name] = "not answering on NATS yet"
+        elif not report.get("ready"):
+            checks = report.get("checks") or {}
+            failing = [f"{check}: {why}" for check, why in sorted(checks.items()) if why != "ok"]
+            waiting[name] = ", ".join(failing) or "not ready"
+    return waiting
+
+
+def not_ready_message(timeout_s: float, waiting: Mapping[str, str], behind: Mapping[str, tuple[int, int]]) -> str:
+    """One line: who is not ready after timeout_s, and why."""
+    parts = [f"{name} ({why})" for name, why in waiting.items()]
+    parts += [f"transcriber {w} holds {n} of its {m} partitions" for w, (n, m) in behind.items()]
+    return f"not ready after {timeout_s:g} s: " + "; ".join(parts)
+
+
+async def _health_by_pid(nc: Any, pids: set[int], wait_s: float = 0.5) -> dict[int, dict[str, Any]]:
+    """The readiness report of each of our services that answers `$SRV.STATS` within wait_s, by its pid as its
+    micro-service metadata gives it (services of other hosts on a shared NATS are left out)."""
+    from jetscribe.shared.discovery import HEALTH_ENDPOINT
+
+    host, reports, everyone = socket.gethostname(), {}, asyncio.Event()
+
+    async def collect(msg: Any) -> None:
+        try:
+            reply = json.loads(msg.data)
+            meta = reply.get("metadata") or {}
+            pid = int(meta.get("pid", -1))
+        except (ValueError, TypeError, AttributeError):
+            return
+        if meta.get("host") != host or pid not in pids:
+            return
+        health = next((e.get("data") for e in reply.get("endpoints") or [] if e.get("name") == HEALTH_ENDPOINT), {})
+        reports[pid] = health if isinstance(health, dict) else {}
+        if set(reports) >= pids:
+            everyone.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish("$SRV.STATS", b"", reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everyone.wait(), wait_s)
+    finally:
+        await sub.unsubscribe()
+    return reports
+
+
+def migrate(database_url: str) -> None:
+    """The alembic migrations (services/persister/migrate.py), in a child process: SQLAlchemy and alembic then
+    stay out of ours, whose exit would otherwise spend a second tearing them down on a busy machine."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from jetscribe.services.persister.migrate import upgrade; upgrade(sys.argv[1])",
+        ]
+        + [database_url],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        process_group=0,
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise StackError(f"the database migrations failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
 
 
 async def _lease_revision(url: str, auth: ClientAuth) -> int:

@@ -1,3 +1,4 @@
 from jetscribe.services.ingest.app import main
+from jetscribe.shared.telemetry import exit_process
 
-raise SystemExit(main())
+exit_process(main())

@@ -1,3 +1,4 @@
 from jetscribe.services.transcriber.app import main
+from jetscribe.shared.telemetry import exit_process
 
-raise SystemExit(main())
+exit_process(main())
