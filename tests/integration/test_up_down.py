@@ -203,7 +203,7 @@ async def test_up_reads_each_of_its_services_readiness_by_pid_from_srv_stats(tmp
     """How `up` knows a service is ready: its `$SRV.STATS` answer (health endpoint data) found by the pid in its
     micro-service metadata; a pid that is not ours, or not registered, is not in the answer. Its own NATS: no
     other test's service (in this process, so with this pid) may answer."""
-    with NatsServer(tmp_path / "nats") as server:
+    with NatsServer(tmp_path / "nats", auth=False) as server:
         await _read_readiness(server.url)
 
 
