@@ -63,7 +63,7 @@ class FromEnv:
 class StreamSettings(FromEnv):
     """Where NATS is and how the streams are shaped; every service reads the same."""
 
-    nats_url: str = env("NATS_URL", DEFAULT_NATS_URL)
+    nats_url: str = env("NATS_URL", DEFAULT_NATS_URL)  # one URL, or a cluster's URLs separated by commas
     # Who this process is on NATS, and TLS (shared/natsauth.py): a file holding the user's nkey seed, the CA that
     # signed the server's certificate (set, or a tls:// URL, means TLS) and a client certificate and key.
     nats_creds: str = env_secret("NATS_CREDS")
@@ -71,12 +71,30 @@ class StreamSettings(FromEnv):
     nats_tls_cert: str = env_secret("JETSCRIBE_NATS_TLS_CERT")
     nats_tls_key: str = env_secret("JETSCRIBE_NATS_TLS_KEY")
     partitions: int = env("JETSCRIBE_PARTITIONS", 16)
+    # copies of every stream and KV bucket; 0: 1 on a single server, 3 on a cluster (`shared/streams.py`)
+    replicas: int = env("JETSCRIBE_REPLICAS", 0)
     audio_max_age_s: float = env("JETSCRIBE_AUDIO_MAX_AGE_S", 3600.0)
     transcripts_max_age_s: float = env("JETSCRIBE_TRANSCRIPTS_MAX_AGE_S", 7 * 24 * 3600.0)
     duplicate_window_s: float = env("JETSCRIBE_DUPLICATE_WINDOW_S", 120.0)
 
     def __post_init__(self) -> None:
         check_retention(self.audio_max_age_s, self.transcripts_max_age_s)
+        if not 0 <= self.replicas <= 5:
+            raise ConfigError(f"JETSCRIBE_REPLICAS is {self.replicas}: use 0 (auto), or 1 to 5 copies")
+        nats_servers(self.nats_url)  # refuses an empty list here, not at the first connect
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return nats_servers(self.nats_url)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers a NATS_URL names: one URL, or several separated by commas (the nodes of a cluster), each given
+    to the client so it can connect and reconnect through any of them."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ConfigError(f"NATS_URL is {url!r}: give a URL such as {DEFAULT_NATS_URL}, or several separated by commas")
+    return servers
 
 
 def check_retention(audio_max_age_s: float, transcripts_max_age_s: float) -> None:

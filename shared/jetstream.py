@@ -27,6 +27,7 @@ EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER = "Nats-Expected-Last-Subject-Sequ
 
 # JetStream's err_codes (the server's errors.json) this project acts on.
 ERR_CONSUMER_NOT_FOUND = 10014
+ERR_NO_MESSAGE_FOUND = 10037
 ERR_STREAM_NOT_FOUND = 10059
 ERR_WRONG_LAST_SEQUENCE = 10071
 
@@ -94,6 +95,13 @@ def parse_reply(data: bytes, request: str = "") -> dict[str, Any]:
             int(error.get("code") or 0), int(error.get("err_code") or 0), str(error.get("description", "")), request
         )
     return reply
+
+
+def expect_last(subject: str, seq: int) -> dict[str, str]:
+    """Headers that make a publish conditional: the stream stores it only if its last message on `subject` (any
+    subject of that stream, not only the one published to) is at sequence `seq` (0: it has none), and refuses it
+    otherwise (`WrongLastSequenceError`), as one step on the stream's leader."""
+    return {EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(seq), EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER: subject}
 
 
 def nanoseconds(seconds: float) -> int:
@@ -224,6 +232,22 @@ class JetStreamAPI:
         subject = kv_subject(bucket, key)
         reply = await self.nc.request(subject, value, timeout=self.timeout_s, headers=headers or None)
         return int(parse_reply(reply.data, subject)["seq"])
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Publish into a stream and wait for its acknowledgement: `{"stream", "seq"[, "duplicate"]}`. A refused
+        condition (e.g. `Nats-Expected-Last-Subject-Sequence`) raises its typed error."""
+        reply = await self.nc.request(subject, data, timeout=self.timeout_s, headers=headers or None)
+        return parse_reply(reply.data, subject)
+
+    async def last_sequence(self, stream: str, subject: str) -> int:
+        """The stream sequence of the last message stored on `subject` (wildcards allowed); 0 when there is none."""
+        try:
+            reply = await self.request(f"STREAM.MSG.GET.{stream}", {"last_by_subj": subject})
+        except NotFoundError as exc:
+            if exc.err_code == ERR_NO_MESSAGE_FOUND:
+                return 0
+            raise
+        return int(reply["message"]["seq"])
 
     async def kv_purge(self, bucket: str, key: str) -> None:
         """Remove every entry of `key` and leave no delete marker (unlike a KV delete): the key is simply gone."""

@@ -115,6 +115,14 @@ TAKEOVERS = Spec(
     (TENANT, WORKER),
     "sessions resumed from a checkpoint another worker wrote (a crash or a hand-over)",
 )
+FENCED_STEPS = Spec(
+    "jetscribe.transcriber.session.fenced_steps",
+    "counter",
+    "{step}",
+    (TENANT, WORKER),
+    "steps of a session (segments, events, checkpoint, acks) left to its partition's next owner: the partition was "
+    "not this worker's any more (its lease lapsed, or a stream refused a write made under a superseded claim)",
+)
 BUFFERED = Spec(
     "jetscribe.transcriber.buffered",
     "gauge",
@@ -372,6 +380,7 @@ class TranscriberMetrics:
         self.sessions_active = updown(meter, SESSIONS_ACTIVE)
         self.session_events = counter(meter, SESSION_EVENTS)
         self.takeovers = counter(meter, TAKEOVERS)
+        self.fenced_steps = counter(meter, FENCED_STEPS)
         self.buffered = GaugeFeed(meter, BUFFERED)
         self.decode_duration = histogram(meter, DECODE_DURATION)
         self.decode_batch = histogram(meter, DECODE_BATCH)

@@ -44,6 +44,7 @@ async def retry(
     *,
     what: str,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    fatal: tuple[type[BaseException], ...] = (),
     stop: asyncio.Event | None = None,
     first_s: float = 0.2,
     max_s: float = 5.0,
@@ -51,12 +52,15 @@ async def retry(
 ) -> T:
     """Run `operation` until it returns, backing off between failures; raise `Stopped` if `stop` is set first.
 
-    Exceptions outside `retry_on` propagate at once. Each failure is logged as a warning naming `what`.
+    Exceptions outside `retry_on`, and those in `fatal` (e.g. "this is not ours to do any more"), propagate at
+    once. Each failure is logged as a warning naming `what`.
     """
     attempt = 0
     while True:
         try:
             return await operation()
+        except fatal:
+            raise
         except retry_on as exc:
             delay = backoff_delay(attempt, first_s, max_s)
             attempt += 1

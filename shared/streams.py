@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
+from typing import Any
 
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, BucketNotFoundError
+from nats.js.errors import APIError, BadRequestError
 from nats.js.kv import KeyValue
 
 from jetscribe.shared import subjects
-from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.config import ConfigError, StreamSettings
 from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.retry import Stopped, service_stop
 
@@ -42,7 +44,7 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
     nc = Client()
     connecting = asyncio.ensure_future(
         nc.connect(
-            settings.nats_url,
+            settings.nats_servers,
             name=name,
             max_reconnect_attempts=-1,
             # nats-py annotates this int, but only sleeps on it and compares it with float times
@@ -74,7 +76,19 @@ async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | Non
     return nc
 
 
-def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
+def replicas(settings: StreamSettings, nc: Any) -> int:
+    """Copies kept of every stream and KV bucket: JETSCRIBE_REPLICAS, or when it is 0 (auto), 3 if the server
+    `nc` is connected to belongs to a cluster (its INFO names one) and 1 on a single server. A cluster of two
+    nodes, or more than three copies, needs JETSCRIBE_REPLICAS set."""
+    if settings.replicas:
+        return settings.replicas
+    nc = getattr(nc, "_nc", nc)  # a JetStreamContext keeps its connection there
+    info = getattr(nc, "_server_info", None) or {}  # nats-py keeps the server's INFO only there
+    return 3 if info.get("cluster") else 1
+
+
+def stream_configs(settings: StreamSettings, copies: int = 1) -> list[StreamConfig]:
+    """The three streams, each kept in `copies` replicas (see `replicas`)."""
     src, dest = subjects.audio_partition_transform(settings.partitions)
     window = min(settings.duplicate_window_s, settings.audio_max_age_s)
     return [
@@ -86,14 +100,17 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=settings.audio_max_age_s,
             duplicate_window=window,
+            num_replicas=copies,
         ),
         StreamConfig(
             name=subjects.TRANSCRIPTS_STREAM,
-            subjects=[subjects.TRANSCRIPTS_ALL, subjects.SESSION_EVENTS_ALL],
+            # The transcribers' claims on their partitions live beside the segments they fence (group.py).
+            subjects=[subjects.TRANSCRIPTS_ALL, subjects.SESSION_EVENTS_ALL, subjects.TRANSCRIBER_CLAIMS_ALL],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=settings.transcripts_max_age_s,
             duplicate_window=min(settings.duplicate_window_s, settings.transcripts_max_age_s),
+            num_replicas=copies,
         ),
         StreamConfig(
             name=subjects.ERRORS_STREAM,
@@ -103,29 +120,69 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
             max_age=24 * 3600.0,
             max_msgs=100_000,
             discard=DiscardPolicy.OLD,
+            num_replicas=copies,
         ),
     ]
 
 
 async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None:
-    """Create the streams, or bring an existing one to this configuration. Safe to call from every service."""
-    for config in stream_configs(settings):
+    """Create the streams, or bring an existing one to this configuration (its replicas too). Safe to call from
+    every service."""
+    copies = replicas(settings, js)
+    for config in stream_configs(settings, copies):
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            # Exists with other settings: update what may change in place.
-            await js.update_stream(config)
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                # Exists with other settings: update what may change in place.
+                await js.update_stream(config)
+        except APIError as exc:
+            raise _replicas_refused(config.name or "", copies, exc) from exc
+
+
+async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Create a KV bucket, or open it as it is; of its configuration only its replicas are brought to `config`'s
+    (a bucket made before the servers became a cluster gets its copies)."""
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:  # exists with another configuration (or another service created it meanwhile)
+        pass
+    except APIError as exc:
+        raise _replicas_refused(f"KV bucket {config.bucket}", config.replicas, exc) from exc
+    kv = await js.key_value(config.bucket)
+    info = await js.stream_info(f"KV_{config.bucket}")
+    if info.config.num_replicas != config.replicas:
+        log.info("KV bucket %s: %s -> %d replicas", config.bucket, info.config.num_replicas, config.replicas)
+        try:
+            await js.update_stream(replace(info.config, num_replicas=config.replicas))
+        except APIError as exc:
+            raise _replicas_refused(f"KV bucket {config.bucket}", config.replicas, exc) from exc
+    return kv
+
+
+def _replicas_refused(what: str, copies: int, exc: APIError) -> Exception:
+    if copies > 1 and exc.err_code == _ERR_INSUFFICIENT_RESOURCES:
+        return ConfigError(
+            f"{what}: NATS cannot keep {copies} copies ({exc.description}): set JETSCRIBE_REPLICAS to at most the "
+            f"number of JetStream servers in the cluster"
+        )
+    return exc
+
+
+_ERR_INSUFFICIENT_RESOURCES = 10023  # JetStream's "insufficient resources", e.g. more replicas than servers
 
 
 async def ensure_checkpoints(js: JetStreamContext, settings: StreamSettings) -> KeyValue:
     """The transcribers' KV bucket of session checkpoints. Entries outlive the audio they describe, so a
     late redelivery of a finished session is still recognised."""
     ttl = 2 * settings.audio_max_age_s
-    try:
-        return await js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.SESSION_CHECKPOINTS_BUCKET, history=1, ttl=ttl or None, storage=StorageType.FILE
-            )
-        )
+    return await ensure_key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.SESSION_CHECKPOINTS_BUCKET,
+            history=1,
+            ttl=ttl or None,
+            storage=StorageType.FILE,
+            replicas=replicas(settings, js),
+        ),
+    )

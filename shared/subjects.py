@@ -134,6 +134,22 @@ def partition_lease_key(partition: int) -> str:
 TRANSCRIBER_PRIORITY_GROUP = "transcribers"
 
 
+# The owner's claim on a partition, one in each stream its writes go to (services/transcriber/group.py): every
+# segment and event it publishes, and every checkpoint it writes, is stored only while its claim is the last.
+def transcriber_claim(partition: int) -> str:
+    """The subject in TRANSCRIPTS of the claims on one partition."""
+    return f"claim.transcriber.p{partition}"
+
+
+TRANSCRIBER_CLAIMS_ALL = "claim.transcriber.*"
+
+
+def checkpoint_claim_key(partition: int) -> str:
+    """The key in KV `session_checkpoints` of the claims on one partition; the '=' keeps it apart from every
+    checkpoint key (`<tenant>.<session>`, whose tokens hold none)."""
+    return f"claim=transcriber.p{partition}"
+
+
 def transcriber_consumer(partition: int) -> str:
     """Durable pull consumer of one AUDIO partition, pinned to the worker holding its lease."""
     return f"transcriber-p{partition}"

@@ -63,7 +63,7 @@ from jetscribe.shared.clock import system_clock
 from jetscribe.shared.config import IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError, brief
 from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
-from jetscribe.shared.streams import connect, ensure_streams
+from jetscribe.shared.streams import connect, ensure_streams, replicas
 from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
@@ -107,7 +107,9 @@ class IngestGateway:
         self.settings = settings
         self.partitions = settings.partitions
         self.book = IngestBook(config)
-        self.slots = TenantSlots(nc, config.max_sessions_per_tenant, report=self._report_bad_event)
+        self.slots = TenantSlots(
+            nc, config.max_sessions_per_tenant, replicas(settings, nc), report=self._report_bad_event
+        )
         self.tracer = tracer or telemetry.trace.get_tracer("jetscribe.ingest")
         self.metrics = IngestMetrics(meter or otel_metrics.get_meter("jetscribe.ingest"))
         self.gateway_id = config.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
@@ -122,6 +124,7 @@ class IngestGateway:
             stream=None,
             members_bucket=subjects.INGEST_MEMBERS_BUCKET,
             leases_bucket=subjects.INGEST_LEASES_BUCKET,
+            replicas=replicas(settings, nc),
         )
         self.forwarded = 0  # requests handed to the gateway holding their partition
         self.relearned = 0  # sessions learned again after another gateway stored to them

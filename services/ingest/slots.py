@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetscribe.services.ingest.core import (
     RequestRefused,
@@ -32,6 +32,7 @@ from jetscribe.services.ingest.core import (
 )
 from jetscribe.shared import jetstream, subjects
 from jetscribe.shared.jetstream import JetStreamAPI, JetStreamAPIError, WrongLastSequenceError
+from jetscribe.shared.streams import ensure_key_value
 from jetscribe.shared.wire import SessionEvent, WireError, decode
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, JetStreamAPIError)
 class TenantSlots:
     """Takes and frees the slots of `tenant_sessions`; `limit` is JETSCRIBE_MAX_SESSIONS_PER_TENANT."""
 
-    def __init__(self, nc, limit: int, report: Callable[[str, WireError], Awaitable[None]] | None = None):
+    def __init__(
+        self, nc, limit: int, replicas: int = 1, report: Callable[[str, WireError], Awaitable[None]] | None = None
+    ):
         """`report(subject, error)`: how a session event that frees nothing (unreadable, or not its subject's) is
         reported; it is terminated either way."""
         self.report = report
         self.js = nc.jetstream()
+        self.replicas = replicas  # copies of the bucket
         self.api = JetStreamAPI(nc)
         self.limit = limit
         self.freed_stale = 0  # slots found stale and freed by this gateway
@@ -56,15 +60,12 @@ class TenantSlots:
         self._pruned_at: dict[str, float] = {}
 
     async def open(self) -> None:
-        try:
-            self._kv = await self.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
-        except BucketNotFoundError:
-            try:
-                self._kv = await self.js.create_key_value(
-                    KeyValueConfig(bucket=subjects.TENANT_SESSIONS_BUCKET, history=1, storage=StorageType.FILE)
-                )
-            except BadRequestError:  # another gateway created it meanwhile
-                self._kv = await self.js.key_value(subjects.TENANT_SESSIONS_BUCKET)
+        self._kv = await ensure_key_value(
+            self.js,
+            KeyValueConfig(
+                bucket=subjects.TENANT_SESSIONS_BUCKET, history=1, storage=StorageType.FILE, replicas=self.replicas
+            ),
+        )
 
     async def open_sessions(self, tenant: str) -> TenantSessions:
         return (await self._read(tenant))[0]

@@ -32,13 +32,19 @@ from jetscribe.services.transcriber.core import (
     stored_message_problem,
 )
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
-from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost, PartitionPuller
+from jetscribe.services.transcriber.group import (
+    CHECKPOINTS_FENCE,
+    TRANSCRIPTS_FENCE,
+    PartitionGroup,
+    PartitionLost,
+    PartitionPuller,
+)
 from jetscribe.services.transcriber.instruments import WorkerInstruments
 from jetscribe.services.transcriber.session_log import event_line, handed_over_line, takeover_line
 from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, backlog_samples, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
-from jetscribe.shared import discovery, subjects, telemetry
+from jetscribe.shared import discovery, jetstream, subjects, telemetry
 from jetscribe.shared.activity import SessionLoad
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import Clock, system_clock
@@ -147,6 +153,7 @@ class TranscriberWorker:
         self.stopping = asyncio.Event()
         self.checkpoints = None
         self.group: PartitionGroup | None = None
+        self.steps_fenced = 0  # steps left undone because their partition was not ours any more
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -336,9 +343,24 @@ class TranscriberWorker:
 
     # --- carrying out what the core decided -------------------------------------------------
     async def _carry_out(self, record: SessionRecord, step: Step[Msg]) -> None:
-        """Do what `step` says, in the order `Step` documents, after every earlier step of the session."""
+        """Do what `step` says, in the order `Step` documents, after every earlier step of the session. Once the
+        session's partition is not ours (the lease lapsed, or a stream refused a write because another worker
+        claimed it: group.py, 5.) the rest of the step is not done: no write, no ack; the next owner redoes it."""
         with telemetry.log_context(record.stream.tenant, record.stream.session_id):
-            await self._carry_out_step(record, step)
+            try:
+                await self._carry_out_step(record, step)
+            except PartitionLost:
+                self.steps_fenced += 1
+                self.instruments.fenced(record.stream.tenant)
+                log.warning(
+                    "%s/%s: partition %d is not ours any more: %d segment(s), %d event(s) and a checkpoint "
+                    "left to its next owner",
+                    record.stream.tenant,
+                    record.stream.session_id,
+                    record.partition,
+                    len(step.segments),
+                    len(step.events),
+                )
 
     async def _carry_out_step(self, record: SessionRecord, step: Step[Msg]) -> None:
         for line in step.notes:
@@ -353,11 +375,14 @@ class TranscriberWorker:
         if step.empty:
             return
         async with record.lock:
+            if self.group is not None and not self.group.holds(record.partition):
+                raise PartitionLost(record.partition)
             for error in step.errors:
                 await self._report(error)
             for segment in step.segments:
                 with self.instruments.segment_span(record.arrivals, segment):
                     await self._publish(
+                        record.partition,
                         subjects.transcript(segment.tenant, segment.session_id),
                         encode(segment),
                         subjects.segment_message_id(
@@ -374,6 +399,7 @@ class TranscriberWorker:
                     record.words += len(segment.words)
             for event in step.events:
                 await self._publish(
+                    record.partition,
                     subjects.session_event(event.tenant, event.session_id, event.event),
                     encode(event),
                     subjects.event_message_id(event.tenant, event.session_id, event.event),
@@ -381,7 +407,7 @@ class TranscriberWorker:
                 self.instruments.event_published(event)
                 log.info("%s", event_line(event, record.partition, record.words, record.resumed))
             if step.checkpoint is not None:
-                await self._save_checkpoint(step.checkpoint)
+                await self._save_checkpoint(record.partition, step.checkpoint)
                 self.instruments.checkpoint_written(record.stream.tenant)
             for msg in step.ack:
                 await _settle_message(msg.ack, msg)
@@ -409,15 +435,19 @@ class TranscriberWorker:
             return None
         return decode(entry.value, SessionCheckpoint) if entry.value else None
 
-    async def _save_checkpoint(self, checkpoint: SessionCheckpoint) -> None:
-        """Store it, retrying: the audio it accounts for is acked only after this."""
+    async def _save_checkpoint(self, partition: int, checkpoint: SessionCheckpoint) -> None:
+        """Store it, retrying, while the partition is ours (fenced: group.py, 5.): the audio it accounts for is
+        acked only after this. Raises PartitionLost once the partition is not ours."""
         key = subjects.checkpoint_key(checkpoint.tenant, checkpoint.session_id)
-        await retry(
-            lambda: self.checkpoints.put(key, encode(checkpoint)),
-            what=f"checkpoint of {key}",
-            stop=self.stopping,
-            logger=log,
-        )
+        data, group = encode(checkpoint), self.group
+
+        async def write() -> object:
+            if group is None:  # a worker driven without a group (tests): nobody to fence against
+                return await self.checkpoints.put(key, data)
+            subject = jetstream.kv_subject(subjects.SESSION_CHECKPOINTS_BUCKET, key)
+            return await group.write(partition, CHECKPOINTS_FENCE, subject, data)
+
+        await retry(write, what=f"checkpoint of {key}", fatal=(PartitionLost,), stop=self.stopping, logger=log)
 
     async def _housekeeping(self) -> None:
         """Let the cores see time pass (idle sessions end), and keep waiting audio from being redelivered."""
@@ -567,14 +597,19 @@ class TranscriberWorker:
             except Exception as exc:  # NATS reconnecting: the totals carry on in the next one
                 log.debug("could not publish the load stats: %r", exc)
 
-    async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
-        """Publish into TRANSCRIPTS, retrying until the stream has it: a decoded segment is never dropped."""
-        await retry(
-            lambda: self.js.publish(subject, data, headers=telemetry.inject({"Nats-Msg-Id": msg_id})),
-            what=f"publish to {subject}",
-            stop=self.stopping,
-            logger=log,
-        )
+    async def _publish(self, partition: int, subject: str, data: bytes, msg_id: str) -> None:
+        """Publish into TRANSCRIPTS, retrying until the stream has it, while the partition is ours (fenced:
+        group.py, 5.): a decoded segment is never dropped, only left to the partition's next owner. Raises
+        PartitionLost once the partition is not ours."""
+        group = self.group
+
+        async def publish() -> object:
+            headers = telemetry.inject({"Nats-Msg-Id": msg_id})
+            if group is None:  # a worker driven without a group (tests): nobody to fence against
+                return await self.js.publish(subject, data, headers=headers)
+            return await group.write(partition, TRANSCRIPTS_FENCE, subject, data, headers)
+
+        await retry(publish, what=f"publish to {subject}", fatal=(PartitionLost,), stop=self.stopping, logger=log)
 
     async def _report(self, event: ErrorEvent) -> None:
         log.warning("%s: %s", event.code, event.message)

@@ -19,13 +19,43 @@ Why no partition is processed by two workers at once:
    On a 423 the puller asks the lease: still ours (our pin merely lapsed) -> UNPIN and pull again;
    not ours -> stop and report the partition lost.
 4. Handover. A leaving owner stops pulling, lets the worker drain (`on_revoked`), then deletes the
-   lease; a dead owner's unacked messages come back to the new owner after the consumer's ack_wait.
+   lease; a dead owner's unacked messages come back to the new owner at once (it resets the consumer).
+5. Writes are fenced by the server too (the transcribers' `fences`). 1-3 keep a stale owner from
+   receiving audio, but a worker frozen (SIGSTOP, swap, a paused VM) after it decoded and before it
+   published would, on waking, still publish what it decoded, write its checkpoint and ack: a session
+   with two writers. A local look at the lease before each write (`write` does it) narrows that window
+   and cannot close it: the process can freeze between the look and the write. So every write is
+   conditional on the stream, checked and stored in one step on the stream's leader:
+   - Claims. Right after winning a partition's lease, and before it unpins, resets or pulls anything,
+     the new owner claims the partition in every stream it writes to: one message on the partition's
+     claim subject there (TRANSCRIPTS `claim.transcriber.p<N>`; KV `session_checkpoints`, key
+     `claim=transcriber.p<N>`). A claim is itself conditional: stored only if that subject's last
+     message is still the one seen *before* the lease was won. So a worker that froze between its lease
+     and its claim cannot overwrite the claim of an owner who came after it: its claim is refused and it
+     lets the lease go.
+   - Every segment, session event and checkpoint carries `Nats-Expected-Last-Subject-Sequence: <our
+     claim's seq>` and `Nats-Expected-Last-Subject-Sequence-Subject: <the claim subject>`: the stream
+     stores it only while our claim is the partition's last and refuses it (10071) once anyone claimed
+     after us, whenever the writer froze. A refused write means fenced: the step stops there (nothing
+     after it in the step: no checkpoint, no ack), the worker drops the partition, its next owner redoes
+     the work from the checkpoint.
+   - What a stale owner stored before the new claim is what a crash could leave too: a segment
+     published and not yet checkpointed. The new owner reads checkpoints only after its claim, so no
+     stale checkpoint lands after it read one; it redecodes the utterance and publishes it under the
+     same segment id (a final's Nats-Msg-Id is its id: the stream drops the repeat). The stale owner's
+     late acks cover only audio behind a checkpoint stored before the claim, which the new owner read.
+   - Claims age out with their stream (its max age), so an owner claims again over its own claim (the
+     same condition, on its own seq) every quarter of that max age; a write refused meanwhile is tried
+     again under the new claim, one refused under someone else's is not.
+   Stored messages keep these headers, so a reader can check that nothing was stored under a claim that a
+   later one had already superseded (tests/chaos/harness.py `stale_writes`).
 Membership (KV bucket `transcriber_members`, one key per worker, heartbeat with TTL) only decides who
 should own what (rendezvous over live members, `partitions.py`); a stale view can delay a move but
 cannot make two owners, because ownership itself is only the lease.
 Acks are not fenced: what a worker already received when it froze it may still ack later. The worker
-must drop a partition's held messages on `on_revoked(p, lost=True)` or `PartitionLost`; a late ack
-of a redelivered chunk is harmless because the transcriber's outputs are deduplicated by id.
+must drop a partition's held messages on `on_revoked(p, lost=True)` or `PartitionLost`; such an ack
+covers audio behind a stored checkpoint (5.), and a late ack of a redelivered chunk is harmless because
+the transcriber's outputs are deduplicated by id.
 """
 
 from __future__ import annotations
@@ -35,18 +65,21 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 
 from jetscribe.services.transcriber.partitions import (
+    Claim,
     Lease,
+    claim_refresh_due,
     decode_lease,
     decode_member,
+    encode_claim,
     encode_lease,
     encode_member,
     holding_line,
@@ -58,7 +91,8 @@ from jetscribe.services.transcriber.partitions import (
 )
 from jetscribe.shared import jetstream, subjects
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
-from jetscribe.shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError
+from jetscribe.shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError, expect_last
+from jetscribe.shared.streams import ensure_key_value, replicas
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +104,28 @@ OnRevoked = Callable[[int, bool], Awaitable[None]]  # (partition, lost): lost = 
 
 class PartitionLost(Exception):
     """This worker no longer owns the partition: stop processing it; do not ack what is still held."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A stream an owner writes to on behalf of its partitions, fenced by a claim on `claim_subject(p)` in it."""
+
+    name: str  # what `PartitionGroup.write` calls it
+    stream: str
+    claim_subject: Callable[[int], str]
+
+
+# What a transcriber writes: segments and session events into TRANSCRIPTS, checkpoints into their KV bucket.
+TRANSCRIPTS_FENCE = "transcripts"
+CHECKPOINTS_FENCE = "checkpoints"
+TRANSCRIBER_FENCES = (
+    Fence(TRANSCRIPTS_FENCE, subjects.TRANSCRIPTS_STREAM, subjects.transcriber_claim),
+    Fence(
+        CHECKPOINTS_FENCE,
+        f"KV_{subjects.SESSION_CHECKPOINTS_BUCKET}",
+        lambda p: jetstream.kv_subject(subjects.SESSION_CHECKPOINTS_BUCKET, subjects.checkpoint_claim_key(p)),
+    ),
+)
 
 
 class PartitionPuller:
@@ -210,6 +266,8 @@ class _Held:
     told: bool = False  # on_assigned has been called
     done: bool = False  # on_revoked has been called
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    claims: dict[str, Claim] = field(default_factory=dict)  # fence name -> our claim in its stream
+    claiming: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while a claim is written again
 
 
 class PartitionGroup:
@@ -246,6 +304,8 @@ class PartitionGroup:
         ack_wait_s: float = 300.0,
         max_ack_pending: int = 20_000,
         consumer_config: dict | None = None,
+        fences: Collection[Fence] = (),
+        replicas: int = 1,
     ):
         if not _KV_KEY.fullmatch(member_id):
             raise ValueError(f"member id {member_id!r} must be a KV key: letters, digits, '-', '_', '=', '/', '.'")
@@ -274,6 +334,10 @@ class PartitionGroup:
             "max_ack_pending": max_ack_pending,
             **(consumer_config or {}),
         }
+        self.fences = {fence.name: fence for fence in fences}
+        self.replicas = replicas  # copies of the group's KV buckets
+        self.claim_max_age_s: dict[str, float] = {}  # fence name -> its stream's max age (0: none), read at start
+        self.refused_writes = 0  # writes a stream refused because another member had claimed the partition
         self.members: dict[str, frozenset[int] | None] = {}  # the live set as last read
         self._last_plan = None
         self._stopping = False
@@ -288,8 +352,11 @@ class PartitionGroup:
     @classmethod
     def from_config(cls, nc, settings: StreamSettings, config: TranscriberConfig, **kwargs) -> PartitionGroup:
         """The group as a transcriber runs it: JETSCRIBE_WORKER_PARTITIONS (all, or a static subset),
-        worker id, heartbeat, lease TTL and ack_wait from the service's configuration."""
+        worker id, heartbeat, lease TTL and ack_wait from the service's configuration, its writes fenced in
+        TRANSCRIPTS and the checkpoints' bucket (`TRANSCRIBER_FENCES`), its buckets in `replicas` copies."""
         static = config.partitions.strip() not in ("", "all")
+        kwargs.setdefault("fences", TRANSCRIBER_FENCES)
+        kwargs.setdefault("replicas", replicas(settings, nc))
         return cls(
             nc,
             config.worker_id,
@@ -324,6 +391,9 @@ class PartitionGroup:
     async def start(self) -> None:
         self._members_kv = await self._bucket(self.members_bucket)
         self._leases_kv = await self._bucket(self.leases_bucket)
+        for fence in self.fences.values():  # the streams must exist: the worker made them before the group
+            info = await self.js.stream_info(fence.stream)
+            self.claim_max_age_s[fence.name] = float(info.config.max_age or 0.0)
         await self._heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._rebalance_task = asyncio.create_task(self._rebalance_loop())
@@ -361,10 +431,8 @@ class PartitionGroup:
 
     # --- membership -------------------------------------------------------------------------------
     async def _bucket(self, name: str):
-        try:
-            kv = await self.js.create_key_value(KeyValueConfig(bucket=name, history=1))
-        except BadRequestError:  # exists with another configuration: use it as it is
-            kv = await self.js.key_value(name)
+        # One that exists with another configuration is used as it is, its replicas brought to ours.
+        kv = await ensure_key_value(self.js, KeyValueConfig(bucket=name, history=1, replicas=self.replicas))
         info = await self.js.stream_info(f"KV_{name}")
         if not info.config.allow_msg_ttl:
             raise RuntimeError(f"KV bucket {name} does not allow per-message TTLs; delete it so it is recreated")
@@ -439,6 +507,77 @@ class PartitionGroup:
                 log.warning("partition %d: lease renewal failed: %s", held.partition, exc)
                 return None
 
+    # --- claims: the fence on writes (5. above) ----------------------------------------------------------
+    async def _claims_seen(self, partition: int) -> dict[str, int]:
+        """The last claim on the partition in each fenced stream now (0: none): read before taking the lease."""
+        return {
+            name: await self.api.last_sequence(fence.stream, fence.claim_subject(partition))
+            for name, fence in self.fences.items()
+        }
+
+    async def _claim(self, held: _Held, seen: Mapping[str, int]) -> None:
+        """Claim a partition whose lease we just won in every fenced stream, each over the claim seen before the
+        lease was won. Raises WrongLastSequenceError if someone claimed since."""
+        for name, fence in self.fences.items():
+            held.claims[name] = await self._write_claim(held, fence, seen[name])
+
+    async def _write_claim(self, held: _Held, fence: Fence, over: int) -> Claim:
+        subject = fence.claim_subject(held.partition)
+        sent = time.monotonic()
+        reply = await self.api.publish(
+            subject, encode_claim(self.holder, held.partition, held.revision, time.time()), expect_last(subject, over)
+        )
+        return Claim(fence.stream, subject, int(reply["seq"]), sent)
+
+    async def _refresh_claims(self, held: _Held) -> None:
+        """Claim again over our own claims before their stream ages them out."""
+        now = time.monotonic()
+        for name, claim in list(held.claims.items()):
+            if not claim_refresh_due(claim, now, self.claim_max_age_s.get(name, 0.0)):
+                continue
+            async with held.claiming:
+                if not self.holds(held.partition):
+                    return
+                try:
+                    held.claims[name] = await self._write_claim(held, self.fences[name], claim.seq)
+                except WrongLastSequenceError:
+                    log.warning("partition %d: our claim in %s was superseded", held.partition, claim.stream)
+                    self.fenced(held.partition)
+                    return
+                except Exception as exc:  # the next heartbeat tries again; the claim lives far longer
+                    log.warning("partition %d: could not claim it again in %s: %s", held.partition, claim.stream, exc)
+
+    async def write(
+        self, partition: int, fence: str, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> dict:
+        """Publish `data` into fence `fence`'s stream for `partition`, stored only while our claim on the partition
+        is its last there; returns the stream's acknowledgement. Raises PartitionLost, without writing, when the
+        lease is not ours (or near its end), and after the stream refused the write because another member
+        claimed the partition (the partition is then dropped, as if lost)."""
+        while True:
+            held = self._held.get(partition)
+            if held is None or not self.holds(partition):
+                raise PartitionLost(partition)
+            claim = held.claims[fence]
+            try:
+                return await self.api.publish(
+                    subject, data, {**(headers or {}), **expect_last(claim.subject, claim.seq)}
+                )
+            except WrongLastSequenceError:
+                async with held.claiming:  # a claim of ours being written again: wait for it
+                    current = held.claims.get(fence)
+                if current is not None and current.seq != claim.seq and not held.lost:
+                    continue  # refused because we claimed again meanwhile: once more under that claim
+                self.refused_writes += 1
+                log.warning(
+                    "partition %d: %s refused a write to %s: another member claimed the partition; dropping it",
+                    partition,
+                    claim.stream,
+                    subject,
+                )
+                self.fenced(partition)
+                raise PartitionLost(partition) from None
+
     async def confirm(self, partition: int) -> bool:
         """Renew now: True only if the server agrees the lease is still ours."""
         held = self._held.get(partition)
@@ -476,6 +615,7 @@ class PartitionGroup:
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.member_id, exc)
             await asyncio.gather(*(self._renew(h) for h in list(self._held.values())))
+            await asyncio.gather(*(self._refresh_claims(h) for h in list(self._held.values()) if h.claims))
             self.wake()
             await asyncio.sleep(max(0.0, self.heartbeat_s - (time.monotonic() - started)))
 
@@ -523,11 +663,20 @@ class PartitionGroup:
         lease, revision = await self._read_lease(partition)
         if not may_acquire(lease, self.holder):
             return  # still held by another member (handing over, or dead until its TTL runs out)
+        seen = await self._claims_seen(partition)  # before the lease: see _claim
         try:
             revision, deadline = await self._write_lease(partition, revision)
         except WrongLastSequenceError:
             return  # someone else wrote first
         held = self._held[partition] = _Held(partition, revision, deadline)
+        if self.fences:  # before anything else is done with the partition: see 5. above
+            try:
+                await self._claim(held, seen)
+            except Exception as exc:
+                why = "someone claimed it meanwhile" if isinstance(exc, WrongLastSequenceError) else repr(exc)
+                log.warning("partition %d: could not claim it (%s); releasing its lease", partition, why)
+                await self._delete_lease(held)
+                return
         if self.stream is not None:  # a group of leases alone (the gateways') has no consumer
             try:
                 await self._ensure_consumer(partition)

@@ -99,6 +99,10 @@ class WorkerInstruments:
         if resumed_from and resumed_from != self.worker_id:
             self.metrics.takeovers.add(1, self.attrs(tenant))
 
+    def fenced(self, tenant: str) -> None:
+        """A step of a session not carried out: its partition is not this worker's any more."""
+        self.metrics.fenced_steps.add(1, self.attrs(tenant))
+
     def closed(self, tenant: str) -> None:
         self.metrics.sessions_active.add(-1, self.attrs(tenant))
 

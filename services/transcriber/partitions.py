@@ -136,6 +136,37 @@ def decode_lease(value: bytes, revision: int) -> Lease:
     return Lease(owner=json.loads(value)["owner"], revision=revision)
 
 
+# --- claims: the fence on an owner's writes (group.py) ----------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """A member's claim on a partition in one stream: its message on `subject` is that subject's last, at `seq`.
+    The member's writes to the stream carry `seq` as a condition (jetstream.expect_last), so once anyone claims
+    after it the stream refuses them."""
+
+    stream: str
+    subject: str
+    seq: int
+    at: float  # monotonic time the claim was sent
+
+
+def claim_refresh_due(claim: Claim, now: float, max_age_s: float) -> bool:
+    """A claim is written again (over itself) once a quarter of its stream's max age has passed, long before the
+    stream could age it out, which would make the stream refuse every write of its owner. Max age 0: never."""
+    return max_age_s > 0 and now - claim.at >= max_age_s / 4
+
+
+def encode_claim(owner: str, partition: int, lease_revision: int, at: float) -> bytes:
+    """For people reading the stream (`nats stream view TRANSCRIPTS --subject claim.transcriber.p3`); only the
+    claim's sequence counts."""
+    return json.dumps(
+        {"owner": owner, "partition": partition, "lease_revision": lease_revision, "at": round(at, 3)}
+    ).encode()
+
+
+def decode_claim_owner(value: bytes) -> str:
+    return str(json.loads(value)["owner"])
+
+
 def encode_member(member: str, eligible: Collection[int] | None, at: float) -> bytes:
     return json.dumps(
         {"member": member, "partitions": None if eligible is None else sorted(eligible), "at": round(at, 3)}

@@ -12,9 +12,10 @@ import uuid
 
 import nats
 import pytest
-from nats.js.api import StreamConfig, SubjectTransform
+from nats.js.api import KeyValueConfig, StreamConfig, SubjectTransform
 
-from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost
+from jetscribe.services.transcriber.group import Fence, PartitionGroup, PartitionLost, _Held
+from jetscribe.shared.jetstream import EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER, WrongLastSequenceError
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import env_connect_options
 
@@ -33,6 +34,31 @@ class Setup:
         self.prefix = f"gt{tag}"
         self.members_bucket = f"members_{tag}"
         self.leases_bucket = f"leases_{tag}"
+        self.out_stream = f"GO{tag}"  # fenced writes, as the transcribers' into TRANSCRIPTS
+        self.kv_bucket = f"ckpt_{tag}"  # fenced writes to a KV bucket, as their checkpoints
+        self.fenced_made = False
+
+    async def create_fenced(self, js, max_age_s: float = 0.0):
+        """The streams `fences()` names; their messages age out after `max_age_s` (0: never)."""
+        await js.add_stream(
+            StreamConfig(
+                name=self.out_stream, subjects=[f"{self.prefix}out.>", f"{self.prefix}claim.*"], max_age=max_age_s
+            )
+        )
+        await js.create_key_value(KeyValueConfig(bucket=self.kv_bucket, history=1, ttl=max_age_s or None))
+        self.fenced_made = True
+
+    def fences(self):
+        return (
+            Fence("out", self.out_stream, lambda p: f"{self.prefix}claim.p{p}"),
+            Fence("kv", f"KV_{self.kv_bucket}", lambda p: f"$KV.{self.kv_bucket}.claim=p{p}"),
+        )
+
+    def out(self, partition):
+        return f"{self.prefix}out.p{partition}"
+
+    def kv(self, key):
+        return f"$KV.{self.kv_bucket}.{key}"
 
     async def create(self, js):
         await js.add_stream(
@@ -183,6 +209,9 @@ async def env(nats_url):
     await js.delete_stream(setup.stream)
     for bucket in (setup.members_bucket, setup.leases_bucket):
         await js.delete_key_value(bucket)
+    if setup.fenced_made:
+        await js.delete_stream(setup.out_stream)
+        await js.delete_key_value(setup.kv_bucket)
     await js._nc.close()
 
 
@@ -329,7 +358,8 @@ async def test_the_server_fences_a_stale_owner(env):
 async def test_a_static_member_owns_only_its_listed_partitions(env):
     setup, js, connect = env
     config = TranscriberConfig(partitions="0,1,2", worker_id="edge", heartbeat_s=HEARTBEAT_S, lease_ttl_s=TTL_S)
-    edge = PartitionGroup.from_config(await connect(), StreamSettings(partitions=P), config, **setup.names())
+    settings = StreamSettings(partitions=P)
+    edge = PartitionGroup.from_config(await connect(), settings, config, fences=(), **setup.names())
     anywhere = setup.group(await connect(), "anywhere")
     await edge.start()
     await wait_for(lambda: edge.owned == {0, 1, 2}, 5)
@@ -410,4 +440,99 @@ async def test_an_owner_whose_pin_lapsed_pins_itself_again(env):
             break
     assert [m.data for m in got] == [b"second"]
     assert puller.pin_id and puller.pin_id != old_pin and not puller.fenced
+    await a.stop()
+
+
+def freeze(group, partition):
+    """As a SIGSTOP would: no heartbeats, renewals or rebalances any more, and the member still believes it holds
+    `partition` (its look at the lease passed just before the freeze, or its clock stood still)."""
+    for task in (group._heartbeat_task, group._rebalance_task):
+        task.cancel()
+    group._held[partition].deadline = time.monotonic() + 60
+
+
+async def stored_on(js, stream, subject):
+    """(payload, headers) of every message on `subject` in `stream`, in order."""
+    sub = await js.pull_subscribe(subject, stream=stream)
+    out = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(100, timeout=0.5)
+            except nats.errors.TimeoutError:
+                return out
+            out += [(m.data, m.headers or {}) for m in msgs]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_frozen_owners_writes_are_refused_once_another_member_claimed_the_partition(env):
+    """group.py, 5.: the stream itself refuses a write made under a claim a later owner superseded, whatever the
+    writer believes; the write is counted, the partition dropped, and nothing of it is stored."""
+    setup, js, connect = env
+    await setup.create_fenced(js)
+    a = setup.group(await connect(), "a", fences=setup.fences())
+    await a.start()
+    await wait_for(lambda: len(a.owned) == P, 5)
+    ack = await a.write(3, "out", setup.out(3), b"a before")
+    claim = a._held[3].claims["out"]
+    assert (await stored_on(js, setup.out_stream, setup.out(3)))[-1][1][EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER] == str(
+        claim.seq
+    )
+    assert ack["seq"] > claim.seq
+    await a.write(4, "kv", setup.kv("acme.s1"), b"checkpoint by a")
+
+    for partition in (3, 4):
+        freeze(a, partition)
+    b = setup.group(await connect(), "b", fences=setup.fences())
+    await b.start()
+    await wait_for(lambda: len(b.owned) == P, TTL_S + HEARTBEAT_S + 3)
+
+    with pytest.raises(PartitionLost):  # it passed its own look at the lease: the stream refuses
+        await a.write(3, "out", setup.out(3), b"a after")
+    with pytest.raises(PartitionLost):
+        await a.write(4, "kv", setup.kv("acme.s1"), b"stale checkpoint by a")
+    assert a.refused_writes == 2 and a._held[3].lost and a._held[4].lost
+    with pytest.raises(PartitionLost):  # dropped now: not even sent
+        await a.write(3, "out", setup.out(3), b"a again")
+    assert a.refused_writes == 2
+
+    await b.write(3, "out", setup.out(3), b"b after")
+    assert [data for data, _ in await stored_on(js, setup.out_stream, setup.out(3))] == [b"a before", b"b after"]
+    entry = await (await js.key_value(setup.kv_bucket)).get("acme.s1")
+    assert entry.value == b"checkpoint by a"
+    await b.stop()
+    await a.stop(release=False)
+
+
+async def test_a_claim_made_over_one_seen_before_a_later_owners_lease_is_refused(env):
+    """A member that froze between winning a lease and claiming cannot overwrite the claim of the owner who came
+    after it: its claim is conditional on the claim it saw before its lease."""
+    setup, js, connect = env
+    await setup.create_fenced(js)
+    a = setup.group(await connect(), "a", fences=setup.fences())
+    seen = await a._claims_seen(5)  # then a wins the lease, and freezes
+    b = setup.group(await connect(), "b", fences=setup.fences())
+    await b.start()
+    await wait_for(lambda: len(b.owned) == P, 5)
+    with pytest.raises(WrongLastSequenceError):
+        await a._claim(_Held(5, 1, time.monotonic() + 60), seen)
+    await b.write(5, "out", setup.out(5), b"b keeps it")
+    await b.stop()
+
+
+async def test_claims_are_made_again_before_their_stream_ages_them_out(env):
+    """Streams age claims out like any message; an owner claims again over its own claim in time, so its writes
+    go on being stored long after its first claim would have gone."""
+    setup, js, connect = env
+    max_age = 2.0
+    await setup.create_fenced(js, max_age_s=max_age)
+    a = setup.group(await connect(), "a", fences=setup.fences())
+    await a.start()
+    await wait_for(lambda: len(a.owned) == P, 5)
+    first = a._held[0].claims["out"].seq
+    await asyncio.sleep(2.5 * max_age)
+    await a.write(0, "out", setup.out(0), b"later")
+    await a.write(0, "kv", setup.kv("acme.s1"), b"later")
+    assert a._held[0].claims["out"].seq > first and a.refused_writes == 0 and len(a.owned) == P
     await a.stop()
