@@ -110,6 +110,7 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
             publish=(
                 subjects.TRANSCRIPTS_ALL,
                 subjects.SESSION_EVENTS_ALL,
+                subjects.TRANSCRIBER_CLAIMS_ALL,  # its claims on its partitions (group.py, fenced writes)
                 subjects.errors("transcriber", "*"),
                 subjects.TRANSCRIBER_STATS_ALL,
                 "$JS.API.>",
@@ -202,6 +203,7 @@ def server_config(
     cluster: Cluster | None = None,
     tls: ServerTLS | None = None,
     max_payload: int = 16 * 1024 * 1024,
+    monitor_port: int | None = None,
 ) -> str:
     """The nats-server config of one node: JetStream, its users and their permissions (None: no auth, for a
     server nobody else can reach), TLS and the cluster routes. Every node of a cluster gets the same users."""
@@ -214,6 +216,8 @@ def server_config(
     }
     if server_name:
         config["server_name"] = server_name
+    if monitor_port:  # /healthz: JetStream ready and, in a cluster, caught up (jetscribe/devstack/servers.py)
+        config["http"] = f"{host}:{monitor_port}"
     if users is not None:
         config["authorization"] = {"users": [user.as_config() for user in users]}
     if tls is not None:

@@ -2,7 +2,8 @@
 
 They run on free ports in pytest's temporary folders and stop when the session
 ends. A test that stops, kills or restarts a server must start its own instead
-of using these shared ones.
+of using these shared ones (a cluster of its own: `NatsCluster`, as the chaos
+tests' `chaos_cluster`).
 
 Every nats-server in the tests (these, the ones tests start themselves, `jetscribe up`'s) runs with
 authentication on, with the users of one keyring made for the session (JETSCRIBE_NATS_KEYS): the services'
@@ -17,7 +18,7 @@ import uuid
 import pytest
 
 from jetscribe.devstack.keys import Keyring
-from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer
 
 TEST_CLOCK_OFFSET_S = str(10 * 24 * 3600)
 DEFAULT_FUZZ_COUNT = 1000
@@ -79,6 +80,13 @@ def nats_server(tmp_path_factory):
 def nats_url(nats_server):
     """URL of the session's NATS server."""
     return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory):
+    """Three nats-servers joined in one JetStream cluster, shared by the whole session; `.url` lists all three."""
+    with NatsCluster(tmp_path_factory.mktemp("nats-cluster"), 3) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from jetscribe.cli.errors import CliError, NotFound, Unreachable, UsageError, as
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.devstack.servers import ServerFailed
-from jetscribe.shared.config import ConfigError
+from jetscribe.shared.config import ConfigError, nats_servers
 from jetscribe.shared.telemetry import quiet_libraries
 from jetscribe.shared.wire import WHISPER_LANGUAGES
 
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--gateways", type=_at_least_one, default=1, help="ingest gateway processes; they share the sessions (1)"
+    )
+    up.add_argument(
+        "--nats-cluster",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="nats-server processes joined in a cluster, the streams and KV buckets kept in min(3, N) copies (1)",
     )
     up.add_argument(
         "-d",
@@ -314,6 +321,7 @@ def cmd_up(args) -> int:
         transcribers=args.transcribers,
         gateways=args.gateways,
         hold_output=True,
+        nats_nodes=args.nats_cluster,
     )
     stopping: list[bool] = []
 
@@ -557,7 +565,7 @@ async def _connect_nats(url: str, auth=None, tenant: str | None = None):
     except (OSError, ValueError) as exc:  # a TLS file that is not there, or a tenant that is no subject token
         raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from None
     connecting = asyncio.ensure_future(
-        nats.connect(url, max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error, **options)
+        nats.connect(nats_servers(url), max_reconnect_attempts=3, connect_timeout=3, error_cb=on_error, **options)
     )
     try:
         await asyncio.wait([connecting, fatal], return_when=asyncio.FIRST_COMPLETED)

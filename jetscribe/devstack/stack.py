@@ -32,11 +32,17 @@ from typing import Any
 import psutil
 
 from jetscribe.devstack.keys import Keyring
-from jetscribe.devstack.servers import NatsServer, PostgresServer, nats_keys_dir
+from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
 from jetscribe.shared import subjects
-from jetscribe.shared.config import DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, device_defaults, resolve_device
+from jetscribe.shared.config import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_NATS_URL,
+    device_defaults,
+    nats_servers,
+    resolve_device,
+)
 from jetscribe.shared.natsauth import SERVICE_ROLES, ClientAuth, ServerTLS
 
 log = logging.getLogger(__name__)
@@ -432,9 +438,11 @@ class LocalStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     transcribers: int | None = 1  # transcriber workers; None: as many as suit this host (`sizing.py`)
     gateways: int = 1  # ingest gateways; they share the sessions by partition (services/ingest/app.py)
+    nats_nodes: int = 1  # nats-servers; more than one: a cluster, the streams kept in min(3, nodes) copies
     ready_timeout_s: float = 120.0  # for every service to report ready (transcribers: model loaded, partitions taken)
     hold_output: bool = False  # keep the services' stderr back until all are ready: a failed start is one line
     nats: NatsServer | None = field(default=None, init=False)
+    nats_cluster: NatsCluster | None = field(default=None, init=False)
     postgres: PostgresServer | None = field(default=None, init=False)
     children: list[ServiceProcess] = field(default_factory=list, init=False)
     nats_url: str = field(default="", init=False)
@@ -452,6 +460,8 @@ class LocalStack:
         if self.gateways < 1:
             raise ValueError(f"gateways must be at least 1, not {self.gateways}")
         self._take_home()
+        if self.nats_nodes < 1:
+            raise ValueError(f"nats_nodes must be at least 1, not {self.nats_nodes}")
         env = {**os.environ, **self.extra_env}
         if self.model:
             env["JETSCRIBE_MODEL"] = self.model
@@ -465,7 +475,19 @@ class LocalStack:
         self.database_url = os.environ.get("DATABASE_URL", "")
         self.auth = ClientAuth.from_env(env)
         service_auth: dict[str, dict[str, str]] = {}
-        if not self.nats_url:
+        if not self.nats_url and self.nats_nodes > 1:
+            self.nats_cluster = NatsCluster(
+                self.home / "nats-cluster", self.nats_nodes, keyring=keyring(self.home), own_group=True
+            )
+            self.nats_cluster.start()
+            self.nats_url = self.nats_cluster.url
+            if not env.get("JETSCRIBE_REPLICAS"):  # auto would say 3, more than two nodes can keep
+                env["JETSCRIBE_REPLICAS"] = str(min(3, self.nats_nodes))
+            nodes_keyring = self.nats_cluster.nodes[0].keyring
+            assert nodes_keyring is not None
+            self.auth = ClientAuth(str(nodes_keyring.path("operator")), self.auth.tls_ca)
+            service_auth = {role: {"NATS_CREDS": str(nodes_keyring.path(role))} for role in SERVICE_ROLES}
+        elif not self.nats_url:
             self.nats = NatsServer(self.home / "nats", keyring=keyring(self.home), tls=server_tls(env), own_group=True)
             self.nats.start()
             self.nats_url = self.nats.url
@@ -532,6 +554,7 @@ class LocalStack:
         info = {
             "pid": os.getpid(),
             "nats_url": self.nats_url,
+            "nats_nodes": len(nats_servers(self.nats_url)),
             "database_url": self.database_url,
             "transcribers": self.plan.transcribers,
             "transcriber_ids": self.transcriber_ids,
@@ -567,7 +590,8 @@ class LocalStack:
 
     def servers(self) -> list[NatsServer | PostgresServer]:
         """The servers this stack started (none of those it was given by URL): stopped after the services."""
-        return [server for server in (self.nats, self.postgres) if server is not None]
+        nodes = self.nats_cluster.nodes if self.nats_cluster is not None else []
+        return [server for server in (self.nats, *nodes, self.postgres) if server is not None]
 
     def _worker_env(self, env: Mapping[str, str], index: int) -> dict[str, str]:
         assert self.plan is not None
@@ -587,7 +611,7 @@ class LocalStack:
             pass
 
         assert self.plan is not None
-        nc = await nats.connect(self.nats_url, error_cb=quiet, **self.auth.connect_options(self.nats_url))
+        nc = await nats.connect(nats_servers(self.nats_url), error_cb=quiet, **self.auth.connect_options(self.nats_url))
         try:
             deadline = time.monotonic() + self.ready_timeout_s
             names = {child.proc.pid: child.name for child in self.children}
@@ -733,7 +757,7 @@ async def _lease_revision(url: str, auth: ClientAuth) -> int:
     import nats
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(url, **auth.connect_options(url))
+    nc = await nats.connect(nats_servers(url), **auth.connect_options(url))
     try:
         info = await nc.jetstream().stream_info(f"KV_{subjects.PARTITION_LEASES_BUCKET}")
         return int(info.state.last_seq)

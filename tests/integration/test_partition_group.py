@@ -15,8 +15,8 @@ import pytest
 from nats.js.api import KeyValueConfig, StreamConfig, SubjectTransform
 
 from jetscribe.services.transcriber.group import Fence, PartitionGroup, PartitionLost, _Held
-from jetscribe.shared.jetstream import EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER, WrongLastSequenceError
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.jetstream import EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER, WrongLastSequenceError
 from jetscribe.shared.natsauth import env_connect_options
 
 P = 16

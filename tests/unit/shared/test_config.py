@@ -116,3 +116,40 @@ def test_transcriber_config_resolves_device_and_compute_type_from_the_environmen
     assert TranscriberConfig.from_env().on_device(2).compute_type == "int8_float16"
     with pytest.raises(DeviceUnavailable):
         TranscriberConfig.from_env().on_device(0)
+
+
+def test_nats_url_names_one_server_or_a_clusters_nodes():
+    from jetscribe.shared.config import ConfigError, StreamSettings, nats_servers
+
+    assert nats_servers("nats://a:4222") == ["nats://a:4222"]
+    assert nats_servers(" nats://a:1, nats://b:2 ,nats://c:3,") == ["nats://a:1", "nats://b:2", "nats://c:3"]
+    assert StreamSettings(nats_url="nats://a:1,nats://b:2").nats_servers == ["nats://a:1", "nats://b:2"]
+    with pytest.raises(ConfigError, match="NATS_URL is ' , '"):
+        StreamSettings(nats_url=" , ")
+
+
+def test_replicas_are_auto_unless_set_and_at_most_five(monkeypatch):
+    from jetscribe.shared.config import ConfigError, StreamSettings
+
+    assert StreamSettings.from_env().replicas == 0  # auto: shared/streams.py decides from the server
+    monkeypatch.setenv("JETSCRIBE_REPLICAS", "3")
+    assert StreamSettings.from_env().replicas == 3
+    with pytest.raises(ConfigError, match="JETSCRIBE_REPLICAS is 7"):
+        StreamSettings(replicas=7)
+
+
+def test_auto_replicas_are_three_on_a_cluster_and_one_on_a_single_server():
+    from types import SimpleNamespace
+
+    from jetscribe.shared.config import StreamSettings
+    from jetscribe.shared.streams import replicas, stream_configs
+
+    single = SimpleNamespace(_server_info={"server_name": "n1"})
+    clustered = SimpleNamespace(_server_info={"server_name": "n1", "cluster": "jetscribe"})
+    js = SimpleNamespace(_nc=clustered)  # a JetStreamContext names its connection so
+    assert (replicas(StreamSettings(), single), replicas(StreamSettings(), clustered)) == (1, 3)
+    assert replicas(StreamSettings(), js) == 3
+    assert replicas(StreamSettings(replicas=2), clustered) == 2  # set: kept
+    assert {c.num_replicas for c in stream_configs(StreamSettings(), 3)} == {3}
+    transcripts = next(c for c in stream_configs(StreamSettings()) if c.name == "TRANSCRIPTS")
+    assert "claim.transcriber.*" in transcripts.subjects  # the owners' claims live beside what they fence

@@ -89,3 +89,12 @@ def test_pin_id_and_durations():
     assert pin_id(Msg(None, headers={"Nats-Pin-Id": "abc"})) == "abc"
     assert pin_id(Msg(None)) is None
     assert nanoseconds(1.5) == 1_500_000_000
+
+
+def test_expect_last_makes_a_publish_conditional_on_another_subjects_last_message():
+    from jetscribe.shared.jetstream import expect_last
+
+    assert expect_last("claim.transcriber.p3", 41) == {
+        "Nats-Expected-Last-Subject-Sequence": "41",
+        "Nats-Expected-Last-Subject-Sequence-Subject": "claim.transcriber.p3",
+    }

@@ -82,3 +82,18 @@ async def test_stopped_within():
     started = time.monotonic()
     assert await stopped_within(stop, 30.0) is True
     assert time.monotonic() - started < 5
+
+
+async def test_a_fatal_exception_ends_the_retries_at_once():
+    class Gone(Exception):
+        pass
+
+    calls = []
+
+    async def operation():
+        calls.append(1)
+        raise Gone()
+
+    with pytest.raises(Gone):
+        await retry(operation, what="x", fatal=(Gone,), first_s=0.01)
+    assert calls == [1]

@@ -168,3 +168,17 @@ def test_one_holding_line_per_change_not_per_partition():
     assert holding_line({0, 1}, {1, 2}) == "holds partitions 1-2 (+2, -0)"
     assert holding_line(set(range(4)), set()) == "holds no partitions (-0-3)"
     assert holding_line({1, 2}, {2, 1}) is None
+
+
+def test_claims_are_made_again_within_a_quarter_of_their_streams_max_age():
+    import json
+
+    from jetscribe.services.transcriber.partitions import Claim, claim_refresh_due, decode_claim_owner, encode_claim
+
+    claim = Claim("TRANSCRIPTS", "claim.transcriber.p3", 17, at=100.0)
+    assert not claim_refresh_due(claim, 100.0 + 3600 / 4 - 1, 3600)
+    assert claim_refresh_due(claim, 100.0 + 3600 / 4, 3600)
+    assert not claim_refresh_due(claim, 1e9, 0)  # a stream without a max age keeps it forever
+    value = encode_claim("w1#ab12", 3, 55, 1_700_000_000.0)
+    assert decode_claim_owner(value) == "w1#ab12"
+    assert json.loads(value)["lease_revision"] == 55
