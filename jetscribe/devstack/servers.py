@@ -388,7 +388,7 @@ class NatsCluster:
             raise ValueError(f"a cluster has at least one node, not {size}")
         self.data_dir = Path(data_dir).resolve()
         self.size = size
-        keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
+        self.keyring = keyring = (keyring or Keyring(nats_keys_dir(self.data_dir / "keys"))) if auth else None
         route_ports = [free_port(host) for _ in range(size)]
         routes = tuple(f"nats-route://{host}:{port}" for port in route_ports)
         self.nodes = [

@@ -2,6 +2,7 @@
 services as child processes, faults injected from the test, numbers reported per scenario.
 
 - `chaos_nats`: a nats-server (JetStream, file store) of the test's own, so it may be restarted.
+- `chaos_cluster`: three nats-servers in one cluster of the test's own (streams and buckets at three copies).
 - `chaos_db`: a fresh, migrated database on the session's PostgreSQL (for tests that leave Postgres
   alone; a test that stops Postgres starts its own with `own_postgres`).
 - `make_stack`: builds a `ChaosStack`; every service it started is stopped at teardown (SIGTERM,
@@ -24,7 +25,7 @@ import uuid
 
 import pytest
 
-from jetscribe.devstack.servers import NatsServer, PostgresServer
+from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer
 from jetscribe.services.persister.migrate import upgrade
 from tests.chaos.harness import (
     ChaosStack,
@@ -60,6 +61,17 @@ def chaos_nats(tmp_path):
     server.start()
     yield server
     server.kill() if server.running else None
+
+
+@pytest.fixture
+def chaos_cluster(tmp_path):
+    """Three nats-servers in one JetStream cluster of the test's own, so its nodes may be killed and restarted;
+    the services reach it through every node's URL and keep the streams and buckets in three copies."""
+    cluster = NatsCluster(tmp_path / "nats-cluster", 3)
+    cluster.start()
+    yield cluster
+    for node in cluster.nodes:
+        node.kill() if node.running else None
 
 
 @pytest.fixture
@@ -126,7 +138,7 @@ def pytest_terminal_summary(terminalreporter):
     to $JETSCRIBE_CHAOS_REPORT)."""
     if not _SUMMARIES:
         return
-    terminalreporter.section("chaos: takeover, words lost, segments duplicated")
+    terminalreporter.section("chaos: takeover, words lost, segments duplicated, writes by a fenced owner")
 
     def num(value, unit=""):
         return "-" if value is None else (f"{value:.2f}{unit}" if isinstance(value, float) else f"{value}{unit}")
@@ -135,7 +147,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{'PASS' if s.passed else 'FAIL'} {s.scenario}: takeover {num(s.takeover_s, ' s')} "
             f"(outage {num(s.outage_s, ' s')}), words lost {num(s.words_lost)}, segments duplicated "
-            f"{num(s.segments_duplicated)}, WER vs no-fault {num(s.wer_vs_baseline)}, vs script "
+            f"{num(s.segments_duplicated)}, stored by a fenced owner {num(s.stale_stored)} (refused "
+            f"{num(s.stale_refused)}), WER vs no-fault {num(s.wer_vs_baseline)}, vs script "
             f"{num(s.wer_vs_reference)}, {num(s.sessions)} session(s), {num(s.segments)} finals, "
             f"workers {','.join(s.workers) or '-'}, {num(s.wall_s, ' s')}"
         )

@@ -35,13 +35,18 @@ from nats.js.errors import NotFoundError
 from sqlalchemy import select
 
 from jetscribe.client.bot import Audio, StreamResult, stream_audio
-from jetscribe.devstack.servers import NatsServer
+from jetscribe.devstack.servers import NatsCluster, NatsServer
 from jetscribe.evaluation.speech import Speech, dialog, synthesize
 from jetscribe.evaluation.wer import normalize, wer
 from jetscribe.services.persister.store import open_engine
 from jetscribe.services.persister.tables import SegmentRow, SessionRow
-from jetscribe.services.transcriber.partitions import decode_lease
+from jetscribe.services.transcriber.partitions import decode_claim_owner, decode_lease
 from jetscribe.shared import subjects
+from jetscribe.shared.config import nats_servers
+from jetscribe.shared.jetstream import (
+    EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER,
+    EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER,
+)
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import Segment, SessionEvent, TranscriptMessage, decode
 
@@ -117,6 +122,7 @@ class Service:
     log_path: Path
     proc: subprocess.Popen | None = None
     ready_pattern: str = ""  # what its log says once it serves; by default READY[module]
+    frozen: bool = False  # SIGSTOPped by `freeze`
     _log_offset: int = 0  # where the last start's output begins in the log
 
     def start(self) -> Service:
@@ -188,6 +194,23 @@ class Service:
         self.proc.wait()
         return at
 
+    def freeze(self) -> float:
+        """SIGSTOP (a process that stops being scheduled: swap, a paused VM); returns the wall time of the signal."""
+        if not self.running:
+            raise RuntimeError(f"{self.name} is not running:\n{self.tail()}")
+        at = time.time()
+        self.proc.send_signal(signal.SIGSTOP)
+        self.frozen = True
+        return at
+
+    def thaw(self) -> float:
+        """SIGCONT after `freeze`; returns the wall time of the signal."""
+        at = time.time()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+        return at
+
     async def sigterm(self, timeout: float = 30.0) -> tuple[float, int | None, float | None]:
         """SIGTERM without blocking the event loop: (wall time of the signal, exit code or None if it
         still runs after `timeout`, seconds it took to exit)."""
@@ -212,6 +235,8 @@ class Service:
         """SIGTERM, then SIGKILL after `timeout`: nothing may outlive the test."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.frozen:  # a stopped process would keep the SIGTERM pending until the timeout
+            self.thaw()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
@@ -223,7 +248,7 @@ class Service:
 class ChaosStack:
     """Services as child processes against one NATS and one database, all logs in `home`."""
 
-    def __init__(self, home: Path, nats_server: NatsServer, database_url: str, **env: str):
+    def __init__(self, home: Path, nats_server: NatsServer | NatsCluster, database_url: str, **env: str):
         self.home = Path(home)
         self.nats = nats_server
         self.database_url = database_url
@@ -308,6 +333,8 @@ class ChaosStack:
         for service in self.services.values():
             with contextlib.suppress(Exception):
                 if service.running:
+                    if service.frozen:
+                        service.thaw()
                     service.proc.send_signal(signal.SIGTERM)
         for service in self.services.values():
             service.stop(timeout=10.0)
@@ -317,9 +344,9 @@ class ChaosStack:
 
 
 async def connect(url: str):
-    """A test client that rides out a NATS restart, as the services do."""
+    """A test client that rides out a NATS restart, as the services do; `url` may list a cluster's nodes."""
     return await nats.connect(
-        url,
+        nats_servers(url),
         **env_connect_options(url),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.2,
@@ -384,6 +411,7 @@ class Published:
     seq: int  # stream sequence
     stored_at: float  # when the stream stored it (wall time)
     message: TranscriptMessage
+    headers: dict[str, str] = field(default_factory=dict, compare=False)  # as published: the claim it was made under
 
 
 async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
@@ -409,6 +437,7 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
                             msg.metadata.sequence.stream,
                             msg.metadata.timestamp.timestamp(),
                             decode(msg.data, TranscriptMessage),
+                            dict(msg.headers or {}),
                         )
                     )
                     await msg.ack()
@@ -532,6 +561,94 @@ async def wait_audio_acked(js, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"audio left unacked (partition, pending, unacked): {left}")
         await asyncio.sleep(0.2)
+
+
+# --- the fence on the owners' writes (services/transcriber/group.py, 5.) --------------------------
+
+
+@dataclass(frozen=True)
+class ClaimMade:
+    """One claim on a partition as TRANSCRIPTS holds it."""
+
+    seq: int
+    subject: str
+    owner: str  # "<worker id>#<incarnation>"
+    stored_at: float
+
+
+async def claims_made(js) -> dict[str, list[ClaimMade]]:
+    """Claim subject -> every claim on it TRANSCRIPTS holds, in stream order."""
+    sub = await js.pull_subscribe(
+        subjects.TRANSCRIBER_CLAIMS_ALL,
+        stream=subjects.TRANSCRIPTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
+    )
+    claims: dict[str, list[ClaimMade]] = defaultdict(list)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(500, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            for msg in msgs:
+                meta = msg.metadata
+                claims[msg.subject].append(
+                    ClaimMade(
+                        meta.sequence.stream, msg.subject, decode_claim_owner(msg.data), meta.timestamp.timestamp()
+                    )
+                )
+                await msg.ack()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return {subject: sorted(made, key=lambda c: c.seq) for subject, made in claims.items()}
+
+
+def claim_of(item: Published) -> tuple[str, int] | None:
+    """(claim subject, claim seq) a message was published under, from its headers; None if it names none."""
+    subject = item.headers.get(EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT_HEADER)
+    seq = item.headers.get(EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER)
+    return (subject, int(seq)) if subject and seq else None
+
+
+def superseded(claim: tuple[str, int], claims: dict[str, list[ClaimMade]], before_seq=None, before_time=None) -> bool:
+    """Whether another claim on the same partition came after `claim` and before stream seq `before_seq` (a stored
+    message) or wall time `before_time` (a publish heard)."""
+    subject, seq = claim
+    return any(
+        c.seq > seq
+        and (before_seq is None or c.seq < before_seq)
+        and (before_time is None or c.stored_at < before_time)
+        for c in claims.get(subject, [])
+    )
+
+
+def stale_writes(messages: list[Published], claims: dict[str, list[ClaimMade]]) -> list[str]:
+    """Stored segments and events that name no claim, or whose claim another had superseded before the stream
+    stored them: written by a fenced owner. The stream's condition makes the second impossible (group.py, 5.)."""
+    problems = []
+    for item in messages:
+        claim = claim_of(item)
+        what = f"{type(item.message).__name__} seq {item.seq} by {item.message.worker_id}"
+        if claim is None:
+            problems.append(f"{what} was published under no claim")
+        elif superseded(claim, claims, before_seq=item.seq):
+            problems.append(f"{what} was stored under claim {claim[1]} on {claim[0]}, superseded before it")
+    return problems
+
+
+def stale_attempts(heard: list[Published], stored: list[Published], claims: dict[str, list[ClaimMade]]) -> list:
+    """Publishes heard (a Tap) under a claim already superseded when they went out, that the stream did not store:
+    what a fenced owner tried to write and the stream refused. A worker's look at its lease before each write
+    usually keeps it from trying at all."""
+    kept = {(item.headers.get("Nats-Msg-Id"), claim_of(item)) for item in stored}
+    return [
+        item
+        for item in heard
+        if (claim := claim_of(item))
+        and superseded(claim, claims, before_time=item.stored_at)
+        and (item.headers.get("Nats-Msg-Id"), claim) not in kept
+    ]
 
 
 # --- checks and measures -------------------------------------------------------------------------
@@ -723,6 +840,8 @@ class ChaosSummary:
     words_substituted: int | None = None
     segments_duplicated: int | None = None  # ids published twice with different text + seq overlaps
     finals_republished: int | None = None  # ids whose final was published more than once (same text)
+    stale_stored: int | None = None  # segments/events stored under a superseded claim (a fenced owner's): must be 0
+    stale_refused: int | None = None  # publishes heard under a superseded claim, refused by the stream
     wer_vs_baseline: float | None = None
     wer_vs_reference: float | None = None
     segments: int | None = None
@@ -879,6 +998,11 @@ async def settle_and_check(
     summary.finals_republished = sum(1 for versions in final_segments_published(messages).values() if len(versions) > 1)
     summary.workers = workers_of(messages)
     summary.extra["text"] = found.text
+    claims = await claims_made(js)
+    stale = stale_writes(messages, claims)
+    findings.problems += stale
+    summary.stale_stored = len(stale)
+    summary.stale_refused = len(stale_attempts(list(heard), messages, claims))
     return found, messages
 
 
@@ -906,7 +1030,9 @@ class Tap:
     async def start(self) -> Tap:
         async def on_msg(msg):
             with contextlib.suppress(Exception):
-                self.heard.append(Published(-1, time.time(), decode(msg.data, TranscriptMessage)))
+                self.heard.append(
+                    Published(-1, time.time(), decode(msg.data, TranscriptMessage), dict(msg.headers or {}))
+                )
 
         for subject in (subjects.transcript(self.tenant, "*"), subjects.session_events_of(self.tenant, "*")):
             self._subs.append(await self.nc.subscribe(subject, cb=on_msg))

@@ -22,6 +22,7 @@ from tests.chaos.harness import (
     Tap,
     check_audio_acked,
     check_transcript,
+    claims_made,
     concurrent_workers,
     connect,
     dialog_speech,
@@ -33,6 +34,7 @@ from tests.chaos.harness import (
     seq_overlaps,
     settle_and_check,
     short_speech,
+    stale_writes,
     stored,
     stream,
     wait_group_settled,
@@ -235,6 +237,7 @@ async def test_three_workers_thirty_sessions(chaos_nats, chaos_db, make_stack, s
         by_session = defaultdict(list)
         for item in await published(js, tenant):
             by_session[item.message.session_id].append(item)
+        claims = await claims_made(js)
         per_worker, shared, lost, dup, republished, texts = Counter(), [], 0, 0, 0, []
         for session_id in sessions:
             messages = by_session[session_id]
@@ -242,6 +245,7 @@ async def test_three_workers_thirty_sessions(chaos_nats, chaos_db, make_stack, s
             session_findings = Findings()
             check_transcript(found, messages, session_findings)
             session_findings.problems += concurrent_workers(messages + tap.of(session_id))
+            session_findings.problems += stale_writes(messages, claims)
             findings.problems += [f"{session_id}: {p}" for p in session_findings.problems]
             who = sorted({p.message.worker_id for p in messages + tap.of(session_id) if p.message.worker_id})
             per_worker.update(who)
