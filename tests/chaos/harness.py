@@ -1021,18 +1021,22 @@ class Tap:
     (same Nats-Msg-Id: same segment id and revision), e.g. a second worker transcribing a session it
     does not own. It misses what was published while the test's connection was down."""
 
-    def __init__(self, nc, tenant: str):
+    def __init__(self, nc, tenant: str, on_heard=None):
         self.nc = nc
         self.tenant = tenant
+        self.on_heard = on_heard  # called with each Published as it is heard (e.g. to time a fault)
         self.heard: list[Published] = []
         self._subs = []
 
     async def start(self) -> Tap:
         async def on_msg(msg):
-            with contextlib.suppress(Exception):
-                self.heard.append(
-                    Published(-1, time.time(), decode(msg.data, TranscriptMessage), dict(msg.headers or {}))
-                )
+            try:
+                item = Published(-1, time.time(), decode(msg.data, TranscriptMessage), dict(msg.headers or {}))
+            except Exception:
+                return
+            self.heard.append(item)
+            if self.on_heard is not None:
+                self.on_heard(item)
 
         for subject in (subjects.transcript(self.tenant, "*"), subjects.session_events_of(self.tenant, "*")):
             self._subs.append(await self.nc.subscribe(subject, cb=on_msg))
@@ -1047,3 +1051,67 @@ class Tap:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+
+
+@dataclass(frozen=True)
+class KVWrite:
+    """One write the checkpoints' bucket stored."""
+
+    seq: int
+    key: str
+    stored_at: float
+    headers: dict[str, str]
+
+
+class CheckpointTap:
+    """Every write the `session_checkpoints` bucket stores from now on, checkpoints and claims, with its headers
+    (the bucket keeps only each key's last). A checkpoint stored under a claim that a later one superseded is a
+    fenced owner's: `stale_checkpoints`."""
+
+    def __init__(self, js):
+        self.js = js
+        self.stored: list[KVWrite] = []
+        self._sub = None
+
+    async def start(self) -> CheckpointTap:
+        bucket = subjects.SESSION_CHECKPOINTS_BUCKET
+
+        async def on_msg(msg):
+            meta = msg.metadata
+            key = msg.subject.removeprefix(f"$KV.{bucket}.")
+            self.stored.append(KVWrite(meta.sequence.stream, key, meta.timestamp.timestamp(), dict(msg.headers or {})))
+
+        self._sub = await self.js.subscribe(
+            f"$KV.{bucket}.>",
+            stream=f"KV_{bucket}",
+            cb=on_msg,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+        )
+        return self
+
+    def claims(self) -> dict[str, list[ClaimMade]]:
+        """The claims stored in the bucket since the tap started, by claim subject."""
+        bucket = subjects.SESSION_CHECKPOINTS_BUCKET
+        out: dict[str, list[ClaimMade]] = defaultdict(list)
+        for write in self.stored:
+            if write.key.startswith("claim="):
+                subject = f"$KV.{bucket}.{write.key}"
+                out[subject].append(ClaimMade(write.seq, subject, "", write.stored_at))
+        return out
+
+    def stale_checkpoints(self, key: str) -> list[str]:
+        """Writes of checkpoint `key` that name no claim, or whose claim was superseded before they were stored."""
+        claims, problems = self.claims(), []
+        for write in (w for w in self.stored if w.key == key):
+            claim = claim_of(Published(write.seq, write.stored_at, None, write.headers))
+            if claim is None:
+                problems.append(f"checkpoint {key} (seq {write.seq}) was written under no claim")
+            elif superseded(claim, claims, before_seq=write.seq):
+                problems.append(f"checkpoint {key} (seq {write.seq}) was stored under claim {claim}, superseded before")
+        return problems
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()

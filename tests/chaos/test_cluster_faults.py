@@ -14,9 +14,11 @@ from collections import Counter
 import pytest
 
 from jetscribe.shared import subjects
+from jetscribe.shared.wire import Segment
 from tests.chaos.harness import (
     PARTITIONS,
     TAKEOVER_BOUND_S,
+    CheckpointTap,
     Findings,
     Live,
     Tap,
@@ -201,9 +203,10 @@ async def test_node_restarted_mid_utterance(chaos_cluster, chaos_db, make_stack,
 
 @pytest.mark.timeout(180)
 async def test_frozen_transcriber_wakes_up_fenced(chaos_cluster, chaos_db, make_stack, summary, tenant, baseline):
-    """Two workers; SIGSTOP the session's worker mid-utterance and keep it frozen until the other holds every
-    partition and has published the session, then SIGCONT it. The woken worker stores nothing under the claims it
-    held before (group.py, 5.); the transcript equals the no-fault run's."""
+    """Two workers; the moment the session's worker has published a final (its checkpoint and acks still to come),
+    SIGSTOP it, and keep it frozen until the other holds every partition and has published the session; then
+    SIGCONT it. The woken worker stores nothing under the claims it held before, in TRANSCRIPTS or the checkpoints'
+    bucket (group.py, 5.); the transcript equals the no-fault run's."""
     speech = dialog_speech()
     workers = ["w1", "w2"]
     stack = cluster_stack(make_stack, chaos_cluster, chaos_db, workers)
@@ -212,15 +215,26 @@ async def test_frozen_transcriber_wakes_up_fenced(chaos_cluster, chaos_db, make_
     try:
         js = nc.jetstream()
         summary.extra["partitions_before"] = dict(Counter((await wait_group_settled(js, workers)).values()))
-        tap = await Tap(nc, tenant).start()
+        checkpoints = await CheckpointTap(js).start()
         live = Live(SPEED, speech.duration_s).start()
+        fault: dict = {}
+
+        def freeze_after_a_final(item) -> None:  # in the Tap's callback: as soon as the final is heard
+            message = item.message
+            armed = live.audio_s >= speech.turns[1].end_s  # past the second turn: a session with a history
+            if armed and not fault and isinstance(message, Segment) and message.status == "final":
+                fault.update(victim=message.worker_id, segment=message.segment_id)
+                fault["at"] = stack.transcriber(message.worker_id).freeze()
+
+        tap = await Tap(nc, tenant, on_heard=freeze_after_a_final).start()
         bot = asyncio.create_task(stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=90))
-        latest, interim_open = await live.inside_turn(speech.turns[2])
-        victim = latest.worker_id
+        await live.until(lambda: fault, 60, "a final past the second turn")
+        victim, frozen_at = fault["victim"], fault["at"]
         survivor = next(w for w in workers if w != victim)
         frozen = stack.transcriber(victim)
-        frozen_at = frozen.freeze()
-        summary.extra.update(victim=victim, fault_at_audio_s=round(live.audio_s, 2), interim_open_at_fault=interim_open)
+        summary.extra.update(
+            victim=victim, frozen_after_final=fault["segment"], fault_at_audio_s=round(live.audio_s, 2)
+        )
 
         async def taken_over():
             holders = await lease_holders(js)
@@ -242,16 +256,16 @@ async def test_frozen_transcriber_wakes_up_fenced(chaos_cluster, chaos_db, make_
             stack, js, tenant, "s1", speech, baseline["dialog"], summary, findings, heard=tap.of("s1")
         )
         await check_audio_acked(js, findings)
+        findings.problems += checkpoints.stale_checkpoints(subjects.checkpoint_key(tenant, "s1"))
 
         # The claims the victim held when it froze, and what it did under them after it woke.
         claims = await claims_made(js)
-        held = {
-            (subject, c.seq)
-            for subject, made in claims.items()
-            for c in made
-            if c.owner.split("#", 1)[0] == victim and c.stored_at < frozen_at
-        }
-        old = {(s, max(q for t, q in held if t == s)) for s in {s for s, _ in held}}  # its last claim on each
+        held: dict[str, int] = {}
+        for subject, made in claims.items():
+            for c in made:
+                if c.owner.split("#", 1)[0] == victim and c.stored_at < frozen_at:
+                    held[subject] = max(held.get(subject, 0), c.seq)
+        old = set(held.items())
         stored_after = [p for p in messages if p.stored_at > thawed_at and claim_of(p) in old]
         tried_after = [p for p in tap.of("s1") if p.stored_at > thawed_at and claim_of(p) in old]
         output = frozen.output()
@@ -260,6 +274,7 @@ async def test_frozen_transcriber_wakes_up_fenced(chaos_cluster, chaos_db, make_
             stale_owner_tried_after_wake=len(tried_after),
             stale_owner_steps_left=len(re.findall(r"is not ours any more", output)),
             stale_owner_writes_refused=len(re.findall(r"refused a write", output)),
+            checkpoint_writes_seen=sum(1 for w in checkpoints.stored if not w.key.startswith("claim=")),
             workers_after=sorted({p.message.worker_id for p in messages if p.stored_at > thawed_at}),
         )
         if stored_after:
@@ -271,6 +286,7 @@ async def test_frozen_transcriber_wakes_up_fenced(chaos_cluster, chaos_db, make_
             findings.add(f"{survivor} took {summary.takeover_s} s to publish the session (bound {TAKEOVER_BOUND_S} s)")
         check_outcome(summary, findings)
         stack.check_alive()
+        await checkpoints.stop()
     finally:
         await nc.close()
     summary.problems = list(findings.problems)
