@@ -394,7 +394,7 @@ class PartitionGroup:
         for fence in self.fences.values():  # the streams must exist: the worker made them before the group
             info = await self.js.stream_info(fence.stream)
             self.claim_max_age_s[fence.name] = float(info.config.max_age or 0.0)
-        await self._heartbeat()
+        await self._first_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._rebalance_task = asyncio.create_task(self._rebalance_loop())
 
@@ -452,6 +452,25 @@ class PartitionGroup:
             encode_member(self.member_id, self.eligible, time.time()),
             ttl_s=self.ttl_s,
         )
+
+    async def _first_heartbeat(self, within_s: float = 30.0) -> None:
+        """Join the member set. On a cluster a bucket just made takes writes only once its copies have elected a
+        leader (until then a write finds no responder, or times out): wait for that, up to `within_s`."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                await self._heartbeat()
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info(
+                    "%s: bucket %s does not take writes yet (%r); trying again",
+                    self.member_id,
+                    self.members_bucket,
+                    exc,
+                )
+                await asyncio.sleep(0.2)
 
     async def _read_members(self) -> dict[str, frozenset[int] | None]:
         info = await self.js.stream_info(
