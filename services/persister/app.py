@@ -306,8 +306,10 @@ async def _persist(
                 continue
             except nats.js.errors.APIError as exc:
                 # The consumer or stream is gone (deleted by hand, or a fresh NATS store): declare them again.
+                # Or, on a cluster, the consumer's leader moved: acks sent to the old one may be lost with it.
                 log.warning("fetch refused (%s); subscribing again", exc)
                 sub = await _resubscribe(sub, js, settings, config, stop)
+                persister.acks_in_doubt = True
                 continue
             except nats.errors.Error as exc:
                 # While NATS is away the client reconnects by itself; wait and fetch again.

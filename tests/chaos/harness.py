@@ -31,7 +31,7 @@ from pathlib import Path
 import jiwer
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from sqlalchemy import select
 
 from jetscribe.client.bot import Audio, StreamResult, stream_audio
@@ -403,6 +403,29 @@ async def wait_group_settled(js, workers: list[str], timeout: float = 20.0, stab
 
 # --- what was published and what was stored -----------------------------------------------------
 
+# What a JetStream API request may meet for a few seconds after a cluster's node died or came back (no leader yet,
+# the request routed to a node still catching up): the test asks again rather than fail on the cluster's behalf.
+# A fetch on a consumer just made there can find no responder until its interest has crossed the routes.
+_TRANSIENT = (ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError)
+_UNAVAILABLE = (ServiceUnavailableError, nats.errors.NoRespondersError)  # for a fetch, a timeout means "no more"
+
+
+async def settled(request, within_s: float = 20.0, transient=_TRANSIENT):
+    """`await request()`, asked again on a transient JetStream error for up to `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await request()
+        except transient:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def pull_subscribe(js, subject: str, **kwargs):
+    """An ephemeral pull consumer, made even while the cluster settles after a fault."""
+    return await settled(lambda: js.pull_subscribe(subject, **kwargs))
+
 
 @dataclass(frozen=True)
 class Published:
@@ -420,7 +443,8 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
     filters = [subjects.transcript(tenant, session_id), subjects.session_events_of(tenant, session_id)]
     out = []
     for subject in filters:
-        sub = await js.pull_subscribe(
+        sub = await pull_subscribe(
+            js,
             subject,
             stream=subjects.TRANSCRIPTS_STREAM,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
@@ -428,7 +452,7 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(500, timeout=1.0)
+                    msgs = await settled(lambda sub=sub: sub.fetch(500, timeout=1.0), 5.0, _UNAVAILABLE)
                 except (TimeoutError, nats.errors.TimeoutError):
                     break
                 for msg in msgs:
@@ -454,7 +478,8 @@ async def published(js, tenant: str, session_id: str = "*") -> list[Published]:
 async def first_stored_since(js, stream_name: str, subject: str, since: float) -> float | None:
     """When `stream_name` stored its first message on `subject` at or after wall time `since`."""
     start = datetime.fromtimestamp(since, UTC).isoformat().replace("+00:00", "Z")
-    sub = await js.pull_subscribe(
+    sub = await pull_subscribe(
+        js,
         subject,
         stream=stream_name,
         config=ConsumerConfig(
@@ -462,7 +487,7 @@ async def first_stored_since(js, stream_name: str, subject: str, since: float) -
         ),
     )
     try:
-        msgs = await sub.fetch(1, timeout=2.0)
+        msgs = await settled(lambda: sub.fetch(1, timeout=2.0), 5.0, _UNAVAILABLE)
         return msgs[0].metadata.timestamp.timestamp() if msgs else None
     except (TimeoutError, nats.errors.TimeoutError):
         return None
@@ -533,7 +558,7 @@ async def wait_persister_drained(js, timeout: float = 30.0) -> float:
     """Wait until the persister's consumer has nothing pending or unacked; returns the seconds it took."""
     started = time.monotonic()
     while True:
-        info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER)
+        info = await settled(lambda: js.consumer_info(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER))
         if info.num_pending == 0 and info.num_ack_pending == 0:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
@@ -551,7 +576,9 @@ async def wait_audio_acked(js, timeout: float = 30.0) -> None:
         left = []
         for p in range(PARTITIONS):
             try:
-                info = await js.consumer_info(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p))
+                info = await settled(
+                    lambda p=p: js.consumer_info(subjects.AUDIO_STREAM, subjects.transcriber_consumer(p))
+                )
             except NotFoundError:
                 continue
             if info.num_pending or info.num_ack_pending:
@@ -578,7 +605,8 @@ class ClaimMade:
 
 async def claims_made(js) -> dict[str, list[ClaimMade]]:
     """Claim subject -> every claim on it TRANSCRIPTS holds, in stream order."""
-    sub = await js.pull_subscribe(
+    sub = await pull_subscribe(
+        js,
         subjects.TRANSCRIBER_CLAIMS_ALL,
         stream=subjects.TRANSCRIPTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
@@ -587,7 +615,7 @@ async def claims_made(js) -> dict[str, list[ClaimMade]]:
     try:
         while True:
             try:
-                msgs = await sub.fetch(500, timeout=1.0)
+                msgs = await settled(lambda: sub.fetch(500, timeout=1.0), 5.0, _UNAVAILABLE)
             except (TimeoutError, nats.errors.TimeoutError):
                 break
             for msg in msgs:

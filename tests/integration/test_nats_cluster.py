@@ -91,3 +91,24 @@ async def test_a_frozen_owners_write_is_refused_by_a_clustered_stream(cluster_en
     assert a.refused_writes == 1
     await b.stop()
     await a.stop(release=False)
+
+
+async def test_a_bucket_made_with_one_copy_is_brought_to_three(nats_cluster):
+    """A bucket made before the servers were a cluster (or before JETSCRIBE_REPLICAS) gets its copies at start."""
+    from nats.js.api import KeyValueConfig
+
+    from jetscribe.shared.streams import ensure_key_value
+
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        bucket = f"upgrade_{time.monotonic_ns()}"
+        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=1))
+        await kv.put("k", b"kept")
+        await ensure_key_value(js, KeyValueConfig(bucket=bucket, history=1, replicas=3))
+        copies, _ = await cluster_info(nc, f"KV_{bucket}")
+        assert copies == 3
+        assert (await (await js.key_value(bucket)).get("k")).value == b"kept"
+        await js.delete_key_value(bucket)
+    finally:
+        await nc.close()

@@ -13,6 +13,7 @@ import uuid
 import nats
 import pytest
 from nats.js.api import KeyValueConfig, StreamConfig, SubjectTransform
+from nats.js.errors import ServiceUnavailableError
 
 from jetscribe.services.transcriber.group import Fence, PartitionGroup, PartitionLost, _Held
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
@@ -454,13 +455,18 @@ def freeze(group, partition):
 async def stored_on(js, stream, subject):
     """(payload, headers) of every message on `subject` in `stream`, in order."""
     sub = await js.pull_subscribe(subject, stream=stream)
-    out = []
+    out, unanswered = [], 0
     try:
         while True:
             try:
                 msgs = await sub.fetch(100, timeout=0.5)
             except nats.errors.TimeoutError:
                 return out
+            except ServiceUnavailableError:  # on a cluster: the new consumer's interest has not reached us yet
+                unanswered += 1
+                assert unanswered < 25, "the consumer never answered a fetch"
+                await asyncio.sleep(0.2)
+                continue
             out += [(m.data, m.headers or {}) for m in msgs]
     finally:
         await sub.unsubscribe()
