@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from jetscribe.shared import subjects
@@ -20,6 +23,8 @@ from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.retry import Stopped, service_stop
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def connect(settings: StreamSettings, name: str, stop: asyncio.Event | None = None) -> Client:
@@ -125,38 +130,63 @@ def stream_configs(settings: StreamSettings, copies: int = 1) -> list[StreamConf
     ]
 
 
+# On a cluster, a stream another service made a moment ago may not be found, or answered for, on every node yet
+# (its copies are still electing a leader): asked again for a while, like a stream being recovered.
+_SETTLING = (NotFoundError, ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError)
+SETTLE_S = 30.0
+
+
+async def while_settling(operation: Callable[[], Awaitable[T]], what: str, within_s: float = SETTLE_S) -> T:
+    """`await operation()`, again on the errors of a cluster still settling (see _SETTLING), for up to `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await operation()
+        except _SETTLING as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("%s: %r; asking again", what, exc)
+            await asyncio.sleep(0.25)
+
+
 async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None:
     """Create the streams, or bring an existing one to this configuration (its replicas too). Safe to call from
-    every service."""
+    every service, at once."""
     copies = replicas(settings, js)
     for config in stream_configs(settings, copies):
-        try:
+
+        async def ensure(config: StreamConfig = config) -> None:
             try:
                 await js.add_stream(config)
             except BadRequestError:
                 # Exists with other settings: update what may change in place.
                 await js.update_stream(config)
+
+        try:
+            await while_settling(ensure, f"stream {config.name}")
         except APIError as exc:
             raise _replicas_refused(config.name or "", copies, exc) from exc
 
 
 async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     """Create a KV bucket, or open it as it is; of its configuration only its replicas are brought to `config`'s
-    (a bucket made before the servers became a cluster gets its copies)."""
+    (a bucket made before the servers became a cluster gets its copies). Safe to call from every service, at once."""
+    try:
+        return await while_settling(lambda: _ensure_key_value(js, config), f"KV bucket {config.bucket}")
+    except APIError as exc:
+        raise _replicas_refused(f"KV bucket {config.bucket}", config.replicas, exc) from exc
+
+
+async def _ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         return await js.create_key_value(config)
     except BadRequestError:  # exists with another configuration (or another service created it meanwhile)
         pass
-    except APIError as exc:
-        raise _replicas_refused(f"KV bucket {config.bucket}", config.replicas, exc) from exc
     kv = await js.key_value(config.bucket)
     info = await js.stream_info(f"KV_{config.bucket}")
     if info.config.num_replicas != config.replicas:
         log.info("KV bucket %s: %s -> %d replicas", config.bucket, info.config.num_replicas, config.replicas)
-        try:
-            await js.update_stream(replace(info.config, num_replicas=config.replicas))
-        except APIError as exc:
-            raise _replicas_refused(f"KV bucket {config.bucket}", config.replicas, exc) from exc
+        await js.update_stream(replace(info.config, num_replicas=config.replicas))
     return kv
 
 

@@ -92,7 +92,7 @@ from jetscribe.services.transcriber.partitions import (
 from jetscribe.shared import jetstream, subjects
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
 from jetscribe.shared.jetstream import JetStreamAPI, PinMismatchError, WrongLastSequenceError, expect_last
-from jetscribe.shared.streams import ensure_key_value, replicas
+from jetscribe.shared.streams import ensure_key_value, replicas, while_settling
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ class PartitionGroup:
         self._members_kv = await self._bucket(self.members_bucket)
         self._leases_kv = await self._bucket(self.leases_bucket)
         for fence in self.fences.values():  # the streams must exist: the worker made them before the group
-            info = await self.js.stream_info(fence.stream)
+            info = await while_settling(lambda f=fence: self.js.stream_info(f.stream), f"stream {fence.stream}")
             self.claim_max_age_s[fence.name] = float(info.config.max_age or 0.0)
         await self._first_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
@@ -433,7 +433,7 @@ class PartitionGroup:
     async def _bucket(self, name: str):
         # One that exists with another configuration is used as it is, its replicas brought to ours.
         kv = await ensure_key_value(self.js, KeyValueConfig(bucket=name, history=1, replicas=self.replicas))
-        info = await self.js.stream_info(f"KV_{name}")
+        info = await while_settling(lambda: self.js.stream_info(f"KV_{name}"), f"KV bucket {name}")
         if not info.config.allow_msg_ttl:
             raise RuntimeError(f"KV bucket {name} does not allow per-message TTLs; delete it so it is recreated")
         return kv
