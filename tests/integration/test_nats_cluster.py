@@ -1,15 +1,18 @@
 """The services' streams and buckets on a three-node NATS cluster (the session's `nats_cluster`): kept in three
 copies, reached through a NATS_URL that lists every node, and the partition owners' writes fenced there too."""
 
+import asyncio
 import json
 import time
 
 import nats
+import nats.js.errors
 import pytest
 
 from jetscribe.services.transcriber.group import PartitionGroup, PartitionLost
 from jetscribe.shared import subjects
 from jetscribe.shared.config import StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import connect, ensure_checkpoints, ensure_streams
 from tests.integration.test_partition_group import HEARTBEAT_S, TTL_S, Setup, freeze, stored_on, wait_for
 
@@ -55,7 +58,7 @@ async def cluster_env(nats_cluster):
     conns = []
 
     async def join():
-        nc = await nats.connect(nats_cluster.urls)
+        nc = await nats.connect(nats_cluster.urls, **env_connect_options(nats_cluster.url))
         conns.append(nc)
         return nc
 
@@ -99,12 +102,17 @@ async def test_a_bucket_made_with_one_copy_is_brought_to_three(nats_cluster):
 
     from jetscribe.shared.streams import ensure_key_value
 
-    nc = await nats.connect(nats_cluster.urls)
+    nc = await nats.connect(nats_cluster.urls, **env_connect_options(nats_cluster.url))
     try:
         js = nc.jetstream()
         bucket = f"upgrade_{time.monotonic_ns()}"
         kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=1))
-        await kv.put("k", b"kept")
+        for _ in range(50):  # a bucket just made on a cluster takes writes once its copy has a leader
+            try:
+                await kv.put("k", b"kept")
+                break
+            except nats.js.errors.NoStreamResponseError:
+                await asyncio.sleep(0.1)
         await ensure_key_value(js, KeyValueConfig(bucket=bucket, history=1, replicas=3))
         copies, _ = await cluster_info(nc, f"KV_{bucket}")
         assert copies == 3

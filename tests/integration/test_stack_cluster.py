@@ -15,13 +15,14 @@ from jetscribe.evaluation.wer import wer
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
 from jetscribe.shared import subjects
 from jetscribe.shared.config import nats_servers
+from jetscribe.shared.natsauth import env_connect_options
 
 pytestmark = pytest.mark.timeout(240)
 
 
 async def replicas_and_session(url: str, database_url: str) -> tuple[dict[str, int], str]:
     speech = sample_speech()
-    nc = await nats.connect(nats_servers(url))
+    nc = await nats.connect(nats_servers(url), **env_connect_options(url))
     try:
         copies = {}
         for stream in (subjects.AUDIO_STREAM, subjects.TRANSCRIPTS_STREAM, f"KV_{subjects.PARTITION_LEASES_BUCKET}"):
