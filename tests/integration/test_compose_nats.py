@@ -24,11 +24,6 @@ from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.streams import ensure_streams
 from jetscribe.shared.wire import Segment, encode
 
-# Replicated streams are issue 14's work beside this test's (tests/unit/test_compose.py, ARRIVING): until they are
-# on main it waits for them, and says so.
-if "replicas" not in StreamSettings.__dataclass_fields__:
-    pytest.skip("JETSCRIBE_REPLICAS (streams in replicas) not on main yet", allow_module_level=True)
-
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).parents[2]
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
