@@ -183,6 +183,11 @@ class TranscriberConfig(FromEnv):
     vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
     # speech must stand this far above the session's noise floor; 0 turns that gate off
     vad_above_floor_db: float = env("JETSCRIBE_VAD_ABOVE_FLOOR_DB", 5.0)
+    # Speakers from the audio (voice embeddings, the `speakers` extra): "auto" (on when the extra is installed),
+    # "on" (refuse to start without it) or "off". Speakers the bot names win either way.
+    speakers_audio: str = env("JETSCRIBE_SPEAKERS_AUDIO", "auto")
+    # a voice at least this similar (cosine) to a session's speaker is that speaker; below, a new one
+    speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.5)
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)

@@ -24,7 +24,7 @@ WHISPER_LANGUAGES = frozenset(
 )
 SegmentStatus = Literal["interim", "final"]
 # Who said a speaker label: "bot" (the platform told the bot: a track's participant, a speaker change, a channel)
-# or "audio" (diarization from the audio itself, not built yet).
+# or "audio" (diarization: the transcriber matched the voice to the session's speakers, `voices`).
 SpeakerSource = Literal["bot", "audio"]
 SessionEventKind = Literal["started", "ended", "rejected"]
 
@@ -171,6 +171,15 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     meeting_id: str | None = None  # the meeting this session is a track of (its readers follow the tracks)
 
 
+class SpeakerVoice(msgspec.Struct, array_like=True):
+    """A speaker the transcriber knows by voice: its label, the unit centroid of its voice embeddings, and the
+    seconds of speech it was built from."""
+
+    label: str
+    centroid: list[float]
+    seconds: float
+
+
 class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     """A transcriber's saved state of one session (KV bucket `session_checkpoints`, key `tenant.session`).
 
@@ -192,6 +201,7 @@ class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     speaker: str | None = None  # who the bot said talks at acked_samples: the replayed chunks carry the rest
     meeting_id: str | None = None
     track_start: float = 0.0
+    voices: list[SpeakerVoice] = []  # the speakers heard in the audio (diarization), so labels survive a takeover
 
 
 class ErrorEvent(_Message, tag="error"):

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import psutil
 from nats.aio.msg import Msg
@@ -32,6 +33,7 @@ from jetscribe.services.transcriber.core import (
     stored_message_problem,
 )
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
+from jetscribe.services.transcriber.embedding import load_embedder
 from jetscribe.services.transcriber.group import (
     CHECKPOINTS_FENCE,
     TRANSCRIPTS_FENCE,
@@ -44,6 +46,7 @@ from jetscribe.services.transcriber.session_log import event_line, handed_over_l
 from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, backlog_samples, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
+from jetscribe.services.transcriber.voices import VoiceMatcher, VoiceOptions
 from jetscribe.shared import discovery, jetstream, subjects, telemetry
 from jetscribe.shared.activity import SessionLoad
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -122,7 +125,9 @@ class TranscriberWorker:
         tracer=None,
         clock: Clock | None = None,
         meter=None,
+        embedder=None,
     ):
+        """`embedder`: an `embedding.VoiceEmbedder` for speakers from the audio, or None (off)."""
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
@@ -155,6 +160,11 @@ class TranscriberWorker:
         self.group: PartitionGroup | None = None
         self.steps_fenced = 0  # steps left undone because their partition was not ours any more
         self._tasks: list[asyncio.Task] = []
+        self.embedder = embedder
+        # Voice embeddings on a thread of their own, beside the decode thread: a final's embedding is ready
+        # when its text is, and the decoder never waits for it.
+        self._voice_thread = ThreadPoolExecutor(1, thread_name_prefix="voices") if embedder is not None else None
+        self.voice_totals = {"calls": 0, "pieces": 0, "audio_s": 0.0, "cpu_s": 0.0, "failures": 0}
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
@@ -181,6 +191,8 @@ class TranscriberWorker:
         for task in [*self._tasks, *self.pullers.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self.pullers.values(), return_exceptions=True)
+        if self._voice_thread is not None:
+            self._voice_thread.shutdown(wait=False)
 
     # --- partitions -----------------------------------------------------------------------
     async def _assigned(self, partition: int, puller: PartitionPuller) -> None:
@@ -311,6 +323,7 @@ class TranscriberWorker:
             speaker=start.speaker if start else None,
             meeting_id=start.meeting_id if start else None,
             track_start=start.track_start if start else 0.0,
+            voices=VoiceMatcher(VoiceOptions(self.config.speakers_match)) if self.embedder is not None else None,
         )
         record = self.sessions[key] = SessionRecord(stream, partition, resumed=checkpoint is not None)
         if checkpoint is not None:
@@ -529,8 +542,12 @@ class TranscriberWorker:
             span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
             span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            results = await self._decode_jobs(jobs)
+            results, voices = await asyncio.gather(self._decode_jobs(jobs), self._embed_voices(jobs))
             seconds = time.perf_counter() - started
+        results = [
+            replace(r, voices=tuple(v)) if isinstance(r, Decoded) and v else r
+            for r, v in zip(results, voices, strict=True)
+        ]
         for job in jobs:
             self.load.observe(job, seconds / len(jobs))
             self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
@@ -554,6 +571,31 @@ class TranscriberWorker:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def _embed_voices(self, jobs: list[DecodeJob]) -> list[list]:
+        """Voice embeddings of the jobs whose result may be a final (speakers from the audio); [] for the others,
+        and for all when it is off or fails (the finals then go out without a speaker: counted and logged)."""
+        wanted = [i for i, job in enumerate(jobs) if job.kind == "final" or job.speculative]
+        out: list[list] = [[] for _ in jobs]
+        if self.embedder is None or self._voice_thread is None or not wanted:
+            return out
+        audio = [(jobs[i].audio, jobs[i].start_sample) for i in wanted]
+        try:
+            pieces, cpu = await asyncio.get_running_loop().run_in_executor(
+                self._voice_thread, _timed, self.embedder.embed, audio
+            )
+        except Exception:
+            self.voice_totals["failures"] += 1
+            log.exception("voice embeddings of %d job(s) failed: their finals go out without a speaker", len(audio))
+            return out
+        totals = self.voice_totals
+        totals["calls"] += 1
+        totals["pieces"] += sum(len(p) for p in pieces)
+        totals["audio_s"] += sum(len(a) for a, _ in audio) / SAMPLE_RATE
+        totals["cpu_s"] += cpu
+        for i, p in zip(wanted, pieces, strict=True):
+            out[i] = p
+        return out
 
     async def _decode_jobs(self, jobs: list[DecodeJob]) -> list[Decoded | BaseException]:
         """Decode in a thread: one call for the batch; if the batch fails, each job alone, so that only the
@@ -630,14 +672,24 @@ class TranscriberWorker:
             if not record.stream.gone
         ]
         partitions = self.group.owned if self.group is not None else ()
-        return self.instruments.activity.report(
+        report = self.instruments.activity.report(
             self._worker_stats(), sessions, partitions, model=self.model_name, device=self.config.device
         )
+        if self.embedder is not None:
+            report["speakers_audio"] = {k: round(v, 3) for k, v in self.voice_totals.items()}
+        return report
 
     def metadata(self) -> dict[str, str]:
         """Micro-service metadata that changes while the worker runs."""
         owned = self.group.owned if self.group is not None else ()
         return {"partitions": ",".join(str(p) for p in sorted(owned))}
+
+
+def _timed(function, *args):
+    """function(*args) and the CPU seconds this thread spent in it."""
+    started = time.thread_time()
+    result = function(*args)
+    return result, time.thread_time() - started
 
 
 def _names(records: list[SessionRecord]) -> list[str]:
@@ -706,9 +758,10 @@ async def run(
                 config.cpu_threads,
                 device_index=config.device_index,
             )
+        embedder = await asyncio.to_thread(load_embedder, config.speakers_audio)
         tel.readiness.up("model")
         nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
-        worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter)
+        worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter, embedder=embedder)
         registration = await discovery.register(
             nc,
             "transcriber",
@@ -720,6 +773,7 @@ async def run(
                 "model": config.model,
                 "device": f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device,
                 "compute_type": config.compute_type,
+                "speakers_audio": "on" if embedder is not None else "off",
             },
             live_metadata=worker.metadata,
             metrics_port=tel.metrics_port,

