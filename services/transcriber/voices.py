@@ -60,11 +60,12 @@ class _Speaker:
 @dataclass
 class _Turn:
     speaker: _Speaker
-    pieces: list[tuple[VoicePiece, list[float]]] = field(default_factory=list)
+    pieces: list[tuple[VoicePiece, list[float], float]] = field(default_factory=list)  # piece, unit, own seconds
 
     @property
     def seconds(self) -> float:
-        return self.pieces[-1][0].end - self.pieces[0][0].start
+        """The time only its pieces cover: overlapping windows count up to where the next one starts."""
+        return sum(own for _, _, own in self.pieces)
 
 
 class VoiceMatcher:
@@ -95,7 +96,9 @@ class VoiceMatcher:
         ordered = sorted(pieces, key=lambda p: p.start)
         provisional: list[_Speaker] = []
         turns: list[_Turn] = []
-        for piece in ordered:
+        owns = [min(p.seconds, max(q.start - p.start, 0.0)) for p, q in zip(ordered, ordered[1:], strict=False)]
+        owns.append(ordered[-1].seconds)
+        for piece, own in zip(ordered, owns, strict=True):
             unit = _unit(piece.embedding)
             speaker = self._best(unit, provisional)
             if speaker is None:
@@ -104,12 +107,12 @@ class VoiceMatcher:
             if provisional and speaker in provisional:
                 speaker.add(unit, piece.seconds)  # a new voice's pieces compare with each other as they come
             if turns and turns[-1].speaker is speaker:
-                turns[-1].pieces.append((piece, unit))
+                turns[-1].pieces.append((piece, unit, own))
             else:
-                turns.append(_Turn(speaker, [(piece, unit)]))
+                turns.append(_Turn(speaker, [(piece, unit, own)]))
         turns = self._smooth(turns, provisional)
         out: list[tuple[float, float, str]] = []
-        for turn in turns:
+        for k, turn in enumerate(turns):
             speaker = turn.speaker
             if speaker in provisional:
                 speaker.label = f"{self.options.label_prefix}{self._next}"
@@ -117,9 +120,14 @@ class VoiceMatcher:
                 speaker.total, speaker.seconds = [0.0] * len(speaker.total), 0.0
                 self._speakers.append(speaker)
                 provisional.remove(speaker)
-            for piece, unit in turn.pieces:
+            for piece, unit, _ in turn.pieces:
                 speaker.add(unit, piece.seconds)
+            # Turns meet halfway through the overlap of their windows.
             start, end = turn.pieces[0][0].start, turn.pieces[-1][0].end
+            if k > 0:
+                start = (turns[k - 1].pieces[-1][0].end + start) / 2
+            if k + 1 < len(turns):
+                end = (end + turns[k + 1].pieces[0][0].start) / 2
             if out and out[-1][2] == speaker.label:
                 out[-1] = (out[-1][0], end, speaker.label)
             else:
@@ -154,7 +162,7 @@ class VoiceMatcher:
         if len(turns) == 1 and turns[0].speaker in provisional and self._speakers:
             turn = turns[0]
             if turn.seconds < opts.new_speaker_s:  # too little of an unknown voice: the nearest speaker
-                mean = _unit([sum(u[k] for _, u in turn.pieces) for k in range(len(turn.pieces[0][1]))])
+                mean = _unit([sum(u[k] for _, u, _ in turn.pieces) for k in range(len(turn.pieces[0][1]))])
                 turn.speaker = max(self._speakers, key=lambda s: s.similarity(mean))
         return turns
 
@@ -163,7 +171,7 @@ def _merge_into_neighbour(turns: list[_Turn], i: int) -> list[_Turn]:
     """Turn i's pieces go to the neighbour whose speaker is nearer its voice; equal neighbours become one turn."""
     turn = turns[i]
     neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(turns)]
-    mean = _unit([sum(u[k] for _, u in turn.pieces) for k in range(len(turn.pieces[0][1]))])
+    mean = _unit([sum(u[k] for _, u, _ in turn.pieces) for k in range(len(turn.pieces[0][1]))])
     j = max(neighbours, key=lambda k: turns[k].speaker.similarity(mean))
     target = turns[j]
     target.pieces = sorted([*target.pieces, *turn.pieces], key=lambda p: p[0].start)

@@ -46,7 +46,8 @@ def test_a_final_is_split_where_the_voice_changes_and_a_stray_window_is_not_a_tu
     turns = m.label(pieces(10.0, ws))
     assert [t[2] for t in turns] == ["S1", "S2"]
     assert turns[0][0] == 10.0 and turns[1][1] == 10.0 + 8 * 0.75 + 1.5
-    assert turns[1][0] == 10.0 + 5 * 0.75  # the new voice's first window starts its turn
+    # The turns meet halfway through the overlap of the last S1 window and the first S2 window.
+    assert turns[0][1] == turns[1][0] == (10.0 + 4 * 0.75 + 1.5 + 10.0 + 5 * 0.75) / 2
 
 
 def test_too_little_of_a_new_voice_founds_no_speaker():
