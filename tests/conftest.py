@@ -69,6 +69,17 @@ def nats_keys(tmp_path_factory):
             os.environ[name] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def speakers_from_audio_off():
+    """Transcribers started by the tests (in-process from_env, subprocesses that inherit the environment) hear no
+    speakers in the audio unless a test turns it on: the voice model costs each start seconds and each final CPU."""
+    previous = os.environ.get("JETSCRIBE_SPEAKERS_AUDIO")
+    os.environ["JETSCRIBE_SPEAKERS_AUDIO"] = previous or "off"
+    yield
+    if previous is None:
+        os.environ.pop("JETSCRIBE_SPEAKERS_AUDIO", None)
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory):
     """A NATS server with JetStream, shared by the whole session."""

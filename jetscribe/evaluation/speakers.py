@@ -55,3 +55,82 @@ def words_split_wrongly(turns: Sequence[Any], finals: Iterable[tuple[str | None,
             if said != speaker or said != expected:
                 problems.append(f"{w[0]!r} at {w[1]:.2f}: {said!r} in a segment of {speaker!r}, script {expected!r}")
     return problems
+
+
+# --- speakers from the audio: how well the labels fit the script (bench/speakers.py) ---------------------------
+def speaker_spans(finals: Iterable[tuple[float, float, str | None, list[Any]]], pause: float = 0.3) -> list[Any]:
+    """Who talks when, from finals (start, end, speaker, words as [word, start, end, probability, speaker]): each
+    word's span under its speaker (else the final's), words of one speaker less than `pause` apart joined. As
+    (start, end, speaker), sorted."""
+    spans: list[tuple[float, float, str]] = []
+    for _, _, speaker, words in finals:
+        for w in words:
+            who = w[4] if len(w) > 4 and w[4] is not None else speaker
+            if who is None:
+                continue
+            spans.append((float(w[1]), max(float(w[2]), float(w[1]) + 0.01), str(who)))
+    spans.sort()
+    merged: list[tuple[float, float, str]] = []
+    for start, end, who in spans:
+        if merged and merged[-1][2] == who and start - merged[-1][1] < pause:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]), who)
+        else:
+            merged.append((start, end, who))
+    return merged
+
+
+def diarization_error(turns: Sequence[Any], spans: Sequence[tuple[float, float, str]], collar: float = 0.25) -> float:
+    """DER of `spans` against the script's turns (dicts or objects with speaker, start, end), pyannote.metrics
+    with a `collar` (seconds, total, around each reference boundary), overlap counted."""
+    from pyannote.core import Annotation, Segment
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    reference, hypothesis = Annotation(), Annotation()
+    for i, t in enumerate(turns):
+        start, end, who = _turn(t)
+        reference[Segment(start, end), i] = who
+    for i, (start, end, who) in enumerate(spans):
+        hypothesis[Segment(start, end), i] = who
+    return float(DiarizationErrorRate(collar=collar, skip_overlap=False)(reference, hypothesis))
+
+
+def cp_wer(turns: Sequence[Any], said: Sequence[tuple[str | None, str]]) -> float:
+    """Concatenated minimum-permutation WER: each speaker's words in the script against one hypothesis speaker's
+    (`said`: (speaker, text) in order), the pairing that makes fewest errors; extra speakers on either side are
+    compared with nothing. Total errors over the script's words."""
+    import jiwer
+    from scipy.optimize import linear_sum_assignment
+
+    from jetscribe.evaluation.wer import normalize
+
+    ref: dict[str, list[str]] = {}
+    for t in turns:
+        who = str(t["speaker"] if isinstance(t, dict) else t.speaker)
+        ref.setdefault(who, []).append(str(t["text"] if isinstance(t, dict) else t.text))
+    hyp: dict[str, list[str]] = {}
+    for who, text in said:
+        hyp.setdefault(str(who), []).append(text)
+    refs = [normalize(" ".join(v)) for v in ref.values()]
+    hyps = [normalize(" ".join(v)) for v in hyp.values()]
+    n = max(len(refs), len(hyps))
+    refs += [""] * (n - len(refs))
+    hyps += [""] * (n - len(hyps))
+
+    def errors(r: str, h: str) -> int:
+        if not r:
+            return len(h.split())
+        if not h:
+            return len(r.split())
+        out = jiwer.process_words(r, h)
+        return int(out.substitutions + out.deletions + out.insertions)
+
+    cost = [[errors(r, h) for h in hyps] for r in refs]
+    rows, cols = linear_sum_assignment(cost)
+    words = sum(len(r.split()) for r in refs)
+    return sum(cost[i][j] for i, j in zip(rows, cols, strict=True)) / max(words, 1)
+
+
+def _turn(t: Any) -> tuple[float, float, str]:
+    if isinstance(t, dict):
+        return float(t["start"]), float(t["end"]), str(t["speaker"])
+    return float(t.start_s), float(t.end_s), str(t.speaker)

@@ -269,6 +269,7 @@ class ChaosStack:
                 "DATABASE_URL": self.database_url,
                 "JETSCRIBE_MODEL": MODEL,
                 "JETSCRIBE_CPU_THREADS": "1",  # two cores shared by every process of the test
+                "JETSCRIBE_SPEAKERS_AUDIO": "off",  # on where a test is about it (torch costs each start seconds)
                 "JETSCRIBE_LEASE_TTL_S": str(LEASE_TTL_S),
                 "JETSCRIBE_HEARTBEAT_S": str(HEARTBEAT_S),
                 "JETSCRIBE_ACK_WAIT_S": str(ACK_WAIT_S),

@@ -43,7 +43,12 @@ async def pipeline(e2e_nats, postgres_server, tiny_model):
     tasks = [
         asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
         asyncio.create_task(
-            run_transcriber(settings, TranscriberConfig(model="tiny.en", worker_id="e2e-w1"), stop, model=tiny_model)
+            run_transcriber(
+                settings,
+                TranscriberConfig(model="tiny.en", worker_id="e2e-w1", speakers_audio="off"),
+                stop,
+                model=tiny_model,
+            )
         ),
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
     ]

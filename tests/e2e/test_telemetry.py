@@ -60,7 +60,7 @@ async def observed(tmp_path_factory, postgres_server, tiny_model):
     with NatsServer(tmp_path_factory.mktemp("observed-nats")) as server:
         settings = StreamSettings(nats_url=server.url)
         stop = asyncio.Event()
-        worker = TranscriberConfig(model="tiny.en", worker_id="obs-w1")
+        worker = TranscriberConfig(model="tiny.en", worker_id="obs-w1", speakers_audio="off")
         tasks = [
             asyncio.create_task(run_ingest(settings, IngestConfig(), stop, tels["ingest"])),
             asyncio.create_task(run_transcriber(settings, worker, stop, model=tiny_model, tel=tels["transcriber"])),

@@ -67,7 +67,9 @@ async def running_services(nats_url: str, database_url: str, model, *worker_ids:
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
     ]
     for worker_id in worker_ids:
-        config = TranscriberConfig(model="tiny.en", worker_id=worker_id, heartbeat_s=0.5, lease_ttl_s=2)
+        config = TranscriberConfig(
+            model="tiny.en", worker_id=worker_id, heartbeat_s=0.5, lease_ttl_s=2, speakers_audio="off"
+        )
         tasks.append(asyncio.create_task(run_transcriber(settings, config, stop, model=model)))
     nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:

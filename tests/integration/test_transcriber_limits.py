@@ -39,7 +39,11 @@ def tiny():
 async def pipeline(url, tiny, **transcriber):
     settings = StreamSettings(nats_url=url)
     config = TranscriberConfig(
-        model="tiny.en", worker_id=f"w-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2, **transcriber
+        model="tiny.en",
+        worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        heartbeat_s=0.5,
+        lease_ttl_s=2,
+        **{"speakers_audio": "off", **transcriber},
     )
     stop = asyncio.Event()
     tasks = [
