@@ -187,7 +187,7 @@ class TranscriberConfig(FromEnv):
     # "on" (refuse to start without it) or "off". Speakers the bot names win either way.
     speakers_audio: str = env("JETSCRIBE_SPEAKERS_AUDIO", "auto")
     # a voice at least this similar (cosine) to a session's speaker is that speaker; below, a new one
-    speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.5)
+    speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.6)
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)

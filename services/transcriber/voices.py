@@ -22,7 +22,7 @@ from jetscribe.shared.wire import SpeakerVoice, Word
 class VoiceOptions:
     """How close a voice must be to a speaker's, and how much of a new voice founds a new speaker."""
 
-    match_similarity: float = 0.5  # cosine similarity to a centroid from which a piece is that speaker
+    match_similarity: float = 0.6  # cosine similarity to a centroid from which a piece is that speaker
     new_speaker_s: float = 1.0  # a voice matching nobody founds a speaker once it has this many seconds
     min_turn_s: float = 1.2  # a turn inside an utterance shorter than this joins its neighbours (no split)
     max_speakers: int = 16  # beyond this a voice matching nobody goes to the nearest speaker
