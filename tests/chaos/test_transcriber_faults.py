@@ -12,7 +12,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from jetscribe.evaluation.speakers import bot_turns, speaker_errors, words_split_wrongly
+from jetscribe.evaluation.speakers import bot_turns, script_speaker, speaker_errors, words_split_wrongly
+from jetscribe.shared import subjects
+from jetscribe.shared.wire import SessionCheckpoint, decode
 from tests.chaos.harness import (
     ACK_WAIT_S,
     PARTITIONS,
@@ -50,12 +52,12 @@ MAX_WER_VS_BASELINE = 0.03
 MAX_WER_VS_REFERENCE = 0.15
 
 
-def group_stack(make_stack, nats_server, database_url, workers):
+def group_stack(make_stack, nats_server, database_url, workers, **env):
     stack = make_stack(nats_server, database_url)
     stack.start_ingest()
     stack.start_persister()
     for worker in workers:
-        stack.start_transcriber(worker)
+        stack.start_transcriber(worker, **env)
     stack.wait_ready()
     return stack
 
@@ -71,17 +73,29 @@ async def watch_leases(js, survivor: str, since: float, until: asyncio.Event) ->
 
 
 async def hand_over(
-    make_stack, chaos_nats, chaos_db, summary, tenant, baseline, fault: str, speakers: bool = False
+    make_stack,
+    chaos_nats,
+    chaos_db,
+    summary,
+    tenant,
+    baseline,
+    fault: str,
+    speakers: bool = False,
+    voices: bool = False,
 ) -> Findings:
     """Two workers; the dialog streams at speed 2; in the middle of an utterance the worker that owns
     the session gets `fault` ("kill": SIGKILL, "term": SIGTERM). The other must finish the session with
     nothing lost, nothing twice, and no moment where both worked on it.
 
     With `speakers` the bot says who talks, each change early in the pause before a turn: the change to the
-    turn under way at the fault is in audio acked before it, so only the checkpoint tells the next owner."""
+    turn under way at the fault is in audio acked before it, so only the checkpoint tells the next owner.
+
+    With `voices` the workers label speakers from the audio and the fault comes in B's second turn: a survivor
+    that started its speakers afresh would call B by the first label, which A had."""
     speech = dialog_speech()
     workers = ["w1", "w2"]
-    stack = group_stack(make_stack, chaos_nats, chaos_db, workers)
+    env = {"JETSCRIBE_SPEAKERS_AUDIO": "on"} if voices else {}
+    stack = group_stack(make_stack, chaos_nats, chaos_db, workers, **env)
     findings = Findings()
     done = asyncio.Event()  # ends watch_leases
     leases = None
@@ -96,8 +110,9 @@ async def hand_over(
         bot = asyncio.create_task(
             stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=60, **said)
         )
-        # Halfway through the third turn ("We sold forty trays ..."): the owner has that utterance open.
-        latest, interim_open = await live.inside_turn(speech.turns[2])
+        # Halfway through the third turn ("We sold forty trays ..."), or the fourth (B's) for `voices`: the owner
+        # has that utterance open.
+        latest, interim_open = await live.inside_turn(speech.turns[3 if voices else 2])
         victim = latest.worker_id  # the worker that owns the session now
         survivor = next(w for w in workers if w != victim)
         summary.extra.update(
@@ -166,6 +181,9 @@ async def hand_over(
             findings.problems += speaker_errors(speech.turns, finals)
             findings.problems += words_split_wrongly(speech.turns, [(r.speaker, r.words) for r in found.finals])
             summary.extra["speakers"] = [(r.segment_id, r.speaker, r.worker_id) for r in found.finals]
+        if voices:
+            findings.problems += await voice_problems(js, tenant, speech, found.finals, victim, survivor)
+            summary.extra["voices"] = [(r.segment_id, r.speaker, r.worker_id, r.text[:20]) for r in found.finals]
         stack.check_alive(*(n for n in stack.services if n != f"transcriber-{victim}"))
     finally:
         done.set()
@@ -173,6 +191,33 @@ async def hand_over(
             await asyncio.gather(leases, return_exceptions=True)
         await nc.close()
     return findings
+
+
+async def voice_problems(js, tenant, speech, finals, victim, survivor) -> list[str]:
+    """Speakers from the audio across a takeover: both workers labelled finals, each script speaker has one label
+    all session long, the two labels differ, and the last checkpoint's voices were built from the whole session
+    (the survivor carried the victim's centroids on)."""
+    problems = []
+    labels: dict[str, set[str]] = defaultdict(set)
+    for r in finals:
+        if r.text:
+            labels[script_speaker(speech.turns, r.start_s, r.end_s)].add(f"{r.speaker}")
+            if r.speaker_source != "audio":
+                problems.append(f"final {r.segment_id} {r.text!r}: speaker_source {r.speaker_source!r}")
+    if any(len(v) != 1 for v in labels.values()) or len(set().union(*labels.values())) != len(labels):
+        problems.append(f"labels by script speaker across the takeover: {dict(labels)}")
+    if {r.worker_id for r in finals if r.text} != {victim, survivor}:
+        problems.append(f"finals by {sorted({r.worker_id for r in finals})}: not both workers'")
+    entry = await (await js.key_value(subjects.SESSION_CHECKPOINTS_BUCKET)).get(subjects.checkpoint_key(tenant, "s1"))
+    checkpoint = decode(entry.value, SessionCheckpoint)
+    speech_s = sum(t.end_s - t.start_s for t in speech.turns)
+    heard_s = sum(v.seconds for v in checkpoint.voices)
+    if len(checkpoint.voices) != 2 or heard_s < 0.8 * speech_s:
+        problems.append(
+            f"last checkpoint's voices {[(v.label, v.seconds) for v in checkpoint.voices]}: "
+            f"{heard_s:.1f} s of the script's {speech_s:.1f} s of speech"
+        )
+    return problems
 
 
 @pytest.mark.timeout(150)
@@ -189,6 +234,15 @@ async def test_transcriber_killed_keeps_the_speakers(chaos_nats, chaos_db, make_
     """kill -9 the session's worker mid-utterance while the bot says who talks: the other worker carries the
     speaker on from the checkpoint, and every stored final and word has the script's speaker."""
     findings = await hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, "kill", speakers=True)
+    summary.problems = list(findings.problems)
+    assert not findings, "\n".join(findings.problems)
+
+
+@pytest.mark.timeout(180)
+async def test_transcriber_killed_keeps_the_voices(chaos_nats, chaos_db, make_stack, summary, tenant, baseline):
+    """kill -9 the session's worker mid-utterance while it labels speakers from the audio: the survivor restores
+    the voices from the checkpoint, so each speaker keeps its label across the takeover."""
+    findings = await hand_over(make_stack, chaos_nats, chaos_db, summary, tenant, baseline, "kill", voices=True)
     summary.problems = list(findings.problems)
     assert not findings, "\n".join(findings.problems)
 
