@@ -2,7 +2,7 @@
 
     python bench/speakers.py [--data ../shared/devset] [--files dialog_doctor,meeting_long] --model tiny.en \
         [--speed 1.0] [--sources audio,bot] [--conditions room,noise,phone,opus,quiet,crosstalk [--seed 0]] \
-        [--json OUT.json] [--nats-url URL] [--database-url URL] [--external]
+        [--json OUT.json] [--speakers-audio on|off] [--nats-url URL] [--database-url URL] [--external]
 
 The real stack (LocalStack, transcriber with JETSCRIBE_SPEAKERS_AUDIO=on: needs the `speakers` extra) runs in a
 temporary folder. Each file with two or more speakers in its turns (the devset's dialogs and meeting; without
@@ -51,7 +51,7 @@ from bench.common import (  # noqa: E402
 )
 from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
 from jetscribe.evaluation.metrics import percentile  # noqa: E402
-from jetscribe.evaluation.speakers import bot_turns, cp_wer, diarization_error, speaker_spans  # noqa: E402
+from jetscribe.evaluation.speakers import bot_turns, cp_wer, diarization_errors, speaker_spans  # noqa: E402
 from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
 
 TENANT = "bench"
@@ -69,7 +69,7 @@ def run_streaming(args, items: list[Item]) -> dict[tuple[str, str], tuple[Stream
         from jetscribe.devstack.stack import nats_url
 
         return asyncio.run(stream_all(nats_url(), items, args, None))
-    env = {"JETSCRIBE_SPEAKERS_AUDIO": "on"}
+    env = {"JETSCRIBE_SPEAKERS_AUDIO": args.speakers_audio}
     with (
         tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home,
         local_stack(Path(home), args.model, extra_env=env) as local,
@@ -118,11 +118,17 @@ def analyse(item: Item, source: str, result: StreamResult) -> dict:
     spans = speaker_spans(rows)
     labelled, _ = segment_latencies(result, item.audio.sample_rate)
     latencies = [s["latency"] for s in labelled]
+    parts = diarization_errors(item.turns, spans)
+    total = parts["total"] or 1.0
     return {
         "file": item.name,
         "condition": item.condition or "clean",
         "source": source,
-        "der": diarization_error(item.turns, spans),
+        "der": parts["diarization error rate"],
+        "confusion": parts["confusion"] / total,
+        "missed": parts["missed detection"] / total,
+        "false_alarm": parts["false alarm"] / total,
+        "spans": [(round(a, 2), round(b, 2), w) for a, b, w in spans],
         "cpwer": cp_wer(item.turns, [(s.speaker, s.text) for s in finals]),
         "speakers": len({s.speaker for s in finals if s.speaker}),
         "script_speakers": len({t["speaker"] for t in item.turns}),
@@ -160,20 +166,28 @@ def print_table(files: list[dict]) -> None:
             f["file"],
             f["source"],
             fmt(f["der"], ".3f"),
+            fmt(f["confusion"], ".3f"),
+            fmt(f["missed"], ".3f"),
+            fmt(f["false_alarm"], ".3f"),
             fmt(f["cpwer"], ".3f"),
             f"{f['speakers']}/{f['script_speakers']}",
             fmt(f["latency_p50"], ".2f"),
         )
         for f in files
     ]
-    print(table(("file", "source", "DER", "cpWER", "speakers", "final p50 s"), rows))
+    head = ("file", "source", "DER", "confusion", "missed", "false alarm", "cpWER", "speakers", "final p50 s")
+    print(table(head, rows))
     for source in sorted({f["source"] for f in files}):
         for condition in sorted({f["condition"] for f in files}):
             mine = [f for f in files if f["source"] == source and f["condition"] == condition]
             if mine:
                 der = sum(f["der"] for f in mine) / len(mine)
+                confusion = sum(f["confusion"] for f in mine) / len(mine)
                 cp = sum(f["cpwer"] for f in mine) / len(mine)
-                print(f"{source:5s} {condition:10s} mean DER {der:.3f}  mean cpWER {cp:.3f}  ({len(mine)} files)")
+                print(
+                    f"{source:5s} {condition:10s} mean DER {der:.3f} (confusion {confusion:.3f})  "
+                    f"mean cpWER {cp:.3f}  ({len(mine)} files)"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0, help="1.0 = real time, 0 = as fast as accepted")
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma list of audio, bot")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--speakers-audio", default="on", choices=("on", "off"), help="off: the baseline (latency, bot source)"
+    )
     args = parser.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
     if bad := [s for s in args.sources if s not in SOURCES]:

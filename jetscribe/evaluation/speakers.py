@@ -82,6 +82,14 @@ def speaker_spans(finals: Iterable[tuple[float, float, str | None, list[Any]]], 
 def diarization_error(turns: Sequence[Any], spans: Sequence[tuple[float, float, str]], collar: float = 0.25) -> float:
     """DER of `spans` against the script's turns (dicts or objects with speaker, start, end), pyannote.metrics
     with a `collar` (seconds, total, around each reference boundary), overlap counted."""
+    return diarization_errors(turns, spans, collar)["diarization error rate"]
+
+
+def diarization_errors(
+    turns: Sequence[Any], spans: Sequence[tuple[float, float, str]], collar: float = 0.25
+) -> dict[str, float]:
+    """`diarization_error` and its parts, in seconds: "confusion" (the wrong speaker), "missed detection" (speech
+    with no label), "false alarm" (a label where the script has nobody), "total" (the script's speech)."""
     from pyannote.core import Annotation, Segment
     from pyannote.metrics.diarization import DiarizationErrorRate
 
@@ -91,7 +99,8 @@ def diarization_error(turns: Sequence[Any], spans: Sequence[tuple[float, float, 
         reference[Segment(start, end), i] = who
     for i, (start, end, who) in enumerate(spans):
         hypothesis[Segment(start, end), i] = who
-    return float(DiarizationErrorRate(collar=collar, skip_overlap=False)(reference, hypothesis))
+    parts = DiarizationErrorRate(collar=collar, skip_overlap=False)(reference, hypothesis, detailed=True)
+    return {k: float(v) for k, v in parts.items()}
 
 
 def cp_wer(turns: Sequence[Any], said: Sequence[tuple[str | None, str]]) -> float:

@@ -145,5 +145,7 @@ def load_embedder(mode: str) -> VoiceEmbedder | None:
             raise
         log.warning("speakers from the audio: off, the extra is not installed (%s)", exc)
         return None
+    # torch's first forward pass is several times slower than the next: take it here, not on a session's final.
+    embedder.embed([(np.random.default_rng(0).normal(0, 0.1, 2 * SAMPLE_RATE).astype(np.float32), 0)])
     log.info("speakers from the audio: on (CAM++ voice embeddings; bot-known speakers win)")
     return embedder

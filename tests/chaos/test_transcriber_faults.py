@@ -110,6 +110,8 @@ async def hand_over(
         bot = asyncio.create_task(
             stream(nc, speech, tenant, "s1", SPEED, on_segment=live.on_segment, wait_s=60, **said)
         )
+        if voices:  # the owner has heard both voices (A's and B's first finals) before it dies
+            await live.until(lambda: len(finals_with_text(live)) >= 2, 60, "the first two finals")
         # Halfway through the third turn ("We sold forty trays ..."), or the fourth (B's) for `voices`: the owner
         # has that utterance open.
         latest, interim_open = await live.inside_turn(speech.turns[3 if voices else 2])
@@ -191,6 +193,10 @@ async def hand_over(
             await asyncio.gather(leases, return_exceptions=True)
         await nc.close()
     return findings
+
+
+def finals_with_text(live) -> set[int]:
+    return {s.segment_id for _, s in live.heard if s.status == "final" and s.text}
 
 
 async def voice_problems(js, tenant, speech, finals, victim, survivor) -> list[str]:
