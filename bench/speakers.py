@@ -53,6 +53,7 @@ from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
 from jetscribe.evaluation.metrics import percentile  # noqa: E402
 from jetscribe.evaluation.speakers import bot_turns, cp_wer, diarization_errors, speaker_spans  # noqa: E402
 from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
+from jetscribe.shared.natsauth import env_connect_options  # noqa: E402
 
 TENANT = "bench"
 SOURCES = ("audio", "bot")
@@ -81,7 +82,7 @@ async def stream_all(url: str, items: list[Item], args, local) -> dict[tuple[str
     import nats
 
     run = uuid.uuid4().hex[:6]
-    nc = await nats.connect(url, connect_timeout=5)
+    nc = await nats.connect(url, **env_connect_options(url), connect_timeout=5)
     results = {}
     try:
         async with Watchdog(local) as watchdog:

@@ -20,6 +20,7 @@ from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
 from tests.e2e.test_pipeline import assert_all_audio_acked, persisted
 
 pytest.importorskip("torch", reason="speakers from the audio need the `speakers` extra")
@@ -64,7 +65,7 @@ async def voice_pipeline(tmp_path_factory, postgres_server, tiny_model):
 async def test_a_two_voice_dialog_gets_one_label_per_voice_and_finals_split_at_each_change(voice_pipeline, speech):
     nats_url, database_url = voice_pipeline
     tenant, session = "e2e", f"voices-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         live = await stream_audio(nc, Audio(speech.audio, SAMPLE_RATE), tenant=tenant, session_id=session, speed=0.0)
     finally:
