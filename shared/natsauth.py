@@ -130,7 +130,13 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
     if role == "persister":
         return Permissions(
             publish=(subjects.errors("persister", "*"), "$JS.API.>", "$JS.ACK.TRANSCRIPTS.>"),
-            subscribe=(_SERVICE_INBOX, *_MICRO, subjects.service_endpoint("persister", "*", "*")),
+            subscribe=(
+                _SERVICE_INBOX,
+                *_MICRO,
+                subjects.service_endpoint("persister", "*", "*"),
+                # a new leader of its consumer: acks the old one took may be lost (services/persister/app.py)
+                f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}",
+            ),
             allow_responses=True,
         )
     if role == "operator":

@@ -54,6 +54,10 @@ from jetscribe.shared.streams import connect, ensure_streams
 SERVICE = "persister"
 FETCH_WAIT_S = 0.5  # an idle fetch returns this often, so a stop is noticed quickly
 ACK_WAIT_S = 60.0
+# The server announces a new leader of the persister's consumer here (a cluster node stopped or lost).
+CONSUMER_LEADER_ELECTED = (
+    f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{subjects.TRANSCRIPTS_STREAM}.{subjects.PERSISTER_CONSUMER}"
+)
 
 log = logging.getLogger(__name__)
 _DATABASE_ERRORS = (SQLAlchemyError, psycopg.Error, OSError)
@@ -281,6 +285,13 @@ async def _persist(
         tel.readiness.up("consumer")
         await _redeliver_unacked(nc)
         persister = Persister(nc, js, engine, config, stop, tel, activity)
+
+        async def leader_moved(_msg: Msg) -> None:
+            # On a cluster, acks the consumer's old leader took may be lost with it: they would wait out ack_wait
+            # (60 s). Reset to the ack floor instead, as after a reconnect; the redelivery is an idempotent repeat.
+            persister.acks_in_doubt = True
+
+        await nc.subscribe(CONSUMER_LEADER_ELECTED, cb=leader_moved)
         lag = [(subjects.TRANSCRIPTS_STREAM, subjects.PERSISTER_CONSUMER, None)]
         tasks.append(asyncio.create_task(persister.metrics.lag.poll(js, lambda: lag, stop)))
         reconnects = nc.stats["reconnects"]
