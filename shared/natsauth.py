@@ -2,9 +2,20 @@
 permissions, and the nats-server config that holds them; plus the options a client connects with.
 
 Tenant isolation is enforced by nats-server itself: every subject carries its tenant (subjects.py), so a
-tenant's user is allowed only subjects with its own tenant token. JetStream reads go through the `$JS.API`
-subjects, so a tenant may create a consumer on TRANSCRIPTS only with the filter in the create subject
-(`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, nats-server 2.10+), a filter on its own tenant.
+tenant's user is allowed only subjects with its own tenant token.
+
+A tenant creates no JetStream consumer itself. A consumer's create request names its filter in the subject
+(`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), but its deliver subject only in the body, and nats-server
+(2.15.1, checked by tests/integration/test_auth.py) does not check that subject against the creator's permissions:
+a tenant allowed to create a push consumer on its own filter could have the server push its messages onto
+`transcript.<other>.…` or `_INBOX_<other>.…`, into another tenant's subscribers. Whether a create request makes a
+push or a pull consumer is in the body too, so no permission on the create subject can allow only pull consumers.
+Instead a tenant's durable readers are provisioned for it (`jetscribe tenant reader T NAME`, with the operator's
+rights): PULL consumers named `reader_<T>_<NAME>` filtered to T's subjects, and T's user may only fetch from, look
+at and ack those names (`tenant_reader_subjects`). Live reading needs no consumer: core subscriptions on T's own
+subjects. Accounts per tenant (each importing its subjects from the services' account) were weighed: a tenant
+would still need the consumer API of the account holding TRANSCRIPTS, with the same unchecked deliver subject,
+unless each tenant kept a sourced stream of its own; more servers' state for the same guarantee.
 """
 
 from __future__ import annotations
@@ -34,9 +45,33 @@ def tenant_inbox_prefix(tenant: str) -> str:
     return f"_INBOX_{tenant}"
 
 
-def tenant_consumer_filters(tenant: str) -> list[str]:
-    """The filters a tenant's own consumers on TRANSCRIPTS may have: its transcripts, its events, or both."""
-    return [f"transcript.{tenant}.>", f"session.{tenant}.>", f"*.{tenant}.>"]
+READER_FILTERS = ("transcripts", "events", "all")
+
+
+def reader_filter(tenant: str, what: str = "transcripts") -> str:
+    """The filter of a tenant's reader on TRANSCRIPTS: its transcripts, its events, or both."""
+    if what not in READER_FILTERS:
+        raise ValueError(f"a reader reads {', '.join(READER_FILTERS)}, not {what!r}")
+    return {"transcripts": f"transcript.{tenant}.>", "events": f"session.{tenant}.>", "all": f"*.{tenant}.>"}[what]
+
+
+def reader_consumer(tenant: str, name: str) -> str:
+    """The TRANSCRIPTS consumer of tenant's reader `name`. Tenant and name are tokens, and the keyring refuses a
+    consumer name that another tenant's reader already has (`reader_a_b_x` could be a's `b_x` or a_b's `x`)."""
+    for what, value in (("tenant", tenant), ("reader", name)):
+        if not subjects.is_valid_token(value):
+            raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_' or '-'")
+    return f"reader_{tenant}_{name}"
+
+
+def tenant_reader_subjects(consumer: str) -> list[str]:
+    """What a tenant may publish to use its provisioned reader: pull (MSG.NEXT), look at it (INFO), ack."""
+    stream = subjects.TRANSCRIPTS_STREAM
+    return [
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
 
 
 @dataclass(frozen=True)
@@ -58,12 +93,9 @@ class Permissions:
         return config
 
 
-def _consumer_create(stream: str, filters: Iterable[str]) -> list[str]:
-    return [f"$JS.API.CONSUMER.CREATE.{stream}.*.{f}" for f in filters]
-
-
-def permissions(role: str, tenant: str | None = None) -> Permissions:
-    """What a user of `role` may do; `tenant` for the tenant role (a bot or a downstream reader of it)."""
+def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = ()) -> Permissions:
+    """What a user of `role` may do; `tenant` for the tenant role (a bot or a downstream reader of it), with the
+    consumer names of its provisioned `readers` (no consumer of its own: see the module's docstring)."""
     if role == "tenant":
         if tenant is None:
             raise ValueError("a tenant user needs its tenant")
@@ -72,14 +104,11 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
             publish=(
                 f"ingest.audio.{tenant}.>",
                 f"ingest.session.{tenant}.>",
-                # Its own consumers, push only in practice: the deliver subject must be one it may subscribe to.
-                *_consumer_create(subjects.TRANSCRIPTS_STREAM, tenant_consumer_filters(tenant)),
-                *_consumer_create(subjects.ERRORS_STREAM, [subjects.errors("*", tenant)]),
+                *(s for consumer in sorted(readers) for s in tenant_reader_subjects(consumer)),
             ),
             subscribe=(f"transcript.{tenant}.>", f"session.{tenant}.>", subjects.errors("*", tenant), f"{inbox}.>"),
-            allow_responses=True,  # acks and flow control of its own consumers' deliveries
         )
-    if tenant is not None:
+    if tenant is not None or readers:
         raise ValueError(f"role {role} has no tenant")
     if role == "ingest":
         return Permissions(
@@ -170,9 +199,10 @@ class NatsUser:
     nkey: str
     role: str
     tenant: str | None = None
+    readers: tuple[str, ...] = ()  # a tenant's provisioned readers' consumer names
 
     def as_config(self) -> dict[str, Any]:
-        return {"nkey": self.nkey, "permissions": permissions(self.role, self.tenant).as_config()}
+        return {"nkey": self.nkey, "permissions": permissions(self.role, self.tenant, self.readers).as_config()}
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke", help="remove tenant T's user; a running stack reloads NATS at once and disconnects it"
     )
     tenant_revoke.add_argument("tenant", help="tenant name")
+    tenant_reader = tenant_sub.add_parser(
+        "reader",
+        help="a durable PULL consumer on TRANSCRIPTS for tenant T (reader_T_NAME), the only kind its user may read "
+        "(tenants create no consumers); the running NATS reloads so T may pull from it and ack",
+    )
+    tenant_reader.add_argument("tenant")
+    tenant_reader.add_argument("name")
+    tenant_reader.add_argument(
+        "--reads", choices=["transcripts", "events", "all"], default="transcripts", help="its filter (transcripts)"
+    )
+    tenant_reader.add_argument("--remove", action="store_true", help="delete the consumer and T's right to it")
 
     config = sub.add_parser(
         "nats-config", help="print a nats-server config holding the stack's users (for a NATS you run yourself)"
@@ -635,17 +646,27 @@ def cmd_follow(args) -> int:
         raise UsageError(str(exc)) from None
     url = servers.nats_url()
 
+    auth = stack.nats_auth(args.creds)
+    live = stack.connects_as_tenant(auth)  # a tenant's user creates no consumer: core subscriptions, live only
+    if live and (args.from_start or since or args.from_seq is not None):
+        raise UsageError(
+            "as a tenant it reads live only (a tenant's NATS user may create no consumer); replay with the "
+            "operator's credentials or a reader made by `jetscribe tenant reader T NAME`"
+        )
+
     async def run():
-        nc = await _connect_nats(url, stack.nats_auth(args.creds), tenant=args.tenant)
+        nc = await _connect_nats(url, auth, tenant=args.tenant)
         try:
             if args.meeting:
                 print(
                     f"following meeting {args.meeting} of tenant {args.tenant} (NATS {url}); Ctrl-C stops",
                     file=sys.stderr,
                 )
-                watching = follow_meeting(nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep)
+                watching = follow_meeting(
+                    nc, args.tenant, args.meeting, config, fmt=args.format, keep=args.keep, live=live
+                )
                 return await _until_refused(nc, watching, args.tenant)
-            seen = await _look_up(nc, args.tenant, args.session)
+            seen = None if live else await _look_up(nc, args.tenant, args.session)  # a tenant may not look
             plan = (
                 plan_follow(seen, args.tenant, args.session, config, keep=args.keep, wait=args.wait)
                 if seen is not None
@@ -657,7 +678,7 @@ def cmd_follow(args) -> int:
                 print(plan.message, file=sys.stderr, flush=True)
                 return plan.exit_code
             print(f"{plan.message} (NATS {url})", file=sys.stderr, flush=True)  # stdout stays the transcript
-            watching = follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep)
+            watching = follow(nc, args.tenant, args.session, config, fmt=args.format, keep=args.keep, live=live)
             return await _until_refused(nc, watching, args.tenant)
         except NoStream as exc:
             raise Unreachable(str(exc)) from None
@@ -783,6 +804,8 @@ def cmd_tenant(args) -> int:
     from jetscribe.devstack.keys import TenantError
 
     keys = stack.keyring()
+    if args.action == "reader":
+        return _tenant_reader(args, keys)
     try:
         if args.action == "list":
             for name, revoked in keys.tenants().items():
@@ -804,6 +827,52 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    return 0
+
+
+def _tenant_reader(args, keys) -> int:
+    """Record the reader in the keyring, make (or delete) its consumer as the operator, reload NATS."""
+    from jetscribe.client.readers import ReaderConflict, provision_reader, remove_reader
+    from jetscribe.devstack.keys import TenantError
+
+    try:
+        if args.remove:
+            consumer, filter_subject = keys.remove_reader(args.tenant, args.name), ""
+        else:
+            consumer, filter_subject = keys.add_reader(args.tenant, args.name, args.reads)
+    except TenantError as exc:
+        print(f"jetscribe tenant reader: {exc}", file=sys.stderr)
+        return 2
+    url = servers.nats_url()
+
+    async def apply() -> bool:
+        nc = await _connect_nats(url, stack.nats_auth())
+        try:
+            if args.remove:
+                await remove_reader(nc, consumer)
+                return True
+            return await provision_reader(nc, consumer, filter_subject)
+        finally:
+            await nc.close()
+
+    try:
+        made = asyncio.run(apply())
+    except (Unreachable, ReaderConflict) as exc:
+        print(f"jetscribe tenant reader: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # e.g. the operator's user refused, or no TRANSCRIPTS stream yet
+        print(f"jetscribe tenant reader: consumer {consumer} at {url}: {exc!r}", file=sys.stderr)
+        return 1
+    reloaded = stack.reload_nats()
+    if args.remove:
+        print(f"reader {args.name} of {args.tenant}: consumer {consumer} deleted")
+    else:
+        print(
+            f"reader {args.name} of {args.tenant}: pull consumer {consumer} on {filter_subject}, "
+            + ("made" if made else "already there")
+        )
+        print(f"  nats-py, as {args.tenant}: js.pull_subscribe_bind(durable={consumer!r}, stream='TRANSCRIPTS')")
+    print("the running NATS reloaded its users" if reloaded else "reload your nats-server for the permission")
     return 0
 
 

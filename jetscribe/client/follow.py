@@ -5,6 +5,11 @@ events, `*.<tenant>.>`, keeping the session's. One filter in the consumer's crea
 NATS user may ask for (shared/natsauth.py): two filters (segments and events of one session) would need the
 create subject without a filter, which permissions cannot tie to a tenant. The README shows the consumer made
 with the `nats` CLI.
+
+A tenant's own NATS user may create no consumer (shared/natsauth.py: the server would not check where a push
+consumer delivers), so as a tenant (`live=True`) it reads with core subscriptions on the tenant's own subjects
+(`transcript.<t>.<s>`, `session.<t>.<s>.*`): from now on only, without stream seqs and without the ordered reader's
+repair of a gap. Replay as a tenant goes through a reader provisioned for it (`jetscribe tenant reader`).
 """
 
 from __future__ import annotations
@@ -257,6 +262,56 @@ class OrderedReader:
             self.sub = None
 
 
+class LiveReader:
+    """Core subscriptions on a tenant's own subjects, one queue, as they come (what a tenant's user may read
+    without a consumer). Messages a slow client misses are not repaired: nats-py reports a slow consumer."""
+
+    def __init__(self, nc, subject_list: list[str]):
+        self.nc = nc
+        self.subjects = subject_list
+        self.subs: list = []
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def start(self, from_seq: int | None = None) -> int:
+        if from_seq is not None:
+            raise ValueError("a live reader cannot start from a stream seq")
+        for subject in self.subjects:
+            self.subs.append(await self.nc.subscribe(subject, cb=self._put))
+        await self.nc.flush()  # the server has the interest: nothing published after start() is missed
+        return 0
+
+    async def _put(self, msg: Msg) -> None:
+        self.queue.put_nowait(msg)
+
+    async def next(self, timeout: float | None = None) -> Msg:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def stop(self) -> None:
+        for sub in self.subs:
+            await sub.unsubscribe()
+        self.subs = []
+
+
+class LiveOnly(ValueError):
+    """Replay asked of a tenant's follow, which reads live only."""
+
+
+def _reader(nc, config: ConsumerConfig, live_subjects: list[str], live: bool) -> OrderedReader | LiveReader:
+    if not live:
+        return OrderedReader(nc, dataclasses.replace(config))
+    if config.deliver_policy != DeliverPolicy.NEW:
+        raise LiveOnly(
+            "as a tenant, follow reads live only (a tenant's user may create no consumer); replay with the "
+            "operator's credentials, or a reader provisioned for the tenant (`jetscribe tenant reader T NAME`)"
+        )
+    return LiveReader(nc, live_subjects)
+
+
+def stream_seq(msg: Msg) -> int | None:
+    """The TRANSCRIPTS seq of a message a consumer delivered; None for one a core subscription received."""
+    return msg.metadata.sequence.stream if msg.reply and msg.reply.startswith("$JS.ACK.") else None
+
+
 async def first_seq(nc, tenant: str, session: str) -> int | None:
     """The stream seq of the session's first segment or event in TRANSCRIPTS; None if it has none yet."""
     found = []
@@ -270,7 +325,7 @@ async def first_seq(nc, tenant: str, session: str) -> int | None:
     return min(found, default=None)
 
 
-def as_json(message: TranscriptMessage, stream_seq: int) -> str:
+def as_json(message: TranscriptMessage, stream_seq: int | None) -> str:
     """One line of `--format json`: the message's fields, words as objects, and its stream seq
     (resume with `--from-seq` one above it)."""
     data = msgspec.to_builtins(message)
@@ -295,14 +350,32 @@ def describe(event: SessionEvent) -> str:
 
 
 async def follow(
-    nc, tenant: str, session: str, config: ConsumerConfig, *, fmt: str = "text", keep: bool = False, out=None, err=None
+    nc,
+    tenant: str,
+    session: str,
+    config: ConsumerConfig,
+    *,
+    fmt: str = "text",
+    keep: bool = False,
+    live: bool = False,
+    started: asyncio.Event | None = None,
+    out=None,
+    err=None,
 ) -> int:
     """Print the session's segments and events as they come. Returns 0 after its `ended` event
-    (1 after `rejected`); with `keep`, follows until cancelled."""
+    (1 after `rejected`); with `keep`, follows until cancelled. `live`: as a tenant, core subscriptions
+    (LiveReader), from now on only. `started` is set once it reads (what a live reader sees begins there)."""
     out, err = out or sys.stdout, err or sys.stderr
-    reader = OrderedReader(nc, dataclasses.replace(config))
+    reader = _reader(
+        nc, config, [subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)], live
+    )
     try:
-        await _start(reader, nc, tenant, session, config)
+        if isinstance(reader, LiveReader):
+            await reader.start()
+        else:
+            await _start(reader, nc, tenant, session, config)
+        if started is not None:
+            started.set()
         while True:
             msg = await reader.next()
             if session_of(msg.subject) != session:
@@ -313,7 +386,7 @@ async def follow(
                 print(f"jetscribe: skipping a message on {msg.subject}: {exc}", file=err, flush=True)
                 continue
             if fmt == "json":
-                print(as_json(message, msg.metadata.sequence.stream), file=out, flush=True)
+                print(as_json(message, stream_seq(msg)), file=out, flush=True)
             elif isinstance(message, Segment):
                 show_live(message, out)
             else:
@@ -356,13 +429,14 @@ async def follow_meeting(
     fmt: str = "text",
     keep: bool = False,
     hold_s: float = 3.0,
+    live: bool = False,
     out=None,
     err=None,
 ) -> int:
     """Print a meeting's finals, every track's, in spoken order (`MeetingMerge`), times from the first track's
     start; json: its tracks' segments and events as they come. Returns 0 once every track seen has ended."""
     out, err = out or sys.stdout, err or sys.stderr
-    reader = OrderedReader(nc, dataclasses.replace(config))
+    reader = _reader(nc, config, [f"transcript.{tenant}.>", f"session.{tenant}.>"], live)
     await reader.start()  # from the start: the tenant's whole stream (a meeting's tracks are sessions of their own)
     merge = MeetingMerge(meeting, hold_s=hold_s)
     t0: float | None = None
@@ -397,7 +471,7 @@ async def follow_meeting(
                 if fmt == "text":
                     print(describe(message), file=err, flush=True)
             if fmt == "json":
-                print(as_json(message, msg.metadata.sequence.stream), file=out, flush=True)
+                print(as_json(message, stream_seq(msg)), file=out, flush=True)
             else:
                 show(due)
             if merge.over and not keep:

@@ -1,7 +1,8 @@
 """The local stack's NATS users: one nkey per service, the operator and each tenant, kept as seed files.
 
 A folder (`<home>/nats-keys` for `jetscribe up`, `JETSCRIBE_NATS_KEYS` to put it elsewhere) holds
-`<name>.nk` seed files (0600) and `tenants.json` (each tenant's public key and whether it is revoked).
+`<name>.nk` seed files (0600) and `tenants.json` (each tenant's public key, whether it is revoked, and its
+provisioned readers: the TRANSCRIPTS consumers its user may pull from).
 The nats-server config is made from it (shared/natsauth.py); a revoked tenant's user leaves the config.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import nkeys
 
 from jetscribe.shared import subjects
-from jetscribe.shared.natsauth import SERVICE_ROLES, NatsUser
+from jetscribe.shared.natsauth import SERVICE_ROLES, NatsUser, reader_consumer, reader_filter
 
 OPERATOR = "operator"
 ROOT = "root"
@@ -92,7 +93,7 @@ class Keyring:
         if tenants.get(tenant, {}).get("revoked"):
             self.tenant_path(tenant).unlink(missing_ok=True)
         path = self._ensure(f"tenant-{tenant}")
-        tenants[tenant] = {"nkey": public_key(path.read_bytes().strip()), "revoked": False}
+        tenants[tenant] = {**tenants.get(tenant, {}), "nkey": public_key(path.read_bytes().strip()), "revoked": False}
         self._save_tenants(tenants)
         return path
 
@@ -104,6 +105,47 @@ class Keyring:
         tenants[tenant]["revoked"] = True
         self._save_tenants(tenants)
         self.tenant_path(tenant).unlink(missing_ok=True)
+
+    def add_reader(self, tenant: str, name: str, what: str = "transcripts") -> tuple[str, str]:
+        """Record tenant's reader `name` (its consumer then goes into the tenant's permissions at the next
+        reload); returns (consumer name, filter). The same reader again is the same; a consumer name another
+        tenant's reader has, or the same reader with another filter, is refused."""
+        tenants = self._tenants()
+        if tenant not in tenants or tenants[tenant].get("revoked"):
+            raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant add {tenant}` first")
+        try:
+            consumer, filter_subject = reader_consumer(tenant, name), reader_filter(tenant, what)
+        except ValueError as exc:
+            raise TenantError(str(exc)) from None
+        for other, info in tenants.items():
+            for other_name, reader in dict(info.get("readers") or {}).items():
+                if reader["consumer"] == consumer and (other, other_name) != (tenant, name):
+                    raise TenantError(
+                        f"consumer {consumer} is tenant {other}'s reader {other_name}: choose another name"
+                    )
+                if (other, other_name) == (tenant, name) and reader["filter"] != filter_subject:
+                    raise TenantError(f"reader {name} of {tenant} reads {reader['filter']}; remove it first")
+        readers = dict(tenants[tenant].get("readers") or {})
+        readers[name] = {"consumer": consumer, "filter": filter_subject}
+        tenants[tenant]["readers"] = readers
+        self._save_tenants(tenants)
+        return consumer, filter_subject
+
+    def remove_reader(self, tenant: str, name: str) -> str:
+        """Forget tenant's reader `name` (out of its permissions at the next reload); returns its consumer name."""
+        tenants = self._tenants()
+        readers = dict(tenants.get(tenant, {}).get("readers") or {})
+        if name not in readers:
+            raise TenantError(f"tenant {tenant!r} has no reader {name!r}")
+        consumer = str(readers.pop(name)["consumer"])
+        tenants[tenant]["readers"] = readers
+        self._save_tenants(tenants)
+        return consumer
+
+    def readers(self, tenant: str) -> dict[str, tuple[str, str]]:
+        """Tenant's readers: name -> (consumer, filter)."""
+        readers = dict(self._tenants().get(tenant, {}).get("readers") or {})
+        return {name: (str(r["consumer"]), str(r["filter"])) for name, r in sorted(readers.items())}
 
     def tenants(self) -> dict[str, bool]:
         """Every tenant made here, and whether it is revoked."""
@@ -118,5 +160,6 @@ class Keyring:
                 users.append(NatsUser(public_key(path.read_bytes().strip()), name))
         for tenant, info in sorted(self._tenants().items()):
             if not info.get("revoked"):
-                users.append(NatsUser(str(info["nkey"]), "tenant", tenant))
+                readers = tuple(sorted(str(r["consumer"]) for r in dict(info.get("readers") or {}).values()))
+                users.append(NatsUser(str(info["nkey"]), "tenant", tenant, readers))
         return users

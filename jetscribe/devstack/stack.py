@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from jetscribe.devstack.keys import Keyring
+from jetscribe.devstack.keys import OPERATOR, ROOT, Keyring, public_key
 from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
@@ -272,6 +272,23 @@ def nats_auth(creds: str | None = None, env: Mapping[str, str] | None = None) ->
         operator = running_stack_urls().get("nats_creds", "")
         return ClientAuth(operator, found.tls_ca, found.tls_cert, found.tls_key)
     return found
+
+
+def connects_as_tenant(auth: ClientAuth, home: Path | None = None) -> bool:
+    """Whether `auth` is a tenant's user: a seed file that is not the operator's, root's or a service's of the
+    stack's keyring (a seed from elsewhere counts as a tenant's). Without a seed, no: a server without auth."""
+    if not auth.creds:
+        return False
+    try:
+        key = public_key(Path(auth.creds).read_bytes().strip())
+    except (OSError, ValueError):
+        return True  # not a seed file we can read here (a JWT credentials file): the least it may be
+    keys = keyring(home)
+    for name in (*SERVICE_ROLES, OPERATOR, ROOT):
+        path = keys.path(name)
+        if path.exists() and public_key(path.read_bytes().strip()) == key:
+            return False
+    return True
 
 
 def server_tls(env: Mapping[str, str]) -> ServerTLS | None:

@@ -4,6 +4,7 @@ permissions violation the client sees; `a`'s own paths work; a revoked tenant is
 
 import asyncio
 import contextlib
+import io
 import shutil
 import uuid
 
@@ -13,6 +14,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.client.follow import consumer_config, follow
+from jetscribe.client.readers import provision_reader
 from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import NatsServer
 from jetscribe.evaluation.speech import sample_speech
@@ -133,16 +135,28 @@ async def test_a_streams_a_session_and_follows_its_transcript_with_its_own_crede
     reader = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
     try:
         session = f"s{uuid.uuid4().hex[:6]}"
+        out, err = io.StringIO(), io.StringIO()
+        started = asyncio.Event()
+        following = asyncio.create_task(  # as a tenant: live, with core subscriptions (it may create no consumer)
+            follow(
+                reader.nc,
+                "a",
+                session,
+                consumer_config("a", session),
+                fmt="json",
+                live=True,
+                started=started,
+                out=out,
+                err=err,
+            )
+        )
+        await asyncio.wait_for(started.wait(), 15)
         result = await stream_audio(
             bot.nc, Audio(speech.audio, speech.sample_rate), tenant="a", session_id=session, speed=0, wait_s=60
         )
         assert result.ended is not None and result.final_segments()
         assert {s.text for s in result.final_segments()} == {NULL_WORD}
-        import io
-
-        out, err = io.StringIO(), io.StringIO()
-        config = consumer_config("a", session, from_start=True)
-        code = await asyncio.wait_for(follow(reader.nc, "a", session, config, fmt="json", out=out, err=err), 30)
+        code = await asyncio.wait_for(following, 30)
         assert code == 0
         lines = out.getvalue().splitlines()
         assert lines and lines[-1].startswith('{"type": "session_event"') and '"ended"' in lines[-1]
@@ -225,18 +239,63 @@ async def test_a_cannot_create_a_consumer_that_reads_bs_messages(tenant_a, confi
     await tenant_a.refused("publish", "$JS.API.CONSUMER.", whole=False)
 
 
-async def test_a_may_create_a_consumer_filtered_to_itself(tenant_a, root):
-    await root.jetstream().publish(subjects.transcript("a", "own"), b"x")  # root: the stream exists (services made it)
-    info = await tenant_a.nc.jetstream().add_consumer(
-        subjects.TRANSCRIPTS_STREAM,
-        config=ConsumerConfig(
-            name=f"own_{uuid.uuid4().hex[:6]}",
-            filter_subject="transcript.a.>",
-            deliver_subject=tenant_a.nc.new_inbox(),
-            inactive_threshold=5,
-        ),
-    )
-    assert info.config.filter_subject == "transcript.a.>" and tenant_a.errors == []
+@pytest.mark.parametrize("push", [True, False])
+async def test_a_may_not_create_even_a_consumer_filtered_to_itself(services, tenant_a, push):
+    """Push or pull is in the request's body, where no permission looks: so no consumer at all."""
+    config = ConsumerConfig(name=f"own_{uuid.uuid4().hex[:6]}", filter_subject="transcript.a.>", inactive_threshold=5)
+    if push:
+        config.deliver_subject = tenant_a.nc.new_inbox()
+    with pytest.raises(nats.errors.TimeoutError):
+        await tenant_a.nc.jetstream(timeout=1).add_consumer(subjects.TRANSCRIPTS_STREAM, config=config)
+    await tenant_a.refused("publish", f"$JS.API.CONSUMER.CREATE.TRANSCRIPTS.{config.name}.transcript.a.>")
+
+
+async def provision(server, keys, tenant: str, name: str) -> str:
+    """What `jetscribe tenant reader` does: record the reader, make its consumer as the operator, reload."""
+    consumer, filter_subject = keys.add_reader(tenant, name)
+    nc = await nats.connect(server.url, **ClientAuth(str(keys.path("operator"))).connect_options(server.url))
+    try:
+        await provision_reader(nc, consumer, filter_subject)
+    finally:
+        await nc.close()
+    server.reload()
+    return consumer
+
+
+async def test_a_reads_its_provisioned_reader_acks_and_resumes_after_a_restart(services, server, keys, root):
+    consumer = await provision(server, keys, "a", f"r{uuid.uuid4().hex[:6]}")
+    js = root.jetstream()
+    session = f"r{uuid.uuid4().hex[:6]}"
+    stored = [(await js.publish(subjects.transcript("a", session), f"m{i}".encode())).seq for i in range(4)]
+    await js.publish(subjects.transcript("b", session), b"b's")
+
+    async def read(count: int) -> list[int]:
+        """As a, on a new connection: the next `count` of a's messages in this session, one at a time, each acked."""
+        reader = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
+        try:
+            sub = await reader.nc.jetstream().pull_subscribe_bind(durable=consumer, stream=subjects.TRANSCRIPTS_STREAM)
+            seen: list[int] = []
+            while len(seen) < count:
+                (msg,) = await sub.fetch(1, timeout=10)
+                await msg.ack_sync()
+                if msg.subject == subjects.transcript("a", session):  # not another test's message of a
+                    seen.append(msg.metadata.sequence.stream)
+            assert reader.errors == []
+            return seen
+        finally:
+            await reader.close()
+
+    assert await read(2) == stored[:2]
+    assert await read(2) == stored[2:]  # restarted, it goes on after what it acked
+    info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, consumer)
+    assert info.config.deliver_subject is None and info.num_pending == 0  # a pull consumer; b's message not in it
+
+
+async def test_a_cannot_use_bs_reader(services, server, keys, tenant_a):
+    consumer = await provision(server, keys, "b", f"r{uuid.uuid4().hex[:6]}")
+    with pytest.raises(nats.errors.TimeoutError):
+        await tenant_a.nc.request(f"$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.{consumer}", b'{"batch": 1}', timeout=1)
+    await tenant_a.refused("publish", f"$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.{consumer}")
 
 
 @pytest.mark.parametrize(
@@ -323,3 +382,32 @@ async def test_a_revoked_tenant_is_cut_off_at_the_reload_without_a_restart(serve
     with pytest.raises(nats.errors.Error, match="(?i)authorization"):
         await nats.connect(server.url, nkeys_seed=str(seed), max_reconnect_attempts=0, allow_reconnect=False)
     assert server.pid == pid  # reloaded, not restarted
+
+
+@pytest.mark.parametrize("deliver", ["transcript.b.x.final", "_INBOX_b.injected", "errors.ingest.b"])
+async def test_a_cannot_push_its_messages_onto_bs_subjects(services, server, keys, tenant_a, root, deliver):
+    """nats-server does not check a push consumer's deliver subject against its creator's permissions (before
+    this fix, a created this consumer and b's subscriber received a's message on each of these subjects). So a
+    tenant may create no consumer: refused, and b receives nothing."""
+    b = await Client().connect(server.url, keys.tenant_path("b"), tenant="b")
+    try:
+        heard = await b.nc.subscribe(deliver)
+        await b.nc.flush()
+        await root.jetstream().publish(subjects.transcript("a", "inj"), b"a's own message")
+        with contextlib.suppress(nats.errors.TimeoutError):
+            await tenant_a.nc.jetstream(timeout=2).add_consumer(
+                subjects.TRANSCRIPTS_STREAM,
+                config=ConsumerConfig(
+                    name=f"inject_{uuid.uuid4().hex[:6]}",
+                    filter_subject="transcript.a.>",
+                    deliver_subject=deliver,
+                    deliver_policy=DeliverPolicy.ALL,
+                    inactive_threshold=5,
+                ),
+            )
+        await tenant_a.refused("publish", "$JS.API.CONSUMER.CREATE.TRANSCRIPTS.inject_", whole=False)
+        with pytest.raises(nats.errors.TimeoutError):
+            await heard.next_msg(timeout=1)
+        assert b.errors == []
+    finally:
+        await b.close()

@@ -34,3 +34,24 @@ def test_bad_or_unknown_tenants_are_refused(tmp_path):
         keys.add_tenant("a.b")
     with pytest.raises(TenantError):
         keys.revoke_tenant("nobody")
+
+
+def test_a_tenants_readers_go_into_its_user_and_no_consumer_name_is_shared(tmp_path):
+    keys = Keyring(tmp_path / "keys").ensure_services()
+    with pytest.raises(TenantError):
+        keys.add_reader("acme", "tr")  # no such tenant yet
+    keys.add_tenant("acme")
+    keys.add_tenant("acme_x")
+    assert keys.add_reader("acme", "x_tr") == ("reader_acme_x_tr", "transcript.acme.>")
+    assert keys.add_reader("acme", "x_tr") == ("reader_acme_x_tr", "transcript.acme.>")  # the same again
+    with pytest.raises(TenantError, match="acme's reader x_tr"):
+        keys.add_reader("acme_x", "tr")  # the same consumer name: it would read acme's consumer
+    with pytest.raises(TenantError, match="remove it first"):
+        keys.add_reader("acme", "x_tr", "events")
+    (user,) = [u for u in keys.users() if u.tenant == "acme"]
+    assert user.readers == ("reader_acme_x_tr",)
+    assert "$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.reader_acme_x_tr" in str(user.as_config())
+    keys.add_tenant("acme")  # adding again keeps its readers
+    assert keys.readers("acme") == {"x_tr": ("reader_acme_x_tr", "transcript.acme.>")}
+    assert keys.remove_reader("acme", "x_tr") == "reader_acme_x_tr" and keys.readers("acme") == {}
+    assert [u.readers for u in keys.users() if u.tenant == "acme"] == [()]

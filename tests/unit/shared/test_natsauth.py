@@ -13,6 +13,8 @@ from jetscribe.shared.natsauth import (
     NatsUser,
     ServerTLS,
     permissions,
+    reader_consumer,
+    reader_filter,
     server_config,
     tenant_inbox_prefix,
 )
@@ -33,9 +35,15 @@ def allowed(patterns, subject):
     return any(matches(p, subject) for p in patterns)
 
 
-A = permissions("tenant", "a")
+A = permissions("tenant", "a", readers=["reader_a_tr"])
 
-OWN_PUBLISH = ["ingest.audio.a.s1", "ingest.session.a.s1", "$JS.API.CONSUMER.CREATE.TRANSCRIPTS.f1.transcript.a.s1"]
+OWN_PUBLISH = [
+    "ingest.audio.a.s1",
+    "ingest.session.a.s1",
+    "$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.reader_a_tr",
+    "$JS.API.CONSUMER.INFO.TRANSCRIPTS.reader_a_tr",
+    "$JS.ACK.TRANSCRIPTS.reader_a_tr.1.2.3.4.5.6",
+]
 OWN_SUBSCRIBE = ["transcript.a.s1", "session.a.s1.ended", "errors.ingest.a", "_INBOX_a.xyz.1"]
 OTHERS = [
     "ingest.audio.b.s1",
@@ -51,6 +59,11 @@ OTHERS = [
     "$KV.session_checkpoints.a.s1",
     "$JS.API.CONSUMER.CREATE.TRANSCRIPTS",
     "$JS.API.CONSUMER.CREATE.TRANSCRIPTS.f1",
+    "$JS.API.CONSUMER.CREATE.TRANSCRIPTS.f1.transcript.a.>",  # its own filter too: the deliver subject is unchecked
+    "$JS.API.CONSUMER.MSG.NEXT.TRANSCRIPTS.reader_b_tr",
+    "$JS.API.CONSUMER.INFO.TRANSCRIPTS.reader_b_tr",
+    "$JS.API.CONSUMER.DELETE.TRANSCRIPTS.reader_a_tr",
+    "$JS.ACK.TRANSCRIPTS.reader_b_tr.1.2.3.4.5.6",
     "$JS.API.CONSUMER.CREATE.TRANSCRIPTS.f1.transcript.b.s1",
     "$JS.API.CONSUMER.CREATE.AUDIO.f1.audio.a.s1.3",
     "$JS.API.CONSUMER.DURABLE.CREATE.TRANSCRIPTS.f1",
@@ -82,6 +95,17 @@ def test_each_service_writes_only_its_own_part():
     assert not allowed(permissions("ingest").publish, "transcript.t.s")
     persister = permissions("persister").publish
     assert not any(allowed(persister, s) for s in ("audio.t.s", "transcript.t.s", "$KV.session_checkpoints.t.s"))
+
+
+def test_a_tenant_creates_no_consumer_and_uses_only_its_readers():
+    plain = permissions("tenant", "a")
+    assert not any("$JS.API" in s for s in plain.publish) and not plain.allow_responses
+    assert reader_consumer("a", "tr") == "reader_a_tr" and reader_filter("a", "all") == "*.a.>"
+    for bad in (("a.b", "x"), ("a", "x.y"), ("a", "*")):
+        with pytest.raises(ValueError):
+            reader_consumer(*bad)
+    with pytest.raises(ValueError):
+        reader_filter("a", "audio")
 
 
 def test_tenant_names_that_are_no_subject_token_are_refused():
