@@ -49,6 +49,7 @@ from jetscribe.services.ingest.core import (
     IngestBook,
     RequestRefused,
     SessionLedger,
+    check_reply_subject,
     check_request_size,
     check_subject_matches,
     split_channels,
@@ -186,6 +187,12 @@ class IngestGateway:
         apart: a forward waits on another gateway's serving, never on a forward, so two gateways forwarding to each
         other cannot hold each other's slots."""
         kind, tenant, session_id = _request_of(msg.subject)
+        if not subjects.is_forwarded(msg.subject):  # a forwarded one's reply is the forwarding gateway's own
+            try:
+                check_reply_subject(msg.reply, tenant)
+            except RequestRefused as exc:  # never answered there: said on errors.ingest.<tenant> only
+                await self._report(tenant, session_id, exc)
+                return
         partition = subjects.session_partition(tenant, session_id, self.partitions)
         # Served while the group has not revoked it, even if a renewal is late (an overloaded event loop): the
         # stream's compare-and-set, not the lease's timing, keeps two gateways from storing out of order.
@@ -477,6 +484,12 @@ class IngestGateway:
     async def _refuse(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> Reply:
         """Answer a refusal, whatever its cause, with the session's last accepted seq, and report it."""
         last_seq = await self._last_seq(tenant, session_id, look_up=exc.code not in ("unavailable", "rate_limited"))
+        message = await self._report(tenant, session_id, exc, seq)
+        retry_after_s = getattr(exc, "retry_after_s", 0.0)
+        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=message, retry_after_s=retry_after_s)
+
+    async def _report(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> str:
+        """A refusal logged, counted and published on errors.ingest.<tenant>; returns its one-line message."""
         retry_after_s = getattr(exc, "retry_after_s", 0.0)
         message = brief(str(exc))
         event = ErrorEvent(
@@ -495,7 +508,7 @@ class IngestGateway:
             await self.nc.publish(subjects.errors("ingest", tenant), encode(event))
         except Exception:  # the bot still gets its reply when the error subject is unreachable
             log.exception("could not publish error event")
-        return Reply(ok=False, last_seq=last_seq, code=exc.code, message=message, retry_after_s=retry_after_s)
+        return message
 
     async def _last_seq(self, tenant: str, session_id: str, look_up: bool = True) -> int:
         """The last accepted seq of the session a subject names, even when the request itself was garbage;

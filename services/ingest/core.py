@@ -103,6 +103,23 @@ def check_subject_matches(message_tenant: str, message_session: str, tenant: str
         )
 
 
+SERVICE_INBOX = "_INBOX."  # nats-py's default prefix: the services' (a gateway's track requests) and the operator's
+
+
+def check_reply_subject(reply: str, tenant: str) -> None:
+    """A bot's request must be answered on its tenant's inboxes (`_INBOX_<tenant>.…`), or the services' and the
+    operator's (`_INBOX.…`, which only they may read: a tenant cannot subscribe there). The gateway answers with
+    its own rights, which include writing AUDIO, the KV buckets and the JetStream API: any other reply subject
+    would have it publish there for the bot (`$JS.API.STREAM.DELETE.AUDIO`, `audio.<other>.<s>`, another tenant's
+    inbox or transcript). An empty reply (a plain publish) is not answered at all."""
+    if not reply or reply.startswith(SERVICE_INBOX) or reply.startswith(f"_INBOX_{tenant}."):
+        return
+    raise RequestRefused(
+        "bad_reply",
+        f"reply subject {reply[:80]!r} is not tenant {tenant}'s inbox: send requests with inbox prefix _INBOX_{tenant}",
+    )
+
+
 MAX_SPEAKER_CHARS = 128
 MAX_SPEAKER_CHANGES = 64  # per chunk
 

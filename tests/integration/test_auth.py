@@ -24,7 +24,7 @@ from jetscribe.services.transcriber.null_model import NULL_WORD, NullModel
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import ClientAuth
-from jetscribe.shared.wire import AudioChunk, SessionControl, encode
+from jetscribe.shared.wire import AudioChunk, ErrorEvent, Reply, SessionControl, decode, encode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -411,3 +411,58 @@ async def test_a_cannot_push_its_messages_onto_bs_subjects(services, server, key
         assert b.errors == []
     finally:
         await b.close()
+
+
+@pytest.mark.parametrize("reply", ["_INBOX_b.stolen", "transcript.b.s1.reply", "audio.b.forged"])
+async def test_the_gateway_does_not_answer_on_a_reply_subject_that_is_not_the_tenants(
+    services, server, keys, tenant_a, root, reply
+):
+    """a's request with b's inbox (or b's transcript, or an AUDIO subject) as its reply: the gateway, whose rights
+    include AUDIO, would have answered there. Refused instead: `bad_reply` on errors.ingest.a, nothing on `reply`."""
+    js = root.jetstream()
+    audio_before = (await js.stream_info(subjects.AUDIO_STREAM)).state.last_seq
+    heard = await root.subscribe(reply)
+    errors = await root.subscribe(subjects.errors("ingest", "a"))
+    await root.flush()
+    session = f"r{uuid.uuid4().hex[:6]}"
+    control = SessionControl(tenant="a", session_id=session, action="start", sent_at=0.0)
+    await tenant_a.nc.publish(subjects.ingest_session("a", session), encode(control), reply=reply)
+    event = decode((await errors.next_msg(timeout=15)).data, ErrorEvent)
+    assert (event.code, event.session_id) == ("bad_reply", session) and "_INBOX_a" in event.message
+    await tenant_a.nc.flush()
+    with pytest.raises(nats.errors.TimeoutError):
+        await heard.next_msg(timeout=1)
+    assert (await js.stream_info(subjects.AUDIO_STREAM)).state.last_seq == audio_before
+    assert tenant_a.errors == []
+    # and the same start on a's own inbox is served (no session was started by the refused one)
+    answer = decode(
+        (await tenant_a.nc.request(subjects.ingest_session("a", session), encode(control), timeout=10)).data, Reply
+    )
+    assert answer.ok, answer
+
+
+async def test_jetscribe_tenant_reader_makes_the_consumer_and_the_permission(
+    services, server, keys, root, monkeypatch, capsys
+):
+    from jetscribe.cli.main import main
+
+    monkeypatch.setenv("JETSCRIBE_NATS_KEYS", str(keys.folder))
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_CREDS", str(keys.path("operator")))
+    name = f"cli{uuid.uuid4().hex[:6]}"
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--reads", "all"]) == 0
+    assert f"reader_a_{name} on *.a.>, made" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--reads", "all"]) == 0  # again: the same
+    assert await asyncio.to_thread(main, ["tenant", "reader", "nobody", name]) == 2
+    server.reload()  # what a running stack does itself; here the test's server
+    await root.jetstream().publish(subjects.transcript("a", "cli"), b"x")
+    a = await Client().connect(server.url, keys.tenant_path("a"), tenant="a")
+    try:
+        sub = await a.nc.jetstream().pull_subscribe_bind(durable=f"reader_a_{name}", stream=subjects.TRANSCRIPTS_STREAM)
+        (msg,) = await sub.fetch(1, timeout=10)
+        assert msg.subject.split(".")[1] == "a" and a.errors == []
+    finally:
+        await a.close()
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--remove"]) == 0
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{name}")

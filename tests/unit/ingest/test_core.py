@@ -6,6 +6,7 @@ from jetscribe.services.ingest.core import (
     RequestRefused,
     SessionLedger,
     admit,
+    check_reply_subject,
     decode_tenant_sessions,
     encode_tenant_sessions,
     stale_candidates,
@@ -280,3 +281,27 @@ def test_audio_already_in_the_stored_format_is_kept_bit_for_bit():
     samples = np.array([0, 1, -1, 999, 32767, -32768, 12345], dtype="<i2")
     stored = to_mono_int16(chunk(0, samples=samples), SessionLedger("acme", "s1"))
     assert stored.tobytes() == samples.tobytes()
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX_acme.abc.1", "_INBOX.abc.1"])
+def test_a_request_is_answered_on_its_tenants_or_the_services_inboxes(reply):
+    check_reply_subject(reply, "acme")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "_INBOX_other.abc",  # another tenant's replies
+        "_INBOX_acmex.abc",  # a tenant whose name begins with acme's
+        "_INBOX_acme",
+        "transcript.other.s1.x",
+        "audio.other.s1",  # the gateway may write AUDIO
+        "$JS.API.STREAM.DELETE.AUDIO",  # and use the JetStream API
+        "$KV.tenant_sessions.other.s1",
+        "ingest.partition.3.audio.other.s1",
+    ],
+)
+def test_any_other_reply_subject_is_refused(reply):
+    with pytest.raises(RequestRefused) as refused:
+        check_reply_subject(reply, "acme")
+    assert refused.value.code == "bad_reply" and "_INBOX_acme" in str(refused.value)
