@@ -93,6 +93,59 @@ class Permissions:
         return config
 
 
+DATA_STREAMS = (subjects.AUDIO_STREAM, subjects.TRANSCRIPTS_STREAM, subjects.ERRORS_STREAM)
+
+
+def _stream_use(stream: str) -> list[str]:
+    """What a service may ask of a stream it uses: make it or bring it to its config (every service does at
+    start), look at it, get a message, and make, look at, pull from, unpin and reset consumers. Not: delete it,
+    purge it, delete a message, snapshot or restore it."""
+    api = "$JS.API"
+    return [
+        f"{api}.STREAM.CREATE.{stream}",
+        f"{api}.STREAM.UPDATE.{stream}",
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+        f"{api}.CONSUMER.NAMES.{stream}",
+        f"{api}.CONSUMER.LIST.{stream}",
+        f"{api}.CONSUMER.UNPIN.{stream}.>",
+        f"{api}.CONSUMER.RESET.{stream}.>",
+    ]
+
+
+def service_jetstream_api(buckets: Iterable[str], read_buckets: Iterable[str] = ()) -> list[str]:
+    """A service's JetStream API rights, instead of all of `$JS.API.>`: the data streams (AUDIO, TRANSCRIPTS,
+    ERRORS) as `_stream_use` says, its KV buckets the same plus a purge (a key's purge is a filtered purge,
+    `jetstream.JetStreamAPI.kv_purge`) and deleting their consumers (watchers); buckets it only reads, info
+    and gets. So a service's key cannot delete or purge a stream, nor touch another service's buckets."""
+    rules = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
+    for stream in DATA_STREAMS:
+        rules += _stream_use(stream)
+    for bucket in buckets:
+        rules += [
+            *_stream_use(f"KV_{bucket}"),
+            f"$JS.API.STREAM.PURGE.KV_{bucket}",
+            f"$JS.API.CONSUMER.DELETE.KV_{bucket}.>",
+        ]
+        rules.append(f"$KV.{bucket}.>")
+    for bucket in read_buckets:
+        stream = f"KV_{bucket}"
+        rules += [
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+        ]
+    return rules
+
+
 def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = ()) -> Permissions:
     """What a user of `role` may do; `tenant` for the tenant role (a bot or a downstream reader of it), with the
     consumer names of its provisioned `readers` (no consumer of its own: see the module's docstring)."""
@@ -118,10 +171,11 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.INGEST_AUDIO_ALL,  # a multichannel chunk split: each channel a request of its track session
                 subjects.INGEST_SESSION_ALL,
                 subjects.errors("ingest", "*"),
-                "$JS.API.>",
                 "$JS.ACK.TRANSCRIPTS.>",  # its consumer of the transcribers' ended/rejected events
-                *(f"$KV.{b}.>" for b in (subjects.INGEST_MEMBERS_BUCKET, subjects.INGEST_LEASES_BUCKET)),
-                f"$KV.{subjects.TENANT_SESSIONS_BUCKET}.>",
+                *service_jetstream_api(
+                    (subjects.INGEST_MEMBERS_BUCKET, subjects.INGEST_LEASES_BUCKET, subjects.TENANT_SESSIONS_BUCKET),
+                    read_buckets=(subjects.SESSION_CHECKPOINTS_BUCKET,),  # where a resumed session's audio ends
+                ),
             ),
             subscribe=(
                 subjects.INGEST_AUDIO_ALL,
@@ -142,11 +196,9 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.TRANSCRIBER_CLAIMS_ALL,  # its claims on its partitions (group.py, fenced writes)
                 subjects.errors("transcriber", "*"),
                 subjects.TRANSCRIBER_STATS_ALL,
-                "$JS.API.>",
                 "$JS.ACK.AUDIO.>",
-                *(
-                    f"$KV.{b}.>"
-                    for b in (
+                *service_jetstream_api(
+                    (
                         subjects.PARTITION_LEASES_BUCKET,
                         subjects.TRANSCRIBER_MEMBERS_BUCKET,
                         subjects.SESSION_CHECKPOINTS_BUCKET,
@@ -158,7 +210,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
         )
     if role == "persister":
         return Permissions(
-            publish=(subjects.errors("persister", "*"), "$JS.API.>", "$JS.ACK.TRANSCRIPTS.>"),
+            publish=(subjects.errors("persister", "*"), "$JS.ACK.TRANSCRIPTS.>", *service_jetstream_api(())),
             subscribe=(
                 _SERVICE_INBOX,
                 *_MICRO,

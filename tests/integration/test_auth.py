@@ -466,3 +466,23 @@ async def test_jetscribe_tenant_reader_makes_the_consumer_and_the_permission(
     assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--remove"]) == 0
     with pytest.raises(nats.js.errors.NotFoundError):
         await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{name}")
+
+
+@pytest.mark.parametrize("role", ["ingest", "transcriber", "persister"])
+@pytest.mark.parametrize(
+    "endpoint", ["STREAM.DELETE.AUDIO", "STREAM.PURGE.TRANSCRIPTS", "STREAM.DELETE.KV_session_checkpoints"]
+)
+async def test_a_services_key_cannot_delete_or_purge_a_stream(services, server, keys, root, role, endpoint):
+    """Each service's JetStream API rights are what it uses (shared/natsauth.service_jetstream_api), not `$JS.API.>`:
+    its key alone cannot delete or purge a stream, while the services run on the same rights (the fixture)."""
+    stream = endpoint.rsplit(".", 1)[1]
+    before = await root.jetstream().stream_info(stream)
+    service = await Client().connect(server.url, keys.path(role))
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await service.nc.request(f"$JS.API.{endpoint}", b"{}", timeout=1)
+        await service.refused("publish", f"$JS.API.{endpoint}")
+    finally:
+        await service.close()
+    after = await root.jetstream().stream_info(stream)
+    assert after.config.name == stream and after.state.last_seq == before.state.last_seq

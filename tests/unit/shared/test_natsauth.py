@@ -108,6 +108,31 @@ def test_a_tenant_creates_no_consumer_and_uses_only_its_readers():
         reader_filter("a", "audio")
 
 
+@pytest.mark.parametrize("role", ["ingest", "transcriber", "persister"])
+def test_a_service_cannot_delete_or_purge_a_stream_or_touch_others_buckets(role):
+    publish = permissions(role).publish
+    for stream in ("AUDIO", "TRANSCRIPTS", "ERRORS", "KV_partition_leases", "KV_tenant_sessions"):
+        for endpoint in ("STREAM.DELETE", "STREAM.MSG.DELETE", "STREAM.SNAPSHOT", "STREAM.RESTORE"):
+            assert not allowed(publish, f"$JS.API.{endpoint}.{stream}"), (role, endpoint, stream)
+    for stream in ("AUDIO", "TRANSCRIPTS", "ERRORS"):
+        assert not allowed(publish, f"$JS.API.STREAM.PURGE.{stream}")
+        assert not allowed(publish, f"$JS.API.CONSUMER.DELETE.{stream}.persister")
+        assert allowed(publish, f"$JS.API.STREAM.UPDATE.{stream}")  # every service brings the streams to its config
+    assert not any(
+        allowed(publish, f"$JS.API.{x}") for x in ("ACCOUNT.PURGE.x", "SERVER.REMOVE", "META.LEADER.STEPDOWN")
+    )
+    mine = {"ingest": "tenant_sessions", "transcriber": "partition_leases", "persister": None}[role]
+    others = {"tenant_sessions", "partition_leases", "ingest_leases", "transcriber_members"} - {mine}
+    if role == "ingest":
+        others -= {"ingest_leases"}
+    if role == "transcriber":
+        others -= {"transcriber_members"}
+    for bucket in others:
+        assert not allowed(publish, f"$KV.{bucket}.k") and not allowed(publish, f"$JS.API.STREAM.PURGE.KV_{bucket}")
+    if mine:
+        assert allowed(publish, f"$KV.{mine}.k") and allowed(publish, f"$JS.API.STREAM.PURGE.KV_{mine}")
+
+
 def test_tenant_names_that_are_no_subject_token_are_refused():
     for bad in ("a.b", "*", ">", "", "a b"):
         with pytest.raises(ValueError):
@@ -126,7 +151,11 @@ def test_the_config_holds_every_user_and_nats_server_accepts_it(tmp_path):
     with_tls = server_config(**common, tls=ServerTLS("/c.pem", "/k.pem", ca_file="/ca.pem"))
     assert '"ca_file": "/ca.pem"' in with_tls and '"verify": true' in with_tls
     text = server_config(**common, cluster=cluster)  # checked without TLS: its files do not exist here
-    assert '"ingest.audio.acme.>"' in text and '"$JS.API.>"' in text and "nats-route://127.0.0.1:6223" in text
+    assert (
+        '"ingest.audio.acme.>"' in text
+        and '"$JS.API.STREAM.INFO.AUDIO"' in text
+        and "nats-route://127.0.0.1:6223" in text
+    )
     path = tmp_path / "nats.conf"
     path.write_text(text)
     checked = subprocess.run([_nats_server_binary(), "-c", str(path), "-t"], capture_output=True, text=True)
