@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_reader.add_argument(
         "--reads", choices=["transcripts", "events", "all"], default="transcripts", help="its filter (transcripts)"
     )
+    tenant_reader.add_argument("--ack-wait", type=float, default=30.0, metavar="S", help="redelivery after (30)")
+    tenant_reader.add_argument(
+        "--in-order",
+        action="store_true",
+        help="one message unacked at a time (max_ack_pending 1): a redelivery keeps order",
+    )
     tenant_reader.add_argument("--remove", action="store_true", help="delete the consumer and T's right to it")
 
     config = sub.add_parser(
@@ -851,7 +857,9 @@ def _tenant_reader(args, keys) -> int:
             if args.remove:
                 await remove_reader(nc, consumer)
                 return True
-            return await provision_reader(nc, consumer, filter_subject)
+            return await provision_reader(
+                nc, consumer, filter_subject, args.ack_wait, max_ack_pending=1 if args.in_order else None
+            )
         finally:
             await nc.close()
 

@@ -15,9 +15,12 @@ from nats.js.errors import NotFoundError
 from jetscribe.shared import subjects
 
 
-def reader_config(consumer: str, filter_subject: str, ack_wait_s: float = 30.0) -> ConsumerConfig:
+def reader_config(
+    consumer: str, filter_subject: str, ack_wait_s: float = 30.0, max_ack_pending: int | None = None
+) -> ConsumerConfig:
     """A durable pull consumer (no deliver subject: it pushes nowhere), from the start of what the stream holds,
-    acked explicitly."""
+    acked explicitly; `max_ack_pending=1` hands out the next message only once the one before is acked, so a
+    redelivery after a crash comes before any later message (a reader that must keep stream order)."""
     return ConsumerConfig(
         name=consumer,
         durable_name=consumer,
@@ -25,6 +28,7 @@ def reader_config(consumer: str, filter_subject: str, ack_wait_s: float = 30.0) 
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
+        max_ack_pending=max_ack_pending,
     )
 
 
@@ -32,14 +36,17 @@ class ReaderConflict(RuntimeError):
     """A consumer of that name exists and is not this reader (another filter, or a push consumer)."""
 
 
-async def provision_reader(nc, consumer: str, filter_subject: str, ack_wait_s: float = 30.0) -> bool:
+async def provision_reader(
+    nc, consumer: str, filter_subject: str, ack_wait_s: float = 30.0, max_ack_pending: int | None = None
+) -> bool:
     """Make the reader's consumer unless it is there; True if it was made. One that is there with another filter
     or a deliver subject is refused, not changed."""
     js = nc.jetstream()
     try:
         info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, consumer)
     except NotFoundError:
-        await js.add_consumer(subjects.TRANSCRIPTS_STREAM, config=reader_config(consumer, filter_subject, ack_wait_s))
+        config = reader_config(consumer, filter_subject, ack_wait_s, max_ack_pending)
+        await js.add_consumer(subjects.TRANSCRIPTS_STREAM, config=config)
         return True
     if info.config.filter_subject != filter_subject or info.config.deliver_subject:
         raise ReaderConflict(

@@ -281,8 +281,8 @@ def connects_as_tenant(auth: ClientAuth, home: Path | None = None) -> bool:
         return False
     try:
         key = public_key(Path(auth.creds).read_bytes().strip())
-    except (OSError, ValueError):
-        return True  # not a seed file we can read here (a JWT credentials file): the least it may be
+    except Exception:  # unreadable, or no nkey seed (a JWT credentials file; nkeys raises its own errors)
+        return True  # the least it may be
     keys = keyring(home)
     for name in (*SERVICE_ROLES, OPERATOR, ROOT):
         path = keys.path(name)

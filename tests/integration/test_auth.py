@@ -450,8 +450,14 @@ async def test_jetscribe_tenant_reader_makes_the_consumer_and_the_permission(
     monkeypatch.setenv("NATS_URL", server.url)
     monkeypatch.setenv("NATS_CREDS", str(keys.path("operator")))
     name = f"cli{uuid.uuid4().hex[:6]}"
-    assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--reads", "all"]) == 0
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--reads", "all", "--in-order"]) == 0
     assert f"reader_a_{name} on *.a.>, made" in capsys.readouterr().out
+    info = await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{name}")
+    assert (info.config.max_ack_pending, info.config.deliver_subject, info.config.durable_name) == (
+        1,
+        None,
+        f"reader_a_{name}",
+    )
     assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--reads", "all"]) == 0  # again: the same
     assert await asyncio.to_thread(main, ["tenant", "reader", "nobody", name]) == 2
     server.reload()  # what a running stack does itself; here the test's server

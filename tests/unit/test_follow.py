@@ -98,3 +98,13 @@ def test_live_lines_rewrite_interims_on_a_terminal_and_leave_them_out_elsewhere(
         show_live(segment, terminal)
     assert piped.getvalue() == "[   0.00 -    1.00] hey\n"
     assert terminal.getvalue() == "\r\033[K  … he\r\033[K[   0.00 -    1.00] hey\n"
+
+
+def test_a_tenants_follow_is_live_only():
+    from jetscribe.client.follow import LiveOnly, LiveReader, _reader
+
+    live = consumer_config("acme", "s1")
+    assert isinstance(_reader(None, live, ["transcript.acme.s1"], live=True), LiveReader)
+    for replay in (consumer_config("acme", "s1", from_start=True), consumer_config("acme", "s1", from_seq=5)):
+        with pytest.raises(LiveOnly, match="jetscribe tenant reader"):
+            _reader(None, replay, ["transcript.acme.s1"], live=True)

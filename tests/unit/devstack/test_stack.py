@@ -50,3 +50,22 @@ def test_each_worker_gets_its_id_its_thread_share_and_on_cuda_its_gpu_and_batch(
         ("cuda", "1", "32"),
     ]
     assert stack._worker_env({"JETSCRIBE_MAX_BATCH": "16"}, 0)["JETSCRIBE_MAX_BATCH"] == "16"  # the user's stays
+
+
+def test_a_seed_that_is_not_the_operators_or_a_services_connects_as_a_tenant(tmp_path, monkeypatch):
+    from jetscribe.devstack.keys import Keyring
+    from jetscribe.devstack.stack import connects_as_tenant
+    from jetscribe.shared.natsauth import ClientAuth
+
+    monkeypatch.setenv("JETSCRIBE_NATS_KEYS", str(tmp_path / "nats-keys"))
+    keys = Keyring(tmp_path / "nats-keys").ensure_services()
+    tenant = keys.add_tenant("acme")
+    elsewhere = tmp_path / "other.nk"
+    elsewhere.write_bytes(keys.path("operator").read_bytes())  # the operator's seed, copied: still the operator
+    assert not connects_as_tenant(ClientAuth(), tmp_path)
+    assert not connects_as_tenant(ClientAuth(str(keys.path("operator"))), tmp_path)
+    assert not connects_as_tenant(ClientAuth(str(elsewhere)), tmp_path)
+    assert connects_as_tenant(ClientAuth(str(tenant)), tmp_path)
+    jwt = tmp_path / "user.creds"
+    jwt.write_text("-----BEGIN NATS USER JWT-----\n...")
+    assert connects_as_tenant(ClientAuth(str(jwt)), tmp_path)
