@@ -1,17 +1,17 @@
 """A translation-style subscriber: one tenant's finals from the TRANSCRIPTS stream, each handled once, in order.
 
-This is how a service downstream of jetscribe (a translator, say) reads transcripts. It holds a durable JetStream
-consumer on `transcript.<tenant>.>` (every session of the tenant; docs/schema/transcript.json describes the
-messages), skips interims, "translates" each final and acks it only after the translation is written. Stop it
-(Ctrl-C, SIGTERM: it finishes the final in hand) or kill it, start it again with the same --durable, and it goes
-on from the first final it had not acked: the consumer is kept by the server.
+This is how a service downstream of jetscribe (a translator, say) reads transcripts. It reads a durable JetStream
+pull consumer on `transcript.<tenant>.>`, a reader the operator made for the tenant (every session of the tenant;
+docs/schema/transcript.json describes the messages), skips interims, "translates" each final and acks it only after
+the translation is written. Stop it (Ctrl-C, SIGTERM: it finishes the final in hand) or kill it, start it again with
+the same --durable, and it goes on from the first final it had not acked: the consumer is kept by the server.
 
 THE TRANSLATION IS A STAND-IN: pig latin, so that the output is visibly transformed. Put a real model call in
 `translate()`.
 
 Exactly once, in order:
 - `max_ack_pending=1`: the server hands out the next message only once the one before is acked, so a message
-  redelivered after a crash (when its `--ack-wait` runs out) comes before any later one.
+  redelivered after a crash (when the reader's `--ack-wait` runs out) comes before any later one.
 - A crash after a final was written but before its ack would hand it out again: every line of `--out` carries its
   TRANSCRIPTS stream sequence, and a final at or below the last one written is acked and not handled again. A
   real service does the same with its own store (or an idempotency key: tenant, session_id, segment_id).
@@ -20,10 +20,14 @@ Exactly once, in order:
     python examples/translate_finals.py --tenant acme [--nats nats://host:4222] [--creds acme.nk]
 
 `--creds FILE`: the tenant's NATS credentials, an nkey seed file (what `jetscribe tenant add` makes) or a JWT
-credentials file (nats-py's `user_credentials`). A tenant's user may only create consumers with a filter on its
-own tenant (`$JS.API.CONSUMER.CREATE.TRANSCRIPTS.<name>.transcript.<tenant>.>`), read its own inboxes
-(`_INBOX_<tenant>.>`) and ack what it receives, so this is a push consumer created with exactly that request,
-delivering to `_INBOX_<tenant>.<durable>`: no consumer info, no pull requests.
+credentials file (nats-py's `user_credentials`). A tenant's user may create no consumer (nats-server does not check
+where a push consumer delivers, so one could push onto another tenant's subjects), so the operator makes the
+reader first, once, in order (one unacked message at a time) and with the ack wait wanted:
+
+    jetscribe tenant reader acme translate --in-order --ack-wait 30
+
+which makes the pull consumer `reader_acme_translate` and lets acme's user fetch from it and ack. `--durable` names
+that reader (`translate`).
 """
 
 from __future__ import annotations
@@ -38,33 +42,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from jetscribe.shared import subjects
 from jetscribe.shared.config import DEFAULT_NATS_URL
+from jetscribe.shared.natsauth import reader_consumer as reader_name
 from jetscribe.shared.wire import Segment, WireError, decode
 
 # --- the pure part -------------------------------------------------------------------------------------------------
 
 
-def consumer_config(tenant: str, durable: str, ack_wait_s: float) -> ConsumerConfig:
-    """The durable consumer of one tenant's transcript: from the start of what TRANSCRIPTS holds, pushed to the
-    tenant's own inbox space, one message in flight at a time (so a redelivery keeps the order), acked explicitly
-    after handling."""
-    if not subjects.is_valid_token(tenant):
-        raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
-    if not subjects.is_valid_token(durable):
-        raise ValueError(f"durable {durable!r} must be 1-64 letters, digits, '_' or '-'")
-    return ConsumerConfig(
-        name=durable,  # with a name, nats-py creates it on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>
-        durable_name=durable,
-        filter_subject=f"transcript.{tenant}.>",
-        deliver_subject=f"{inbox_prefix(tenant)}.{durable}",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait_s,
-        max_ack_pending=1,
-    )
+def reader_consumer(tenant: str, durable: str) -> str:
+    """The TRANSCRIPTS consumer of the tenant's reader `durable` (`jetscribe tenant reader <tenant> <durable>`)."""
+    for what, value in (("tenant", tenant), ("durable", durable)):
+        if not subjects.is_valid_token(value):
+            raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_' or '-'")
+    return reader_name(tenant, durable)
 
 
 def inbox_prefix(tenant: str) -> str:
@@ -157,7 +149,7 @@ class Tally:
 async def run(args: argparse.Namespace) -> int:
     out_path = Path(args.out or f"translations-{args.tenant}.jsonl")
     done = last_handled(out_path.read_text(encoding="utf-8").splitlines()) if out_path.exists() else 0
-    config = consumer_config(args.tenant, args.durable or f"translate-{args.tenant}", args.ack_wait)
+    consumer = reader_consumer(args.tenant, args.durable or "translate")
     options: dict[str, object] = {"name": f"translate-example-{args.tenant}", "inbox_prefix": inbox_prefix(args.tenant)}
     if args.creds:
         try:
@@ -183,18 +175,16 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     tally = Tally()
     try:
-        assert config.deliver_subject is not None
-        sub = await nc.subscribe(config.deliver_subject)  # before the consumer exists: nothing it pushes is missed
-        await nc.jetstream().add_consumer(subjects.TRANSCRIPTS_STREAM, config)  # or the same one again
+        sub = await nc.jetstream().pull_subscribe_bind(durable=consumer, stream=subjects.TRANSCRIPTS_STREAM)
         print(
-            f"translate: consumer {config.durable_name} on {config.filter_subject}, after stream seq {done}",
+            f"translate: reader {consumer}, after stream seq {done}",
             file=sys.stderr,
             flush=True,
         )
         with out_path.open("a", encoding="utf-8") as out:
             while not stop.is_set():
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    (msg,) = await sub.fetch(1, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
                 seq = msg.metadata.sequence.stream
@@ -239,17 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("NATS_CREDS") or None,
         help="the tenant's NATS credentials: an nkey seed file or a JWT credentials file ($NATS_CREDS)",
     )
-    parser.add_argument("--durable", help="consumer name (translate-<tenant>); the same name resumes")
-    parser.add_argument("--out", metavar="FILE", help="translations, one JSON line each (translations-<tenant>.jsonl)")
     parser.add_argument(
-        "--ack-wait", type=float, default=30.0, metavar="S", help="redelivery after a crash comes this late (30)"
+        "--durable", help="the reader's name (translate): `jetscribe tenant reader <tenant> <name> --in-order` made it"
     )
+    parser.add_argument("--out", metavar="FILE", help="translations, one JSON line each (translations-<tenant>.jsonl)")
     parser.add_argument(
         "--work-s", type=float, default=0.0, metavar="S", help="seconds each stand-in translation takes"
     )
     args = parser.parse_args(argv)
     try:
-        consumer_config(args.tenant, args.durable or f"translate-{args.tenant}", args.ack_wait)
+        reader_consumer(args.tenant, args.durable or "translate")
     except ValueError as exc:
         parser.error(str(exc))
     return asyncio.run(run(args))

@@ -13,6 +13,7 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetscribe.client.bot import Audio, stream_audio
+from jetscribe.client.readers import provision_reader
 from jetscribe.devstack.servers import NatsServer
 from jetscribe.evaluation.speech import sample_speech
 from jetscribe.services.transcriber.null_model import NullModel
@@ -46,8 +47,6 @@ async def start_example(nats_url: str, tenant: str, durable: str, out: Path, log
         durable,
         "--out",
         str(out),
-        "--ack-wait",
-        str(ACK_WAIT_S),
         "--work-s",
         "0.5",  # each stand-in translation takes this long, so the kill lands in the middle of one
         stdout=asyncio.subprocess.DEVNULL,
@@ -93,13 +92,16 @@ async def test_the_translation_example_handles_every_final_once_in_order_across_
 ):
     tenant, other = f"tr{uuid.uuid4().hex[:6]}", f"ot{uuid.uuid4().hex[:6]}"
     creds = nats_keys.add_tenant(tenant)  # `jetscribe tenant add`
+    reader, filter_subject = nats_keys.add_reader(tenant, "translate")  # `jetscribe tenant reader T translate`
     own_nats.reload()
-    durable = f"translate-{tenant}"
+    durable = "translate"
     out, log = tmp_path / "translations.jsonl", tmp_path / "example.log"
     speech = sample_speech()
     audio = Audio(speech.audio, speech.sample_rate)
     async with running_services(own_nats.url, database_url, NullModel(), "translate-w1") as nc:
         js = nc.jetstream()
+        # --in-order --ack-wait 15, made with rights the tenant has not (the test's root user here)
+        await provision_reader(nc, reader, filter_subject, ACK_WAIT_S, max_ack_pending=1)
         example = await start_example(own_nats.url, tenant, durable, out, log, creds)
         first, _ = await asyncio.gather(  # the tenant's session, and another tenant's that it must not see
             stream_audio(nc, audio, tenant=tenant, session_id="s1", speed=0),
@@ -112,7 +114,7 @@ async def test_the_translation_example_handles_every_final_once_in_order_across_
         await example.wait()
         before = written(out)
         assert len(before) >= 2
-        info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, durable)
+        info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, reader)
         # Killed while translating a final (or just after writing one): that one is delivered and not acked, and it
         # is the only one, so it comes again before any later final.
         assert info.num_ack_pending <= 1, info
@@ -126,7 +128,7 @@ async def test_the_translation_example_handles_every_final_once_in_order_across_
         await wait_written(out, len(expected), example, log)
         deadline = time.monotonic() + 30
         while True:  # every message of the filter acked: nothing is left to hand out again
-            info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, durable)
+            info = await js.consumer_info(subjects.TRANSCRIPTS_STREAM, reader)
             if info.num_pending == 0 and info.num_ack_pending == 0:
                 break
             assert time.monotonic() < deadline, info

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from nats.js.api import AckPolicy, DeliverPolicy
 
 from jetscribe.shared.wire import Segment
 
@@ -25,19 +24,14 @@ def segment(status="final", text="hello there", segment_id=3):
     )
 
 
-def test_the_consumer_is_durable_on_the_tenants_transcripts_one_message_in_flight():
-    config = example.consumer_config("acme", "translate-acme", 10.0)
-    assert config.durable_name == config.name == "translate-acme"
-    assert config.filter_subject == "transcript.acme.>"
-    assert config.deliver_subject == "_INBOX_acme.translate-acme"  # the tenant's user may read only _INBOX_acme.>
-    assert config.deliver_policy == DeliverPolicy.ALL and config.ack_policy == AckPolicy.EXPLICIT
-    assert config.max_ack_pending == 1 and config.ack_wait == 10.0
+def test_it_reads_the_tenants_reader_made_by_the_operator():
+    assert example.reader_consumer("acme", "translate") == "reader_acme_translate"  # jetscribe tenant reader
 
 
 @pytest.mark.parametrize("tenant", ["", "a.b", "a*", "a>", "x" * 65])
 def test_a_tenant_that_is_not_one_subject_token_is_refused(tenant):
     with pytest.raises(ValueError, match="must be 1-64 letters"):
-        example.consumer_config(tenant, "d", 1.0)
+        example.reader_consumer(tenant, "d")
 
 
 def test_a_jwt_credentials_file_and_a_bare_seed_are_told_apart():
