@@ -93,6 +93,12 @@ class Permissions:
         return config
 
 
+def _errors_of(service: str) -> str:
+    """Every tenant's error subject of a service, `_` (unknown tenant) among them. Not `subjects.errors(service, "*")`:
+    that names `errors.<service>._`, since `*` is no valid tenant."""
+    return f"errors.{service}.*"
+
+
 DATA_STREAMS = (subjects.AUDIO_STREAM, subjects.TRANSCRIPTS_STREAM, subjects.ERRORS_STREAM)
 
 
@@ -170,7 +176,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.INGEST_PARTITIONS_ALL,  # forwarding to the partition's holder
                 subjects.INGEST_AUDIO_ALL,  # a multichannel chunk split: each channel a request of its track session
                 subjects.INGEST_SESSION_ALL,
-                subjects.errors("ingest", "*"),
+                _errors_of("ingest"),
                 "$JS.ACK.TRANSCRIPTS.>",  # its consumer of the transcribers' ended/rejected events
                 *service_jetstream_api(
                     (subjects.INGEST_MEMBERS_BUCKET, subjects.INGEST_LEASES_BUCKET, subjects.TENANT_SESSIONS_BUCKET),
@@ -194,7 +200,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.TRANSCRIPTS_ALL,
                 subjects.SESSION_EVENTS_ALL,
                 subjects.TRANSCRIBER_CLAIMS_ALL,  # its claims on its partitions (group.py, fenced writes)
-                subjects.errors("transcriber", "*"),
+                _errors_of("transcriber"),
                 subjects.TRANSCRIBER_STATS_ALL,
                 "$JS.ACK.AUDIO.>",
                 *service_jetstream_api(
@@ -210,7 +216,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
         )
     if role == "persister":
         return Permissions(
-            publish=(subjects.errors("persister", "*"), "$JS.ACK.TRANSCRIPTS.>", *service_jetstream_api(())),
+            publish=(_errors_of("persister"), "$JS.ACK.TRANSCRIPTS.>", *service_jetstream_api(())),
             subscribe=(
                 _SERVICE_INBOX,
                 *_MICRO,

@@ -167,3 +167,9 @@ def test_connect_options_carry_the_seed_file_the_tenant_inbox_and_tls():
     assert options == {"nkeys_seed": "/keys/tenant-a.nk", "inbox_prefix": "_INBOX_a"}
     assert isinstance(ClientAuth().connect_options("tls://h:4222")["tls"], ssl.SSLContext)
     assert ClientAuth().connect_options("nats://h:4222") == {}
+
+
+@pytest.mark.parametrize("role", ["ingest", "transcriber", "persister"])
+def test_a_service_reports_errors_of_every_tenant(role):
+    for tenant in ("a", "acme-2", "_"):
+        assert allowed(permissions(role).publish, f"errors.{role}.{tenant}")
