@@ -187,6 +187,10 @@ async def run(args: argparse.Namespace) -> int:
                     (msg,) = await sub.fetch(1, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                except nats.js.errors.APIError as exc:  # e.g. 503 while a cluster moves the consumer's leader
+                    print(f"translate: fetch refused ({exc!r}); asking again", file=sys.stderr, flush=True)
+                    await asyncio.sleep(0.5)
+                    continue
                 seq = msg.metadata.sequence.stream
                 try:
                     segment = decode(msg.data, Segment)
@@ -209,7 +213,14 @@ async def run(args: argparse.Namespace) -> int:
                     done = seq
                     tally.handled += 1
                     print(show(segment), flush=True)
-                await msg.ack_sync()
+                try:
+                    await msg.ack_sync()
+                except nats.errors.TimeoutError:  # the ack may be lost (a leader change): it comes again, a repeat
+                    print(
+                        f"translate: ack of stream seq {seq} unconfirmed; a redelivery is skipped as a repeat",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     except Exception as exc:
         print(f"translate: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from jetscribe.client.readers import provision_reader
 from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import _nats_server_binary, free_port
 from jetscribe.shared import subjects
@@ -59,6 +60,7 @@ def cluster(tmp_path):
     keys = Keyring(tmp_path / "keys")
     env = {**os.environ, "JETSCRIBE_NATS_KEYS": str(keys.folder)}
     keys.add_tenant("acme")  # `docker compose run --rm nats-auth jetscribe tenant add acme`, then nats-auth again
+    keys.add_reader("acme", "translate")  # `jetscribe tenant reader acme translate`: the example's reader
     users = tmp_path / "auth-volume" / "users.conf"
     made = subprocess.run(
         [sys.executable, "-m", "jetscribe.cli.main", "nats-users", "--out", str(users)],
@@ -115,6 +117,16 @@ async def test_the_compose_nats_cluster_keeps_three_replicas_and_serves_a_tenant
         assert time.monotonic() < deadline, info.cluster
         await asyncio.sleep(0.2)
 
+    reader, filter_subject = keys.add_reader("acme", "translate")  # recorded already: its consumer's name and filter
+    deadline = time.monotonic() + 30
+    while True:  # a tenant may make no consumer itself; a cluster just formed may not answer a create at once
+        try:
+            await provision_reader(transcriber, reader, filter_subject, max_ack_pending=1)
+            break
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.Error):
+            assert time.monotonic() < deadline, "the reader's consumer could not be made for 30 s"
+            await asyncio.sleep(0.2)
+
     async def final(session: str, segment_id: int, text: str) -> int:
         """Published as a transcriber does: again until stored (a node's loss moves the stream's leader)."""
         segment = Segment(
@@ -131,7 +143,12 @@ async def test_the_compose_nats_cluster_keeps_three_replicas_and_serves_a_tenant
         while True:
             try:
                 return (await js.publish(subjects.transcript("acme", session), encode(segment), timeout=2)).seq
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,
+                nats.js.errors.APIError,
+            ):
                 assert time.monotonic() < deadline, "TRANSCRIPTS took no message for 30 s with two nodes of three up"
                 await asyncio.sleep(0.2)
 
