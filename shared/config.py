@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MIN_AUDIO_MAX_AGE_S = 30 * 60.0  # a bot or worker that reconnects within this finds its audio still stored
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"  # NATS_URL when unset
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/jetscribe"  # DATABASE_URL when unset
+DEFAULT_GATEWAY_WS_URL = "ws://127.0.0.1:8765"  # the gateway's WebSocket (/v1/listen), as the captions page sees it
 
 
 def cache_root() -> Path:
@@ -292,6 +293,18 @@ class PersisterConfig(FromEnv):
     database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
     batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
     retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
+
+
+@dataclass(frozen=True)
+class WebConfig(FromEnv):
+    """The captions page and session browser (services/web): where it listens, what it reads, where the page
+    streams to."""
+
+    database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)  # read only
+    host: str = env("JETSCRIBE_WEB_HOST", "127.0.0.1")
+    port: int = env("JETSCRIBE_WEB_PORT", 8000)
+    gateway_url: str = env("JETSCRIBE_WEB_GATEWAY_URL", DEFAULT_GATEWAY_WS_URL)  # the gateway's WebSocket, for the page
+    keys_dir: str = env("JETSCRIBE_NATS_KEYS", ".jetscribe/nats-keys")  # api-keys.json: the tenants' API keys
 
 
 @dataclass(frozen=True)

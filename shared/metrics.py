@@ -282,6 +282,15 @@ POISON = Spec(
     "messages that can never be stored, reported on errors.persister.<tenant> and terminated",
 )
 
+# --- web (the captions page and session browser) ------------------------------------------------------------
+WEB_REFUSALS = Spec(
+    "jetscribe.web.refusals",
+    "counter",
+    "{request}",
+    (ERROR_TYPE,),
+    "session browser requests refused (no API key, an unknown key, session or export format), by error code",
+)
+
 ALL: tuple[Spec, ...] = tuple(value for value in list(globals().values()) if isinstance(value, Spec))
 
 
@@ -408,3 +417,8 @@ class PersisterMetrics:
         self.retries = counter(meter, WRITE_RETRIES)
         self.dropped = counter(meter, POISON)
         self.lag = ConsumerLag(meter)
+
+
+class WebMetrics:
+    def __init__(self, meter: Meter):
+        self.refusals = counter(meter, WEB_REFUSALS)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "nats-users": cmd_nats_users,
         "db": cmd_db,
         "schema": cmd_schema,
+        "web": cmd_web,
     }[args.command]
     return run_command(command, args)
 
@@ -204,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_add = tenant_sub.add_parser("add", help="make tenant T's NATS user and print its seed file")
     tenant_add.add_argument("tenant", help="tenant name: letters, digits, '_' or '-'")
     tenant_sub.add_parser("list", help="tenants and whether they are revoked")
+    tenant_key = tenant_sub.add_parser(
+        "api-key",
+        help="a new API key for tenant T (the WebSocket gateway's and the captions page's login), printed once; "
+        "--revoke removes all of T's keys",
+    )
+    tenant_key.add_argument("tenant", help="tenant name")
+    tenant_key.add_argument("--revoke", action="store_true", help="remove every API key of T")
     tenant_revoke = tenant_sub.add_parser(
         "revoke", help="remove tenant T's user; a running stack reloads NATS at once and disconnects it"
     )
@@ -225,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="one message unacked at a time (max_ack_pending 1): a redelivery keeps order",
     )
     tenant_reader.add_argument("--remove", action="store_true", help="delete the consumer and T's right to it")
+
+    web = sub.add_parser(
+        "web",
+        help="serve the live captions page and the session browser (read-only over PostgreSQL); "
+        "`jetscribe up` runs it too",
+    )
+    web.add_argument("--host", default=None, help="address to listen on ($JETSCRIBE_WEB_HOST, else 127.0.0.1)")
+    web.add_argument("--port", type=int, default=None, help="port ($JETSCRIBE_WEB_PORT, else 8000)")
+    web.add_argument(
+        "--gateway", metavar="URL", help="the gateway's WebSocket the page streams to ($JETSCRIBE_WEB_GATEWAY_URL)"
+    )
 
     config = sub.add_parser(
         "nats-config", help="print a nats-server config holding the stack's users (for a NATS you run yourself)"
@@ -364,6 +383,9 @@ def cmd_up(args) -> int:
         lines = [f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", _workers_line(local)]
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
+        lines.append(
+            f"captions page and session browser: {local.web_url}  (a tenant's key: jetscribe tenant api-key T)"
+        )
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
         while not stopping:
@@ -808,10 +830,13 @@ def cmd_status(args) -> int:
 
 def cmd_tenant(args) -> int:
     from jetscribe.devstack.keys import TenantError
+    from jetscribe.shared.apikeys import ApiKeys
 
     keys = stack.keyring()
     if args.action == "reader":
         return _tenant_reader(args, keys)
+    if args.action == "api-key":
+        return _tenant_api_key(args, keys)
     try:
         if args.action == "list":
             for name, revoked in keys.tenants().items():
@@ -821,6 +846,7 @@ def cmd_tenant(args) -> int:
             path = keys.add_tenant(args.tenant)
         else:
             keys.revoke_tenant(args.tenant)
+            ApiKeys(keys.folder).revoke(args.tenant)  # its WebSocket and captions page logins go with its user
     except TenantError as exc:
         print(f"jetscribe tenant {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -833,6 +859,23 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    return 0
+
+
+def _tenant_api_key(args, keys) -> int:
+    from jetscribe.shared.apikeys import ApiKeys
+
+    api_keys = ApiKeys(keys.folder)
+    if args.revoke:
+        print(f"tenant {args.tenant}: {api_keys.revoke(args.tenant)} API key(s) removed")
+        return 0
+    if keys.tenants().get(args.tenant, True):  # unknown (default True) or revoked
+        print(
+            f"jetscribe tenant api-key: no tenant {args.tenant!r}; `jetscribe tenant add {args.tenant}` first",
+            file=sys.stderr,
+        )
+        return 2
+    print(api_keys.issue(args.tenant))
     return 0
 
 
@@ -882,6 +925,24 @@ def _tenant_reader(args, keys) -> int:
         print(f"  nats-py, as {args.tenant}: js.pull_subscribe_bind(durable={consumer!r}, stream='TRANSCRIPTS')")
     print("the running NATS reloaded its users" if reloaded else "reload your nats-server for the permission")
     return 0
+
+
+def cmd_web(args) -> int:
+    """The web process in the foreground, on the database and keys of the stack here (or DATABASE_URL)."""
+    from jetscribe.services.web.app import main as web_main
+
+    os.environ["DATABASE_URL"] = servers.database_url()
+    os.environ.setdefault("JETSCRIBE_NATS_KEYS", str(stack.keyring().folder))
+    for variable, value in (
+        ("JETSCRIBE_WEB_HOST", args.host),
+        ("JETSCRIBE_WEB_PORT", args.port),
+        ("JETSCRIBE_WEB_GATEWAY_URL", args.gateway),
+    ):
+        if value is not None:
+            os.environ[variable] = str(value)
+    host, port = os.environ.get("JETSCRIBE_WEB_HOST") or "127.0.0.1", os.environ.get("JETSCRIBE_WEB_PORT") or "8000"
+    print(f"captions page: http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    return web_main()
 
 
 def cmd_nats_config(args) -> int:

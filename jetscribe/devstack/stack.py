@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from jetscribe.devstack.keys import OPERATOR, ROOT, Keyring, public_key
-from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer, nats_keys_dir
+from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer, free_port, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
 from jetscribe.shared import subjects
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("jetscribe.services.ingest", "jetscribe.services.transcriber", "jetscribe.services.persister")
 TRANSCRIBER = "jetscribe.services.transcriber"
+WEB = "jetscribe.services.web"  # the captions page: no NATS, so it is ready when its port answers, not on NATS
 
 
 CONFIG_EXIT = 2  # a service's exit code for a setting that cannot work (telemetry.serve), with one line on stderr
@@ -464,6 +465,7 @@ class LocalStack:
     children: list[ServiceProcess] = field(default_factory=list, init=False)
     nats_url: str = field(default="", init=False)
     database_url: str = field(default="", init=False)
+    web_url: str = field(default="", init=False)  # the captions page and session browser
     plan: WorkerPlan | None = field(default=None, init=False)
     transcriber_ids: list[str] = field(default_factory=list, init=False)
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
@@ -534,6 +536,7 @@ class LocalStack:
                 )
             persister_env = {**env, **service_auth.get("persister", {})}
             self.children.append(ServiceProcess.start("persister", SERVICES[2], persister_env, self.hold_output))
+            self.children.append(ServiceProcess.start("web", WEB, self._web_env(env), self.hold_output))
             self._write_stack_file()
             self.partitions_held = asyncio.run(self._wait_until_ready(since))
         except BaseException:
@@ -573,6 +576,7 @@ class LocalStack:
             "nats_url": self.nats_url,
             "nats_nodes": len(nats_servers(self.nats_url)),
             "database_url": self.database_url,
+            "web_url": self.web_url,
             "transcribers": self.plan.transcribers,
             "transcriber_ids": self.transcriber_ids,
             "cpu_threads": self.plan.threads,
@@ -610,6 +614,13 @@ class LocalStack:
         nodes = self.nats_cluster.nodes if self.nats_cluster is not None else []
         return [server for server in (self.nats, *nodes, self.postgres) if server is not None]
 
+    def _web_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """The web process reads PostgreSQL and the tenants' API keys; JETSCRIBE_WEB_PORT, else a free port."""
+        host = env.get("JETSCRIBE_WEB_HOST") or "127.0.0.1"
+        port = int(env.get("JETSCRIBE_WEB_PORT") or free_port(host))
+        self.web_url = f"http://{host}:{port}/"
+        return {**env, "JETSCRIBE_WEB_PORT": str(port), "JETSCRIBE_NATS_KEYS": str(keyring(self.home).folder)}
+
     def _worker_env(self, env: Mapping[str, str], index: int) -> dict[str, str]:
         assert self.plan is not None
         worker = {**env, **thread_env(self.plan.threads), "JETSCRIBE_WORKER_ID": self.transcriber_ids[index]}
@@ -631,10 +642,12 @@ class LocalStack:
         nc = await nats.connect(nats_servers(self.nats_url), error_cb=quiet, **self.auth.connect_options(self.nats_url))
         try:
             deadline = time.monotonic() + self.ready_timeout_s
-            names = {child.proc.pid: child.name for child in self.children}
+            names = {child.proc.pid: child.name for child in self.children if child.name != "web"}
             while True:
                 self.check()
                 waiting = not_ready(names, await _health_by_pid(nc, set(names)))
+                if self.web_url and not await _answers(self.web_url):
+                    waiting["web"] = f"{self.web_url} does not answer yet"
                 held = holders(await _leases(nc), since_revision)
                 behind = unsettled(self.transcriber_ids, self.partitions, await _members(nc), held)
                 if not waiting and not behind:
@@ -715,6 +728,17 @@ def not_ready_message(timeout_s: float, waiting: Mapping[str, str], behind: Mapp
     parts = [f"{name} ({why})" for name, why in waiting.items()]
     parts += [f"transcriber {w} holds {n} of its {m} partitions" for w, (n, m) in behind.items()]
     return f"not ready after {timeout_s:g} s: " + "; ".join(parts)
+
+
+async def _answers(url: str) -> bool:
+    """Whether an HTTP server accepts connections at url's host and port."""
+    host, _, port = url.split("/")[2].rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def _health_by_pid(nc: Any, pids: set[int], wait_s: float = 0.5) -> dict[int, dict[str, Any]]:
