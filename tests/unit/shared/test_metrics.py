@@ -9,7 +9,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from jetscribe.shared import metrics
-from jetscribe.shared.metrics import ALL, GaugeFeed, IngestMetrics, PersisterMetrics, TranscriberMetrics
+from jetscribe.shared.metrics import ALL, GaugeFeed, IngestMetrics, PersisterMetrics, TranscriberMetrics, WebMetrics
 
 README = Path(__file__).parents[3] / "README.md"
 
@@ -41,7 +41,7 @@ class RecordingMeter(NoOpMeter):
 
 def test_every_instrument_comes_from_a_spec_and_every_spec_is_used():
     meter = RecordingMeter()
-    for kind in (IngestMetrics, TranscriberMetrics, PersisterMetrics):
+    for kind in (IngestMetrics, TranscriberMetrics, PersisterMetrics, WebMetrics):
         kind(meter)
     assert set(meter.created) == {(spec.name, spec.kind, spec.unit) for spec in ALL}
 
@@ -121,7 +121,7 @@ def test_every_metric_is_exported_to_prometheus_under_the_readme_name():
     tel = Telemetry("test", config=TelemetryConfig())
     specs = {spec.name: spec for spec in ALL}
     try:
-        for kind in (IngestMetrics, TranscriberMetrics, PersisterMetrics):
+        for kind in (IngestMetrics, TranscriberMetrics, PersisterMetrics, WebMetrics):
             for name, instrument in vars(kind(tel.meter)).items():
                 if isinstance(instrument, metrics.ConsumerLag):
                     attributes = {metrics.STREAM: "AUDIO", metrics.CONSUMER: "transcriber-p3", metrics.PARTITION: "3"}

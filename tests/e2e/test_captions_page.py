@@ -1,0 +1,131 @@
+"""The captions page and its session browser in a real browser: Debian's chromium driven by Playwright, against the
+whole pipeline (real nats-server, PostgreSQL, the services, tiny.en) and the web process (services/web).
+
+A screenshot of each run is kept in test-artifacts/ ($JETSCRIBE_TEST_ARTIFACTS moves it; gitignored).
+Without a browser at /usr/bin/chromium ($JETSCRIBE_CHROMIUM) these tests skip, and fail under CI=true:
+`make test` installs Debian's chromium where it is missing (as root).
+"""
+
+import asyncio
+import os
+import re
+import uuid
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+
+from jetscribe.cli.formats import render
+from jetscribe.client.bot import Audio, stream_audio
+from jetscribe.devstack.servers import free_port
+from jetscribe.evaluation.speech import sample_speech
+from jetscribe.evaluation.wer import wer
+from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
+from jetscribe.services.web.app import run as run_web
+from jetscribe.shared.apikeys import ApiKeys
+from jetscribe.shared.config import WebConfig
+from jetscribe.shared.natsauth import env_connect_options
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("JETSCRIBE_CHROMIUM") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("JETSCRIBE_TEST_ARTIFACTS") or Path(__file__).parents[2] / "test-artifacts")
+WER_BOUND = 0.15  # as the NATS path's e2e test: tiny.en on the sample
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    reason = f"no browser at {CHROMIUM}: install Debian's chromium (`make test` does, as root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def web(pipeline, nats_keys):
+    """The web process on the pipeline's database and the session's keys folder; yields (its URL, its ApiKeys)."""
+    stop, port = asyncio.Event(), free_port()
+    config = WebConfig(database_url=pipeline.database_url, port=port, gateway_url="ws://127.0.0.1:1")
+    keys = ApiKeys(nats_keys.folder)
+    task = asyncio.create_task(run_web(config, stop, keys.tenant_of))
+    url = f"http://127.0.0.1:{port}/"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    yield url, keys
+    stop.set()
+    await task
+
+
+async def browser_page(playwright, chromium: str, *extra_args: str):
+    browser = await playwright.chromium.launch(executable_path=chromium, args=list(extra_args))
+    context = await browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 800})
+    return browser, await context.new_page()
+
+
+async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_s_tenant_only(pipeline, web, chromium):
+    from playwright.async_api import async_playwright
+
+    url, keys = web
+    tenant, session = f"web-{uuid.uuid4().hex[:6]}", f"browsed-{uuid.uuid4().hex[:8]}"
+    key, other_key = keys.issue(tenant), keys.issue(f"{tenant}-other")
+    speech = sample_speech()
+    nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
+    try:
+        await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant=tenant, session_id=session, speed=0)
+    finally:
+        await nc.close()
+    engine = open_engine(pipeline.database_url)
+    try:
+        await wait_until_ended(engine, tenant, session, timeout_s=30.0)
+        stored = await final_segments(engine, tenant, session)
+    finally:
+        await engine.dispose()
+
+    async with aiohttp.ClientSession() as http:  # the key decides the tenant; a refusal says why
+        api = f"{url}api/sessions"
+        async with http.get(api) as response:
+            assert response.status == 401 and (await response.json())["code"] == "missing_key"
+        async with http.get(api, headers={"Authorization": "Token js_not-a-key"}) as response:
+            assert response.status == 401 and (await response.json())["code"] == "unknown_key"
+        async with http.get(api, headers={"Authorization": f"Token {other_key}"}) as response:
+            assert session not in [s["session_id"] for s in await response.json()]
+        async with http.get(f"{api}/{session}", params={"token": other_key}) as response:
+            assert response.status == 404 and (await response.json())["code"] == "unknown_session"
+
+    async with async_playwright() as playwright:
+        browser, page = await browser_page(playwright, chromium)
+        try:
+            await page.goto(url)
+            await page.wait_for_selector("body[data-ready=true]")
+            await page.fill("#key", key)
+            await page.click("#refresh")
+            await page.click(f'#sessions tr[data-session="{session}"]')
+            await page.wait_for_selector("#opened-finals li")
+            shown = await page.eval_on_selector_all("#opened-finals li", "lis => lis.map(li => li.lastChild.data)")
+            assert wer(speech.text, " ".join(shown)) <= WER_BOUND, shown
+            assert shown == [s.text for s in stored if s.text]
+            times = await page.eval_on_selector_all("#opened-finals .time", "spans => spans.map(s => s.textContent)")
+            assert all(re.fullmatch(r"\d\d:\d\d\.\d–\d\d:\d\d\.\d", t) for t in times), times
+
+            async with page.expect_download() as downloading:
+                await page.click("button[data-export=vtt]")
+            download = await downloading.value
+            assert download.suggested_filename == f"{session}.vtt"
+            vtt = Path(await download.path()).read_text()
+            assert vtt == render(stored, "vtt") + "\n"
+            cues = re.findall(r"^(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+)$", vtt, re.MULTILINE)
+            assert vtt.startswith("WEBVTT\n\n") and [c[2] for c in cues] == shown
+
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "captions-session-browser.png"), full_page=True)
+        finally:
+            await browser.close()
