@@ -205,13 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_add = tenant_sub.add_parser("add", help="make tenant T's NATS user and print its seed file")
     tenant_add.add_argument("tenant", help="tenant name: letters, digits, '_' or '-'")
     tenant_sub.add_parser("list", help="tenants and whether they are revoked")
-    tenant_key = tenant_sub.add_parser(
-        "api-key",
-        help="a new API key for tenant T (the WebSocket gateway's and the captions page's login), printed once; "
-        "--revoke removes all of T's keys",
-    )
-    tenant_key.add_argument("tenant", help="tenant name")
-    tenant_key.add_argument("--revoke", action="store_true", help="remove every API key of T")
     tenant_revoke = tenant_sub.add_parser(
         "revoke", help="remove tenant T's user; a running stack reloads NATS at once and disconnects it"
     )
@@ -384,7 +377,7 @@ def cmd_up(args) -> int:
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
         lines.append(
-            f"captions page and session browser: {local.web_url}  (a tenant's key: jetscribe tenant api-key T)"
+            f"captions page and session browser: {local.web_url}  (a tenant's API key: jetscribe tenant add T)"
         )
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
@@ -830,13 +823,10 @@ def cmd_status(args) -> int:
 
 def cmd_tenant(args) -> int:
     from jetscribe.devstack.keys import TenantError
-    from jetscribe.shared.apikeys import ApiKeys
 
     keys = stack.keyring()
     if args.action == "reader":
         return _tenant_reader(args, keys)
-    if args.action == "api-key":
-        return _tenant_api_key(args, keys)
     try:
         if args.action == "list":
             for name, revoked in keys.tenants().items():
@@ -846,7 +836,6 @@ def cmd_tenant(args) -> int:
             path = keys.add_tenant(args.tenant)
         else:
             keys.revoke_tenant(args.tenant)
-            ApiKeys(keys.folder).revoke(args.tenant)  # its WebSocket and captions page logins go with its user
     except TenantError as exc:
         print(f"jetscribe tenant {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -859,23 +848,6 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
-    return 0
-
-
-def _tenant_api_key(args, keys) -> int:
-    from jetscribe.shared.apikeys import ApiKeys
-
-    api_keys = ApiKeys(keys.folder)
-    if args.revoke:
-        print(f"tenant {args.tenant}: {api_keys.revoke(args.tenant)} API key(s) removed")
-        return 0
-    if keys.tenants().get(args.tenant, True):  # unknown (default True) or revoked
-        print(
-            f"jetscribe tenant api-key: no tenant {args.tenant!r}; `jetscribe tenant add {args.tenant}` first",
-            file=sys.stderr,
-        )
-        return 2
-    print(api_keys.issue(args.tenant))
     return 0
 
 
