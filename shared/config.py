@@ -311,7 +311,15 @@ class WebConfig(FromEnv):
     host: str = env("JETSCRIBE_WEB_HOST", "127.0.0.1")
     port: int = env("JETSCRIBE_WEB_PORT", 8000)
     gateway_url: str = env("JETSCRIBE_WEB_GATEWAY_URL", DEFAULT_GATEWAY_WS_URL)  # the gateway's WebSocket, for the page
-    keys_dir: str = env("JETSCRIBE_NATS_KEYS", ".jetscribe/nats-keys")  # api-keys.json: the tenants' API keys
+    # the tenants' API key hashes, as the gateway reads them: JETSCRIBE_API_KEYS, else api-keys.json in the keys folder
+    api_keys: str = env("JETSCRIBE_API_KEYS", "")
+    keys_dir: str = env("JETSCRIBE_NATS_KEYS", ".jetscribe/nats-keys")
+
+    @property
+    def api_keys_file(self) -> Path:
+        from jetscribe.shared.natsauth import API_KEYS_FILE  # natsauth reads this module's StreamSettings
+
+        return Path(self.api_keys or Path(self.keys_dir) / API_KEYS_FILE)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from jetscribe.cli.formats import render
+from jetscribe.services.ingest.websocket import ApiKeys
 from jetscribe.services.persister.store import final_segments, find_session, list_sessions, open_engine
 from jetscribe.services.web.core import (
     KEY_PARAMETER,
@@ -30,7 +31,6 @@ from jetscribe.services.web.core import (
     session_summary,
 )
 from jetscribe.shared import telemetry
-from jetscribe.shared.apikeys import ApiKeys
 from jetscribe.shared.config import WebConfig
 from jetscribe.shared.metrics import ERROR_TYPE, WebMetrics
 
@@ -40,6 +40,16 @@ SERVICE = "web"
 TenantOf = Callable[[str], str | None]  # an API key -> its tenant, None if no tenant has it
 STATIC = resources.files("jetscribe.services.web") / "static"
 PAGES = {"index.html": "text/html", "captions.js": "text/javascript", "style.css": "text/css"}
+
+
+def key_checker(keys: ApiKeys) -> TenantOf:
+    """The gateway's own check of a tenant's API key (services/ingest/websocket.py), as a key -> tenant lookup."""
+
+    def tenant_of(key: str) -> str | None:
+        found = keys.tenant_of(key)
+        return found[0] if found else None
+
+    return tenant_of
 
 
 class SessionBrowser:
@@ -161,6 +171,6 @@ def main() -> int:
 
     def serve_web(stop: asyncio.Event, tel: telemetry.Telemetry) -> Awaitable[None]:
         config = WebConfig.from_env()
-        return run(config, stop, ApiKeys(config.keys_dir).tenant_of, tel)
+        return run(config, stop, key_checker(ApiKeys(config.api_keys_file)), tel)
 
     return telemetry.serve(SERVICE, serve_web)

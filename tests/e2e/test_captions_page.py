@@ -21,9 +21,10 @@ from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.devstack.servers import free_port
 from jetscribe.evaluation.speech import sample_speech
 from jetscribe.evaluation.wer import wer
+from jetscribe.services.ingest.websocket import ApiKeys
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
+from jetscribe.services.web.app import key_checker
 from jetscribe.services.web.app import run as run_web
-from jetscribe.shared.apikeys import ApiKeys
 from jetscribe.shared.config import WebConfig
 from jetscribe.shared.natsauth import env_connect_options
 
@@ -46,11 +47,10 @@ def chromium() -> str:
 
 @pytest.fixture
 async def web(pipeline, nats_keys):
-    """The web process on the pipeline's database and the session's keys folder; yields (its URL, its ApiKeys)."""
+    """The web process on the pipeline's database and the session's keyring; yields its URL."""
     stop, port = asyncio.Event(), free_port()
     config = WebConfig(database_url=pipeline.database_url, port=port, gateway_url="ws://127.0.0.1:1")
-    keys = ApiKeys(nats_keys.folder)
-    task = asyncio.create_task(run_web(config, stop, keys.tenant_of))
+    task = asyncio.create_task(run_web(config, stop, key_checker(ApiKeys(nats_keys.api_keys_path))))
     url = f"http://127.0.0.1:{port}/"
     async with aiohttp.ClientSession() as http:
         for _ in range(100):
@@ -60,9 +60,15 @@ async def web(pipeline, nats_keys):
                         break
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.05)
-    yield url, keys
+    yield url
     stop.set()
     await task
+
+
+def api_key(keys, tenant: str) -> str:
+    """A new tenant and its API key, made as `jetscribe tenant add` makes them."""
+    keys.add_tenant(tenant)
+    return keys.new_api_key(tenant)
 
 
 async def browser_page(playwright, chromium: str, *extra_args: str):
@@ -71,12 +77,14 @@ async def browser_page(playwright, chromium: str, *extra_args: str):
     return browser, await context.new_page()
 
 
-async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_s_tenant_only(pipeline, web, chromium):
+async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_s_tenant_only(
+    pipeline, web, chromium, nats_keys
+):
     from playwright.async_api import async_playwright
 
-    url, keys = web
+    url = web
     tenant, session = f"web-{uuid.uuid4().hex[:6]}", f"browsed-{uuid.uuid4().hex[:8]}"
-    key, other_key = keys.issue(tenant), keys.issue(f"{tenant}-other")
+    key, other_key = api_key(nats_keys, tenant), api_key(nats_keys, f"{tenant}-other")
     speech = sample_speech()
     nc = await nats.connect(pipeline.nats_url, **env_connect_options(pipeline.nats_url))
     try:
