@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from jetscribe.devstack.servers import NatsServer
+from jetscribe.devstack.servers import NatsServer, free_port
 from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.persister.app import run as run_persister
 from jetscribe.services.persister.migrate import upgrade
@@ -18,6 +18,7 @@ from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSetting
 class Pipeline:
     nats_url: str
     database_url: str
+    ws_url: str  # the gateway's WebSocket (/v1/listen), keys from the session's keyring
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +34,18 @@ def e2e_nats(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-async def pipeline(e2e_nats, postgres_server, tiny_model):
+async def pipeline(e2e_nats, postgres_server, tiny_model, nats_keys):
     postgres_server.create_database("e2e")
     database_url = postgres_server.url("e2e")
     upgrade(database_url)
     nats_url = e2e_nats.url
     settings = StreamSettings(nats_url=nats_url)
+    ws_port = free_port()
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_ingest(settings, IngestConfig(), stop)),
+        asyncio.create_task(
+            run_ingest(settings, IngestConfig(ws_port=ws_port, api_keys=str(nats_keys.api_keys_path)), stop)
+        ),
         asyncio.create_task(
             run_transcriber(
                 settings,
@@ -53,6 +57,6 @@ async def pipeline(e2e_nats, postgres_server, tiny_model):
         asyncio.create_task(run_persister(settings, PersisterConfig(database_url=database_url), stop)),
     ]
     await asyncio.sleep(0.5)
-    yield Pipeline(nats_url, database_url)
+    yield Pipeline(nats_url, database_url, f"ws://127.0.0.1:{ws_port}")
     stop.set()
     await asyncio.gather(*tasks)

@@ -19,7 +19,7 @@ import pytest
 from jetscribe.cli.formats import render
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.devstack.servers import free_port
-from jetscribe.evaluation.speech import sample_speech
+from jetscribe.evaluation.speech import SAMPLE_SENTENCES, sample_speech, synthesize, write_wav
 from jetscribe.evaluation.wer import wer
 from jetscribe.services.ingest.websocket import ApiKeys
 from jetscribe.services.persister.store import final_segments, open_engine, wait_until_ended
@@ -33,6 +33,15 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = os.environ.get("JETSCRIBE_CHROMIUM") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("JETSCRIBE_TEST_ARTIFACTS") or Path(__file__).parents[2] / "test-artifacts")
 WER_BOUND = 0.15  # as the NATS path's e2e test: tiny.en on the sample
+FAKE_MICROPHONE = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+# Each interim text the page shows, in order, with its colour: caught as it changes, not sampled.
+WATCH_INTERIMS = """() => {
+  window.interimsSeen = [];
+  const interim = document.getElementById("interim");
+  new MutationObserver(() => {
+    if (interim.textContent) window.interimsSeen.push([interim.textContent, getComputedStyle(interim).color]);
+  }).observe(interim, { childList: true, characterData: true, subtree: true });
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,7 @@ def chromium() -> str:
 async def web(pipeline, nats_keys):
     """The web process on the pipeline's database and the session's keyring; yields its URL."""
     stop, port = asyncio.Event(), free_port()
-    config = WebConfig(database_url=pipeline.database_url, port=port, gateway_url="ws://127.0.0.1:1")
+    config = WebConfig(database_url=pipeline.database_url, port=port, gateway_url=pipeline.ws_url)
     task = asyncio.create_task(run_web(config, stop, key_checker(ApiKeys(nats_keys.api_keys_path))))
     url = f"http://127.0.0.1:{port}/"
     async with aiohttp.ClientSession() as http:
@@ -135,5 +144,68 @@ async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "captions-session-browser.png"), full_page=True)
+        finally:
+            await browser.close()
+
+
+async def test_live_captions_from_a_fake_microphone_then_the_session_in_the_browser(
+    pipeline, web, chromium, nats_keys, tmp_path
+):
+    from playwright.async_api import async_playwright
+
+    speech = synthesize(list(SAMPLE_SENTENCES[:3]))
+    wav = tmp_path / "microphone.wav"
+    write_wav(wav, speech)
+    tenant = f"live-{uuid.uuid4().hex[:6]}"
+    key = api_key(nats_keys, tenant)
+    async with async_playwright() as playwright:
+        microphone = f"--use-file-for-fake-audio-capture={wav}%noloop"
+        browser, page = await browser_page(playwright, chromium, *FAKE_MICROPHONE, microphone)
+        try:
+            await page.goto(web)
+            await page.wait_for_selector("body[data-ready=true]")
+            assert await page.input_value("#gateway") == pipeline.ws_url
+            await page.fill("#key", key)
+            await page.evaluate(WATCH_INTERIMS)
+            await page.click("#start")
+            await page.wait_for_selector("#live[data-session]")
+            session = await page.get_attribute("#live", "data-session")
+            # The fake microphone plays the file once, in real time; then Stop sends Finalize and CloseStream.
+            await page.wait_for_function(
+                f"Number(document.getElementById('live').dataset.sentSeconds || 0) >= {speech.duration_s + 0.3}",
+                timeout=(speech.duration_s + 30) * 1000,
+            )
+            await page.click("#stop")
+            await page.wait_for_selector("#live[data-closed]", timeout=60_000)
+            assert await page.get_attribute("#live", "data-closed") == "ended"
+
+            interims = await page.evaluate("window.interimsSeen")
+            finals = await page.eval_on_selector_all("#finals li", "lis => lis.map(li => li.lastChild.data)")
+            colours = await page.eval_on_selector_all("#finals li", "lis => lis.map(li => getComputedStyle(li).color)")
+            assert interims, "no interim text was shown"
+            assert {colour for _, colour in interims} == {"rgb(136, 136, 136)"}  # grey
+            assert finals and set(colours) == {"rgb(0, 0, 0)"}  # black
+            assert wer(speech.text, " ".join(finals)) <= WER_BOUND, finals
+            times = await page.eval_on_selector_all("#finals .time", "spans => spans.map(s => s.textContent)")
+            assert len(times) == len(finals) and all(re.fullmatch(r"\d\d:\d\d\.\d–\d\d:\d\d\.\d", t) for t in times)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "captions-live.png"), full_page=True)
+
+            engine = open_engine(pipeline.database_url)
+            try:
+                await wait_until_ended(engine, tenant, session, timeout_s=30.0)
+                stored = await final_segments(engine, tenant, session)
+            finally:
+                await engine.dispose()
+            assert [s.text for s in stored if s.text] == finals  # what the page showed live is what was stored
+
+            await page.click("#refresh")
+            await page.click(f'#sessions tr[data-session="{session}"]')
+            await page.wait_for_selector("#opened-finals li")
+            async with page.expect_download() as downloading:
+                await page.click("button[data-export=vtt]")
+            vtt = Path(await (await downloading.value).path()).read_text()
+            assert vtt == render(stored, "vtt") + "\n" and vtt.startswith("WEBVTT\n\n")
+            await page.screenshot(path=str(ARTIFACTS / "captions-live-session.png"), full_page=True)
         finally:
             await browser.close()

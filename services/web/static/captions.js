@@ -29,7 +29,7 @@ registerProcessor("pcm-capture", PcmCapture);
 
 const $ = (id) => document.getElementById(id);
 let config = { gateway_url: "", key_parameter: "token" };
-let live = null; // {socket, context, stream, source}
+let live = null; // {socket, context, stream, source, sessionId, sentSamples}
 
 function clock(seconds) {
   const m = Math.floor(seconds / 60);
@@ -74,23 +74,27 @@ function onResults(message) {
 function onMessage(event) {
   const message = JSON.parse(event.data);
   if (message.type === "Results") onResults(message);
-  else if (message.type === "Metadata") setState(`streaming, session ${message.request_id}`);
   else if (message.type === "Error" || message.err_code) setState(message.description || message.err_msg, true);
 }
 
-function listenUrl() {
+// A jetscribe extension of /v1/listen: the page names the session, so the browser below can find it.
+function newSessionId() {
+  return `live-${new Date().toISOString().replace(/[-:T]/g, "").slice(0, 14)}-${Math.random().toString(36).slice(2, 8)}`;
+}
+
+function listenUrl(sessionId) {
   const url = new URL("/v1/listen", $("gateway").value);
   const query = {
     encoding: "linear16", sample_rate: SAMPLE_RATE, channels: 1, interim_results: "true",
-    language: $("language").value || "en", [config.key_parameter]: $("key").value,
+    language: $("language").value || "en", session_id: sessionId, [config.key_parameter]: $("key").value,
   };
   for (const [name, value] of Object.entries(query)) url.searchParams.set(name, value);
   return url.toString();
 }
 
-function openSocket() {
+function openSocket(sessionId) {
   return new Promise((resolve, reject) => {
-    const socket = new WebSocket(listenUrl());
+    const socket = new WebSocket(listenUrl(sessionId));
     socket.binaryType = "arraybuffer";
     socket.onopen = () => resolve(socket);
     socket.onerror = () => reject(new Error("the gateway refused the WebSocket (its URL? the API key?)"));
@@ -123,19 +127,28 @@ async function start() {
     const context = new AudioContext({ sampleRate: SAMPLE_RATE });
     const moduleUrl = URL.createObjectURL(new Blob([CAPTURE_WORKLET], { type: "text/javascript" }));
     await context.audioWorklet.addModule(moduleUrl);
-    const socket = await openSocket();
+    const sessionId = newSessionId();
+    const socket = await openSocket(sessionId);
+    $("live").dataset.session = sessionId;
     const capture = new AudioWorkletNode(context, "pcm-capture");
+    let sentSamples = 0;
     capture.port.onmessage = (event) => {
-      if (socket.readyState === WebSocket.OPEN) socket.send(event.data);
+      if (socket.readyState !== WebSocket.OPEN) return;
+      socket.send(event.data);
+      sentSamples += event.data.byteLength / 2;
+      $("live").dataset.sentSeconds = (sentSamples / SAMPLE_RATE).toFixed(1);
+      if (live && live.source) setState(`streaming session ${sessionId}: ${clock(sentSamples / SAMPLE_RATE)} sent`);
     };
     socket.onclose = (event) => {
-      setState(event.code === 1000 ? "closed" : `closed: ${event.code} ${event.reason}`, event.code !== 1000);
+      const ended = event.code === 1000;
+      setState(ended ? `session ${sessionId} ended` : `closed: ${event.code} ${event.reason}`, !ended);
+      $("live").dataset.closed = ended ? "ended" : String(event.code);
       release();
     };
     const source = await audioSource(context);
     source.node.connect(capture);
-    live = { socket, context, stream: source.stream, source: source.node };
-    setState("streaming");
+    live = { socket, context, stream: source.stream, source: source.node, sessionId };
+    setState(`streaming session ${sessionId}`);
     $("stop").disabled = false;
   } catch (error) {
     setState(String(error.message || error), true);
@@ -143,15 +156,16 @@ async function start() {
   }
 }
 
-// Finalize flushes the utterance in progress; CloseStream ends the session once its last finals are sent.
+// CloseStream: the gateway ends the session, sends its last finals, then closes the socket (a Finalize first
+// would only flush the same utterance).
 function stop() {
-  if (!live) return;
+  if (!live || !live.source) return; // not streaming, or already finishing
   $("stop").disabled = true;
   live.source.disconnect();
+  live.source = null;
   if (live.socket.readyState === WebSocket.OPEN) {
-    live.socket.send(JSON.stringify({ type: "Finalize" }));
     live.socket.send(JSON.stringify({ type: "CloseStream" }));
-    setState("finishing");
+    setState(`finishing session ${live.sessionId}`);
   }
 }
 
