@@ -466,6 +466,7 @@ class LocalStack:
     nats_url: str = field(default="", init=False)
     database_url: str = field(default="", init=False)
     web_url: str = field(default="", init=False)  # the captions page and session browser
+    ws_url: str = field(default="", init=False)  # the first gateway's WebSocket (/v1/listen), where the page streams
     plan: WorkerPlan | None = field(default=None, init=False)
     transcriber_ids: list[str] = field(default_factory=list, init=False)
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
@@ -525,9 +526,10 @@ class LocalStack:
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
         since = asyncio.run(_lease_revision(self.nats_url, self.auth))
         try:
+            ws_ports = self._ws_ports(env)
             for gateway in range(self.gateways):
                 name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
-                gateway_env = {**env, **service_auth.get("ingest", {})}
+                gateway_env = {**env, **service_auth.get("ingest", {}), **self._ws_env(ws_ports[gateway])}
                 self.children.append(ServiceProcess.start(name, SERVICES[0], gateway_env, self.hold_output))
             for i, worker in enumerate(self.transcriber_ids):
                 worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
@@ -577,6 +579,7 @@ class LocalStack:
             "nats_nodes": len(nats_servers(self.nats_url)),
             "database_url": self.database_url,
             "web_url": self.web_url,
+            "ws_url": self.ws_url,
             "transcribers": self.plan.transcribers,
             "transcriber_ids": self.transcriber_ids,
             "cpu_threads": self.plan.threads,
@@ -614,12 +617,30 @@ class LocalStack:
         nodes = self.nats_cluster.nodes if self.nats_cluster is not None else []
         return [server for server in (self.nats, *nodes, self.postgres) if server is not None]
 
+    def _ws_ports(self, env: Mapping[str, str]) -> list[int]:
+        """Each gateway's WebSocket port: JETSCRIBE_WS_PORT and the ports after it, else free ones."""
+        first = int(env.get("JETSCRIBE_WS_PORT") or 0)
+        host = env.get("JETSCRIBE_WS_HOST") or "127.0.0.1"
+        ports = [first + i if first else free_port(host) for i in range(self.gateways)]
+        self.ws_url = f"ws://{host}:{ports[0]}"
+        return ports
+
+    def _ws_env(self, port: int) -> dict[str, str]:
+        """A gateway's WebSocket, checking the API keys `jetscribe tenant add` makes."""
+        return {"JETSCRIBE_WS_PORT": str(port), "JETSCRIBE_API_KEYS": str(keyring(self.home).api_keys_path)}
+
     def _web_env(self, env: Mapping[str, str]) -> dict[str, str]:
-        """The web process reads PostgreSQL and the tenants' API keys; JETSCRIBE_WEB_PORT, else a free port."""
+        """The web process reads PostgreSQL and the tenants' API keys; JETSCRIBE_WEB_PORT, else a free port; its
+        page streams to the first gateway's WebSocket unless JETSCRIBE_WEB_GATEWAY_URL says otherwise."""
         host = env.get("JETSCRIBE_WEB_HOST") or "127.0.0.1"
         port = int(env.get("JETSCRIBE_WEB_PORT") or free_port(host))
         self.web_url = f"http://{host}:{port}/"
-        return {**env, "JETSCRIBE_WEB_PORT": str(port), "JETSCRIBE_NATS_KEYS": str(keyring(self.home).folder)}
+        return {
+            **env,
+            "JETSCRIBE_WEB_PORT": str(port),
+            "JETSCRIBE_API_KEYS": str(keyring(self.home).api_keys_path),
+            "JETSCRIBE_WEB_GATEWAY_URL": env.get("JETSCRIBE_WEB_GATEWAY_URL") or self.ws_url,
+        }
 
     def _worker_env(self, env: Mapping[str, str], index: int) -> dict[str, str]:
         assert self.plan is not None

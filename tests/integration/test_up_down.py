@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import nats
@@ -159,12 +160,17 @@ def test_up_detached_refuses_a_second_up_keeps_serving_and_down_stops_it(tmp_pat
         sessions = _jetscribe(home, "sessions")  # finds the running stack through stack.json
         assert sessions.returncode == 0, sessions.stderr
         assert sessions.stdout.startswith("tenant")
+        # the captions page: its URL printed, its page served, streaming to the gateway's WebSocket
+        assert f"captions page and session browser: {info['web_url']}" in started.stdout
+        assert f"WebSocket (Deepgram's /v1/listen): {info['ws_url']}/v1/listen" in started.stdout
+        with urllib.request.urlopen(f"{info['web_url']}config.json", timeout=10) as page_config:
+            assert json.load(page_config)["gateway_url"] == info["ws_url"]
         assert psutil.pid_exists(up_pid) and _still_running(children)
 
         down = _jetscribe(home, "down")
         assert down.returncode == 0, down.stderr
         assert down.stdout.startswith(f"stopped the stack in {home} (pid {up_pid}) in ")
-        for name in ("ingest", "transcriber", "persister", "nats-server", "postgres"):
+        for name in ("ingest", "transcriber", "persister", "web", "nats-server", "postgres"):
             assert name in down.stdout
         assert _still_running([psutil.Process(up_pid), *children]) == []
         assert not (home / "stack.json").exists()
