@@ -365,6 +365,11 @@ def cmd_up(args) -> int:
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
+        if local.ws_url:
+            lines.append(
+                f"WebSocket: {local.ws_url}/v1/listen (Deepgram-compatible) and {local.ws_url}/v1/sessions/ID; "
+                "a tenant's API key: jetscribe tenant add T"
+            )
         notify.ready(lines)
         while not stopping:
             local.check()

@@ -16,7 +16,9 @@ def encode_opus(samples: np.ndarray, sample_rate: int, container: str = "webm", 
         stream.bit_rate = bitrate
         stream.layout = "mono"  # without it, and each frame's pts, the round trip is noise (NOTES.md)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
         frame.sample_rate = sample_rate
         frame.pts = 0
         for resampled in [*resampler.resample(frame), *resampler.resample(None)]:
