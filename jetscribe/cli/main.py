@@ -376,8 +376,13 @@ def cmd_up(args) -> int:
         lines = [f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", _workers_line(local)]
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
-        lines.append(f"WebSocket (Deepgram's /v1/listen): {local.ws_url}/v1/listen  (a tenant's API key: tenant add T)")
+        if local.ws_url:
+            lines.append(
+                f"WebSocket: {local.ws_url}/v1/listen (Deepgram-compatible) and {local.ws_url}/v1/sessions/ID; "
+                "a tenant's API key: jetscribe tenant add T"
+            )
         lines.append(f"captions page and session browser: {local.web_url}")
+        # last: `up --detach` prints every line but this one
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
         while not stopping:

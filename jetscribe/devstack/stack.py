@@ -254,6 +254,34 @@ def running_stack_urls(home: Path | None = None) -> dict[str, str]:
     return info
 
 
+DEFAULT_WS_PORT = 8765
+
+
+def websocket_env(env: Mapping[str, str], api_keys: Path) -> dict[str, str]:
+    """The first gateway's WebSocket settings: JETSCRIBE_WS_PORT as given (0: off), else 8765, or a free port if
+    8765 is taken (the URL `up` prints says which); the API keys the keyring's `tenant add` writes."""
+    host = env.get("JETSCRIBE_WS_HOST") or "127.0.0.1"
+    given = env.get("JETSCRIBE_WS_PORT")
+    if given is not None and given.strip() in ("", "0"):
+        return {}
+    port = int(given) if given else _free_or_any(host, DEFAULT_WS_PORT)
+    return {
+        "JETSCRIBE_WS_HOST": host,
+        "JETSCRIBE_WS_PORT": str(port),
+        "JETSCRIBE_API_KEYS": env.get("JETSCRIBE_API_KEYS") or str(api_keys),
+    }
+
+
+def _free_or_any(host: str, port: int) -> int:
+    """`port` if nothing listens there, else a free one."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def nats_url() -> str:
     return os.environ.get("NATS_URL") or running_stack_urls().get("nats_url") or DEFAULT_NATS_URL
 
@@ -466,12 +494,12 @@ class LocalStack:
     nats_url: str = field(default="", init=False)
     database_url: str = field(default="", init=False)
     web_url: str = field(default="", init=False)  # the captions page and session browser
-    ws_url: str = field(default="", init=False)  # the first gateway's WebSocket (/v1/listen), where the page streams
     plan: WorkerPlan | None = field(default=None, init=False)
     transcriber_ids: list[str] = field(default_factory=list, init=False)
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
     partitions_held: dict[str, list[int]] = field(default_factory=dict, init=False)
     auth: ClientAuth = field(default_factory=ClientAuth, init=False)  # how the stack itself (the operator) connects
+    ws_url: str = field(default="", init=False)  # the first gateway's WebSocket listener ("" when off)
     lock: HomeLock | None = field(default=None, init=False)  # held from start to the end of stop
 
     def start(self) -> LocalStack:
@@ -526,10 +554,12 @@ class LocalStack:
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
         since = asyncio.run(_lease_revision(self.nats_url, self.auth))
         try:
-            ws_ports = self._ws_ports(env)
+            sockets = websocket_env(env, keyring(self.home).api_keys_path)
+            self.ws_url = f"ws://{sockets['JETSCRIBE_WS_HOST']}:{sockets['JETSCRIBE_WS_PORT']}" if sockets else ""
             for gateway in range(self.gateways):
                 name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
-                gateway_env = {**env, **service_auth.get("ingest", {}), **self._ws_env(ws_ports[gateway])}
+                # One listener, on the first gateway: a socket's session goes to its partition's gateway over NATS.
+                gateway_env = {**env, **service_auth.get("ingest", {}), **(sockets if gateway == 0 else {})}
                 self.children.append(ServiceProcess.start(name, SERVICES[0], gateway_env, self.hold_output))
             for i, worker in enumerate(self.transcriber_ids):
                 worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
@@ -579,7 +609,6 @@ class LocalStack:
             "nats_nodes": len(nats_servers(self.nats_url)),
             "database_url": self.database_url,
             "web_url": self.web_url,
-            "ws_url": self.ws_url,
             "transcribers": self.plan.transcribers,
             "transcriber_ids": self.transcriber_ids,
             "cpu_threads": self.plan.threads,
@@ -587,6 +616,7 @@ class LocalStack:
             "processes": [asdict(p) for p in processes if p is not None],
             # the operator's key: commands run in this folder connect with it unless given their own
             "nats_creds": self.auth.creds,
+            "ws_url": self.ws_url,
             **(
                 {
                     "nats_pid": self.nats.pid,
@@ -617,18 +647,6 @@ class LocalStack:
         nodes = self.nats_cluster.nodes if self.nats_cluster is not None else []
         return [server for server in (self.nats, *nodes, self.postgres) if server is not None]
 
-    def _ws_ports(self, env: Mapping[str, str]) -> list[int]:
-        """Each gateway's WebSocket port: JETSCRIBE_WS_PORT and the ports after it, else free ones."""
-        first = int(env.get("JETSCRIBE_WS_PORT") or 0)
-        host = env.get("JETSCRIBE_WS_HOST") or "127.0.0.1"
-        ports = [first + i if first else free_port(host) for i in range(self.gateways)]
-        self.ws_url = f"ws://{host}:{ports[0]}"
-        return ports
-
-    def _ws_env(self, port: int) -> dict[str, str]:
-        """A gateway's WebSocket, checking the API keys `jetscribe tenant add` makes."""
-        return {"JETSCRIBE_WS_PORT": str(port), "JETSCRIBE_API_KEYS": str(keyring(self.home).api_keys_path)}
-
     def _web_env(self, env: Mapping[str, str]) -> dict[str, str]:
         """The web process reads PostgreSQL and the tenants' API keys; JETSCRIBE_WEB_PORT, else a free port; its
         page streams to the first gateway's WebSocket unless JETSCRIBE_WEB_GATEWAY_URL says otherwise."""
@@ -638,7 +656,7 @@ class LocalStack:
         return {
             **env,
             "JETSCRIBE_WEB_PORT": str(port),
-            "JETSCRIBE_API_KEYS": str(keyring(self.home).api_keys_path),
+            "JETSCRIBE_API_KEYS": env.get("JETSCRIBE_API_KEYS") or str(keyring(self.home).api_keys_path),
             "JETSCRIBE_WEB_GATEWAY_URL": env.get("JETSCRIBE_WEB_GATEWAY_URL") or self.ws_url,
         }
 

@@ -162,14 +162,14 @@ class SocketGateway:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
 
-    def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         split = urllib.parse.urlsplit(request.path)
         request_id = str(connection.id)
         key = presented_key(request)
         found = self.keys.tenant_of(key) if key else None
         if found is None:
             why = "no API key: send Authorization: Token <key>" if not key else "API key not recognised (or revoked)"
-            self._refused_handshake("unauthorized", why)
+            await self._refused_handshake("unauthorized", why)
             return _json_response(401, {"err_code": "INVALID_AUTH", "err_msg": why, "request_id": request_id})
         try:
             listen = parse_request(
@@ -179,15 +179,14 @@ class SocketGateway:
                 request_id=request_id,
             )
         except ListenRefused as exc:
-            self._refused_handshake("bad_request", str(exc), tenant=found[0])
+            await self._refused_handshake("bad_request", str(exc), tenant=found[0])
             return _json_response(exc.status, exc.body(request_id))
         self._admitted[id(connection)] = Admitted(found[0], found[1], listen)
         return None
 
-    def _refused_handshake(self, code: str, why: str, tenant: str = subjects.UNKNOWN_TENANT) -> None:
-        """A refused handshake counts and is logged like a refused request (no session: nothing to publish)."""
-        log.warning("WebSocket handshake refused (%s): %s", code, why)
-        self.gateway.count_refusal(tenant, code)
+    async def _refused_handshake(self, code: str, why: str, tenant: str = subjects.UNKNOWN_TENANT) -> None:
+        """A refused handshake is reported, counted and logged like a refused request (no session yet)."""
+        await self.gateway.report_refusal(tenant, None, code, f"WebSocket handshake refused: {why}")
 
     async def _connection(self, connection: ServerConnection) -> None:
         admitted = self._admitted.pop(id(connection), None)
@@ -205,8 +204,8 @@ class SocketGateway:
             await asyncio.sleep(REVOCATION_CHECK_S)
             for connection, admitted in list(self._open.items()):
                 if not self.keys.valid(admitted.tenant, admitted.key_hash):
-                    log.warning("tenant %s's API key was revoked: closing its socket", admitted.tenant)
-                    self.gateway.count_refusal(admitted.tenant, "revoked")
+                    why = "the tenant's API key was revoked: its socket is closed"
+                    await self.gateway.report_refusal(admitted.tenant, admitted.request.session_id, "revoked", why)
                     await connection.close(CLOSE_REVOKED, "API key revoked")
 
 
@@ -218,9 +217,10 @@ def _select_token_protocol(connection: ServerConnection, protocols: list[str]) -
 class SessionRefused(Exception):
     """The gateway refused the session or its audio: the socket says why and closes."""
 
-    def __init__(self, code: str, message: str, close_code: int = CLOSE_REFUSED):
+    def __init__(self, code: str, message: str, close_code: int = CLOSE_REFUSED, reported: bool = False):
+        """`reported`: the gateway already reported it (its reply to the request); else the shell does."""
         super().__init__(f"{code}: {message}")
-        self.code, self.message, self.close_code = code, message, close_code
+        self.code, self.message, self.close_code, self.reported = code, message, close_code, reported
 
 
 class SocketSession:
@@ -238,7 +238,9 @@ class SocketSession:
         self.audio_frames = 0  # input frames sent as chunks
         self.model: str | None = None
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.ended = asyncio.Event()
+        self.ended = asyncio.Event()  # the transcriber's `ended` or `rejected` came
+        self.closing_event: SessionEvent | None = None
+        self.closing = False  # CloseStream sent the end
 
     @property
     def session_id(self) -> str:
@@ -253,8 +255,10 @@ class SocketSession:
         sender = asyncio.create_task(self._send_out())
         try:
             await self._start()
-            await self._receive()
+            await self._serve()
         except SessionRefused as exc:
+            if not exc.reported:
+                await self.gateway.report_refusal(self.tenant, self.session_id, exc.code, exc.message)
             await self._say(error_message(self.request.dialect, exc.code, exc.message))
             await self._flush_outbox(sender)
             await self.connection.close(exc.close_code, exc.code)
@@ -267,6 +271,31 @@ class SocketSession:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def _serve(self) -> None:
+        """Take the client's frames until it closes the stream, or the transcriber ends or rejects the session
+        first (an idle timeout): then the socket says so and closes."""
+        receiving = asyncio.create_task(self._receive())
+        ended = asyncio.create_task(self.ended.wait())
+        try:
+            await asyncio.wait({receiving, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done() or self.closing:  # CloseStream waits for the end itself
+                await receiving
+                return
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            event = self.closing_event
+            assert event is not None
+            if event.event == "rejected":
+                why = f"the transcriber rejected the session: {event.reason or 'no reason given'}"
+                raise SessionRefused("rejected", why, reported=True)  # the transcriber's event is the report
+            await self._closing_metadata()
+            await self._flush_outbox()
+            await self.connection.close(1000, f"session ended: {event.reason or 'ended'}"[:120])
+        finally:
+            for task in (receiving, ended):
+                task.cancel()
+            await asyncio.gather(receiving, ended, return_exceptions=True)
+
     async def _start(self) -> None:
         start = SessionControl(
             tenant=self.tenant,
@@ -274,6 +303,7 @@ class SocketSession:
             action="start",
             language=self.request.language,
             options=self.request.options,
+            model=self.request.model,
             sent_at=time.time(),
         )
         reply = await self._submit(start)
@@ -294,7 +324,9 @@ class SocketSession:
             if kind == "KeepAlive":
                 continue
             if kind == "Finalize":
-                await self._send_pending(final=True)
+                # Whole chunks only, so that chunk n still starts at input frame n * F (where a resume starts); the
+                # few ms left go with the next chunk.
+                await self._send_pending(final=False)
                 await self._submit(self._control("finalize"))
                 if self.dialect is not None:
                     self.dialect.from_finalize = True
@@ -356,6 +388,7 @@ class SocketSession:
             except ContainerError as exc:
                 raise SessionRefused("bad_payload", str(exc), CLOSE_BAD_AUDIO) from None
         await self._send_pending(final=True)
+        self.closing = True
         await self._submit(self._control("end"))
         try:
             await asyncio.wait_for(self.ended.wait(), CLOSE_WAIT_S)
@@ -363,12 +396,15 @@ class SocketSession:
             raise SessionRefused(
                 "unavailable", f"the session's end was not confirmed within {CLOSE_WAIT_S:g} s"
             ) from None
+        await self._closing_metadata()
         await self._flush_outbox()
+        await self.connection.close(1000, "stream closed")
+
+    async def _closing_metadata(self) -> None:
+        """Deepgram's Metadata, last before the socket closes."""
         if self.dialect is not None:
             created = datetime.now(UTC).isoformat()
             await self._say(self.dialect.closing(self.audio_frames / self.request.sample_rate, created, self.model))
-        await self._flush_outbox()
-        await self.connection.close(1000, "stream closed")
 
     def _control(self, action: str) -> SessionControl:
         return SessionControl(
@@ -393,7 +429,7 @@ class SocketSession:
                 await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
                 attempt += 1
                 continue
-            raise SessionRefused(reply.code or "refused", reply.message)
+            raise SessionRefused(reply.code or "refused", reply.message, reported=True)
 
     # --- what goes back -------------------------------------------------------------------------------------
     async def _on_segment(self, msg) -> None:
@@ -422,6 +458,7 @@ class SocketSession:
             await self._say(native_message(event))
         if event.event in ("ended", "rejected"):
             self.model = event.model or self.model
+            self.closing_event = event
             self.ended.set()
 
     async def _say(self, message: dict[str, Any]) -> None:

@@ -162,7 +162,7 @@ def test_up_detached_refuses_a_second_up_keeps_serving_and_down_stops_it(tmp_pat
         assert sessions.stdout.startswith("tenant")
         # the captions page: its URL printed, its page served, streaming to the gateway's WebSocket
         assert f"captions page and session browser: {info['web_url']}" in started.stdout
-        assert f"WebSocket (Deepgram's /v1/listen): {info['ws_url']}/v1/listen" in started.stdout
+        assert f"WebSocket: {info['ws_url']}/v1/listen (Deepgram-compatible)" in started.stdout
         with urllib.request.urlopen(f"{info['web_url']}config.json", timeout=10) as page_config:
             assert json.load(page_config)["gateway_url"] == info["ws_url"]
         assert psutil.pid_exists(up_pid) and _still_running(children)

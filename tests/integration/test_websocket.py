@@ -27,6 +27,7 @@ from tests.integration.test_ingest import stored_audio
 from tests.scrape import scrape, total, wait_until_ready
 
 TENANT = "wsacme"
+IDLE_S = 4.0  # the transcriber ends a session this long without audio
 
 
 def free_port() -> int:
@@ -56,7 +57,9 @@ async def stack(ws_nats, nats_keys):
     port = free_port()
     settings = StreamSettings(nats_url=ws_nats.url)
     config = IngestConfig(ws_port=port, api_keys=str(nats_keys.api_keys_path))
-    worker = TranscriberConfig(model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2)
+    worker = TranscriberConfig(
+        model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2, idle_timeout_s=IDLE_S
+    )
     tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
     stop = asyncio.Event()
     tasks = [
@@ -101,8 +104,8 @@ async def messages_until_close(ws, timeout_s: float = 60.0) -> list[dict]:
     return got
 
 
-async def stored_payload(nc, session: str) -> tuple[list[int], bytes]:
-    chunks = [m for _, m in await stored_audio(nc.jetstream(), TENANT, session) if isinstance(m, AudioChunk)]
+async def stored_payload(nc, session: str, tenant: str = TENANT) -> tuple[list[int], bytes]:
+    chunks = [m for _, m in await stored_audio(nc.jetstream(), tenant, session) if isinstance(m, AudioChunk)]
     return [c.seq for c in chunks], b"".join(c.payload for c in chunks)
 
 
@@ -164,15 +167,22 @@ async def test_a_dropped_connection_resumes_with_nothing_lost_or_repeated(stack,
 async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_socket_of_a_revoked_tenant_closes(
     stack, speech
 ):
-    url = f"{stack.url}/v1/sessions/k{uuid.uuid4().hex[:8]}?encoding=pcm_s16le&sample_rate=16000"
+    session = f"k{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
     for headers in ({}, auth("jsk_not-a-key")):
         with pytest.raises(websockets.InvalidStatus) as refused:
             await connect(url, additional_headers=headers)
         assert refused.value.response.status_code == 401
         assert json.loads(refused.value.response.body)["err_code"] == "INVALID_AUTH"
-    # ?token= works for clients that cannot set a header
+    # A browser cannot set headers: its key comes as the subprotocol pair `token, <key>`, or as ?token=
+    async with connect(url, subprotocols=["token", stack.key]) as ws:
+        assert ws.subprotocol == "token"
     async with connect(f"{url}&token={stack.key}") as ws:
         await ws.send(speech.audio[:16000].astype("<i2").tobytes())
+        await ws.send(json.dumps({"type": "KeepAlive"}))
+        async with asyncio.timeout(10):  # the second taken before the key goes
+            while len((await stored_payload(stack.nc, session))[0]) < 10:
+                await asyncio.sleep(0.05)
         other = stack.keys.add_tenant("wsother"), stack.keys.new_api_key("wsother")
         stack.keys.revoke_tenant(TENANT)
         try:
@@ -187,7 +197,8 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_sock
     async with connect(url, additional_headers=auth(other[1])) as ws:
         await ws.send(json.dumps({"type": "CloseStream"}))
         await messages_until_close(ws)
-    assert await stored_payload(stack.nc, url.split("/")[-1].split("?")[0]) == ([], b"")
+    assert await stored_payload(stack.nc, session, tenant="wsother") == ([], b"")
+    assert (await stored_payload(stack.nc, session))[0] == list(range(10))
     samples = await scrape(stack.metrics_port)
     assert total(samples, "jetscribe_ingest_refusals_total", error_type="unauthorized") >= 3
 
@@ -218,18 +229,20 @@ async def test_a_session_the_gateway_refuses_is_said_on_the_socket_reported_and_
     async with connect(url, additional_headers=auth(stack.key)) as ws:
         await ws.send(json.dumps({"type": "CloseStream"}))
         await messages_until_close(ws)
-    errors: list[ErrorEvent] = []
+    errors: asyncio.Queue[ErrorEvent] = asyncio.Queue()
 
     async def collect(msg):
-        errors.append(decode(msg.data, ErrorEvent))
+        await errors.put(decode(msg.data, ErrorEvent))
 
     sub = await stack.nc.subscribe(subjects.errors("ingest", TENANT), cb=collect)
+    await stack.nc.flush()
     async with connect(url, additional_headers=auth(stack.key)) as ws:
         got = await messages_until_close(ws, 10)
         assert ws.close_code == 1008
-    await sub.unsubscribe()
     assert got == [{"type": "error", "code": "session_ended", "message": got[0]["message"]}]
-    assert [e.code for e in errors] == ["session_ended"]  # the same code and report as a bot's NATS request
+    reported = await asyncio.wait_for(errors.get(), 5.0)  # the same code and report as a bot's NATS request
+    await sub.unsubscribe()
+    assert (reported.code, reported.session_id) == ("session_ended", session)
 
 
 async def test_deepgram_keepalive_and_closestream_give_results_then_metadata(stack, speech):
@@ -269,3 +282,36 @@ async def test_deepgram_finalize_gives_a_final_from_finalize_and_the_session_goe
         got = await messages_until_close(ws)
     assert any(m["type"] == "Results" and m["is_final"] for m in got)
     assert got[-1]["type"] == "Metadata"
+
+
+async def test_what_the_socket_itself_refuses_is_reported_on_errors_ingest_too(stack):
+    errors: asyncio.Queue[ErrorEvent] = asyncio.Queue()
+
+    async def collect(msg):
+        await errors.put(decode(msg.data, ErrorEvent))
+
+    sub = await stack.nc.subscribe(subjects.errors("ingest", TENANT), cb=collect)
+    await stack.nc.flush()
+    session = f"b{uuid.uuid4().hex[:8]}"
+    async with connect(f"{stack.url}/v1/listen?session_id={session}", additional_headers=auth(stack.key)) as ws:
+        await ws.send(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # a WAV header: neither Ogg nor WebM
+        got = await messages_until_close(ws, 10)
+        assert ws.close_code == 1007
+    assert got[0]["type"] == "Error" and "neither Ogg" in got[0]["description"]
+    reported = await asyncio.wait_for(errors.get(), 5.0)
+    assert (reported.code, reported.session_id) == ("bad_payload", session)
+    with pytest.raises(websockets.InvalidStatus):
+        await connect(f"{stack.url}/v1/listen?smart_format=true", additional_headers=auth(stack.key))
+    reported = await asyncio.wait_for(errors.get(), 5.0)
+    assert reported.code == "bad_request" and "smart_format" in reported.message
+    await sub.unsubscribe()
+
+
+async def test_a_session_the_transcriber_ends_while_the_socket_is_open_says_so_and_closes(stack, speech):
+    session = f"i{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/listen?encoding=linear16&sample_rate=16000&session_id={session}"
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, speech.audio[:32000].astype("<i2").tobytes())
+        got = await messages_until_close(ws, IDLE_S + 30)  # no more audio, no KeepAlive: the idle timeout
+        assert ws.close_code == 1000 and "idle_timeout" in ws.close_reason
+    assert got[-1]["type"] == "Metadata" and got[-1]["duration"] == pytest.approx(2.0)
