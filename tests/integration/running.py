@@ -24,7 +24,8 @@ async def gather_replies(nc, subject: str, wait_s: float = 0.5) -> list[dict]:
     replies: list[dict] = []
 
     async def collect(msg):
-        replies.append(json.loads(msg.data))
+        if msg.data:  # an empty message is the server's "no responders" status: no service is registered yet
+            replies.append(json.loads(msg.data))
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=collect)
