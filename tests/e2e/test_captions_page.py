@@ -209,3 +209,29 @@ async def test_live_captions_from_a_fake_microphone_then_the_session_in_the_brow
             await page.screenshot(path=str(ARTIFACTS / "captions-live-session.png"), full_page=True)
         finally:
             await browser.close()
+
+
+async def test_a_chosen_file_is_played_and_captioned_until_its_end(pipeline, web, chromium, nats_keys, tmp_path):
+    from playwright.async_api import async_playwright
+
+    speech = synthesize(list(SAMPLE_SENTENCES[:1]))
+    wav = tmp_path / "chosen.wav"
+    write_wav(wav, speech)
+    key = api_key(nats_keys, f"file-{uuid.uuid4().hex[:6]}")
+    async with async_playwright() as playwright:
+        browser, page = await browser_page(playwright, chromium)
+        try:
+            await page.goto(web)
+            await page.wait_for_selector("body[data-ready=true]")
+            await page.fill("#key", key)
+            await page.check("input[name=source][value=file]")
+            await page.set_input_files("#file", str(wav))
+            await page.click("#start")
+            # The file's end stops the stream by itself (CloseStream), and the socket closes after its last final.
+            await page.wait_for_selector("#live[data-closed]", timeout=(speech.duration_s + 60) * 1000)
+            assert await page.get_attribute("#live", "data-closed") == "ended"
+            assert float(await page.get_attribute("#live", "data-sent-seconds")) >= speech.duration_s - 0.2
+            finals = await page.eval_on_selector_all("#finals li", "lis => lis.map(li => li.lastChild.data)")
+            assert wer(speech.text, " ".join(finals)) <= WER_BOUND, finals
+        finally:
+            await browser.close()
