@@ -55,7 +55,7 @@ def chromium() -> str:
 
 
 @pytest.fixture
-async def web(pipeline, nats_keys):
+async def web(chromium, pipeline, nats_keys):  # no browser: skipped (or failed) before the pipeline starts
     """The web process on the pipeline's database and the session's keyring; yields its URL."""
     stop, port = asyncio.Event(), free_port()
     config = WebConfig(database_url=pipeline.database_url, port=port, gateway_url=pipeline.ws_url)
@@ -87,7 +87,7 @@ async def browser_page(playwright, chromium: str, *extra_args: str):
 
 
 async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_s_tenant_only(
-    pipeline, web, chromium, nats_keys
+    chromium, pipeline, web, nats_keys
 ):
     from playwright.async_api import async_playwright
 
@@ -149,7 +149,7 @@ async def test_the_session_browser_lists_opens_and_exports_a_session_of_the_key_
 
 
 async def test_live_captions_from_a_fake_microphone_then_the_session_in_the_browser(
-    pipeline, web, chromium, nats_keys, tmp_path
+    chromium, pipeline, web, nats_keys, tmp_path
 ):
     from playwright.async_api import async_playwright
 
@@ -211,7 +211,7 @@ async def test_live_captions_from_a_fake_microphone_then_the_session_in_the_brow
             await browser.close()
 
 
-async def test_a_chosen_file_is_played_and_captioned_until_its_end(pipeline, web, chromium, nats_keys, tmp_path):
+async def test_a_chosen_file_is_played_and_captioned_until_its_end(chromium, pipeline, web, nats_keys, tmp_path):
     from playwright.async_api import async_playwright
 
     speech = synthesize(list(SAMPLE_SENTENCES[:1]))
