@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `up --detach` starts `up` again with them
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
+    take_ctrl_c()
     command = {
         "up": cmd_up,
         "down": cmd_down,
@@ -51,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         "schema": cmd_schema,
     }[args.command]
     return run_command(command, args)
+
+
+def take_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) stops every command however it was started. A shell without job control (a script's
+    `jetscribe up &`, a test suite run in the background) starts its background commands with SIGINT ignored: then
+    `follow` and `status` (asyncio.run) and `up` while starting ignored it, while `stream`, a running `up` and the
+    services took it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
