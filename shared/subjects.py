@@ -238,6 +238,7 @@ def segment_message_id(tenant: str, session: str, segment_id: int, status: str, 
     return f"{tenant}:{session}:seg:{segment_id}:{suffix}"
 
 
-def event_message_id(tenant: str, session: str, event: str) -> str:
-    """Nats-Msg-Id of a session event: one of each kind per session, repeats dropped by the stream."""
-    return f"{tenant}:{session}:event:{event}"
+def event_message_id(tenant: str, session: str, event: str, at_s: float | None = None) -> str:
+    """Nats-Msg-Id of a session event: one of each lifecycle kind per session, repeats dropped by the stream; a kind
+    that comes many times (`utterance_end`, `speech_started`) is told apart by its session time `at_s`."""
+    return f"{tenant}:{session}:event:{event}" + (f":{at_s:.3f}" if at_s is not None else "")
