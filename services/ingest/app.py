@@ -386,6 +386,13 @@ class IngestGateway:
                     self.book.forget(ledger)  # not stored, so not started: the bot's retry starts it afresh
                     raise
             return Reply(ok=True, last_seq=ledger.last_seq)
+        if control.action == "finalize":
+            marked = self.book.finalize(control)
+            ledger = self.book.ledger(control.tenant, control.session_id)
+            assert ledger is not None  # finalize() refuses a session it does not know
+            # One finalize per point in the audio: a repeat with no audio between asks for nothing new.
+            await self._store(marked, f"finalize:{marked.after_seq}", ledger)
+            return Reply(ok=True, last_seq=ledger.last_seq)
         ledger, tail = self.book.end(control)
         if not ledger.ended:
             if tail is not None:  # the resampler's last few ms, stored after the bot's final chunk
