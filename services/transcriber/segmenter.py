@@ -106,6 +106,7 @@ class UtteranceSegmenter:
         self.background_talk = BackgroundTalk(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
+        self.speech_starts: list[int] = []  # session samples where speech opened an utterance, until taken
 
     def restore(self, position: int) -> None:
         """Continue at session sample `position`, as if everything before it was heard and cut."""
@@ -140,6 +141,11 @@ class UtteranceSegmenter:
         if self.open is not None:
             self._close(self.received, now)
 
+    def finalize(self, now: float) -> None:
+        """Close the open utterance where the audio received so far ends (a finalize): its final comes now."""
+        if self.open is not None:
+            self._close(max(self.received, self.open.start), now)
+
     def close_at(self, end: int, now: float) -> None:
         """Close the open utterance at session sample `end` (a sentence ended in a pause)."""
         self._close(end, now)
@@ -152,7 +158,8 @@ class UtteranceSegmenter:
 
     def _classify_frame(self, now: float) -> None:
         opts = self.options
-        endpoint_frames = max(1, round(self._frames(opts.endpoint_silence_s)))
+        # No endpoint (the session asked for none): no pause ends an utterance, so none is decoded ahead either.
+        endpoint_frames = 0 if opts.endpoint_silence_s is None else max(1, round(self._frames(opts.endpoint_silence_s)))
         # The cut is known once the pause is longer than the tail kept after speech.
         speculate_frames = round(self._frames(max(opts.speculate_after_s, opts.tail_pad_s))) + 1
         frame_start = self.vad_pos
@@ -165,9 +172,9 @@ class UtteranceSegmenter:
         elif self.open is not None:
             self.silence_frames += 1
             cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
-            if self.silence_frames >= endpoint_frames:
+            if endpoint_frames and self.silence_frames >= endpoint_frames:
                 self._close(cut, now)
-            elif self.silence_frames == min(speculate_frames, endpoint_frames - 1):
+            elif endpoint_frames and self.silence_frames == min(speculate_frames, endpoint_frames - 1):
                 self.open.speculate_end = cut
         if self.open is not None and self.vad_pos - self.open.start >= int(opts.max_utterance_s * SAMPLE_RATE):
             self._force_cut(now)
@@ -195,6 +202,7 @@ class UtteranceSegmenter:
             start = max(self.buffer.start, frame_start - int(self.options.preroll_s * SAMPLE_RATE))
             start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
             self.open = Utterance(start=start, interim_at=self.vad_pos)
+            self.speech_starts.append(frame_start)
         self.open.speculate_end = None
         self.open.speech_frames += 1
         self.open.speech_end = self.vad_pos
