@@ -342,6 +342,10 @@ def describe(event: SessionEvent) -> str:
         return (
             f"-- session {event.session_id} started (language {event.language or 'auto'}, model {event.model or '?'})"
         )
+    if event.event == "utterance_end":
+        return f"-- utterance end: no word since {event.last_word_end or 0.0:.2f} s"
+    if event.event == "speech_started":
+        return f"-- speech started at {event.timestamp or 0.0:.2f} s"
     reason = f": {event.reason}" if event.reason else ""
     return (
         f"-- session {event.session_id} {event.event}{reason} ({event.audio_seconds:.1f} s of audio, "
