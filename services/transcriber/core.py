@@ -290,8 +290,10 @@ class SessionStream(Generic[M]):
             return False
         if not self.options.interim_results:
             return False  # the session asked for none: no decode spent on them
-        if seg.silence_s >= 0.09:
-            return False  # in a pause the early final is coming; an interim would only delay it
+        # In a pause the early final is coming, and an interim would only delay it; with no endpoints none comes, so
+        # the speech heard since the last interim still gets one.
+        if seg.silence_s >= 0.09 and (self.options.endpoint_silence_s is not None or utt.speech_end <= utt.interim_at):
+            return False
         if seg.vad_pos - utt.start < self.options.first_interim_s * SAMPLE_RATE:
             return False
         if not utt.interim_jobs:

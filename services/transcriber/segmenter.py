@@ -6,6 +6,7 @@ Utterances never overlap, so no word can be decoded twice. Frame sizes come from
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ class Utterance:
     last_hypothesis: list[Word] = field(default_factory=list)  # what its latest interim said
     seam_before: Seam | None = None  # it began at a sentence cut
     seam_after: Seam | None = None  # it ended at one
+    onset: int | None = None  # where its speech began, if speech after silence opened it (not a cut)
 
     def own(self, words: list[Word]) -> list[Word]:
         """Its decoded words without those heard across a sentence cut that the other side says."""
@@ -106,7 +108,7 @@ class UtteranceSegmenter:
         self.background_talk = BackgroundTalk(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
-        self.speech_starts: list[int] = []  # session samples where speech opened an utterance, until taken
+        self.speech_starts: list[int] = []  # onsets of utterances that held speech (not clicks), until taken
 
     def restore(self, position: int) -> None:
         """Continue at session sample `position`, as if everything before it was heard and cut."""
@@ -156,6 +158,11 @@ class UtteranceSegmenter:
     def _frames(self, seconds: float) -> float:
         return seconds * SAMPLE_RATE / self.frame
 
+    @property
+    def _min_speech_frames(self) -> float:
+        """Speech frames an utterance needs to be more than a click or a breath."""
+        return self._frames(self.options.min_speech_s)
+
     def _classify_frame(self, now: float) -> None:
         opts = self.options
         # No endpoint (the session asked for none): no pause ends an utterance, so none is decoded ahead either.
@@ -201,10 +208,11 @@ class UtteranceSegmenter:
         if self.open is None:
             start = max(self.buffer.start, frame_start - int(self.options.preroll_s * SAMPLE_RATE))
             start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
-            self.open = Utterance(start=start, interim_at=self.vad_pos)
-            self.speech_starts.append(frame_start)
+            self.open = Utterance(start=start, interim_at=self.vad_pos, onset=frame_start)
         self.open.speculate_end = None
         self.open.speech_frames += 1
+        if self.open.onset is not None and self.open.speech_frames == max(1, math.ceil(self._min_speech_frames)):
+            self.speech_starts.append(self.open.onset)  # speech, not a click or a breath: it began at its onset
         self.open.speech_end = self.vad_pos
 
     def _force_cut(self, now: float) -> None:
@@ -261,7 +269,7 @@ class UtteranceSegmenter:
         utt.end = end
         utt.closed_at = now
         self._last_cut = end
-        if utt.speech_frames < self._frames(self.options.min_speech_s) and utt.segment_id is None:
+        if utt.speech_frames < self._min_speech_frames and utt.segment_id is None:
             return  # a click or a breath: nothing to say, and its audio gets acked as silence
         self.closed.append(utt)
 

@@ -40,6 +40,11 @@ def run(s, audio, first_seq=0):
     return seq, jobs
 
 
+def feed_only(s, audio, first_seq=0):
+    for i, off in enumerate(range(0, len(audio), CHUNK)):
+        s.receive(chunk(first_seq + i, audio[off : off + CHUNK]), first_seq + i)
+
+
 def decode_all(s, jobs):
     while (job := s.next_job()) is not None:
         jobs["speculative" if job.speculative else job.kind] += 1
@@ -73,6 +78,17 @@ def test_endpointing_false_ends_an_utterance_only_at_the_cap_a_finalize_or_the_e
     s.receive(SessionControl(tenant="acme", session_id="s1", action="end"), "end")
     decode_all(s, Counter())
     assert len(finals(s)) == 1 and finals(s)[0].end > 4.0 and events(s, "ended")
+
+
+def test_with_no_endpoint_speech_heard_before_a_pause_still_gets_its_interim():
+    for asked, interims in [(None, 0), ({"endpointing_ms": False}, 1)]:
+        s = stream(asked)
+        feed_only(s, np.concatenate([tone(2.0), silence(0.3)]))  # all of it arrived before the decoder was free
+        jobs = Counter()
+        decode_all(s, jobs)
+        assert jobs["interim"] == interims, asked
+        decode_all(s, jobs)
+        assert jobs["interim"] == interims  # once: nothing new was said since
 
 
 def test_interim_results_false_publishes_no_interim_and_spends_no_decode_on_them():
@@ -121,6 +137,12 @@ def test_speech_started_marks_each_utterance_where_its_speech_began():
     starts = [e.timestamp for e in events(asked, "speech_started")]
     assert len(starts) == 2 and abs(starts[0] - 0.3) < 0.04 and abs(starts[1] - 3.6) < 0.04
     assert not events(plain, "speech_started")
+
+
+def test_a_click_is_no_speech_started():
+    s = stream({"vad_events": True})
+    run(s, np.concatenate([silence(0.5), tone(0.06), silence(1.0), tone(0.5), silence(1.0)]))
+    assert [round(e.timestamp, 2) for e in events(s, "speech_started")] == [1.56]
 
 
 def test_a_finalize_mid_utterance_publishes_its_final_now_and_the_session_goes_on():
