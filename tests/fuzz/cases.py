@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import fields as fields_of
+from typing import Any, get_args
 
 import msgspec
 from hypothesis import HealthCheck, Phase, given, settings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from jetscribe.services.ingest.core import AUDIO_ENVELOPE_BYTES
 from jetscribe.shared import subjects
-from jetscribe.shared.wire import WHISPER_LANGUAGES
+from jetscribe.shared.wire import WHISPER_LANGUAGES, ControlAction, SessionOptions
 
 DECODING = frozenset({"not_msgpack", "malformed", "unsupported_version"})
 DAMAGED = DECODING | {"subject_mismatch", "too_large"}
@@ -340,6 +341,7 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
                 "start_ended",
                 "bad_action",
                 "bad_options",
+                "bad_option",
                 "bad_sent_at",
                 "too_large",
                 "bad_version",
@@ -363,7 +365,7 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         fields["session_id"] = session
         codes = {"session_ended"}
     elif kind == "bad_action":
-        fields["action"] = draw(st.text(max_size=20).filter(lambda a: a not in ("start", "end")))
+        fields["action"] = draw(st.text(max_size=20).filter(lambda a: a not in get_args(ControlAction)))
         codes = {"malformed"}
     elif kind == "bad_options":
         nested = st.one_of(
@@ -374,6 +376,20 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         )
         fields["options"] = {draw(st.text(max_size=8)): draw(nested)}
         codes = {"malformed"}
+    elif kind == "bad_option":  # well-formed, but a key the transcriber does not know or a value it cannot take
+        known = {f.name for f in fields_of(SessionOptions)}
+        key = draw(st.one_of(st.text(max_size=8).filter(lambda k: k not in known), st.sampled_from(sorted(known))))
+        value = draw(
+            st.one_of(
+                st.text(max_size=4),
+                st.floats(allow_nan=False).filter(lambda x: x != int(x) if math.isfinite(x) else True),
+                st.integers(-10, 9),
+            )
+        )
+        if key == "language" and (value == "auto" or value in WHISPER_LANGUAGES):
+            value = 7
+        fields["options"] = {key: value}
+        codes = {"bad_option"}
     else:  # too_large
         n = draw(st.integers(2000, 20_000))
         fields["options"] = {f"k{i}": "v" * 8 for i in range(n)}
