@@ -831,7 +831,7 @@ def cmd_tenant(args) -> int:
         if args.action == "add":
             path = keys.add_tenant(args.tenant)
         else:
-            keys.revoke_tenant(args.tenant)
+            readers = keys.revoke_tenant(args.tenant)
     except TenantError as exc:
         print(f"jetscribe tenant {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -844,6 +844,35 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    if args.action == "revoke" and readers:
+        return _delete_readers(args.tenant, readers)
+    return 0
+
+
+def _delete_readers(tenant: str, consumers: list[str]) -> int:
+    """A revoked tenant's readers go too: their consumers would keep its transcripts' place (and pending
+    messages) on the server for nobody."""
+    from jetscribe.client.readers import remove_reader
+
+    async def delete(url: str) -> None:
+        nc = await _connect_nats(url, stack.nats_auth())
+        try:
+            for consumer in consumers:
+                await remove_reader(nc, consumer)
+        finally:
+            await nc.close()
+
+    try:
+        url = servers.nats_url()
+        asyncio.run(delete(url))
+    except Exception as exc:  # no NATS here, or the operator's user refused: the keys are revoked, the consumers not
+        print(
+            f"jetscribe tenant revoke: {tenant}'s readers {', '.join(consumers)} are still on TRANSCRIPTS ({exc}); "
+            f"delete them with NATS_URL set, e.g. `nats consumer rm TRANSCRIPTS {consumers[0]}`",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"deleted {tenant}'s readers: {', '.join(consumers)}")
     return 0
 
 

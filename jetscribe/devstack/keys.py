@@ -97,14 +97,17 @@ class Keyring:
         self._save_tenants(tenants)
         return path
 
-    def revoke_tenant(self, tenant: str) -> None:
-        """Take tenant's user out of the server config (at the next reload) and delete its seed."""
+    def revoke_tenant(self, tenant: str) -> list[str]:
+        """Take tenant's user out of the server config (at the next reload), delete its seed and forget its
+        readers; returns their consumer names, for the caller to delete on TRANSCRIPTS."""
         tenants = self._tenants()
         if tenant not in tenants:
             raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant list` shows them")
+        readers = dict(tenants[tenant].pop("readers", None) or {})
         tenants[tenant]["revoked"] = True
         self._save_tenants(tenants)
         self.tenant_path(tenant).unlink(missing_ok=True)
+        return sorted(str(reader["consumer"]) for reader in readers.values())
 
     def add_reader(self, tenant: str, name: str, what: str = "transcripts") -> tuple[str, str]:
         """Record tenant's reader `name` (its consumer then goes into the tenant's permissions at the next

@@ -474,6 +474,28 @@ async def test_jetscribe_tenant_reader_makes_the_consumer_and_the_permission(
         await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{name}")
 
 
+async def test_jetscribe_tenant_revoke_deletes_the_tenants_readers(services, server, keys, root, monkeypatch, capsys):
+    from jetscribe.cli.main import main
+
+    monkeypatch.setenv("JETSCRIBE_NATS_KEYS", str(keys.folder))
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_CREDS", str(keys.path("operator")))
+    tenant = f"rv{uuid.uuid4().hex[:6]}"
+    keys.add_tenant(tenant)
+    for name in ("one", "two"):
+        assert await asyncio.to_thread(main, ["tenant", "reader", tenant, name]) == 0
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", f"{tenant}_x"]) == 0  # begins like theirs: stays
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["tenant", "revoke", tenant]) == 0
+    assert f"deleted {tenant}'s readers: reader_{tenant}_one, reader_{tenant}_two" in capsys.readouterr().out
+    for name in ("one", "two"):
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_{tenant}_{name}")
+    assert (await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{tenant}_x")).config
+    assert keys.readers(tenant) == {}  # added again, it starts with none
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", f"{tenant}_x", "--remove"]) == 0
+
+
 @pytest.mark.parametrize("role", ["ingest", "transcriber", "persister"])
 @pytest.mark.parametrize(
     "endpoint", ["STREAM.DELETE.AUDIO", "STREAM.PURGE.TRANSCRIPTS", "STREAM.DELETE.KV_session_checkpoints"]
