@@ -12,17 +12,19 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jetscribe.services.persister.store import sqlalchemy_url
-from jetscribe.shared.config import ConfigError
+from jetscribe.shared.config import ConfigError, PostgresClient
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config built in code, so no alembic.ini has to be found on disk."""
+def alembic_config(database_url: str, client: PostgresClient | None = None) -> Config:
+    """An Alembic config built in code, so no alembic.ini has to be found on disk; `client`: the password and TLS
+    to connect with (None: JETSCRIBE_PG_* of the environment)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     # Passed as an attribute, not a main option: ini interpolation would mangle a '%' in a password.
     config.attributes["database_url"] = sqlalchemy_url(database_url)
+    config.attributes["connect_args"] = (client or PostgresClient()).connect_args()
     return config
 
 
@@ -42,22 +44,26 @@ class SchemaBehind(ConfigError):
 
 def revisions() -> list[str]:
     """Every revision in migrations/versions, oldest first; the last is the schema this code needs."""
-    scripts = ScriptDirectory.from_config(alembic_config("postgresql://"))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    scripts = ScriptDirectory.from_config(config)
     return [script.revision for script in reversed(list(scripts.walk_revisions()))]
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head", client: PostgresClient | None = None) -> None:
     """Bring the database at `database_url` up to `revision` (blocking; safe to run again)."""
-    command.upgrade(alembic_config(database_url), revision)
+    command.upgrade(alembic_config(database_url, client), revision)
 
 
-def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+def downgrade(database_url: str, revision: str, client: PostgresClient | None = None) -> None:
+    command.downgrade(alembic_config(database_url, client), revision)
 
 
-def current(database_url: str) -> str | None:
+def current(database_url: str, client: PostgresClient | None = None) -> str | None:
     """The revision the database is at, or None before the first migration."""
-    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    engine = create_engine(
+        sqlalchemy_url(database_url), poolclass=pool.NullPool, connect_args=(client or PostgresClient()).connect_args()
+    )
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

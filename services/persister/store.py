@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from jetscribe.services.persister.core import CLOSED, BatchWrite, SessionKey
 from jetscribe.services.persister.tables import SegmentRow, SessionRow
+from jetscribe.shared.config import PostgresClient
 
 _SESSION_KEY = ["tenant", "session_id"]
 _SEGMENT_KEY = ["tenant", "session_id", "segment_id"]
@@ -25,12 +26,13 @@ def sqlalchemy_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def open_engine(database_url: str, connect_timeout_s: int = 5) -> AsyncEngine:
-    """An async engine whose pool survives a Postgres restart (each checkout is pinged first)."""
+def open_engine(database_url: str, client: PostgresClient | None = None, connect_timeout_s: int = 5) -> AsyncEngine:
+    """An async engine whose pool survives a Postgres restart (each checkout is pinged first); `client`: the
+    password and TLS to connect with (None: JETSCRIBE_PG_* of the environment)."""
     return create_async_engine(
         sqlalchemy_url(database_url),
         pool_pre_ping=True,
-        connect_args={"connect_timeout": connect_timeout_s},
+        connect_args={"connect_timeout": connect_timeout_s, **(client or PostgresClient()).connect_args()},
     )
 
 
