@@ -59,19 +59,30 @@ def _revision_arg(text: str, known: list[str]) -> str:
 
 
 def upgrade(url: str, target: str | None, client: PostgresClient | None = None) -> str:
-    """`jetscribe db upgrade [REV]`: what it did, as one line."""
+    """`jetscribe db upgrade [REV]`: what it did, as one line. The roles named by JETSCRIBE_PG_PERSISTER_ROLE and
+    _READER_ROLE get their grants every time, also when the schema was already there."""
     from jetscribe.services.persister import migrate
 
     known = migrate.revisions()
     target = _revision_arg(target, known) if target else known[-1]
     before = _sync(url, lambda: migrate.current(url, client))
     if before == target:
-        return f"already at {target}" + (" (the newest)" if target == known[-1] else "")
+        _sync(url, lambda: migrate.grant_roles(url, client))
+        return f"already at {target}" + (" (the newest)" if target == known[-1] else "") + _grants_note()
     if before in known and target in known and known.index(before) > known.index(target):
         raise UsageError(f"the database is at {before}, above {target}: use `jetscribe db downgrade {target}`")
     _sync(url, lambda: migrate.upgrade(url, target, client))
     after = _sync(url, lambda: migrate.current(url, client))
-    return f"upgraded {before or 'an empty database'} -> {after}"
+    return f"upgraded {before or 'an empty database'} -> {after}" + _grants_note()
+
+
+def _grants_note() -> str:
+    """Which roles the upgrade granted to (JETSCRIBE_PG_*_ROLE), as the end of its line."""
+    from jetscribe.services.persister.roles import TableRoles
+
+    roles = TableRoles.from_env()
+    named = [f"{what} {role}" for what, role in (("persister", roles.persister), ("reader", roles.reader)) if role]
+    return "; granted " + ", ".join(named) if named else ""
 
 
 def downgrade(url: str, target: str | None, client: PostgresClient | None = None) -> str:

@@ -21,7 +21,7 @@ from jetscribe.cli.errors import CliError, NotFound, Unreachable, UsageError, as
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.devstack.servers import ServerFailed
-from jetscribe.shared.config import ConfigError, nats_servers
+from jetscribe.shared.config import ConfigError, PostgresClient, nats_servers
 from jetscribe.shared.telemetry import quiet_libraries
 from jetscribe.shared.wire import WHISPER_LANGUAGES
 
@@ -375,6 +375,13 @@ def cmd_up(args) -> int:
         lines = [f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", _workers_line(local)]
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
+        if local.database_roles:
+            from pathlib import Path
+
+            from jetscribe.devstack.pgroles import ROLE_NAMES
+
+            folder = Path(local.database_roles["owner"].password_file).parent
+            lines.append(f"PostgreSQL roles {', '.join(ROLE_NAMES.values())}, their passwords in {folder}")
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
         while not stopping:
@@ -735,7 +742,7 @@ async def _stored_note(tenant: str, session: str) -> str:
     from jetscribe.services.persister.store import find_session
 
     try:
-        async with reading(servers.database_url()) as engine:
+        async with reading(*servers.database("reader")) as engine:
             row = await find_session(engine, tenant, session)
     except CliError:
         return ""  # no database to ask: the stream's answer stands
@@ -746,12 +753,12 @@ async def _stored_note(tenant: str, session: str) -> str:
 
 def cmd_transcript(args) -> int:
     if args.meeting:
-        segments = meeting_rows(asyncio.run(_meeting(servers.database_url(), args.tenant, args.meeting)))
+        segments = meeting_rows(asyncio.run(_meeting(servers.database("reader"), args.tenant, args.meeting)))
         if not segments:
             raise NotFound(f"no transcript for meeting {args.meeting} of tenant {args.tenant} in PostgreSQL")
         print(render(segments, args.format))
         return 0
-    row, segments = asyncio.run(_transcript(servers.database_url(), args.tenant, args.session))
+    row, segments = asyncio.run(_transcript(servers.database("reader"), args.tenant, args.session))
     if row is None:
         raise NotFound(
             f"no session {args.session} of tenant {args.tenant} in PostgreSQL: see `jetscribe sessions` for the ids"
@@ -767,37 +774,37 @@ def cmd_transcript(args) -> int:
 def cmd_sessions(args) -> int:
     from jetscribe.cli.formats import sessions_json, sessions_table
 
-    rows = asyncio.run(_sessions(servers.database_url(), args.tenant))
+    rows = asyncio.run(_sessions(servers.database("reader"), args.tenant))
     print(sessions_json(rows) if args.format == "json" else sessions_table(rows))
     return 0
 
 
-async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
+async def _transcript(database: tuple[str, PostgresClient], tenant: str, session: str, wait_s: float = 0.0):
     """A session's row (None if PostgreSQL has none) and its final segments; with wait_s, first wait until its end
     is stored (the persister lags a bit)."""
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import final_segments, find_session, wait_until_ended
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
         return await find_session(engine, tenant, session), await final_segments(engine, tenant, session)
 
 
-async def _meeting(url: str, tenant: str, meeting: str):
+async def _meeting(database: tuple[str, PostgresClient], tenant: str, meeting: str):
     """A meeting's final segments, every track's, in spoken order."""
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import meeting_segments
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         return await meeting_segments(engine, tenant, meeting)
 
 
-async def _sessions(url: str, tenant: str | None):
+async def _sessions(database: tuple[str, PostgresClient], tenant: str | None):
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import list_sessions
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         return await list_sessions(engine, tenant)
 
 
@@ -973,13 +980,13 @@ def cmd_db(args) -> int:
 
     if args.action == "current" and args.revision:
         raise UsageError("`db current` takes no revision")
-    url = servers.database_url()
+    url, client = servers.database("owner")
     if args.action == "upgrade":
-        print(database.upgrade(url, args.revision))
+        print(database.upgrade(url, args.revision, client))
     elif args.action == "downgrade":
-        print(database.downgrade(url, args.revision))
+        print(database.downgrade(url, args.revision, client))
     else:
-        print(database.current(url, args.format))
+        print(database.current(url, args.format, client))
     return 0
 
 
@@ -1033,7 +1040,7 @@ def cmd_demo(args) -> int:
         live = asyncio.run(
             _stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr, auth=local.auth)
         )
-        _, segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
+        _, segments = asyncio.run(_transcript(local.database("reader"), "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
         timing = demo_timing(audio.duration_s, args.speed, live, stored)
         print(f"\n--- transcript of {session} from PostgreSQL ---\n{timing}", file=sys.stderr, flush=True)

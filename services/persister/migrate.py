@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jetscribe.services.persister.roles import TableRoles, grant
 from jetscribe.services.persister.store import sqlalchemy_url
 from jetscribe.shared.config import ConfigError, PostgresClient
 
@@ -50,9 +51,29 @@ def revisions() -> list[str]:
     return [script.revision for script in reversed(list(scripts.walk_revisions()))]
 
 
-def upgrade(database_url: str, revision: str = "head", client: PostgresClient | None = None) -> None:
-    """Bring the database at `database_url` up to `revision` (blocking; safe to run again)."""
+def upgrade(
+    database_url: str, revision: str = "head", client: PostgresClient | None = None, roles: TableRoles | None = None
+) -> None:
+    """Bring the database at `database_url` up to `revision` (blocking; safe to run again), then give the
+    persister's and the readers' roles their rights (`roles`, None: JETSCRIBE_PG_*_ROLE of the environment)."""
     command.upgrade(alembic_config(database_url, client), revision)
+    grant_roles(database_url, client, roles)
+
+
+def grant_roles(database_url: str, client: PostgresClient | None = None, roles: TableRoles | None = None) -> bool:
+    """Grant the roles their rights on the tables (roles.py), as the owner; False if no role is named."""
+    roles = roles if roles is not None else TableRoles.from_env()
+    if not roles:
+        return False
+    engine = create_engine(
+        sqlalchemy_url(database_url), poolclass=pool.NullPool, connect_args=(client or PostgresClient()).connect_args()
+    )
+    try:
+        with engine.begin() as connection:
+            grant(connection, roles)
+    finally:
+        engine.dispose()
+    return True
 
 
 def downgrade(database_url: str, revision: str, client: PostgresClient | None = None) -> None:
