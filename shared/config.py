@@ -137,13 +137,16 @@ class IngestConfig(FromEnv):
     tenant_chunks_per_s: float = env("JETSCRIBE_TENANT_CHUNKS_PER_S", 5000.0)  # per gateway
     tenant_bytes_per_s: float = env("JETSCRIBE_TENANT_BYTES_PER_S", 128 * 1024 * 1024.0)  # per gateway
     rate_burst_s: float = env("JETSCRIBE_RATE_BURST_S", 60.0)
+    # pages of stored transcript a tenant may ask a gateway for (services/ingest/history.py); 0 = no limit
+    history_pages_per_s: float = env("JETSCRIBE_HISTORY_PAGES_PER_S", 20.0)
     # The gateways' group: each serves the sessions of the partitions it holds, as the transcribers do.
     gateway_id: str = env("JETSCRIBE_GATEWAY_ID", "")
     heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
     lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # a dead gateway's sessions move after about ttl + heartbeat
 
     def __post_init__(self) -> None:
-        for name in ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s"):
+        rates = ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s")
+        for name in (*rates, "history_pages_per_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"JETSCRIBE_{name.upper()} is {getattr(self, name)}: use 0 (no limit) or more")
         if self.rate_burst_s <= 0:

@@ -163,6 +163,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
             publish=(
                 f"ingest.audio.{tenant}.>",
                 f"ingest.session.{tenant}.>",
+                subjects.history(tenant, "*"),  # its sessions' stored transcripts, through a gateway
                 *(s for consumer in sorted(readers) for s in tenant_reader_subjects(consumer)),
             ),
             subscribe=(f"transcript.{tenant}.>", f"session.{tenant}.>", subjects.errors("*", tenant), f"{inbox}.>"),
@@ -188,6 +189,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.INGEST_SESSION_ALL,
                 subjects.INGEST_PARTITIONS_ALL,
                 subjects.SESSION_EVENTS_ALL,
+                subjects.HISTORY_ALL,  # tenants' history requests (services/ingest/history.py)
                 _SERVICE_INBOX,
                 *_MICRO,
                 subjects.service_endpoint("ingest", "*", "*"),
@@ -232,6 +234,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
             publish=(
                 "ingest.audio.*.>",
                 "ingest.session.*.>",  # `jetscribe stream` / `demo` as any tenant
+                subjects.HISTORY_ALL,
                 "$SRV.>",
                 "$JS.API.INFO",
                 "$JS.API.STREAM.NAMES",

@@ -197,6 +197,15 @@ def session_event_all(event: str) -> str:
 
 
 # Transcriber -> whoever watches its load (bench/load.py): core NATS, not stored
+def history(tenant: str, session: str) -> str:
+    """Where a tenant asks a gateway for a page of a session's stored transcript (services/ingest/history.py)."""
+    return f"jetscribe.history.{tenant}.{session}"
+
+
+HISTORY_ALL = "jetscribe.history.*.*"
+HISTORY_QUEUE = "history"
+
+
 def transcriber_stats(worker_id: str) -> str:
     """Where a transcriber publishes its `WorkerStats` every second; the worker id as one subject token
     (characters other than letters, digits, '_' and '-', such as the dots of a host name, become '_')."""

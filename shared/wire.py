@@ -332,6 +332,34 @@ class Reply(_Message, tag="reply"):
     retry_after_s: float = 0.0  # `rate_limited`: send the same request again after this many seconds
 
 
+class HistoryRequest(_Message, tag="history_request"):
+    """A request for a page of one session's stored segments and events, on `jetscribe.history.<tenant>.<session>`
+    (a tenant may ask for its own sessions only: its NATS permissions), answered by a gateway with a HistoryPage."""
+
+    from_seq: int = 0  # the TRANSCRIPTS seq to start at; 0: the session's first message
+    limit: int = 100  # messages at most (the gateway holds a page to HISTORY_MAX_PAGE and to a size)
+
+
+class StoredMessage(msgspec.Struct, kw_only=True):
+    """One message of TRANSCRIPTS as stored: its stream seq, its subject and its bytes (a Segment or SessionEvent)."""
+
+    seq: int
+    subject: str
+    data: bytes
+
+
+class HistoryPage(_Message, tag="history_page"):
+    """A page of a session's history in stream order, or a refusal (`ok` false: code, message, retry_after_s)."""
+
+    ok: bool
+    messages: list[StoredMessage] = msgspec.field(default_factory=list)
+    next_seq: int = 0  # from_seq of the next page
+    done: bool = True  # nothing more was stored when the page was read
+    code: str = ""
+    message: str = ""
+    retry_after_s: float = 0.0
+
+
 AudioMessage = AudioChunk | SessionControl
 TranscriptMessage = Segment | SessionEvent
 

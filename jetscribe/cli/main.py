@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     transcript.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
     transcript.add_argument("--tenant", default="default", help="tenant the session belongs to (default)")
     transcript.add_argument("--format", choices=FORMATS, default="text", help="output format (text)")
+    transcript.add_argument(
+        "--creds",
+        metavar="FILE",
+        help="a tenant's nkey seed file: read the session from TRANSCRIPTS through the gateways' history (what the "
+        "stream still keeps) instead of PostgreSQL",
+    )
 
     sessions = sub.add_parser("sessions", help="list sessions stored in PostgreSQL")
     sessions.add_argument("--tenant", help="only this tenant's sessions (default: all)")
@@ -671,11 +677,13 @@ def cmd_follow(args) -> int:
     url = servers.nats_url()
 
     auth = stack.nats_auth(args.creds)
-    live = stack.connects_as_tenant(auth)  # a tenant's user creates no consumer: core subscriptions, live only
-    if live and (args.from_start or since or args.from_seq is not None):
+    # A tenant's user creates no consumer: core subscriptions, after the gateways' history when it replays.
+    live = stack.connects_as_tenant(auth)
+    if live and (since or (args.meeting and (args.from_start or args.from_seq is not None))):
         raise UsageError(
-            "as a tenant it reads live only (a tenant's NATS user may create no consumer); replay with the "
-            "operator's credentials or a reader made by `jetscribe tenant reader T NAME`"
+            "as a tenant it replays one session from its start (--from-start) or a stream seq (--from-seq), through "
+            "the gateways' history; --since, or a meeting's replay, needs the operator's credentials or a reader "
+            "made by `jetscribe tenant reader T NAME`"
         )
 
     async def run():
@@ -752,6 +760,8 @@ async def _stored_note(tenant: str, session: str) -> str:
 
 
 def cmd_transcript(args) -> int:
+    if args.creds and not args.meeting:
+        return _tenant_transcript(args)
     if args.meeting:
         segments = meeting_rows(asyncio.run(_meeting(servers.database("reader"), args.tenant, args.meeting)))
         if not segments:
@@ -764,6 +774,39 @@ def cmd_transcript(args) -> int:
             f"no session {args.session} of tenant {args.tenant} in PostgreSQL: see `jetscribe sessions` for the ids"
         )
     if row.status == "active":
+        print(f"session {args.session} is still active: its transcript so far", file=sys.stderr)
+    text = render(segments, args.format)
+    if text:
+        print(text)
+    return 0
+
+
+def _tenant_transcript(args) -> int:
+    """`jetscribe transcript S --creds TENANT.nk`: a tenant has no database role; its session's finals come from
+    TRANSCRIPTS through the gateways' history (client/history.py), as `follow --from-start` reads them."""
+    from jetscribe.client.history import HistoryRefused, stored_messages, transcript_of
+
+    url, auth = servers.nats_url(), stack.nats_auth(args.creds)
+
+    async def read():
+        nc = await _connect_nats(url, auth, tenant=args.tenant)
+
+        async def collect():
+            return [m async for m in stored_messages(nc, args.tenant, args.session)]
+
+        try:
+            return await _until_refused(nc, collect(), args.tenant)  # another tenant's session: NATS refuses at once
+        finally:
+            await nc.close()
+
+    try:
+        stored = asyncio.run(read())
+    except HistoryRefused as exc:
+        raise Unreachable(str(exc)) from None
+    if not stored:
+        raise NotFound(f"no session {args.session} of tenant {args.tenant} in {url}'s TRANSCRIPTS stream")
+    closed, segments = transcript_of(stored)
+    if closed is None:
         print(f"session {args.session} is still active: its transcript so far", file=sys.stderr)
     text = render(segments, args.format)
     if text:

@@ -54,6 +54,8 @@ from jetscribe.services.ingest.core import (
     check_subject_matches,
     split_channels,
 )
+from jetscribe.services.ingest.history import HistoryRates, check_request, read_page
+from jetscribe.services.ingest.rates import RateLimited
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
 from jetscribe.services.transcriber.partitions import assigned_to, spans
@@ -69,6 +71,7 @@ from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
     ErrorEvent,
+    HistoryPage,
     Reply,
     SessionCheckpoint,
     SessionControl,
@@ -137,6 +140,7 @@ class IngestGateway:
         self._serve_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._forward_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._serving: dict[int, set[asyncio.Task]] = {}  # partition -> its requests being served
+        self._history_rates = HistoryRates(config.history_pages_per_s)
         self._served: dict[int, Any] = {}  # partition -> its subscription on ingest.partition.<p>.>
         self._front: list[Any] = []
         self._slots_task: asyncio.Task | None = None
@@ -149,6 +153,9 @@ class IngestGateway:
         await self._settle()
         for subject in (subjects.INGEST_AUDIO_ALL, subjects.INGEST_SESSION_ALL):
             self._front.append(await self.nc.subscribe(subject, queue=subjects.INGEST_QUEUE, cb=self._on_request))
+        self._front.append(
+            await self.nc.subscribe(subjects.HISTORY_ALL, queue=subjects.HISTORY_QUEUE, cb=self._on_history)
+        )
         # Plain subscriptions: these events are also stored in TRANSCRIPTS, where `_recall` finds them after a restart.
         for event in ("ended", "rejected"):
             await self.nc.subscribe(subjects.session_event_all(event), cb=self._on_worker_event)
@@ -212,6 +219,41 @@ class IngestGateway:
             serving = self._serving.setdefault(partition, set())
             serving.add(task)
             task.add_done_callback(serving.discard)
+
+    # --- a session's history, for its tenant (history.py) -------------------------------------------
+    async def _on_history(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._answer_history(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _answer_history(self, msg: Msg) -> None:
+        """A page of the session's stored segments and events, answered on its tenant's inbox only; a request over
+        the tenant's rate, malformed, or that TRANSCRIPTS cannot answer now is refused (counted, reported)."""
+        _, _, tenant, session_id = msg.subject.split(".", 3)
+        try:
+            check_reply_subject(msg.reply, tenant)
+        except RequestRefused as exc:  # never answered there: said on errors.ingest.<tenant> only
+            await self._report(tenant, session_id, exc)
+            return
+        if not msg.reply:
+            return
+        try:
+            request = check_request(msg.data)
+            self._history_rates.take(tenant, time.monotonic())
+            page = await read_page(self.js, tenant, session_id, request)
+        except (RequestRefused, RateLimited) as exc:
+            page = await self._history_refused(tenant, session_id, exc)
+        except _NATS_ERRORS as exc:
+            why = RequestRefused(
+                "unavailable", f"{subjects.TRANSCRIPTS_STREAM} cannot be read now ({exc!r}); ask again"
+            )
+            page = await self._history_refused(tenant, session_id, why)
+        with contextlib.suppress(*_NATS_ERRORS):  # the asker is gone: nothing to tell
+            await self.nc.publish(msg.reply, encode(page))
+
+    async def _history_refused(self, tenant: str, session_id: str, exc: CodedError) -> HistoryPage:
+        message = await self._report(tenant, session_id, exc)
+        return HistoryPage(ok=False, code=exc.code, message=message, retry_after_s=getattr(exc, "retry_after_s", 0.0))
 
     async def _forward(self, msg: Msg, partition: int, kind: str, tenant: str, session_id: str) -> None:
         """Hand a request to the gateway holding its partition and relay its answer."""
