@@ -658,6 +658,20 @@ class PostgresServer(_ChildServer):
                 conn.execute(
                     sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name), sql.Identifier(owner))
                 )
+        if owner:
+            self._give_tables(name, owner)
+
+    def _give_tables(self, database: str, owner: str) -> None:
+        """Make `owner` own every table in the database's schema public: a database made before the roles (an older
+        `jetscribe up` home) has them owned by the superuser, which the owner could neither migrate nor grant."""
+        with self._connect(database) as conn:
+            tables = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> %s", (owner,)
+            ).fetchall()
+            for (table,) in tables:
+                conn.execute(
+                    sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(sql.Identifier(table), sql.Identifier(owner))
+                )
 
     def create_role(self, name: str, password: str) -> None:
         """A role that may sign in with `password` and nothing more (no superuser, no new roles or databases);
@@ -665,9 +679,11 @@ class PostgresServer(_ChildServer):
         with self._connect() as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
+            # The SCRAM verifier, made here: the server (and its log, if the statement fails) never sees the password.
+            verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256").decode()
             conn.execute(
                 sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                    sql.Identifier(name), sql.Literal(password)
+                    sql.Identifier(name), sql.Literal(verifier)
                 )
             )
 

@@ -68,6 +68,21 @@ def test_the_roles_passwords_are_0600_files_kept_across_starts(roles):
         psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database, password="guess")
 
 
+def test_a_database_made_before_the_roles_is_given_to_the_owner(roles):
+    """An older `jetscribe up` home: its database and tables belong to the superuser until the roles are made."""
+    server, folder, _ = roles
+    server.create_database("older")
+    with server._connect("older") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS sessions (x int)")
+    owner = make_roles(server, folder / "pg-passwords", database="older")["owner"]
+    with connect(owner) as conn:
+        found = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'sessions'").fetchone()
+    assert found == (ROLE_NAMES["owner"],)
+    log = server.log_path.read_text()
+    for password_file in (folder / "pg-passwords").iterdir():  # the server got verifiers, never a password
+        assert password_file.read_text().strip() not in log
+
+
 @pytest.mark.parametrize(
     "statement",
     [
