@@ -4,10 +4,13 @@
 # owner in the migrate job (`jetscribe db upgrade`, services/persister/roles.py). The roles of `jetscribe up` are the
 # same (jetscribe/devstack/pgroles.py).
 set -eu
+secrets="${JETSCRIBE_SECRETS_DIR:-/run/secrets}"  # compose mounts the secrets there
 
-make_role() {  # name, secret file: psql variables quote both, so no password is ever part of a command line
+make_role() {  # name, secret file: psql reads the password from the file itself, so no command line holds it
+    [ -s "$secrets/$2" ] || { echo "roles.sh: no secret $secrets/$2: $1 not made" >&2; exit 1; }
     psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
-        -v name="$1" -v password="$(cat "/run/secrets/$2")" <<'SQL'
+        -v name="$1" -v secret="$secrets/$2" <<'SQL'
+\set password `cat :'secret'`
 CREATE ROLE :"name" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD :'password';
 SQL
 }

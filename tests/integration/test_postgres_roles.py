@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -178,3 +179,49 @@ async def test_each_role_does_its_job(roles, nats_url, tmp_path, monkeypatch, ca
     monkeypatch.setenv("JETSCRIBE_PG_READER_ROLE", ROLE_NAMES["reader"])
     assert await asyncio.to_thread(cli.main, ["db", "upgrade"]) == 2  # Postgres itself would only warn
     assert "jetscribe_reader does not own the tables (jetscribe_owner does)" in capsys.readouterr().err
+
+
+def test_the_compose_roles_script_makes_the_roles_with_no_password_on_a_command_line(tmp_path):
+    """deploy/postgres/roles.sh, as the postgres image runs it at its first start (psql through the Unix socket as
+    the superuser), against a real server: each role signs in with its secret, and no psql it ran had a password
+    in its arguments (what `ps` shows every user)."""
+    from jetscribe.devstack.servers import POSTGRES_BIN_PATH
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    passwords = {role: uuid.uuid4().hex for role in ROLE_NAMES}
+    for role, password in passwords.items():
+        (secrets / f"pg_{role}_password").write_text(password + "\n")
+    seen = tmp_path / "psql-argv"
+    wrapper = tmp_path / "bin" / "psql"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {seen}\nexec {POSTGRES_BIN_PATH / "psql"} "$@"\n')
+    wrapper.chmod(0o755)
+    script = Path(__file__).parents[2] / "deploy" / "postgres" / "roles.sh"
+    with PostgresServer(tmp_path / "server", fast=True, passwords=True) as server:
+        server.create_database("app")
+        env = {
+            **os.environ,
+            "PATH": f"{wrapper.parent}:{os.environ['PATH']}",
+            "PGHOST": str(server.socket_dir),
+            "PGPORT": str(server.port),
+            "POSTGRES_USER": "postgres",
+            "POSTGRES_DB": "app",
+            "JETSCRIBE_SECRETS_DIR": str(secrets),
+        }
+        # A secret missing: it stops, rather than make a role without a password (psql would take an empty one).
+        unset = {**env, "JETSCRIBE_SECRETS_DIR": str(tmp_path / "none")}
+        done = subprocess.run(["sh", str(script)], env=unset, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "pg_owner_password" in done.stderr
+        done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        for role, name in ROLE_NAMES.items():
+            with psycopg.connect(
+                host=server.host, port=server.port, user=name, dbname="app", password=passwords[role]
+            ) as conn:
+                owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'app'").fetchone()
+            assert owner == (ROLE_NAMES["owner"],)
+    argvs = seen.read_text()
+    assert argvs.count("\n") >= 4  # the three roles and the database's owner
+    for password in passwords.values():
+        assert password not in argvs
