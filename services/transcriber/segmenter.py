@@ -111,11 +111,15 @@ class UtteranceSegmenter:
         self.speech_starts: list[int] = []  # onsets of utterances that held speech (not clicks), until taken
 
     def restore(self, position: int) -> None:
-        """Continue at session sample `position`, as if everything before it was heard and cut."""
+        """Continue at session sample `position`, as if everything before it was heard and cut. The frames stay on
+        the session's grid (from sample 0): a worker re-hearing audio after a takeover hears the frames its first
+        worker heard, so an onset (`speech_started`, its Nats-Msg-Id) comes out the same, not once more."""
+        on_grid = -(-position // self.frame) * self.frame  # the samples before it: the next utterance's preroll
         self.buffer.reset_to(position)
-        self.record.restore(position)
-        self.levels.restart(position)
-        self.vad_pos = self._last_cut = self._last_speech_end = position
+        self.record.restore(on_grid)
+        self.levels.restart(on_grid)
+        self.vad_pos = on_grid
+        self._last_cut = self._last_speech_end = position
 
     @property
     def received(self) -> int:

@@ -177,3 +177,19 @@ def test_a_start_with_options_the_gateway_would_refuse_is_refused_by_the_worker_
     assert stored_message_problem(bad)[0] == "bad_option"
     good = SessionControl(tenant="acme", session_id="s1", action="start", options={"endpointing_ms": False})
     assert stored_message_problem(good) is None
+
+
+def test_a_takeover_re_hearing_an_onset_announces_it_with_the_same_message_id():
+    """The worker taking over re-hears the audio after its checkpoint: a speech_started its first worker already
+    published must come out with the same Nats-Msg-Id (the stream drops the repeat), wherever the checkpoint falls
+    between the VAD's frames (a 100 ms chunk is 3 1/3 frames of 30 ms)."""
+    for lead in (0.3, 0.4, 0.5):
+        audio = np.concatenate([silence(lead), tone(1.0), silence(1.03), tone(0.8)])
+        first = stream({"vad_events": True})
+        run(first, audio)
+        checkpoint = first.checkpoints[-1]
+        taken = stream(checkpoint=checkpoint)
+        run(taken, audio[checkpoint.acked_samples :], first_seq=checkpoint.acked_seq + 1)
+        heard_again = events(taken, "speech_started")[-1]
+        assert heard_again.timestamp == events(first, "speech_started")[-1].timestamp, (lead, checkpoint.acked_samples)
+        assert [s.text for s in finals(taken)] == [s.text for s in finals(first)][1:]
