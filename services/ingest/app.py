@@ -49,6 +49,7 @@ from jetscribe.services.ingest.core import (
     IngestBook,
     RequestRefused,
     SessionLedger,
+    check_ids,
     check_reply_subject,
     check_request_size,
     check_subject_matches,
@@ -232,12 +233,13 @@ class IngestGateway:
         _, _, tenant, session_id = msg.subject.split(".", 3)
         try:
             check_reply_subject(msg.reply, tenant)
+            if not msg.reply:
+                raise RequestRefused("bad_reply", "a history request needs a reply subject (send it as a request)")
         except RequestRefused as exc:  # never answered there: said on errors.ingest.<tenant> only
             await self._report(tenant, session_id, exc)
             return
-        if not msg.reply:
-            return
         try:
+            check_ids(tenant, session_id)  # a wildcard token would read every session of the tenant at once
             request = check_request(msg.data)
             self._history_rates.take(tenant, time.monotonic())
             page = await read_page(self.js, tenant, session_id, request)

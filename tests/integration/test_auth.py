@@ -29,6 +29,7 @@ from jetscribe.shared.natsauth import ClientAuth
 from jetscribe.shared.wire import (
     AudioChunk,
     ErrorEvent,
+    HistoryPage,
     HistoryRequest,
     Reply,
     Segment,
@@ -560,6 +561,24 @@ async def test_a_replays_its_own_sessions_history_and_never_bs(
     assert await asyncio.to_thread(main, argv) == 1
     assert "NATS refused it" in capsys.readouterr().err
     assert tenant_a.errors == [f'nats: permissions violation for publish to "{subjects.history("b", theirs)}"']
+
+
+@pytest.mark.parametrize("session", ["*", ">"])
+async def test_a_history_request_naming_no_one_session_is_refused_bad_id(services, tenant_a, root, session):
+    """A wildcard as the session token (a client need not be pedantic: the server passes it, and a's permission
+    `jetscribe.history.a.*` matches it) would read every session of a's at once, or fail as `unavailable`."""
+    await store_session(root.jetstream(), "a", f"h{uuid.uuid4().hex[:6]}")
+    reply = await tenant_a.nc.request(subjects.history("a", session), encode(HistoryRequest()), timeout=10)
+    page = decode(reply.data, HistoryPage)
+    assert (page.ok, page.code, page.messages) == (False, "bad_id", [])
+
+
+async def test_a_history_request_with_no_reply_is_reported_not_dropped(services, tenant_a, root):
+    reports = await root.subscribe(subjects.errors("ingest", "a"))
+    await root.flush()
+    await tenant_a.nc.publish(subjects.history("a", "nobody"), encode(HistoryRequest()))
+    report = decode((await reports.next_msg(timeout=10)).data, ErrorEvent)
+    assert (report.code, report.session_id) == ("bad_reply", "nobody")
 
 
 async def test_jetscribe_tenant_revoke_deletes_the_tenants_readers(services, server, keys, root, monkeypatch, capsys):
