@@ -225,3 +225,28 @@ def test_the_compose_roles_script_makes_the_roles_with_no_password_on_a_command_
     assert argvs.count("\n") >= 4  # the three roles and the database's owner
     for password in passwords.values():
         assert password not in argvs
+
+
+async def test_a_password_file_given_anew_is_read_at_the_next_connect(roles, tmp_path):
+    """JETSCRIBE_PG_PASSWORD_FILE is read at each connect: a long-lived engine (the persister's) signs in again with a
+    rotated password once its connection is gone, not with the one read when it started."""
+    from sqlalchemy import text
+
+    from jetscribe.shared.config import PostgresClient
+
+    server = roles[0]
+    password_file = tmp_path / "rotating.password"
+    password_file.write_text("first-password\n")
+    server.create_role("rotating", "first-password")
+    url = server.url_of("rotating", "roles")
+    engine = open_engine(url, PostgresClient(password_file=str(password_file)))
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+        server.create_role("rotating", "second-password")  # rotated: the server, then the file
+        password_file.write_text("second-password\n")
+        await engine.dispose()  # the pooled connection is gone, as after a Postgres restart
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT current_user"))).scalar() == "rotating"
+    finally:
+        await engine.dispose()
