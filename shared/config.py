@@ -143,6 +143,13 @@ class IngestConfig(FromEnv):
     gateway_id: str = env("JETSCRIBE_GATEWAY_ID", "")
     heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
     lease_ttl_s: float = env("JETSCRIBE_LEASE_TTL_S", 5.0)  # a dead gateway's sessions move after about ttl + heartbeat
+    # The WebSocket way in (services/ingest/websocket.py): off (0) unless a port is given; `jetscribe up` gives 8765.
+    ws_port: int = env("JETSCRIBE_WS_PORT", 0)
+    ws_host: str = env("JETSCRIBE_WS_HOST", "127.0.0.1")
+    # tenants' API key hashes; default: api-keys.json in $JETSCRIBE_NATS_KEYS, where `jetscribe tenant add` writes it
+    api_keys: str = env("JETSCRIBE_API_KEYS", "")
+    # diarize=true on the socket needs speakers from the audio in the transcribers (the same setting)
+    speakers_audio: str = env("JETSCRIBE_SPEAKERS_AUDIO", "auto")
 
     def __post_init__(self) -> None:
         rates = ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s")

