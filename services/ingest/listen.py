@@ -54,6 +54,7 @@ _DEEPGRAM_PARAMS = (
     "utterance_end_ms",
     "vad_events",
     "diarize",
+    "model",  # recorded on the start, as a bot's; the stack's Whisper model serves (the results name it)
     SESSION_PARAM,
 )
 _NATIVE_FORMAT = ("encoding", "sample_rate", "channels", "language", "token")
@@ -86,6 +87,7 @@ class ListenRequest:
     punctuate: bool = True
     diarize: bool = False
     request_id: str = ""
+    model: str | None = None  # what the client asked for: recorded, as a bot's start's `model`
 
     @property
     def frame_bytes(self) -> int:
@@ -163,6 +165,7 @@ def _deepgram(params: dict[str, str], diarize_available: bool, request_id: str) 
         punctuate=_bool(params, "punctuate", True),
         diarize=diarize,
         request_id=request_id,
+        model=params.get("model") or None,
     )
 
 

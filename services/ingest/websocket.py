@@ -274,6 +274,7 @@ class SocketSession:
             action="start",
             language=self.request.language,
             options=self.request.options,
+            model=self.request.model,
             sent_at=time.time(),
         )
         reply = await self._submit(start)

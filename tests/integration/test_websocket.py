@@ -101,8 +101,8 @@ async def messages_until_close(ws, timeout_s: float = 60.0) -> list[dict]:
     return got
 
 
-async def stored_payload(nc, session: str) -> tuple[list[int], bytes]:
-    chunks = [m for _, m in await stored_audio(nc.jetstream(), TENANT, session) if isinstance(m, AudioChunk)]
+async def stored_payload(nc, session: str, tenant: str = TENANT) -> tuple[list[int], bytes]:
+    chunks = [m for _, m in await stored_audio(nc.jetstream(), tenant, session) if isinstance(m, AudioChunk)]
     return [c.seq for c in chunks], b"".join(c.payload for c in chunks)
 
 
@@ -162,7 +162,8 @@ async def test_a_dropped_connection_resumes_with_nothing_lost_or_repeated(stack,
 async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_socket_of_a_revoked_tenant_closes(
     stack, speech
 ):
-    url = f"{stack.url}/v1/sessions/k{uuid.uuid4().hex[:8]}?encoding=pcm_s16le&sample_rate=16000"
+    session = f"k{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
     for headers in ({}, auth("jsk_not-a-key")):
         with pytest.raises(websockets.InvalidStatus) as refused:
             await connect(url, additional_headers=headers)
@@ -171,6 +172,10 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_sock
     # ?token= works for clients that cannot set a header
     async with connect(f"{url}&token={stack.key}") as ws:
         await ws.send(speech.audio[:16000].astype("<i2").tobytes())
+        await ws.send(json.dumps({"type": "KeepAlive"}))
+        async with asyncio.timeout(10):  # the second taken before the key goes
+            while len((await stored_payload(stack.nc, session))[0]) < 10:
+                await asyncio.sleep(0.05)
         other = stack.keys.add_tenant("wsother"), stack.keys.new_api_key("wsother")
         stack.keys.revoke_tenant(TENANT)
         try:
@@ -185,7 +190,8 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_sock
     async with connect(url, additional_headers=auth(other[1])) as ws:
         await ws.send(json.dumps({"type": "CloseStream"}))
         await messages_until_close(ws)
-    assert await stored_payload(stack.nc, url.split("/")[-1].split("?")[0]) == ([], b"")
+    assert await stored_payload(stack.nc, session, tenant="wsother") == ([], b"")
+    assert (await stored_payload(stack.nc, session))[0] == list(range(10))
     samples = await scrape(stack.metrics_port)
     assert total(samples, "jetscribe_ingest_refusals_total", error_type="unauthorized") >= 3
 
@@ -216,18 +222,20 @@ async def test_a_session_the_gateway_refuses_is_said_on_the_socket_reported_and_
     async with connect(url, additional_headers=auth(stack.key)) as ws:
         await ws.send(json.dumps({"type": "CloseStream"}))
         await messages_until_close(ws)
-    errors: list[ErrorEvent] = []
+    errors: asyncio.Queue[ErrorEvent] = asyncio.Queue()
 
     async def collect(msg):
-        errors.append(decode(msg.data, ErrorEvent))
+        await errors.put(decode(msg.data, ErrorEvent))
 
     sub = await stack.nc.subscribe(subjects.errors("ingest", TENANT), cb=collect)
+    await stack.nc.flush()
     async with connect(url, additional_headers=auth(stack.key)) as ws:
         got = await messages_until_close(ws, 10)
         assert ws.close_code == 1008
-    await sub.unsubscribe()
     assert got == [{"type": "error", "code": "session_ended", "message": got[0]["message"]}]
-    assert [e.code for e in errors] == ["session_ended"]  # the same code and report as a bot's NATS request
+    reported = await asyncio.wait_for(errors.get(), 5.0)  # the same code and report as a bot's NATS request
+    await sub.unsubscribe()
+    assert (reported.code, reported.session_id) == ("session_ended", session)
 
 
 async def test_deepgram_keepalive_and_closestream_give_results_then_metadata(stack, speech):
