@@ -255,6 +255,34 @@ def running_stack_urls(home: Path | None = None) -> dict[str, str]:
     return info
 
 
+DEFAULT_WS_PORT = 8765
+
+
+def websocket_env(env: Mapping[str, str], api_keys: Path) -> dict[str, str]:
+    """The first gateway's WebSocket settings: JETSCRIBE_WS_PORT as given (0: off), else 8765, or a free port if
+    8765 is taken (the URL `up` prints says which); the API keys the keyring's `tenant add` writes."""
+    host = env.get("JETSCRIBE_WS_HOST") or "127.0.0.1"
+    given = env.get("JETSCRIBE_WS_PORT")
+    if given is not None and given.strip() in ("", "0"):
+        return {}
+    port = int(given) if given else _free_or_any(host, DEFAULT_WS_PORT)
+    return {
+        "JETSCRIBE_WS_HOST": host,
+        "JETSCRIBE_WS_PORT": str(port),
+        "JETSCRIBE_API_KEYS": env.get("JETSCRIBE_API_KEYS") or str(api_keys),
+    }
+
+
+def _free_or_any(host: str, port: int) -> int:
+    """`port` if nothing listens there, else a free one."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def nats_url() -> str:
     return os.environ.get("NATS_URL") or running_stack_urls().get("nats_url") or DEFAULT_NATS_URL
 
@@ -472,6 +500,7 @@ class LocalStack:
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
     partitions_held: dict[str, list[int]] = field(default_factory=dict, init=False)
     auth: ClientAuth = field(default_factory=ClientAuth, init=False)  # how the stack itself (the operator) connects
+    ws_url: str = field(default="", init=False)  # the first gateway's WebSocket listener ("" when off)
     lock: HomeLock | None = field(default=None, init=False)  # held from start to the end of stop
 
     def start(self) -> LocalStack:
@@ -531,9 +560,12 @@ class LocalStack:
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
         since = asyncio.run(_lease_revision(self.nats_url, self.auth))
         try:
+            sockets = websocket_env(env, keyring(self.home).api_keys_path)
+            self.ws_url = f"ws://{sockets['JETSCRIBE_WS_HOST']}:{sockets['JETSCRIBE_WS_PORT']}" if sockets else ""
             for gateway in range(self.gateways):
                 name = f"ingest {gateway}" if self.gateways > 1 else "ingest"
-                gateway_env = {**env, **service_auth.get("ingest", {})}
+                # One listener, on the first gateway: a socket's session goes to its partition's gateway over NATS.
+                gateway_env = {**env, **service_auth.get("ingest", {}), **(sockets if gateway == 0 else {})}
                 self.children.append(ServiceProcess.start(name, SERVICES[0], gateway_env, self.hold_output))
             for i, worker in enumerate(self.transcriber_ids):
                 worker_env = {**self._worker_env(env, i), **service_auth.get("transcriber", {})}
@@ -609,6 +641,7 @@ class LocalStack:
             "processes": [asdict(p) for p in processes if p is not None],
             # the operator's key: commands run in this folder connect with it unless given their own
             "nats_creds": self.auth.creds,
+            "ws_url": self.ws_url,
             **(
                 {
                     "nats_pid": self.nats.pid,

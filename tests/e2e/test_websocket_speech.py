@@ -73,7 +73,9 @@ async def test_opus_at_24_kbps_in_ogg_and_webm_gives_the_words(socket_stack, spe
     data = encode_opus(speech.audio, speech.sample_rate, container, bitrate=24_000)
     session = f"o{uuid.uuid4().hex[:8]}"
     finals: list[str] = []
-    async with connect(f"{url}/v1/sessions/{session}?encoding=opus", additional_headers={"Authorization": f"Token {key}"}) as ws:
+    async with connect(
+        f"{url}/v1/sessions/{session}?encoding=opus", additional_headers={"Authorization": f"Token {key}"}
+    ) as ws:
         for at in range(0, len(data), 1000):  # about a third of a second of Opus per frame, as MediaRecorder sends
             await ws.send(data[at : at + 1000])
         await ws.send(json.dumps({"type": "CloseStream"}))

@@ -109,7 +109,9 @@ async def stored_payload(nc, session: str, tenant: str = TENANT) -> tuple[list[i
 async def test_native_pcm_session_end_to_end_stores_exactly_the_audio_and_sends_back_segments(stack, speech):
     session = f"n{uuid.uuid4().hex[:8]}"
     pcm = speech.audio.astype("<i2").tobytes()
-    async with connect(f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000", additional_headers=auth(stack.key)) as ws:
+    async with connect(
+        f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000", additional_headers=auth(stack.key)
+    ) as ws:
         await send_pcm(ws, pcm)
         await ws.send(json.dumps({"type": "CloseStream"}))
         got = await messages_until_close(ws)

@@ -13,7 +13,9 @@ RATE = 16_000
 def tone_and_noise(seconds: float = 1.5) -> np.ndarray:
     t = np.arange(int(RATE * seconds)) / RATE
     rng = np.random.default_rng(16)
-    signal = 0.3 * np.sin(2 * np.pi * 330 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(len(t))
+    signal = 0.3 * np.sin(2 * np.pi * 330 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(
+        len(t)
+    )
     return (signal * 32767).astype(np.int16)
 
 
