@@ -56,3 +56,23 @@ def test_a_tenants_readers_go_into_its_user_and_no_consumer_name_is_shared(tmp_p
     assert keys.readers("acme") == {"x_tr": ("reader_acme_x_tr", "transcript.acme.>")}
     assert keys.remove_reader("acme", "x_tr") == "reader_acme_x_tr" and keys.readers("acme") == {}
     assert [u.readers for u in keys.users() if u.tenant == "acme"] == [()]
+
+
+def test_a_tenants_api_key_is_kept_hashed_privately_replaced_by_a_new_one_and_gone_at_revoke(tmp_path):
+    from jetscribe.shared.natsauth import api_key_hash
+
+    keys = Keyring(tmp_path / "keys").ensure_services()
+    with pytest.raises(TenantError):
+        keys.new_api_key("acme")  # no such tenant yet
+    keys.add_tenant("acme")
+    first = keys.new_api_key("acme")
+    stored = keys.api_keys_path.read_text()
+    assert first not in stored and api_key_hash(first) in stored
+    assert stat.S_IMODE(keys.api_keys_path.stat().st_mode) == 0o600
+    second = keys.new_api_key("acme")
+    assert (
+        api_key_hash(first) not in keys.api_keys_path.read_text()
+        and api_key_hash(second) in keys.api_keys_path.read_text()
+    )
+    keys.revoke_tenant("acme")
+    assert "acme" not in keys.api_keys_path.read_text()
