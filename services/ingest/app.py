@@ -595,7 +595,7 @@ class IngestGateway:
         retry_after_s = getattr(exc, "retry_after_s", 0.0)
         return Reply(ok=False, last_seq=last_seq, code=exc.code, message=message, retry_after_s=retry_after_s)
 
-    async def _report(self, tenant: str, session_id: str, exc: CodedError, seq: int | None = None) -> str:
+    async def _report(self, tenant: str, session_id: str | None, exc: CodedError, seq: int | None = None) -> str:
         """A refusal logged, counted and published on errors.ingest.<tenant>; returns its one-line message."""
         retry_after_s = getattr(exc, "retry_after_s", 0.0)
         message = brief(str(exc))
@@ -608,7 +608,7 @@ class IngestGateway:
             at=time.time(),
             retry_after_s=retry_after_s,
         )
-        log.warning("refused %s/%s seq=%s: %s", brief(tenant, 80), brief(session_id, 80), seq, message)
+        log.warning("refused %s/%s seq=%s: %s", brief(tenant, 80), brief(session_id or "-", 80), seq, message)
         self.metrics.refusals.add(1, {TENANT: _tenant_label(tenant), ERROR_TYPE: exc.code})
         self.activity.refused(exc.code)
         try:
@@ -631,10 +631,10 @@ class IngestGateway:
                     await self._recall(tenant, session_id)
         return self.book.last_seq_of(tenant, session_id)
 
-    def count_refusal(self, tenant: str, code: str) -> None:
-        """A refusal with no session to report it on (a WebSocket handshake), counted like every refusal."""
-        self.metrics.refusals.add(1, {TENANT: _tenant_label(tenant), ERROR_TYPE: code})
-        self.activity.refused(code)
+    async def report_refusal(self, tenant: str, session_id: str | None, code: str, message: str) -> None:
+        """A refusal the WebSocket shell makes itself (a handshake, a frame it cannot take), reported, counted and
+        logged as the gateway's own are."""
+        await self._report(tenant, session_id, RequestRefused(code, message))
 
     async def _report_bad_event(self, subject: str, exc: CodedError) -> None:
         """A session event in TRANSCRIPTS that the gateways' slot keeping refused (`TenantSlots`): counted and

@@ -162,14 +162,14 @@ class SocketGateway:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
 
-    def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         split = urllib.parse.urlsplit(request.path)
         request_id = str(connection.id)
         key = presented_key(request)
         found = self.keys.tenant_of(key) if key else None
         if found is None:
             why = "no API key: send Authorization: Token <key>" if not key else "API key not recognised (or revoked)"
-            self._refused_handshake("unauthorized", why)
+            await self._refused_handshake("unauthorized", why)
             return _json_response(401, {"err_code": "INVALID_AUTH", "err_msg": why, "request_id": request_id})
         try:
             listen = parse_request(
@@ -179,15 +179,14 @@ class SocketGateway:
                 request_id=request_id,
             )
         except ListenRefused as exc:
-            self._refused_handshake("bad_request", str(exc), tenant=found[0])
+            await self._refused_handshake("bad_request", str(exc), tenant=found[0])
             return _json_response(exc.status, exc.body(request_id))
         self._admitted[id(connection)] = Admitted(found[0], found[1], listen)
         return None
 
-    def _refused_handshake(self, code: str, why: str, tenant: str = subjects.UNKNOWN_TENANT) -> None:
-        """A refused handshake counts and is logged like a refused request (no session: nothing to publish)."""
-        log.warning("WebSocket handshake refused (%s): %s", code, why)
-        self.gateway.count_refusal(tenant, code)
+    async def _refused_handshake(self, code: str, why: str, tenant: str = subjects.UNKNOWN_TENANT) -> None:
+        """A refused handshake is reported, counted and logged like a refused request (no session yet)."""
+        await self.gateway.report_refusal(tenant, None, code, f"WebSocket handshake refused: {why}")
 
     async def _connection(self, connection: ServerConnection) -> None:
         admitted = self._admitted.pop(id(connection), None)
@@ -205,8 +204,8 @@ class SocketGateway:
             await asyncio.sleep(REVOCATION_CHECK_S)
             for connection, admitted in list(self._open.items()):
                 if not self.keys.valid(admitted.tenant, admitted.key_hash):
-                    log.warning("tenant %s's API key was revoked: closing its socket", admitted.tenant)
-                    self.gateway.count_refusal(admitted.tenant, "revoked")
+                    why = "the tenant's API key was revoked: its socket is closed"
+                    await self.gateway.report_refusal(admitted.tenant, admitted.request.session_id, "revoked", why)
                     await connection.close(CLOSE_REVOKED, "API key revoked")
 
 
@@ -218,9 +217,10 @@ def _select_token_protocol(connection: ServerConnection, protocols: list[str]) -
 class SessionRefused(Exception):
     """The gateway refused the session or its audio: the socket says why and closes."""
 
-    def __init__(self, code: str, message: str, close_code: int = CLOSE_REFUSED):
+    def __init__(self, code: str, message: str, close_code: int = CLOSE_REFUSED, reported: bool = False):
+        """`reported`: the gateway already reported it (its reply to the request); else the shell does."""
         super().__init__(f"{code}: {message}")
-        self.code, self.message, self.close_code = code, message, close_code
+        self.code, self.message, self.close_code, self.reported = code, message, close_code, reported
 
 
 class SocketSession:
@@ -255,6 +255,8 @@ class SocketSession:
             await self._start()
             await self._receive()
         except SessionRefused as exc:
+            if not exc.reported:
+                await self.gateway.report_refusal(self.tenant, self.session_id, exc.code, exc.message)
             await self._say(error_message(self.request.dialect, exc.code, exc.message))
             await self._flush_outbox(sender)
             await self.connection.close(exc.close_code, exc.code)
@@ -394,7 +396,7 @@ class SocketSession:
                 await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
                 attempt += 1
                 continue
-            raise SessionRefused(reply.code or "refused", reply.message)
+            raise SessionRefused(reply.code or "refused", reply.message, reported=True)
 
     # --- what goes back -------------------------------------------------------------------------------------
     async def _on_segment(self, msg) -> None:

@@ -277,3 +277,26 @@ async def test_deepgram_finalize_gives_a_final_from_finalize_and_the_session_goe
         got = await messages_until_close(ws)
     assert any(m["type"] == "Results" and m["is_final"] for m in got)
     assert got[-1]["type"] == "Metadata"
+
+
+async def test_what_the_socket_itself_refuses_is_reported_on_errors_ingest_too(stack):
+    errors: asyncio.Queue[ErrorEvent] = asyncio.Queue()
+
+    async def collect(msg):
+        await errors.put(decode(msg.data, ErrorEvent))
+
+    sub = await stack.nc.subscribe(subjects.errors("ingest", TENANT), cb=collect)
+    await stack.nc.flush()
+    session = f"b{uuid.uuid4().hex[:8]}"
+    async with connect(f"{stack.url}/v1/listen?session_id={session}", additional_headers=auth(stack.key)) as ws:
+        await ws.send(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # a WAV header: neither Ogg nor WebM
+        got = await messages_until_close(ws, 10)
+        assert ws.close_code == 1007
+    assert got[0]["type"] == "Error" and "neither Ogg" in got[0]["description"]
+    reported = await asyncio.wait_for(errors.get(), 5.0)
+    assert (reported.code, reported.session_id) == ("bad_payload", session)
+    with pytest.raises(websockets.InvalidStatus):
+        await connect(f"{stack.url}/v1/listen?smart_format=true", additional_headers=auth(stack.key))
+    reported = await asyncio.wait_for(errors.get(), 5.0)
+    assert reported.code == "bad_request" and "smart_format" in reported.message
+    await sub.unsubscribe()
