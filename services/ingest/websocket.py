@@ -238,7 +238,9 @@ class SocketSession:
         self.audio_frames = 0  # input frames sent as chunks
         self.model: str | None = None
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.ended = asyncio.Event()
+        self.ended = asyncio.Event()  # the transcriber's `ended` or `rejected` came
+        self.closing_event: SessionEvent | None = None
+        self.closing = False  # CloseStream sent the end
 
     @property
     def session_id(self) -> str:
@@ -253,7 +255,7 @@ class SocketSession:
         sender = asyncio.create_task(self._send_out())
         try:
             await self._start()
-            await self._receive()
+            await self._serve()
         except SessionRefused as exc:
             if not exc.reported:
                 await self.gateway.report_refusal(self.tenant, self.session_id, exc.code, exc.message)
@@ -268,6 +270,31 @@ class SocketSession:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _serve(self) -> None:
+        """Take the client's frames until it closes the stream, or the transcriber ends or rejects the session
+        first (an idle timeout): then the socket says so and closes."""
+        receiving = asyncio.create_task(self._receive())
+        ended = asyncio.create_task(self.ended.wait())
+        try:
+            await asyncio.wait({receiving, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done() or self.closing:  # CloseStream waits for the end itself
+                await receiving
+                return
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            event = self.closing_event
+            assert event is not None
+            if event.event == "rejected":
+                why = f"the transcriber rejected the session: {event.reason or 'no reason given'}"
+                raise SessionRefused("rejected", why, reported=True)  # the transcriber's event is the report
+            await self._closing_metadata()
+            await self._flush_outbox()
+            await self.connection.close(1000, f"session ended: {event.reason or 'ended'}"[:120])
+        finally:
+            for task in (receiving, ended):
+                task.cancel()
+            await asyncio.gather(receiving, ended, return_exceptions=True)
 
     async def _start(self) -> None:
         start = SessionControl(
@@ -297,7 +324,9 @@ class SocketSession:
             if kind == "KeepAlive":
                 continue
             if kind == "Finalize":
-                await self._send_pending(final=True)
+                # Whole chunks only, so that chunk n still starts at input frame n * F (where a resume starts); the
+                # few ms left go with the next chunk.
+                await self._send_pending(final=False)
                 await self._submit(self._control("finalize"))
                 if self.dialect is not None:
                     self.dialect.from_finalize = True
@@ -359,6 +388,7 @@ class SocketSession:
             except ContainerError as exc:
                 raise SessionRefused("bad_payload", str(exc), CLOSE_BAD_AUDIO) from None
         await self._send_pending(final=True)
+        self.closing = True
         await self._submit(self._control("end"))
         try:
             await asyncio.wait_for(self.ended.wait(), CLOSE_WAIT_S)
@@ -366,12 +396,15 @@ class SocketSession:
             raise SessionRefused(
                 "unavailable", f"the session's end was not confirmed within {CLOSE_WAIT_S:g} s"
             ) from None
+        await self._closing_metadata()
         await self._flush_outbox()
+        await self.connection.close(1000, "stream closed")
+
+    async def _closing_metadata(self) -> None:
+        """Deepgram's Metadata, last before the socket closes."""
         if self.dialect is not None:
             created = datetime.now(UTC).isoformat()
             await self._say(self.dialect.closing(self.audio_frames / self.request.sample_rate, created, self.model))
-        await self._flush_outbox()
-        await self.connection.close(1000, "stream closed")
 
     def _control(self, action: str) -> SessionControl:
         return SessionControl(
@@ -425,6 +458,7 @@ class SocketSession:
             await self._say(native_message(event))
         if event.event in ("ended", "rejected"):
             self.model = event.model or self.model
+            self.closing_event = event
             self.ended.set()
 
     async def _say(self, message: dict[str, Any]) -> None:

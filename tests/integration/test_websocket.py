@@ -27,6 +27,7 @@ from tests.integration.test_ingest import stored_audio
 from tests.scrape import scrape, total, wait_until_ready
 
 TENANT = "wsacme"
+IDLE_S = 4.0  # the transcriber ends a session this long without audio
 
 
 def free_port() -> int:
@@ -56,7 +57,9 @@ async def stack(ws_nats, nats_keys):
     port = free_port()
     settings = StreamSettings(nats_url=ws_nats.url)
     config = IngestConfig(ws_port=port, api_keys=str(nats_keys.api_keys_path))
-    worker = TranscriberConfig(model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2)
+    worker = TranscriberConfig(
+        model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2, idle_timeout_s=IDLE_S
+    )
     tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
     stop = asyncio.Event()
     tasks = [
@@ -300,3 +303,13 @@ async def test_what_the_socket_itself_refuses_is_reported_on_errors_ingest_too(s
     reported = await asyncio.wait_for(errors.get(), 5.0)
     assert reported.code == "bad_request" and "smart_format" in reported.message
     await sub.unsubscribe()
+
+
+async def test_a_session_the_transcriber_ends_while_the_socket_is_open_says_so_and_closes(stack, speech):
+    session = f"i{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/listen?encoding=linear16&sample_rate=16000&session_id={session}"
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, speech.audio[:32000].astype("<i2").tobytes())
+        got = await messages_until_close(ws, IDLE_S + 30)  # no more audio, no KeepAlive: the idle timeout
+        assert ws.close_code == 1000 and "idle_timeout" in ws.close_reason
+    assert got[-1]["type"] == "Metadata" and got[-1]["duration"] == pytest.approx(2.0)
