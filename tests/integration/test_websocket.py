@@ -174,7 +174,9 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_and_an_open_sock
             await connect(url, additional_headers=headers)
         assert refused.value.response.status_code == 401
         assert json.loads(refused.value.response.body)["err_code"] == "INVALID_AUTH"
-    # ?token= works for clients that cannot set a header
+    # A browser cannot set headers: its key comes as the subprotocol pair `token, <key>`, or as ?token=
+    async with connect(url, subprotocols=["token", stack.key]) as ws:
+        assert ws.subprotocol == "token"
     async with connect(f"{url}&token={stack.key}") as ws:
         await ws.send(speech.audio[:16000].astype("<i2").tobytes())
         await ws.send(json.dumps({"type": "KeepAlive"}))
