@@ -388,12 +388,13 @@ def cmd_up(args) -> int:
 
             folder = Path(local.database_roles["owner"].password_file).parent
             lines.append(f"PostgreSQL roles {', '.join(ROLE_NAMES.values())}, their passwords in {folder}")
-        lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         if local.ws_url:
             lines.append(
                 f"WebSocket: {local.ws_url}/v1/listen (Deepgram-compatible) and {local.ws_url}/v1/sessions/ID; "
                 "a tenant's API key: jetscribe tenant add T"
             )
+        # last: a detached `up` leaves this line out (`-d` prints the others)
+        lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
         while not stopping:
             local.check()

@@ -130,6 +130,8 @@ def test_up_detached_refuses_a_second_up_keeps_serving_and_down_stops_it(tmp_pat
     assert started.returncode == 0, started.stdout + started.stderr
     assert started.stdout.startswith("jetscribe is up: NATS nats://127.0.0.1:"), started.stdout
     assert "running in the background as pid" in started.stdout and "jetscribe down" in started.stdout
+    ws_url = json.loads((home / "stack.json").read_text())["ws_url"]  # the gateway's WebSocket listener, said
+    assert ws_url.startswith("ws://127.0.0.1:") and f"WebSocket: {ws_url}/v1/listen" in started.stdout
     info_text = (home / "stack.json").read_text()
     info = json.loads(info_text)
     up_pid = info["pid"]
