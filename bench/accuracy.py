@@ -38,12 +38,10 @@ included); each segment also keeps `latency_published`, from the worker's `publi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -62,12 +60,11 @@ from bench.common import (  # noqa: E402
     git_commit,
     interrupted,
     items_from_arguments,
-    local_stack,
+    run_on_servers,
     segment_latencies,
     session_id,
     table,
     transcriber_settings,
-    use_servers,
     warm_up,
 )
 from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
@@ -89,16 +86,7 @@ TENANT = "bench"
 
 # --- streaming: the real stack --------------------------------------------------------------------
 def run_streaming(args, items: list[Item]) -> dict[str, tuple[StreamResult, float]]:
-    use_servers(args.nats_url, args.database_url)
-    if args.external:
-        from jetscribe.devstack.stack import nats_url
-
-        return asyncio.run(stream_all(nats_url(), items, args, None))
-    with (
-        tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home,
-        local_stack(Path(home), args.model) as local,  # stopped on any exit
-    ):
-        return asyncio.run(stream_all(local.nats_url, items, args, local))
+    return run_on_servers(args, lambda url, local: stream_all(url, items, args, local))
 
 
 async def stream_all(url: str, items: list[Item], args, local) -> dict[str, tuple[StreamResult, float]]:

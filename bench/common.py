@@ -11,7 +11,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Iterator
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,21 @@ def local_stack(home: Path, model: str, extra_env: dict[str, str] | None = None,
     with LocalStack(home, model=model, extra_env=env, **options) as stack:
         connect_as_root(stack)
         yield stack
+
+
+def run_on_servers(args, work: Callable[[str, object], Awaitable[T]], extra_env: dict[str, str] | None = None) -> T:
+    """Run `work(nats_url, stack)` on the servers the arguments ask for: with --external the running ones (stack
+    None; --nats-url / --database-url or the stack in this folder), else a throwaway `local_stack` of --model."""
+    use_servers(args.nats_url, args.database_url)
+    if args.external:
+        from jetscribe.devstack.stack import nats_url
+
+        return asyncio.run(work(nats_url(), None))
+    with (
+        tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home,
+        local_stack(Path(home), args.model, extra_env=extra_env) as local,  # stopped on any exit
+    ):
+        return asyncio.run(work(local.nats_url, local))
 
 
 def connect_as_root(stack) -> None:

@@ -80,7 +80,7 @@ from jetscribe.evaluation.metrics import corpus_wer, percentile  # noqa: E402
 from jetscribe.evaluation.wer import wer  # noqa: E402
 from jetscribe.services.transcriber.stats import STATS_EVERY_S  # noqa: E402
 from jetscribe.shared import subjects  # noqa: E402
-from jetscribe.shared.config import TranscriberConfig  # noqa: E402
+from jetscribe.shared.config import PostgresClient, TranscriberConfig  # noqa: E402
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import WorkerStats, decode  # noqa: E402
 
@@ -642,7 +642,7 @@ class Bench:
     js: object
     watchdog: Watchdog
     sampler: ProcessSampler
-    database_url: str | None
+    database: tuple[str, PostgresClient] | None  # where the rows are counted, and how to sign in there
     run: str
     stats: list[WorkerStats] = field(default_factory=list)
 
@@ -704,12 +704,16 @@ class Bench:
 
     async def rows(self, session_ids: list[str]) -> int | None:
         """Rows in PostgreSQL (segments and sessions) of these sessions."""
-        if not self.database_url:
+        if not self.database:
             return None
         from sqlalchemy import create_engine, text
 
+        from jetscribe.services.persister.store import sqlalchemy_url
+
+        url, client = self.database
+
         def count() -> int:
-            engine = create_engine(self.database_url)
+            engine = create_engine(sqlalchemy_url(url), connect_args=client.connect_args())
             try:
                 with engine.connect() as conn:
                     total = 0
@@ -819,7 +823,7 @@ async def run_variant(
     report: dict,
     *,
     nats_url: str,
-    database_url: str | None,
+    database: tuple[str, PostgresClient] | None,
     local,
     earlier: set[int],
 ) -> dict:
@@ -830,7 +834,7 @@ async def run_variant(
     nc = await nats.connect(nats_url, **env_connect_options(nats_url), connect_timeout=5)
     try:
         async with Watchdog(local) as watchdog:
-            bench = Bench(args, variant, nc, nc.jetstream(), watchdog, ProcessSampler(earlier), database_url, run)
+            bench = Bench(args, variant, nc, nc.jetstream(), watchdog, ProcessSampler(earlier), database, run)
 
             async def on_stats(msg):
                 try:
@@ -873,7 +877,8 @@ def run_all(args, variants: list[Variant], items: list[Item], counts: list[int],
             result = asyncio.run(
                 run_variant(
                     args, variant, items, counts, cache, rule, report,
-                    nats_url=nats_url(), database_url=database_url(), local=None, earlier=earlier,
+                    nats_url=nats_url(), database=(database_url(), PostgresClient.from_env()), local=None,
+                    earlier=earlier,
                 )
             )  # fmt: skip
         else:
@@ -885,7 +890,7 @@ def run_all(args, variants: list[Variant], items: list[Item], counts: list[int],
                 result = asyncio.run(
                     run_variant(
                         args, variant, items, counts, cache, rule, report,
-                        nats_url=local.nats_url, database_url=local.database_url, local=local, earlier=earlier,
+                        nats_url=local.nats_url, database=local.database("reader"), local=local, earlier=earlier,
                     )
                 )  # fmt: skip
         print_curve(variant, result["rows"], rule)

@@ -404,7 +404,7 @@ async def run_point(local, sessions: int, generators: int, seconds: float, tmp: 
         return key if key in closing else None
 
     stored = await stored_times(nc, subjects.AUDIO_STREAM, "audio.>", audio_from, audio_key)
-    engine = open_engine(local.database_url)
+    engine = open_engine(*local.database("reader"))
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(

@@ -21,10 +21,8 @@ The voice embedding's CPU per second of audio is measured in this process at the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -42,11 +40,10 @@ from bench.common import (  # noqa: E402
     fmt,
     git_commit,
     items_from_arguments,
-    local_stack,
+    run_on_servers,
     segment_latencies,
     session_id,
     table,
-    use_servers,
     warm_up,
 )
 from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
@@ -65,17 +62,8 @@ class Turn:
 
 
 def run_streaming(args, items: list[Item]) -> dict[tuple[str, str], tuple[StreamResult, float]]:
-    use_servers(args.nats_url, args.database_url)
-    if args.external:
-        from jetscribe.devstack.stack import nats_url
-
-        return asyncio.run(stream_all(nats_url(), items, args, None))
     env = {"JETSCRIBE_SPEAKERS_AUDIO": args.speakers_audio}
-    with (
-        tempfile.TemporaryDirectory(prefix="jetscribe-bench-") as home,
-        local_stack(Path(home), args.model, extra_env=env) as local,
-    ):
-        return asyncio.run(stream_all(local.nats_url, items, args, local))
+    return run_on_servers(args, lambda url, local: stream_all(url, items, args, local), extra_env=env)
 
 
 async def stream_all(url: str, items: list[Item], args, local) -> dict[tuple[str, str], tuple[StreamResult, float]]:

@@ -38,6 +38,11 @@ def env_secret(variable: str) -> Any:
     return field(default_factory=lambda: os.environ.get(variable, ""), metadata={"env": variable}, repr=False)
 
 
+def env_now(variable: str, default: str = "") -> Any:
+    """A field read from `variable` also when the settings are made in code, like `env_secret`, but shown."""
+    return field(default_factory=lambda: os.environ.get(variable) or default, metadata={"env": variable})
+
+
 def _cast(raw: str, kind: Any) -> Any:
     kind = {"str": str, "int": int, "float": float}.get(kind, kind)
     return kind(raw)
@@ -133,6 +138,8 @@ class IngestConfig(FromEnv):
     tenant_chunks_per_s: float = env("JETSCRIBE_TENANT_CHUNKS_PER_S", 5000.0)  # per gateway
     tenant_bytes_per_s: float = env("JETSCRIBE_TENANT_BYTES_PER_S", 128 * 1024 * 1024.0)  # per gateway
     rate_burst_s: float = env("JETSCRIBE_RATE_BURST_S", 60.0)
+    # pages of stored transcript a tenant may ask a gateway for (services/ingest/history.py); 0 = no limit
+    history_pages_per_s: float = env("JETSCRIBE_HISTORY_PAGES_PER_S", 20.0)
     # The gateways' group: each serves the sessions of the partitions it holds, as the transcribers do.
     gateway_id: str = env("JETSCRIBE_GATEWAY_ID", "")
     heartbeat_s: float = env("JETSCRIBE_HEARTBEAT_S", 1.0)
@@ -146,7 +153,8 @@ class IngestConfig(FromEnv):
     speakers_audio: str = env("JETSCRIBE_SPEAKERS_AUDIO", "auto")
 
     def __post_init__(self) -> None:
-        for name in ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s"):
+        rates = ("session_chunks_per_s", "session_bytes_per_s", "tenant_chunks_per_s", "tenant_bytes_per_s")
+        for name in (*rates, "history_pages_per_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"JETSCRIBE_{name.upper()} is {getattr(self, name)}: use 0 (no limit) or more")
         if self.rate_burst_s <= 0:
@@ -295,9 +303,53 @@ def resolve_compute_type(requested: str, device: str) -> str:
     return device_defaults(device)[0] if requested in ("", "auto") else requested
 
 
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class PostgresClient(FromEnv):
+    """How a process signs in to PostgreSQL and checks the server, beside DATABASE_URL (user, host, database): a
+    password file and TLS, named like NATS's (JETSCRIBE_NATS_TLS_*). A CA set means TLS verified against it and
+    the host name (verify-full), as a CA means TLS for NATS. The password is read when connecting, never kept in a
+    URL or logged."""
+
+    password_file: str = env_secret("JETSCRIBE_PG_PASSWORD_FILE")
+    tls_ca: str = env_secret("JETSCRIBE_PG_TLS_CA")
+    tls_cert: str = env_secret("JETSCRIBE_PG_TLS_CERT")  # a client certificate, where the server asks for one
+    tls_key: str = env_secret("JETSCRIBE_PG_TLS_KEY")
+    sslmode: str = env_now("JETSCRIBE_PG_SSLMODE")  # libpq's; empty: verify-full with a CA, else libpq's default
+
+    def __post_init__(self) -> None:
+        if self.sslmode and self.sslmode not in SSL_MODES:
+            raise ConfigError(f"JETSCRIBE_PG_SSLMODE is {self.sslmode!r}: use one of {', '.join(SSL_MODES)}")
+
+    def connect_args(self) -> dict[str, str]:
+        """libpq connection parameters (psycopg's connect keywords) for these settings."""
+        args: dict[str, str] = {}
+        if self.password_file:
+            args["password"] = read_secret(self.password_file, "JETSCRIBE_PG_PASSWORD_FILE")
+        mode = self.sslmode or ("verify-full" if self.tls_ca else "")
+        if mode:
+            args["sslmode"] = mode
+        for name, value in (("sslrootcert", self.tls_ca), ("sslcert", self.tls_cert), ("sslkey", self.tls_key)):
+            if value:
+                args[name] = value
+        return args
+
+
+def read_secret(path: str, variable: str) -> str:
+    """The first line of a secret's file; a file that cannot be read is a ConfigError naming the variable."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            return source.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{variable} names {path}, which cannot be read ({exc.strerror})") from None
+
+
 @dataclass(frozen=True)
 class PersisterConfig(FromEnv):
     database_url: str = env("DATABASE_URL", DEFAULT_DATABASE_URL)
+    postgres: PostgresClient = field(default_factory=PostgresClient)  # its password and TLS (JETSCRIBE_PG_*)
     batch_size: int = env("JETSCRIBE_PERSIST_BATCH", 200)
     retry_max_s: float = env("JETSCRIBE_PERSIST_RETRY_MAX_S", 10.0)
 

@@ -172,6 +172,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
             publish=(
                 f"ingest.audio.{tenant}.>",
                 f"ingest.session.{tenant}.>",
+                subjects.history(tenant, "*"),  # its sessions' stored transcripts, through a gateway
                 *(s for consumer in sorted(readers) for s in tenant_reader_subjects(consumer)),
             ),
             subscribe=(f"transcript.{tenant}.>", f"session.{tenant}.>", subjects.errors("*", tenant), f"{inbox}.>"),
@@ -197,6 +198,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
                 subjects.INGEST_SESSION_ALL,
                 subjects.INGEST_PARTITIONS_ALL,
                 subjects.SESSION_EVENTS_ALL,
+                subjects.HISTORY_ALL,  # tenants' history requests (services/ingest/history.py)
                 subjects.TRANSCRIPTS_ALL,  # a WebSocket client's segments, sent back on its socket
                 _SERVICE_INBOX,
                 *_MICRO,
@@ -242,6 +244,7 @@ def permissions(role: str, tenant: str | None = None, readers: Iterable[str] = (
             publish=(
                 "ingest.audio.*.>",
                 "ingest.session.*.>",  # `jetscribe stream` / `demo` as any tenant
+                subjects.HISTORY_ALL,
                 "$SRV.>",
                 "$JS.API.INFO",
                 "$JS.API.STREAM.NAMES",

@@ -197,6 +197,15 @@ def session_event_all(event: str) -> str:
 
 
 # Transcriber -> whoever watches its load (bench/load.py): core NATS, not stored
+def history(tenant: str, session: str) -> str:
+    """Where a tenant asks a gateway for a page of a session's stored transcript (services/ingest/history.py)."""
+    return f"jetscribe.history.{tenant}.{session}"
+
+
+HISTORY_ALL = "jetscribe.history.*.*"
+HISTORY_QUEUE = "history"
+
+
 def transcriber_stats(worker_id: str) -> str:
     """Where a transcriber publishes its `WorkerStats` every second; the worker id as one subject token
     (characters other than letters, digits, '_' and '-', such as the dots of a host name, become '_')."""
@@ -238,6 +247,7 @@ def segment_message_id(tenant: str, session: str, segment_id: int, status: str, 
     return f"{tenant}:{session}:seg:{segment_id}:{suffix}"
 
 
-def event_message_id(tenant: str, session: str, event: str) -> str:
-    """Nats-Msg-Id of a session event: one of each kind per session, repeats dropped by the stream."""
-    return f"{tenant}:{session}:event:{event}"
+def event_message_id(tenant: str, session: str, event: str, at_s: float | None = None) -> str:
+    """Nats-Msg-Id of a session event: one of each lifecycle kind per session, repeats dropped by the stream; a kind
+    that comes many times (`utterance_end`, `speech_started`) is told apart by its session time `at_s`."""
+    return f"{tenant}:{session}:event:{event}" + (f":{at_s:.3f}" if at_s is not None else "")

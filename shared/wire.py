@@ -6,6 +6,8 @@ types, so a malformed message becomes a `WireError` that names the bad field.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
@@ -26,7 +28,9 @@ SegmentStatus = Literal["interim", "final"]
 # Who said a speaker label: "bot" (the platform told the bot: a track's participant, a speaker change, a channel)
 # or "audio" (diarization: the transcriber matched the voice to the session's speakers, `voices`).
 SpeakerSource = Literal["bot", "audio"]
-SessionEventKind = Literal["started", "ended", "rejected"]
+# `utterance_end` and `speech_started` come only for sessions that ask for them (`SessionOptions`), many per session.
+SessionEventKind = Literal["started", "ended", "rejected", "utterance_end", "speech_started"]
+ControlAction = Literal["start", "end", "finalize"]
 
 
 def language_for(model: str, requested: str | None) -> str | None:
@@ -37,11 +41,81 @@ def language_for(model: str, requested: str | None) -> str | None:
     return None if requested in (None, "", "auto") else requested
 
 
+OptionValue = str | int | float | bool
+
+
 class WireError(CodedError, ValueError):
     """A message that does not match the wire contract; `code` says how (`not_msgpack`, `malformed`, ...)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(code, message)
+
+
+class OptionRefused(CodedError, ValueError):
+    """A session option the transcriber does not know, or a value it cannot take: code `bad_option`."""
+
+    code = "bad_option"
+
+    def __init__(self, key: str, why: str):
+        super().__init__(None, f"option {key[:64]!r}: {why}")
+        self.key, self.why = key, why
+
+
+ENDPOINTING_MS = range(10, 5001)
+UTTERANCE_END_MS = range(1000, 5001)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """A session's options (`SessionControl.options` on its start), checked: every key optional.
+
+    `endpointing_ms`: the trailing silence that ends an utterance, None for the transcriber's own setting, False
+    for none (finals only at the length cap, a finalize or the end). `utterance_end_ms`: publish `utterance_end`
+    once this long passes without a new word after the last final word (None: never). `vad_events`: publish
+    `speech_started` where each utterance's speech begins. `language`: as the start's `language`."""
+
+    interim_results: bool = True
+    endpointing_ms: int | Literal[False] | None = None
+    utterance_end_ms: int | None = None
+    vad_events: bool = False
+    language: str | None = None
+
+
+def session_options(raw: Mapping[str, OptionValue]) -> SessionOptions:
+    """The options a start asks for, checked; raises OptionRefused (`bad_option`) naming the key and why."""
+    known = {f.name for f in fields(SessionOptions)}
+    for key in raw:
+        if key not in known:
+            raise OptionRefused(key, f"unknown option; the options are {', '.join(sorted(known))}")
+    values: dict[str, object] = {}
+    for key in ("interim_results", "vad_events"):
+        if key in raw:
+            values[key] = _flag(key, raw[key])
+    if "endpointing_ms" in raw:
+        value = raw["endpointing_ms"]
+        values["endpointing_ms"] = False if value is False else _whole_ms("endpointing_ms", value, ENDPOINTING_MS)
+    if "utterance_end_ms" in raw:
+        values["utterance_end_ms"] = _whole_ms("utterance_end_ms", raw["utterance_end_ms"], UTTERANCE_END_MS)
+    if "language" in raw:
+        language = raw["language"]
+        if not isinstance(language, str) or (language != "auto" and language not in WHISPER_LANGUAGES):
+            raise OptionRefused("language", f"{language!r} is not a Whisper language code (like 'en') or 'auto'")
+        values["language"] = language
+    return SessionOptions(**values)  # type: ignore[arg-type]  # each value checked above
+
+
+def _flag(key: str, value: OptionValue) -> bool:
+    if not isinstance(value, bool):
+        raise OptionRefused(key, f"{value!r} is not true or false")
+    return value
+
+
+def _whole_ms(key: str, value: OptionValue, allowed: range) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionRefused(key, f"{value!r} is not a whole number of milliseconds")
+    if value not in allowed:
+        raise OptionRefused(key, f"{value} ms is outside {allowed.start}..{allowed.stop - 1} ms")
+    return value
 
 
 class _Message(msgspec.Struct, kw_only=True):
@@ -85,22 +159,24 @@ class AudioChunk(_SessionMessage, tag="audio"):
 
 
 class SessionControl(_SessionMessage, tag="control"):
-    """Starts or ends a session. `language` is a code like "en", or "auto".
+    """Starts or ends a session, or (`finalize`) ends its current utterance now. `language` is a code like "en",
+    or "auto". `options` (on a start): the session's options, `session_options` says which.
 
     A meeting sent as one session per participant's track: each start names the `meeting_id`, the track's
     `speaker` and `track_start` (wall time of its first sample), so readers merge the tracks' finals in
     time order. `channel_speakers` (on the start and the end): one participant per channel of the audio,
     each channel stored as its own track session `<session_id>-ch<N>` of meeting `<session_id>`."""
 
-    action: Literal["start", "end"]
+    action: ControlAction
     language: str = "auto"
     model: str | None = None
-    options: dict[str, str | int | float | bool] = {}
+    options: dict[str, OptionValue] = {}
     sent_at: float = 0.0
     speaker: str | None = None
     meeting_id: str | None = None
     track_start: float = 0.0
     channel_speakers: list[str] = []
+    after_seq: int = -1  # a finalize: the session's last stored chunk seq when the gateway stored it
 
 
 class Word(msgspec.Struct, array_like=True):
@@ -169,6 +245,8 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     words_dropped: int = 0  # words the guards removed from the session's finals (Segment.dropped)
     empty_finals: int = 0  # finals that came out empty although the VAD heard speech in their audio
     meeting_id: str | None = None  # the meeting this session is a track of (its readers follow the tracks)
+    last_word_end: float | None = None  # utterance_end: session seconds where the last final word ended
+    timestamp: float | None = None  # speech_started: session seconds where the speech began
 
 
 class SpeakerVoice(msgspec.Struct, array_like=True):
@@ -202,6 +280,8 @@ class SessionCheckpoint(_SessionMessage, tag="checkpoint"):
     meeting_id: str | None = None
     track_start: float = 0.0
     voices: list[SpeakerVoice] = []  # the speakers heard in the audio (diarization), so labels survive a takeover
+    options: dict[str, OptionValue] = {}  # the session's options from its start, so a takeover keeps them
+    last_word_end: float | None = None  # the last final word's end still owed an utterance_end (session seconds)
 
 
 class ErrorEvent(_Message, tag="error"):
@@ -250,6 +330,34 @@ class Reply(_Message, tag="reply"):
     code: str = ""
     message: str = ""
     retry_after_s: float = 0.0  # `rate_limited`: send the same request again after this many seconds
+
+
+class HistoryRequest(_Message, tag="history_request"):
+    """A request for a page of one session's stored segments and events, on `jetscribe.history.<tenant>.<session>`
+    (a tenant may ask for its own sessions only: its NATS permissions), answered by a gateway with a HistoryPage."""
+
+    from_seq: int = 0  # the TRANSCRIPTS seq to start at; 0: the session's first message
+    limit: int = 100  # messages at most (the gateway holds a page to HISTORY_MAX_PAGE and to a size)
+
+
+class StoredMessage(msgspec.Struct, kw_only=True):
+    """One message of TRANSCRIPTS as stored: its stream seq, its subject and its bytes (a Segment or SessionEvent)."""
+
+    seq: int
+    subject: str
+    data: bytes
+
+
+class HistoryPage(_Message, tag="history_page"):
+    """A page of a session's history in stream order, or a refusal (`ok` false: code, message, retry_after_s)."""
+
+    ok: bool
+    messages: list[StoredMessage] = msgspec.field(default_factory=list)
+    next_seq: int = 0  # from_seq of the next page
+    done: bool = True  # nothing more was stored when the page was read
+    code: str = ""
+    message: str = ""
+    retry_after_s: float = 0.0
 
 
 AudioMessage = AudioChunk | SessionControl

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from jetscribe.cli.errors import SchemaMismatch, Unreachable, UsageError
+from jetscribe.shared.config import PostgresClient
 
 T = TypeVar("T")
 
@@ -16,10 +17,19 @@ T = TypeVar("T")
 def unreachable(url: str, exc: BaseException) -> Unreachable:
     cause = getattr(exc, "orig", None) or exc
     last = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
-    return Unreachable(
-        f"cannot use PostgreSQL at {_without_password(url)} ({last}): start the stack with `jetscribe up` in this "
-        "folder, or set DATABASE_URL"
-    )
+    return Unreachable(f"cannot use PostgreSQL at {_without_password(url)} ({last}): {_what_to_do(last)}")
+
+
+def _what_to_do(failure: str) -> str:
+    """What a user can change for this connection failure: the TLS files, the password, or where the server is."""
+    if "SSL" in failure or "certificate" in failure:
+        return (
+            "set JETSCRIBE_PG_TLS_CA to the CA that signed the server's certificate (JETSCRIBE_PG_SSLMODE, "
+            "JETSCRIBE_PG_TLS_CERT and _KEY for the rest)"
+        )
+    if "password" in failure:
+        return "set JETSCRIBE_PG_PASSWORD_FILE to a file holding the role's password"
+    return "start the stack with `jetscribe up` in this folder, or set DATABASE_URL"
 
 
 def _without_password(url: str) -> str:
@@ -32,7 +42,7 @@ def _without_password(url: str) -> str:
 
 
 def _sync(url: str, work: Callable[[], T]) -> T:
-    """Run a blocking alembic step; a server that does not answer becomes Unreachable."""
+    """Run a blocking alembic step; a server that does not answer (or is not trusted) becomes Unreachable."""
     import psycopg
     from sqlalchemy.exc import OperationalError
 
@@ -48,28 +58,39 @@ def _revision_arg(text: str, known: list[str]) -> str:
     return text
 
 
-def upgrade(url: str, target: str | None) -> str:
-    """`jetscribe db upgrade [REV]`: what it did, as one line."""
+def upgrade(url: str, target: str | None, client: PostgresClient | None = None) -> str:
+    """`jetscribe db upgrade [REV]`: what it did, as one line. The roles named by JETSCRIBE_PG_PERSISTER_ROLE and
+    _READER_ROLE get their grants every time, also when the schema was already there."""
     from jetscribe.services.persister import migrate
 
     known = migrate.revisions()
     target = _revision_arg(target, known) if target else known[-1]
-    before = _sync(url, lambda: migrate.current(url))
+    before = _sync(url, lambda: migrate.current(url, client))
     if before == target:
-        return f"already at {target}" + (" (the newest)" if target == known[-1] else "")
+        _sync(url, lambda: migrate.grant_roles(url, client))
+        return f"already at {target}" + (" (the newest)" if target == known[-1] else "") + _grants_note()
     if before in known and target in known and known.index(before) > known.index(target):
         raise UsageError(f"the database is at {before}, above {target}: use `jetscribe db downgrade {target}`")
-    _sync(url, lambda: migrate.upgrade(url, target))
-    after = _sync(url, lambda: migrate.current(url))
-    return f"upgraded {before or 'an empty database'} -> {after}"
+    _sync(url, lambda: migrate.upgrade(url, target, client))
+    after = _sync(url, lambda: migrate.current(url, client))
+    return f"upgraded {before or 'an empty database'} -> {after}" + _grants_note()
 
 
-def downgrade(url: str, target: str | None) -> str:
+def _grants_note() -> str:
+    """Which roles the upgrade granted to (JETSCRIBE_PG_*_ROLE), as the end of its line."""
+    from jetscribe.services.persister.roles import TableRoles
+
+    roles = TableRoles.from_env()
+    named = [f"{what} {role}" for what, role in (("persister", roles.persister), ("reader", roles.reader)) if role]
+    return "; granted " + ", ".join(named) if named else ""
+
+
+def downgrade(url: str, target: str | None, client: PostgresClient | None = None) -> str:
     """`jetscribe db downgrade [REV]` (one revision back by default): what it did, as one line."""
     from jetscribe.services.persister import migrate
 
     known = migrate.revisions()
-    before = _sync(url, lambda: migrate.current(url))
+    before = _sync(url, lambda: migrate.current(url, client))
     if before is None:
         return "the database has no jetscribe schema: nothing to downgrade"
     if target is None:
@@ -82,17 +103,17 @@ def downgrade(url: str, target: str | None) -> str:
         return f"already at {target}"
     if target != "base" and before in known and known.index(before) < known.index(target):
         raise UsageError(f"the database is at {before}, below {target}: use `jetscribe db upgrade {target}`")
-    _sync(url, lambda: migrate.downgrade(url, target))
-    after = _sync(url, lambda: migrate.current(url))
+    _sync(url, lambda: migrate.downgrade(url, target, client))
+    after = _sync(url, lambda: migrate.current(url, client))
     return f"downgraded {before} -> {after or 'base (no tables)'}"
 
 
-def current(url: str, fmt: str = "text") -> str:
+def current(url: str, fmt: str = "text", client: PostgresClient | None = None) -> str:
     """`jetscribe db current`: the database's revision and the newest this jetscribe has."""
     from jetscribe.services.persister import migrate
 
     head = migrate.revisions()[-1]
-    at = _sync(url, lambda: migrate.current(url))
+    at = _sync(url, lambda: migrate.current(url, client))
     if fmt == "json":
         return json.dumps({"current": at, "head": head, "up_to_date": at == head})
     if at == head:
@@ -101,7 +122,7 @@ def current(url: str, fmt: str = "text") -> str:
 
 
 @contextlib.asynccontextmanager
-async def reading(url: str) -> AsyncIterator:
+async def reading(url: str, client: PostgresClient | None = None) -> AsyncIterator:
     """An engine for the CLI's reads: an unreachable server is Unreachable, a schema older than the queries
     (UndefinedColumn, UndefinedTable) is SchemaMismatch naming its revision."""
     import psycopg
@@ -110,7 +131,7 @@ async def reading(url: str) -> AsyncIterator:
     from jetscribe.services.persister.migrate import revisions, schema_revision
     from jetscribe.services.persister.store import open_engine
 
-    engine = open_engine(url)
+    engine = open_engine(url, client)
     try:
         yield engine
     except OperationalError as exc:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -20,7 +21,7 @@ from jetscribe.cli.errors import CliError, NotFound, Unreachable, UsageError, as
 from jetscribe.cli.formats import FORMATS, meeting_rows, render, show_live
 from jetscribe.devstack import stack
 from jetscribe.devstack.servers import ServerFailed
-from jetscribe.shared.config import ConfigError, nats_servers
+from jetscribe.shared.config import ConfigError, PostgresClient, nats_servers
 from jetscribe.shared.telemetry import quiet_libraries
 from jetscribe.shared.wire import WHISPER_LANGUAGES
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `up --detach` starts `up` again with them
     logging.basicConfig(level=os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     quiet_libraries(os.environ.get("JETSCRIBE_LOG_LEVEL", "WARNING"))  # alembic's steps, nats' chatter
+    take_ctrl_c()
     command = {
         "up": cmd_up,
         "down": cmd_down,
@@ -52,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         "web": cmd_web,
     }[args.command]
     return run_command(command, args)
+
+
+def take_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) stops every command however it was started. A shell without job control (a script's
+    `jetscribe up &`, a test suite run in the background) starts its background commands with SIGINT ignored: then
+    `follow` and `status` (asyncio.run) and `up` while starting ignored it, while `stream`, a running `up` and the
+    services took it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     transcript.add_argument("--meeting", metavar="M", help="every track of meeting M, merged in spoken order")
     transcript.add_argument("--tenant", default="default", help="tenant the session belongs to (default)")
     transcript.add_argument("--format", choices=FORMATS, default="text", help="output format (text)")
+    transcript.add_argument(
+        "--creds",
+        metavar="FILE",
+        help="a tenant's nkey seed file: read the session from TRANSCRIPTS through the gateways' history (what the "
+        "stream still keeps) instead of PostgreSQL",
+    )
 
     sessions = sub.add_parser("sessions", help="list sessions stored in PostgreSQL")
     sessions.add_argument("--tenant", help="only this tenant's sessions (default: all)")
@@ -376,13 +393,20 @@ def cmd_up(args) -> int:
         lines = [f"jetscribe is up: NATS {local.nats_url}  PostgreSQL {local.database_url}", _workers_line(local)]
         if local.nats is not None and local.nats.keyring is not None:
             lines.append(f"NATS users (nkey seeds) in {local.nats.keyring.folder}; a tenant's: jetscribe tenant add T")
+        if local.database_roles:
+            from pathlib import Path
+
+            from jetscribe.devstack.pgroles import ROLE_NAMES
+
+            folder = Path(local.database_roles["owner"].password_file).parent
+            lines.append(f"PostgreSQL roles {', '.join(ROLE_NAMES.values())}, their passwords in {folder}")
         if local.ws_url:
             lines.append(
                 f"WebSocket: {local.ws_url}/v1/listen (Deepgram-compatible) and {local.ws_url}/v1/sessions/ID; "
                 "a tenant's API key: jetscribe tenant add T"
             )
         lines.append(f"captions page and session browser: {local.web_url}")
-        # last: `up --detach` prints every line but this one
+        # last: a detached `up` leaves this line out (`-d` prints the others)
         lines.append("stream with: jetscribe stream FILE --session ID    (Ctrl-C or `jetscribe down` stops everything)")
         notify.ready(lines)
         while not stopping:
@@ -672,11 +696,13 @@ def cmd_follow(args) -> int:
     url = servers.nats_url()
 
     auth = stack.nats_auth(args.creds)
-    live = stack.connects_as_tenant(auth)  # a tenant's user creates no consumer: core subscriptions, live only
-    if live and (args.from_start or since or args.from_seq is not None):
+    # A tenant's user creates no consumer: core subscriptions, after the gateways' history when it replays.
+    live = stack.connects_as_tenant(auth)
+    if live and (since or (args.meeting and (args.from_start or args.from_seq is not None))):
         raise UsageError(
-            "as a tenant it reads live only (a tenant's NATS user may create no consumer); replay with the "
-            "operator's credentials or a reader made by `jetscribe tenant reader T NAME`"
+            "as a tenant it replays one session from its start (--from-start) or a stream seq (--from-seq), through "
+            "the gateways' history; --since, or a meeting's replay, needs the operator's credentials or a reader "
+            "made by `jetscribe tenant reader T NAME`"
         )
 
     async def run():
@@ -743,7 +769,7 @@ async def _stored_note(tenant: str, session: str) -> str:
     from jetscribe.services.persister.store import find_session
 
     try:
-        async with reading(servers.database_url()) as engine:
+        async with reading(*servers.database("reader")) as engine:
             row = await find_session(engine, tenant, session)
     except CliError:
         return ""  # no database to ask: the stream's answer stands
@@ -753,13 +779,15 @@ async def _stored_note(tenant: str, session: str) -> str:
 
 
 def cmd_transcript(args) -> int:
+    if args.creds and not args.meeting:
+        return _tenant_transcript(args)
     if args.meeting:
-        segments = meeting_rows(asyncio.run(_meeting(servers.database_url(), args.tenant, args.meeting)))
+        segments = meeting_rows(asyncio.run(_meeting(servers.database("reader"), args.tenant, args.meeting)))
         if not segments:
             raise NotFound(f"no transcript for meeting {args.meeting} of tenant {args.tenant} in PostgreSQL")
         print(render(segments, args.format))
         return 0
-    row, segments = asyncio.run(_transcript(servers.database_url(), args.tenant, args.session))
+    row, segments = asyncio.run(_transcript(servers.database("reader"), args.tenant, args.session))
     if row is None:
         raise NotFound(
             f"no session {args.session} of tenant {args.tenant} in PostgreSQL: see `jetscribe sessions` for the ids"
@@ -772,40 +800,73 @@ def cmd_transcript(args) -> int:
     return 0
 
 
+def _tenant_transcript(args) -> int:
+    """`jetscribe transcript S --creds TENANT.nk`: a tenant has no database role; its session's finals come from
+    TRANSCRIPTS through the gateways' history (client/history.py), as `follow --from-start` reads them."""
+    from jetscribe.client.history import HistoryRefused, stored_messages, transcript_of
+
+    url, auth = servers.nats_url(), stack.nats_auth(args.creds)
+
+    async def read():
+        nc = await _connect_nats(url, auth, tenant=args.tenant)
+
+        async def collect():
+            return [m async for m in stored_messages(nc, args.tenant, args.session)]
+
+        try:
+            return await _until_refused(nc, collect(), args.tenant)  # another tenant's session: NATS refuses at once
+        finally:
+            await nc.close()
+
+    try:
+        stored = asyncio.run(read())
+    except HistoryRefused as exc:
+        raise Unreachable(str(exc)) from None
+    if not stored:
+        raise NotFound(f"no session {args.session} of tenant {args.tenant} in {url}'s TRANSCRIPTS stream")
+    closed, segments = transcript_of(stored)
+    if closed is None:
+        print(f"session {args.session} is still active: its transcript so far", file=sys.stderr)
+    text = render(segments, args.format)
+    if text:
+        print(text)
+    return 0
+
+
 def cmd_sessions(args) -> int:
     from jetscribe.cli.formats import sessions_json, sessions_table
 
-    rows = asyncio.run(_sessions(servers.database_url(), args.tenant))
+    rows = asyncio.run(_sessions(servers.database("reader"), args.tenant))
     print(sessions_json(rows) if args.format == "json" else sessions_table(rows))
     return 0
 
 
-async def _transcript(url: str, tenant: str, session: str, wait_s: float = 0.0):
+async def _transcript(database: tuple[str, PostgresClient], tenant: str, session: str, wait_s: float = 0.0):
     """A session's row (None if PostgreSQL has none) and its final segments; with wait_s, first wait until its end
     is stored (the persister lags a bit)."""
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import final_segments, find_session, wait_until_ended
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         if wait_s:
             await wait_until_ended(engine, tenant, session, wait_s)
         return await find_session(engine, tenant, session), await final_segments(engine, tenant, session)
 
 
-async def _meeting(url: str, tenant: str, meeting: str):
+async def _meeting(database: tuple[str, PostgresClient], tenant: str, meeting: str):
     """A meeting's final segments, every track's, in spoken order."""
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import meeting_segments
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         return await meeting_segments(engine, tenant, meeting)
 
 
-async def _sessions(url: str, tenant: str | None):
+async def _sessions(database: tuple[str, PostgresClient], tenant: str | None):
     from jetscribe.cli.database import reading
     from jetscribe.services.persister.store import list_sessions
 
-    async with reading(url) as engine:
+    async with reading(*database) as engine:
         return await list_sessions(engine, tenant)
 
 
@@ -839,7 +900,7 @@ def cmd_tenant(args) -> int:
         if args.action == "add":
             path = keys.add_tenant(args.tenant)
         else:
-            keys.revoke_tenant(args.tenant)
+            readers = keys.revoke_tenant(args.tenant)
     except TenantError as exc:
         print(f"jetscribe tenant {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -855,6 +916,35 @@ def cmd_tenant(args) -> int:
     else:
         print(f"tenant {args.tenant} revoked")
     print("the running NATS reloaded its users" if reloaded else "no stack runs here: the next `jetscribe up` uses it")
+    if args.action == "revoke" and readers:
+        return _delete_readers(args.tenant, readers)
+    return 0
+
+
+def _delete_readers(tenant: str, consumers: list[str]) -> int:
+    """A revoked tenant's readers go too: their consumers would keep its transcripts' place (and pending
+    messages) on the server for nobody."""
+    from jetscribe.client.readers import remove_reader
+
+    async def delete(url: str) -> None:
+        nc = await _connect_nats(url, stack.nats_auth())
+        try:
+            for consumer in consumers:
+                await remove_reader(nc, consumer)
+        finally:
+            await nc.close()
+
+    try:
+        url = servers.nats_url()
+        asyncio.run(delete(url))
+    except Exception as exc:  # no NATS here, or the operator's user refused: the keys are revoked, the consumers not
+        print(
+            f"jetscribe tenant revoke: {tenant}'s readers {', '.join(consumers)} are still on TRANSCRIPTS ({exc}); "
+            f"delete them with NATS_URL set, e.g. `nats consumer rm TRANSCRIPTS {consumers[0]}`",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"deleted {tenant}'s readers: {', '.join(consumers)}")
     return 0
 
 
@@ -910,7 +1000,10 @@ def cmd_web(args) -> int:
     """The web process in the foreground, on the database and keys of the stack here (or DATABASE_URL)."""
     from jetscribe.services.web.app import main as web_main
 
-    os.environ["DATABASE_URL"] = servers.database_url()
+    url, client = servers.database("reader")  # it only reads: the stack's read-only role, where it made roles
+    os.environ["DATABASE_URL"] = url
+    if client.password_file:
+        os.environ["JETSCRIBE_PG_PASSWORD_FILE"] = client.password_file
     os.environ.setdefault("JETSCRIBE_NATS_KEYS", str(stack.keyring().folder))
     for variable, value in (
         ("JETSCRIBE_WEB_HOST", args.host),
@@ -973,13 +1066,13 @@ def cmd_db(args) -> int:
 
     if args.action == "current" and args.revision:
         raise UsageError("`db current` takes no revision")
-    url = servers.database_url()
+    url, client = servers.database("owner")
     if args.action == "upgrade":
-        print(database.upgrade(url, args.revision))
+        print(database.upgrade(url, args.revision, client))
     elif args.action == "downgrade":
-        print(database.downgrade(url, args.revision))
+        print(database.downgrade(url, args.revision, client))
     else:
-        print(database.current(url, args.format))
+        print(database.current(url, args.format, client))
     return 0
 
 
@@ -1033,7 +1126,7 @@ def cmd_demo(args) -> int:
         live = asyncio.run(
             _stream_live(local.nats_url, audio, "default", session, args.speed, out=sys.stderr, auth=local.auth)
         )
-        _, segments = asyncio.run(_transcript(local.database_url, "default", session, wait_s=60.0))
+        _, segments = asyncio.run(_transcript(local.database("reader"), "default", session, wait_s=60.0))
         stored = max((s.updated_at.timestamp() for s in segments), default=time.time())
         timing = demo_timing(audio.duration_s, args.speed, live, stored)
         print(f"\n--- transcript of {session} from PostgreSQL ---\n{timing}", file=sys.stderr, flush=True)

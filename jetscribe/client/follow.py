@@ -8,8 +8,8 @@ with the `nats` CLI.
 
 A tenant's own NATS user may create no consumer (shared/natsauth.py: the server would not check where a push
 consumer delivers), so as a tenant (`live=True`) it reads with core subscriptions on the tenant's own subjects
-(`transcript.<t>.<s>`, `session.<t>.<s>.*`): from now on only, without stream seqs and without the ordered reader's
-repair of a gap. Replay as a tenant goes through a reader provisioned for it (`jetscribe tenant reader`).
+(`transcript.<t>.<s>`, `session.<t>.<s>.*`), without the ordered reader's repair of a gap; what was stored before
+(`--from-start`, `--from-seq`) it reads first from the gateways' history (client/history.py), page by page.
 """
 
 from __future__ import annotations
@@ -31,9 +31,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from jetscribe.cli.formats import WORD_FIELDS, show_live
+from jetscribe.client.history import HistoryReader
 from jetscribe.client.meeting import MeetingMerge
 from jetscribe.shared import subjects
-from jetscribe.shared.wire import DroppedWord, Segment, SessionEvent, TranscriptMessage, WireError, decode
+from jetscribe.shared.wire import (
+    DroppedWord,
+    Segment,
+    SessionEvent,
+    StoredMessage,
+    TranscriptMessage,
+    WireError,
+    decode,
+)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -293,22 +302,37 @@ class LiveReader:
 
 
 class LiveOnly(ValueError):
-    """Replay asked of a tenant's follow, which reads live only."""
+    """A replay a tenant's follow cannot make: a meeting's, or one from a time (--since)."""
 
 
-def _reader(nc, config: ConsumerConfig, live_subjects: list[str], live: bool) -> OrderedReader | LiveReader:
+Reader = OrderedReader | LiveReader | HistoryReader
+
+
+def _reader(
+    nc, config: ConsumerConfig, live_subjects: list[str], live: bool, tenant: str = "", session: str | None = None
+) -> Reader:
+    """The operator's: an ordered consumer. A tenant's (`live`): core subscriptions, after the session's stored
+    messages from the gateways' history (`HistoryReader`) when it replays."""
     if not live:
         return OrderedReader(nc, dataclasses.replace(config))
-    if config.deliver_policy != DeliverPolicy.NEW:
-        raise LiveOnly(
-            "as a tenant, follow reads live only (a tenant's user may create no consumer); replay with the "
-            "operator's credentials, or a reader provisioned for the tenant (`jetscribe tenant reader T NAME`)"
-        )
-    return LiveReader(nc, live_subjects)
+    policy = config.deliver_policy
+    if policy == DeliverPolicy.NEW:
+        return LiveReader(nc, live_subjects)
+    if session is not None and policy in (DeliverPolicy.ALL, DeliverPolicy.BY_START_SEQUENCE):
+        from_seq = (config.opt_start_seq or 0) if policy == DeliverPolicy.BY_START_SEQUENCE else 0
+        return HistoryReader(nc, tenant, session, LiveReader(nc, live_subjects), from_seq)
+    raise LiveOnly(
+        "as a tenant, follow replays one session from its start or a stream seq (the gateways' history), not a "
+        "meeting nor from a time; replay that with the operator's credentials, or a reader provisioned for the "
+        "tenant (`jetscribe tenant reader T NAME`)"
+    )
 
 
-def stream_seq(msg: Msg) -> int | None:
-    """The TRANSCRIPTS seq of a message a consumer delivered; None for one a core subscription received."""
+def stream_seq(msg: Msg | StoredMessage) -> int | None:
+    """The TRANSCRIPTS seq of a message a consumer delivered or the history gave; None for one a core subscription
+    received."""
+    if isinstance(msg, StoredMessage):
+        return msg.seq
     return msg.metadata.sequence.stream if msg.reply and msg.reply.startswith("$JS.ACK.") else None
 
 
@@ -342,6 +366,10 @@ def describe(event: SessionEvent) -> str:
         return (
             f"-- session {event.session_id} started (language {event.language or 'auto'}, model {event.model or '?'})"
         )
+    if event.event == "utterance_end":
+        return f"-- utterance end: no word since {event.last_word_end or 0.0:.2f} s"
+    if event.event == "speech_started":
+        return f"-- speech started at {event.timestamp or 0.0:.2f} s"
     reason = f": {event.reason}" if event.reason else ""
     return (
         f"-- session {event.session_id} {event.event}{reason} ({event.audio_seconds:.1f} s of audio, "
@@ -367,13 +395,18 @@ async def follow(
     (LiveReader), from now on only. `started` is set once it reads (what a live reader sees begins there)."""
     out, err = out or sys.stdout, err or sys.stderr
     reader = _reader(
-        nc, config, [subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)], live
+        nc,
+        config,
+        [subjects.transcript(tenant, session), subjects.session_events_of(tenant, session)],
+        live,
+        tenant,
+        session,
     )
     try:
-        if isinstance(reader, LiveReader):
-            await reader.start()
-        else:
+        if isinstance(reader, OrderedReader):
             await _start(reader, nc, tenant, session, config)
+        else:
+            await reader.start()
         if started is not None:
             started.set()
         while True:

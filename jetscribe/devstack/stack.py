@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 
 from jetscribe.devstack.keys import OPERATOR, ROOT, Keyring, public_key
+from jetscribe.devstack.pgroles import ROLE_NAMES, SignIn, make_roles
 from jetscribe.devstack.servers import NatsCluster, NatsServer, PostgresServer, free_port, nats_keys_dir
 from jetscribe.devstack.sizing import WorkerPlan, plan_workers, thread_env
 from jetscribe.services.transcriber.partitions import Members, assign, decode_lease, decode_member
@@ -39,6 +40,7 @@ from jetscribe.shared import subjects
 from jetscribe.shared.config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_NATS_URL,
+    PostgresClient,
     device_defaults,
     nats_servers,
     resolve_device,
@@ -494,6 +496,7 @@ class LocalStack:
     nats_url: str = field(default="", init=False)
     database_url: str = field(default="", init=False)
     web_url: str = field(default="", init=False)  # the captions page and session browser
+    database_roles: dict[str, SignIn] = field(default_factory=dict, init=False)  # the roles made, when it runs Postgres
     plan: WorkerPlan | None = field(default=None, init=False)
     transcriber_ids: list[str] = field(default_factory=list, init=False)
     partitions: int = field(default=16, init=False)  # AUDIO partitions (JETSCRIBE_PARTITIONS)
@@ -543,14 +546,19 @@ class LocalStack:
             self.auth = ClientAuth(str(self.nats.keyring.path("operator")), self.auth.tls_ca)
             # Each service connects as its own user (shared/natsauth.py says what each may do).
             service_auth = {role: {"NATS_CREDS": str(self.nats.keyring.path(role))} for role in SERVICE_ROLES}
+        persister_db: dict[str, str] = {}
         if not self.database_url:
-            self.postgres = PostgresServer(self.home / "postgres", own_group=True)
+            self.postgres = PostgresServer(self.home / "postgres", own_group=True, passwords=True)
             self.postgres.start()
-            self.postgres.create_database("jetscribe")
-            self.database_url = self.postgres.url("jetscribe")
+            # Each process signs in as its own role (services/persister/roles.py says what each may do).
+            self.database_roles = make_roles(self.postgres, self.home / "pg-passwords")
+            self.database_url = self.database_roles["owner"].url
+            env.pop("JETSCRIBE_PG_PASSWORD_FILE", None)  # whoever needs one gets its role's below
+            persister = self.database_roles["persister"]
+            persister_db = {"DATABASE_URL": persister.url, "JETSCRIBE_PG_PASSWORD_FILE": persister.password_file}
         log.info("NATS at %s, PostgreSQL at %s", self.nats_url, self.database_url)
         self._write_stack_file()  # the servers are on record before anything else can fail
-        migrate(self.database_url)
+        migrate(self.database_url, self._owner_env(env))
         env.update(NATS_URL=self.nats_url, DATABASE_URL=self.database_url)
         since = asyncio.run(_lease_revision(self.nats_url, self.auth))
         try:
@@ -566,7 +574,7 @@ class LocalStack:
                 self.children.append(
                     ServiceProcess.start(f"transcriber {worker}", TRANSCRIBER, worker_env, self.hold_output)
                 )
-            persister_env = {**env, **service_auth.get("persister", {})}
+            persister_env = {**env, **service_auth.get("persister", {}), **persister_db}
             self.children.append(ServiceProcess.start("persister", SERVICES[2], persister_env, self.hold_output))
             self.children.append(ServiceProcess.start("web", WEB, self._web_env(env), self.hold_output))
             self._write_stack_file()
@@ -577,6 +585,25 @@ class LocalStack:
         for child in self.children:
             child.release()
         return self
+
+    def _owner_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """The migrations' environment: the owner's password, and the roles it grants to (those this stack made)."""
+        if not self.database_roles:
+            return dict(env)
+        return {
+            **env,
+            "JETSCRIBE_PG_PASSWORD_FILE": self.database_roles["owner"].password_file,
+            "JETSCRIBE_PG_PERSISTER_ROLE": ROLE_NAMES["persister"],
+            "JETSCRIBE_PG_READER_ROLE": ROLE_NAMES["reader"],
+        }
+
+    def database(self, role: str = "reader") -> tuple[str, PostgresClient]:
+        """How to sign in to this stack's database as `role` (owner, persister, reader): its URL and a client with
+        its password file; a stack given its DATABASE_URL made no roles: that URL and the environment's client."""
+        if role not in self.database_roles:
+            return self.database_url, PostgresClient.from_env()
+        signed_in = self.database_roles[role]
+        return signed_in.url, signed_in.client(PostgresClient.from_env())
 
     def _take_home(self) -> None:
         """Hold the home's lock, or refuse; clear what a `jetscribe up` that died left behind."""
@@ -609,6 +636,8 @@ class LocalStack:
             "nats_nodes": len(nats_servers(self.nats_url)),
             "database_url": self.database_url,
             "web_url": self.web_url,
+            # how `jetscribe db` (owner) and the CLI's reads (reader) sign in: URLs and password files, no password
+            "database_roles": {role: asdict(signed_in) for role, signed_in in self.database_roles.items()},
             "transcribers": self.plan.transcribers,
             "transcriber_ids": self.transcriber_ids,
             "cpu_threads": self.plan.threads,
@@ -653,8 +682,11 @@ class LocalStack:
         host = env.get("JETSCRIBE_WEB_HOST") or "127.0.0.1"
         port = int(env.get("JETSCRIBE_WEB_PORT") or free_port(host))
         self.web_url = f"http://{host}:{port}/"
+        reader = self.database_roles.get("reader")  # it only reads: the read-only role, where this stack made roles
+        database = {"DATABASE_URL": reader.url, "JETSCRIBE_PG_PASSWORD_FILE": reader.password_file} if reader else {}
         return {
             **env,
+            **database,
             "JETSCRIBE_WEB_PORT": str(port),
             "JETSCRIBE_API_KEYS": env.get("JETSCRIBE_API_KEYS") or str(keyring(self.home).api_keys_path),
             "JETSCRIBE_WEB_GATEWAY_URL": env.get("JETSCRIBE_WEB_GATEWAY_URL") or self.ws_url,
@@ -812,9 +844,10 @@ async def _health_by_pid(nc: Any, pids: set[int], wait_s: float = 0.5) -> dict[i
     return reports
 
 
-def migrate(database_url: str) -> None:
+def migrate(database_url: str, env: Mapping[str, str] | None = None) -> None:
     """The alembic migrations (services/persister/migrate.py), in a child process: SQLAlchemy and alembic then
-    stay out of ours, whose exit would otherwise spend a second tearing them down on a busy machine."""
+    stay out of ours, whose exit would otherwise spend a second tearing them down on a busy machine. `env`: its
+    environment (the owner's password file, the roles to grant to)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -826,6 +859,7 @@ def migrate(database_url: str) -> None:
         capture_output=True,
         text=True,
         process_group=0,
+        env=None if env is None else dict(env),
     )
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -51,11 +51,14 @@ from jetscribe.services.ingest.core import (
     IngestBook,
     RequestRefused,
     SessionLedger,
+    check_ids,
     check_reply_subject,
     check_request_size,
     check_subject_matches,
     split_channels,
 )
+from jetscribe.services.ingest.history import HistoryRates, check_request, read_page
+from jetscribe.services.ingest.rates import RateLimited
 from jetscribe.services.ingest.slots import TenantSlots
 from jetscribe.services.transcriber.group import PartitionGroup
 from jetscribe.services.transcriber.partitions import assigned_to, spans
@@ -72,6 +75,7 @@ from jetscribe.shared.wire import (
     AudioChunk,
     AudioMessage,
     ErrorEvent,
+    HistoryPage,
     Reply,
     SessionCheckpoint,
     SessionControl,
@@ -140,6 +144,7 @@ class IngestGateway:
         self._serve_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._forward_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._serving: dict[int, set[asyncio.Task]] = {}  # partition -> its requests being served
+        self._history_rates = HistoryRates(config.history_pages_per_s)
         self._served: dict[int, Any] = {}  # partition -> its subscription on ingest.partition.<p>.>
         self._front: list[Any] = []
         self._slots_task: asyncio.Task | None = None
@@ -152,6 +157,9 @@ class IngestGateway:
         await self._settle()
         for subject in (subjects.INGEST_AUDIO_ALL, subjects.INGEST_SESSION_ALL):
             self._front.append(await self.nc.subscribe(subject, queue=subjects.INGEST_QUEUE, cb=self._on_request))
+        self._front.append(
+            await self.nc.subscribe(subjects.HISTORY_ALL, queue=subjects.HISTORY_QUEUE, cb=self._on_history)
+        )
         # Plain subscriptions: these events are also stored in TRANSCRIPTS, where `_recall` finds them after a restart.
         for event in ("ended", "rejected"):
             await self.nc.subscribe(subjects.session_event_all(event), cb=self._on_worker_event)
@@ -215,6 +223,42 @@ class IngestGateway:
             serving = self._serving.setdefault(partition, set())
             serving.add(task)
             task.add_done_callback(serving.discard)
+
+    # --- a session's history, for its tenant (history.py) -------------------------------------------
+    async def _on_history(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._answer_history(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _answer_history(self, msg: Msg) -> None:
+        """A page of the session's stored segments and events, answered on its tenant's inbox only; a request over
+        the tenant's rate, malformed, or that TRANSCRIPTS cannot answer now is refused (counted, reported)."""
+        _, _, tenant, session_id = msg.subject.split(".", 3)
+        try:
+            check_reply_subject(msg.reply, tenant)
+            if not msg.reply:
+                raise RequestRefused("bad_reply", "a history request needs a reply subject (send it as a request)")
+        except RequestRefused as exc:  # never answered there: said on errors.ingest.<tenant> only
+            await self._report(tenant, session_id, exc)
+            return
+        try:
+            check_ids(tenant, session_id)  # a wildcard token would read every session of the tenant at once
+            request = check_request(msg.data)
+            self._history_rates.take(tenant, time.monotonic())
+            page = await read_page(self.js, tenant, session_id, request)
+        except (RequestRefused, RateLimited) as exc:
+            page = await self._history_refused(tenant, session_id, exc)
+        except _NATS_ERRORS as exc:
+            why = RequestRefused(
+                "unavailable", f"{subjects.TRANSCRIPTS_STREAM} cannot be read now ({exc!r}); ask again"
+            )
+            page = await self._history_refused(tenant, session_id, why)
+        with contextlib.suppress(*_NATS_ERRORS):  # the asker is gone: nothing to tell
+            await self.nc.publish(msg.reply, encode(page))
+
+    async def _history_refused(self, tenant: str, session_id: str, exc: CodedError) -> HistoryPage:
+        message = await self._report(tenant, session_id, exc)
+        return HistoryPage(ok=False, code=exc.code, message=message, retry_after_s=getattr(exc, "retry_after_s", 0.0))
 
     async def _forward(self, msg: Msg, partition: int, kind: str, tenant: str, session_id: str) -> None:
         """Hand a request to the gateway holding its partition and relay its answer."""
@@ -441,6 +485,13 @@ class IngestGateway:
                 except RequestRefused:
                     self.book.forget(ledger)  # not stored, so not started: the bot's retry starts it afresh
                     raise
+            return Reply(ok=True, last_seq=ledger.last_seq)
+        if control.action == "finalize":
+            marked = self.book.finalize(control)
+            ledger = self.book.ledger(control.tenant, control.session_id)
+            assert ledger is not None  # finalize() refuses a session it does not know
+            # One finalize per point in the audio: a repeat with no audio between asks for nothing new.
+            await self._store(marked, f"finalize:{marked.after_seq}", ledger)
             return Reply(ok=True, last_seq=ledger.last_seq)
         ledger, tail = self.book.end(control)
         if not ledger.ended:

@@ -29,9 +29,11 @@ from jetscribe.shared.wire import (
     WHISPER_LANGUAGES,
     AudioChunk,
     AudioMessage,
+    OptionRefused,
     SessionCheckpoint,
     SessionControl,
     SessionEvent,
+    session_options,
 )
 
 _SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
@@ -159,6 +161,16 @@ def check_track(control: SessionControl) -> None:
         raise RequestRefused("bad_id", f"meeting_id {control.meeting_id!r} must be 1-64 letters, digits, '_' or '-'")
     if not (math.isfinite(control.track_start) and control.track_start >= 0):
         raise RequestRefused("bad_track_start", f"track_start {control.track_start!r} must be wall time in seconds")
+
+
+def check_options(control: SessionControl) -> None:
+    """A start's options (`wire.session_options`): an unknown key or a bad value is refused `bad_option`, and so is
+    a `language` option that contradicts the start's own `language`."""
+    options = session_options(control.options)
+    if options.language not in (None, "auto") and control.language not in ("auto", options.language):
+        raise OptionRefused(
+            "language", f"{options.language!r} contradicts the start's language {control.language!r}; give one"
+        )
 
 
 # --- multichannel audio: one participant per channel, each channel its own track session ------------------
@@ -308,6 +320,8 @@ class IngestBook:
             return None
         if isinstance(last_stored, AudioChunk):
             last_seq = last_stored.seq
+        elif isinstance(last_stored, SessionControl) and last_stored.action == "finalize":
+            last_seq = last_stored.after_seq
         else:  # a start or an end holds no seq: the transcriber's checkpoint knows the last one it took
             last_seq = checkpoint.acked_seq if checkpoint is not None else -1
         ended_by_bot = isinstance(last_stored, SessionControl) and last_stored.action == "end"
@@ -342,6 +356,7 @@ class IngestBook:
                 "bad_language",
                 f"language {control.language!r} is not a Whisper language code (like 'en', 'de', 'fr') or 'auto'",
             )
+        check_options(control)
         ledger = self.ledger(control.tenant, control.session_id)
         if ledger is None:
             ledger = self.remember(control.tenant, control.session_id, last_seq=-1, ended=False)
@@ -349,6 +364,13 @@ class IngestBook:
             _refuse_if_rejected(ledger)
             raise RequestRefused("session_ended", f"session {control.session_id} has ended; start a new session id")
         return ledger
+
+    def finalize(self, control: SessionControl) -> SessionControl:
+        """What a finalize stores: the request, marked with the session's last stored seq (where a gateway that
+        learns the session from the stream finds it). Refused for a session that is not open."""
+        check_sent_at(control.sent_at)
+        ledger = self._open_ledger(control.tenant, control.session_id)
+        return msgspec.structs.replace(control, after_seq=ledger.last_seq)
 
     def end(self, control: SessionControl) -> tuple[SessionLedger, AudioChunk | None]:
         """What ending a session stores: the resampler's held-back tail as one last chunk, if any.

@@ -158,8 +158,11 @@ class TenantSlots:
         pulls = await self.js.pull_subscribe_bind(
             durable=subjects.SESSION_ENDS_CONSUMER, stream=subjects.TRANSCRIPTS_STREAM
         )
+        this = asyncio.current_task()
         try:
-            while True:
+            # Not `while True`: a cancel that lands as a message arrives is swallowed inside nats-py's fetch (Python
+            # 3.11's wait_for returns the message instead), and the gateway's stop then waited here for ever.
+            while this is None or not this.cancelling():
                 try:
                     msgs = await pulls.fetch(64, timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):  # nothing came

@@ -266,7 +266,7 @@ async def run(
 async def _persist(
     settings: StreamSettings, config: PersisterConfig, stop: asyncio.Event, tel: telemetry.Telemetry
 ) -> None:
-    engine = open_engine(config.database_url)
+    engine = open_engine(config.database_url, config.postgres)
     nc = await connect(settings, SERVICE)
     activity = PersisterActivity(system_clock().monotonic, time.time)
     registration = await discovery.register(

@@ -46,6 +46,9 @@ _EPOCH_PROBLEM = "{name} must be epoch seconds between the years 1 and 9999"
 _RANK: Final[dict[SegmentStatus, int]] = {"interim": 0, "final": 1}
 _EVENT_STATUS: Final[dict[EventKind, SessionStatus]] = {"started": "active", "ended": "ended", "rejected": "rejected"}
 CLOSED: Final[tuple[SessionStatus, ...]] = ("ended", "rejected")  # the terminal session states
+# Live signals for captions and turn-taking, many per session: acked with their batch, not stored. The finals' word
+# times hold the same (a gap between words, where speech began), and TRANSCRIPTS keeps them for a replay.
+NOT_STORED: Final[frozenset[EventKind]] = frozenset({"utterance_end", "speech_started"})
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ def plan_batch(delivered: Iterable[Delivered]) -> BatchWrite:
             touches.append(session_touch(message, item.stored_at))
             if message.status == "final":
                 recount.add(key)
-        else:
+        elif message.event not in NOT_STORED:
             events.append(session_row_from_event(message, item.stored_at))
             # An event may create the row; a recount makes its segment_count right from the start.
             recount.add(key)

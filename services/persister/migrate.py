@@ -11,18 +11,21 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jetscribe.services.persister.roles import TableRoles, grant
 from jetscribe.services.persister.store import sqlalchemy_url
-from jetscribe.shared.config import ConfigError
+from jetscribe.shared.config import ConfigError, PostgresClient
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config built in code, so no alembic.ini has to be found on disk."""
+def alembic_config(database_url: str, client: PostgresClient | None = None) -> Config:
+    """An Alembic config built in code, so no alembic.ini has to be found on disk; `client`: the password and TLS
+    to connect with (None: JETSCRIBE_PG_* of the environment)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     # Passed as an attribute, not a main option: ini interpolation would mangle a '%' in a password.
     config.attributes["database_url"] = sqlalchemy_url(database_url)
+    config.attributes["connect_args"] = (client or PostgresClient()).connect_args()
     return config
 
 
@@ -42,22 +45,46 @@ class SchemaBehind(ConfigError):
 
 def revisions() -> list[str]:
     """Every revision in migrations/versions, oldest first; the last is the schema this code needs."""
-    scripts = ScriptDirectory.from_config(alembic_config("postgresql://"))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    scripts = ScriptDirectory.from_config(config)
     return [script.revision for script in reversed(list(scripts.walk_revisions()))]
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database at `database_url` up to `revision` (blocking; safe to run again)."""
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(
+    database_url: str, revision: str = "head", client: PostgresClient | None = None, roles: TableRoles | None = None
+) -> None:
+    """Bring the database at `database_url` up to `revision` (blocking; safe to run again), then give the
+    persister's and the readers' roles their rights (`roles`, None: JETSCRIBE_PG_*_ROLE of the environment)."""
+    command.upgrade(alembic_config(database_url, client), revision)
+    grant_roles(database_url, client, roles)
 
 
-def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+def grant_roles(database_url: str, client: PostgresClient | None = None, roles: TableRoles | None = None) -> bool:
+    """Grant the roles their rights on the tables (roles.py), as the owner; False if no role is named."""
+    roles = roles if roles is not None else TableRoles.from_env()
+    if not roles:
+        return False
+    engine = create_engine(
+        sqlalchemy_url(database_url), poolclass=pool.NullPool, connect_args=(client or PostgresClient()).connect_args()
+    )
+    try:
+        with engine.begin() as connection:
+            grant(connection, roles)
+    finally:
+        engine.dispose()
+    return True
 
 
-def current(database_url: str) -> str | None:
+def downgrade(database_url: str, revision: str, client: PostgresClient | None = None) -> None:
+    command.downgrade(alembic_config(database_url, client), revision)
+
+
+def current(database_url: str, client: PostgresClient | None = None) -> str | None:
     """The revision the database is at, or None before the first migration."""
-    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    engine = create_engine(
+        sqlalchemy_url(database_url), poolclass=pool.NullPool, connect_args=(client or PostgresClient()).connect_args()
+    )
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
-from sqlalchemy import and_, case, func, or_, select, tuple_, update
+from sqlalchemy import and_, case, event, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from jetscribe.services.persister.core import CLOSED, BatchWrite, SessionKey
 from jetscribe.services.persister.tables import SegmentRow, SessionRow
+from jetscribe.shared.config import PostgresClient, read_secret
 
 _SESSION_KEY = ["tenant", "session_id"]
 _SEGMENT_KEY = ["tenant", "session_id", "segment_id"]
@@ -25,13 +26,24 @@ def sqlalchemy_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def open_engine(database_url: str, connect_timeout_s: int = 5) -> AsyncEngine:
-    """An async engine whose pool survives a Postgres restart (each checkout is pinged first)."""
-    return create_async_engine(
+def open_engine(database_url: str, client: PostgresClient | None = None, connect_timeout_s: int = 5) -> AsyncEngine:
+    """An async engine whose pool survives a Postgres restart (each checkout is pinged first); `client`: the
+    password and TLS to connect with (None: JETSCRIBE_PG_* of the environment)."""
+    client = client or PostgresClient()
+    engine = create_async_engine(
         sqlalchemy_url(database_url),
         pool_pre_ping=True,
-        connect_args={"connect_timeout": connect_timeout_s},
+        connect_args={"connect_timeout": connect_timeout_s, **client.connect_args()},  # a bad file fails here
     )
+    if client.password_file:
+        password_file = client.password_file
+
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def _read_password(dialect, connection_record, cargs, cparams) -> None:
+            # At each connect, not once: a rotated password is taken at the next sign-in, without a restart.
+            cparams["password"] = read_secret(password_file, "JETSCRIBE_PG_PASSWORD_FILE")
+
+    return engine
 
 
 def is_message_fault(exc: BaseException) -> bool:

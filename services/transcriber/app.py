@@ -61,6 +61,7 @@ from jetscribe.shared.wire import (
     ErrorEvent,
     SessionCheckpoint,
     SessionControl,
+    SessionEvent,
     WireError,
     WorkerStats,
     decode,
@@ -310,10 +311,11 @@ class TranscriberWorker:
         start = first if isinstance(first, SessionControl) and first.action == "start" else None
         if start and start.model and start.model != self.model_name:
             log.warning("%s/%s asked for model %s; this worker serves %s", *key, start.model, self.model_name)
+        language = (start.options.get("language") or start.language) if start else None
         stream: SessionStream[Msg] = SessionStream(
             key[0],
             key[1],
-            language=language_for(self.model_name, start.language if start else None),
+            language=language_for(self.model_name, str(language) if language is not None else None),
             model=self.model_name,
             worker_id=self.config.worker_id,
             options=self.options,
@@ -326,6 +328,7 @@ class TranscriberWorker:
             meeting_id=start.meeting_id if start else None,
             track_start=start.track_start if start else 0.0,
             voices=VoiceMatcher(VoiceOptions(self.config.speakers_match)) if self.embedder is not None else None,
+            asked=start.options if start else None,  # a takeover's first message is audio: the checkpoint's
         )
         record = self.sessions[key] = SessionRecord(stream, partition, resumed=checkpoint is not None)
         if checkpoint is not None:
@@ -417,10 +420,11 @@ class TranscriberWorker:
                     record.partition,
                     subjects.session_event(event.tenant, event.session_id, event.event),
                     encode(event),
-                    subjects.event_message_id(event.tenant, event.session_id, event.event),
+                    subjects.event_message_id(event.tenant, event.session_id, event.event, _event_time(event)),
                 )
                 self.instruments.event_published(event)
-                log.info("%s", event_line(event, record.partition, record.words, record.resumed))
+                if event.event in ("started", "ended", "rejected"):  # not every pause and onset
+                    log.info("%s", event_line(event, record.partition, record.words, record.resumed))
             if step.checkpoint is not None:
                 await self._save_checkpoint(record.partition, step.checkpoint)
                 self.instruments.checkpoint_written(record.stream.tenant)
@@ -717,6 +721,11 @@ def _timed(function, *args):
     started = time.thread_time()
     result = function(*args)
     return result, time.thread_time() - started
+
+
+def _event_time(event: SessionEvent) -> float | None:
+    """The session time that tells apart the events of a kind a session has many of; None for the others."""
+    return event.last_word_end if event.event == "utterance_end" else event.timestamp
 
 
 def _names(records: list[SessionRecord]) -> list[str]:

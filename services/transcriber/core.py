@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -36,10 +37,13 @@ from jetscribe.shared.wire import (
     WHISPER_LANGUAGES,
     AudioChunk,
     ErrorEvent,
+    OptionRefused,
+    OptionValue,
     Segment,
     SessionCheckpoint,
     SessionControl,
     SessionEvent,
+    session_options,
 )
 
 M = TypeVar("M")
@@ -96,10 +100,15 @@ class SessionStream(Generic[M]):
         meeting_id: str | None = None,
         track_start: float = 0.0,
         voices: VoiceMatcher | None = None,
+        asked: Mapping[str, OptionValue] | None = None,
     ):
         """`speaker`, `meeting_id`, `track_start`: the bot's start of a participant's track (a checkpoint's win).
-        `voices`: speakers from the audio (its finals' jobs come back with voice embeddings), or None."""
+        `voices`: speakers from the audio (its finals' jobs come back with voice embeddings), or None.
+        `asked`: the options of the session's start (checked by the gateway); None: the checkpoint's, if any."""
         self.tenant, self.session_id = tenant, session_id
+        if asked is None:
+            asked = checkpoint.options if checkpoint is not None else {}
+        options = options.for_session(session_options(asked))
         self.options, self.limits, self.clock = options, limits, clock
         self.segmenter = UtteranceSegmenter(vad, options)
         self.ledger: AckLedger[M] = AckLedger()
@@ -118,6 +127,7 @@ class SessionStream(Generic[M]):
             meeting_id=meeting_id,
             track_start=track_start,
             voices=voices,
+            asked=dict(asked),
         )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False
@@ -146,6 +156,11 @@ class SessionStream(Generic[M]):
         if isinstance(message, SessionControl):
             if message.action == "start":
                 step.ack.append(handle)  # nothing to keep: the session is open
+                return self._settle(step)
+            if message.action == "finalize":
+                # Acked now: a worker taking over before this final is out cuts the utterance at its endpoint.
+                step.ack.append(handle)
+                self.segmenter.finalize(self.clock.monotonic())
                 return self._settle(step)
             self.ledger.hold_end(handle)
             self.end()
@@ -273,8 +288,12 @@ class SessionStream(Generic[M]):
         utt, seg = self.open, self.segmenter
         if self.busy or self.gone or self.closed or utt is None or self.ending or self.handing_over:
             return False
-        if seg.silence_s >= 0.09:
-            return False  # in a pause the early final is coming; an interim would only delay it
+        if not self.options.interim_results:
+            return False  # the session asked for none: no decode spent on them
+        # In a pause the early final is coming, and an interim would only delay it; with no endpoints none comes, so
+        # the speech heard since the last interim still gets one.
+        if seg.silence_s >= 0.09 and (self.options.endpoint_silence_s is not None or utt.speech_end <= utt.interim_at):
+            return False
         if seg.vad_pos - utt.start < self.options.first_interim_s * SAMPLE_RATE:
             return False
         if not utt.interim_jobs:
@@ -361,6 +380,7 @@ class SessionStream(Generic[M]):
         if not self.busy:
             step.segments += self.transcript.ready_finals()
         step.audits += self.transcript.take_audits()  # the finals above, and any before them
+        step.events += self._speech_events()
         if self.finished:
             return self._finish(step)
         pending = [u.start for u in self.closed] + ([self.open.start] if self.open is not None else [])
@@ -375,6 +395,23 @@ class SessionStream(Generic[M]):
             step.checkpoint = self.transcript.checkpoint()
         self.transcript.speakers.forget_before(self.ledger.acked_samples)  # no word before it is decoded again
         return step
+
+    def _speech_events(self) -> list[SessionEvent]:
+        """The `speech_started` and `utterance_end` events the session asked for, due now by the audio heard."""
+        events = []
+        starts, self.segmenter.speech_starts = self.segmenter.speech_starts, []
+        if self.options.vad_events:
+            events += [self.transcript.event("speech_started", timestamp=s / SAMPLE_RATE) for s in starts]
+        gap, owed = self.options.utterance_end_s, self.transcript.owed_word_end
+        if gap is None or owed is None or self.closed:
+            return events  # a final still to come may hold a new word
+        word_end, speech_end = owed
+        if self.open is not None and self.open.speech_end > speech_end:
+            return events  # speech heard since that word: its words are coming
+        if self.segmenter.vad_pos >= round((word_end + gap) * SAMPLE_RATE):
+            events.append(self.transcript.event("utterance_end", last_word_end=word_end))
+            self.transcript.owed_word_end = None
+        return events
 
     def _finish(self, step: Step[M]) -> Step[M]:
         step.ack += self.ledger.take_all()
@@ -443,6 +480,10 @@ def stored_message_problem(message: AudioChunk | SessionControl) -> tuple[str, s
     if isinstance(message, SessionControl):
         if message.language not in ("", "auto") and message.language not in WHISPER_LANGUAGES:
             return "bad_language", f"language {message.language[:64]!r} is not a Whisper language code or 'auto'"
+        try:
+            session_options(message.options)
+        except OptionRefused as refused:
+            return refused.code, refused.message
         return None
     if (message.sample_rate, message.channels, message.encoding, len(message.payload) % 2) != (
         SAMPLE_RATE,

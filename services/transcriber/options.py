@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from jetscribe.shared.wire import SessionOptions
 
 CHECKPOINT_EVERY_S = 2.0  # of accounted-for silence between finals
 MAX_DECODE_ATTEMPTS = 3  # then the utterance is given up (an empty final), not the session
@@ -11,7 +13,7 @@ MAX_DECODE_ATTEMPTS = 3  # then the utterance is given up (an empty final), not 
 
 @dataclass(frozen=True)
 class CommitOptions:
-    endpoint_silence_s: float = 0.5
+    endpoint_silence_s: float | None = 0.5  # None: no silence endpoints (the length cap, a finalize, the end)
     max_utterance_s: float = 15.0
     interim_every_s: float = 1.0  # the fastest interim rate; under load it is slowed (`DecodeLoad`)
     first_interim_s: float = 0.6  # speech heard before an utterance's first interim
@@ -29,6 +31,23 @@ class CommitOptions:
     interim_beam_size: int = 1
     final_window: Literal["full", "short"] = "full"  # bench/windows.py: short costs base accuracy, not tiny's
     prompt_words: int = 40
+    interim_results: bool = True  # False: no interim decodes, no interim segments
+    utterance_end_s: float | None = None  # publish `utterance_end` after this long without a new word (None: never)
+    vad_events: bool = False  # publish `speech_started` where speech opens an utterance
+
+    def for_session(self, asked: SessionOptions) -> CommitOptions:
+        """These options with what a session's start asked for (`SessionControl.options`) in place of the worker's."""
+        endpoint = self.endpoint_silence_s
+        if asked.endpointing_ms is not None:
+            endpoint = None if asked.endpointing_ms is False else asked.endpointing_ms / 1000
+        utterance_end = None if asked.utterance_end_ms is None else asked.utterance_end_ms / 1000
+        return replace(
+            self,
+            endpoint_silence_s=endpoint,
+            interim_results=asked.interim_results,
+            utterance_end_s=utterance_end,
+            vad_events=asked.vad_events,
+        )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Utterances never overlap, so no word can be decoded twice. Frame sizes come from
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ class Utterance:
     last_hypothesis: list[Word] = field(default_factory=list)  # what its latest interim said
     seam_before: Seam | None = None  # it began at a sentence cut
     seam_after: Seam | None = None  # it ended at one
+    onset: int | None = None  # where its speech began, if speech after silence opened it (not a cut)
 
     def own(self, words: list[Word]) -> list[Word]:
         """Its decoded words without those heard across a sentence cut that the other side says."""
@@ -106,13 +108,18 @@ class UtteranceSegmenter:
         self.background_talk = BackgroundTalk(self.frame)
         self._last_speech_end = 0
         self._last_cut = 0
+        self.speech_starts: list[int] = []  # onsets of utterances that held speech (not clicks), until taken
 
     def restore(self, position: int) -> None:
-        """Continue at session sample `position`, as if everything before it was heard and cut."""
+        """Continue at session sample `position`, as if everything before it was heard and cut. The frames stay on
+        the session's grid (from sample 0): a worker re-hearing audio after a takeover hears the frames its first
+        worker heard, so an onset (`speech_started`, its Nats-Msg-Id) comes out the same, not once more."""
+        on_grid = -(-position // self.frame) * self.frame  # the samples before it: the next utterance's preroll
         self.buffer.reset_to(position)
-        self.record.restore(position)
-        self.levels.restart(position)
-        self.vad_pos = self._last_cut = self._last_speech_end = position
+        self.record.restore(on_grid)
+        self.levels.restart(on_grid)
+        self.vad_pos = on_grid
+        self._last_cut = self._last_speech_end = position
 
     @property
     def received(self) -> int:
@@ -140,6 +147,11 @@ class UtteranceSegmenter:
         if self.open is not None:
             self._close(self.received, now)
 
+    def finalize(self, now: float) -> None:
+        """Close the open utterance where the audio received so far ends (a finalize): its final comes now."""
+        if self.open is not None:
+            self._close(max(self.received, self.open.start), now)
+
     def close_at(self, end: int, now: float) -> None:
         """Close the open utterance at session sample `end` (a sentence ended in a pause)."""
         self._close(end, now)
@@ -150,9 +162,15 @@ class UtteranceSegmenter:
     def _frames(self, seconds: float) -> float:
         return seconds * SAMPLE_RATE / self.frame
 
+    @property
+    def _min_speech_frames(self) -> float:
+        """Speech frames an utterance needs to be more than a click or a breath."""
+        return self._frames(self.options.min_speech_s)
+
     def _classify_frame(self, now: float) -> None:
         opts = self.options
-        endpoint_frames = max(1, round(self._frames(opts.endpoint_silence_s)))
+        # No endpoint (the session asked for none): no pause ends an utterance, so none is decoded ahead either.
+        endpoint_frames = 0 if opts.endpoint_silence_s is None else max(1, round(self._frames(opts.endpoint_silence_s)))
         # The cut is known once the pause is longer than the tail kept after speech.
         speculate_frames = round(self._frames(max(opts.speculate_after_s, opts.tail_pad_s))) + 1
         frame_start = self.vad_pos
@@ -165,9 +183,9 @@ class UtteranceSegmenter:
         elif self.open is not None:
             self.silence_frames += 1
             cut = min(self.vad_pos, self._last_speech_end + int(opts.tail_pad_s * SAMPLE_RATE))
-            if self.silence_frames >= endpoint_frames:
+            if endpoint_frames and self.silence_frames >= endpoint_frames:
                 self._close(cut, now)
-            elif self.silence_frames == min(speculate_frames, endpoint_frames - 1):
+            elif endpoint_frames and self.silence_frames == min(speculate_frames, endpoint_frames - 1):
                 self.open.speculate_end = cut
         if self.open is not None and self.vad_pos - self.open.start >= int(opts.max_utterance_s * SAMPLE_RATE):
             self._force_cut(now)
@@ -194,9 +212,11 @@ class UtteranceSegmenter:
         if self.open is None:
             start = max(self.buffer.start, frame_start - int(self.options.preroll_s * SAMPLE_RATE))
             start = max(start, self._last_cut)  # never re-read audio an earlier utterance owns
-            self.open = Utterance(start=start, interim_at=self.vad_pos)
+            self.open = Utterance(start=start, interim_at=self.vad_pos, onset=frame_start)
         self.open.speculate_end = None
         self.open.speech_frames += 1
+        if self.open.onset is not None and self.open.speech_frames == max(1, math.ceil(self._min_speech_frames)):
+            self.speech_starts.append(self.open.onset)  # speech, not a click or a breath: it began at its onset
         self.open.speech_end = self.vad_pos
 
     def _force_cut(self, now: float) -> None:
@@ -253,7 +273,7 @@ class UtteranceSegmenter:
         utt.end = end
         utt.closed_at = now
         self._last_cut = end
-        if utt.speech_frames < self._frames(self.options.min_speech_s) and utt.segment_id is None:
+        if utt.speech_frames < self._min_speech_frames and utt.segment_id is None:
             return  # a click or a breath: nothing to say, and its audio gets acked as silence
         self.closed.append(utt)
 

@@ -32,6 +32,7 @@ from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import (
     DroppedWord,
     ErrorEvent,
+    OptionValue,
     Segment,
     SegmentStatus,
     SessionCheckpoint,
@@ -80,8 +81,13 @@ class Transcript:
         meeting_id: str | None = None,
         track_start: float = 0.0,
         voices: VoiceMatcher | None = None,
+        asked: dict[str, OptionValue] | None = None,
     ):
+        """`asked`: the session's options as its start gave them, kept in its checkpoints."""
         self.segmenter, self.ledger, self.clock = segmenter, ledger, clock
+        self.asked = asked or {}
+        # (end of the last final word, its utterance's last speech sample), while owed an `utterance_end`
+        self.owed_word_end: tuple[float, int] | None = None
         self.speakers = speakers or SpeakerTimeline()  # who the bot said talks when: words are labelled from it
         self.voices = voices  # speakers from the audio: labels the words the bot says nothing about
         self.meeting_id, self.track_start = meeting_id, track_start
@@ -104,6 +110,8 @@ class Transcript:
         self.speakers = SpeakerTimeline(checkpoint.speaker, checkpoint.acked_samples)
         self.meeting_id = self.meeting_id or checkpoint.meeting_id
         self.track_start = self.track_start or checkpoint.track_start
+        if checkpoint.last_word_end is not None:  # no speech since it reached the checkpoint unaccounted
+            self.owed_word_end = (checkpoint.last_word_end, round(checkpoint.last_word_end * SAMPLE_RATE))
         if self.voices is not None and checkpoint.voices:
             self.voices = VoiceMatcher(self.voices.options, checkpoint.voices)
 
@@ -142,6 +150,8 @@ class Transcript:
         if job.kind == "interim" or job.speculative:
             if utt is None or utt.start != job.start_sample or not (words := utt.own(words)):
                 return []  # that utterance closed meanwhile (its final is coming), or nothing new was said
+            if not self.options.interim_results:
+                return []  # an early final kept for its endpoint, not shown: the session asked for no interims
             shown, stable = agree(utt.words, words)
             segments = [self._segment(utt, "interim", shown, job, stable)]
             if job.kind == "interim" and commit_sentences:
@@ -192,6 +202,8 @@ class Transcript:
         )
         self.empty_finals += empty_over_speech
         segments = []
+        if words:
+            self.owed_word_end = (max(w.end for w in words), utt.speech_end)
         if words or dropped or utt.segment_id is not None:
             self.committed_words.extend(w.word.strip() for w in words)
             # A change of the bot-known speaker inside the utterance splits its final: one segment per turn,
@@ -297,9 +309,19 @@ class Transcript:
             meeting_id=self.meeting_id,
             track_start=self.track_start,
             voices=self.voices.state() if self.voices is not None else [],
+            options=self.asked,
+            last_word_end=self.owed_word_end[0] if self.owed_word_end is not None else None,
         )
 
-    def event(self, event: SessionEventKind, reason: str = "") -> SessionEvent:
+    def event(
+        self,
+        event: SessionEventKind,
+        reason: str = "",
+        *,
+        last_word_end: float | None = None,
+        timestamp: float | None = None,
+    ) -> SessionEvent:
+        """An event of the session; `last_word_end` for `utterance_end`, `timestamp` for `speech_started`."""
         return SessionEvent(
             tenant=self.tenant,
             session_id=self.session_id,
@@ -315,6 +337,8 @@ class Transcript:
             words_dropped=self.words_dropped,
             empty_finals=self.empty_finals,
             meeting_id=self.meeting_id,
+            last_word_end=last_word_end,
+            timestamp=timestamp,
         )
 
     def error(self, code: str, message: str) -> ErrorEvent:

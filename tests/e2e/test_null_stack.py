@@ -63,7 +63,7 @@ async def stream_and_check(local):
         )
     )
     await bot.close()
-    engine = open_engine(local.database_url)
+    engine = open_engine(*local.database("reader"))  # as the CLI reads it: the stack's read-only role
     try:
         for session, live in zip(sessions, results, strict=True):
             await wait_until_ended(engine, "e2e", session, timeout_s=30.0)

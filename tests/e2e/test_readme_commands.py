@@ -522,16 +522,26 @@ def served_port(workspace: Workspace) -> int:
         return {r["metadata"]["worker_id"]: int(r["metadata"]["metrics_port"]) for r in replies}
 
     by_worker = asyncio.run(ports())
-    worker = stored_worker(workspace.urls()["database_url"], "acme", "s1")
+    worker = stored_worker(workspace.urls(), "acme", "s1")
     return by_worker[worker]
 
 
-def stored_worker(database_url: str, tenant: str, session: str) -> str:
-    from sqlalchemy import create_engine, text
+def reader_engine(stack_urls: dict):
+    """The stack's PostgreSQL as its readers' role (stack.json names its URL and password file), as the CLI reads."""
+    from sqlalchemy import create_engine
 
     from jetscribe.services.persister.store import sqlalchemy_url
+    from jetscribe.shared.config import PostgresClient
 
-    engine = create_engine(sqlalchemy_url(database_url))
+    reader = stack_urls["database_roles"]["reader"]
+    client = PostgresClient(password_file=reader["password_file"])
+    return create_engine(sqlalchemy_url(reader["url"]), connect_args=client.connect_args())
+
+
+def stored_worker(stack_urls: dict, tenant: str, session: str) -> str:
+    from sqlalchemy import text
+
+    engine = reader_engine(stack_urls)
     try:
         with engine.connect() as connection:
             query = text("SELECT worker_id FROM sessions WHERE tenant = :t AND session_id = :s")
@@ -542,11 +552,9 @@ def stored_worker(database_url: str, tenant: str, session: str) -> str:
 
 def run_sql(workspace: Workspace, block: Block, where: str) -> None:
     """Each statement of an SQL block on the stack's PostgreSQL; a query must answer rows."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
-    from jetscribe.services.persister.store import sqlalchemy_url
-
-    engine = create_engine(sqlalchemy_url(workspace.urls()["database_url"]))
+    engine = reader_engine(workspace.urls())  # what the README's SQL needs: reading
     try:
         with engine.connect() as connection:
             for statement in (s.strip() for s in block.text.split(";")):

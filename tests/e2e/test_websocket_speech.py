@@ -5,6 +5,8 @@ import asyncio
 import json
 import socket
 import threading
+import time
+import typing
 import uuid
 
 import pytest
@@ -18,11 +20,13 @@ from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared import telemetry
 from jetscribe.shared.config import IngestConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.wire import SessionEventKind
 from tests.scrape import wait_until_ready
 
 TENANT = "wsspeech"
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Please send the report before Friday afternoon."]
 WER_BOUND = 0.15
+EVENT_KINDS = "utterance_end" in typing.get_args(SessionEventKind)
 
 
 def free_port() -> int:
@@ -33,7 +37,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def speech():
-    return synthesize(SENTENCES, gap_s=0.8)
+    return synthesize(SENTENCES, gap_s=1.5)  # a pause over utterance_end_ms between the sentences
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,9 @@ async def test_the_real_deepgram_sdk_gets_results_with_the_words(socket_stack, s
             connection.on(EventType.MESSAGE, messages.append)
             listener = threading.Thread(target=connection.start_listening)
             listener.start()
-            for at in range(0, len(pcm), 3200):
+            started = time.monotonic()
+            for at in range(0, len(pcm), 3200):  # real time, as a live caller: UtteranceEnd is in audio time
+                time.sleep(max(0.0, started + at / 32000 - time.monotonic()))
                 connection.send_media(pcm[at : at + 3200])
             connection.send_keep_alive()
             connection.send_close_stream()
@@ -127,3 +133,5 @@ async def test_the_real_deepgram_sdk_gets_results_with_the_words(socket_stack, s
     assert wer(speech.text, text) <= WER_BOUND, text
     assert finals[0].channel.alternatives[0].words[0].punctuated_word
     assert kinds[-1] == "ListenV1Metadata"
+    if EVENT_KINDS:  # the transcriber publishes them (issue 16's options): the SDK parses them
+        assert {"ListenV1SpeechStarted", "ListenV1UtteranceEnd"} <= set(kinds), kinds

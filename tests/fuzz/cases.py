@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import fields as fields_of
+from typing import Any, get_args
 
 import msgspec
 from hypothesis import HealthCheck, Phase, given, settings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from jetscribe.services.ingest.core import AUDIO_ENVELOPE_BYTES
 from jetscribe.shared import subjects
-from jetscribe.shared.wire import WHISPER_LANGUAGES
+from jetscribe.shared.wire import WHISPER_LANGUAGES, ControlAction, SessionOptions
 
 DECODING = frozenset({"not_msgpack", "malformed", "unsupported_version"})
 DAMAGED = DECODING | {"subject_mismatch", "too_large"}
@@ -188,6 +189,36 @@ def _case(kind: str, subject: str, data: bytes, codes: set[str] | frozenset[str]
     return Case(kind, subject, data, frozenset(codes) | (DAMAGED if hurt else frozenset()), bucket)
 
 
+# --- the gateway: the envelope every message to it carries ------------------------------------------------------
+@st.composite
+def envelope_fault(
+    draw: st.DrawFn, kind: str, fields: dict[str, Any], message_type: str
+) -> tuple[str, str, set[str]] | None:
+    """A fault of `kind` in the envelope every gateway message has (sent_at, v, type, tenant, session_id), made in
+    `fields`: the tenant and session its subject names, and the codes it is refused with; None for another kind."""
+    tenant, session = fields["tenant"], fields["session_id"]
+    if kind == "bad_sent_at":
+        fields["sent_at"] = draw(not_finite)
+        codes = {"malformed"}
+    elif kind == "bad_version":
+        fields["v"] = draw(st.integers(-(2**63), UINT64_MAX).filter(lambda v: v != 1))
+        codes = {"unsupported_version"}
+    elif kind == "unknown_type":
+        fields["type"] = draw(st.text(max_size=20).filter(lambda t: t != message_type))
+        codes = {"malformed"}
+    elif kind == "subject_mismatch":
+        other = draw(valid_tokens.filter(lambda t: t != session))
+        fields["session_id" if draw(st.booleans()) else "tenant"] = other
+        codes = {"subject_mismatch"}
+    elif kind == "bad_id":
+        tenant, session = draw(st.sampled_from([(draw(bad_tokens), session), (TENANT, draw(bad_tokens))]))
+        fields |= {"tenant": tenant, "session_id": session}
+        codes = {"bad_id"}
+    else:
+        return None
+    return tenant, session, codes
+
+
 # --- the gateway: ingest.audio.<tenant>.<session> ----------------------------------------------------------------
 @dataclass(frozen=True)
 class GatewaySessions:
@@ -243,7 +274,9 @@ def gateway_audio(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         )  # fmt: skip
     )
     tenant, session, fields, codes = TENANT, victim, audio_fields(TENANT, victim), {"rate_limited"}
-    if kind == "seq_gap":
+    if envelope := draw(envelope_fault(kind, fields, "audio")):
+        tenant, session, codes = envelope
+    elif kind == "seq_gap":
         fields["seq"] = draw(st.integers(1, UINT64_MAX))
         codes.add("seq_gap")
     elif kind == "negative_seq":
@@ -274,26 +307,9 @@ def gateway_audio(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
     elif kind == "too_large":
         fields["payload"] = bytes(sessions.max_chunk_bytes + draw(st.integers(1, 100_000)))
         codes = {"too_large"}
-    elif kind == "bad_sent_at":
-        fields["sent_at"] = draw(not_finite)
-        codes = {"malformed"}
     elif kind == "bad_encoding":
         fields["encoding"] = draw(st.text(max_size=20).filter(lambda e: e not in ("pcm_s16le", "pcm_f32le")))
         codes = {"malformed"}
-    elif kind == "bad_version":
-        fields["v"] = draw(st.integers(-(2**63), UINT64_MAX).filter(lambda v: v != 1))
-        codes = {"unsupported_version"}
-    elif kind == "unknown_type":
-        fields["type"] = draw(st.text(max_size=20).filter(lambda t: t != "audio"))
-        codes = {"malformed"}
-    elif kind == "subject_mismatch":
-        other = draw(valid_tokens.filter(lambda t: t != victim))
-        fields["session_id" if draw(st.booleans()) else "tenant"] = other
-        codes = {"subject_mismatch"}
-    elif kind == "bad_id":
-        tenant, session = draw(st.sampled_from([(draw(bad_tokens), victim), (TENANT, draw(bad_tokens))]))
-        fields |= {"tenant": tenant, "session_id": session}
-        codes = {"bad_id"}
     elif kind == "unknown_session":
         session = "nx" + draw(st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True))
         fields["session_id"] = session
@@ -325,6 +341,7 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
                 "start_ended",
                 "bad_action",
                 "bad_options",
+                "bad_option",
                 "bad_sent_at",
                 "too_large",
                 "bad_version",
@@ -335,7 +352,9 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         )  # fmt: skip
     )
     tenant, session, fields = TENANT, fresh, control_fields(TENANT, fresh)
-    if kind == "bad_language":
+    if envelope := draw(envelope_fault(kind, fields, "control")):
+        tenant, session, codes = envelope
+    elif kind == "bad_language":
         fields["language"] = draw(st.text(max_size=30).filter(lambda x: x != "auto" and x not in WHISPER_LANGUAGES))
         codes = {"bad_language"}
     elif kind == "end_unknown":
@@ -346,7 +365,7 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         fields["session_id"] = session
         codes = {"session_ended"}
     elif kind == "bad_action":
-        fields["action"] = draw(st.text(max_size=20).filter(lambda a: a not in ("start", "end")))
+        fields["action"] = draw(st.text(max_size=20).filter(lambda a: a not in get_args(ControlAction)))
         codes = {"malformed"}
     elif kind == "bad_options":
         nested = st.one_of(
@@ -357,26 +376,24 @@ def gateway_session(draw: st.DrawFn, sessions: GatewaySessions) -> Case:
         )
         fields["options"] = {draw(st.text(max_size=8)): draw(nested)}
         codes = {"malformed"}
-    elif kind == "bad_sent_at":
-        fields["sent_at"] = draw(not_finite)
-        codes = {"malformed"}
-    elif kind == "too_large":
+    elif kind == "bad_option":  # well-formed, but a key the transcriber does not know or a value it cannot take
+        known = {f.name for f in fields_of(SessionOptions)}
+        key = draw(st.one_of(st.text(max_size=8).filter(lambda k: k not in known), st.sampled_from(sorted(known))))
+        value = draw(
+            st.one_of(
+                st.text(max_size=4),
+                st.floats(allow_nan=False).filter(lambda x: x != int(x) if math.isfinite(x) else True),
+                st.integers(-10, 9),
+            )
+        )
+        if key == "language" and (value == "auto" or value in WHISPER_LANGUAGES):
+            value = 7
+        fields["options"] = {key: value}
+        codes = {"bad_option"}
+    else:  # too_large
         n = draw(st.integers(2000, 20_000))
         fields["options"] = {f"k{i}": "v" * 8 for i in range(n)}
         codes = {"too_large"}
-    elif kind == "bad_version":
-        fields["v"] = draw(st.integers(-(2**63), UINT64_MAX).filter(lambda v: v != 1))
-        codes = {"unsupported_version"}
-    elif kind == "unknown_type":
-        fields["type"] = draw(st.text(max_size=20).filter(lambda t: t != "control"))
-        codes = {"malformed"}
-    elif kind == "subject_mismatch":
-        fields["session_id" if draw(st.booleans()) else "tenant"] = draw(valid_tokens.filter(lambda t: t != fresh))
-        codes = {"subject_mismatch"}
-    else:
-        tenant, session = draw(st.sampled_from([(draw(bad_tokens), fresh), (TENANT, draw(bad_tokens))]))
-        fields |= {"tenant": tenant, "session_id": session}
-        codes = {"bad_id"}
     fields, hurt = draw(damaged(fields, CONTROL_FIELDS, CONTROL_REQUIRED))
     return _case(kind, subjects.ingest_session(tenant, session), encode(fields), codes, bucket_of(tenant), hurt)
 

@@ -3,8 +3,11 @@
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import nats
 
@@ -80,3 +83,23 @@ async def running_services(nats_url: str, database_url: str, model, *worker_ids:
         await nc.close()
         stop.set()
         await asyncio.gather(*tasks)
+
+
+@contextlib.asynccontextmanager
+async def persister_process(nats_url: str, database_url: str):
+    """`python -m jetscribe.services.persister` on these servers, stderr piped; killed if it still runs at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jetscribe.services.persister",
+        env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url},
+        cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -5,6 +5,7 @@ permissions violation the client sees; `a`'s own paths work; a revoked tenant is
 import asyncio
 import contextlib
 import io
+import json
 import shutil
 import uuid
 
@@ -14,6 +15,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetscribe.client.bot import Audio, stream_audio
 from jetscribe.client.follow import consumer_config, follow
+from jetscribe.client.history import stored_messages
 from jetscribe.client.readers import provision_reader
 from jetscribe.devstack.keys import Keyring
 from jetscribe.devstack.servers import NatsServer
@@ -24,7 +26,19 @@ from jetscribe.services.transcriber.null_model import NULL_WORD, NullModel
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import ClientAuth
-from jetscribe.shared.wire import AudioChunk, ErrorEvent, Reply, SessionControl, decode, encode
+from jetscribe.shared.wire import (
+    AudioChunk,
+    ErrorEvent,
+    HistoryPage,
+    HistoryRequest,
+    Reply,
+    Segment,
+    SessionControl,
+    SessionEvent,
+    Word,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -472,6 +486,121 @@ async def test_jetscribe_tenant_reader_makes_the_consumer_and_the_permission(
     assert await asyncio.to_thread(main, ["tenant", "reader", "a", name, "--remove"]) == 0
     with pytest.raises(nats.js.errors.NotFoundError):
         await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{name}")
+
+
+def stored_final(tenant: str, session: str, segment_id: int) -> Segment:
+    return Segment(
+        tenant=tenant,
+        session_id=session,
+        segment_id=segment_id,
+        revision=0,
+        status="final",
+        start=float(segment_id),
+        end=segment_id + 0.9,
+        text=f"{tenant} said {segment_id}",
+        words=[Word("said", float(segment_id), segment_id + 0.5, 0.9)],
+        model="null",
+        worker_id="w1",
+        published_at=1_700_000_000.0 + segment_id,
+    )
+
+
+async def store_session(js, tenant: str, session: str, finals: int = 3) -> None:
+    for segment_id in range(finals):
+        await js.publish(subjects.transcript(tenant, session), encode(stored_final(tenant, session, segment_id)))
+    ended = SessionEvent(tenant=tenant, session_id=session, event="ended", at=1_700_000_100.0)
+    await js.publish(subjects.session_event(tenant, session, "ended"), encode(ended))
+
+
+async def test_a_replays_its_own_sessions_history_and_never_bs(
+    services, server, keys, tenant_a, root, monkeypatch, capsys
+):
+    """A tenant creates no consumer, so its replay is the gateways' history (services/ingest/history.py): a asks
+    for its own session and gets it, page by page; asking for b's is refused by NATS; a request forged with a's
+    inbox as the reply to b's history is not answered (bad_reply on errors.ingest.b)."""
+    ours, theirs = f"h{uuid.uuid4().hex[:6]}", f"h{uuid.uuid4().hex[:6]}"
+    await store_session(root.jetstream(), "a", ours)
+    await store_session(root.jetstream(), "b", theirs)
+
+    got = [m async for m in stored_messages(tenant_a.nc, "a", ours, page=2)]  # two pages and a last one
+    assert [m.subject for m in got] == [subjects.transcript("a", ours)] * 3 + [
+        subjects.session_event("a", ours, "ended")
+    ]
+    assert [decode(m.data, Segment).text for m in got[:3]] == ["a said 0", "a said 1", "a said 2"]
+    assert [m.seq for m in got] == sorted({m.seq for m in got})
+
+    with pytest.raises(nats.errors.TimeoutError):
+        await tenant_a.nc.request(subjects.history("b", theirs), encode(HistoryRequest()), timeout=1)
+    await tenant_a.refused("publish", subjects.history("b", theirs))
+
+    stolen = await tenant_a.nc.subscribe(f"_INBOX_a.{theirs}")
+    reports = await root.subscribe(subjects.errors("ingest", "b"))
+    await tenant_a.nc.flush()
+    await root.flush()
+    await root.publish(subjects.history("b", theirs), encode(HistoryRequest()), reply=f"_INBOX_a.{theirs}")
+    report = decode((await reports.next_msg(timeout=10)).data, ErrorEvent)
+    assert (report.code, report.session_id) == ("bad_reply", theirs)
+    with pytest.raises(nats.errors.TimeoutError):
+        await stolen.next_msg(timeout=0.5)
+
+    # `jetscribe follow --from-start` as a: the stored session, then its end
+    from jetscribe.cli.main import main
+
+    monkeypatch.setenv("JETSCRIBE_NATS_KEYS", str(keys.folder))
+    monkeypatch.setenv("NATS_URL", server.url)
+    argv = ["follow", ours, "--tenant", "a", "--from-start", "--format", "json", "--creds", str(keys.tenant_path("a"))]
+    assert await asyncio.to_thread(main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line).get("text") for line in lines[:3]] == ["a said 0", "a said 1", "a said 2"]
+    assert len(lines) == 4 and '"ended"' in lines[-1]
+    # `jetscribe transcript --creds` as a: its finals from the same history; b's session is refused by NATS
+    argv = ["transcript", ours, "--tenant", "a", "--creds", str(keys.tenant_path("a"))]
+    assert await asyncio.to_thread(main, argv) == 0
+    assert capsys.readouterr().out.splitlines() == ["a said 0", "a said 1", "a said 2"]
+    argv = ["transcript", theirs, "--tenant", "b", "--creds", str(keys.tenant_path("a"))]
+    assert await asyncio.to_thread(main, argv) == 1
+    assert "NATS refused it" in capsys.readouterr().err
+    assert tenant_a.errors == [f'nats: permissions violation for publish to "{subjects.history("b", theirs)}"']
+
+
+@pytest.mark.parametrize("session", ["*", ">"])
+async def test_a_history_request_naming_no_one_session_is_refused_bad_id(services, tenant_a, root, session):
+    """A wildcard as the session token (a client need not be pedantic: the server passes it, and a's permission
+    `jetscribe.history.a.*` matches it) would read every session of a's at once, or fail as `unavailable`."""
+    await store_session(root.jetstream(), "a", f"h{uuid.uuid4().hex[:6]}")
+    reply = await tenant_a.nc.request(subjects.history("a", session), encode(HistoryRequest()), timeout=10)
+    page = decode(reply.data, HistoryPage)
+    assert (page.ok, page.code, page.messages) == (False, "bad_id", [])
+
+
+async def test_a_history_request_with_no_reply_is_reported_not_dropped(services, tenant_a, root):
+    reports = await root.subscribe(subjects.errors("ingest", "a"))
+    await root.flush()
+    await tenant_a.nc.publish(subjects.history("a", "nobody"), encode(HistoryRequest()))
+    report = decode((await reports.next_msg(timeout=10)).data, ErrorEvent)
+    assert (report.code, report.session_id) == ("bad_reply", "nobody")
+
+
+async def test_jetscribe_tenant_revoke_deletes_the_tenants_readers(services, server, keys, root, monkeypatch, capsys):
+    from jetscribe.cli.main import main
+
+    monkeypatch.setenv("JETSCRIBE_NATS_KEYS", str(keys.folder))
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_CREDS", str(keys.path("operator")))
+    tenant = f"rv{uuid.uuid4().hex[:6]}"
+    keys.add_tenant(tenant)
+    for name in ("one", "two"):
+        assert await asyncio.to_thread(main, ["tenant", "reader", tenant, name]) == 0
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", f"{tenant}_x"]) == 0  # begins like theirs: stays
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["tenant", "revoke", tenant]) == 0
+    assert f"deleted {tenant}'s readers: reader_{tenant}_one, reader_{tenant}_two" in capsys.readouterr().out
+    for name in ("one", "two"):
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_{tenant}_{name}")
+    assert (await root.jetstream().consumer_info(subjects.TRANSCRIPTS_STREAM, f"reader_a_{tenant}_x")).config
+    assert keys.readers(tenant) == {}  # added again, it starts with none
+    assert await asyncio.to_thread(main, ["tenant", "reader", "a", f"{tenant}_x", "--remove"]) == 0
 
 
 @pytest.mark.parametrize("role", ["ingest", "transcriber", "persister"])

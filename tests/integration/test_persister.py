@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import msgspec
 import nats
@@ -34,6 +31,7 @@ from jetscribe.shared.config import PersisterConfig, StreamSettings
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
 from jetscribe.shared.wire import ErrorEvent, Segment, SessionEvent, Word
+from tests.integration.running import persister_process
 
 T0 = 1_700_000_000.0
 
@@ -427,25 +425,11 @@ async def test_a_message_the_database_refuses_is_reported_and_the_rest_of_its_ba
 
 
 async def test_the_service_exits_0_on_sigterm(nats_url, engine, schema, js, tenant):
-    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": schema}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jetscribe.services.persister",
-        env=env,
-        cwd=Path(__file__).parents[2],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with persister_process(nats_url, schema) as proc:
         await publish(js, segment(tenant, "s6", 0, 0, "final"))
         await eventually(lambda: rows(engine, SegmentRow, tenant, "s6"))
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert proc.returncode == 0, stderr.decode()
     assert b"stopped" in stderr
 

@@ -2,10 +2,7 @@
 retrying forever; what it could not write stays unacked in the stream."""
 
 import asyncio
-import os
-import sys
 import time
-from pathlib import Path
 
 import nats
 import pytest
@@ -17,6 +14,7 @@ from jetscribe.shared import subjects, wire
 from jetscribe.shared.config import PersisterConfig, StreamSettings
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
+from tests.integration.running import persister_process
 
 pytestmark = pytest.mark.timeout(90)
 FIRST, HEAD = revisions()[0], revisions()[-1]
@@ -84,22 +82,8 @@ async def test_a_schema_stepped_back_under_it_stops_it_and_nothing_is_acked(own_
 
 async def test_the_service_process_exits_nonzero_with_one_line(own_nats, database_url):
     await asyncio.to_thread(upgrade, database_url, FIRST)
-    env = {**os.environ, "NATS_URL": own_nats, "DATABASE_URL": database_url}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jetscribe.services.persister",
-        env=env,
-        cwd=Path(__file__).parents[2],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with persister_process(own_nats, database_url) as proc:
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     text = stderr.decode()
     assert proc.returncode == 2, text
     assert "Traceback" not in text

@@ -20,7 +20,7 @@ from jetscribe.shared.natsauth import env_connect_options
 pytestmark = pytest.mark.timeout(240)
 
 
-async def replicas_and_session(url: str, database_url: str) -> tuple[dict[str, int], str]:
+async def replicas_and_session(url: str, database: tuple) -> tuple[dict[str, int], str]:
     speech = sample_speech()
     nc = await nats.connect(nats_servers(url), **env_connect_options(url))
     try:
@@ -31,7 +31,7 @@ async def replicas_and_session(url: str, database_url: str) -> tuple[dict[str, i
         await stream_audio(nc, Audio(speech.audio, speech.sample_rate), tenant="t", session_id="c1", speed=0.0)
     finally:
         await nc.close()
-    engine = open_engine(database_url)
+    engine = open_engine(*database)  # (URL, PostgresClient): the stack's readers' role
     try:
         await wait_until_ended(engine, "t", "c1", timeout_s=60)
         text = " ".join(s.text for s in await final_segments(engine, "t", "c1") if s.text)
@@ -50,7 +50,7 @@ def test_up_with_a_three_node_cluster_keeps_three_copies_and_transcribes(tmp_pat
         assert nats_servers(local.nats_url) == local.nats_cluster.urls and len(local.nats_cluster.urls) == 3
         info = json.loads(stack_file(home).read_text())
         assert info["nats_nodes"] == 3 and running_stack_urls(home)["nats_url"] == local.nats_url
-        copies, text = asyncio.run(replicas_and_session(local.nats_url, local.database_url))
+        copies, text = asyncio.run(replicas_and_session(local.nats_url, local.database("reader")))
         assert copies == {subjects.AUDIO_STREAM: 3, subjects.TRANSCRIPTS_STREAM: 3, "KV_partition_leases": 3}
         assert wer(sample_speech().text, text) <= 0.15, text
         local.check()

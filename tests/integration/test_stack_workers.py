@@ -37,7 +37,7 @@ async def lease_owners(url: str) -> dict[int, str]:
         await nc.close()
 
 
-async def stream_one(url: str, database_url: str, session: str) -> tuple[str, str, int]:
+async def stream_one(url: str, database: tuple, session: str) -> tuple[str, str, int]:
     """Stream the demo sample; return the stored transcript, the worker id stored with the session, and the
     AUDIO partition its chunks went to."""
     speech = sample_speech()
@@ -50,7 +50,7 @@ async def stream_one(url: str, database_url: str, session: str) -> tuple[str, st
         (stored,) = (info.state.subjects or {}).keys()
     finally:
         await nc.close()
-    engine = open_engine(database_url)
+    engine = open_engine(*database)  # (URL, PostgresClient): the stack's readers' role
     try:
         row = await wait_until_ended(engine, "t", session, timeout_s=60)
         text = " ".join(s.text for s in await final_segments(engine, "t", session) if s.text)
@@ -84,7 +84,7 @@ def test_two_workers_split_the_partitions_and_a_session_streams_through(tmp_path
         assert sorted(len(ps) for ps in by_worker.values()) == [8, 8], owners
         assert by_worker == local.partitions_held
 
-        text, worker, partition = asyncio.run(stream_one(local.nats_url, local.database_url, "two-workers"))
+        text, worker, partition = asyncio.run(stream_one(local.nats_url, local.database("reader"), "two-workers"))
         assert wer(sample_speech().text, text) <= 0.15, text
         assert worker == owners[partition]  # the worker holding the session's partition transcribed it
         local.check()  # no worker exited along the way

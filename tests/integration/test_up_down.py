@@ -83,15 +83,7 @@ def _recorded_pids(home: Path) -> set[int]:
 
 def test_ctrl_c_in_the_terminal_stops_everything_in_order_quickly_and_quietly(tmp_path):
     home = tmp_path / "home"
-    up = pexpect.spawn(
-        sys.executable,
-        ["-m", "jetscribe.cli.main", "up", "--model", "null", "--transcribers", "1"],
-        cwd=str(tmp_path),
-        env=_env(home),
-        encoding="utf-8",
-        codec_errors="replace",
-        timeout=READY_TIMEOUT_S,
-    )
+    up = _spawn_up(tmp_path, home)
     try:
         up.expect("jetscribe is up")
         up.expect_exact("stops everything)")
@@ -139,6 +131,8 @@ def test_up_detached_refuses_a_second_up_keeps_serving_and_down_stops_it(tmp_pat
     assert started.returncode == 0, started.stdout + started.stderr
     assert started.stdout.startswith("jetscribe is up: NATS nats://127.0.0.1:"), started.stdout
     assert "running in the background as pid" in started.stdout and "jetscribe down" in started.stdout
+    ws_url = json.loads((home / "stack.json").read_text())["ws_url"]  # the gateway's WebSocket listener, said
+    assert ws_url.startswith("ws://127.0.0.1:") and f"WebSocket: {ws_url}/v1/listen" in started.stdout
     info_text = (home / "stack.json").read_text()
     info = json.loads(info_text)
     up_pid = info["pid"]
@@ -229,10 +223,17 @@ async def _read_readiness(url: str) -> None:
         await nc.close()
 
 
-def _spawn_up(tmp_path: Path, home: Path) -> pexpect.spawn:
+# A shell without job control starts a background command with SIGINT ignored, and the command inherits that.
+IGNORING_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _spawn_up(tmp_path: Path, home: Path, *, sigint_ignored: bool = False) -> pexpect.spawn:
+    started_as = ["-c", IGNORING_SIGINT, sys.executable] if sigint_ignored else []
     return pexpect.spawn(
         sys.executable,
-        ["-m", "jetscribe.cli.main", "up", "--model", "null", "--transcribers", "1"],
+        [*started_as, "-m", "jetscribe.cli.main", "up", "--model", "null", "--transcribers", "1"],
         cwd=str(tmp_path),
         env=_env(home),
         encoding="utf-8",
@@ -242,8 +243,11 @@ def _spawn_up(tmp_path: Path, home: Path) -> pexpect.spawn:
 
 
 def test_ctrl_c_while_starting_and_a_closed_terminal_leave_nothing_running(tmp_path):
+    """Started with SIGINT ignored (as by a suite run in the background): `up` used to keep ignoring Ctrl-C while
+    starting, and took it only once up; the Ctrl-C once up is
+    test_ctrl_c_in_the_terminal_stops_everything_in_order_quickly_and_quietly's."""
     home = tmp_path / "home"
-    up = _spawn_up(tmp_path, home)
+    up = _spawn_up(tmp_path, home, sigint_ignored=True)
     children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -224,3 +224,27 @@ def test_the_nats_config_is_one_nats_server_accepts(tmp_path):
     assert checked.returncode == 0, checked.stderr
     unnamed = subprocess.run([binary, "-t", "-c", str(tmp_path / "nats.conf")], env={}, capture_output=True, text=True)
     assert unnamed.returncode != 0, "a node without NATS_SERVER_NAME started"
+
+
+def test_each_process_signs_in_to_postgres_as_its_own_role_with_a_secret(compose, services):
+    from jetscribe.devstack.pgroles import ROLE_NAMES
+
+    def user(name: str) -> str | None:
+        return urlsplit(services[name]["environment"]["DATABASE_URL"]).username
+
+    assert (user("migrate"), user("persister")) == (ROLE_NAMES["owner"], ROLE_NAMES["persister"])
+    assert {user(name) for name in ("ingest", "transcriber")} == {ROLE_NAMES["reader"]}  # unused there: the least
+    for name, secret in (("migrate", "pg_owner_password"), ("persister", "pg_persister_password")):
+        assert services[name]["secrets"] == [secret] and secret in compose["secrets"]
+        assert services[name]["environment"]["JETSCRIBE_PG_PASSWORD_FILE"] == f"/run/secrets/{secret}"
+    granted = services["migrate"]["environment"]
+    assert (granted["JETSCRIBE_PG_PERSISTER_ROLE"], granted["JETSCRIBE_PG_READER_ROLE"]) == (
+        ROLE_NAMES["persister"],
+        ROLE_NAMES["reader"],
+    )
+    script = (ROOT / "deploy" / "postgres" / "roles.sh").read_text()
+    for role, name in ROLE_NAMES.items():
+        assert f"make_role {name} pg_{role}_password" in script and f"pg_{role}_password" in compose["secrets"]
+    assert "./deploy/postgres/roles.sh:/docker-entrypoint-initdb.d/roles.sh:ro" in services["postgres"]["volumes"]
+    assert "POSTGRES_HOST_AUTH_METHOD" not in services["postgres"]["environment"]  # passwords, not trust
+    assert subprocess.run(["sh", "-n", str(ROOT / "deploy" / "postgres" / "roles.sh")]).returncode == 0

@@ -82,6 +82,10 @@ def test_json_lines_carry_type_words_as_objects_and_stream_seq():
 def test_events_read_as_one_line():
     rejected = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="worker_full")
     assert describe(rejected).startswith("-- session s1 rejected: worker_full")
+    gap = SessionEvent(tenant="acme", session_id="s1", event="utterance_end", at=1.0, last_word_end=3.25)
+    assert describe(gap) == "-- utterance end: no word since 3.25 s"
+    onset = SessionEvent(tenant="acme", session_id="s1", event="speech_started", at=1.0, timestamp=0.5)
+    assert describe(onset) == "-- speech started at 0.50 s"
 
 
 class Terminal(io.StringIO):
@@ -100,11 +104,19 @@ def test_live_lines_rewrite_interims_on_a_terminal_and_leave_them_out_elsewhere(
     assert terminal.getvalue() == "\r\033[K  … he\r\033[K[   0.00 -    1.00] hey\n"
 
 
-def test_a_tenants_follow_is_live_only():
+def test_a_tenants_follow_replays_through_the_history_then_goes_on_live():
     from jetscribe.client.follow import LiveOnly, LiveReader, _reader
+    from jetscribe.client.history import HistoryReader
 
     live = consumer_config("acme", "s1")
     assert isinstance(_reader(None, live, ["transcript.acme.s1"], live=True), LiveReader)
-    for replay in (consumer_config("acme", "s1", from_start=True), consumer_config("acme", "s1", from_seq=5)):
-        with pytest.raises(LiveOnly, match="jetscribe tenant reader"):
-            _reader(None, replay, ["transcript.acme.s1"], live=True)
+    replays = ((consumer_config("acme", "s1", from_start=True), 0), (consumer_config("acme", "s1", from_seq=5), 5))
+    for replay, from_seq in replays:
+        reader = _reader(None, replay, ["transcript.acme.s1"], live=True, tenant="acme", session="s1")
+        assert isinstance(reader, HistoryReader) and isinstance(reader.live, LiveReader)
+        assert reader.from_seq == from_seq
+    since = consumer_config("acme", "s1", since=datetime(2026, 1, 1, tzinfo=UTC))
+    with pytest.raises(LiveOnly, match="jetscribe tenant reader"):
+        _reader(None, since, ["transcript.acme.s1"], live=True, tenant="acme", session="s1")
+    with pytest.raises(LiveOnly):  # a meeting: every session of the tenant
+        _reader(None, consumer_config("acme", "m1", from_start=True), ["transcript.acme.>"], live=True)

@@ -35,6 +35,7 @@ def test_a_final_waits_until_the_other_tracks_have_passed_it():
     m = MeetingMerge("m1")
     assert m.event(event("a", "started"), 0) == [] and m.event(event("b", "started"), 0) == []
     assert m.segment(seg("a", 0, 5.0), 0) == []  # b may still say something before 5 s
+    assert m.event(event("b", "utterance_end"), 0) == [] and m.event(event("b", "speech_started"), 0) == []  # b is on
     assert texts(m.segment(seg("b", 0, 2.0), 0)) == ["b0"]  # a is past 2 s already
     assert texts(m.segment(seg("b", 1, 6.0, status="interim"), 0)) == ["a0"]  # b is past 5 s now
     assert m.segment(seg("b", 1, 6.0), 0) == []

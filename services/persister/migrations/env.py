@@ -24,7 +24,9 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     # postgresql+psycopg:// serves sync and async; migrations run sync on a throwaway connection.
-    engine = create_engine(config.attributes["database_url"], poolclass=pool.NullPool)
+    engine = create_engine(
+        config.attributes["database_url"], poolclass=pool.NullPool, connect_args=config.attributes["connect_args"]
+    )
     try:
         with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=target_metadata)

@@ -4,6 +4,7 @@ readiness summary, and stopping what a dead `jetscribe up` left running (real pr
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -78,13 +79,30 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen(["sleep", "300"], process_group=0)
 
 
+# A fake server: handlers of its own for the signals named (as nats-server and postgres install theirs, whatever
+# they inherited), the name of the one it gets written to the record, then exit.
+FAKE_SERVER = """
+import signal, sys, time
+record, names = sys.argv[1], sys.argv[2:]
+def got(signum, frame):
+    with open(record, "w") as file:
+        file.write(signal.Signals(signum).name.removeprefix("SIG"))
+    sys.exit(0)
+for name in names:
+    signal.signal(signal.Signals["SIG" + name], got)
+with open(record, "w") as file:
+    file.write("set")
+while True:
+    time.sleep(1)
+"""
+
+
 def _trapping(signals: str, record) -> subprocess.Popen:
-    """A shell that writes the name of the signal it got to `record` and exits."""
-    traps = "; ".join(f"trap 'echo {name} > {record}; exit 0' {name}" for name in signals.split())
-    proc = subprocess.Popen(
-        ["sh", "-c", f"{traps}; echo set > {record}; while :; do sleep 0.05; done"], process_group=0
-    )
-    while not (record.exists() and record.read_text().strip() == "set"):  # its traps are set
+    """A server that writes the name of the signal it got to `record` and exits. Not a shell's `trap`: a shell cannot
+    trap a signal it started with ignored, as a suite run in the background starts with SIGINT."""
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, str(record), *signals.split()], process_group=0)
+    while not (record.exists() and record.read_text().strip() == "set"):  # its handlers are set
+        assert proc.poll() is None, f"the fake server exited with {proc.returncode}"
         time.sleep(0.01)
     return proc
 

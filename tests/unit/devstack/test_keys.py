@@ -21,11 +21,12 @@ def test_a_revoked_tenant_leaves_the_users_and_comes_back_with_a_new_key(tmp_pat
     keys = Keyring(tmp_path / "keys").ensure_services()
     first = public_key(keys.add_tenant("acme").read_bytes().strip())
     assert [(u.nkey, u.tenant) for u in keys.users() if u.role == "tenant"] == [(first, "acme")]
-    keys.revoke_tenant("acme")
+    keys.add_reader("acme", "translate")
+    assert keys.revoke_tenant("acme") == ["reader_acme_translate"]  # for the CLI to delete on TRANSCRIPTS
     assert keys.tenants() == {"acme": True} and not keys.tenant_path("acme").exists()
     assert [u for u in keys.users() if u.role == "tenant"] == []
     again = public_key(keys.add_tenant("acme").read_bytes().strip())
-    assert again != first and keys.tenants() == {"acme": False}
+    assert again != first and keys.tenants() == {"acme": False} and keys.readers("acme") == {}
 
 
 def test_bad_or_unknown_tenants_are_refused(tmp_path):

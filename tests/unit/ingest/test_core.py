@@ -14,6 +14,7 @@ from jetscribe.services.ingest.core import (
     without,
 )
 from jetscribe.shared.config import IngestConfig
+from jetscribe.shared.errors import CodedError
 from jetscribe.shared.subjects import session_partition
 from jetscribe.shared.wire import AudioChunk, SessionCheckpoint, SessionControl, SessionEvent
 
@@ -305,3 +306,38 @@ def test_any_other_reply_subject_is_refused(reply):
     with pytest.raises(RequestRefused) as refused:
         check_reply_subject(reply, "acme")
     assert refused.value.code == "bad_reply" and "_INBOX_acme" in str(refused.value)
+
+
+def test_a_start_with_a_bad_option_is_refused_and_opens_nothing():
+    book = IngestBook(IngestConfig())
+    for options, key in [({"endpointing_ms": 5}, "endpointing_ms"), ({"diarize": True}, "diarize")]:
+        with pytest.raises(CodedError) as err:
+            book.start(SessionControl(tenant="acme", session_id="s1", action="start", options=options))
+        assert err.value.code == "bad_option" and repr(key) in str(err.value)
+    with pytest.raises(CodedError, match="contradicts"):
+        book.start(
+            SessionControl(tenant="acme", session_id="s1", action="start", language="en", options={"language": "de"})
+        )
+    assert book.ledger("acme", "s1") is None
+    good = {"interim_results": False, "endpointing_ms": False, "utterance_end_ms": 1000, "vad_events": True}
+    assert book.start(SessionControl(tenant="acme", session_id="s1", action="start", options=good)).last_seq == -1
+
+
+def test_a_finalize_is_marked_with_the_last_seq_and_a_gateway_learning_the_session_resumes_there():
+    book = IngestBook(IngestConfig())
+    finalize = SessionControl(tenant="acme", session_id="s1", action="finalize")
+    with pytest.raises(RequestRefused) as err:
+        book.finalize(finalize)
+    assert err.value.code == "unknown_session"
+    start(book)
+    accept(book, chunk(0))
+    accept(book, chunk(1))
+    stored = book.finalize(finalize)
+    assert (stored.action, stored.after_seq) == ("finalize", 1)
+    fresh = IngestBook(IngestConfig())  # a restarted gateway: the finalize is the session's last message in AUDIO
+    behind = SessionCheckpoint(tenant="acme", session_id="s1", acked_seq=-1)
+    assert fresh.recall("acme", "s1", stored, None, behind, stream_seq=4).last_seq == 1
+    book.closed(book.ledger("acme", "s1"))
+    with pytest.raises(RequestRefused) as err:
+        book.finalize(finalize)
+    assert err.value.code == "session_ended"

@@ -259,6 +259,15 @@ def test_plan_batch():
     assert batch
 
 
+def test_live_signal_events_are_acked_with_their_batch_and_not_stored():
+    gap = SessionEvent(tenant="t1", session_id="s1", event="utterance_end", at=T0 + 2, last_word_end=1.5)
+    onset = SessionEvent(tenant="t1", session_id="s1", event="speech_started", at=T0 + 1, timestamp=0.3)
+    assert check(subjects.session_event("t1", "s1", "utterance_end"), gap) is None  # not refused: known
+    batch = plan_batch([Delivered(started("s1"), T0), Delivered(onset, T0 + 1), Delivered(gap, T0 + 2)])
+    assert [(e["session_id"], e["status"]) for e in batch.session_events] == [("s1", "active")]
+    assert not plan_batch([Delivered(gap, T0 + 2)]).session_events
+
+
 def test_plan_of_nothing_writes_nothing():
     batch = plan_batch([])
     assert not (batch.segments or batch.session_events or batch.session_touches)

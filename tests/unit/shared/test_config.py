@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from jetscribe.shared.config import StreamSettings
+from jetscribe.shared.config import ConfigError, PostgresClient, StreamSettings
 
 
 def test_default_retention_keeps_transcripts_longer_than_audio():
@@ -41,10 +41,12 @@ def test_audio_under_30_minutes_is_allowed_with_a_warning(caplog):
 def test_every_field_reads_its_variable_with_its_type(monkeypatch):
     from dataclasses import fields
 
-    from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
+    from jetscribe.shared.config import FromEnv, IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 
-    for cls in (StreamSettings, IngestConfig, TranscriberConfig, PersisterConfig):
+    for cls in (StreamSettings, IngestConfig, TranscriberConfig, PersisterConfig, PostgresClient):
         for item in fields(cls):
+            if isinstance(getattr(cls(), item.name), FromEnv):
+                continue  # a config within a config (PersisterConfig.postgres): checked as its own class
             variable = item.metadata.get("env")
             assert variable, f"{cls.__name__}.{item.name} names no environment variable"
             default = getattr(cls(), item.name)
@@ -153,3 +155,24 @@ def test_auto_replicas_are_three_on_a_cluster_and_one_on_a_single_server():
     assert {c.num_replicas for c in stream_configs(StreamSettings(), 3)} == {3}
     transcripts = next(c for c in stream_configs(StreamSettings()) if c.name == "TRANSCRIPTS")
     assert "claim.transcriber.*" in transcripts.subjects  # the owners' claims live beside what they fence
+
+
+def test_a_postgres_ca_means_verified_tls_and_the_password_comes_from_its_file(tmp_path, monkeypatch):
+    for name in ("JETSCRIBE_PG_PASSWORD_FILE", "JETSCRIBE_PG_TLS_CA", "JETSCRIBE_PG_SSLMODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert PostgresClient().connect_args() == {}  # nothing set: libpq's own defaults
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("JETSCRIBE_PG_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("JETSCRIBE_PG_TLS_CA", "/ca.pem")
+    client = PostgresClient.from_env()
+    assert client.connect_args() == {"password": "s3cret", "sslmode": "verify-full", "sslrootcert": "/ca.pem"}
+    assert "s3cret" not in repr(client) and str(secret) not in repr(client)
+    assert PostgresClient(tls_ca="/ca.pem", sslmode="verify-ca").connect_args()["sslmode"] == "verify-ca"
+
+
+def test_a_bad_sslmode_or_an_unreadable_password_file_names_its_variable(tmp_path):
+    with pytest.raises(ConfigError, match="JETSCRIBE_PG_SSLMODE is 'on': use one of disable"):
+        PostgresClient(sslmode="on")
+    with pytest.raises(ConfigError, match="JETSCRIBE_PG_PASSWORD_FILE names .*missing, which cannot be read"):
+        PostgresClient(password_file=str(tmp_path / "missing")).connect_args()

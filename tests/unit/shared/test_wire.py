@@ -140,3 +140,60 @@ def test_session_event_can_say_rejected_and_why():
     event = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="worker_full")
     assert decode(encode(event), TranscriptMessage) == event
     assert decode(encode(SessionEvent(tenant="a", session_id="b", event="ended", at=1.0)), SessionEvent).reason == ""
+
+
+def test_session_options_are_checked_key_by_key():
+    from jetscribe.shared.wire import OptionRefused, SessionOptions, session_options
+
+    assert session_options({}) == SessionOptions()
+    asked = session_options(
+        {
+            "interim_results": False,
+            "endpointing_ms": 200,
+            "utterance_end_ms": 1000,
+            "vad_events": True,
+            "language": "de",
+        }
+    )
+    assert asked == SessionOptions(False, 200, 1000, True, "de")
+    assert session_options({"endpointing_ms": False}).endpointing_ms is False
+    refused = [
+        ({"endpoint": 300}, "endpoint", "unknown option"),
+        ({"interim_results": "false"}, "interim_results", "not true or false"),
+        ({"endpointing_ms": True}, "endpointing_ms", "whole number"),
+        ({"endpointing_ms": 300.5}, "endpointing_ms", "whole number"),
+        ({"endpointing_ms": 9}, "endpointing_ms", "outside 10..5000"),
+        ({"utterance_end_ms": 999}, "utterance_end_ms", "outside 1000..5000"),
+        ({"utterance_end_ms": False}, "utterance_end_ms", "whole number"),
+        ({"vad_events": 1}, "vad_events", "not true or false"),
+        ({"language": "klingon"}, "language", "not a Whisper language"),
+    ]
+    for raw, key, why in refused:
+        with pytest.raises(OptionRefused) as err:
+            session_options(raw)
+        assert (err.value.code, err.value.key) == ("bad_option", key) and why in str(err.value), raw
+
+
+def test_the_new_event_kinds_and_finalize_round_trip_and_old_readers_skip_them():
+    from jetscribe.shared.wire import SessionCheckpoint
+
+    ended_gap = SessionEvent(tenant="a", session_id="b", event="utterance_end", at=1.0, last_word_end=3.25)
+    assert decode(encode(ended_gap), TranscriptMessage).last_word_end == 3.25
+    started = SessionEvent(tenant="a", session_id="b", event="speech_started", at=1.0, timestamp=0.42)
+    assert decode(encode(started), SessionEvent).timestamp == 0.42
+    finalize = SessionControl(tenant="a", session_id="b", action="finalize", after_seq=7)
+    assert decode(encode(finalize), AudioMessage) == finalize
+    checkpoint = SessionCheckpoint(tenant="a", session_id="b", options={"endpointing_ms": False}, last_word_end=2.0)
+    assert decode(encode(checkpoint), SessionCheckpoint) == checkpoint
+
+    class OldCheckpoint(msgspec.Struct, kw_only=True, tag="checkpoint"):  # a worker from before options
+        v: int
+        tenant: str
+        session_id: str
+        acked_seq: int = -1
+
+    assert msgspec.msgpack.decode(encode(checkpoint), type=OldCheckpoint).acked_seq == -1
+    before = msgspec.msgpack.encode(
+        {"type": "session_event", "v": 1, "tenant": "a", "session_id": "b", "event": "ended", "at": 1.0}
+    )
+    assert decode(before, SessionEvent).last_word_end is None  # a writer from before the fields
