@@ -12,16 +12,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Speakers from the audio (optional): torch's CPU build first (pinned), so that pip never resolves a multi-GB CUDA
-# build, then the `speakers` extra. Not in the default install until its latency cost is within target (README).
-speakers: $(BIN)/.installed
+# Speakers from the audio (the optional `speakers` extra), for the tests and whoever turns it on: torch's CPU build
+# first (pinned), so that pip never resolves a multi-GB CUDA build, then the extra. `make run` does without it.
+$(BIN)/.speakers: $(BIN)/.installed
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,speakers]'
+	touch $@
+
+speakers: $(BIN)/.speakers
 
 run: $(BIN)/.installed
 	$(BIN)/jetscribe demo
 
-test: lint browser
+test: lint browser $(BIN)/.speakers
 	$(BIN)/python -m pytest
 
 # The captions page's browser test (tests/e2e/test_captions_page.py) drives Debian's chromium. As root (CI) it is

@@ -12,9 +12,9 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import psutil
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
@@ -46,6 +46,7 @@ from jetscribe.services.transcriber.session_log import event_line, handed_over_l
 from jetscribe.services.transcriber.stats import STATS_EVERY_S, DecodeCounters, backlog_samples, worker_stats
 from jetscribe.services.transcriber.transcript import FinalAudit
 from jetscribe.services.transcriber.vad import detector_maker
+from jetscribe.services.transcriber.voice_thread import VoiceThread
 from jetscribe.services.transcriber.voices import VoiceMatcher, VoiceOptions
 from jetscribe.shared import discovery, jetstream, subjects, telemetry
 from jetscribe.shared.activity import SessionLoad
@@ -107,6 +108,7 @@ class SessionRecord:
     arrivals: ChunkArrivals = field(default_factory=ChunkArrivals)  # for latencies and trace links
     words: int = 0  # words of the finals published here, for the session's end line
     resumed: bool = False  # taken over from a checkpoint: `words` counts only since then
+    voices_ahead: tuple[int, int] = (-1, 0)  # (utterance start, its windows queued for embedding ahead)
 
 
 @dataclass
@@ -162,11 +164,10 @@ class TranscriberWorker:
         self.steps_fenced = 0  # steps left undone because their partition was not ours any more
         self._tasks: list[asyncio.Task] = []
         self.embedder = embedder
-        # Voice embeddings on a thread of their own, beside the decode thread: a final's embedding is ready
-        # when its text is, and the decoder never waits for it.
-        self._voice_thread = ThreadPoolExecutor(1, thread_name_prefix="voices") if embedder is not None else None
+        # Voice embeddings on a thread of their own, beside the decode thread: windows as they are heard, a final's
+        # last one when its decode starts, so its voices are ready when its text is and the decoder never waits.
+        self.voice_thread = VoiceThread(embedder) if embedder is not None else None
         self._voice_waits: set[asyncio.Task] = set()  # finals waiting for their voices
-        self.voice_totals = {"calls": 0, "pieces": 0, "audio_s": 0.0, "cpu_s": 0.0, "failures": 0}
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.settings)
@@ -194,8 +195,8 @@ class TranscriberWorker:
             task.cancel()
         await asyncio.gather(*self._tasks, *self.pullers.values(), return_exceptions=True)
         await asyncio.gather(*self._voice_waits, return_exceptions=True)
-        if self._voice_thread is not None:
-            self._voice_thread.shutdown(wait=False)
+        if self.voice_thread is not None:
+            await asyncio.to_thread(self.voice_thread.close)
 
     # --- partitions -----------------------------------------------------------------------
     async def _assigned(self, partition: int, puller: PartitionPuller) -> None:
@@ -299,7 +300,21 @@ class TranscriberWorker:
             end, now = record.stream.segmenter.received, self.clock.monotonic()
             arrival = Arrival(message.seq, received, end, message.received_at, now, trace)
             self.instruments.arrived(record.arrivals, message.tenant, arrival)
+            self._voices_ahead(record)
         await self._carry_out(record, step)
+
+    def _voices_ahead(self, record: SessionRecord) -> None:
+        """Queue the windows of the open utterance heard since the last call that its final will embed."""
+        utt = record.stream.open
+        if self.voice_thread is None or utt is None:
+            return
+        segmenter = record.stream.segmenter
+        start, queued = record.voices_ahead if record.voices_ahead[0] == utt.start else (utt.start, 0)
+        spans = self.voice_thread.embedder.spans_ahead(segmenter.vad_pos - utt.start)[queued:]
+        record.voices_ahead = (utt.start, queued + len(spans))
+        self.voice_thread.ahead(
+            [segmenter.samples(start + lo, start + hi).astype(np.float32) / 32768.0 for lo, hi in spans]
+        )
 
     async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
         """A session this worker has not seen: resume it from its checkpoint, or start it. None if its
@@ -607,22 +622,14 @@ class TranscriberWorker:
         and for all when it is off or fails (the finals then go out without a speaker: counted and logged)."""
         wanted = [i for i, job in enumerate(jobs) if self._wants_voices(job)]
         out: list[list] = [[] for _ in jobs]
-        if self.embedder is None or self._voice_thread is None or not wanted:
+        if self.voice_thread is None or not wanted:
             return out
         audio = [(jobs[i].audio, jobs[i].start_sample) for i in wanted]
         try:
-            pieces, cpu = await asyncio.get_running_loop().run_in_executor(
-                self._voice_thread, _timed, self.embedder.embed, audio
-            )
+            pieces = await self.voice_thread.pieces(audio)
         except Exception:
-            self.voice_totals["failures"] += 1
             log.exception("voice embeddings of %d job(s) failed: their finals go out without a speaker", len(audio))
             return out
-        totals = self.voice_totals
-        totals["calls"] += 1
-        totals["pieces"] += sum(len(p) for p in pieces)
-        totals["audio_s"] += sum(len(a) for a, _ in audio) / SAMPLE_RATE
-        totals["cpu_s"] += cpu
         for i, p in zip(wanted, pieces, strict=True):
             out[i] = p
         return out
@@ -705,22 +712,16 @@ class TranscriberWorker:
         report = self.instruments.activity.report(
             self._worker_stats(), sessions, partitions, model=self.model_name, device=self.config.device
         )
-        if self.embedder is not None:
-            totals = {**self.voice_totals, "windows_embedded": self.embedder.embedded, "reused": self.embedder.reused}
-            report["speakers_audio"] = {k: round(v, 3) for k, v in totals.items()}
+        if self.voice_thread is not None:
+            embedder = self.voice_thread.embedder
+            totals = {**self.voice_thread.totals.as_dict(), "windows_embedded": embedder.embedded}
+            report["speakers_audio"] = {**totals, "reused": embedder.reused}
         return report
 
     def metadata(self) -> dict[str, str]:
         """Micro-service metadata that changes while the worker runs."""
         owned = self.group.owned if self.group is not None else ()
         return {"partitions": ",".join(str(p) for p in sorted(owned))}
-
-
-def _timed(function, *args):
-    """function(*args) and the CPU seconds this thread spent in it."""
-    started = time.thread_time()
-    result = function(*args)
-    return result, time.thread_time() - started
 
 
 def _event_time(event: SessionEvent) -> float | None:

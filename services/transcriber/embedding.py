@@ -78,7 +78,7 @@ class VoiceEmbedder:
         model.load_state_dict(torch.load(root / WEIGHTS, map_location="cpu", weights_only=True))
         model.eval()
         self._model = model
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _embed_cached holds it around _embed_uncached
         self._cache: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()  # window audio digest -> embedding
         self.embedded = self.reused = 0  # windows embedded, and taken from the cache
         self._fbank_options = knf.FbankOptions()
@@ -99,45 +99,67 @@ class VoiceEmbedder:
             starts.append(samples - window)
         return [(s, s + window) for s in starts]
 
+    def spans_ahead(self, heard: int) -> list[tuple[int, int]]:
+        """The spans of an utterance still streaming, `heard` samples so far, that its final will surely embed (the
+        windows it covers whole), so they can be embedded before it ends: none while it may still end short enough
+        to be embedded whole."""
+        opts = self.options
+        if heard <= opts.whole_s * SAMPLE_RATE:
+            return []
+        window, hop = round(opts.window_s * SAMPLE_RATE), round(opts.hop_s * SAMPLE_RATE)
+        return [(s, s + window) for s in range(0, heard - window + 1, hop)]
+
+    def prefetch(self, windows: Sequence[np.ndarray]) -> int:
+        """Embed windows into the cache, ahead of the final that will ask for them; returns how many were new."""
+        return len(self._embed_uncached(windows))
+
     def pieces(self, audio: np.ndarray, start_sample: int) -> list[VoicePiece]:
         """One utterance's pieces, in session seconds (`start_sample` is its first sample's)."""
         return self.embed([(audio, start_sample)])[0]
 
     def embed(self, utterances: Sequence[tuple[np.ndarray, int]]) -> list[list[VoicePiece]]:
-        """Several utterances' pieces; spans of one length share a forward pass."""
+        """Several utterances' pieces; spans of one length share a forward pass, spans embedded before (ahead, or
+        for an early final of the same utterance) come from the cache."""
         spans = [self.spans(len(audio)) for audio, _ in utterances]
-        by_length: dict[int, list[tuple[int, int, int]]] = {}
-        for u, utterance_spans in enumerate(spans):
-            for k, (lo, hi) in enumerate(utterance_spans):
-                by_length.setdefault(hi - lo, []).append((u, k, lo))
-        vectors: dict[tuple[int, int], tuple[float, ...]] = {}
-        with self._lock:
-            self._torch.set_num_threads(self.options.threads)
-            for length, items in by_length.items():
-                # A session's early-final decodes and its final share most windows (same start, same hop):
-                # each window's audio is embedded once.
-                keys = [_key(utterances[u][0][lo : lo + length]) for u, _, lo in items]
-                todo = [(item, key) for item, key in zip(items, keys, strict=True) if key not in self._cache]
-                if todo:
-                    feats = np.stack([self._fbank(utterances[u][0][lo : lo + length]) for (u, _, lo), _ in todo])
-                    with self._torch.inference_mode():
-                        out = self._model(self._torch.from_numpy(feats)).numpy()
-                    for (_, key), vector in zip(todo, out, strict=True):
-                        self._cache[key] = tuple(round(float(x), 6) for x in vector)
-                        if len(self._cache) > self.options.cache_size:
-                            self._cache.popitem(last=False)
-                for (u, k, _), key in zip(items, keys, strict=True):
-                    self._cache.move_to_end(key)
-                    vectors[(u, k)] = self._cache[key]
-                self.embedded += len(todo)
-                self.reused += len(items) - len(todo)
+        windows = [utterances[u][0][lo:hi] for u, utterance_spans in enumerate(spans) for lo, hi in utterance_spans]
+        vectors = iter(self._embed_cached(windows))
         return [
-            [
-                VoicePiece((start + lo) / SAMPLE_RATE, (start + hi) / SAMPLE_RATE, tuple(vectors[(u, k)]))
-                for k, (lo, hi) in enumerate(spans[u])
-            ]
+            [VoicePiece((start + lo) / SAMPLE_RATE, (start + hi) / SAMPLE_RATE, next(vectors)) for lo, hi in spans[u]]
             for u, (_, start) in enumerate(utterances)
         ]
+
+    def _embed_cached(self, windows: Sequence[np.ndarray]) -> list[tuple[float, ...]]:
+        """Each window's embedding, embedding only those not in the cache (one forward pass per length)."""
+        with self._lock:
+            new = self._embed_uncached(windows)
+            keys = [_key(w) for w in windows]
+            for key in keys:
+                self._cache.move_to_end(key)
+            self.reused += len(windows) - len(new)
+            return [self._cache[key] for key in keys]
+
+    def _embed_uncached(self, windows: Sequence[np.ndarray]) -> list[bytes]:
+        """Embed the windows the cache lacks into it; returns the keys of those it embedded."""
+        with self._lock:
+            todo: dict[bytes, np.ndarray] = {}
+            for window in windows:
+                key = _key(window)
+                if key not in self._cache:
+                    todo.setdefault(key, window)
+            by_length: dict[int, list[bytes]] = {}
+            for key, window in todo.items():
+                by_length.setdefault(len(window), []).append(key)
+            self._torch.set_num_threads(self.options.threads)
+            for keys in by_length.values():
+                feats = np.stack([self._fbank(todo[key]) for key in keys])
+                with self._torch.inference_mode():
+                    out = self._model(self._torch.from_numpy(feats)).numpy()
+                for key, vector in zip(keys, out, strict=True):
+                    self._cache[key] = tuple(round(float(x), 6) for x in vector)
+                    if len(self._cache) > self.options.cache_size:
+                        self._cache.popitem(last=False)
+            self.embedded += len(todo)
+            return list(todo)
 
     def _fbank(self, audio: np.ndarray) -> np.ndarray:
         fbank = self._knf.OnlineFbank(self._fbank_options)
