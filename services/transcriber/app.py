@@ -310,7 +310,7 @@ class TranscriberWorker:
             return
         segmenter = record.stream.segmenter
         start, queued = record.voices_ahead if record.voices_ahead[0] == utt.start else (utt.start, 0)
-        spans = self.voice_thread.embedder.spans_ahead(segmenter.vad_pos - utt.start)[queued:]
+        spans = self.voice_thread.embedder.options.spans_ahead(segmenter.vad_pos - utt.start)[queued:]
         record.voices_ahead = (utt.start, queued + len(spans))
         self.voice_thread.ahead(
             [segmenter.samples(start + lo, start + hi).astype(np.float32) / 32768.0 for lo, hi in spans]

