@@ -1,0 +1,72 @@
+"""Voice embeddings: which spans of an utterance are embedded, and when (ahead while it streams, the rest at its
+final); the transcriber without the `speakers` extra; the voice thread with the real CAM++ model."""
+
+import asyncio
+import importlib.util
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+from jetscribe.services.transcriber.embedding import EmbedOptions, SpeakersUnavailable, load_embedder
+from jetscribe.shared.audio import SAMPLE_RATE
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the `speakers` extra")
+
+
+@pytest.mark.parametrize("heard_s", [0.5, 2.9, 3.1, 4.0, 7.3, 12.0])
+def test_windows_embedded_ahead_are_windows_of_every_final_the_utterance_can_end_with(heard_s):
+    opts = EmbedOptions()
+    heard = round(heard_s * SAMPLE_RATE)
+    ahead = set(opts.spans_ahead(heard))
+    assert all(hi <= heard for _, hi in ahead)
+    for more_s in (0.0, 0.01, 0.3, 0.75, 2.0, 9.0):
+        assert ahead <= set(opts.spans(heard + round(more_s * SAMPLE_RATE)))
+
+
+@pytest.mark.parametrize("length_s", [0.3, 1.0, 3.0, 3.2, 5.0, 10.0, 30.0])
+def test_at_its_end_a_final_has_at_most_one_window_left_to_embed(length_s):
+    opts = EmbedOptions()
+    samples = round(length_s * SAMPLE_RATE)
+    left = set(opts.spans(samples)) - set(opts.spans_ahead(samples))
+    # Short utterances are embedded whole at their end (one forward pass of at most whole_s), longer ones only their
+    # last window.
+    assert len(left) <= 1
+    if length_s > opts.whole_s:
+        assert all(hi - lo == round(opts.window_s * SAMPLE_RATE) for lo, hi in left)
+
+
+def test_without_the_extra_the_transcriber_runs_without_voices_and_says_so(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed: `import torch` fails
+    with caplog.at_level(logging.WARNING, logger="jetscribe.services.transcriber.embedding"):
+        assert load_embedder("auto") is None
+    assert "speakers from the audio: off, the extra is not installed" in caplog.text
+    with pytest.raises(SpeakersUnavailable, match=r"torch is not installed.*speakers"):
+        load_embedder("on")
+    assert load_embedder("off") is None
+
+
+@needs_torch
+async def test_the_voice_thread_embeds_windows_ahead_and_a_final_only_what_is_left():
+    from jetscribe.services.transcriber.embedding import VoiceEmbedder
+    from jetscribe.services.transcriber.voice_thread import VoiceThread
+
+    rng = np.random.default_rng(7)
+    utterance = rng.normal(0, 0.1, 8 * SAMPLE_RATE).astype(np.float32)
+    reference = VoiceEmbedder().embed([(utterance, 16_000)])[0]  # the same final, nothing embedded ahead
+    thread = VoiceThread(VoiceEmbedder())
+    try:
+        heard = 7 * SAMPLE_RATE
+        ahead = thread.embedder.options.spans_ahead(heard)
+        thread.ahead([utterance[lo:hi] for lo, hi in ahead])
+        # A final asked for meanwhile goes first; here it is the same utterance, so wait for the windows ahead.
+        while thread.totals.ahead_windows < len(ahead):
+            await asyncio.sleep(0.05)
+        pieces = (await thread.pieces([(utterance, 16_000)]))[0]
+    finally:
+        thread.close()
+    assert pieces == reference
+    assert thread.embedder.embedded == len(reference)  # each window once
+    assert thread.embedder.reused == len(ahead)  # the final took them from the cache
+    assert thread.totals.finals == 1 and thread.totals.ahead_dropped == 0
