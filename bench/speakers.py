@@ -12,7 +12,9 @@ temporary folder. Each file with two or more speakers in its turns (the devset's
 - bot: the bot sends the script's speaker changes (halfway through the pause before each turn, as
   jetscribe.evaluation.speakers.bot_turns does), the way a meeting platform's active-speaker events would.
 
-DER: pyannote.metrics, collar 0.25 s, overlap counted; the hypothesis is each final word's span under its speaker.
+DER: pyannote.metrics, collar 0.25 s, overlap counted; the hypothesis is each final word's span under its speaker
+("DER"), or each final segment's span under its speaker ("DER seg": the pauses inside a final and the edges Whisper's
+word timings leave out count as spoken, as in an RTTM made from the segments).
 cpWER: each script speaker's words against the hypothesis speaker that pairs best (jetscribe.evaluation.speakers).
 Final latency p50 as bench/accuracy.py measures it. --conditions runs the realistic set of bench/accuracy.py.
 The voice embedding's CPU per second of audio is measured in this process at the end (one thread, as the worker).
@@ -48,7 +50,13 @@ from bench.common import (  # noqa: E402
 )
 from jetscribe.client.bot import StreamResult, stream_audio  # noqa: E402
 from jetscribe.evaluation.metrics import percentile  # noqa: E402
-from jetscribe.evaluation.speakers import bot_turns, cp_wer, diarization_errors, speaker_spans  # noqa: E402
+from jetscribe.evaluation.speakers import (  # noqa: E402
+    bot_turns,
+    cp_wer,
+    diarization_errors,
+    segment_spans,
+    speaker_spans,
+)
 from jetscribe.shared.audio import SAMPLE_RATE  # noqa: E402
 from jetscribe.shared.natsauth import env_connect_options  # noqa: E402
 
@@ -114,10 +122,12 @@ def analyse(item: Item, source: str, result: StreamResult) -> dict:
         "condition": item.condition or "clean",
         "source": source,
         "der": parts["diarization error rate"],
+        "der_segments": diarization_errors(item.turns, segment_spans(rows))["diarization error rate"],
         "confusion": parts["confusion"] / total,
         "missed": parts["missed detection"] / total,
         "false_alarm": parts["false alarm"] / total,
         "spans": [(round(a, 2), round(b, 2), w) for a, b, w in spans],
+        "finals": rows,  # (start, end, speaker, words): for other hypotheses than the two above
         "cpwer": cp_wer(item.turns, [(s.speaker, s.text) for s in finals]),
         "speakers": len({s.speaker for s in finals if s.speaker}),
         "script_speakers": len({t["speaker"] for t in item.turns}),
@@ -155,6 +165,7 @@ def print_table(files: list[dict]) -> None:
             f["file"],
             f["source"],
             fmt(f["der"], ".3f"),
+            fmt(f["der_segments"], ".3f"),
             fmt(f["confusion"], ".3f"),
             fmt(f["missed"], ".3f"),
             fmt(f["false_alarm"], ".3f"),
@@ -164,17 +175,30 @@ def print_table(files: list[dict]) -> None:
         )
         for f in files
     ]
-    head = ("file", "source", "DER", "confusion", "missed", "false alarm", "cpWER", "speakers", "final p50 s")
+    head = (
+        "file",
+        "source",
+        "DER",
+        "DER seg",
+        "confusion",
+        "missed",
+        "false alarm",
+        "cpWER",
+        "speakers",
+        "final p50 s",
+    )
     print(table(head, rows))
     for source in sorted({f["source"] for f in files}):
         for condition in sorted({f["condition"] for f in files}):
             mine = [f for f in files if f["source"] == source and f["condition"] == condition]
             if mine:
                 der = sum(f["der"] for f in mine) / len(mine)
+                der_seg = sum(f["der_segments"] for f in mine) / len(mine)
                 confusion = sum(f["confusion"] for f in mine) / len(mine)
                 cp = sum(f["cpwer"] for f in mine) / len(mine)
                 print(
-                    f"{source:5s} {condition:10s} mean DER {der:.3f} (confusion {confusion:.3f})  "
+                    f"{source:5s} {condition:10s} mean DER {der:.3f} (confusion {confusion:.3f}, by segments "
+                    f"{der_seg:.3f})  "
                     f"mean cpWER {cp:.3f}  ({len(mine)} files)"
                 )
 

@@ -69,9 +69,20 @@ def speaker_spans(finals: Iterable[tuple[float, float, str | None, list[Any]]], 
             if who is None:
                 continue
             spans.append((float(w[1]), max(float(w[2]), float(w[1]) + 0.01), str(who)))
-    spans.sort()
+    return _joined(spans, pause)
+
+
+def segment_spans(finals: Iterable[tuple[float, float, str | None, Any]], pause: float = 0.3) -> list[Any]:
+    """Who talks when, as the transcriber's segments say it (a final is split where its speaker changes): each
+    labelled final's (start, end) under its speaker, finals of one speaker less than `pause` apart joined. Unlike
+    `speaker_spans`, the pauses inside a final and the time Whisper's word timings leave out count as its
+    speaker's. As (start, end, speaker), sorted."""
+    return _joined([(float(a), float(b), str(who)) for a, b, who, _ in finals if who is not None], pause)
+
+
+def _joined(spans: list[tuple[float, float, str]], pause: float) -> list[Any]:
     merged: list[tuple[float, float, str]] = []
-    for start, end, who in spans:
+    for start, end, who in sorted(spans):
         if merged and merged[-1][2] == who and start - merged[-1][1] < pause:
             merged[-1] = (merged[-1][0], max(end, merged[-1][1]), who)
         else:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jetscribe.evaluation.speakers import cp_wer, diarization_error, speaker_spans
+from jetscribe.evaluation.speakers import cp_wer, diarization_error, segment_spans, speaker_spans
 
 pytest.importorskip("pyannote.metrics", reason="the `speakers` extra")
 
@@ -18,6 +18,16 @@ def test_spans_join_one_speakers_words_and_take_a_words_own_label_first():
         (2.5, 4.0, "S2", [["hi", 2.5, 3.0, 0.9], ["you", 3.1, 4.0, 0.9, None]]),  # the final's label
     ]
     assert speaker_spans(finals) == [(0.0, 2.0, "S1"), (2.5, 4.0, "S2")]
+
+
+def test_segment_spans_cover_each_final_whole_under_its_speaker():
+    finals = [
+        (0.0, 1.0, "S1", [["hello", 0.1, 0.4, 0.9, "S1"]]),
+        (1.2, 2.0, "S1", [["there", 1.5, 1.8, 0.9, "S1"]]),  # 0.2 s after the last: joined
+        (2.5, 4.0, "S2", []),
+        (4.5, 5.0, None, []),  # nobody: no span
+    ]
+    assert segment_spans(finals) == [(0.0, 2.0, "S1"), (2.5, 4.0, "S2")]
 
 
 def test_der_counts_a_wrong_speaker_and_ignores_label_names():
