@@ -5,8 +5,10 @@ with torch on the CPU over Kaldi fbank features (kaldi-native-fbank): nothing is
 package __init__ imports its whole diarizer (umap, hdbscan, ...): only its model file is loaded here.
 
 An utterance up to `whole_s` is embedded whole; a longer one as windows of `window_s` every `hop_s`, so a change
-of speaker inside it shows as windows that sound like someone else. Windows of one utterance share one forward
-pass (equal lengths: one batch), and `VoiceEmbedder.embed` serves several sessions' finals in one call.
+of speaker inside it shows as windows that sound like someone else (`EmbedOptions.spans`). The windows a final will
+surely embed can be embedded while its utterance streams (`EmbedOptions.spans_ahead`, `VoiceEmbedder.prefetch`):
+embeddings are cached by their audio, so the final then embeds only what is left. Windows of one length share one
+forward pass, and `VoiceEmbedder.embed` serves several sessions' finals in one call.
 """
 
 from __future__ import annotations
