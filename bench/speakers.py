@@ -17,7 +17,8 @@ DER: pyannote.metrics, collar 0.25 s, overlap counted; the hypothesis is each fi
 word timings leave out count as spoken, as in an RTTM made from the segments).
 cpWER: each script speaker's words against the hypothesis speaker that pairs best (jetscribe.evaluation.speakers).
 Final latency p50 as bench/accuracy.py measures it. --conditions runs the realistic set of bench/accuracy.py.
-The voice embedding's CPU per second of audio is measured in this process at the end (one thread, as the worker).
+The voice embedding's CPU per second of audio is measured in this process at the end (one thread, as the worker),
+and the transcriber's voice thread says what it did (CPU ahead and for finals, how long finals waited for voices).
 """
 
 from __future__ import annotations
@@ -101,9 +102,22 @@ async def stream_all(url: str, items: list[Item], args, local) -> dict[tuple[str
                         )
                     )
                     results[(item.name, source)] = (result, time.time() - started)
+        results[("", "voices")] = await voice_stats(nc)
     finally:
         await nc.close()
     return results
+
+
+async def voice_stats(nc) -> dict:
+    """The transcriber's `speakers_audio` stats (micro-service `stats` endpoint): CPU ahead and for finals, windows
+    dropped, how long finals waited for their voices after their text. {} when off or not answered."""
+    try:
+        reply = json.loads((await nc.request("$SRV.STATS.jetscribe-transcriber", b"", timeout=5)).data)
+    except Exception as exc:
+        print(f"no stats from the transcriber: {exc!r}", file=sys.stderr)
+        return {}
+    data = next((e.get("data") or {} for e in reply.get("endpoints", []) if e.get("name") == "stats"), {})
+    return data.get("speakers_audio") or {}
 
 
 def analyse(item: Item, source: str, result: StreamResult) -> dict:
@@ -127,7 +141,7 @@ def analyse(item: Item, source: str, result: StreamResult) -> dict:
         "missed": parts["missed detection"] / total,
         "false_alarm": parts["false alarm"] / total,
         "spans": [(round(a, 2), round(b, 2), w) for a, b, w in spans],
-        "finals": rows,  # (start, end, speaker, words): for other hypotheses than the two above
+        "rows": rows,  # the finals (start, end, speaker, words): for other hypotheses than the two above
         "cpwer": cp_wer(item.turns, [(s.speaker, s.text) for s in finals]),
         "speakers": len({s.speaker for s in finals if s.speaker}),
         "script_speakers": len({t["speaker"] for t in item.turns}),
@@ -223,12 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         parser.error("no file with two or more speakers in its turns")
     results = run_streaming(args, items)
+    voices = results.pop(("", "voices"), {})
     files = [analyse(item, source, results[(item.name, source)][0]) for item in items for source in args.sources]
     print_table(files)
+    if voices:
+        print("voice thread: " + ", ".join(f"{k} {v}" for k, v in voices.items()))
     cost = embedding_cost([i for i in items if i.condition in (None, "clean")] or items[:1])
     print(f"voice embeddings: {cost['cpu_per_audio_s']:.3f} CPU s per audio s ({cost['audio_s']} s of audio)")
     if args.json:
-        out = {"commit": git_commit(), "model": args.model, "speed": args.speed, "files": files, "embedding": cost}
+        out = {
+            "commit": git_commit(),
+            "model": args.model,
+            "speed": args.speed,
+            "files": files,
+            "embedding": cost,
+            "voice_thread": voices,
+        }
         args.json.write_text(json.dumps(out, indent=2))
     return 0
 

@@ -592,7 +592,10 @@ class TranscriberWorker:
         """Hand each decode result (with its voices) to its session and carry the steps out. Each session's step in
         its own order (its lock), the sessions' publishes and checkpoints side by side: one at a time, a batch of
         eight waited for eight round trips to the stream before the next decode."""
+        waited = time.perf_counter()
         pieces = await voices
+        if self.voice_thread is not None and any(pieces):
+            self.voice_thread.totals.waits.append(time.perf_counter() - waited)
         results = [
             replace(res, voices=tuple(v)) if isinstance(res, Decoded) and v else res
             for (_, _, res), v in zip(done, pieces, strict=True)

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,9 +46,16 @@ class VoiceTotals:
     ahead_cpu_s: float = 0.0
     ahead_dropped: int = 0
     failures: int = 0
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # a final's wait for its voices after
+    # its text was decoded (0: they were ready), the last 1000: what speakers from the audio adds to final latency
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(float(v), 3) for k, v in vars(self).items()}
+        out = {k: round(float(v), 3) for k, v in vars(self).items() if k != "waits"}
+        waits = sorted(self.waits)
+        for name, q in (("final_wait_p50_s", 0.5), ("final_wait_p95_s", 0.95)):
+            out[name] = round(waits[min(int(q * len(waits)), len(waits) - 1)], 3) if waits else 0.0
+        out["final_wait_max_s"] = round(waits[-1], 3) if waits else 0.0
+        return out
 
 
 @dataclass
