@@ -245,7 +245,7 @@ async def test_transcriber_killed_keeps_the_speakers(chaos_nats, chaos_db, make_
     assert not findings, "\n".join(findings.problems)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the `speakers` extra (make speakers)")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the `speakers` extra (make test installs it)")
 @pytest.mark.timeout(180)
 async def test_transcriber_killed_keeps_the_voices(chaos_nats, chaos_db, make_stack, summary, tenant, baseline):
     """kill -9 the session's worker mid-utterance while it labels speakers from the audio: the survivor restores
