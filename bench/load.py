@@ -465,6 +465,23 @@ def curve_row(
     }
 
 
+def voice_step(before: dict, after: dict, wall_s: float) -> dict:
+    """What speakers from the audio cost in one step, from the workers' totals before and after it: its CPU (ahead
+    while utterances streamed, and for finals) and the mean time a final waited for its voices after its text."""
+    if not after:
+        return {}
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    waits = delta.get("final_waits", 0.0)
+    cpu = delta.get("ahead_cpu_s", 0.0) + delta.get("final_cpu_s", 0.0)
+    return {
+        "cpu_s": round(cpu, 2),
+        "cpu_pct": round(100 * cpu / wall_s, 1) if wall_s > 0 else None,
+        "final_wait_mean_s": round(delta.get("final_wait_s", 0.0) / waits, 3) if waits else None,
+        "final_waits": int(waits),
+        "ahead_dropped": int(delta.get("ahead_dropped", 0.0)),
+    }
+
+
 def worst(workers: dict[str, dict], key: str) -> float | None:
     """The highest `key` among the workers that have it."""
     return max((w[key] for w in workers.values() if w[key] is not None), default=None)
@@ -558,6 +575,14 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=None) -> Non
         f"(bound {rule.max_send_lag_s:g} s); busy: decode time / wall time",
         file=out,
     )
+    for r in rows:
+        if v := r.get("voices"):
+            print(
+                f"  N={r['sessions']}: speakers from the audio {v['cpu_s']} CPU s ({v['cpu_pct']} % of a core), "
+                f"a final waited {v['final_wait_mean_s']} s for its voices on average ({v['final_waits']} finals), "
+                f"{v['ahead_dropped']} window(s) dropped",
+                file=out,
+            )
     for r in rows:
         if r["not_sustained_because"]:
             print(f"  N={r['sessions']}: " + "; ".join(r["not_sustained_because"]), file=out)
@@ -751,6 +776,7 @@ class Bench:
     async def step(self, n: int, items: list[Item], alone: dict[str, dict], rule: Rule) -> dict:
         """N bots at once, staggered; the row of the curve."""
         before = await self.stream_info()
+        voices_before = await self.voice_stats()
         first = time.time() + 0.5
         plan = plan_sessions(items, n, first, self.args.stagger, self.args.speed, self.args.duration)
         ids = [session_id(p.item.name, f"{self.variant.name}-{n}x{p.bot}t{p.turn}-{self.run}") for p in plan]
@@ -775,7 +801,31 @@ class Bench:
         hops = {**hop_rates(before, after, chunks, rows, finished - first), "persister_settle_s": settle_s}
         usage = service_usage(self.sampler.samples, *span)
         stats = [s for s in self.stats if first - 5 <= s.at <= finished + 5]
-        return curve_row(n, sessions, alone, stats, usage, hops, span, rule)
+        row = curve_row(n, sessions, alone, stats, usage, hops, span, rule)
+        row["voices"] = voice_step(voices_before, await self.voice_stats(), finished - first)
+        return row
+
+    async def voice_stats(self) -> dict:
+        """The transcribers' `speakers_audio` stats (micro-service `stats`), summed; {} where speakers from the
+        audio is off."""
+        replies: list[dict] = []
+
+        async def collect(msg) -> None:
+            replies.append(json.loads(msg.data))
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            await self.nc.publish("$SRV.STATS.jetscribe-transcriber", b"", reply=inbox)
+            await asyncio.sleep(0.5)  # the micro API answers once per instance
+        finally:
+            await sub.unsubscribe()
+        total: dict[str, float] = defaultdict(float)
+        for reply in replies:
+            data = next((e.get("data") or {} for e in reply.get("endpoints", []) if e.get("name") == "stats"), {})
+            for key, value in (data.get("speakers_audio") or {}).items():
+                total[key] += value
+        return dict(total)
 
     async def _progress(self, n: int, starts: list[float], ends: list[float]) -> None:
         """A line on a terminal: sessions streaming and seconds of audio left; the resource samples meanwhile."""

@@ -595,7 +595,7 @@ class TranscriberWorker:
         waited = time.perf_counter()
         pieces = await voices
         if self.voice_thread is not None and any(pieces):
-            self.voice_thread.totals.waits.append(time.perf_counter() - waited)
+            self.voice_thread.totals.waited(time.perf_counter() - waited)
         results = [
             replace(res, voices=tuple(v)) if isinstance(res, Decoded) and v else res
             for (_, _, res), v in zip(done, pieces, strict=True)

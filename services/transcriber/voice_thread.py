@@ -46,8 +46,15 @@ class VoiceTotals:
     ahead_cpu_s: float = 0.0
     ahead_dropped: int = 0
     failures: int = 0
+    final_waits: int = 0  # finals that asked for voices, and the seconds they waited in all (see `waits`)
+    final_wait_s: float = 0.0
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # a final's wait for its voices after
     # its text was decoded (0: they were ready), the last 1000: what speakers from the audio adds to final latency
+
+    def waited(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.final_waits += 1
+        self.final_wait_s += seconds
 
     def as_dict(self) -> dict[str, float]:
         out = {k: round(float(v), 3) for k, v in vars(self).items() if k != "waits"}

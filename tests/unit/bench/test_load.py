@@ -244,3 +244,11 @@ def test_the_curve_prints_the_knee_and_why_a_step_fell_short(load, capsys):
     assert "== batched (JETSCRIBE_MAX_BATCH=8)" in out
     assert [line.split()[-1] for line in out.splitlines()[4:7]] == ["yes", "<-", "NO"] and "knee: N = 4" in out
     assert "N=8: too slow" in out and "transcriber CPU%/MB" in out and "90/250" in out
+
+
+def test_a_steps_voice_cost_is_the_difference_of_the_workers_totals(load):
+    before = {"ahead_cpu_s": 1.0, "final_cpu_s": 0.5, "final_waits": 10, "final_wait_s": 0.2, "ahead_dropped": 0}
+    after = {"ahead_cpu_s": 4.0, "final_cpu_s": 1.5, "final_waits": 30, "final_wait_s": 1.2, "ahead_dropped": 2}
+    step = load.voice_step(before, after, wall_s=40.0)
+    assert step == {"cpu_s": 4.0, "cpu_pct": 10.0, "final_wait_mean_s": 0.05, "final_waits": 20, "ahead_dropped": 2}
+    assert load.voice_step({}, {}, wall_s=40.0) == {}  # speakers from the audio off
