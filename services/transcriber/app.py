@@ -313,7 +313,7 @@ class TranscriberWorker:
         spans = self.voice_thread.embedder.options.spans_ahead(segmenter.vad_pos - utt.start)[queued:]
         record.voices_ahead = (utt.start, queued + len(spans))
         self.voice_thread.ahead(
-            [segmenter.samples(start + lo, start + hi).astype(np.float32) / 32768.0 for lo, hi in spans]
+            _name(record), [segmenter.samples(start + lo, start + hi).astype(np.float32) / 32768.0 for lo, hi in spans]
         )
 
     async def _open(self, key: SessionKey, partition: int, first: AudioMessage) -> SessionRecord | None:
@@ -563,7 +563,8 @@ class TranscriberWorker:
             span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
             span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            voices = asyncio.ensure_future(self._embed_voices(jobs))  # on its own thread, beside the decode
+            owners = [_name(r) for r, _ in work]
+            voices = asyncio.ensure_future(self._embed_voices(jobs, owners))  # on its own thread, beside the decode
             results = await self._decode_jobs(jobs)
             seconds = time.perf_counter() - started
         for job in jobs:
@@ -620,7 +621,7 @@ class TranscriberWorker:
     def _wants_voices(self, job: DecodeJob) -> bool:
         return self.embedder is not None and (job.kind == "final" or job.speculative)
 
-    async def _embed_voices(self, jobs: list[DecodeJob]) -> list[list]:
+    async def _embed_voices(self, jobs: list[DecodeJob], owners: list[str]) -> list[list]:
         """Voice embeddings of the jobs whose result may be a final (speakers from the audio); [] for the others,
         and for all when it is off or fails (the finals then go out without a speaker: counted and logged)."""
         wanted = [i for i, job in enumerate(jobs) if self._wants_voices(job)]
@@ -629,7 +630,7 @@ class TranscriberWorker:
             return out
         audio = [(jobs[i].audio, jobs[i].start_sample) for i in wanted]
         try:
-            pieces = await self.voice_thread.pieces(audio)
+            pieces = await self.voice_thread.pieces(audio, [owners[i] for i in wanted])
         except Exception:
             log.exception("voice embeddings of %d job(s) failed: their finals go out without a speaker", len(audio))
             return out
@@ -732,8 +733,12 @@ def _event_time(event: SessionEvent) -> float | None:
     return event.last_word_end if event.event == "utterance_end" else event.timestamp
 
 
+def _name(record: SessionRecord) -> str:
+    return f"{record.stream.tenant}/{record.stream.session_id}"
+
+
 def _names(records: list[SessionRecord]) -> list[str]:
-    return [f"{r.stream.tenant}/{r.stream.session_id}" for r in records]
+    return [_name(r) for r in records]
 
 
 def _job_name(job: DecodeJob) -> str:

@@ -45,7 +45,7 @@ class EmbedOptions:
     hop_s: float = 0.75  # ... every this many seconds (the last one ends at the utterance's end)
     min_s: float = 0.4  # shorter audio has too little voice to tell: no piece
     threads: int = 1  # torch intra-op threads: the decoder has the other core
-    cache_size: int = 4096  # embeddings of recent windows kept (a window's audio digest -> its embedding)
+    cache_size: int = 4096  # embeddings of recent windows kept (a window's owner and audio digest -> its embedding)
 
     def spans(self, samples: int) -> list[tuple[int, int]]:
         """The (start, end) sample spans of an utterance of `samples` that get an embedding each."""
@@ -102,48 +102,56 @@ class VoiceEmbedder:
         model.eval()
         self._model = model
         self._lock = threading.RLock()  # _embed_cached holds it around _embed_uncached
-        self._cache: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()  # window audio digest -> embedding
+        self._cache: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()  # `_key` -> embedding
         self.embedded = self.reused = 0  # windows embedded, and taken from the cache
         self._fbank_options = knf.FbankOptions()
         self._fbank_options.frame_opts.dither = 0
         self._fbank_options.frame_opts.samp_freq = SAMPLE_RATE
         self._fbank_options.mel_opts.num_bins = 80
 
-    def prefetch(self, windows: Sequence[np.ndarray]) -> int:
-        """Embed windows into the cache, ahead of the final that will ask for them; returns how many were new."""
+    def prefetch(self, windows: Sequence[tuple[str, np.ndarray]]) -> int:
+        """Embed windows, each (its owner, its audio), into the cache ahead of the finals that will ask for them
+        (several sessions' in one forward pass); returns how many were new."""
         return len(self._embed_uncached(windows))
 
     def pieces(self, audio: np.ndarray, start_sample: int) -> list[VoicePiece]:
         """One utterance's pieces, in session seconds (`start_sample` is its first sample's)."""
         return self.embed([(audio, start_sample)])[0]
 
-    def embed(self, utterances: Sequence[tuple[np.ndarray, int]]) -> list[list[VoicePiece]]:
-        """Several utterances' pieces; spans of one length share a forward pass, spans embedded before (ahead, or
-        for an early final of the same utterance) come from the cache."""
+    def embed(
+        self, utterances: Sequence[tuple[np.ndarray, int]], owners: Sequence[str] | None = None
+    ) -> list[list[VoicePiece]]:
+        """Several utterances' pieces; spans of one length share a forward pass, spans of the same owner's audio
+        embedded before (ahead, or for an early final of the same utterance) come from the cache."""
+        owners = owners or [""] * len(utterances)
         spans = [self.options.spans(len(audio)) for audio, _ in utterances]
-        windows = [utterances[u][0][lo:hi] for u, utterance_spans in enumerate(spans) for lo, hi in utterance_spans]
+        windows = [
+            (owners[u], utterances[u][0][lo:hi])
+            for u, utterance_spans in enumerate(spans)
+            for lo, hi in utterance_spans
+        ]
         vectors = iter(self._embed_cached(windows))
         return [
             [VoicePiece((start + lo) / SAMPLE_RATE, (start + hi) / SAMPLE_RATE, next(vectors)) for lo, hi in spans[u]]
             for u, (_, start) in enumerate(utterances)
         ]
 
-    def _embed_cached(self, windows: Sequence[np.ndarray]) -> list[tuple[float, ...]]:
+    def _embed_cached(self, windows: Sequence[tuple[str, np.ndarray]]) -> list[tuple[float, ...]]:
         """Each window's embedding, embedding only those not in the cache (one forward pass per length)."""
         with self._lock:
             new = self._embed_uncached(windows)
-            keys = [_key(w) for w in windows]
+            keys = [_key(*w) for w in windows]
             for key in keys:
                 self._cache.move_to_end(key)
             self.reused += len(windows) - len(new)
             return [self._cache[key] for key in keys]
 
-    def _embed_uncached(self, windows: Sequence[np.ndarray]) -> list[bytes]:
+    def _embed_uncached(self, windows: Sequence[tuple[str, np.ndarray]]) -> list[bytes]:
         """Embed the windows the cache lacks into it; returns the keys of those it embedded."""
         with self._lock:
             todo: dict[bytes, np.ndarray] = {}
-            for window in windows:
-                key = _key(window)
+            for owner, window in windows:
+                key = _key(owner, window)
                 if key not in self._cache:
                     todo.setdefault(key, window)
             by_length: dict[int, list[bytes]] = {}
@@ -169,8 +177,12 @@ class VoiceEmbedder:
         return feats - feats.mean(axis=0)  # CAM++ was trained on mean-normalised fbank
 
 
-def _key(audio: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest()
+def _key(owner: str, audio: np.ndarray) -> bytes:
+    """A window's cache key: its owner's (a session's: two sessions sending the same file do not share the work, as
+    two real ones never could) and its audio's."""
+    digest = hashlib.blake2b(owner.encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(audio).tobytes())
+    return digest.digest()
 
 
 def load_embedder(mode: str) -> VoiceEmbedder | None:

@@ -68,6 +68,7 @@ class VoiceTotals:
 @dataclass
 class _FinalRequest:
     utterances: list[tuple[np.ndarray, int]]
+    owners: list[str]
     future: Future[list[list[VoicePiece]]]
 
 
@@ -78,18 +79,19 @@ class VoiceThread:
         self.embedder = embedder
         self.totals = VoiceTotals()
         self._finals: deque[_FinalRequest] = deque()
-        self._ahead: deque[np.ndarray] = deque()
+        self._ahead: deque[tuple[str, np.ndarray]] = deque()  # (owner, window)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="voices", daemon=True)
         self._thread.start()
 
-    def ahead(self, windows: Sequence[np.ndarray]) -> None:
-        """Queue windows of utterances still streaming, to be embedded when no final waits."""
+    def ahead(self, owner: str, windows: Sequence[np.ndarray]) -> None:
+        """Queue windows of an utterance still streaming (of `owner`, a session), to be embedded when no final
+        waits."""
         if not windows:
             return
         with self._wake:
-            self._ahead.extend(windows)
+            self._ahead.extend((owner, w) for w in windows)
             dropped = 0
             while len(self._ahead) > MAX_AHEAD:
                 self._ahead.popleft()
@@ -99,9 +101,10 @@ class VoiceThread:
             self.totals.ahead_dropped += dropped
             log.warning("voice thread behind: %d window(s) queued ahead dropped (their finals embed them)", dropped)
 
-    async def pieces(self, utterances: list[tuple[np.ndarray, int]]) -> list[list[VoicePiece]]:
-        """The voice pieces of finals' audio (audio, first session sample), embedding what the cache lacks."""
-        request = _FinalRequest(utterances, Future())
+    async def pieces(self, utterances: list[tuple[np.ndarray, int]], owners: list[str]) -> list[list[VoicePiece]]:
+        """The voice pieces of finals' audio (audio, first session sample) of `owners` (their sessions), embedding
+        what the cache lacks."""
+        request = _FinalRequest(utterances, owners, Future())
         with self._wake:
             if self._closed:
                 raise RuntimeError("the voice thread is closed")
@@ -139,7 +142,9 @@ class VoiceThread:
             return
         started = time.thread_time()
         try:
-            pieces = self.embedder.embed([u for r in requests for u in r.utterances])
+            pieces = self.embedder.embed(
+                [u for r in requests for u in r.utterances], [o for r in requests for o in r.owners]
+            )
         except Exception as exc:
             self.totals.failures += 1
             for request in requests:
@@ -154,7 +159,7 @@ class VoiceThread:
             mine, pieces = pieces[: len(request.utterances)], pieces[len(request.utterances) :]
             request.future.set_result(mine)
 
-    def _embed_ahead(self, windows: list[np.ndarray]) -> None:
+    def _embed_ahead(self, windows: list[tuple[str, np.ndarray]]) -> None:
         started = time.thread_time()
         try:
             self.totals.ahead_windows += self.embedder.prefetch(windows)

@@ -59,14 +59,15 @@ async def test_the_voice_thread_embeds_windows_ahead_and_a_final_only_what_is_le
     try:
         heard = 7 * SAMPLE_RATE
         ahead = thread.embedder.options.spans_ahead(heard)
-        thread.ahead([utterance[lo:hi] for lo, hi in ahead])
+        thread.ahead("t/s1", [utterance[lo:hi] for lo, hi in ahead])
         # A final asked for meanwhile goes first; here it is the same utterance, so wait for the windows ahead.
         while thread.totals.ahead_windows < len(ahead):
             await asyncio.sleep(0.05)
-        pieces = (await thread.pieces([(utterance, 16_000)]))[0]
+        pieces = (await thread.pieces([(utterance, 16_000)], ["t/s1"]))[0]
+        other = (await thread.pieces([(utterance, 16_000)], ["t/s2"]))[0]  # the same audio in another session
     finally:
         thread.close()
-    assert pieces == reference
-    assert thread.embedder.embedded == len(reference)  # each window once
+    assert pieces == other == reference
     assert thread.embedder.reused == len(ahead)  # the final took them from the cache
-    assert thread.totals.finals == 1 and thread.totals.ahead_dropped == 0
+    assert thread.embedder.embedded == 2 * len(reference)  # each window once per session: none shared
+    assert thread.totals.finals == 2 and thread.totals.ahead_dropped == 0
