@@ -79,6 +79,8 @@ def keep_trustworthy(segments: list[DecodedSegment], evidence: AudioEvidence | N
             continue
         verdict.kept += kept
         verdict.dropped += dropped(repeats, "loop")
+    verdict.kept, squeezed = trim_squeezed_repeats(verdict.kept)  # across segments: a copy may straddle two
+    verdict.dropped += dropped(squeezed, "loop")
     return verdict
 
 
@@ -93,7 +95,7 @@ def holds_speech(evidence: AudioEvidence, t0: float, t1: float, min_coverage: fl
     return snr is None or snr >= MIN_SPEECH_SNR_DB
 
 
-MIN_SPOKEN_S_PER_WORD = 0.05  # a tail sentence shorter than this per word was not spoken
+MIN_SPOKEN_S_PER_WORD = 0.05  # words timed into less audio than this each were not spoken
 
 
 def drop_trailing_inventions(words: list[Word], speech_end_s: float) -> Verdict:
@@ -168,6 +170,41 @@ def trim_loops(words: list[Word], max_repeats: int = MAX_REPEATS) -> tuple[list[
             kept.append(words[i])
             i += 1
     return kept, removed
+
+
+MIN_SQUEEZED_REPEAT_WORDS = 2  # one word twice is left to `trim_loops`: a stammer often is timed that way
+
+
+def trim_squeezed_repeats(words: list[Word]) -> tuple[list[Word], list[Word]]:
+    """(kept, removed): Whisper sometimes writes a phrase twice where it was said once, and its word timing then
+    crams one copy into almost no audio ("We order 3,000 ... last year. We order 3,000 ... last year." with the
+    twelve words from the first "3,000" to the second "order" at one instant). Where a phrase of at least
+    `MIN_SQUEEZED_REPEAT_WORDS` repeats back to back and a run of as many words inside the two copies spans under
+    `MIN_SPOKEN_S_PER_WORD` each, that run was never said: it goes, and the rest reads the phrase once, each word
+    where it was heard. A phrase said twice takes the time of two, and stays."""
+    tokens = [norm(w.word) for w in words]
+    kept, removed = list(words), []
+    i = 0
+    while i < len(kept):
+        run = _squeezed_copy(kept, tokens, i)
+        if run is None:
+            i += 1
+            continue
+        first, n = run
+        removed += kept[first : first + n]
+        del kept[first : first + n], tokens[first : first + n]
+    return kept, sorted(removed, key=lambda w: w.start)
+
+
+def _squeezed_copy(words: list[Word], tokens: list[str], i: int) -> tuple[int, int] | None:
+    """(first index, length) of a run timed into no audio that is one copy of a phrase repeated from `i`, or None."""
+    for n in range((len(words) - i) // 2, MIN_SQUEEZED_REPEAT_WORDS - 1, -1):
+        if tokens[i] != tokens[i + n] or tokens[i : i + n] != tokens[i + n : i + 2 * n] or not any(tokens[i : i + n]):
+            continue
+        first = min(range(i, i + n + 1), key=lambda f: words[f + n - 1].end - words[f].start)  # the most squeezed
+        if words[first + n - 1].end - words[first].start < MIN_SPOKEN_S_PER_WORD * n:
+            return first, n
+    return None
 
 
 def has_loop(words: list[Word], max_repeats: int = MAX_REPEATS) -> bool:

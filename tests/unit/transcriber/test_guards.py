@@ -3,7 +3,7 @@ Whisper, and every removed word counted. Scripted Whisper output; scripted audio
 
 import numpy as np
 
-from jetscribe.services.transcriber.agreement import DecodedSegment, keep_trustworthy, trim_loops
+from jetscribe.services.transcriber.agreement import DecodedSegment, keep_trustworthy, trim_loops, trim_squeezed_repeats
 from jetscribe.services.transcriber.decoding import Decoded
 from jetscribe.services.transcriber.evidence import AudioEvidence, SpeechRecord
 from jetscribe.shared.audio import SAMPLE_RATE
@@ -250,3 +250,50 @@ def test_a_quick_but_real_last_sentence_stays():
     assert len(drop_trailing_inventions(words, speech_end_s=1.8).kept) == 3
     lone = [Word(" Okay.", 1.0, 1.0, 0.3)]  # one word alone is not a tail after speech: other guards judge it
     assert len(drop_trailing_inventions(lone, speech_end_s=1.8).kept) == 1
+
+
+# --- a phrase written twice where it was said once ------------------------------------------------------------
+
+# tiny.en's final of "We ordered three thousand boxes, almost twice as many as last year." (meeting_long made
+# reverberant by bench/make_realistic.py, seed 0, at 76.77 s): the phrase twice, its timing crams twelve words into
+# 0.02 s. (word, start, end, probability) as decoded.
+ORDERED_TWICE = [
+    (" We", 0.0, 0.46, 0.83), (" order", 0.46, 0.8, 0.89), (" 3", 0.8, 0.82, 0.54), (",000", 0.82, 0.82, 0.95),
+    (" horses", 0.82, 0.82, 0.22), (" over", 0.82, 0.82, 0.11), (" twice", 0.82, 0.82, 0.93), (" as", 0.82, 0.82, 0.97),
+    (" many", 0.82, 0.82, 0.96), (" as", 0.82, 0.82, 0.89), (" last", 0.82, 0.82, 0.86), (" year.", 0.82, 0.82, 0.99),
+    (" We", 0.82, 0.82, 0.62), (" order", 0.82, 0.82, 0.96), (" 3", 0.82, 1.24, 0.84), (",000", 1.24, 1.7, 0.99),
+    (" horses", 1.7, 2.16, 0.9), (" over", 2.16, 2.72, 0.62), (" twice", 2.72, 3.38, 0.99), (" as", 3.38, 3.6, 1.0),
+    (" many", 3.6, 3.8, 0.99), (" as", 3.8, 4.04, 0.94), (" last", 4.04, 4.34, 0.96), (" year.", 4.34, 4.62, 1.0),
+]  # fmt: skip
+
+
+def ordered_twice(offset=0.0):
+    return [Word(w, offset + a, offset + b, p) for w, a, b, p in ORDERED_TWICE]
+
+
+def test_a_phrase_written_twice_in_the_time_of_one_keeps_each_word_where_it_was_heard():
+    kept, removed = trim_squeezed_repeats(ordered_twice())
+    assert "".join(w.word for w in kept) == " We order 3,000 horses over twice as many as last year."
+    assert [(w.start, w.end) for w in kept[:3]] == [(0.0, 0.46), (0.46, 0.8), (0.82, 1.24)]  # the timed copy
+    assert len(removed) == 12 and max(w.end for w in removed) - min(w.start for w in removed) < 0.05
+
+
+def test_a_phrase_said_twice_stays():
+    for said_twice in (["thank", "you."] * 2, ["we", "order", "boxes."] * 2, ["no,", "no."]):
+        ws = words(*said_twice, step=0.3)
+        assert trim_squeezed_repeats(ws) == (ws, [])
+    squeezed_once = [Word(" Hello.", 0.5, 0.5, 0.9)] + words("Hello.", "Hello.", start=0.5)  # one word: trim_loops'
+    assert trim_squeezed_repeats(squeezed_once) == (squeezed_once, [])
+    apart = words("last", "year", "and", "last", "year", step=0.0)  # squeezed, but not back to back
+    assert trim_squeezed_repeats(apart) == (apart, [])
+
+
+def test_the_final_says_a_phrase_written_twice_once_and_publishes_the_copy_it_removed():
+    s = new_stream()
+    feed(s, np.concatenate([silence(0.5), tone(5.0), silence(1.0)]))
+    job = s.next_job()
+    seg = DecodedSegment(ordered_twice(offset=0.5), no_speech_prob=0.01, avg_logprob=-0.3, compression_ratio=1.73)
+    (final,) = finish(s, job, Decoded([seg], "en", 0.99))
+    assert final.status == "final" and final.text == "We order 3,000 horses over twice as many as last year."
+    assert len(final.dropped) == 12 and {d.reason for d in final.dropped} == {"loop"}
+    assert s.transcript.words_dropped == 12
