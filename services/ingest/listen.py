@@ -156,7 +156,7 @@ def _deepgram(params: dict[str, str], diarize_available: bool, request_id: str) 
         )
     return ListenRequest(
         dialect="deepgram",
-        session_id=_session_id(params.get(SESSION_PARAM) or request_id.replace("-", "")),
+        session_id=_session_id(params[SESSION_PARAM] if SESSION_PARAM in params else request_id.replace("-", "")),
         encoding=encoding,
         sample_rate=sample_rate,
         channels=channels,
@@ -232,16 +232,21 @@ def _int(params: dict[str, str], name: str, low: int, high: int, default: int | 
     value = params.get(name)
     if value is None and default is not None:
         return default
-    if value is None or not value.isdigit() or not low <= int(value) <= high:
+    if value is None or not _is_whole(value) or not low <= int(value) <= high:
         raise ListenRefused(f"{name}={str(value)[:40]!r}: use a whole number from {low} to {high}")
     return int(value)
+
+
+def _is_whole(text: str) -> bool:
+    """ASCII digits only: str.isdigit also takes '²' (int() refuses it) and '１６' (not what a client means)."""
+    return text.isascii() and text.isdigit()
 
 
 def _option_value(text: str) -> str | int | float | bool:
     """A native query value as the option's type: true/false, a whole number, a number, else the text."""
     if text in ("true", "false"):
         return text == "true"
-    if text.lstrip("-").isdigit():
+    if _is_whole(text.removeprefix("-")):
         return int(text)
     try:
         number = float(text)

@@ -164,3 +164,20 @@ def test_events_and_the_resume_point():
         "resume_from_s": 1.0,
         "resume_from_byte": 16000 * 2 * 2,
     }
+
+
+@pytest.mark.parametrize("value", ["²", "16000²", "１６０００", "٣"])
+def test_a_number_in_digits_that_are_not_ascii_is_refused_not_a_crash(value):
+    """str.isdigit takes these; int() raised on '²' (a 500 with no report) and took '１６０００' as 16000."""
+    with pytest.raises(ListenRefused, match="sample_rate"):
+        parse("/v1/listen", encoding="linear16", sample_rate=value)
+
+
+@pytest.mark.parametrize("value", ["²", "--5", "-²"])
+def test_a_native_option_that_only_looks_like_a_number_is_passed_as_text(value):
+    assert parse("/v1/sessions/s1", sample_rate="16000", opt=value).options == {"opt": value}
+
+
+def test_an_empty_session_id_is_refused_not_replaced_by_a_new_one():
+    with pytest.raises(ListenRefused, match="session id"):
+        parse("/v1/listen", encoding="linear16", sample_rate="16000", session_id="")
