@@ -19,7 +19,7 @@ import numpy as np
 OPUS_RATE = 48_000
 OGG_MAGIC = b"OggS"
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"
-MAX_BUFFERED_BYTES = 4 * 1024 * 1024  # one page or element held while its rest comes; more is not a live stream
+MAX_BUFFERED_BYTES = 4 * 1024 * 1024  # one page, element or packet held while its rest comes; more is not a stream
 
 
 class ContainerError(ValueError):
@@ -89,7 +89,7 @@ class _OggDemuxer:
     """Ogg pages to packets (RFC 3533): a packet is the segments of its lacing up to one shorter than 255."""
 
     def __init__(self) -> None:
-        self.partial = b""  # a packet continued on the next page
+        self.partial = bytearray()  # a packet continued on the next page (bytes += would copy it for every segment)
         self.serial: int | None = None  # the first logical stream's; others (chained, multiplexed) are refused
 
     def packets(self, buffer: bytearray) -> tuple[list[bytes], int]:
@@ -117,9 +117,11 @@ class _OggDemuxer:
             for size in lacing:
                 self.partial += body[pos : pos + size]
                 pos += size
+                if len(self.partial) > MAX_BUFFERED_BYTES:  # lacing of 255s forever: one packet without end
+                    raise ContainerError(f"an Ogg packet over {MAX_BUFFERED_BYTES} bytes: not an Opus stream")
                 if size < 255:
-                    out.append(self.partial)
-                    self.partial = b""
+                    out.append(bytes(self.partial))
+                    self.partial = bytearray()
             at = end
 
 

@@ -1,11 +1,20 @@
 """The incremental Opus decoder: pieces of any size give the same PCM; a stream cut short is a clear error."""
 
+import struct
+import time
+
 import numpy as np
 import pytest
 import soxr
 
 from jetscribe.evaluation.opus import encode_opus
-from jetscribe.services.ingest.containers import OPUS_RATE, ContainerError, OpusStreamDecoder, sniff
+from jetscribe.services.ingest.containers import (
+    MAX_BUFFERED_BYTES,
+    OPUS_RATE,
+    ContainerError,
+    OpusStreamDecoder,
+    sniff,
+)
 
 RATE = 16_000
 
@@ -70,3 +79,15 @@ def test_garbage_after_a_good_ogg_page_is_refused_not_waited_for():
     decoder.feed(data[:4000])
     with pytest.raises(ContainerError):
         decoder.feed(b"\x00" * 64 + data[4000:])
+
+
+def test_an_ogg_packet_that_never_ends_is_refused_at_once():
+    """Pages whose every lacing value is 255 continue one packet forever: refused past MAX_BUFFERED_BYTES, and
+    gathered in linear time (bytes += took 30 s of the event loop for 4 MiB)."""
+    body = bytes(255 * 255)
+    page = b"OggS" + bytes(2) + struct.pack("<QII", 0, 7, 0) + bytes(4) + bytes([255]) + bytes([255] * 255) + body
+    decoder, started = OpusStreamDecoder(), time.monotonic()
+    with pytest.raises(ContainerError, match="packet over"):
+        for _ in range(MAX_BUFFERED_BYTES // len(page) + 2):
+            decoder.feed(page)
+    assert time.monotonic() - started < 5.0  # linear: milliseconds; quadratic: tens of seconds
