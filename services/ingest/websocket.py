@@ -319,7 +319,7 @@ class SocketSession:
                 continue
             try:
                 kind = json.loads(frame).get("type")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested too deep
                 kind = None
             if kind == "KeepAlive":
                 continue
@@ -388,6 +388,13 @@ class SocketSession:
             except ContainerError as exc:
                 raise SessionRefused("bad_payload", str(exc), CLOSE_BAD_AUDIO) from None
         await self._send_pending(final=True)
+        if len(self.pending):
+            frame_bytes = self._input_format()[0]
+            await self._dropped(
+                "bad_payload",
+                f"the stream ended inside a frame: its last {len(self.pending)} bytes are no whole frame of "
+                f"{frame_bytes} bytes and were dropped",
+            )
         self.closing = True
         await self._submit(self._control("end"))
         try:
@@ -405,6 +412,11 @@ class SocketSession:
         if self.dialect is not None:
             created = datetime.now(UTC).isoformat()
             await self._say(self.dialect.closing(self.audio_frames / self.request.sample_rate, created, self.model))
+
+    async def _dropped(self, code: str, message: str) -> None:
+        """Input the socket drops but the session goes on: reported, counted, logged, and said to the client."""
+        await self.gateway.report_refusal(self.tenant, self.session_id, code, message)
+        await self._say(error_message(self.request.dialect, code, message))
 
     def _control(self, action: str) -> SessionControl:
         return SessionControl(

@@ -347,3 +347,38 @@ async def test_an_option_the_gateway_refuses_is_said_on_the_socket_with_the_nats
         got = await messages_until_close(ws, 10)
         assert ws.close_code == 1008
     assert got[0]["code"] == "bad_option" and "endpointing_ms" in got[0]["message"]
+
+
+async def test_json_nested_too_deep_is_refused_as_a_bad_message_not_a_crash(stack):
+    """json.loads raised RecursionError, which the socket did not catch: a 1011 close and no report."""
+    errors = await stack.nc.subscribe(subjects.errors("ingest", TENANT))
+    session = f"d{uuid.uuid4().hex[:8]}"
+    async with connect(
+        f"{stack.url}/v1/sessions/{session}?sample_rate=16000", additional_headers=auth(stack.key)
+    ) as ws:
+        await ws.send("[" * 100_000)
+        got = await messages_until_close(ws, 10)
+        assert ws.close_code == 1008
+    assert got[-1]["code"] == "bad_message"
+    reported = decode((await errors.next_msg(timeout=5.0)).data, ErrorEvent)
+    assert (reported.code, reported.session_id) == ("bad_message", session)
+    await errors.unsubscribe()
+
+
+async def test_a_stream_that_ends_inside_a_frame_says_its_last_bytes_were_dropped_and_still_ends(stack, speech):
+    errors = await stack.nc.subscribe(subjects.errors("ingest", TENANT))
+    session = f"p{uuid.uuid4().hex[:8]}"
+    pcm = speech.audio[:16000].astype("<i2").tobytes()
+    async with connect(
+        f"{stack.url}/v1/sessions/{session}?sample_rate=16000", additional_headers=auth(stack.key)
+    ) as ws:
+        await ws.send(pcm + b"\x01")  # half a sample at the end
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        got = await messages_until_close(ws)
+        assert ws.close_code == 1000
+    assert [m["code"] for m in got if m.get("type") == "error"] == ["bad_payload"]
+    assert [m["event"] for m in got if m.get("type") == "session_event"][-1] == "ended"
+    reported = decode((await errors.next_msg(timeout=5.0)).data, ErrorEvent)
+    assert (reported.code, reported.session_id) == ("bad_payload", session) and "1 bytes" in reported.message
+    assert (await stored_payload(stack.nc, session))[1] == pcm
+    await errors.unsubscribe()
