@@ -36,6 +36,7 @@ class FuzzStack:
     engine: object
     tasks: list[asyncio.Task]
     tels: dict[str, telemetry.Telemetry] = field(default_factory=dict)
+    ws_url: str = ""  # the gateway's WebSocket listener, when `gateway_config` gives it a port
 
     def port(self, service: str) -> int:
         port = self.tels[service].metrics_port
@@ -44,7 +45,19 @@ class FuzzStack:
 
 
 @pytest.fixture(scope="module")
-async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases):
+def gateway_config() -> IngestConfig:
+    """The gateway's settings; a test module may override this fixture (the WebSocket fuzz gives it a listener)."""
+    return IngestConfig(max_chunk_bytes=MAX_CHUNK_BYTES, lease_ttl_s=LEASE_TTL_S)
+
+
+@pytest.fixture(scope="module")
+def worker_config() -> TranscriberConfig:
+    """The transcriber's settings; a test module may override this fixture too."""
+    return TranscriberConfig(model="null", worker_id="fuzz-w1", heartbeat_s=1.0, lease_ttl_s=LEASE_TTL_S)
+
+
+@pytest.fixture(scope="module")
+async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases, gateway_config, worker_config):
     """`fuzz_cases` first: they are generated before the services start (see there)."""
     postgres_server.create_database(name := f"fuzz_{tmp_path_factory.mktemp('db').name.replace('-', '_')}")
     database_url = postgres_server.url(name)
@@ -55,8 +68,8 @@ async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases):
             name: telemetry.Telemetry(name, config=TelemetryConfig()) for name in ("ingest", "transcriber", "persister")
         }
         stop = asyncio.Event()
-        worker = TranscriberConfig(model="null", worker_id="fuzz-w1", heartbeat_s=1.0, lease_ttl_s=LEASE_TTL_S)
-        gateway = IngestConfig(max_chunk_bytes=MAX_CHUNK_BYTES, lease_ttl_s=LEASE_TTL_S)
+        worker = worker_config
+        gateway = gateway_config
         tasks = [
             asyncio.create_task(run_ingest(settings, gateway, stop, tels["ingest"])),
             asyncio.create_task(run_transcriber(settings, worker, stop, model=NullModel(), tel=tels["transcriber"])),
@@ -68,7 +81,8 @@ async def fuzz_stack(tmp_path_factory, postgres_server, fuzz_cases):
         engine = open_engine(database_url)
         try:
             await wait_all_ready(nc, tasks, workers=1)
-            yield FuzzStack(nc, server.url, database_url, engine, tasks, tels)
+            ws_url = f"ws://{gateway.ws_host}:{gateway.ws_port}" if gateway.ws_port else ""
+            yield FuzzStack(nc, server.url, database_url, engine, tasks, tels, ws_url)
         finally:
             await nc.close()
             await engine.dispose()
