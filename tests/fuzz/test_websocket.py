@@ -58,6 +58,7 @@ def gateway_config(nats_keys) -> IngestConfig:
         api_keys=str(nats_keys.api_keys_path),
         max_sessions_per_tenant=1_000_000,
         rate_burst_s=RATE_BURST_S,
+        speakers_audio="off",  # diarize=true is refused (a handshake case), whatever extras are installed
     )
 
 
