@@ -221,9 +221,11 @@ def endless_ogg_packet(total: int) -> bytes:
 
 
 def in_frames(data: bytes, sizes: list[int]) -> list[bytes]:
+    """`data` in frames of `sizes` in turn, at most 256 of them (this process's event loop sends them: a few MB in
+    frames of a byte would hold it for minutes, a test artefact)."""
     out, at, turn = [], 0, 0
     while at < len(data):
-        size = sizes[turn % len(sizes)]
+        size = max(sizes[turn % len(sizes)], len(data) // 256)
         out.append(data[at : at + size])
         at, turn = at + size, turn + 1
     return out
