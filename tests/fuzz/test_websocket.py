@@ -15,6 +15,7 @@ import contextlib
 import json
 import socket
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 
@@ -130,11 +131,10 @@ def error_code(message: dict) -> str | None:
 
 async def hostile_session(url: str, case: SocketCase, session: str, key: str) -> tuple[int | None, list[dict]]:
     """The case's frames on a socket of its own: its close code and every message it got."""
-    params = list(case.params)
     if case.dialect == "deepgram":
-        target = "/v1/listen?" + "&".join(f"{k}={v}" for k, v in [*params, ("session_id", session)])
+        target = "/v1/listen?" + urllib.parse.urlencode([*case.params, ("session_id", session)])
     else:
-        target = f"/v1/sessions/{session}?" + "&".join(f"{k}={v}" for k, v in params)
+        target = f"/v1/sessions/{session}?" + urllib.parse.urlencode(case.params)
     got: list[dict] = []
     async with connect(url + target, additional_headers={"Authorization": f"Token {key}"}, open_timeout=60) as ws:
         with contextlib.suppress(websockets.ConnectionClosed):
