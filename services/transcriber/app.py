@@ -309,6 +309,8 @@ class TranscriberWorker:
         if self.voice_thread is None or utt is None:
             return
         segmenter = record.stream.segmenter
+        if record.stream.transcript.speakers.names_all(utt.start, segmenter.vad_pos):
+            return  # the bot names who talks: its labels win, voices would be wasted CPU
         start, queued = record.voices_ahead if record.voices_ahead[0] == utt.start else (utt.start, 0)
         spans = self.voice_thread.embedder.options.spans_ahead(segmenter.vad_pos - utt.start)[queued:]
         record.voices_ahead = (utt.start, queued + len(spans))
@@ -563,8 +565,7 @@ class TranscriberWorker:
             span.set_attribute("jetscribe.audio_s", sum(len(job.audio) for job in jobs) / SAMPLE_RATE)
             span.set_attribute("jetscribe.speculative", any(job.speculative for job in jobs))
             started = time.perf_counter()
-            owners = [_name(r) for r, _ in work]
-            voices = asyncio.ensure_future(self._embed_voices(jobs, owners))  # on its own thread, beside the decode
+            voices = asyncio.ensure_future(self._embed_voices(work))  # on its own thread, beside the decode
             results = await self._decode_jobs(jobs)
             seconds = time.perf_counter() - started
         for job in jobs:
@@ -580,7 +581,7 @@ class TranscriberWorker:
             seconds,
         )
         done = list(zip(work, results, strict=True))
-        if voices.done() or not any(self._wants_voices(job) for job in jobs):
+        if voices.done() or not any(self._wants_voices(r, job) for r, job in work):
             await self._complete([(r, job, res) for (r, job), res in done], voices)
         else:
             # The finals wait for their voices, the decoder does not: the next batch decodes meanwhile (those
@@ -618,19 +619,24 @@ class TranscriberWorker:
         if failure is not None and not isinstance(failure, Stopped):
             log.error("finals after their voices failed", exc_info=failure)
 
-    def _wants_voices(self, job: DecodeJob) -> bool:
-        return self.embedder is not None and (job.kind == "final" or job.speculative)
+    def _wants_voices(self, record: SessionRecord, job: DecodeJob) -> bool:
+        """A job whose result may be a final, with words the bot names nobody of."""
+        return (
+            self.embedder is not None
+            and (job.kind == "final" or job.speculative)
+            and not record.stream.transcript.speakers.names_all(job.start_sample, job.end_sample)
+        )
 
-    async def _embed_voices(self, jobs: list[DecodeJob], owners: list[str]) -> list[list]:
+    async def _embed_voices(self, work: list[tuple[SessionRecord, DecodeJob]]) -> list[list]:
         """Voice embeddings of the jobs whose result may be a final (speakers from the audio); [] for the others,
         and for all when it is off or fails (the finals then go out without a speaker: counted and logged)."""
-        wanted = [i for i, job in enumerate(jobs) if self._wants_voices(job)]
-        out: list[list] = [[] for _ in jobs]
+        wanted = [i for i, (record, job) in enumerate(work) if self._wants_voices(record, job)]
+        out: list[list] = [[] for _ in work]
         if self.voice_thread is None or not wanted:
             return out
-        audio = [(jobs[i].audio, jobs[i].start_sample) for i in wanted]
+        audio = [(work[i][1].audio, work[i][1].start_sample) for i in wanted]
         try:
-            pieces = await self.voice_thread.pieces(audio, [owners[i] for i in wanted])
+            pieces = await self.voice_thread.pieces(audio, [_name(work[i][0]) for i in wanted])
         except Exception:
             log.exception("voice embeddings of %d job(s) failed: their finals go out without a speaker", len(audio))
             return out

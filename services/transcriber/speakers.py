@@ -45,6 +45,13 @@ class SpeakerTimeline:
         i = bisect.bisect_right(self._samples, sample) - 1
         return self._speakers[max(i, 0)]
 
+    def names_all(self, start: int, end: int) -> bool:
+        """Whether the bot names who talks everywhere in samples `start` .. `end` (its labels win there: voices
+        would change nothing)."""
+        first = max(bisect.bisect_right(self._samples, start) - 1, 0)
+        last = bisect.bisect_left(self._samples, end)
+        return all(speaker is not None for speaker in self._speakers[first : max(last, first + 1)])
+
     def forget_before(self, sample: int) -> None:
         """Drop the marks no word at or after `sample` can need: all before the last one at or before it."""
         i = bisect.bisect_right(self._samples, sample) - 1

@@ -20,6 +20,18 @@ def test_timeline_holds_each_saying_until_the_next():
     assert t.marks == 2 and t.speaker_at(12000) == "cy" and t.speaker_at(16000) == "bob"
 
 
+def test_the_bot_names_all_of_a_span_only_if_no_part_of_it_is_nobodys():
+    t = SpeakerTimeline(None)
+    t.mark(16000, "ann")
+    t.mark(32000, None)
+    t.mark(48000, "bob")
+    assert t.names_all(16000, 32000) and t.names_all(20000, 21000) and t.names_all(48000, 10**9)
+    assert not t.names_all(0, 20000)  # nobody named before ann
+    assert not t.names_all(20000, 32001)  # nobody named from 32000
+    assert not t.names_all(40000, 50000) and not t.names_all(0, 0)
+    assert SpeakerTimeline("ann").names_all(0, 10**9) and not SpeakerTimeline().names_all(5, 6)
+
+
 def test_a_chunk_names_its_speaker_and_changes_inside_it():
     t = SpeakerTimeline()
     c = chunk(0, silence(1.0))
