@@ -33,7 +33,7 @@ from jetscribe.services.transcriber.core import (
     stored_message_problem,
 )
 from jetscribe.services.transcriber.decoding import Decoded, DecodeJob, DecodeLoad, plan_batch
-from jetscribe.services.transcriber.embedding import load_embedder
+from jetscribe.services.transcriber.embedding import EmbedOptions, load_embedder
 from jetscribe.services.transcriber.group import (
     CHECKPOINTS_FENCE,
     TRANSCRIPTS_FENCE,
@@ -809,7 +809,9 @@ async def run(
                 config.cpu_threads,
                 device_index=config.device_index,
             )
-        embedder = await asyncio.to_thread(load_embedder, config.speakers_audio)
+        embedder = await asyncio.to_thread(
+            load_embedder, config.speakers_audio, EmbedOptions(hop_s=config.speakers_hop_s)
+        )
         tel.readiness.up("model")
         nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
         worker = TranscriberWorker(nc, settings, config, model, tel.tracer, meter=tel.meter, embedder=embedder)

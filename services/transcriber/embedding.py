@@ -48,6 +48,12 @@ class EmbedOptions:
     threads: int = 1  # torch intra-op threads: the decoder has the other core
     cache_size: int = 4096  # embeddings of recent windows kept (a window's owner and audio digest -> its embedding)
 
+    def __post_init__(self) -> None:
+        if not 0 < self.hop_s <= self.window_s:
+            raise ValueError(
+                f"the voice windows' hop must be > 0 and <= their length ({self.window_s} s), not {self.hop_s}"
+            )
+
     def spans(self, samples: int) -> list[tuple[int, int]]:
         """The (start, end) sample spans of an utterance of `samples` that get an embedding each."""
         if samples < self.min_s * SAMPLE_RATE:
@@ -186,7 +192,7 @@ def _key(owner: str, audio: np.ndarray) -> bytes:
     return digest.digest()
 
 
-def load_embedder(mode: str) -> VoiceEmbedder | None:
+def load_embedder(mode: str, options: EmbedOptions | None = None) -> VoiceEmbedder | None:
     """The embedder for `JETSCRIBE_SPEAKERS_AUDIO`: "off" -> None; "auto" -> None (logged) when the extra is
     missing; "on" -> raises SpeakersUnavailable when it is."""
     if mode not in ("auto", "on", "off"):
@@ -195,7 +201,7 @@ def load_embedder(mode: str) -> VoiceEmbedder | None:
         log.info("speakers from the audio: off (JETSCRIBE_SPEAKERS_AUDIO=off)")
         return None
     try:
-        embedder = VoiceEmbedder()
+        embedder = VoiceEmbedder(options)
     except SpeakersUnavailable as exc:
         if mode == "on":
             raise

@@ -15,9 +15,10 @@ from jetscribe.shared.audio import SAMPLE_RATE
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the `speakers` extra")
 
 
+@pytest.mark.parametrize("hop_s", [0.75, 1.5])
 @pytest.mark.parametrize("heard_s", [0.5, 2.9, 3.1, 4.0, 7.3, 12.0])
-def test_windows_embedded_ahead_are_windows_of_every_final_the_utterance_can_end_with(heard_s):
-    opts = EmbedOptions()
+def test_windows_embedded_ahead_are_windows_of_every_final_the_utterance_can_end_with(heard_s, hop_s):
+    opts = EmbedOptions(hop_s=hop_s)
     heard = round(heard_s * SAMPLE_RATE)
     ahead = set(opts.spans_ahead(heard))
     assert all(hi <= heard for _, hi in ahead)
@@ -25,9 +26,10 @@ def test_windows_embedded_ahead_are_windows_of_every_final_the_utterance_can_end
         assert ahead <= set(opts.spans(heard + round(more_s * SAMPLE_RATE)))
 
 
+@pytest.mark.parametrize("hop_s", [0.75, 1.5])
 @pytest.mark.parametrize("length_s", [0.3, 1.0, 3.0, 3.2, 5.0, 10.0, 30.0])
-def test_at_its_end_a_final_has_at_most_one_window_left_to_embed(length_s):
-    opts = EmbedOptions()
+def test_at_its_end_a_final_has_at_most_one_window_left_to_embed(length_s, hop_s):
+    opts = EmbedOptions(hop_s=hop_s)
     samples = round(length_s * SAMPLE_RATE)
     left = set(opts.spans(samples)) - set(opts.spans_ahead(samples))
     # Short utterances are embedded whole at their end (one forward pass of at most whole_s), longer ones only their
@@ -35,6 +37,21 @@ def test_at_its_end_a_final_has_at_most_one_window_left_to_embed(length_s):
     assert len(left) <= 1
     if length_s > opts.whole_s:
         assert all(hi - lo == round(opts.window_s * SAMPLE_RATE) for lo, hi in left)
+
+
+def test_windows_cover_a_long_utterance_end_to_end_by_default_and_a_hop_beyond_a_window_is_refused():
+    opts = EmbedOptions()
+    spans = opts.spans(round(7.0 * SAMPLE_RATE))
+    assert [(lo / SAMPLE_RATE, hi / SAMPLE_RATE) for lo, hi in spans] == [
+        (0, 1.5),
+        (1.5, 3),
+        (3, 4.5),
+        (4.5, 6),
+        (5.5, 7),
+    ]
+    for hop_s in (0.0, 1.6):
+        with pytest.raises(ValueError, match="hop"):
+            EmbedOptions(hop_s=hop_s)
 
 
 def test_without_the_extra_the_transcriber_runs_without_voices_and_says_so(monkeypatch, caplog):
