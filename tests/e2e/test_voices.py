@@ -22,6 +22,7 @@ from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import env_connect_options
 from tests.e2e.test_pipeline import assert_all_audio_acked, persisted
+from tests.integration.running import gather_replies
 
 pytest.importorskip("torch", reason="speakers from the audio need the `speakers` extra")
 pytestmark = pytest.mark.e2e
@@ -91,3 +92,29 @@ async def test_a_two_voice_dialog_gets_one_label_per_voice_and_finals_split_at_e
     assert diarization_error(turns, spans) <= 0.15
     assert [r.speaker for r in rows] == [s.speaker for s in live.final_segments() if s.text]
     await assert_all_audio_acked(nats_url)
+
+
+async def test_a_session_whose_bot_names_the_speaker_embeds_no_voices(voice_pipeline, speech):
+    nats_url, database_url = voice_pipeline
+    tenant, session = "e2e", f"named-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_url, **env_connect_options(nats_url))
+    try:
+        before = await _voice_stats(nc)
+        live = await stream_audio(
+            nc, Audio(speech.audio, SAMPLE_RATE), tenant=tenant, session_id=session, speed=0.0, speaker="ann"
+        )
+        after = await _voice_stats(nc)
+    finally:
+        await nc.close()
+    finals = [s for s in live.final_segments() if s.text]
+    assert finals and all(s.speaker == "ann" and s.speaker_source == "bot" for s in finals)
+    # The bot's label wins on every word: not one window embedded, ahead or for a final.
+    assert after["windows_embedded"] == before["windows_embedded"] and after["finals"] == before["finals"]
+
+
+async def _voice_stats(nc) -> dict:
+    """The worker's speakers_audio stats, once it has registered (it loads the voice model first)."""
+    while not (replies := await gather_replies(nc, "$SRV.STATS.jetscribe-transcriber", 0.3)):
+        pass
+    [reply] = replies
+    return next(e["data"] for e in reply["endpoints"] if e["name"] == "stats")["speakers_audio"]
