@@ -205,7 +205,7 @@ class TranscriberConfig(FromEnv):
     # a voice at least this similar (cosine) to a session's speaker is that speaker; below, a new one
     speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.6)
     # seconds between the starts of an utterance's voice windows (1.5 s long): less, more CPU for finer changes
-    speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 1.5)
+    speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 0.75)
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)
