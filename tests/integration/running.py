@@ -17,6 +17,7 @@ from jetscribe.services.persister.migrate import upgrade
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import env_connect_options
+from jetscribe.shared.wire import Segment, Word
 
 NAMES = ("jetscribe-ingest", "jetscribe-persister", "jetscribe-transcriber")
 PARTITIONS = StreamSettings().partitions
@@ -103,3 +104,21 @@ async def persister_process(nats_url: str, database_url: str):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def two_word_final(tenant: str, session: str, first: str, second: str) -> Segment:
+    """A final of two words ("first second", 0-0.9 s) as a transcriber publishes it: what the Postgres tests store."""
+    return Segment(
+        tenant=tenant,
+        session_id=session,
+        segment_id=0,
+        revision=0,
+        status="final",
+        start=0.0,
+        end=0.9,
+        text=f"{first} {second}",
+        words=[Word(first, 0.0, 0.4, 0.9), Word(second, 0.4, 0.9, 0.9)],
+        model="base",
+        worker_id="w1",
+        published_at=1_700_000_000.0,
+    )

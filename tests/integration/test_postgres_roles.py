@@ -27,7 +27,7 @@ from jetscribe.shared import subjects, wire
 from jetscribe.shared.config import PersisterConfig, StreamSettings
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.streams import ensure_streams
-from jetscribe.shared.wire import Segment, Word
+from tests.integration.running import two_word_final
 
 pytestmark = pytest.mark.timeout(90)
 REFUSED = psycopg.errors.InsufficientPrivilege
@@ -120,30 +120,15 @@ def test_the_readers_role_only_reads(roles, statement):
         conn.execute(statement)
 
 
-def segment(tenant: str, session: str) -> Segment:
-    return Segment(
-        tenant=tenant,
-        session_id=session,
-        segment_id=0,
-        revision=0,
-        status="final",
-        start=0.0,
-        end=0.9,
-        text="only mine",
-        words=[Word("only", 0.0, 0.4, 0.9), Word("mine", 0.4, 0.9, 0.9)],
-        model="base",
-        worker_id="w1",
-        published_at=1_700_000_000.0,
-    )
-
-
 async def test_each_role_does_its_job(roles, nats_url, tmp_path, monkeypatch, capsys):
     signed_in = roles[2]
     persister, reader = signed_in["persister"], signed_in["reader"]
     nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     await ensure_streams(nc.jetstream(), StreamSettings(nats_url=nats_url))
     tenant = f"r{uuid.uuid4().hex[:8]}"
-    await nc.jetstream().publish(subjects.transcript(tenant, "s1"), wire.encode(segment(tenant, "s1")))
+    await nc.jetstream().publish(
+        subjects.transcript(tenant, "s1"), wire.encode(two_word_final(tenant, "s1", "only", "mine"))
+    )
     await nc.close()
     stop = asyncio.Event()
     config = PersisterConfig(database_url=persister.url, postgres=persister.client(), retry_max_s=0.5)

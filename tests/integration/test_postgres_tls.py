@@ -25,7 +25,7 @@ from jetscribe.shared import subjects, wire
 from jetscribe.shared.config import PostgresClient, StreamSettings
 from jetscribe.shared.natsauth import ServerTLS, env_connect_options
 from jetscribe.shared.streams import ensure_streams
-from jetscribe.shared.wire import Segment, Word
+from tests.integration.running import two_word_final
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).parents[2]
@@ -77,23 +77,6 @@ def tls_postgres(tmp_path_factory, pki):
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def tls_segment(tenant: str, session: str) -> Segment:
-    return Segment(
-        tenant=tenant,
-        session_id=session,
-        segment_id=0,
-        revision=0,
-        status="final",
-        start=0.0,
-        end=0.9,
-        text="over tls",
-        words=[Word("over", 0.0, 0.4, 0.9), Word("tls", 0.4, 0.9, 0.9)],
-        model="base",
-        worker_id="w1",
-        published_at=1_700_000_000.0,
-    )
-
-
 async def test_the_persister_stores_a_segment_over_verified_tls_and_never_logs_its_password(
     tls_postgres, nats_url, pki
 ):
@@ -112,7 +95,7 @@ async def test_the_persister_stores_a_segment_over_verified_tls_and_never_logs_i
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings(nats_url=nats_url))
     tenant, session = f"tls{uuid.uuid4().hex[:8]}", "s1"
-    await js.publish(subjects.transcript(tenant, session), wire.encode(tls_segment(tenant, session)))
+    await js.publish(subjects.transcript(tenant, session), wire.encode(two_word_final(tenant, session, "over", "tls")))
     await nc.close()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jetscribe.services.persister", env=env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
