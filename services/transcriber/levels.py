@@ -46,6 +46,10 @@ class NoiseFloor:
         bisect.insort(self._sorted, level)
         self.db = sorted_percentile(self._sorted, self.percentile)
 
+    def headroom_db(self, loud_percentile: float = 90.0) -> float:
+        """How far the loud frames of the window (speech, if any) stand above the floor."""
+        return sorted_percentile(self._sorted, loud_percentile) - self.db if self._sorted else 0.0
+
 
 def sorted_percentile(values: list[float], percentile: float) -> float:
     """np.percentile(values, percentile) of sorted, non-empty `values`, computed as numpy does (its default
@@ -99,16 +103,48 @@ class FrameLevels:
 class BackgroundTalk:
     """Whether the VAD hears the background as speech: the share of the last `window_s`'s background frames
     (within `near_db` of the noise floor) that it called speech. Steady noise, which a good VAD rejects,
-    stays near 0; babble, other people talking behind the speaker, is near 1."""
+    stays near 0; babble, other people talking behind the speaker, is near 1.
 
-    def __init__(self, frame_samples: int, window_s: float = 5.0, near_db: float = 2.0, share: float = 0.7):
+    At a low SNR, though, the speaker's own frames sit near the floor too, and a VAD that rightly calls them speech
+    makes a talkative speaker in steady noise look like babble. `pauses_heard` tells that case apart: the VAD
+    heard the background as no speech in `pauses` separate pauses (runs of at least `pause_s` of frames it called
+    no speech) within the last `pauses_window_s`, so it can tell this background from speech. Babble leaves none."""
+
+    def __init__(
+        self,
+        frame_samples: int,
+        window_s: float = 5.0,
+        near_db: float = 2.0,
+        share: float = 0.7,
+        pause_s: float = 0.25,
+        pauses: int = 2,
+        pauses_window_s: float = 15.0,
+    ):
         self._verdicts: deque[bool] = deque(maxlen=max(1, round(window_s * SAMPLE_RATE / frame_samples)))
         self._least = max(1, round(0.5 * SAMPLE_RATE / frame_samples))  # background heard before judging it
         self.near_db, self.share = near_db, share
+        self._pause_frames = max(1, round(pause_s * SAMPLE_RATE / frame_samples))
+        self._pauses_window = max(1, round(pauses_window_s * SAMPLE_RATE / frame_samples))
+        self.pauses = pauses
+        self._frames = 0  # frames added
+        self._no_speech_run = 0  # frames in a row the VAD called no speech
+        self._pause_ends: deque[int] = deque()  # the frame at which each recent pause became long enough
 
     def add(self, level: float, floor: float, speech: bool) -> None:
+        """One frame: its level, the noise floor, and the VAD's own verdict (not a gated one)."""
+        self._frames += 1
+        self._no_speech_run = 0 if speech else self._no_speech_run + 1
+        if self._no_speech_run == self._pause_frames:
+            self._pause_ends.append(self._frames)
+        while self._pause_ends and self._pause_ends[0] <= self._frames - self._pauses_window:
+            self._pause_ends.popleft()
         if level <= floor + self.near_db and level > SILENCE_DB:
             self._verdicts.append(speech)
+
+    @property
+    def pauses_heard(self) -> bool:
+        """True if the VAD heard `pauses` pauses in the background lately."""
+        return len(self._pause_ends) >= self.pauses
 
     @property
     def heard(self) -> bool:

@@ -92,6 +92,10 @@ class UtteranceSegmenter:
     """One session's audio, the VAD's verdict per frame, and the utterances it makes."""
 
     LEVEL_WINDOW_S = 0.2  # speech must stand above the noise floor over this long, not in one frame
+    # Speech whose loud frames stand less than this many gates above the floor would lose much of itself to the gate;
+    # judged over a longer window than the floor's, so that a reverberant room's quiet tails don't count as noise.
+    NEAR_FLOOR_GATES = 2.0
+    HEADROOM_WINDOW_S = 10.0
 
     def __init__(self, vad: VoiceDetector, options: CommitOptions):
         self.vad = vad
@@ -106,6 +110,7 @@ class UtteranceSegmenter:
         self.levels = FrameLevels(self.frame)  # each buffered frame's level, for questions about a span
         self.noise_floor = NoiseFloor(self.frame)
         self.background_talk = BackgroundTalk(self.frame)
+        self.long_levels = NoiseFloor(self.frame, window_s=self.HEADROOM_WINDOW_S)  # for the speech's headroom
         self._last_speech_end = 0
         self._last_cut = 0
         self.speech_starts: list[int] = []  # onsets of utterances that held speech (not clicks), until taken
@@ -192,15 +197,21 @@ class UtteranceSegmenter:
 
     def _is_speech(self, frame: np.ndarray) -> bool:
         """The detector's verdict; but where it hears the background as speech (babble), only the speaker
-        being transcribed counts, who is louder than the crowd: the last moment must stand out from the floor."""
+        being transcribed counts, who is louder than the crowd: the last moment must stand out from the floor.
+        Not where the speaker stands near the floor of a background the detector hears pauses in (a low SNR in
+        steady noise, not babble): there the gate would cut words, and the detector tells speech from noise."""
         level = level_db(frame)
         self.levels.drop_before(self.buffer.start)
         self.levels.add(level)
         self.noise_floor.add(level)
+        self.long_levels.add(level)
         speech = self.vad.is_speech(frame)  # always called: a detector's state follows every frame
         self.background_talk.add(level, self.noise_floor.db, speech)
         gate = self.options.speech_above_floor_db
-        if not speech or gate <= 0 or not self.background_talk.heard:
+        talk = self.background_talk
+        if not speech or gate <= 0 or not talk.heard:
+            return speech
+        if talk.pauses_heard and self.long_levels.headroom_db() < self.NEAR_FLOOR_GATES * gate:
             return speech
         frames = max(1, round(self._frames(self.LEVEL_WINDOW_S)))
         recent = self.levels.span_db(self.vad_pos - frames * self.frame, self.vad_pos)

@@ -40,6 +40,14 @@ def clean_dialog() -> Noisy:
     return Noisy(speech.audio, [(t.start_s, t.end_s) for t in speech.turns])
 
 
+def long_turn_dialog(gap_s: float = 0.7) -> Noisy:
+    """Turns of two sentences (4-6 s) with short pauses between them, as in a lively conversation: the pauses
+    are a small share of the background a VAD hears."""
+    turns = [(DIALOG[i][0], f"{DIALOG[i][1]} {DIALOG[(i + 2) % len(DIALOG)][1]}") for i in (0, 1, 4, 5)]
+    speech = dialog(turns, gap_s=gap_s, lead_s=1.0, tail_s=1.5)
+    return Noisy(speech.audio, [(t.start_s, t.end_s) for t in speech.turns])
+
+
 def other_speech() -> list[np.ndarray]:
     speech = synthesize(OTHER_SPEECH, voice="joe-high", gap_s=0.0, lead_s=0.0, tail_s=0.0)
     audio = speech.audio.astype(np.float32) / 32768.0

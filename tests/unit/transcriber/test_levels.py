@@ -63,6 +63,40 @@ def test_background_talk_is_heard_when_the_vad_calls_the_floor_speech():
     assert not talk.heard
 
 
+def test_pauses_in_the_background_tell_a_speaker_in_steady_noise_from_babble():
+    """A talkative speaker at a low SNR: most frames near the floor are the speaker's, rightly called speech, so the
+    background looks like talk. A pause (0.25 s called no speech) every few seconds shows the VAD tells this
+    background from speech; babble leaves none."""
+    second = 16000 // FRAME
+
+    def speaker_in_noise(talk_s: float, pause_frames: int):
+        for _ in range(round(talk_s * second)):
+            talk.add(-40.0, -40.5, True)  # the speaker's quiet frames, near the floor
+        for _ in range(pause_frames):
+            talk.add(-40.5, -40.5, False)  # the noise alone between turns
+
+    talk = BackgroundTalk(FRAME)
+    speaker_in_noise(5.0, 3)  # pauses shorter than 0.25 s: like a lull in babble
+    speaker_in_noise(5.0, 3)
+    assert talk.heard and not talk.pauses_heard
+    speaker_in_noise(5.0, second // 3)
+    assert not talk.pauses_heard  # one pause in 15 s: a lull in the crowd may do that
+    speaker_in_noise(5.0, second // 3)
+    assert talk.heard and talk.pauses_heard  # two: the VAD tells this background from speech
+    for _ in range(16 * second):
+        talk.add(-40.0, -40.5, True)  # then 16 s with no pause: babble after all
+    assert talk.heard and not talk.pauses_heard
+
+
+def test_headroom_is_how_far_the_loud_frames_stand_above_the_floor():
+    floor = NoiseFloor(FRAME, window_s=10.0)
+    assert floor.headroom_db() == 0.0
+    for _ in range(20):
+        for db in (-30.0,) * 6 + (-22.0,) * 4:  # speech 8 dB above the noise, 40 % of the time
+            floor.add(db)
+    assert floor.headroom_db() == pytest.approx(8.0)
+
+
 def test_the_sorted_window_floor_equals_numpys_percentile_of_the_window():
     rng = np.random.default_rng(7)
     for frame, percentile in ((FRAME, 20.0), (480, 20.0), (480, 10.0), (1600, 50.0), (480, 100.0)):

@@ -75,6 +75,18 @@ def test_every_turn_ends_in_an_endpoint_in_8_db_babble(model, clean, seed):
     assert_turns_endpointed(utterances(audio.audio, SileroVoiceDetector(model)), audio.turns, early_s=0.4)
 
 
+@pytest.mark.parametrize(("condition", "snr"), [("pink", 1.5), ("speech_shaped", 3.0)])
+@pytest.mark.parametrize("seed", [7, 1])
+def test_long_turns_in_loud_steady_noise_stay_whole(model, condition, snr, seed):
+    """At a low SNR the speaker's quiet frames are near the noise floor and Silero rightly calls them speech;
+    that is no babble (Silero hears the pauses between turns as no speech), so no level gate may cut the turns."""
+    audio = noisy.degrade(noisy.long_turn_dialog(), condition, seed=seed, snr=snr)
+    utts = utterances(audio.audio, SileroVoiceDetector(model))
+    for turn in audio.turns:
+        heard = sum(min(u[2], turn[1]) - max(u[0], turn[0]) for u in overlapping(utts, turn))
+        assert heard >= 0.97 * (turn[1] - turn[0]), f"turn {turn}: only {heard:.2f} s of it inside utterances"
+
+
 def test_without_the_gate_babble_hides_the_pauses(model, clean):
     audio = noisy.degrade(clean, "babble", snr=8.0)
     utts = utterances(audio.audio, SileroVoiceDetector(model), CommitOptions(speech_above_floor_db=0.0))
