@@ -2,7 +2,8 @@
 
     python bench/speakers.py [--data ../shared/devset] [--files dialog_doctor,meeting_long] --model tiny.en \
         [--speed 1.0] [--sources audio,bot] [--conditions room,noise,phone,opus,quiet,crosstalk [--seed 0]] \
-        [--json OUT.json] [--speakers-audio on|off] [--nats-url URL] [--database-url URL] [--external]
+        [--json OUT.json] [--speakers-audio on|off] [--speakers-backend auto|onnx|torch] [--nats-url URL] \
+        [--database-url URL] [--external]
 
 The real stack (LocalStack, transcriber with JETSCRIBE_SPEAKERS_AUDIO=on: needs the `speakers` extra) runs in a
 temporary folder. Each file with two or more speakers in its turns (the devset's dialogs and meeting; without
@@ -18,7 +19,8 @@ word timings leave out count as spoken, as in an RTTM made from the segments).
 cpWER: each script speaker's words against the hypothesis speaker that pairs best (jetscribe.evaluation.speakers).
 Final latency p50 as bench/accuracy.py measures it. --conditions runs the realistic set of bench/accuracy.py.
 The voice embedding's CPU per second of audio is measured in this process at the end (one thread, as the worker),
-and the transcriber's voice thread says what it did (CPU ahead and for finals, how long finals waited for voices).
+on each backend (torch and onnx, same audio), and the transcriber's voice thread says what it did (CPU ahead and for
+finals, how long finals waited for voices).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Turn:
 
 
 def run_streaming(args, items: list[Item]) -> dict[tuple[str, str], tuple[StreamResult, float]]:
-    env = {"JETSCRIBE_SPEAKERS_AUDIO": args.speakers_audio}
+    env = {"JETSCRIBE_SPEAKERS_AUDIO": args.speakers_audio, "JETSCRIBE_SPEAKERS_BACKEND": args.speakers_backend}
     return run_on_servers(args, lambda url, local: stream_all(url, items, args, local), extra_env=env)
 
 
@@ -151,11 +153,12 @@ def analyse(item: Item, source: str, result: StreamResult) -> dict:
     }
 
 
-def embedding_cost(items: list[Item]) -> dict:
-    """CPU seconds per second of audio of the voice embeddings, one thread, each turn of each file as one final."""
+def embedding_cost(items: list[Item], backend: str) -> dict:
+    """CPU seconds per second of audio of the voice embeddings on `backend`, one thread, each turn of each file as
+    one final."""
     from jetscribe.services.transcriber.embedding import VoiceEmbedder
 
-    embedder = VoiceEmbedder()
+    embedder = VoiceEmbedder(backend=backend)
     audio_s = cpu = 0.0
     for item in items:
         rate = item.audio.sample_rate
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speakers-audio", default="on", choices=("on", "off"), help="off: the baseline (latency, bot source)"
     )
+    parser.add_argument(
+        "--speakers-backend", default="auto", choices=("auto", "onnx", "torch"), help="the transcriber's voice model"
+    )
     args = parser.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
     if bad := [s for s in args.sources if s not in SOURCES]:
@@ -242,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     print_table(files)
     if voices:
         print("voice thread: " + ", ".join(f"{k} {v}" for k, v in voices.items()))
-    cost = embedding_cost([i for i in items if i.condition in (None, "clean")] or items[:1])
-    print(f"voice embeddings: {cost['cpu_per_audio_s']:.3f} CPU s per audio s ({cost['audio_s']} s of audio)")
+    clean = [i for i in items if i.condition in (None, "clean")] or items[:1]
+    cost = {backend: embedding_cost(clean, backend) for backend in ("torch", "onnx")}
+    for backend, c in cost.items():
+        print(f"voice embeddings ({backend}): {c['cpu_per_audio_s']:.3f} CPU s per audio s ({c['audio_s']} s of audio)")
     if args.json:
         out = {
             "commit": git_commit(),
             "model": args.model,
             "speed": args.speed,
+            "speakers_backend": args.speakers_backend,
             "files": files,
             "embedding": cost,
             "voice_thread": voices,
