@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ OPSET = 17
 EXPORT_VERSION = 1  # part of the cached file's name: bump it when the export below changes
 MIN_COSINE = 0.999  # an exported model whose embeddings differ more from torch's than this is not used
 FEAT_DIM = 80
+_EXPORTING = threading.Lock()  # `_onnx_package_optional` patches torch for the process: one export at a time
 
 
 class VoiceModel(Protocol):
@@ -126,7 +128,7 @@ def export_onnx(module: Any, path: Path) -> None:
     os.close(fd)
     try:
         probe = torch.zeros(1, 148, FEAT_DIM)  # a 1.5 s window; the frames and windows axes stay free
-        with _onnx_package_optional(), warnings.catch_warnings():
+        with _EXPORTING, _onnx_package_optional(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
             torch.onnx.export(
                 module,

@@ -166,3 +166,40 @@ def test_an_unknown_backend_is_refused():
 
     with pytest.raises(ValueError, match="JETSCRIBE_SPEAKERS_BACKEND"):
         load_voice_model("gpu", module=None, weights=Path("none"))
+
+
+@needs_torch
+def test_exports_at_once_leave_one_whole_model_and_no_part_files(tmp_path):
+    import threading
+
+    import torch
+
+    from jetscribe.services.transcriber.voice_model import FEAT_DIM, OnnxModel, TorchModel, cosines, export_onnx
+
+    class Pooled(torch.nn.Module):  # small stand-in for CAM++: (windows, frames, 80) -> (windows, 8)
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(FEAT_DIM, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).mean(dim=1)
+
+    module = Pooled().eval()
+    path = tmp_path / "models" / "pooled.onnx"
+    errors: list[BaseException] = []
+
+    def export() -> None:
+        try:
+            export_onnx(module, path)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in path.parent.iterdir()] == ["pooled.onnx"]
+    feats = np.random.default_rng(1).normal(0, 1, (3, 37, FEAT_DIM)).astype(np.float32)  # other axes than exported
+    assert np.min(cosines(OnnxModel(path, threads=1)(feats), TorchModel(module, threads=1)(feats))) >= 0.9999
