@@ -208,6 +208,8 @@ class TranscriberConfig(FromEnv):
     speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 0.75)
     # what runs the voice model: "auto" (onnxruntime, else torch, logged), "onnx" (refuse to start without it), "torch"
     speakers_backend: str = env("JETSCRIBE_SPEAKERS_BACKEND", "auto")
+    # inside a final embedded as several windows, a turn or a new speaker needs at least this many (1: any one window)
+    speakers_turn_windows: int = env("JETSCRIBE_SPEAKERS_TURN_WINDOWS", 2)
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)

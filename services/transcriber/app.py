@@ -344,7 +344,7 @@ class TranscriberWorker:
             speaker=start.speaker if start else None,
             meeting_id=start.meeting_id if start else None,
             track_start=start.track_start if start else 0.0,
-            voices=VoiceMatcher(VoiceOptions(self.config.speakers_match)) if self.embedder is not None else None,
+            voices=self._voice_matcher() if self.embedder is not None else None,
             asked=start.options if start else None,  # a takeover's first message is audio: the checkpoint's
         )
         record = self.sessions[key] = SessionRecord(stream, partition, resumed=checkpoint is not None)
@@ -618,6 +618,13 @@ class TranscriberWorker:
         failure = None if task.cancelled() else task.exception()
         if failure is not None and not isinstance(failure, Stopped):
             log.error("finals after their voices failed", exc_info=failure)
+
+    def _voice_matcher(self) -> VoiceMatcher:
+        return VoiceMatcher(
+            VoiceOptions(
+                match_similarity=self.config.speakers_match, min_turn_windows=self.config.speakers_turn_windows
+            )
+        )
 
     def _wants_voices(self, record: SessionRecord, job: DecodeJob) -> bool:
         """A job whose result may be a final, with words the bot names nobody of."""

@@ -25,8 +25,17 @@ class VoiceOptions:
     match_similarity: float = 0.6  # cosine similarity to a centroid from which a piece is that speaker
     new_speaker_s: float = 1.0  # a voice matching nobody founds a speaker once it has this many seconds
     min_turn_s: float = 1.2  # a turn inside an utterance shorter than this joins its neighbours (no split)
+    # ... and so does one of fewer windows than this, in a final embedded as several: one window that sounds off
+    # (reverb) is no evidence of a turn or a new voice, whatever the seconds it owns (end-to-end windows own 1.5 s)
+    min_turn_windows: int = 2
     max_speakers: int = 16  # beyond this a voice matching nobody goes to the nearest speaker
     label_prefix: str = "S"  # labels are S1, S2, ... in order of first appearance
+
+    def __post_init__(self) -> None:
+        if self.min_turn_windows < 1:
+            raise ValueError(
+                f"a turn needs at least 1 voice window (JETSCRIBE_SPEAKERS_TURN_WINDOWS), not {self.min_turn_windows}"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,14 +155,18 @@ class VoiceMatcher:
         return None
 
     def _smooth(self, turns: list[_Turn], provisional: list[_Speaker]) -> list[_Turn]:
-        """Short turns join a neighbour, shortest first. A new voice shorter than `new_speaker_s` founds no speaker,
-        except as the session's first words (no speaker yet): then it goes to the nearest speaker."""
+        """Short turns join a neighbour, shortest first: under `min_turn_s`, or of fewer than `min_turn_windows`
+        windows. A new voice shorter than `new_speaker_s` founds no speaker, except as the session's first words (no
+        speaker yet): then it goes to the nearest speaker. A final that is one turn founds as its seconds say (a short
+        utterance, embedded whole, is one piece)."""
         opts = self.options
         while len(turns) > 1:
             short = [
                 i
                 for i, t in enumerate(turns)
-                if t.seconds < opts.min_turn_s or (t.speaker in provisional and t.seconds < opts.new_speaker_s)
+                if t.seconds < opts.min_turn_s
+                or len(t.pieces) < opts.min_turn_windows
+                or (t.speaker in provisional and t.seconds < opts.new_speaker_s)
             ]
             if not short:
                 break

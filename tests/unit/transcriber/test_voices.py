@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import msgspec
 import numpy as np
+import pytest
 
 from jetscribe.services.transcriber.voices import VoiceMatcher, VoiceOptions, VoicePiece, label_words
 from jetscribe.shared.wire import SessionCheckpoint, Word, decode, encode
@@ -48,6 +49,44 @@ def test_a_final_is_split_where_the_voice_changes_and_a_stray_window_is_not_a_tu
     assert turns[0][0] == 10.0 and turns[1][1] == 10.0 + 8 * 0.75 + 1.5
     # The turns meet halfway through the overlap of the last S1 window and the first S2 window.
     assert turns[0][1] == turns[1][0] == (10.0 + 4 * 0.75 + 1.5 + 10.0 + 5 * 0.75) / 2
+
+
+def test_one_off_window_inside_a_long_utterance_founds_nobody_and_does_not_split():
+    # End-to-end windows (hop 1.5 s) in a reverberant room: one window that sounds like nobody known owns 1.5 s,
+    # more than new_speaker_s and min_turn_s, but it is one window.
+    m = VoiceMatcher()
+    m.label([VoicePiece(0.0, 2.0, voice(0))])  # S1 known
+    for where in (2, 4):  # in the middle, and as the last window (which owns all its 1.5 s)
+        ws = [voice(0)] * 5
+        ws[where] = voice(6)
+        turns = m.label(pieces(10.0, ws, hop=1.5))
+        assert turns == [(10.0, 10.0 + 4 * 1.5 + 1.5, "S1")]
+    assert m.speakers == ["S1"]
+
+
+def test_two_off_windows_inside_a_long_utterance_are_a_turn_of_a_new_speaker():
+    m = VoiceMatcher()
+    m.label([VoicePiece(0.0, 2.0, voice(0))])
+    turns = m.label(pieces(10.0, [voice(0)] * 3 + [voice(6)] * 2, hop=1.5))
+    assert [t[2] for t in turns] == ["S1", "S2"] and m.speakers == ["S1", "S2"]
+    assert turns[0][1] == turns[1][0] == 10.0 + 3 * 1.5  # end to end: the windows meet where they touch
+
+
+def test_a_multi_window_utterance_all_in_a_new_voice_founds_a_speaker():
+    m = VoiceMatcher()
+    m.label([VoicePiece(0.0, 2.0, voice(0))])
+    assert [t[2] for t in m.label(pieces(10.0, [voice(6)] * 2, hop=1.5))] == ["S2"]
+    assert m.speakers == ["S1", "S2"]
+
+
+def test_with_one_window_enough_an_off_end_to_end_window_founds_a_speaker():
+    # min_turn_windows=1: the seconds alone decide, as before windows were counted (README, the room's over-split).
+    m = VoiceMatcher(VoiceOptions(min_turn_windows=1))
+    m.label([VoicePiece(0.0, 2.0, voice(0))])
+    turns = m.label(pieces(10.0, [voice(0)] * 2 + [voice(6)] + [voice(0)] * 2, hop=1.5))
+    assert [t[2] for t in turns] == ["S1", "S2", "S1"] and m.speakers == ["S1", "S2"]
+    with pytest.raises(ValueError, match="at least 1 voice window"):
+        VoiceOptions(min_turn_windows=0)
 
 
 def test_too_little_of_a_new_voice_founds_no_speaker():
