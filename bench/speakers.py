@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -155,10 +156,12 @@ def analyse(item: Item, source: str, result: StreamResult) -> dict:
 
 def embedding_cost(items: list[Item], backend: str) -> dict:
     """CPU seconds per second of audio of the voice embeddings on `backend`, one thread, each turn of each file as
-    one final."""
-    from jetscribe.services.transcriber.embedding import VoiceEmbedder
+    one final, at the hop the transcriber runs with (JETSCRIBE_SPEAKERS_HOP_S)."""
+    from jetscribe.services.transcriber.embedding import EmbedOptions, VoiceEmbedder
+    from jetscribe.shared.config import TranscriberConfig
 
-    embedder = VoiceEmbedder(backend=backend)
+    hop_s = TranscriberConfig.from_env().speakers_hop_s
+    embedder = VoiceEmbedder(EmbedOptions(hop_s=hop_s), backend=backend)
     audio_s = cpu = 0.0
     for item in items:
         rate = item.audio.sample_rate
@@ -242,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     items = [i for i in items if len({t["speaker"] for t in i.turns}) >= 2]
     if not items:
         parser.error("no file with two or more speakers in its turns")
+    # The transcriber inherits this environment: JETSCRIBE_SPEAKERS_HOP_S=1.5 etc. measure another schedule.
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("JETSCRIBE_SPEAKERS_")}
+    print("speakers settings: " + (", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"), file=sys.stderr)
     results = run_streaming(args, items)
     voices = results.pop(("", "voices"), {})
     files = [analyse(item, source, results[(item.name, source)][0]) for item in items for source in args.sources]
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "speed": args.speed,
             "speakers_backend": args.speakers_backend,
+            "settings": settings,
             "files": files,
             "embedding": cost,
             "voice_thread": voices,
