@@ -205,7 +205,7 @@ class TranscriberConfig(FromEnv):
     # a voice at least this similar (cosine) to a session's speaker is that speaker; below, a new one
     speakers_match: float = env("JETSCRIBE_SPEAKERS_MATCH", 0.6)
     # seconds between the starts of an utterance's voice windows (1.5 s long): less, more CPU for finer changes
-    speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 0.75)
+    speakers_hop_s: float = env("JETSCRIBE_SPEAKERS_HOP_S", 1.5)
     # what runs the voice model: "auto" (onnxruntime, else torch, logged), "onnx" (refuse to start without it), "torch"
     speakers_backend: str = env("JETSCRIBE_SPEAKERS_BACKEND", "auto")
     # inside a final embedded as several windows, a turn or a new speaker needs at least this many (1: any one window)

@@ -44,8 +44,8 @@ class SpeakersUnavailable(RuntimeError):
 class EmbedOptions:
     whole_s: float = 3.0  # an utterance up to this long is one piece
     window_s: float = 1.5  # a longer one: windows this long ...
-    hop_s: float = 0.75  # ... every this many seconds (the last one ends at the utterance's end); overlapping: 1.5 s
-    # (end to end) halves the CPU but over-splits reverberant speech into extra speakers (README, bench/speakers.py)
+    hop_s: float = 1.5  # ... every this many seconds (the last one ends at the utterance's end): end to end; 0.75
+    # (overlapping) finds a change of voice a little closer at twice the CPU (README, Speakers from the audio)
     min_s: float = 0.4  # shorter audio has too little voice to tell: no piece
     threads: int = 1  # the model's intra-op threads: the decoder has the other core
     cache_size: int = 4096  # embeddings of recent windows kept (a window's owner and audio digest -> its embedding)

@@ -1,6 +1,6 @@
 """Speakers from the audio, with no I/O: voice embeddings in, stable speaker labels out.
 
-The shell embeds each final's audio (`embedding.VoiceEmbedder`: the whole utterance, or overlapping windows of a
+The shell embeds each final's audio (`embedding.VoiceEmbedder`: the whole utterance, or windows of a
 long one) and hands the pieces here. `VoiceMatcher.label` matches each piece to the session's speakers (a
 centroid per speaker: the mean of the unit embeddings it was given, weighted by seconds), founds a new speaker
 where nothing matches for long enough, smooths the turns so that a window that sounds a little off does not

@@ -41,10 +41,8 @@ def test_at_its_end_a_final_has_at_most_one_window_left_to_embed(length_s, hop_s
         assert all(hi - lo == round(opts.window_s * SAMPLE_RATE) for lo, hi in left)
 
 
-def test_windows_overlap_by_default_run_end_to_end_at_a_1_5_s_hop_and_a_longer_hop_is_refused():
-    seconds = [(lo / SAMPLE_RATE, hi / SAMPLE_RATE) for lo, hi in EmbedOptions().spans(round(4.0 * SAMPLE_RATE))]
-    assert seconds == [(0, 1.5), (0.75, 2.25), (1.5, 3), (2.25, 3.75), (2.5, 4)]
-    spans = EmbedOptions(hop_s=1.5).spans(round(7.0 * SAMPLE_RATE))
+def test_windows_run_end_to_end_by_default_overlap_at_a_0_75_s_hop_and_a_longer_hop_is_refused():
+    spans = EmbedOptions().spans(round(7.0 * SAMPLE_RATE))
     assert [(lo / SAMPLE_RATE, hi / SAMPLE_RATE) for lo, hi in spans] == [
         (0, 1.5),
         (1.5, 3),
@@ -52,6 +50,10 @@ def test_windows_overlap_by_default_run_end_to_end_at_a_1_5_s_hop_and_a_longer_h
         (4.5, 6),
         (5.5, 7),
     ]
+    seconds = [
+        (lo / SAMPLE_RATE, hi / SAMPLE_RATE) for lo, hi in EmbedOptions(hop_s=0.75).spans(round(4.0 * SAMPLE_RATE))
+    ]
+    assert seconds == [(0, 1.5), (0.75, 2.25), (1.5, 3), (2.25, 3.75), (2.5, 4)]
     for hop_s in (0.0, 1.6):
         with pytest.raises(ValueError, match="hop"):
             EmbedOptions(hop_s=hop_s)
