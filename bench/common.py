@@ -336,7 +336,28 @@ def segment_latencies(result: StreamResult, sample_rate: int) -> tuple[list[dict
         round(received - send_time(seg.words[0].end, result.sent_by_seq, sample_rate, per_chunk), 3)
         for received, seg in first_interim.values()
     ]
+    # The finals one decode published together (a final split where the speaker changes: its parts arrive within
+    # UTTERANCE_GAP_S of each other) are one utterance: its latency runs from the send time of its last word, so a
+    # split does not count as later words that were never held back (each part's own latency is `latency`).
+    group: list[dict] = []
+    for seg_dict, received in sorted(((d, final_at[d["id"]]) for d in segments), key=lambda x: (x[1], x[0]["end"])):
+        if group and received - final_at[group[-1]["id"]] > UTTERANCE_GAP_S:
+            _utterance_latency(group, final_at)
+            group = []
+        group.append(seg_dict)
+    if group:
+        _utterance_latency(group, final_at)
     return segments, interims
+
+
+UTTERANCE_GAP_S = 0.1
+
+
+def _utterance_latency(group: list[dict], final_at: dict) -> None:
+    last = max(group, key=lambda d: d["end"])
+    latency = round(max(final_at[d["id"]] for d in group) - (final_at[last["id"]] - last["latency"]), 3)
+    for k, d in enumerate(group):
+        d["latency_utterance"] = latency if k == 0 else None  # one value per utterance
 
 
 # --- reports ---------------------------------------------------------------------------------------

@@ -366,6 +366,7 @@ def session_report(run: SessionRun, alone: dict | None, speed: float) -> dict:
         return out
     segments, interims = segment_latencies(run.result, run.item.audio.sample_rate)
     latencies = [s["latency"] for s in segments]
+    utterances = [s["latency_utterance"] for s in segments if s.get("latency_utterance") is not None]
     lags = send_lags(run.result, speed)
     text = run.result.text
     w = wer(run.item.reference, text)
@@ -378,6 +379,7 @@ def session_report(run: SessionRun, alone: dict | None, speed: float) -> dict:
         "latencies": latencies,
         "latency_final_p50": percentile(latencies, 50),
         "latency_final_p95": percentile(latencies, 95),
+        "latencies_utterance": utterances,
         "latencies_first_interim": interims,
         "latency_first_interim_p50": percentile(interims, 50),
         "chunks": len(run.result.sent_by_seq),
@@ -414,6 +416,7 @@ def curve_row(
     done = [s for s in sessions if s["error"] is None]
     latencies = [x for s in done for x in s["latencies"]]
     interims = [x for s in done for x in s["latencies_first_interim"]]
+    utterances = [x for s in done for x in s.get("latencies_utterance", [])]
     refs = [s["reference"] for s in done]
     overall = corpus_wer(refs, [s["text"] for s in done]) if done else None
     with_alone = [s for s in done if s["file"] in alone]
@@ -442,6 +445,9 @@ def curve_row(
         "latency_final_p99": percentile(latencies, 99),
         "latency_first_interim_p50": percentile(interims, 50),
         "latency_first_interim_p95": percentile(interims, 95),
+        "latency_utterance_p50": percentile(utterances, 50),
+        "latency_utterance_p95": percentile(utterances, 95),
+        "utterances": len(utterances),
         "wer": overall,
         "wer_alone": overall_alone,
         "wer_delta": None if overall is None or overall_alone is None else round(overall - overall_alone, 4),
@@ -575,6 +581,14 @@ def print_curve(variant: Variant, rows: list[dict], rule: Rule, out=None) -> Non
         f"(bound {rule.max_send_lag_s:g} s); busy: decode time / wall time",
         file=out,
     )
+    for r in rows:
+        if r.get("utterances"):
+            print(
+                f"  N={r['sessions']}: by utterance (the finals one decode published together, as the parts of a final "
+                f"split where the speaker changes, from their last word) p50 {fmt(r['latency_utterance_p50'], '.2f')} "
+                f"p95 {fmt(r['latency_utterance_p95'], '.2f')} s ({r['utterances']} utterances)",
+                file=out,
+            )
     for r in rows:
         if v := r.get("voices"):
             print(

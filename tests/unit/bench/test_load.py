@@ -252,3 +252,18 @@ def test_a_steps_voice_cost_is_the_difference_of_the_workers_totals(load):
     step = load.voice_step(before, after, wall_s=40.0)
     assert step == {"cpu_s": 4.0, "cpu_pct": 10.0, "final_wait_mean_s": 0.05, "final_waits": 20, "ahead_dropped": 2}
     assert load.voice_step({}, {}, wall_s=40.0) == {}  # speakers from the audio off
+
+
+def test_the_parts_of_a_split_final_count_once_from_the_utterance_end(load):
+    """A final split where the speaker changes arrives as parts within ms of each other: each part's own latency
+    runs from its last word (the first part's holds the rest of the utterance), the utterance's from the last."""
+    result = bot_result([["one", "two"], ["three", "four"], ["five"]], received_after=1.0)
+    first, second, third = (result.heard[k][1] for k in range(3))
+    # parts 0 and 1 are one utterance: part 0 arrives with part 1, 0.05 s apart
+    result.heard[0] = (result.heard[1][0] - 0.05, first)
+    session = load.session_report(load.SessionRun(item(load, "a"), "a-1", 0, 1000.0, result), None, 1.0)
+    own = session["latencies"]
+    assert own[0] == pytest.approx(1.0 + (second.words[-1].end - first.words[-1].end) - 0.05, abs=0.11)
+    assert session["latencies_utterance"] == [1.0, 1.0]  # two utterances, each from its own last word
+    row = load.curve_row(1, [session], {}, [], {}, {}, (1000.0, 1012.0), load.Rule())
+    assert row["latency_utterance_p50"] == 1.0 and row["utterances"] == 2
