@@ -166,7 +166,7 @@ class TranscriberWorker:
         self.embedder = embedder
         # Voice embeddings on a thread of their own, beside the decode thread: windows as they are heard, a final's
         # last one when its decode starts, so its voices are ready when its text is and the decoder never waits.
-        self.voice_thread = VoiceThread(embedder) if embedder is not None else None
+        self.voice_thread = VoiceThread(embedder, config.speakers_nice) if embedder is not None else None
         self._voice_waits: set[asyncio.Task] = set()  # finals waiting for their voices
 
     async def start(self) -> None:

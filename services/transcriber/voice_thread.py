@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -75,8 +76,9 @@ class _FinalRequest:
 class VoiceThread:
     """Embeds windows ahead and finals' voices on one thread; finals first."""
 
-    def __init__(self, embedder: VoiceEmbedder):
+    def __init__(self, embedder: VoiceEmbedder, nice: int = 0):
         self.embedder = embedder
+        self.nice = nice  # the thread's niceness (Linux: per thread), above the decoder's: it yields to decoding
         self.totals = VoiceTotals()
         self._finals: deque[_FinalRequest] = deque()
         self._ahead: deque[tuple[str, np.ndarray]] = deque()  # (owner, window)
@@ -119,6 +121,13 @@ class VoiceThread:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        if self.nice:
+            try:
+                tid = threading.get_native_id()  # on Linux a thread's priority is its own
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+                log.info("voice thread at nice %+d from the process's", self.nice)
+            except (AttributeError, OSError) as exc:
+                log.warning("voice thread: cannot set nice %+d (%s): it runs at the decoder's priority", self.nice, exc)
         while True:
             with self._wake:
                 while not self._closed and not self._finals and not self._ahead:

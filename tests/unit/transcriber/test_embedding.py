@@ -205,3 +205,23 @@ def test_exports_at_once_leave_one_whole_model_and_no_part_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["pooled.onnx"]
     feats = np.random.default_rng(1).normal(0, 1, (3, 37, FEAT_DIM)).astype(np.float32)  # other axes than exported
     assert np.min(cosines(OnnxModel(path, threads=1)(feats), TorchModel(module, threads=1)(feats))) >= 0.9999
+
+
+@needs_torch
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice is Linux's")
+async def test_the_voice_thread_yields_the_cpu_to_decoding_by_its_nice():
+    import os
+    import threading
+
+    from jetscribe.services.transcriber.embedding import VoiceEmbedder
+    from jetscribe.services.transcriber.voice_thread import VoiceThread
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = VoiceThread(VoiceEmbedder(), nice=7)
+    try:
+        utterance = np.random.default_rng(3).normal(0, 0.1, 2 * SAMPLE_RATE).astype(np.float32)
+        await thread.pieces([(utterance, 0)], ["t/s1"])  # answered: the thread has run past setting its nice
+        assert os.getpriority(os.PRIO_PROCESS, thread._thread.native_id) == base + 7
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is its own
+    finally:
+        thread.close()
