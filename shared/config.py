@@ -211,7 +211,7 @@ class TranscriberConfig(FromEnv):
     # inside a final embedded as several windows, a turn or a new speaker needs at least this many (1: any one window)
     speakers_turn_windows: int = env("JETSCRIBE_SPEAKERS_TURN_WINDOWS", 2)
     # the voice thread's niceness (Linux, that thread only): above 0 it yields the CPU to decoding
-    speakers_nice: int = env("JETSCRIBE_SPEAKERS_NICE", 0)
+    speakers_nice: int = env("JETSCRIBE_SPEAKERS_NICE", 10)
     # What a worker allows its sessions.
     # per worker; a new session beyond it is rejected ("worker_full")
     max_sessions: int = env("JETSCRIBE_MAX_SESSIONS_PER_WORKER", 50)
