@@ -398,6 +398,11 @@ async def _redeliver_unacked(nc) -> bool:
     except JetStreamAPIError as exc:
         log.warning("could not reset the consumer to its ack floor: %s", exc)
         return False
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        # A busy cluster (a leader election, a loaded host) may not answer in time: best effort, as above; what a
+        # predecessor held comes back after ack_wait instead of now.
+        log.warning("could not reset the consumer to its ack floor: no reply from JetStream (%s)", type(exc).__name__)
+        return False
     return True
 
 

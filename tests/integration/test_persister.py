@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import os
 import signal
 import time
 import uuid
@@ -668,3 +670,24 @@ async def test_speakers_and_a_meetings_tracks_are_stored_and_merged(
     )
     assert vtt.index("<v Ann>first") < vtt.index("<v Bob>second") < vtt.index("<v Ann>third")
     assert await asyncio.to_thread(cli.main, ["transcript", "--meeting", "nope", "--tenant", tenant]) == 1
+
+
+async def test_a_jetstream_that_does_not_answer_the_start_reset_does_not_stop_the_persister(tmp_path, caplog):
+    """At start the persister asks JetStream to hand back what a killed predecessor held. A cluster busy electing a
+    leader (or a loaded host) may not answer in time: that reset is best effort, so a timeout is logged and the
+    persister goes on (the messages come back after ack_wait), rather than exit at start. Here the real nats-server
+    is frozen (SIGSTOP) while the request waits."""
+    from jetscribe.services.persister.app import _redeliver_unacked
+
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url, **env_connect_options(server.url), max_reconnect_attempts=-1)
+        try:
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                with caplog.at_level(logging.WARNING, logger="jetscribe.services.persister.app"):
+                    assert await _redeliver_unacked(nc) is False
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert "no reply from JetStream (TimeoutError)" in caplog.text
+        finally:
+            await nc.close()
