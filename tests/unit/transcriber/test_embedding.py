@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,6 @@ def test_an_unknown_backend_is_refused():
 
 @needs_torch
 def test_exports_at_once_leave_one_whole_model_and_no_part_files(tmp_path):
-    import threading
 
     import torch
 
@@ -188,20 +188,8 @@ def test_exports_at_once_leave_one_whole_model_and_no_part_files(tmp_path):
 
     module = Pooled().eval()
     path = tmp_path / "models" / "pooled.onnx"
-    errors: list[BaseException] = []
-
-    def export() -> None:
-        try:
-            export_onnx(module, path)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=export) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(3) as pool:  # list() re-raises what an export raised
+        list(pool.map(lambda _: export_onnx(module, path), range(3)))
     assert [p.name for p in path.parent.iterdir()] == ["pooled.onnx"]
     feats = np.random.default_rng(1).normal(0, 1, (3, 37, FEAT_DIM)).astype(np.float32)  # other axes than exported
     assert np.min(cosines(OnnxModel(path, threads=1)(feats), TorchModel(module, threads=1)(feats))) >= 0.9999
