@@ -28,6 +28,7 @@ from jetscribe.services.transcriber.null_model import NullModel
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, PersisterConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import env_connect_options
+from jetscribe.shared.wire import AudioChunk, AudioMessage, decode
 from tests.integration.running import wait_all_ready
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,14 +158,20 @@ def new_session() -> str:
 
 
 async def audio_stored(nats_url: str, tenant: str, session: str) -> None:
-    """Until the AUDIO stream holds a chunk of the session: the bot is sending."""
+    """Until the AUDIO stream holds an audio chunk of the session: the bot is sending.
+
+    The session's `start` is stored on the same subject, first: a count of stored messages says nothing about
+    audio (a Ctrl-C right after the start ends a session that never had a chunk), so the last one is decoded.
+    """
     nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
         js = nc.jetstream()
         for _ in range(600):
             info = await js.stream_info(subjects.AUDIO_STREAM, subjects_filter=f"audio.{tenant}.{session}.*")
-            if sum((info.state.subjects or {}).values()) > 0:
-                return
+            for subject in info.state.subjects or {}:
+                last = await js.get_last_msg(subjects.AUDIO_STREAM, subject)
+                if isinstance(decode(last.data, AudioMessage), AudioChunk):
+                    return
             await asyncio.sleep(0.05)
         raise AssertionError("no audio stored for the session")
     finally:
