@@ -1,10 +1,12 @@
 """Voice activity detection: which frames of a session's audio hold speech.
 
 A detector owns its frame size; the segmenter reads `frame_samples` and never assumes one.
-Two detectors: `SileroVoiceDetector` (the default: a small neural model, faster-whisper's copy of Silero
-VAD v6, that tells speech from hum, line noise and other steady noise) and `WebrtcVoiceDetector`
-(webrtcvad: cheaper, but it hears steady noise as speech). Neither tells the speaker from background talk:
-the segmenter's noise-floor gate does that. README ("Configuration") says how to choose.
+Two detectors: `WebrtcVoiceDetector` (the default, `JETSCRIBE_VAD=webrtc`: webrtcvad, cheap and the better of the
+two on clean speech and phone lines, but it hears steady noise as speech, so there the segmenter's level gate
+decides) and `SileroVoiceDetector` (`JETSCRIBE_VAD=silero`: faster-whisper's copy of Silero VAD v6, a small neural
+model that tells speech from hum, line noise and other steady noise, at about 30x the CPU). Neither tells the
+speaker from background talk: the segmenter's noise-floor gate does that. README ("Configuration") says how to
+choose.
 """
 
 from __future__ import annotations
