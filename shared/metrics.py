@@ -106,7 +106,8 @@ SESSION_EVENTS = Spec(
     "counter",
     "{event}",
     (TENANT, WORKER, EVENT, REASON),
-    "session events published: started; ended (reason empty, or idle_timeout); rejected (worker_full, buffer_full)",
+    "session events published: started; ended (reason empty, idle_timeout, refused (the gateway refused a WebSocket "
+    "session's input) or given (a bot's end gave another reason)); rejected (worker_full, buffer_full)",
 )
 TAKEOVERS = Spec(
     "jetscribe.transcriber.session.takeovers",

@@ -49,7 +49,8 @@ DOWNSTREAM = (
         subjects.session_event("<tenant>", "<session>", "<event>"),
         subjects.TRANSCRIPTS_STREAM,
         "A session's lifecycle event: `started` when a worker takes it, then `ended` (reason empty after the bot's "
-        "end, or `idle_timeout`) or `rejected` (reason `worker_full` or `buffer_full`). One of each of these per "
+        "end, the reason its end gave, e.g. `refused: bad_payload` when the gateway refused a WebSocket session's "
+        "input, or `idle_timeout`) or `rejected` (reason `worker_full` or `buffer_full`). One of each of these per "
         "session (Nats-Msg-Id `<tenant>:<session>:event:<event>`); `at` is a Unix time. Only for a session whose "
         "start asked for them (options `utterance_end_ms`, `vad_events`), any number of `utterance_end` (with "
         "`last_word_end`, session seconds) and `speech_started` (with `timestamp`, session seconds) (Nats-Msg-Id "

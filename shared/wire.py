@@ -31,6 +31,20 @@ SpeakerSource = Literal["bot", "audio"]
 # `utterance_end` and `speech_started` come only for sessions that ask for them (`SessionOptions`), many per session.
 SessionEventKind = Literal["started", "ended", "rejected", "utterance_end", "speech_started"]
 ControlAction = Literal["start", "end", "finalize"]
+END_REASON_MAX_CHARS = 120  # an end's reason (`SessionControl.reason`) as the transcriber keeps it, at most
+REFUSED_PREFIX = "refused: "  # an end's reason when the gateway refused a WebSocket session's input: + its code
+
+
+def refused_reason(code: str) -> str:
+    """The reason of the end the gateway sends for a WebSocket session whose input it refused after its start."""
+    return f"{REFUSED_PREFIX}{code}"
+
+
+def end_reason(raw: str) -> str:
+    """An end's reason as a session's `ended` event carries it: printable characters only, whitespace runs as one
+    space, at most END_REASON_MAX_CHARS (a bot may send anything; it goes into Postgres and log lines)."""
+    printable = "".join(c if c.isprintable() else " " for c in raw)
+    return " ".join(printable.split())[:END_REASON_MAX_CHARS]
 
 
 def language_for(model: str, requested: str | None) -> str | None:
@@ -165,7 +179,11 @@ class SessionControl(_SessionMessage, tag="control"):
     A meeting sent as one session per participant's track: each start names the `meeting_id`, the track's
     `speaker` and `track_start` (wall time of its first sample), so readers merge the tracks' finals in
     time order. `channel_speakers` (on the start and the end): one participant per channel of the audio,
-    each channel stored as its own track session `<session_id>-ch<N>` of meeting `<session_id>`."""
+    each channel stored as its own track session `<session_id>-ch<N>` of meeting `<session_id>`.
+
+    `reason` (optional, on an end): why the session ends, carried by the transcriber's `ended` (`end_reason` bounds
+    it); empty for a bot's plain end. The gateway sends `refused: <code>` when it refused a WebSocket session's input
+    after its start and closed the socket."""
 
     action: ControlAction
     language: str = "auto"
@@ -177,6 +195,7 @@ class SessionControl(_SessionMessage, tag="control"):
     track_start: float = 0.0
     channel_speakers: list[str] = []
     after_seq: int = -1  # a finalize: the session's last stored chunk seq when the gateway stored it
+    reason: str = ""  # an end: why (an old reader ignores it and ends the session with no reason)
 
 
 class Word(msgspec.Struct, array_like=True):
@@ -230,7 +249,8 @@ class SessionEvent(_SessionMessage, tag="session_event"):
     """A lifecycle event of a session, published by the transcriber that owns it.
 
     `ended` also follows an idle timeout; `rejected` means the worker refused the session, and
-    `reason` says why (e.g. "idle_timeout", "worker_full", "buffer_full"). The gateway relays both to the bot.
+    `reason` says why (e.g. "idle_timeout", "worker_full", "buffer_full"; an `ended` after an end that gave a
+    reason carries it, e.g. "refused: bad_payload"). The gateway relays both to the bot.
     """
 
     event: SessionEventKind

@@ -43,6 +43,7 @@ from jetscribe.shared.wire import (
     SessionCheckpoint,
     SessionControl,
     SessionEvent,
+    end_reason,
     session_options,
 )
 
@@ -131,7 +132,7 @@ class SessionStream(Generic[M]):
         )
         self.last_audio_at = clock.monotonic()  # the idle clock starts when the session opens here
         self.ending = False
-        self.end_reason = ""  # "" (the bot ended it) or "idle_timeout"
+        self.end_reason = ""  # "" (the bot ended it), the reason its end gave (`refused: <code>`) or "idle_timeout"
         self.handing_over = False
         self.busy = False  # a decode job is out
         self.gone = False  # closed here (ended, rejected, handed over, lost): nothing more to do
@@ -163,7 +164,7 @@ class SessionStream(Generic[M]):
                 self.segmenter.finalize(self.clock.monotonic())
                 return self._settle(step)
             self.ledger.hold_end(handle)
-            self.end()
+            self.end(end_reason(message.reason))
             return self._settle(step)
         samples = np.frombuffer(message.payload, dtype="<i2")
         expected = self.ledger.last_seq + 1
@@ -264,8 +265,8 @@ class SessionStream(Generic[M]):
         return self.ending and self.open is None and not self.closed and not self.busy
 
     def end(self, reason: str = "") -> None:
-        """The bot ended the session (or it was idle too long): close what is open, so everything left
-        gets a final."""
+        """The bot ended the session, giving `reason` or not (or it was idle too long): close what is open, so
+        everything left gets a final. A reason once given stays: an end during an idle end keeps `idle_timeout`."""
         self.ending = True
         self.end_reason = self.end_reason or reason
         self.segmenter.close_open(self.clock.monotonic())

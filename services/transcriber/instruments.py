@@ -39,7 +39,7 @@ from jetscribe.shared.metrics import (
     WORKER,
     TranscriberMetrics,
 )
-from jetscribe.shared.wire import Segment, SessionEvent
+from jetscribe.shared.wire import REFUSED_PREFIX, Segment, SessionEvent
 
 Attributes = dict[str, str | int]
 
@@ -114,7 +114,8 @@ class WorkerInstruments:
             self.metrics.empty_finals.add(1, self.attrs(tenant))
 
     def event_published(self, event: SessionEvent) -> None:
-        self.metrics.session_events.add(1, self.attrs(event.tenant) | {EVENT: event.event, REASON: event.reason})
+        labels: Attributes = {EVENT: event.event, REASON: reason_label(event)}
+        self.metrics.session_events.add(1, self.attrs(event.tenant) | labels)
         if event.event == "rejected":
             self.activity.rejection(event.reason)
 
@@ -195,3 +196,12 @@ class WorkerInstruments:
         """A decode's kind: interim, final, or speculative (an early final, decoded before its endpoint)."""
         kind = "speculative" if all(job.speculative for job in jobs) else jobs[0].kind
         return {DECODE_KIND: kind, WORKER: self.worker_id}
+
+
+def reason_label(event: SessionEvent) -> str:
+    """A session event's reason as a metric attribute, bounded: the transcriber's own reasons as they are, an end's
+    reason (which a bot may make up) as `refused` (the gateway's, `refused: <code>`: the gateway's refusals count
+    the codes) or `given`."""
+    if event.event != "ended" or event.reason in ("", "idle_timeout"):
+        return event.reason
+    return "refused" if event.reason.startswith(REFUSED_PREFIX) else "given"

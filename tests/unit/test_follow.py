@@ -82,6 +82,8 @@ def test_json_lines_carry_type_words_as_objects_and_stream_seq():
 def test_events_read_as_one_line():
     rejected = SessionEvent(tenant="acme", session_id="s1", event="rejected", at=1.0, reason="worker_full")
     assert describe(rejected).startswith("-- session s1 rejected: worker_full")
+    refused = SessionEvent(tenant="acme", session_id="s1", event="ended", at=1.0, reason="refused: bad_payload")
+    assert describe(refused).startswith("-- session s1 ended: refused: bad_payload (")
     gap = SessionEvent(tenant="acme", session_id="s1", event="utterance_end", at=1.0, last_word_end=3.25)
     assert describe(gap) == "-- utterance end: no word since 3.25 s"
     onset = SessionEvent(tenant="acme", session_id="s1", event="speech_started", at=1.0, timestamp=0.5)

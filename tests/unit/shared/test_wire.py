@@ -197,3 +197,20 @@ def test_the_new_event_kinds_and_finalize_round_trip_and_old_readers_skip_them()
         {"type": "session_event", "v": 1, "tenant": "a", "session_id": "b", "event": "ended", "at": 1.0}
     )
     assert decode(before, SessionEvent).last_word_end is None  # a writer from before the fields
+
+
+def test_an_ends_reason_is_optional_both_ways_and_keeps_the_version():
+    """`SessionControl.reason` came after version 1: an old reader ignores it (the session still ends), an old
+    writer's end has none, and the version stays 1."""
+    end = SessionControl(tenant="a", session_id="b", action="end", reason="refused: bad_payload")
+    assert decode(encode(end), AudioMessage) == end and end.v == 1
+
+    class OldControl(msgspec.Struct, kw_only=True, tag="control"):  # a worker from before the reason
+        v: int
+        tenant: str
+        session_id: str
+        action: str
+
+    assert msgspec.msgpack.decode(encode(end), type=OldControl).action == "end"
+    before = msgspec.msgpack.encode({"type": "control", "v": 1, "tenant": "a", "session_id": "b", "action": "end"})
+    assert decode(before, SessionControl).reason == ""

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from jetscribe.services.transcriber.core import SessionLimits, is_reused
+from jetscribe.services.transcriber.instruments import reason_label
 from jetscribe.shared.clock import ManualClock
-from jetscribe.shared.wire import SessionControl
+from jetscribe.shared.wire import END_REASON_MAX_CHARS, SessionControl, SessionEvent
 from tests.unit.transcriber.scripted import CHUNK, chunk, end_message, feed, finish, new_stream, said, silence, tone
 
 
@@ -68,6 +69,65 @@ def test_an_idle_session_with_speech_open_is_flushed_then_ended():
     step = s.complete(s.next_job(), said("hello"))
     assert [g.status for g in step.segments] == ["final"]
     assert [(e.event, e.reason) for e in step.events] == [("ended", "idle_timeout")]
+
+
+def end_with(reason):
+    return SessionControl(tenant="acme", session_id="s1", action="end", reason=reason)
+
+
+def test_an_end_that_gives_a_reason_flushes_the_open_utterance_and_ends_with_that_reason():
+    """The gateway ends a WebSocket session whose input it refused (`refused: <code>`): at once, not at the idle
+    timeout, with the audio so far finalized and the reason on the `ended`."""
+    s = new_stream()
+    feed(s, tone(1.0))  # speech still open: no endpoint yet
+    step = s.receive(end_with("refused: bad_payload"), "end")
+    assert step.events == [] and not step.closed  # its final comes first
+    step = s.complete(s.next_job(), said("bye"))
+    assert [g.status for g in step.segments] == ["final"]
+    assert [(e.event, e.reason) for e in step.events] == [("ended", "refused: bad_payload")]
+    assert step.events[0].chunks_received == 10 and step.closed and step.checkpoint.finished
+    assert sorted(s.acked[:-1]) == list(range(10)) and s.acked[-1] == "end"
+
+
+def test_an_end_with_nothing_open_ends_at_once_with_its_reason_and_a_plain_end_with_none():
+    for reason in ("refused: revoked", ""):
+        s = new_stream()
+        feed(s, silence(0.5))
+        step = s.receive(end_with(reason), "end")
+        assert [(e.event, e.reason) for e in step.events] == [("ended", reason)] and step.closed
+
+
+def test_an_ends_reason_is_kept_printable_on_one_line_and_bounded():
+    """A bot may send any reason: it goes into Postgres (no NUL), a log line and the event, so it is cleaned."""
+    s = new_stream()
+    feed(s, silence(0.3))
+    step = s.receive(end_with("  bye\x00now\n\tthen " + "x" * 500), "end")
+    [ended] = step.events
+    assert ended.reason.startswith("bye now then xxx") and len(ended.reason) == END_REASON_MAX_CHARS
+
+
+def test_an_end_during_an_idle_end_keeps_the_idle_timeout():
+    clock = ManualClock()
+    s = new_stream(clock, limits=SessionLimits(idle_timeout_s=30.0))
+    feed(s, tone(1.0))
+    clock.advance(31.0)
+    s.tick()  # the idle end: the open utterance's final is due
+    s.receive(end_with("refused: bad_payload"), "end")
+    step = s.complete(s.next_job(), said("hello"))
+    assert [(e.event, e.reason) for e in step.events] == [("ended", "idle_timeout")]
+
+
+def test_the_metric_label_of_an_events_reason_is_bounded():
+    def label(event, reason):
+        return reason_label(SessionEvent(tenant="a", session_id="b", event=event, at=1.0, reason=reason))
+
+    assert [label("ended", r) for r in ("", "idle_timeout", "refused: bad_payload", "my own words")] == [
+        "",
+        "idle_timeout",
+        "refused",
+        "given",
+    ]
+    assert label("rejected", "worker_full") == "worker_full"
 
 
 def test_totals_stay_exact_across_a_takeover():
