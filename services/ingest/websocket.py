@@ -7,8 +7,11 @@ subjects as `jetscribe follow` hears them, go back on the socket as JSON.
 
 Audio is cut into chunks of `listen.CHUNK_S` of input frames (decoded first, for Opus), so a chunk's seq says
 where in the input it starts: a client that reconnects with the same session id is told where to send from.
-A dropped connection leaves its session open (the idle timeout ends it, as for a bot that went away);
-`CloseStream` ends it.
+A dropped connection leaves its session open (the client may reconnect and resume; else the idle timeout ends it,
+as for a bot that went away); `CloseStream` ends it. A session whose input the gateway refuses after its start (an
+undecodable Opus stream, a text frame it does not know, its tenant's key revoked, audio it could not store) has its
+socket closed with the error and is ended at once, its end giving the reason `refused: <code>`: the transcriber
+publishes the finals of its audio so far and an `ended` with that reason (Postgres, `jetscribe follow`, its log).
 """
 
 from __future__ import annotations
@@ -45,12 +48,23 @@ from jetscribe.services.ingest.listen import (
 from jetscribe.shared import subjects
 from jetscribe.shared.natsauth import api_key_hash
 from jetscribe.shared.retry import backoff_delay
-from jetscribe.shared.wire import AudioChunk, Reply, Segment, SessionControl, SessionEvent, WireError, decode
+from jetscribe.shared.wire import (
+    AudioChunk,
+    Reply,
+    Segment,
+    SessionControl,
+    SessionEvent,
+    WireError,
+    decode,
+    refused_reason,
+)
 
 log = logging.getLogger(__name__)
 
 REVOCATION_CHECK_S = 1.0  # how often open sockets are checked against the key file
 UNAVAILABLE_ATTEMPTS = 20  # as a bot: `unavailable` is sent again with a backoff this many times
+REFUSED_END_ATTEMPTS = 3  # the end of a refused session: best effort, else the transcriber's idle timeout ends it
+ENDED_ELSEWHERE = frozenset({"rejected", "session_ended"})  # refusals of a session the transcriber closed already
 CLOSE_REFUSED = 1008  # policy violation: the gateway refused the session or its audio
 CLOSE_REVOKED = 4001
 CLOSE_BAD_AUDIO = 1007  # invalid frame payload data
@@ -132,7 +146,7 @@ class SocketGateway:
         self.diarize_available = diarize_available
         self.server: Server | None = None
         self._admitted: dict[int, Admitted] = {}
-        self._open: dict[ServerConnection, Admitted] = {}
+        self._open: dict[ServerConnection, tuple[Admitted, SocketSession]] = {}
         self._watch: asyncio.Task | None = None
 
     @property
@@ -193,19 +207,21 @@ class SocketGateway:
         if admitted is None:  # cannot happen: the handshake admitted it
             await connection.close(1011, "not admitted")
             return
-        self._open[connection] = admitted
+        session = SocketSession(self.gateway, connection, admitted.tenant, admitted.request)
+        self._open[connection] = (admitted, session)
         try:
-            await SocketSession(self.gateway, connection, admitted.tenant, admitted.request).run()
+            await session.run()
         finally:
             self._open.pop(connection, None)
 
     async def _close_revoked(self) -> None:
         while True:
             await asyncio.sleep(REVOCATION_CHECK_S)
-            for connection, admitted in list(self._open.items()):
-                if not self.keys.valid(admitted.tenant, admitted.key_hash):
+            for connection, (admitted, session) in list(self._open.items()):
+                if session.refused is None and not self.keys.valid(admitted.tenant, admitted.key_hash):
                     why = "the tenant's API key was revoked: its socket is closed"
                     await self.gateway.report_refusal(admitted.tenant, admitted.request.session_id, "revoked", why)
+                    session.refused = "revoked"  # its run ends the session once the socket is closed
                     await connection.close(CLOSE_REVOKED, "API key revoked")
 
 
@@ -240,7 +256,10 @@ class SocketSession:
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.ended = asyncio.Event()  # the transcriber's `ended` or `rejected` came
         self.closing_event: SessionEvent | None = None
-        self.closing = False  # CloseStream sent the end
+        self.closing = False  # CloseStream is sending the end
+        self.started = False  # the gateway took the session's start
+        self.end_sent = False  # the gateway took the session's end
+        self.refused: str | None = None  # the code the gateway refused the session's input with (or `revoked`)
 
     @property
     def session_id(self) -> str:
@@ -255,21 +274,49 @@ class SocketSession:
         sender = asyncio.create_task(self._send_out())
         try:
             await self._start()
+            self.started = True
             await self._serve()
         except SessionRefused as exc:
+            self.refused = self.refused or exc.code
             if not exc.reported:
                 await self.gateway.report_refusal(self.tenant, self.session_id, exc.code, exc.message)
             await self._say(error_message(self.request.dialect, exc.code, exc.message))
             await self._flush_outbox(sender)
             await self.connection.close(exc.close_code, exc.code)
         except ConnectionClosed:
-            log.info("%s/%s: socket closed without CloseStream; the session stays open", self.tenant, self.session_id)
+            if self.refused is None:
+                log.info(
+                    "%s/%s: socket closed without CloseStream; the session stays open", self.tenant, self.session_id
+                )
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+        await self._end_refused()
+
+    async def _end_refused(self) -> None:
+        """A session whose input the gateway refused after its start, its socket now closed: its end, with the reason
+        `refused: <code>`, so the transcriber finishes it now rather than at the idle timeout. Not for a session the
+        transcriber closed itself, nor one whose end is sent already (CloseStream). Best effort: if it cannot be
+        sent, the idle timeout still ends the session."""
+        code = self.refused
+        if code is None or not self.started or self.end_sent or self.ended.is_set() or code in ENDED_ELSEWHERE:
+            return
+        reason = refused_reason(code)
+        try:
+            await self._submit(self._control("end", reason=reason), unavailable_attempts=REFUSED_END_ATTEMPTS)
+        except Exception as exc:  # SessionRefused, or NATS going away under the gateway
+            log.warning(
+                "%s/%s: refused (%s) after its start, and its end could not be sent (%s): the idle timeout ends it",
+                self.tenant,
+                self.session_id,
+                code,
+                exc,
+            )
+            return
+        log.info("%s/%s: refused (%s) after its start: its end is sent, %r", self.tenant, self.session_id, code, reason)
 
     async def _serve(self) -> None:
         """Take the client's frames until it closes the stream, or the transcriber ends or rejects the session
@@ -397,6 +444,7 @@ class SocketSession:
             )
         self.closing = True
         await self._submit(self._control("end"))
+        self.end_sent = True
         try:
             await asyncio.wait_for(self.ended.wait(), CLOSE_WAIT_S)
         except TimeoutError:
@@ -418,15 +466,18 @@ class SocketSession:
         await self.gateway.report_refusal(self.tenant, self.session_id, code, message)
         await self._say(error_message(self.request.dialect, code, message))
 
-    def _control(self, action: str) -> SessionControl:
+    def _control(self, action: str, reason: str = "") -> SessionControl:
         return SessionControl(
             tenant=self.tenant,
             session_id=self.session_id,
             action=action,  # type: ignore[arg-type]
             sent_at=time.time(),
+            reason=reason,
         )
 
-    async def _submit(self, message: AudioChunk | SessionControl) -> Reply:
+    async def _submit(
+        self, message: AudioChunk | SessionControl, unavailable_attempts: int = UNAVAILABLE_ATTEMPTS
+    ) -> Reply:
         """The gateway's answer, after waiting out `rate_limited` and retrying `unavailable` as a bot does;
         raises SessionRefused for any other refusal (already reported, counted and logged by the gateway)."""
         attempt = 0
@@ -437,7 +488,7 @@ class SocketSession:
             if reply.code == "rate_limited":
                 await asyncio.sleep(max(reply.retry_after_s, 0.01))
                 continue
-            if reply.code == "unavailable" and attempt < UNAVAILABLE_ATTEMPTS:
+            if reply.code == "unavailable" and attempt < unavailable_attempts:
                 await asyncio.sleep(backoff_delay(attempt, max_s=2.0))
                 attempt += 1
                 continue

@@ -4,8 +4,10 @@ these tests are about the path, not the words; tests/e2e/test_websocket_speech.p
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sys
+import time
 import typing
 import uuid
 
@@ -13,17 +15,31 @@ import nats
 import numpy as np
 import pytest
 import websockets
+from sqlalchemy import text
 from websockets.asyncio.client import connect
 
 from jetscribe.devstack.servers import NatsServer
+from jetscribe.evaluation.opus import encode_opus
 from jetscribe.evaluation.speech import synthesize
 from jetscribe.services.ingest.app import run as run_ingest
+from jetscribe.services.persister.app import run as run_persister
+from jetscribe.services.persister.migrate import upgrade
+from jetscribe.services.persister.store import open_engine
+from jetscribe.services.persister.tables import SessionRow
 from jetscribe.services.transcriber.app import run as run_transcriber
 from jetscribe.services.transcriber.null_model import NULL_WORD, NullModel
 from jetscribe.shared import subjects, telemetry
-from jetscribe.shared.config import IngestConfig, StreamSettings, TelemetryConfig, TranscriberConfig
+from jetscribe.shared.audio import SAMPLE_RATE
+from jetscribe.shared.config import (
+    IngestConfig,
+    PersisterConfig,
+    StreamSettings,
+    TelemetryConfig,
+    TranscriberConfig,
+)
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import AudioChunk, ErrorEvent, SessionControl, decode
+from tests.integration.running import wait_all_ready
 from tests.integration.test_ingest import stored_audio
 from tests.scrape import scrape, total, wait_until_ready
 
@@ -43,6 +59,7 @@ class Stack(typing.NamedTuple):
     key: str
     keys: typing.Any  # the keyring
     metrics_port: int
+    stop: asyncio.Event  # set: the services stop
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +71,51 @@ def ws_nats(tmp_path_factory):
 
 @pytest.fixture
 async def stack(ws_nats, nats_keys):
+    async with socket_stack(ws_nats, nats_keys) as running:
+        yield running
+
+
+@pytest.fixture
+async def stored_stack(ws_nats, nats_keys, database_url):
+    """The stack with the persister on a Postgres database of its own, and the default idle timeout (1800 s): a
+    session that ends within the test's seconds did not end idle."""
+    await asyncio.to_thread(upgrade, database_url)
+    engine = open_engine(database_url)
+    try:
+        async with socket_stack(ws_nats, nats_keys, idle_timeout_s=TranscriberConfig().idle_timeout_s) as running:
+            persister = PersisterConfig(database_url=database_url)
+            service = run_persister(StreamSettings(nats_url=ws_nats.url), persister, running.stop)
+            async with in_task(service, running.stop) as task:
+                await wait_all_ready(running.nc, [task])  # and the worker holds the partitions: the tests time the path
+                yield running, engine
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def in_task(service, stop: asyncio.Event):
+    """A service on a task of its own, stopped by `stop` (set on the way out) with the rest of the stack."""
+    task = asyncio.create_task(service)
+    try:
+        yield task
+    finally:
+        stop.set()
+        await stopped([task])
+
+
+@contextlib.asynccontextmanager
+async def socket_stack(ws_nats, nats_keys, idle_timeout_s: float = IDLE_S):
     key = (nats_keys.add_tenant(TENANT), nats_keys.new_api_key(TENANT))[1]
     port = free_port()
     settings = StreamSettings(nats_url=ws_nats.url)
     # Speakers from the audio off: diarize=true is then refused, installed extra or not (make test installs it).
     config = IngestConfig(ws_port=port, api_keys=str(nats_keys.api_keys_path), speakers_audio="off")
     worker = TranscriberConfig(
-        model="null", worker_id=f"ws-{uuid.uuid4().hex[:6]}", heartbeat_s=0.5, lease_ttl_s=2, idle_timeout_s=IDLE_S
+        model="null",
+        worker_id=f"ws-{uuid.uuid4().hex[:6]}",
+        heartbeat_s=0.5,
+        lease_ttl_s=2,
+        idle_timeout_s=idle_timeout_s,
     )
     tel = telemetry.Telemetry("ingest", config=TelemetryConfig())
     stop = asyncio.Event()
@@ -71,7 +126,7 @@ async def stack(ws_nats, nats_keys):
     nc = await nats.connect(ws_nats.url, **env_connect_options(ws_nats.url))
     try:
         await wait_until_ready(tel)
-        yield Stack(f"ws://127.0.0.1:{port}", nc, key, nats_keys, tel.metrics_port)
+        yield Stack(f"ws://127.0.0.1:{port}", nc, key, nats_keys, tel.metrics_port, stop)
     finally:
         await nc.close()
         stop.set()
@@ -383,3 +438,99 @@ async def test_a_stream_that_ends_inside_a_frame_says_its_last_bytes_were_droppe
     assert (reported.code, reported.session_id) == ("bad_payload", session) and "1 bytes" in reported.message
     assert (await stored_payload(stack.nc, session))[1] == pcm
     await errors.unsubscribe()
+
+
+async def session_row(engine, tenant: str, session: str) -> dict | None:
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            SessionRow.__table__.select().where(SessionRow.tenant == tenant, SessionRow.session_id == session)
+        )
+        found = [dict(r) for r in result.mappings()]
+    return found[0] if found else None
+
+
+async def ended_row(engine, tenant: str, session: str, within_s: float = 30.0) -> dict:
+    """The session's row in Postgres once it is closed (the idle timeout of `stored_stack` is 1800 s)."""
+    deadline = time.monotonic() + within_s
+    while (row := await session_row(engine, tenant, session)) is None or row["status"] == "active":
+        assert time.monotonic() < deadline, f"{tenant}/{session} not closed in Postgres after {within_s} s: {row}"
+        await asyncio.sleep(0.1)
+    return row
+
+
+async def test_a_session_refused_mid_stream_ends_at_once_with_its_audio_and_the_reason(stored_stack, speech, caplog):
+    """Regression: an Opus stream that turned to garbage closed the socket (1007) but left the session open on the
+    transcriber until its idle timeout (30 minutes): its last utterance had no final, and its record no reason."""
+    stack, engine = stored_stack
+    caplog.set_level(logging.INFO, logger="jetscribe.services.transcriber.app")
+    data = encode_opus(speech.audio, speech.sample_rate, "ogg")
+    cut = data.find(b"OggS", len(data) // 2)  # the pages of the first half of the speech, whole
+    session = f"r{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=opus"
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        for at in range(0, cut, 1000):
+            await ws.send(data[at : min(at + 1000, cut)])
+        await ws.send(b"\x00" * 64)  # no page sync: the stream is broken
+        got = await messages_until_close(ws, 10)
+        assert (ws.close_code, ws.close_reason) == (1007, "bad_payload")
+    assert [m["code"] for m in got if m.get("type") == "error"] == ["bad_payload"]
+    row = await ended_row(engine, TENANT, session)  # within seconds, not the idle timeout's 30 minutes
+    assert (row["status"], row["reason"]) == ("ended", "refused: bad_payload")
+    *_, (_, end) = await stored_audio(stack.nc.jetstream(), TENANT, session)
+    assert (end.action, end.reason) == ("end", "refused: bad_payload")  # the gateway's end, stored last
+    seqs, stored = await stored_payload(stack.nc, session)
+    assert len(seqs) >= 10 and seqs == list(range(len(seqs)))  # the first half's whole 100 ms chunks
+    assert row["chunks_received"] == len(seqs)
+    assert row["audio_seconds"] == pytest.approx(len(stored) / 2 / SAMPLE_RATE, abs=0.01)
+    assert row["segment_count"] >= 1  # its speech got its finals
+    async with engine.connect() as conn:  # every segment stored has its final: none was left an interim
+        query = text("SELECT status FROM segments WHERE tenant = :tenant AND session_id = :session")
+        statuses = (await conn.execute(query, {"tenant": TENANT, "session": session})).scalars().all()
+    assert statuses and set(statuses) == {"final"}
+    assert any(f"{TENANT}/{session} ended (refused: bad_payload)" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_tenant_revoked_mid_stream_has_its_session_ended_with_the_reason(stored_stack, speech):
+    stack, engine = stored_stack
+    tenant = f"wsrv{uuid.uuid4().hex[:6]}"
+    key = (stack.keys.add_tenant(tenant), stack.keys.new_api_key(tenant))[1]
+    session = f"v{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
+    async with connect(url, additional_headers=auth(key)) as ws:
+        await send_pcm(ws, speech.audio[:32000].astype("<i2").tobytes())
+        async with asyncio.timeout(10):  # both seconds taken before the key goes
+            while len((await stored_payload(stack.nc, session, tenant))[0]) < 20:
+                await asyncio.sleep(0.05)
+        stack.keys.revoke_tenant(tenant)
+        await asyncio.wait_for(ws.wait_closed(), 5.0)
+        assert ws.close_code == 4001
+    row = await ended_row(engine, tenant, session)
+    assert (row["status"], row["reason"], row["chunks_received"]) == ("ended", "refused: revoked", 20)
+    assert row["audio_seconds"] == pytest.approx(2.0)
+
+
+async def test_a_dropped_connection_leaves_its_session_open_and_a_refused_start_opens_none(stored_stack, speech):
+    """What stays as it was: a socket that drops without CloseStream or a refusal leaves its session open for the
+    client to resume (no end is sent); a refusal before the session started has nothing to end."""
+    stack, engine = stored_stack
+    session = f"o{uuid.uuid4().hex[:8]}"
+    url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
+    async with connect(url, additional_headers=auth(stack.key)) as ws:
+        await send_pcm(ws, speech.audio[:16000].astype("<i2").tobytes())
+        async with asyncio.timeout(10):
+            while len((await stored_payload(stack.nc, session))[0]) < 10:
+                await asyncio.sleep(0.05)
+    refused = f"{stack.url}/v1/sessions/{session}x?encoding=pcm_s16le&sample_rate=16000&endpointing_ms=3"
+    async with connect(refused, additional_headers=auth(stack.key)) as ws:
+        got = await messages_until_close(ws, 10)
+        assert ws.close_code == 1008 and got[0]["code"] == "bad_option"
+    # A session of the same stack that is refused after its start, to know its end would be stored by now.
+    later = f"q{uuid.uuid4().hex[:8]}"
+    async with connect(f"{stack.url}/v1/sessions/{later}?sample_rate=16000", additional_headers=auth(stack.key)) as ws:
+        await ws.send(json.dumps({"type": "Shout"}))
+        await messages_until_close(ws, 10)
+    assert (await ended_row(engine, TENANT, later))["reason"] == "refused: bad_message"
+    assert (await session_row(engine, TENANT, session))["status"] == "active"
+    stored = await stored_audio(stack.nc.jetstream(), TENANT, session)
+    assert [m.action for _, m in stored if isinstance(m, SessionControl)] == ["start"]  # no end
+    assert await stored_audio(stack.nc.jetstream(), TENANT, f"{session}x") == []
