@@ -285,9 +285,7 @@ class SocketSession:
             await self.connection.close(exc.close_code, exc.code)
         except ConnectionClosed:
             if self.refused is None:
-                log.info(
-                    "%s/%s: socket closed without CloseStream; the session stays open", self.tenant, self.session_id
-                )
+                self._left_open()
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
@@ -384,6 +382,10 @@ class SocketSession:
                 raise SessionRefused(
                     "bad_message", f"text frame {frame[:80]!r}: send KeepAlive, Finalize or CloseStream"
                 )
+        self._left_open()  # the client closed the socket cleanly, without CloseStream
+
+    def _left_open(self) -> None:
+        log.info("%s/%s: socket closed without CloseStream; the session stays open", self.tenant, self.session_id)
 
     async def _audio(self, data: bytes) -> None:
         if self.opus is not None:

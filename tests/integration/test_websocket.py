@@ -509,9 +509,13 @@ async def test_a_tenant_revoked_mid_stream_has_its_session_ended_with_the_reason
     assert row["audio_seconds"] == pytest.approx(2.0)
 
 
-async def test_a_dropped_connection_leaves_its_session_open_and_a_refused_start_opens_none(stored_stack, speech):
+async def test_a_dropped_connection_leaves_its_session_open_and_a_refused_start_opens_none(
+    stored_stack, speech, caplog
+):
     """What stays as it was: a socket that drops without CloseStream or a refusal leaves its session open for the
-    client to resume (no end is sent); a refusal before the session started has nothing to end."""
+    client to resume (no end is sent), and says so in a log line; a refusal before the session started has nothing
+    to end."""
+    caplog.set_level(logging.INFO, logger="jetscribe.services.ingest.websocket")
     stack, engine = stored_stack
     session = f"o{uuid.uuid4().hex[:8]}"
     url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
@@ -534,3 +538,5 @@ async def test_a_dropped_connection_leaves_its_session_open_and_a_refused_start_
     stored = await stored_audio(stack.nc.jetstream(), TENANT, session)
     assert [m.action for _, m in stored if isinstance(m, SessionControl)] == ["start"]  # no end
     assert await stored_audio(stack.nc.jetstream(), TENANT, f"{session}x") == []
+    left_open = f"{TENANT}/{session}: socket closed without CloseStream; the session stays open"
+    assert any(r.getMessage() == left_open for r in caplog.records)  # a clean close (1000) without CloseStream
