@@ -21,6 +21,7 @@ from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberCon
 from jetscribe.shared.natsauth import env_connect_options
 from jetscribe.shared.wire import ErrorEvent, Segment, SessionControl, SessionEvent, decode, encode
 from tests.integration.test_ingest import ask, chunk
+from tests.integration.test_session_options import until_serving
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ async def pipeline(url, tiny, **transcriber):
     ]
     nc = await nats.connect(url, **env_connect_options(url))
     try:
-        await asyncio.sleep(1.0)  # the worker takes its partitions
+        await until_serving(nc, tasks)  # the tests ask the gateway at once, with no retry
         yield nc
     finally:
         await nc.close()
