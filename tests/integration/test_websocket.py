@@ -38,7 +38,7 @@ from jetscribe.shared.config import (
     TranscriberConfig,
 )
 from jetscribe.shared.natsauth import env_connect_options
-from jetscribe.shared.wire import AudioChunk, ErrorEvent, SessionControl, decode
+from jetscribe.shared.wire import AudioChunk, AudioMessage, ErrorEvent, SessionControl, decode
 from tests.integration.running import wait_all_ready
 from tests.integration.test_ingest import stored_audio
 from tests.scrape import scrape, total, wait_until_ready
@@ -188,6 +188,16 @@ async def stored_payload(nc, session: str, tenant: str = TENANT) -> tuple[list[i
     return [c.seq for c in chunks], b"".join(c.payload for c in chunks)
 
 
+async def chunk_stored(nc, session: str, tenant: str = TENANT) -> bool:
+    """Whether AUDIO holds an audio chunk of the session (its last message is one: the start is stored first)."""
+    js = nc.jetstream()
+    info = await js.stream_info(subjects.AUDIO_STREAM, subjects_filter=subjects.audio_of_session(tenant, session))
+    for subject in info.state.subjects or {}:
+        if isinstance(decode((await js.get_last_msg(subjects.AUDIO_STREAM, subject)).data, AudioMessage), AudioChunk):
+            return True
+    return False
+
+
 async def test_native_pcm_session_end_to_end_stores_exactly_the_audio_and_sends_back_segments(stack, speech):
     session = f"n{uuid.uuid4().hex[:8]}"
     pcm = speech.audio.astype("<i2").tobytes()
@@ -229,7 +239,11 @@ async def test_a_dropped_connection_resumes_with_nothing_lost_or_repeated(stack,
     url = f"{stack.url}/v1/sessions/{session}?encoding=pcm_s16le&sample_rate=16000"
     ws = await connect(url, additional_headers=auth(stack.key))
     await send_pcm(ws, pcm[: len(pcm) // 2])
-    await asyncio.sleep(0.3)  # some of it taken, maybe not all: the resume message says where the gateway stands
+    # Some of it taken, maybe not all: the resume message says where the gateway stands. At least a chunk, though:
+    # with none stored when the new connection's start is served, there is nothing to resume and no resume message.
+    async with asyncio.timeout(10):
+        while not await chunk_stored(stack.nc, session):
+            await asyncio.sleep(0.02)
     ws.transport.abort()  # the TCP connection drops: no close frame, no CloseStream
     async with connect(url, additional_headers=auth(stack.key)) as ws:
         resume = json.loads(await ws.recv())
