@@ -15,7 +15,7 @@ from jetscribe.devstack.servers import NatsServer
 from jetscribe.evaluation.speech import sample_speech
 from jetscribe.services.ingest.app import run as run_ingest
 from jetscribe.services.transcriber.app import run as run_transcriber
-from jetscribe.services.transcriber.partitions import decode_lease
+from jetscribe.services.transcriber.partitions import assign, decode_lease
 from jetscribe.shared import subjects
 from jetscribe.shared.config import IngestConfig, StreamSettings, TranscriberConfig
 from jetscribe.shared.natsauth import env_connect_options
@@ -60,9 +60,12 @@ async def test_start_hand_over_takeover_and_end_are_one_line_each(own_nats, capl
         tasks.append(asyncio.create_task(run_transcriber(settings, config, stops[worker])))
     nc = await nats.connect(nats_url, **env_connect_options(nats_url))
     try:
-        for _ in range(300):  # until the two workers share the partitions
+        # Until the two workers share the partitions as the group settles them: both holding some is not enough,
+        # as a partition wa is still handing over would still name wa, and a session chosen on it starts on wb.
+        settled = assign(settings.partitions, ["wa-movelog", "wb-movelog"])
+        for _ in range(300):
             owners = await lease_owners(nc, settings.partitions)
-            if len(owners) == settings.partitions and set(owners.values()) == {"wa-movelog", "wb-movelog"}:
+            if owners == settled:
                 break
             await asyncio.sleep(0.1)
         else:
