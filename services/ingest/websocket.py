@@ -78,7 +78,7 @@ class ApiKeys:
 
     def __init__(self, path: Path):
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._hashes: dict[str, str] = {}
 
     def hashes(self) -> dict[str, str]:
@@ -87,7 +87,9 @@ class ApiKeys:
         except FileNotFoundError:
             self._stamp, self._hashes = None, {}
             return self._hashes
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        # The keyring replaces the file (a new inode); the inode and ctime also tell a rewrite of the same size
+        # within one mtime tick, which size and mtime alone would miss (a revoked key that went on working).
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         if stamp != self._stamp:
             self._hashes = {str(k): str(v) for k, v in json.loads(self.path.read_text()).items()}
             self._stamp = stamp
