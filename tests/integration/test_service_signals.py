@@ -24,6 +24,10 @@ def _start(module: str, **env: str) -> subprocess.Popen:
         "PYTHONUNBUFFERED": "1",
         "JETSCRIBE_MODEL": "tiny.en",
         "JETSCRIBE_CPU_THREADS": "1",
+        # Not what these tests are about, and the transcriber's slowest start step: importing torch and checking the
+        # voice model's ONNX export took 3.5 s of its 4.5 s to its first NATS error on a host at load 3 (1.0 s
+        # without), and over 20 s on a host loaded harder, against the 30 s these tests wait for that line.
+        "JETSCRIBE_SPEAKERS_AUDIO": "off",
         **env,
     }
     return subprocess.Popen(
