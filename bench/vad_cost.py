@@ -6,7 +6,8 @@ PATH: devset-format WAV files or folders (16 kHz mono s16 + JSON with `turns`); 
 and phone-line files that bench/make_realistic.py cached in $JETSCRIBE_CACHE/realistic, one per source and
 condition. Single-threaded, one session at a time, as a worker runs it.
 
-Prints, for webrtcvad (mode 2), Silero and the segmenter as the transcriber runs it (Silero + frame levels,
+Prints, for webrtcvad (mode 2), Silero, the hybrid (webrtcvad, AND Silero where webrtcvad hears no pauses; with
+the share of frames Silero ran on) and the segmenter as the transcriber runs it (the detector + frame levels,
 noise floor and babble gate): milliseconds of CPU per second of audio for one session; then, per file and
 detector, how many turn ends (those followed by a pause longer than the endpoint silence + 0.3 s) got an
 endpoint within the endpoint silence + 0.3 s, the longest utterance, and how many Silero endpoints webrtcvad
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from jetscribe.services.transcriber.options import CommitOptions  # noqa: E402
 from jetscribe.services.transcriber.segmenter import UtteranceSegmenter  # noqa: E402
 from jetscribe.services.transcriber.vad import (  # noqa: E402
+    HybridVoiceDetector,
     SileroModel,
     SileroVoiceDetector,
     VoiceDetector,
@@ -116,6 +118,7 @@ def main() -> None:
     makers: dict[str, Callable[[], VoiceDetector]] = {
         "webrtc": lambda: WebrtcVoiceDetector(2),
         "silero": lambda: SileroVoiceDetector(model),
+        "hybrid": lambda: HybridVoiceDetector(model),
     }
     loaded = [(wav, *load(wav)) for wav in files]
     total_s = sum(len(a) for _, a, _, _ in loaded) / SAMPLE_RATE
@@ -124,7 +127,15 @@ def main() -> None:
     for name, make in makers.items():
         detector = cpu_ms_per_second(lambda make=make: [frames(make(), a) for _, a, _, _ in loaded], total_s)
         segmenter = cpu_ms_per_second(lambda make=make: [segment(make(), a, gated) for _, a, _, _ in loaded], total_s)
-        print(f"  {name:7s} detector alone {detector:6.2f}   segmenter (+ levels, floor, gate) {segmenter:6.2f}")
+        share = ""
+        if name == "hybrid":
+            hybrids = [HybridVoiceDetector(model) for _ in loaded]
+            for hybrid, (_, a, _, _) in zip(hybrids, loaded, strict=True):
+                frames(hybrid, a)
+            share = (
+                f"   Silero on {sum(h.silero_frames for h in hybrids) / sum(h.frames for h in hybrids):.0%} of frames"
+            )
+        print(f"  {name:7s} detector alone {detector:6.2f}   segmenter (+ levels, floor, gate) {segmenter:6.2f}{share}")
 
     bound = CommitOptions().endpoint_silence_s + SLACK_S
     print(f"\nturn ends with an endpoint within {bound:.1f} s / longest utterance; agree: silero+gate endpoints")

@@ -441,7 +441,9 @@ class TranscriberWorker:
                 )
                 self.instruments.event_published(event)
                 if event.event in ("started", "ended", "rejected"):  # not every pause and onset
-                    log.info("%s", event_line(event, record.partition, record.words, record.resumed))
+                    vad = record.stream.segmenter.vad
+                    share = getattr(vad, "silero_share", None) if event.event == "ended" else None  # hybrid only
+                    log.info("%s", event_line(event, record.partition, record.words, record.resumed, share))
             if step.checkpoint is not None:
                 await self._save_checkpoint(record.partition, step.checkpoint)
                 self.instruments.checkpoint_written(record.stream.tenant)

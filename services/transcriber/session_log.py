@@ -8,9 +8,12 @@ from jetscribe.shared.audio import SAMPLE_RATE
 from jetscribe.shared.wire import SessionCheckpoint, SessionEvent
 
 
-def event_line(event: SessionEvent, partition: int, words: int, resumed: bool = False) -> str:
+def event_line(
+    event: SessionEvent, partition: int, words: int, resumed: bool = False, silero_share: float | None = None
+) -> str:
     """A `started`, `ended` or `rejected` event as one line for people; `words` are the words of the finals this
-    worker published (`resumed`: only since it took the session over, the earlier owner's are not known here)."""
+    worker published (`resumed`: only since it took the session over, the earlier owner's are not known here);
+    `silero_share`: the share of VAD frames the hybrid detector asked Silero about (its CPU), if it ran one."""
     name = f"session {event.tenant}/{event.session_id}"
     where = f"worker {event.worker_id}, partition {partition}"
     if event.event == "started":
@@ -21,6 +24,7 @@ def event_line(event: SessionEvent, partition: int, words: int, resumed: bool = 
         f"{name} {event.event} ({reason}) on {where}: {event.audio_seconds:.1f} s of audio, "
         f"{event.chunks_received} chunks, {event.segments} finals, {words_note}, "
         f"{event.words_dropped} words dropped by the guards, {event.empty_finals} empty finals"
+        + ("" if silero_share is None else f", Silero VAD on {silero_share:.0%} of the frames")
     )
 
 

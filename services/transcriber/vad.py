@@ -4,7 +4,9 @@ A detector owns its frame size; the segmenter reads `frame_samples` and never as
 Two detectors: `WebrtcVoiceDetector` (the default, `JETSCRIBE_VAD=webrtc`: webrtcvad, cheap and the better of the
 two on clean speech and phone lines, but it hears steady noise as speech, so there the segmenter's level gate
 decides) and `SileroVoiceDetector` (`JETSCRIBE_VAD=silero`: faster-whisper's copy of Silero VAD v6, a small neural
-model that tells speech from hum, line noise and other steady noise, at about 30x the CPU). Neither tells the
+model that tells speech from hum, line noise and other steady noise, at about 30x the CPU), and
+`HybridVoiceDetector` (`JETSCRIBE_VAD=hybrid`: webrtcvad, and Silero beside it only where webrtcvad hears no
+pauses, i.e. steady noise; so Silero's CPU goes to the sessions that need it). None tells the
 speaker from background talk: the segmenter's noise-floor gate does that. README ("Configuration") says how to
 choose.
 """
@@ -12,6 +14,7 @@ choose.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -107,16 +110,123 @@ class SileroVoiceDetector:
         return self.speaking
 
 
-VAD_KINDS = ("silero", "webrtc")
+class HybridVoiceDetector:
+    """webrtcvad, and Silero only where webrtcvad hears steady noise as speech: 30 ms frames (webrtcvad's).
+
+    webrtcvad alone decides until it has heard no pause (`pause_s` of no speech) for `enter_s`: a speaker leaves
+    such pauses between phrases, steady noise (pink, speech-shaped) leaves none. Then, in "steady-noise mode", a
+    frame is speech only if Silero agrees too (webrtcvad AND Silero). Silero runs on its own 512-sample windows over
+    the same audio (the samples of each 480-sample frame are queued; each whole window is scored as it fills, and the
+    latest verdict applies to the frame), warmed up on the last `warm_s` of audio on entering so its recurrent state
+    is not cold. The mode ends when webrtcvad hears `leave_pauses` pauses within `enter_s` that Silero hears too (the
+    noise stopped, or never was: a fast talker); one could be a fluke of the noise, as pink noise at 8 dB SNR leaves
+    now and then. On the devset a clean monologue goes at most 5.9 s without a webrtcvad
+    pause and a dialog 9.6 s (Silero then runs in a few dialogs, moving an utterance end by 30-90 ms), while steady
+    noise at 0-10 dB SNR leaves none (README, "Configuration"). Per session, like the others; `frames` and
+    `silero_frames` count the frames classified and those Silero had a say in, so its CPU shows (`silero_share`)."""
+
+    frame_samples = WebrtcVoiceDetector.frame_samples
+
+    def __init__(
+        self,
+        model: SileroModel,
+        threshold: float = 0.3,
+        aggressiveness: int = 2,
+        enter_s: float = 8.0,
+        pause_s: float = 0.25,
+        warm_s: float = 1.0,
+        leave_pauses: int = 2,
+    ):
+        self.webrtc = WebrtcVoiceDetector(aggressiveness)
+        self.model, self.threshold = model, threshold
+        self.silero: SileroVoiceDetector | None = None  # while in steady-noise mode
+        SileroVoiceDetector(model, threshold)  # a bad threshold fails here
+        self._enter_frames = max(1, round(enter_s * SAMPLE_RATE / self.frame_samples))
+        self._pause_frames = max(1, round(pause_s * SAMPLE_RATE / self.frame_samples))
+        self.leave_pauses = leave_pauses
+        self._pauses_in_mode: deque[int] = deque()  # the frames at which pauses in the mode reached `pause_s`
+        self.entries = 0  # times it entered steady-noise mode
+        self._warm = max(1, round(warm_s * SAMPLE_RATE / SileroModel.WINDOW)) * SileroModel.WINDOW
+        self._recent = np.zeros(self._warm, dtype=np.int16)  # the last `_warm` samples heard, oldest first
+        self._heard = 0  # samples heard (how much of `_recent` is audio)
+        self._queue = np.zeros(0, dtype=np.int16)  # samples not yet in a Silero window
+        self._no_speech_run = 0  # webrtcvad frames in a row with no speech
+        self._since_pause = 0  # webrtcvad frames since it last heard a pause
+        self.frames = 0
+        self.silero_frames = 0
+
+    @property
+    def steady_noise(self) -> bool:
+        """In steady-noise mode: Silero has a say."""
+        return self.silero is not None
+
+    @property
+    def silero_share(self) -> float:
+        """The share of frames classified with Silero's say (its CPU: about 30x webrtcvad's per frame)."""
+        return self.silero_frames / self.frames if self.frames else 0.0
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        self.frames += 1
+        self._remember(frame)
+        webrtc = self.webrtc.is_speech(frame)
+        self._no_speech_run = 0 if webrtc else self._no_speech_run + 1
+        pause = self._no_speech_run >= self._pause_frames
+        self._since_pause = 0 if pause else self._since_pause + 1
+        if self.silero is None:
+            if self._since_pause < self._enter_frames:
+                return webrtc
+            self._enter()
+        else:
+            self._queue = np.concatenate([self._queue, frame.astype(np.int16, copy=False)])
+        silero = self._score()
+        self.silero_frames += 1
+        if self._no_speech_run == self._pause_frames and not silero:  # a pause both hear
+            self._pauses_in_mode.append(self.frames)
+            while self._pauses_in_mode[0] <= self.frames - self._enter_frames:
+                self._pauses_in_mode.popleft()
+            if len(self._pauses_in_mode) >= self.leave_pauses:  # the noise is gone: webrtcvad alone again
+                self.silero, self._queue = None, self._queue[:0]
+                self._pauses_in_mode.clear()
+        return webrtc and silero
+
+    def _remember(self, frame: np.ndarray) -> None:
+        n = len(frame)
+        self._recent[:-n] = self._recent[n:]
+        self._recent[-n:] = frame
+        self._heard += n
+
+    def _enter(self) -> None:
+        """Silero from a fresh state, warmed up on the last `warm_s` heard (whole windows, ending now)."""
+        self.silero = SileroVoiceDetector(self.model, self.threshold)
+        self.entries += 1
+        warm = min(self._heard, self._warm) // SileroModel.WINDOW * SileroModel.WINDOW
+        self._queue = self._recent[len(self._recent) - warm :].copy()
+
+    def _score(self) -> bool:
+        """Silero's verdict after every whole window queued (its latest; the last one if none is whole yet)."""
+        assert self.silero is not None
+        window = SileroModel.WINDOW
+        whole = len(self._queue) // window * window
+        for i in range(0, whole, window):
+            self.silero.is_speech(self._queue[i : i + window])
+        self._queue = self._queue[whole:]
+        return self.silero.speaking
+
+
+VAD_KINDS = ("hybrid", "silero", "webrtc")
 
 
 def detector_maker(kind: str, *, threshold: float = 0.3, aggressiveness: int = 2) -> Callable[[], VoiceDetector]:
-    """What makes each new session's detector: `kind` "silero" (one model loaded now, shared by all) or
-    "webrtc" (`aggressiveness` 0-3)."""
+    """What makes each new session's detector: `kind` "silero" (one model loaded now, shared by all), "webrtc"
+    (`aggressiveness` 0-3) or "hybrid" (webrtcvad, and Silero where webrtcvad hears no pauses: both settings)."""
     if kind == "silero":
         model = SileroModel()
         SileroVoiceDetector(model, threshold)  # a bad threshold fails here, at start-up
         return lambda: SileroVoiceDetector(model, threshold)
+    if kind == "hybrid":
+        model = SileroModel()
+        HybridVoiceDetector(model, threshold, aggressiveness)
+        return lambda: HybridVoiceDetector(model, threshold, aggressiveness)
     if kind == "webrtc":
         WebrtcVoiceDetector(aggressiveness)
         return lambda: WebrtcVoiceDetector(aggressiveness)

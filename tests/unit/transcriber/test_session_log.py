@@ -26,6 +26,11 @@ def test_end_carries_the_totals_and_the_reason():
     assert "rejected (worker_full)" in event_line(event("rejected", reason="worker_full"), 0, 0)
 
 
+def test_the_hybrid_vad_says_how_much_silero_ran():
+    line = event_line(event("ended"), 0, 0, silero_share=0.923)
+    assert line.endswith("0 empty finals, Silero VAD on 92% of the frames")
+
+
 def test_after_a_takeover_the_words_are_said_to_count_from_it():
     assert "17 words (since the takeover)" in event_line(event("ended"), 1, 17, resumed=True)
 
