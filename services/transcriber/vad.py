@@ -113,17 +113,17 @@ class SileroVoiceDetector:
 class HybridVoiceDetector:
     """webrtcvad, and Silero only where webrtcvad hears steady noise as speech: 30 ms frames (webrtcvad's).
 
-    webrtcvad alone decides until it has heard no pause (`pause_s` of no speech) for `enter_s`: a speaker leaves
-    such pauses between phrases, steady noise (pink, speech-shaped) leaves none. Then, in "steady-noise mode", a
-    frame is speech only if Silero agrees too (webrtcvad AND Silero). Silero runs on its own 512-sample windows over
-    the same audio (the samples of each 480-sample frame are queued; each whole window is scored as it fills, and the
-    latest verdict applies to the frame), warmed up on the last `warm_s` of audio on entering so its recurrent state
-    is not cold. The mode ends when webrtcvad hears `leave_pauses` pauses within `enter_s` that Silero hears too (the
-    noise stopped, or never was: a fast talker); one could be a fluke of the noise, as pink noise at 8 dB SNR leaves
-    now and then. On the devset a clean monologue goes at most 5.9 s without a webrtcvad
-    pause and a dialog 9.6 s (Silero then runs in a few dialogs, moving an utterance end by 30-90 ms), while steady
-    noise at 0-10 dB SNR leaves none (README, "Configuration"). Per session, like the others; `frames` and
-    `silero_frames` count the frames classified and those Silero had a say in, so its CPU shows (`silero_share`)."""
+    webrtcvad alone decides until it has called every frame speech for `enter_s`. Speech, even in a reverberant
+    room, leaves frames webrtcvad calls no speech; steady noise at a low SNR (pink, speech-shaped) leaves none. Then,
+    in "steady-noise mode", a frame is speech only if Silero agrees too (webrtcvad AND Silero). Silero runs on its
+    own 512-sample windows over the same audio (the samples of each 480-sample frame are queued; each whole window
+    is scored as it fills, and the latest verdict applies to the frame), warmed up on the last `warm_s` of audio on
+    entering so its recurrent state is not cold. The mode ends when webrtcvad hears `leave_pauses` pauses
+    (`pause_s` of no speech) within `enter_s` that Silero hears too (the noise stopped); one could be a fluke of the
+    noise. On the devset webrtcvad called every frame speech for at most 6.7 s in clean, phone, Opus, quiet and
+    crosstalk audio, 10.6 s in a room and 11.2 s in babble, and for the whole file in steady noise at 0-10 dB SNR
+    (README, "Configuration"). Per session, like the others; `frames` and `silero_frames` count the frames
+    classified and those Silero had a say in, so its CPU shows (`silero_share`)."""
 
     frame_samples = WebrtcVoiceDetector.frame_samples
 
@@ -132,9 +132,9 @@ class HybridVoiceDetector:
         model: SileroModel,
         threshold: float = 0.3,
         aggressiveness: int = 2,
-        enter_s: float = 8.0,
-        pause_s: float = 0.25,
+        enter_s: float = 12.0,
         warm_s: float = 1.0,
+        pause_s: float = 0.25,
         leave_pauses: int = 2,
     ):
         self.webrtc = WebrtcVoiceDetector(aggressiveness)
@@ -151,7 +151,7 @@ class HybridVoiceDetector:
         self._heard = 0  # samples heard (how much of `_recent` is audio)
         self._queue = np.zeros(0, dtype=np.int16)  # samples not yet in a Silero window
         self._no_speech_run = 0  # webrtcvad frames in a row with no speech
-        self._since_pause = 0  # webrtcvad frames since it last heard a pause
+        self._all_speech = 0  # webrtcvad frames in a row with speech
         self.frames = 0
         self.silero_frames = 0
 
@@ -170,10 +170,9 @@ class HybridVoiceDetector:
         self._remember(frame)
         webrtc = self.webrtc.is_speech(frame)
         self._no_speech_run = 0 if webrtc else self._no_speech_run + 1
-        pause = self._no_speech_run >= self._pause_frames
-        self._since_pause = 0 if pause else self._since_pause + 1
+        self._all_speech = self._all_speech + 1 if webrtc else 0
         if self.silero is None:
-            if self._since_pause < self._enter_frames:
+            if self._all_speech < self._enter_frames:
                 return webrtc
             self._enter()
         else:
