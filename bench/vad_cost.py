@@ -140,7 +140,7 @@ def main() -> None:
     bound = CommitOptions().endpoint_silence_s + SLACK_S
     print(f"\nturn ends with an endpoint within {bound:.1f} s / longest utterance; agree: silero+gate endpoints")
     print("that webrtc (no gate) also has, within 0.3 s")
-    columns = ("webrtc", "webrtc+gate", "silero", "silero+gate")
+    columns = [name + gate for name in makers for gate in ("", "+gate")]
     header = f"  {'file':48s} {'condition':24s} " + " ".join(f"{c:>14s}" for c in columns) + "  agree"
     print(header)
     for wav, audio, turns, label in loaded:

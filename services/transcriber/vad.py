@@ -147,7 +147,7 @@ class HybridVoiceDetector:
         self._pauses_in_mode: deque[int] = deque()  # the frames at which pauses in the mode reached `pause_s`
         self.entries = 0  # times it entered steady-noise mode
         self._warm = max(1, round(warm_s * SAMPLE_RATE / SileroModel.WINDOW)) * SileroModel.WINDOW
-        self._recent = np.zeros(self._warm, dtype=np.int16)  # the last `_warm` samples heard, oldest first
+        self._recent = np.zeros(self._warm, dtype=np.int16)  # a ring: the last `_warm` samples heard
         self._heard = 0  # samples heard (how much of `_recent` is audio)
         self._queue = np.zeros(0, dtype=np.int16)  # samples not yet in a Silero window
         self._no_speech_run = 0  # webrtcvad frames in a row with no speech
@@ -189,17 +189,21 @@ class HybridVoiceDetector:
         return webrtc and silero
 
     def _remember(self, frame: np.ndarray) -> None:
-        n = len(frame)
-        self._recent[:-n] = self._recent[n:]
-        self._recent[-n:] = frame
+        """Keep the frame in the ring of the last `_warm` samples (for a warm-up, if Silero wakes)."""
+        size, n, at = len(self._recent), len(frame), self._heard % len(self._recent)
+        first = min(n, size - at)
+        self._recent[at : at + first] = frame[:first]
+        self._recent[: n - first] = frame[first:]
         self._heard += n
 
     def _enter(self) -> None:
         """Silero from a fresh state, warmed up on the last `warm_s` heard (whole windows, ending now)."""
         self.silero = SileroVoiceDetector(self.model, self.threshold)
         self.entries += 1
+        at = self._heard % len(self._recent)
+        recent = np.concatenate([self._recent[at:], self._recent[:at]])  # oldest first
         warm = min(self._heard, self._warm) // SileroModel.WINDOW * SileroModel.WINDOW
-        self._queue = self._recent[len(self._recent) - warm :].copy()
+        self._queue = recent[len(recent) - warm :]
 
     def _score(self) -> bool:
         """Silero's verdict after every whole window queued (its latest; the last one if none is whole yet)."""
