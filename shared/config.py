@@ -194,8 +194,9 @@ class TranscriberConfig(FromEnv):
     # speech with no pause is committed at sentence ends the interims confirmed, once this long; 0 = off
     commit_sentences_after_s: float = env("JETSCRIBE_COMMIT_SENTENCES_AFTER_S", 0.0)
     # What the VAD counts as speech.
-    # "webrtc" (with the noise-floor gate), "silero", or "hybrid" (webrtc, AND Silero where webrtc hears no pauses)
-    vad: str = env("JETSCRIBE_VAD", "webrtc")
+    # "hybrid" (webrtc, AND Silero where webrtc calls every frame speech for 12 s), "webrtc" or "silero"; each with
+    # the noise-floor gate below
+    vad: str = env("JETSCRIBE_VAD", "hybrid")
     vad_threshold: float = env("JETSCRIBE_VAD_THRESHOLD", 0.3)  # silero: speech from this probability on
     vad_aggressiveness: int = env("JETSCRIBE_VAD_AGGRESSIVENESS", 2)  # webrtc: 0 (least) to 3
     # speech must stand this far above the session's noise floor; 0 turns that gate off

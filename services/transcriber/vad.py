@@ -1,14 +1,14 @@
 """Voice activity detection: which frames of a session's audio hold speech.
 
 A detector owns its frame size; the segmenter reads `frame_samples` and never assumes one.
-Two detectors: `WebrtcVoiceDetector` (the default, `JETSCRIBE_VAD=webrtc`: webrtcvad, cheap and the better of the
-two on clean speech and phone lines, but it hears steady noise as speech, so there the segmenter's level gate
-decides) and `SileroVoiceDetector` (`JETSCRIBE_VAD=silero`: faster-whisper's copy of Silero VAD v6, a small neural
-model that tells speech from hum, line noise and other steady noise, at about 30x the CPU), and
-`HybridVoiceDetector` (`JETSCRIBE_VAD=hybrid`: webrtcvad, and Silero beside it only where webrtcvad hears no
-pauses, i.e. steady noise; so Silero's CPU goes to the sessions that need it). None tells the
-speaker from background talk: the segmenter's noise-floor gate does that. README ("Configuration") says how to
-choose.
+Three detectors: `WebrtcVoiceDetector` (`JETSCRIBE_VAD=webrtc`: webrtcvad, cheap and better than Silero on clean
+speech and phone lines, but it hears steady noise as speech, so there the segmenter's level gate decides, and at a
+low SNR cannot), `SileroVoiceDetector` (`JETSCRIBE_VAD=silero`: faster-whisper's copy of Silero VAD v6, a small
+neural model that tells speech from hum, line noise and other steady noise, at about 30x the CPU) and
+`HybridVoiceDetector` (the default, `JETSCRIBE_VAD=hybrid`: webrtcvad, and Silero beside it only where webrtcvad
+calls every frame speech for 12 s, i.e. steady noise; elsewhere it is webrtcvad, frame for frame, and Silero's CPU
+goes to the sessions that need it). None tells the speaker from background talk: the segmenter's noise-floor gate
+does that. README ("Configuration") says how to choose.
 """
 
 from __future__ import annotations

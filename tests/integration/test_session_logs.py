@@ -125,4 +125,5 @@ async def test_start_hand_over_takeover_and_end_are_one_line_each(own_nats, capl
         f"{event.audio_seconds:.1f} s of audio, {event.chunks_received} chunks, {event.segments} finals, "
     )
     assert "words (since the takeover)" in ended[0]
+    assert ended[0].endswith(", Silero VAD on 0% of the frames")  # the default hybrid VAD: clean speech never wakes it
     assert event.audio_seconds == pytest.approx(speech.duration_s, abs=0.2)  # the whole session, over both workers

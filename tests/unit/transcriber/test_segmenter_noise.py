@@ -95,8 +95,8 @@ def test_without_the_gate_babble_hides_the_pauses(model, clean):
 
 @pytest.mark.parametrize("condition", ["speech_shaped", "pink"])
 def test_webrtcvad_hears_steady_noise_as_speech(clean, condition):
-    """Why Silero is offered (`JETSCRIBE_VAD=silero`): with webrtcvad the pauses in 8 dB noise end no utterance
-    by the VAD alone; the level gate (off here) has to."""
+    """Why Silero is offered (`JETSCRIBE_VAD=silero`, and in steady noise by the default hybrid): with webrtcvad
+    the pauses in 8 dB noise end no utterance by the VAD alone; the level gate (off here) has to."""
     audio = noisy.degrade(clean, condition, snr=8.0)
     utts = utterances(audio.audio, WebrtcVoiceDetector(2), CommitOptions(speech_above_floor_db=0.0))
     assert len(utts) <= 2 and max(u[2] - u[0] for u in utts) > 10

@@ -6,6 +6,7 @@ import pytest
 from faster_whisper.vad import get_vad_model
 
 from jetscribe.services.transcriber.vad import (
+    HybridVoiceDetector,
     SileroModel,
     SileroVoiceDetector,
     WebrtcVoiceDetector,
@@ -92,8 +93,8 @@ def test_the_environment_chooses_the_detector_and_the_gate(monkeypatch):
     from jetscribe.services.transcriber.app import commit_options
     from jetscribe.shared.config import TranscriberConfig
 
-    assert TranscriberConfig().vad == "webrtc" and commit_options(TranscriberConfig()).speech_above_floor_db == 5.0
-    assert isinstance(detector_maker(TranscriberConfig().vad)(), WebrtcVoiceDetector)
+    assert TranscriberConfig().vad == "hybrid" and commit_options(TranscriberConfig()).speech_above_floor_db == 5.0
+    assert isinstance(detector_maker(TranscriberConfig().vad)(), HybridVoiceDetector)
     monkeypatch.setenv("JETSCRIBE_VAD", "silero")
     monkeypatch.setenv("JETSCRIBE_VAD_ABOVE_FLOOR_DB", "0")
     config = TranscriberConfig.from_env()
