@@ -121,9 +121,9 @@ class HybridVoiceDetector:
     entering so its recurrent state is not cold. The mode ends when webrtcvad hears `leave_pauses` pauses
     (`pause_s` of no speech) within `enter_s` that Silero hears too (the noise stopped); one could be a fluke of the
     noise. On the devset webrtcvad called every frame speech for at most 6.7 s in clean, phone, Opus, quiet and
-    crosstalk audio, 10.6 s in a room and 11.2 s in babble, and for the whole file in steady noise at 0-10 dB SNR
-    (README, "Configuration"). Per session, like the others; `frames` and `silero_frames` count the frames
-    classified and those Silero had a say in, so its CPU shows (`silero_share`)."""
+    crosstalk audio, 10.6 s in a room and 11.2 s in babble at 10 dB SNR, and for the whole file in steady noise at
+    0.3-10 dB SNR (README, "Configuration"). Per session, like the others; `frames` and `silero_frames` count the
+    frames classified and those Silero had a say in, so its CPU shows (`silero_share`)."""
 
     frame_samples = WebrtcVoiceDetector.frame_samples
 
@@ -162,7 +162,7 @@ class HybridVoiceDetector:
 
     @property
     def silero_share(self) -> float:
-        """The share of frames classified with Silero's say (its CPU: about 30x webrtcvad's per frame)."""
+        """The share of frames classified with Silero's say (its CPU: tens of times webrtcvad's per frame)."""
         return self.silero_frames / self.frames if self.frames else 0.0
 
     def is_speech(self, frame: np.ndarray) -> bool:
@@ -221,7 +221,7 @@ VAD_KINDS = ("hybrid", "silero", "webrtc")
 
 def detector_maker(kind: str, *, threshold: float = 0.3, aggressiveness: int = 2) -> Callable[[], VoiceDetector]:
     """What makes each new session's detector: `kind` "silero" (one model loaded now, shared by all), "webrtc"
-    (`aggressiveness` 0-3) or "hybrid" (webrtcvad, and Silero where webrtcvad hears no pauses: both settings)."""
+    (`aggressiveness` 0-3) or "hybrid" (webrtcvad, and Silero where webrtcvad calls every frame speech: both)."""
     if kind == "silero":
         model = SileroModel()
         SileroVoiceDetector(model, threshold)  # a bad threshold fails here, at start-up
