@@ -88,7 +88,8 @@ def test_one_start_and_one_end_line_per_session_with_its_totals(tmp_path):
     assert ended[0]["message"] == (
         f"session logs/s1 ended (the bot ended it) on worker {worker}, partition {start[1]}: "
         f"{event.audio_seconds:.1f} s of audio, {event.chunks_received} chunks, {len(finals)} finals, "
-        f"{words} words, 0 words dropped by the guards, 0 empty finals"
+        f"{words} words, 0 words dropped by the guards, 0 empty finals, "
+        "Silero VAD on 0% of the frames"  # the default (hybrid) VAD: clean speech never wakes Silero
     )
     for entry in (started[0], ended[0]):  # the JSON fields name the session
         assert (entry["tenant"], entry["session"], entry["level"]) == ("logs", "s1", "INFO")
