@@ -100,6 +100,33 @@ class FrameLevels:
         return max(SILENCE_DB, 10 * math.log10(power))
 
 
+class RecentPauses:
+    """The pauses a VAD heard lately: runs of at least `pause_s` of frames it called no speech, each counted once
+    (when it reaches `pause_s`), for `window_s` after that."""
+
+    def __init__(self, frame_samples: int, pause_s: float, window_s: float):
+        self._pause_frames = max(1, round(pause_s * SAMPLE_RATE / frame_samples))
+        self._window = max(1, round(window_s * SAMPLE_RATE / frame_samples))
+        self._frames = 0  # frames added
+        self._no_speech_run = 0  # frames in a row the VAD called no speech
+        self._ends: deque[int] = deque()  # the frame at which each recent pause became long enough
+
+    def add(self, speech: bool, counts: bool = True) -> None:
+        """One frame's verdict; `counts`: whether a pause reaching `pause_s` at this frame is counted."""
+        self._frames += 1
+        self._no_speech_run = 0 if speech else self._no_speech_run + 1
+        if self._no_speech_run == self._pause_frames and counts:
+            self._ends.append(self._frames)
+        while self._ends and self._ends[0] <= self._frames - self._window:
+            self._ends.popleft()
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def clear(self) -> None:
+        self._ends.clear()
+
+
 class BackgroundTalk:
     """Whether the VAD hears the background as speech: the share of the last `window_s`'s background frames
     (within `near_db` of the noise floor) that it called speech. Steady noise, which a good VAD rejects,
@@ -123,28 +150,19 @@ class BackgroundTalk:
         self._verdicts: deque[bool] = deque(maxlen=max(1, round(window_s * SAMPLE_RATE / frame_samples)))
         self._least = max(1, round(0.5 * SAMPLE_RATE / frame_samples))  # background heard before judging it
         self.near_db, self.share = near_db, share
-        self._pause_frames = max(1, round(pause_s * SAMPLE_RATE / frame_samples))
-        self._pauses_window = max(1, round(pauses_window_s * SAMPLE_RATE / frame_samples))
+        self._pauses = RecentPauses(frame_samples, pause_s, pauses_window_s)
         self.pauses = pauses
-        self._frames = 0  # frames added
-        self._no_speech_run = 0  # frames in a row the VAD called no speech
-        self._pause_ends: deque[int] = deque()  # the frame at which each recent pause became long enough
 
     def add(self, level: float, floor: float, speech: bool) -> None:
         """One frame: its level, the noise floor, and the VAD's own verdict (not a gated one)."""
-        self._frames += 1
-        self._no_speech_run = 0 if speech else self._no_speech_run + 1
-        if self._no_speech_run == self._pause_frames:
-            self._pause_ends.append(self._frames)
-        while self._pause_ends and self._pause_ends[0] <= self._frames - self._pauses_window:
-            self._pause_ends.popleft()
+        self._pauses.add(speech)
         if level <= floor + self.near_db and level > SILENCE_DB:
             self._verdicts.append(speech)
 
     @property
     def pauses_heard(self) -> bool:
         """True if the VAD heard `pauses` pauses in the background lately."""
-        return len(self._pause_ends) >= self.pauses
+        return len(self._pauses) >= self.pauses
 
     @property
     def heard(self) -> bool:

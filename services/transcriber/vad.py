@@ -14,13 +14,13 @@ does that. README ("Configuration") says how to choose.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import webrtcvad
 
+from jetscribe.services.transcriber.levels import RecentPauses
 from jetscribe.shared.audio import SAMPLE_RATE
 
 
@@ -142,15 +142,14 @@ class HybridVoiceDetector:
         self.silero: SileroVoiceDetector | None = None  # while in steady-noise mode
         SileroVoiceDetector(model, threshold)  # a bad threshold fails here
         self._enter_frames = max(1, round(enter_s * SAMPLE_RATE / self.frame_samples))
-        self._pause_frames = max(1, round(pause_s * SAMPLE_RATE / self.frame_samples))
         self.leave_pauses = leave_pauses
-        self._pauses_in_mode: deque[int] = deque()  # the frames at which pauses in the mode reached `pause_s`
+        # pauses both heard in the mode (one reaching `pause_s` outside it is not counted), within `enter_s`
+        self._pauses = RecentPauses(self.frame_samples, pause_s, enter_s)
         self.entries = 0  # times it entered steady-noise mode
         self._warm = max(1, round(warm_s * SAMPLE_RATE / SileroModel.WINDOW)) * SileroModel.WINDOW
         self._recent = np.zeros(self._warm, dtype=np.int16)  # a ring: the last `_warm` samples heard
         self._heard = 0  # samples heard (how much of `_recent` is audio)
         self._queue = np.zeros(0, dtype=np.int16)  # samples not yet in a Silero window
-        self._no_speech_run = 0  # webrtcvad frames in a row with no speech
         self._all_speech = 0  # webrtcvad frames in a row with speech
         self.frames = 0
         self.silero_frames = 0
@@ -169,23 +168,20 @@ class HybridVoiceDetector:
         self.frames += 1
         self._remember(frame)
         webrtc = self.webrtc.is_speech(frame)
-        self._no_speech_run = 0 if webrtc else self._no_speech_run + 1
         self._all_speech = self._all_speech + 1 if webrtc else 0
         if self.silero is None:
             if self._all_speech < self._enter_frames:
+                self._pauses.add(webrtc, counts=False)
                 return webrtc
             self._enter()
         else:
             self._queue = np.concatenate([self._queue, frame.astype(np.int16, copy=False)])
         silero = self._score()
         self.silero_frames += 1
-        if self._no_speech_run == self._pause_frames and not silero:  # a pause both hear
-            self._pauses_in_mode.append(self.frames)
-            while self._pauses_in_mode[0] <= self.frames - self._enter_frames:
-                self._pauses_in_mode.popleft()
-            if len(self._pauses_in_mode) >= self.leave_pauses:  # the noise is gone: webrtcvad alone again
-                self.silero, self._queue = None, self._queue[:0]
-                self._pauses_in_mode.clear()
+        self._pauses.add(webrtc, counts=not silero)  # a pause both hear
+        if len(self._pauses) >= self.leave_pauses:  # the noise is gone: webrtcvad alone again
+            self.silero, self._queue = None, self._queue[:0]
+            self._pauses.clear()
         return webrtc and silero
 
     def _remember(self, frame: np.ndarray) -> None:
